@@ -1,0 +1,78 @@
+"""Array-namespace helpers: the few primitives the array API lacks, written once per backend.
+
+Everything backend-specific that the core needs lives here (log-sum-exp, tracer detection, a
+host copy for error messages). Backends are detected from the array's type, and a framework is
+never imported unless the caller's array already comes from it.
+"""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+from array_api_compat import array_namespace, device, is_jax_array, is_torch_array
+
+__all__ = ["namespace", "logsumexp", "const", "is_concrete", "to_numpy", "device"]
+
+
+def namespace(*arrays):
+    """The array-API namespace shared by ``arrays`` (None entries are ignored)."""
+    arrays = [a for a in arrays if a is not None]
+    try:
+        return array_namespace(*arrays)
+    except TypeError as exc:
+        kinds = sorted({type(a).__module__.split(".")[0] + "." + type(a).__name__ for a in arrays})
+        raise TypeError(
+            "kldiv: all array arguments must come from one array library; got " + ", ".join(kinds)
+        ) from exc
+
+
+def const(xp, value, like):
+    """A 0-d array holding ``value`` with the dtype and device of ``like``."""
+    return xp.asarray(value, dtype=like.dtype, device=device(like))
+
+
+def logsumexp(xp, x, axis=-1):
+    """log(sum(exp(x))) along ``axis`` (kept as a size-1 axis); -inf for an all -inf row.
+
+    Uses the framework's own primitive where one exists (its gradient and second derivative are
+    exact and nan-free for -inf entries); otherwise the max-shifted form.
+    """
+    if is_torch_array(x):
+        import torch
+
+        return torch.logsumexp(x, dim=axis, keepdim=True)
+    if is_jax_array(x):
+        import jax
+
+        return jax.nn.logsumexp(x, axis=axis, keepdims=True)
+    m = xp.max(x, axis=axis, keepdims=True)
+    m = xp.where(xp.isfinite(m), m, xp.zeros_like(m))
+    return xp.log(xp.sum(xp.exp(x - m), axis=axis, keepdims=True)) + m
+
+
+def is_concrete(x) -> bool:
+    """False while ``x`` is traced (jax.jit, torch.compile): value checks cannot run then."""
+    if is_jax_array(x):
+        jax_core = sys.modules.get("jax.core")
+        tracer = getattr(jax_core, "Tracer", None)
+        return tracer is None or not isinstance(x, tracer)
+    if is_torch_array(x):
+        import torch
+
+        try:
+            if torch.compiler.is_compiling():
+                return False
+        except AttributeError:  # pragma: no cover - old torch
+            pass
+        return not getattr(x, "is_meta", False)
+    return True
+
+
+def to_numpy(x) -> np.ndarray:
+    """A host NumPy copy of ``x`` (for error messages and the CLI); detaches torch tensors."""
+    if is_torch_array(x):
+        x = x.detach()
+        if x.dtype.is_floating_point and x.dtype.itemsize < 4:
+            x = x.float()
+        return x.cpu().numpy()
+    return np.asarray(x)

@@ -1,0 +1,475 @@
+"""The semantics of kldiv, defined once for every array library: KL and its family.
+
+All functions take the reference ``p`` first and the approximation ``q`` second, as in the math
+KL(p || q). Inputs may be probabilities, log-probabilities or logits, independently for each side.
+
+Accuracy. The textbook sum ``p * (log p - log q)`` adds terms of both signs; when p and q are
+close it cancels to noise in float32. kldiv instead works with the log-ratio
+``d = log q - log p`` on the common support T, taken as the difference of the raw inputs (logit
+minus logit, or ``log1p((q - p) / p)`` for probabilities) and centred by its p-weighted mean, so
+that the normalisers never enter as a large difference. With ``phi(x) = exp(x) - 1 - x >= 0``::
+
+    KL(p || q) = log(1 + sum_T p_i phi(d'_i)) - log q(T),   d' = d - E_p[d]
+
+where ``q(T)`` is q's mass on p's support (``-log q(T) >= 0`` is the mass that q puts where
+p is zero). Every term is non-negative, phi is evaluated by its Taylor series near 0, and float32
+inputs give about 1e-6 relative error down to KL = 1e-9 (``benchmarks/accuracy.py``).
+
+Edges (scipy.special.rel_entr's table, per category): p_i = 0 contributes 0 whatever q_i is
+(q_i = 0 and both logits -inf included); p_i > 0 = q_i makes KL(p || q) = +inf. Gradients are
+finite wherever the value is finite: every branch that a ``where`` discards is first fed safe
+values ("double where"), so no nan leaks into the backward pass, second derivatives included.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from . import validation as V
+from ._xp import const, logsumexp, namespace
+from .reduction import broadcast_rows, reduce_rows
+
+# 1/n! for n = 2..17: phi(x) = sum_{n>=2} x^n / n!, truncation < 1e-20 relative for |x| < 0.5
+_PHI_COEFS = [1.0 / math.factorial(n) for n in range(2, 18)]
+_SMALL = 0.5
+
+
+# ----------------------------------------------------------------------------------------------
+# input handling
+
+
+@dataclass
+class _Side:
+    """One distribution per row, categories on the last axis, in a form the core can use."""
+
+    x: object  # the input after temperature: probabilities or log-space values
+    space: str  # "probs" or "log" (log_probs and logits are the same to the math)
+    support: object  # bool: p_i > 0
+    lw: object  # normalised log-probabilities, safe (0) off the support
+    w: object  # normalised probabilities, exactly 0 off the support
+    raw_log: object  # log of the input up to a row constant, safe (0) off the support
+
+
+def _as_array(x, name):
+    from array_api_compat import is_array_api_obj
+
+    if x is None:
+        raise TypeError(f"{name}: expected an array, got None")
+    if is_array_api_obj(x):
+        return x
+    import numpy as np
+
+    try:
+        return np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name}: expected an array of numbers, got {type(x).__name__}") from None
+
+
+def _compute_dtype(xp, *arrays):
+    dt = xp.result_type(*[a.dtype for a in arrays])
+    if xp.finfo(dt).bits < 32:
+        dt = xp.float32  # half and bfloat16 inputs accumulate in float32
+    return dt
+
+
+def _make_side(xp, x, space, temperature, eps_check):
+    """Normalise one side; ``space`` is the user's p_space/q_space."""
+    log_space = space != "probs" or temperature != 1.0
+    if not log_space:
+        support = x > 0
+        one = const(xp, 1.0, x)
+        x_safe = xp.where(support, x, one)
+        z = xp.sum(xp.where(support, x, xp.zeros_like(x)), axis=-1, keepdims=True)
+        w = xp.where(support, x_safe / z, xp.zeros_like(x))
+        raw_log = xp.where(support, xp.log(x_safe), xp.zeros_like(x))
+        lw = xp.where(support, raw_log - xp.log(z), xp.zeros_like(x))
+        return _Side(x, "probs", support, lw, w, raw_log)
+    if space == "probs":  # probabilities with a temperature: p^(1/T), renormalised
+        support = x > 0
+        xs = xp.where(support, x, const(xp, 1.0, x))
+        x = xp.where(support, xp.log(xs), const(xp, -math.inf, x))
+    if temperature != 1.0:
+        x = x / temperature
+    support = x > -math.inf
+    zero = xp.zeros_like(x)
+    x_safe = xp.where(support, x, zero)
+    # normaliser over the support only; the -inf entries are replaced so that no gradient
+    # of the log-sum-exp reaches them through exp(-inf - lse)
+    lse = logsumexp(xp, xp.where(support, x, const(xp, -math.inf, x)), axis=-1)
+    lw = xp.where(support, x_safe - lse, zero)
+    w = xp.where(support, xp.exp(lw), zero)
+    return _Side(x, "log", support, lw, w, x_safe)
+
+
+def _prepare(p, q, p_space, q_space, axis, temperature, mask, weight, validate, names=("p", "q")):
+    """Validate, move the category axis last, promote dtypes, sanitise masked rows."""
+    V.check_option(f"{names[0]}_space", p_space, V.SPACES)
+    V.check_option(f"{names[1]}_space", q_space, V.SPACES)
+    temperature = V.check_positive_finite("temperature", temperature)
+    p = _as_array(p, names[0])
+    q = _as_array(q, names[1])
+    xp = namespace(p, q, mask, weight)
+    V.check_floating(xp, names[0], p)
+    V.check_floating(xp, names[1], q)
+    ax = V.check_axis(axis, max(p.ndim, q.ndim))
+    if p.ndim != q.ndim:
+        raise ValueError(
+            f"{names[0]} and {names[1]}: shapes {tuple(p.shape)} and {tuple(q.shape)} differ in "
+            "number of dimensions"
+        )
+    if p.shape[ax] != q.shape[ax]:
+        raise ValueError(
+            f"{names[0]} and {names[1]}: {p.shape[ax]} and {q.shape[ax]} categories along axis "
+            f"{axis}; both distributions must have the same number of categories"
+        )
+    try:
+        p, q = xp.broadcast_arrays(p, q)
+    except (ValueError, RuntimeError) as exc:
+        raise ValueError(
+            f"{names[0]} and {names[1]}: shapes {tuple(p.shape)} and {tuple(q.shape)} do not "
+            "broadcast"
+        ) from exc
+    eps = (xp.finfo(p.dtype).eps, xp.finfo(q.dtype).eps)
+    dt = _compute_dtype(xp, p, q)
+    p = xp.moveaxis(p, ax, -1)
+    q = xp.moveaxis(q, ax, -1)
+    if p.dtype != dt:
+        p = xp.astype(p, dt)
+    if q.dtype != dt:
+        q = xp.astype(q, dt)
+    rows_shape = tuple(p.shape[:-1])
+    if mask is not None:
+        if xp.isdtype(mask.dtype, "bool") is False:
+            raise TypeError(f"mask: expected a boolean array, got dtype {mask.dtype}")
+        mask = broadcast_rows(xp, mask, rows_shape, "mask")
+        # masked rows may hold anything; both sides get the same safe row, so KL = 0 there
+        m = mask[..., None]
+        p = xp.where(m, p, _safe_row(xp, p, p_space))
+        q = xp.where(m, q, _safe_row(xp, q, q_space))
+    if weight is not None:
+        weight = _as_array(weight, "weight")
+        V.check_floating(xp, "weight", weight)
+        weight = broadcast_rows(xp, xp.astype(weight, dt), rows_shape, "weight")
+    if V.validation_enabled(validate):
+        V.check_values(xp, names[0], p, p_space, eps[0], logsumexp)
+        V.check_values(xp, names[1], q, q_space, eps[1], logsumexp)
+        if weight is not None and bool(xp.any(~xp.isfinite(weight) | (weight < 0))):
+            raise ValueError("weight: must be finite and >= 0")
+    return xp, p, q, mask, weight, temperature
+
+
+def _safe_row(xp, x, space):
+    if space == "probs":
+        return const(xp, 1.0 / x.shape[-1], x)
+    return xp.zeros_like(x[..., :1])
+
+
+# ----------------------------------------------------------------------------------------------
+# the numerics
+
+
+def _phi_series(xp, x):
+    """exp(x) - 1 - x by its Taylor series; accurate to the last digit for |x| < 0.5."""
+    acc = const(xp, _PHI_COEFS[-1], x)
+    for c in reversed(_PHI_COEFS[:-1]):
+        acc = acc * x + c
+    return acc * x * x
+
+
+def _w_phi(xp, w, lw, x):
+    """w * phi(x) without overflow (w * exp(x) formed as exp(log w + x)) and without cancellation."""
+    small = xp.abs(x) < _SMALL
+    zero = xp.zeros_like(x)
+    xs = xp.where(small, x, zero)
+    xl = xp.where(small, zero, x)
+    lwl = xp.where(small, zero, lw)
+    big = xp.exp(lwl + xl) - w * (1 + xl)
+    return xp.where(small, w * _phi_series(xp, xs), big)
+
+
+def _log_of_mass(xp, outside, lw, inside):
+    """log of a side's mass on ``inside``, given its mass ``outside`` (accurate at both ends)."""
+    neg_inf = const(xp, -math.inf, lw)
+    use_log1p = outside < 0.5
+    o = xp.where(use_log1p, outside, xp.zeros_like(outside))
+    via_log1p = xp.log1p(-o)
+    # log-sum-exp of the normalised log-probabilities over `inside`; rows with nothing inside are
+    # fed zeros so that no nan gradient comes back from an all -inf row
+    empty = ~xp.any(inside, axis=-1, keepdims=True)
+    sel = xp.where(inside, lw, neg_inf)
+    sel = xp.where(empty, xp.zeros_like(sel), sel)
+    via_lse = logsumexp(xp, sel, axis=-1)[..., 0]
+    return xp.where(use_log1p, via_log1p, via_lse)
+
+
+@dataclass
+class _Pair:
+    common: object  # T: both p_i > 0 and q_i > 0
+    d: object  # log(q_i / p_i) on T (normalised sides), 0 elsewhere
+    p_out: object  # p's mass outside T (where q = 0)
+    q_out: object  # q's mass outside T (where p = 0)
+    p_escapes: object  # row has p_i > 0 = q_i
+    q_escapes: object  # row has q_i > 0 = p_i
+    kl: object  # KL(p || q), +inf where p escapes
+
+
+def _pair(xp, P: _Side, Q: _Side) -> _Pair:
+    """Accurate log-ratio and masses of two sides; see the module docstring for the algebra."""
+    T = P.support & Q.support
+    zero = xp.zeros_like(P.w)
+    one = const(xp, 1.0, P.w)
+    if P.space == "probs" and Q.space == "probs":
+        ps = xp.where(T, P.x, one)
+        qs = xp.where(T, Q.x, one)
+        delta = xp.log1p((qs - ps) / ps)  # exact difference, one rounding in the quotient
+    else:
+        delta = xp.where(T, Q.raw_log - P.raw_log, zero)
+    wT = xp.where(T, P.w, zero)
+    pT = xp.sum(wT, axis=-1, keepdims=True)
+    empty = pT <= 0
+    pT_safe = xp.where(empty, xp.ones_like(pT), pT)
+    wn = wT / pT_safe
+    lwn = xp.where(T, P.lw - xp.log(pT_safe), zero)
+    mu = xp.sum(wn * delta, axis=-1, keepdims=True)
+    dc = xp.where(T, delta - mu, zero)  # centred log-ratio d'
+    L = xp.log1p(xp.sum(xp.where(T, _w_phi(xp, wn, lwn, dc), zero), axis=-1))
+    p_out = xp.sum(xp.where(T, zero, P.w), axis=-1)
+    q_out = xp.sum(xp.where(T, zero, Q.w), axis=-1)
+    log_pT = _log_of_mass(xp, p_out, P.lw, T)
+    log_qT = _log_of_mass(xp, q_out, Q.lw, T)
+    mean_d = log_qT - log_pT - L  # E_{p restricted to T}[log q/p]
+    d = xp.where(T, dc + mean_d[..., None], zero)
+    p_escapes = xp.any(P.support & ~Q.support, axis=-1)
+    q_escapes = xp.any(Q.support & ~P.support, axis=-1)
+    inf = const(xp, math.inf, L)
+    kl = xp.where(p_escapes, inf, L - xp.where(p_escapes, xp.zeros_like(log_qT), log_qT))
+    return _Pair(T, d, p_out, q_out, p_escapes, q_escapes, kl)
+
+
+def _log_mix(xp, c, d):
+    """log(1 - c + c * exp(d)) for 0 < c < 1, accurate near d = 0 and safe for large |d|."""
+    lo = d < 1
+    zero = xp.zeros_like(d)
+    ds = xp.where(lo, d, zero)
+    dl = xp.where(lo, zero + 1, d)
+    small = xp.log1p(c * xp.expm1(ds))
+    large = math.log(c) + dl + xp.log1p((1 - c) / c * xp.exp(-dl))
+    return xp.where(lo, small, large)
+
+
+def _rows(kind, xp, P, Q, beta):
+    """Per-row divergence of the given kind (categories on the last axis)."""
+    if kind == "forward":
+        return _pair(xp, P, Q).kl
+    if kind == "reverse":
+        return _pair(xp, Q, P).kl
+    pr = _pair(xp, P, Q)
+    zero = xp.zeros_like(pr.d)
+    if kind == "jeffreys":
+        d = pr.d
+        small = xp.abs(d) < _SMALL
+        ds = xp.where(small, d, zero)
+        dl = xp.where(small, zero, d)
+        lwp = xp.where(pr.common, P.lw, zero)
+        term = xp.where(
+            small, P.w * ds * xp.expm1(ds), dl * (xp.exp(xp.where(small, zero, lwp) + dl) - P.w)
+        )
+        val = xp.sum(xp.where(pr.common, term, zero), axis=-1)
+        bad = pr.p_escapes | pr.q_escapes
+        return xp.where(bad, const(xp, math.inf, val), val)
+    if kind == "js":
+        y = _log_mix(xp, 1.0 - beta, pr.d)  # log(m/p) on T
+        z = _log_mix(xp, beta, -pr.d)  # log(m/q) on T
+        lwp = xp.where(pr.common, P.lw, zero)
+        lwq = xp.where(pr.common, Q.lw, zero)
+        tp = xp.where(pr.common, _w_phi(xp, P.w, lwp, y), zero)
+        tq = xp.where(pr.common, _w_phi(xp, Q.w, lwq, z), zero)
+        val = beta * xp.sum(tp, axis=-1) + (1 - beta) * xp.sum(tq, axis=-1)
+        return val - beta * math.log(beta) * pr.p_out - (1 - beta) * math.log1p(-beta) * pr.q_out
+    raise ValueError(f"unknown divergence kind {kind!r}")  # pragma: no cover
+
+
+# ----------------------------------------------------------------------------------------------
+# public functions
+
+
+def _divergence(kind, p, q, *, p_space, q_space, axis, reduction, mask, weight, temperature,
+                t2_scale, validate, beta=0.5):
+    V.check_option("reduction", reduction, V.REDUCTIONS)
+    xp, P, Q, mask, weight, temperature = _prepare(
+        p, q, p_space, q_space, axis, temperature, mask, weight, validate
+    )
+    scale = temperature**2 if t2_scale else 1.0
+    if reduction != "none" and p_space != "probs" and q_space != "probs":
+        from ..backends import try_fast_divergence
+
+        out = try_fast_divergence(
+            kind, P, Q, p_space=p_space, q_space=q_space, reduction=reduction, mask=mask,
+            weight=weight, temperature=temperature, beta=beta,
+        )
+        if out is not NotImplemented:
+            return out * scale if scale != 1.0 else out
+    rows = _rows(kind, xp, _make_side(xp, P, p_space, temperature, None),
+                 _make_side(xp, Q, q_space, temperature, None), beta)
+    out = reduce_rows(xp, rows, reduction, mask, weight)
+    return out * scale if scale != 1.0 else out
+
+
+_COMMON_DOC = """
+    Args:
+      p: the reference distribution (target, teacher), any shape; categories along ``axis``.
+      q: the approximating distribution (model, student), same shape (or broadcastable).
+      p_space, q_space: what each argument holds: ``"probs"`` (non-negative, rows sum to 1),
+        ``"log_probs"`` (rows with logsumexp 0) or ``"logits"`` (any real scores, -inf allowed;
+        normalised by a log-softmax along ``axis``). Chosen independently for each side.
+      axis: the axis of the categories.
+      reduction: ``"none"``: one value per distribution (the input shape without ``axis``);
+        ``"sum"``: their sum; ``"mean"``: their mean over the rows where ``mask`` is true,
+        weighted by ``weight`` (sum(w * kl) / sum(w)), 0 when no row counts. Never a mean over
+        categories.
+      mask: optional boolean array of the row shape (broadcastable): false rows contribute 0,
+        are not counted by "mean", and are not checked (they may hold anything).
+      weight: optional non-negative weights of the row shape (broadcastable).
+      temperature: divides log-space inputs (probabilities are raised to 1/T and renormalised).
+      t2_scale: multiply the result by ``temperature**2`` (the usual distillation factor).
+      validate: value checks (signs, finiteness, normalisation within
+        ``kldiv.normalization_tolerance``); None follows ``kldiv.set_validation``.
+
+    Probabilities are renormalised along ``axis`` before use, so that float rounding in the row
+    sums (up to the tolerance above) cannot masquerade as divergence. Half-precision inputs are
+    computed in float32; the result has the promoted input dtype (at least float32).
+"""
+
+
+def kl_div(p, q, *, p_space="probs", q_space="probs", axis=-1, reduction="none", mask=None,
+           weight=None, temperature=1.0, t2_scale=False, validate=None):
+    return _divergence("forward", p, q, p_space=p_space, q_space=q_space, axis=axis,
+                       reduction=reduction, mask=mask, weight=weight, temperature=temperature,
+                       t2_scale=t2_scale, validate=validate)
+
+
+kl_div.__doc__ = r"""Kullback-Leibler divergence KL(p || q) = sum_i p_i log(p_i / q_i) along ``axis``.
+
+    .. math:: \mathrm{KL}(p \,\|\, q) = \sum_i p_i \log \frac{p_i}{q_i}
+
+    ``p`` is the reference (target), ``q`` the approximation (model): the order of the math.
+    Per category: ``p_i = 0`` contributes 0 (whatever ``q_i``, also when both logits are -inf);
+    ``p_i > 0 = q_i`` gives +inf. Never nan; gradients (first and second) are finite wherever
+    the value is finite, with respect to both arguments. Near-identical distributions keep full
+    relative accuracy (about 1e-6 in float32 down to KL = 1e-9): see ``kldiv._core.divergence``.
+""" + _COMMON_DOC + """
+    Returns:
+      An array of the caller's type: shape ``p.shape`` without ``axis`` for ``reduction="none"``,
+      a scalar (0-d array) otherwise.
+
+    Example (the tutorial's distributions; the value is sum p log(p/q) written out by hand):
+
+    >>> import numpy as np, kldiv
+    >>> p = np.array([0.3, 0.4, 0.1, 0.2]); q = np.array([0.2, 0.5, 0.2, 0.1])
+    >>> float(kldiv.kl_div(p, q))
+    0.1016...
+    >>> by_hand = 0.3*np.log(0.3/0.2) + 0.4*np.log(0.4/0.5) + 0.1*np.log(0.1/0.2) + 0.2*np.log(0.2/0.1)
+    >>> bool(np.isclose(kldiv.kl_div(p, q), by_hand))
+    True
+    >>> float(kldiv.kl_div(np.array([0.0, 1.0]), np.array([1.0, 0.0])))
+    inf
+"""
+
+
+def reverse_kl(p, q, *, p_space="probs", q_space="probs", axis=-1, reduction="none", mask=None,
+               weight=None, temperature=1.0, t2_scale=False, validate=None):
+    return _divergence("reverse", p, q, p_space=p_space, q_space=q_space, axis=axis,
+                       reduction=reduction, mask=mask, weight=weight, temperature=temperature,
+                       t2_scale=t2_scale, validate=validate)
+
+
+reverse_kl.__doc__ = r"""Reverse KL, KL(q || p), with the arguments in the same places as ``kl_div``.
+
+    .. math:: \mathrm{KL}(q \,\|\, p) = \sum_i q_i \log \frac{q_i}{p_i}
+
+    The reference ``p`` (teacher) stays first and the model ``q`` (student) second, so that
+    switching a distillation loss from forward to reverse KL changes the function name only.
+    Mode-seeking: it is +inf where q puts mass on a category where p has none.
+""" + _COMMON_DOC + """
+    >>> import numpy as np, kldiv
+    >>> p = np.array([0.3, 0.4, 0.1, 0.2]); q = np.array([0.2, 0.5, 0.2, 0.1])
+    >>> bool(np.isclose(kldiv.reverse_kl(p, q), np.sum(q * np.log(q / p))))
+    True
+"""
+
+
+def js_div(p, q, *, beta=0.5, p_space="probs", q_space="probs", axis=-1, reduction="none",
+           mask=None, weight=None, temperature=1.0, t2_scale=False, validate=None):
+    b = float(beta)
+    if not 0.0 < b < 1.0:
+        raise ValueError(
+            f"beta: must lie strictly between 0 and 1, got {beta!r} (beta -> 0 or 1 makes the "
+            "divergence vanish; use kl_div or reverse_kl for the KL limits)"
+        )
+    return _divergence("js", p, q, p_space=p_space, q_space=q_space, axis=axis,
+                       reduction=reduction, mask=mask, weight=weight, temperature=temperature,
+                       t2_scale=t2_scale, validate=validate, beta=b)
+
+
+js_div.__doc__ = r"""Generalised Jensen-Shannon divergence with mixture weight ``beta``.
+
+    .. math:: \mathrm{JS}_\beta(p, q) = \beta\,\mathrm{KL}(p \,\|\, m) + (1-\beta)\,\mathrm{KL}(q \,\|\, m),
+              \quad m = \beta p + (1-\beta) q
+
+    ``beta=0.5`` is the usual symmetric JSD (at most log 2). Always finite: support mismatch is
+    allowed. Conventions elsewhere: Liger-Kernel's ``LigerJSD(beta)`` and TRL's
+    ``generalized_jsd_loss(beta)`` build the mixture as ``beta*teacher + (1-beta)*student`` hmm
+    style with the teacher and student in their own argument order; see docs/divergences.md for
+    the mapping. Computed from the accurate log-ratio, with only non-negative terms.
+""" + _COMMON_DOC + """
+    >>> import numpy as np, kldiv
+    >>> p = np.array([1.0, 0.0]); q = np.array([0.0, 1.0])
+    >>> bool(np.isclose(kldiv.js_div(p, q), np.log(2)))
+    True
+"""
+
+
+def jeffreys_div(p, q, *, p_space="probs", q_space="probs", axis=-1, reduction="none",
+                 mask=None, weight=None, temperature=1.0, t2_scale=False, validate=None):
+    return _divergence("jeffreys", p, q, p_space=p_space, q_space=q_space, axis=axis,
+                       reduction=reduction, mask=mask, weight=weight, temperature=temperature,
+                       t2_scale=t2_scale, validate=validate)
+
+
+jeffreys_div.__doc__ = r"""Jeffreys (symmetrised) divergence KL(p || q) + KL(q || p).
+
+    .. math:: J(p, q) = \sum_i (p_i - q_i) \log \frac{p_i}{q_i}
+
+    +inf unless p and q have the same support. Computed as ``sum p (e^d - 1) d`` with
+    ``d = log(q/p)``: non-negative terms only.
+""" + _COMMON_DOC + """
+    >>> import numpy as np, kldiv
+    >>> p = np.array([0.3, 0.4, 0.1, 0.2]); q = np.array([0.2, 0.5, 0.2, 0.1])
+    >>> bool(np.isclose(kldiv.jeffreys_div(p, q), np.sum((p - q) * np.log(p / q))))
+    True
+"""
+
+
+def kl_terms(p, q, *, p_space="probs", q_space="probs", axis=-1, temperature=1.0, validate=None):
+    """Per-category contributions ``p_i log(p_i / q_i)`` to KL(p || q), in the input's shape.
+
+    Their sum along ``axis`` is KL(p || q) (``kl_div`` computes that sum more accurately).
+    Terms are negative where q_i > p_i. Edges as ``scipy.special.rel_entr``: 0 where
+    p_i = 0, +inf where p_i > 0 = q_i. Useful to see which categories carry the divergence.
+
+    >>> import numpy as np, kldiv
+    >>> p = np.array([0.5, 0.5, 0.0]); q = np.array([0.25, 0.25, 0.5])
+    >>> kldiv.kl_terms(p, q)
+    array([0.3466, 0.3466, 0.    ])
+    """
+    xp, P, Q, _, _, temperature = _prepare(
+        p, q, p_space, q_space, axis, temperature, None, None, validate
+    )
+    Ps = _make_side(xp, P, p_space, temperature, None)
+    Qs = _make_side(xp, Q, q_space, temperature, None)
+    zero = xp.zeros_like(Ps.w)
+    both = Ps.support & Qs.support
+    t = xp.where(both, Ps.w * (Ps.lw - xp.where(both, Qs.lw, zero)), zero)
+    t = xp.where(Ps.support & ~Qs.support, const(xp, math.inf, t), t)
+    ax = V.check_axis(axis, t.ndim)
+    return xp.moveaxis(t, -1, ax)
