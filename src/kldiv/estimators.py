@@ -231,6 +231,25 @@ _ARGS_DOC = """
 """
 
 
+_SERIES = [1.0 / math.factorial(j + 2) for j in range(16)]
+
+
+def _expm1_minus_x(xp, x):
+    """``exp(x) - 1 - x`` to full relative precision, also for tiny ``|x|``.
+
+    ``expm1(x) - x`` loses ``log10(1/|x|)`` digits to cancellation; for ``|x| < 1/2`` the
+    Taylor series ``x**2 * sum_j x**j / (j+2)!`` (16 terms, truncation < 1e-19 relative) is
+    used instead. The series branch sees a safe 0 elsewhere, so neither branch's gradient is nan.
+    """
+    small = xp.abs(x) < 0.5
+    xs = xp.where(small, x, xp.zeros_like(x))
+    acc = xp.zeros_like(x)
+    for c in reversed(_SERIES):
+        acc = acc * xs + c
+    xl = xp.where(small, xp.zeros_like(x), x)
+    return xp.where(small, xs * xs * acc, xp.expm1(xl) - xl)
+
+
 @_with_args
 def k1(logp_sampler, logp_other, *, logp_behavior=None, mask=None, weight=None,
        reduction="mean", axis=None):
@@ -290,8 +309,9 @@ def k3(logp_sampler, logp_other, *, logp_behavior=None, mask=None, weight=None,
     .. math:: \mathrm{KL}(S\|O) \approx \frac{1}{n}\sum_i \big(r_i - 1 - \log r_i\big),
               \quad r_i = \frac{O(x_i)}{S(x_i)}
 
-    Computed as ``expm1(l) - l`` with ``l = log r`` (accurate for small ``l``; ``+inf`` when
-    ``l`` overflows, never clipped). Each term is >= 0.
+    Computed as ``expm1(l) - l`` with ``l = log r``, by its Taylor series for ``|l| < 1/2``
+    (full relative precision even for tiny ``l``; ``+inf`` when ``exp(l)`` overflows, never
+    clipped). Each term is >= 0.
     Value: unbiased for KL(S || O) (``E_S[r - 1] = 0``), low variance when S and O are close;
     heavy-tailed when O puts much more mass than S on some samples.
     Gradient (samples held fixed): unbiased with respect to O's parameters; with respect to
@@ -308,8 +328,7 @@ def k3(logp_sampler, logp_other, *, logp_behavior=None, mask=None, weight=None,
     """
     xp, ls, lo, lb, mask, weight = _prepare(logp_sampler, logp_other, logp_behavior, mask,
                                             weight, reduction)
-    lr = lo - ls
-    return _finish(xp, xp.expm1(lr) - lr, ls, lb, mask, weight, reduction, axis)
+    return _finish(xp, _expm1_minus_x(xp, lo - ls), ls, lb, mask, weight, reduction, axis)
 
 
 ESTIMATORS = {"k1": k1, "k2": k2, "k3": k3}
