@@ -421,10 +421,11 @@ js_div.__doc__ = r"""Generalised Jensen-Shannon divergence with mixture weight `
               \quad m = \beta p + (1-\beta) q
 
     ``beta=0.5`` is the usual symmetric JSD (at most log 2). Always finite: support mismatch is
-    allowed. Conventions elsewhere: Liger-Kernel's ``LigerJSD(beta)`` and TRL's
-    ``generalized_jsd_loss(beta)`` build the mixture as ``beta*teacher + (1-beta)*student`` hmm
-    style with the teacher and student in their own argument order; see docs/divergences.md for
-    the mapping. Computed from the accurate log-ratio, with only non-negative terms.
+    allowed. With ``p`` the teacher and ``q`` the student this is the convention of
+    Liger-Kernel's ``LigerJSD(beta)`` (whose call order is student, teacher) and of TRL's
+    ``generalized_jsd_loss`` for 0 < beta < 1. Their endpoints beta = 0 and 1 are special-cased
+    there to forward and reverse KL; here those are ``kl_div`` and ``reverse_kl`` (the formula
+    itself vanishes at the endpoints). Computed from the accurate log-ratio, non-negative terms only.
 """ + _COMMON_DOC + """
     >>> import numpy as np, kldiv
     >>> p = np.array([1.0, 0.0]); q = np.array([0.0, 1.0])

@@ -1,5 +1,411 @@
-/* placeholder: kldiv._ext._rowstats (to be implemented) */
+/* kldiv._ext._rowstats: per-row divergence statistics between two float32 logits matrices.
+ *
+ * Used by `kldiv compare` (src/kldiv/compare/kernel.py, which also holds the NumPy fallback with
+ * the same math). For each row i of two (n_rows, n_vocab) float32 matrices a (reference, p side)
+ * and b (other, q side), with p = softmax(a), q = softmax(b):
+ *
+ *   kl[i]      = KL(p || q)          (+inf when q = 0 somewhere p > 0)
+ *   rkl[i]     = KL(q || p)          (only when `reverse` is true, else left untouched)
+ *   top_a[i]   = first argmax of a,  top_b[i] = first argmax of b
+ *   logz_a[i]  = log sum_j exp(a_j - max a)   (so the reference's top-1 probability is exp(-logz_a))
+ *   lpa_tok[i] = log p[tok_i], lpb_tok[i] = log q[tok_i]   (only when tokens are given)
+ *   status[i]  = bit flags: 1 NaN in a, 2 +inf in a, 4 NaN in b, 8 +inf in b,
+ *                16 a has no finite entry, 32 b has no finite entry, 64 token out of range.
+ *                A row with a nonzero status has undefined statistics.
+ *
+ * Accuracy (cancellation-free form, the same as kldiv's core): with d_j = b_j - a_j on the support
+ * S of p, dbar = sum_j p_j d_j and x_j = d_j - dbar,
+ *
+ *   KL(p || q) = log1p( sum_{j in S} p_j * phi(x_j) ) - log q(S),   phi(x) = expm1(x) - x >= 0,
+ *
+ * which has no cancellation between two log-sum-exps. phi is a Taylor series for |x| < 0.5. The
+ * difference d_j is formed exactly (TwoSum) and centred by a shift d0 taken at the reference's
+ * mode, so that x_j stays accurate when both logit vectors differ by a large constant. The sums are
+ * accumulated in float32 over blocks of BLOCK elements (vectorised by `omp simd` reductions) and
+ * then in double.
+ *
+ * Three passes per row: max (from memory), sums (the row is then in cache), centred phi sum.
+ * Rows are spread over threads with OpenMP; the GIL is released. No -march=native: the row
+ * function is compiled for AVX-512, AVX2 and the baseline, chosen at load time (target_clones).
+ */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
-static struct PyModuleDef mod = {PyModuleDef_HEAD_INIT, "_rowstats", "kldiv C kernels", -1, NULL};
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define KL_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define KL_CLONES
+#endif
+
+#define BLOCK 2048
+
+enum {
+    ST_NAN_A = 1, ST_PINF_A = 2, ST_NAN_B = 4, ST_PINF_B = 8,
+    ST_EMPTY_A = 16, ST_EMPTY_B = 32, ST_TOKEN = 64,
+};
+
+/* exp(x) in float32, vectorisable: Cody-Waite reduction and a degree-7 polynomial (Cephes
+ * coefficients, about 1 ulp). exp(x) = 0 for x < -87 (including -inf), x is clamped at 88. */
+static inline float fexp(float x)
+{
+    const float lo = -87.0f, hi = 88.0f;
+    float xc = x < lo ? lo : (x > hi ? hi : x);
+    float t = xc * 1.44269504088896341f + 12582912.0f; /* round to nearest via the 1.5*2^23 trick */
+    float n = t - 12582912.0f;
+    float r = xc - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    float r2 = r * r;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r2 + r + 1.0f;
+    union { int32_t i; float f; } u;
+    u.i = ((int32_t)n + 127) << 23;
+    float y = p * u.f;
+    return x < lo ? 0.0f : y;
+}
+
+/* phi(x) = exp(x) - 1 - x for |x| < 0.5 by its Taylor series (terms to x^9: float32 exact). */
+static inline float phi_small(float x)
+{
+    float s = 1.0f / 362880.0f;
+    s = s * x + 1.0f / 40320.0f;
+    s = s * x + 1.0f / 5040.0f;
+    s = s * x + 1.0f / 720.0f;
+    s = s * x + 1.0f / 120.0f;
+    s = s * x + 1.0f / 24.0f;
+    s = s * x + 1.0f / 6.0f;
+    s = s * x + 0.5f;
+    return s * x * x;
+}
+
+/* The centred difference t = (b - a) - d0 with d0 = d0h + d0l, from an exact TwoSum of b and -a.
+ * Returns 0 where either side is -inf (those entries are handled by the support terms). */
+static inline float centred_diff(float a, float b, float d0h, float d0l)
+{
+    float s = b - a;
+    float bb = s - b;
+    float err = (b - (s - bb)) + (-a - bb);
+    float t = (s - d0h) + (err - d0l);
+    int ok = (a > -INFINITY) & (b > -INFINITY);
+    return ok ? t : 0.0f;
+}
+
+typedef struct {
+    double kl, rkl, logz_a, logz_b;
+    int top_a, top_b, status;
+} rowres;
+
+KL_CLONES
+static void row_kernel(const float *a, const float *b, Py_ssize_t n, int reverse, float *scratch,
+                       rowres *res)
+{
+    /* pass 1: maxima, bad values, support conditions */
+    float ma = -INFINITY, mb = -INFINITY;
+    int bad_a = 0, bad_b = 0, qzero = 0, pzero = 0, ninf_a = 0, ninf_b = 0;
+#pragma omp simd reduction(max : ma, mb) reduction(| : bad_a, bad_b, qzero, pzero, ninf_a, ninf_b)
+    for (Py_ssize_t j = 0; j < n; j++) {
+        float x = a[j], y = b[j];
+        ma = x > ma ? x : ma;
+        mb = y > mb ? y : mb;
+        bad_a |= !(x < INFINITY) & (x != -INFINITY);
+        bad_b |= !(y < INFINITY) & (y != -INFINITY);
+        qzero |= (x > -INFINITY) & (y == -INFINITY);
+        pzero |= (y > -INFINITY) & (x == -INFINITY);
+        ninf_a |= x == -INFINITY;
+        ninf_b |= y == -INFINITY;
+    }
+    res->status = 0;
+    if (bad_a || bad_b) {
+        for (Py_ssize_t j = 0; j < n; j++) {
+            if (isnan(a[j])) res->status |= ST_NAN_A;
+            if (a[j] == INFINITY) res->status |= ST_PINF_A;
+            if (isnan(b[j])) res->status |= ST_NAN_B;
+            if (b[j] == INFINITY) res->status |= ST_PINF_B;
+        }
+        return;
+    }
+    if (ma == -INFINITY) res->status |= ST_EMPTY_A;
+    if (mb == -INFINITY) res->status |= ST_EMPTY_B;
+    if (res->status) return;
+
+    /* first argmax of each side */
+    Py_ssize_t ia = n, ib = n;
+#pragma omp simd reduction(min : ia, ib)
+    for (Py_ssize_t j = 0; j < n; j++) {
+        Py_ssize_t ja = a[j] == ma ? j : n, jb = b[j] == mb ? j : n;
+        ia = ja < ia ? ja : ia;
+        ib = jb < ib ? jb : ib;
+    }
+    res->top_a = (int)ia;
+    res->top_b = (int)ib;
+
+    /* shift d0 = b - a at the reference's mode (or the other's mode if that is -inf there) */
+    Py_ssize_t i0 = (b[ia] > -INFINITY) ? ia : ib;
+    double d0 = (double)b[i0] - (double)a[i0];
+    if (!(a[i0] > -INFINITY)) d0 = 0.0;
+    float d0h = (float)d0, d0l = (float)(d0 - (double)d0h);
+
+    /* pass 2: partition functions, p- and q-weighted mean of t, masses off the supports */
+    float *wa = scratch, *wb = scratch + n, *tt = scratch + 2 * n;
+    double Za = 0, Zb = 0, A = 0, B = 0, QSc = 0, PSc = 0;
+    for (Py_ssize_t j0 = 0; j0 < n; j0 += BLOCK) {
+        Py_ssize_t j1 = j0 + BLOCK < n ? j0 + BLOCK : n;
+        float za = 0, zb = 0, sa = 0, sb = 0, qsc = 0, psc = 0;
+#pragma omp simd reduction(+ : za, zb, sa, sb, qsc, psc)
+        for (Py_ssize_t j = j0; j < j1; j++) {
+            float x = a[j], y = b[j];
+            float ea = fexp(x - ma), eb = fexp(y - mb);
+            float t = centred_diff(x, y, d0h, d0l);
+            wa[j] = ea;
+            wb[j] = eb;
+            tt[j] = t;
+            za += ea;
+            zb += eb;
+            sa += ea * t;
+            sb += eb * t;
+            qsc += x == -INFINITY ? eb : 0.0f;
+            psc += y == -INFINITY ? ea : 0.0f;
+        }
+        Za += za; Zb += zb; A += sa; B += sb; QSc += qsc; PSc += psc;
+    }
+    res->logz_a = log(Za);
+    res->logz_b = log(Zb);
+
+    /* pass 3: centred phi sums */
+    const float ca = (float)(A / Za), cb = (float)(B / Zb);
+    double U = 0, R = 0;
+    for (Py_ssize_t j0 = 0; j0 < n; j0 += BLOCK) {
+        Py_ssize_t j1 = j0 + BLOCK < n ? j0 + BLOCK : n;
+        float u = 0;
+        if (!qzero) {
+#pragma omp simd reduction(+ : u)
+            for (Py_ssize_t j = j0; j < j1; j++) {
+                float x = tt[j] - ca;
+                float w = wa[j];
+                float small = w * phi_small(x);
+                float big = fexp((a[j] - ma) + x) - w * (1.0f + x);
+                float term = (x < 0.5f) & (x > -0.5f) ? small : big;
+                u += (a[j] > -INFINITY) ? term : 0.0f;
+            }
+        }
+        U += u;
+        float r = 0;
+        if (reverse && !pzero) {
+#pragma omp simd reduction(+ : r)
+            for (Py_ssize_t j = j0; j < j1; j++) {
+                float x = cb - tt[j]; /* centred a - b on the q side */
+                float w = wb[j];
+                float small = w * phi_small(x);
+                float big = fexp((b[j] - mb) + x) - w * (1.0f + x);
+                float term = (x < 0.5f) & (x > -0.5f) ? small : big;
+                r += (b[j] > -INFINITY) ? term : 0.0f;
+            }
+        }
+        R += r;
+    }
+    (void)ninf_a;
+    (void)ninf_b;
+    if (qzero) {
+        res->kl = INFINITY;
+    } else {
+        double qs = QSc / Zb; /* q mass off the support of p */
+        res->kl = log1p(U / Za) - (qs > 0 ? log1p(-qs) : 0.0);
+        if (!(res->kl >= 0)) res->kl = res->kl < 0 ? 0.0 : res->kl;
+    }
+    if (reverse) {
+        if (pzero) {
+            res->rkl = INFINITY;
+        } else {
+            double ps = PSc / Za;
+            res->rkl = log1p(R / Zb) - (ps > 0 ? log1p(-ps) : 0.0);
+            if (!(res->rkl >= 0)) res->rkl = res->rkl < 0 ? 0.0 : res->rkl;
+        }
+    }
+}
+
+/* Fallback for a row whose fast float32 phi sum overflowed (a KL of order 80 nats or more):
+ * the direct formula in double, sum p (log p - log q), which has no cancellation problem there. */
+static double row_direct(const float *a, const float *b, Py_ssize_t n, double ma, double mb,
+                         double logz_a, double logz_b)
+{
+    double s = 0;
+    for (Py_ssize_t j = 0; j < n; j++) {
+        if (!(a[j] > -INFINITY)) continue;
+        double lp = (double)a[j] - ma - logz_a;
+        double lq = (double)b[j] - mb - logz_b;
+        s += exp(lp) * (lp - lq);
+    }
+    return s < 0 ? 0.0 : s;
+}
+
+/* ---------------------------------------------------------------- Python binding */
+
+static int get_buf(PyObject *obj, Py_buffer *view, int writable, Py_ssize_t need, const char *name)
+{
+    int flags = PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0);
+    if (PyObject_GetBuffer(obj, view, flags) < 0) {
+        PyErr_Format(PyExc_TypeError, "%s: expected a C-contiguous%s buffer", name,
+                     writable ? " writable" : "");
+        return -1;
+    }
+    if (view->len < need) {
+        PyErr_Format(PyExc_ValueError, "%s: buffer has %zd bytes, need %zd", name, view->len, need);
+        PyBuffer_Release(view);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *py_rowstats(PyObject *self, PyObject *args)
+{
+    PyObject *oa, *ob, *otok, *okl, *orkl, *otopa, *otopb, *ologza, *olpa, *olpb, *ost;
+    Py_ssize_t n_rows, n_vocab;
+    int reverse, nthreads;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "OOnnOiiOOOOOOOO", &oa, &ob, &n_rows, &n_vocab, &otok, &reverse,
+                          &nthreads, &okl, &orkl, &otopa, &otopb, &ologza, &olpa, &olpb, &ost))
+        return NULL;
+    if (n_rows < 0 || n_vocab < 1 || n_vocab > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "n_rows must be >= 0 and n_vocab in [1, 2**31)");
+        return NULL;
+    }
+    Py_buffer ba, bb, btok, bkl, brkl, btopa, btopb, blz, blpa, blpb, bst;
+    Py_buffer *all[11] = {&ba, &bb, &btok, &bkl, &brkl, &btopa, &btopb, &blz, &blpa, &blpb, &bst};
+    int got = 0, have_tok = otok != Py_None;
+    Py_ssize_t nf = n_rows * n_vocab * (Py_ssize_t)sizeof(float);
+    Py_ssize_t n8 = n_rows * 8, n4 = n_rows * 4;
+#define GET(obj, view, wr, need, name)                         \
+    if (get_buf(obj, view, wr, need, name) < 0) goto fail;     \
+    got++;
+    GET(oa, &ba, 0, nf, "a");
+    GET(ob, &bb, 0, nf, "b");
+    if (have_tok) {
+        GET(otok, &btok, 0, n4, "tokens");
+    } else {
+        memset(&btok, 0, sizeof btok);
+        got++;
+    }
+    GET(okl, &bkl, 1, n8, "kl");
+    GET(orkl, &brkl, 1, reverse ? n8 : 0, "rkl");
+    GET(otopa, &btopa, 1, n4, "top_a");
+    GET(otopb, &btopb, 1, n4, "top_b");
+    GET(ologza, &blz, 1, n8, "logz_a");
+    GET(olpa, &blpa, 1, have_tok ? n8 : 0, "lpa_tok");
+    GET(olpb, &blpb, 1, have_tok ? n8 : 0, "lpb_tok");
+    GET(ost, &bst, 1, n4, "status");
+#undef GET
+    {
+        const float *A = (const float *)ba.buf, *B = (const float *)bb.buf;
+        const int32_t *tok = have_tok ? (const int32_t *)btok.buf : NULL;
+        double *kl = bkl.buf, *rkl = brkl.buf, *lz = blz.buf, *lpa = blpa.buf, *lpb = blpb.buf;
+        int32_t *ta = btopa.buf, *tb = btopb.buf, *st = bst.buf;
+        int alloc_fail = 0;
+        Py_BEGIN_ALLOW_THREADS
+#ifdef _OPENMP
+        int nt = nthreads > 0 ? nthreads : omp_get_max_threads();
+        if (nt > n_rows) nt = n_rows > 0 ? (int)n_rows : 1;
+#pragma omp parallel num_threads(nt) reduction(| : alloc_fail)
+#endif
+        {
+            float *scratch = malloc(sizeof(float) * 3 * (size_t)n_vocab);
+            if (!scratch) {
+                alloc_fail = 1;
+            }
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 8)
+#endif
+            for (Py_ssize_t i = 0; i < n_rows; i++) {
+                if (!scratch) continue;
+                const float *ra = A + i * n_vocab, *rb = B + i * n_vocab;
+                rowres r = {0, 0, 0, 0, -1, -1, 0};
+                row_kernel(ra, rb, n_vocab, reverse, scratch, &r);
+                if (!r.status && (!isfinite(r.kl) || (reverse && !isfinite(r.rkl)))) {
+                    /* overflow in the fast path: recompute in double where the value is finite */
+                    double ma = -INFINITY, mb = -INFINITY;
+                    for (Py_ssize_t j = 0; j < n_vocab; j++) {
+                        if (ra[j] > ma) ma = ra[j];
+                        if (rb[j] > mb) mb = rb[j];
+                    }
+                    double lzb = r.logz_b;
+                    int qz = 0, pz = 0;
+                    for (Py_ssize_t j = 0; j < n_vocab; j++) {
+                        qz |= (ra[j] > -INFINITY) & (rb[j] == -INFINITY);
+                        pz |= (rb[j] > -INFINITY) & (ra[j] == -INFINITY);
+                    }
+                    if (!qz && !isfinite(r.kl))
+                        r.kl = row_direct(ra, rb, n_vocab, ma, mb, r.logz_a, lzb);
+                    if (reverse && !pz && !isfinite(r.rkl))
+                        r.rkl = row_direct(rb, ra, n_vocab, mb, ma, lzb, r.logz_a);
+                }
+                kl[i] = r.kl;
+                if (reverse) rkl[i] = r.rkl;
+                ta[i] = r.top_a;
+                tb[i] = r.top_b;
+                lz[i] = r.logz_a;
+                if (tok) {
+                    int32_t t = tok[i];
+                    if (t < 0 || t >= n_vocab) {
+                        r.status |= ST_TOKEN;
+                        lpa[i] = lpb[i] = NAN;
+                    } else if (!r.status) {
+                        float mxa = ra[r.top_a], mxb = rb[r.top_b];
+                        lpa[i] = ((double)ra[t] - (double)mxa) - r.logz_a;
+                        lpb[i] = ((double)rb[t] - (double)mxb) - r.logz_b;
+                    }
+                }
+                st[i] = r.status;
+            }
+            free(scratch);
+        }
+        Py_END_ALLOW_THREADS
+        for (int k = 0; k < 11; k++)
+            if (all[k]->obj) PyBuffer_Release(all[k]);
+        if (alloc_fail) return PyErr_NoMemory();
+        Py_RETURN_NONE;
+    }
+fail:
+    for (int k = 0; k < got; k++)
+        if (all[k]->obj) PyBuffer_Release(all[k]);
+    return NULL;
+}
+
+static PyObject *py_max_threads(PyObject *self, PyObject *noargs)
+{
+    (void)self;
+    (void)noargs;
+#ifdef _OPENMP
+    return PyLong_FromLong(omp_get_max_threads());
+#else
+    return PyLong_FromLong(1);
+#endif
+}
+
+static PyMethodDef methods[] = {
+    {"rowstats", py_rowstats, METH_VARARGS,
+     "rowstats(a, b, n_rows, n_vocab, tokens|None, reverse, nthreads, kl, rkl, top_a, top_b, "
+     "logz_a, lpa_tok, lpb_tok, status): per-row divergence statistics of two float32 logits "
+     "matrices, written into the given buffers (see kldiv/compare/kernel.py)."},
+    {"max_threads", py_max_threads, METH_NOARGS, "Number of OpenMP threads a call uses by default."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef mod = {
+    PyModuleDef_HEAD_INIT, "_rowstats",
+    "Per-row KL statistics of two logits matrices (kldiv compare); see kldiv/compare/kernel.py.",
+    -1, methods,
+};
+
 PyMODINIT_FUNC PyInit__rowstats(void) { return PyModule_Create(&mod); }
