@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 
 from ._core._xp import is_concrete, namespace
+from ._core.reduction import reduce_rows
 
 __all__ = ["k1", "k2", "k3", "ESTIMATORS"]
 
@@ -91,41 +92,40 @@ def _norm_axes(axis, ndim):
 
 
 def _reduce(xp, values, reduction, mask=None, weight=None, axis=None):
-    """The core's reductions over ``axis`` (None: all axes) of per-element ``values``.
+    """The core's reductions (``kldiv._core.reduction``) of per-element ``values``, over ``axis``.
 
-    ``"none"``: ``values`` unchanged (masked entries are 0); ``"sum"``: ``sum(m * w * v)``;
-    ``"mean"``: ``sum(m * w * v) / sum(m * w)`` with ``m`` the mask (1 where true) and ``w`` the
-    weight (1 if absent). Masked-out entries may hold inf or nan: they are replaced, not multiplied.
-    A mean whose total weight is 0 raises ValueError (nan while traced).
+    With ``m`` the mask (1 where true) and ``w`` the weight (1 if absent): ``"none"``:
+    ``m * w * v``; ``"sum"``: ``sum(m * w * v)``; ``"mean"``: ``sum(m * w * v) / sum(m * w)``,
+    and 0 where ``sum(m * w) = 0`` (everything masked), as in the core. Entries with ``m = 0`` or
+    ``w = 0`` may hold inf or nan: they are replaced before multiplying, never multiplied.
+    ``axis=None`` reduces everything and is the core's own function.
     """
+    shape = tuple(values.shape)
     if mask is not None:
-        values = xp.where(mask, values, xp.zeros_like(values))
-    if reduction == "none":
-        return values
-    axes = _norm_axes(axis, values.ndim)
-    w = None
+        mask = xp.broadcast_to(mask, shape)
     if weight is not None:
-        w = xp.broadcast_to(xp.astype(weight, values.dtype), values.shape)
-    if mask is not None:
-        m = xp.astype(xp.broadcast_to(mask, values.shape), values.dtype)
-        w = m if w is None else xp.where(xp.broadcast_to(mask, values.shape), w, xp.zeros_like(w))
-    if w is not None:
-        values = values * w
+        weight = xp.broadcast_to(xp.astype(weight, values.dtype), shape)
+    if axis is None or reduction == "none":
+        return reduce_rows(xp, values, reduction, mask, weight)
+    axes = _norm_axes(axis, values.ndim)
+    keep = mask
+    if weight is not None:
+        keep = weight > 0 if keep is None else keep & (weight > 0)
+    if keep is not None:
+        values = xp.where(keep, values, xp.zeros_like(values))
+    if weight is not None:
+        values = values * weight
     total = xp.sum(values, axis=axes)
     if reduction == "sum":
         return total
-    if w is None:
-        n = math.prod(values.shape) if axes is None else math.prod(values.shape[a] for a in axes)
-        if n == 0:
-            raise ValueError("reduction='mean' over zero elements")
-        return total / n
-    denom = xp.sum(w, axis=axes)
-    if is_concrete(denom) and bool(xp.any(denom == 0)):
-        raise ValueError(
-            "mask/weight: reduction='mean' over a set whose total weight is 0 "
-            "(every element masked out); use reduction='sum' or check the mask"
-        )
-    return total / denom
+    if weight is not None:
+        den = xp.sum(xp.where(keep, weight, xp.zeros_like(weight)), axis=axes)
+    elif mask is not None:
+        den = xp.sum(xp.astype(mask, values.dtype), axis=axes)
+    else:
+        return total / math.prod(shape[a] for a in axes)
+    safe = xp.where(den > 0, den, xp.ones_like(den))
+    return xp.where(den > 0, total / safe, xp.zeros_like(total))
 
 
 def _prepare(logp_sampler, logp_other, logp_behavior, mask, weight, reduction):
@@ -219,8 +219,9 @@ _ARGS_DOC = """
       mask: optional boolean array broadcastable to the shape; false entries (padding) may hold
         anything and contribute nothing, with zero gradient.
       weight: optional non-negative weights broadcastable to the shape.
-      reduction: ``"mean"`` (default): ``sum(m*w*k) / sum(m*w)``, the estimate;
-        ``"sum"``: ``sum(m*w*k)``; ``"none"``: the per-sample values (0 where masked).
+      reduction: ``"mean"`` (default): ``sum(m*w*k) / sum(m*w)``, the estimate (0 if every
+        entry is masked out, as in ``kldiv.kl_div``); ``"sum"``: ``sum(m*w*k)``;
+        ``"none"``: the per-sample values ``m*w*k`` (0 where masked).
       axis: axes reduced by ``"mean"``/``"sum"``; None (default) reduces all of them. E.g.
         ``axis=-1`` gives one estimate per sequence.
 
