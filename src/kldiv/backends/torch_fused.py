@@ -1,0 +1,457 @@
+"""Memory-bounded fused divergences for torch: rows in chunks, the gradient made in the forward pass.
+
+The obvious ``F.kl_div(log_softmax(s), log_softmax(t))`` keeps several N x V tensors alive for its
+backward pass. Here the forward pass walks over the rows (in chunks, or row by row in the C kernel
+``kldiv._ext._fused``), computes each row's divergence and, in the same pass, its gradient with
+respect to the raw inputs (logits or log-probabilities). Nothing of size N x V is kept but the
+gradients themselves; with :func:`kl_div_inplace` the student's gradient is even written over its
+own logits, so that the extra memory is near zero.
+
+Semantics are the core's (``kldiv._core.divergence``): the same accurate, cancellation-free
+algorithm, the same edges (p_i = 0 contributes 0, p_i > 0 = q_i gives +inf with zero gradient),
+the same reductions (``kldiv._core.reduction``). Two implementations sit behind one function:
+
+- the C kernel (CPU, contiguous rows, float32/float64, kinds "forward" and "reverse"): three
+  passes per row (maxima; normalisers and the p-weighted mean log-ratio; divergence and gradient),
+  a vectorised polynomial ``exp``, OpenMP over rows with ``torch.get_num_threads()`` threads;
+- a pure-torch fallback for every other case (any device, any kind): the core's own row function
+  ``kldiv._core.divergence._rows`` applied to a chunk of rows under ``torch.enable_grad()``, and
+  ``torch.autograd.grad`` for that chunk, so that it agrees with the core by construction.
+
+Derivatives: the fused path gives first derivatives only (the gradient is computed before the
+backward pass is known). Differentiating its backward again (``create_graph=True``) raises a
+clear error. ``kldiv.kl_div`` therefore takes the fused path only where that cannot hurt: when no
+gradient is being recorded, or when the inputs are large (at least ``2**20`` elements; Hessian-
+vector products on such inputs are rare), and never while ``torch.compile`` traces. Switch it off
+with ``set_fused(False)`` (or ``with fused(False):``) to get the core's fully differentiable path.
+A fused loss can be backpropagated once: its gradient buffer is handed to autograd without a copy.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+
+import torch
+
+from .._core import divergence as _div
+from .._core._xp import namespace
+from .._core.validation import check_option, check_positive_finite
+
+__all__ = [
+    "fused_divergence", "divergence_rows_with_grad", "kl_div_inplace", "set_fused", "fused",
+    "fused_enabled", "FUSED_MIN_ELEMENTS",
+]
+
+KINDS = ("forward", "reverse", "js", "jeffreys")
+LOG_SPACES = ("logits", "log_probs")
+
+#: with gradients recorded, ``kldiv.kl_div`` takes the fused path from this many elements on
+FUSED_MIN_ELEMENTS = 1 << 20
+
+_ENABLED = contextvars.ContextVar("kldiv_fused", default=True)
+_USE_EXTENSION = contextvars.ContextVar("kldiv_fused_extension", default=True)
+
+# elements per chunk in the pure-torch path (the core's row function makes ~40 temporaries)
+_CHUNK_ELEMENTS = 1 << 19
+
+
+def set_fused(enabled: bool) -> None:
+    """Let ``kldiv.kl_div`` (and the family) take the fused torch path, or not (default: on)."""
+    _ENABLED.set(bool(enabled))
+
+
+def fused_enabled() -> bool:
+    """Whether the fused torch path may be taken (see :func:`set_fused`)."""
+    return _ENABLED.get()
+
+
+@contextlib.contextmanager
+def fused(enabled: bool):
+    """Context manager: ``with fused(False): ...`` computes through the core inside."""
+    token = _ENABLED.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _ENABLED.reset(token)
+
+
+@contextlib.contextmanager
+def _extension(enabled: bool):
+    """Testing aid: ``with _extension(False):`` forces the pure-torch chunked path."""
+    token = _USE_EXTENSION.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _USE_EXTENSION.reset(token)
+
+
+def _load_extension():
+    try:
+        from .._ext import _fused
+    except ImportError:
+        return None
+    return _fused if hasattr(_fused, "rows") else None
+
+
+_EXT = _load_extension()
+
+
+# ----------------------------------------------------------------------------------------------
+# one chunk of rows
+
+
+def _compute_dtype(*tensors):
+    dt = torch.promote_types(tensors[0].dtype, tensors[1].dtype)
+    return dt if dt in (torch.float32, torch.float64) else torch.float32
+
+
+def _check_kind_spaces(kind, p_space, q_space):
+    if kind not in KINDS:
+        raise ValueError(f"kind: expected one of {', '.join(map(repr, KINDS))}, got {kind!r}")
+    if p_space not in LOG_SPACES:
+        raise ValueError(f"p_space: the fused path takes 'logits' or 'log_probs', got {p_space!r}")
+    if q_space not in LOG_SPACES:
+        raise ValueError(f"q_space: the fused path takes 'logits' or 'log_probs', got {q_space!r}")
+
+
+def _torch_rows(kind, p, q, p_space, q_space, temperature, beta, need_p, need_q, scale):
+    """The core's row function on a small 2-D chunk, with gradients by autograd."""
+    dt = _compute_dtype(p, q)
+    with torch.enable_grad():
+        P = p.detach().to(dt).requires_grad_(need_p)
+        Q = q.detach().to(dt).requires_grad_(need_q)
+        xp = namespace(P)
+        rows = _div._rows(
+            kind, xp, _div._make_side(xp, P, p_space, temperature, None),
+            _div._make_side(xp, Q, q_space, temperature, None), beta,
+        )
+        leaves = [t for t, need in ((P, need_p), (Q, need_q)) if need]
+        grads = []
+        if leaves:
+            s = torch.ones_like(rows) if scale is None else scale.to(dt)
+            # zero-scale rows get zero gradient even when their value is inf
+            loss = torch.where(s != 0, rows * s, torch.zeros_like(rows)).sum()
+            grads = list(torch.autograd.grad(loss, leaves))
+    gp = grads.pop(0) if need_p else None
+    gq = grads.pop(0) if need_q else None
+    return rows.detach(), gp, gq
+
+
+def _chunk_rows(V):
+    return max(1, _CHUNK_ELEMENTS // max(V, 1))
+
+
+def _use_c(kind, p, q, out_p, out_q):
+    if _EXT is None or not _USE_EXTENSION.get() or kind not in ("forward", "reverse"):
+        return False
+    ts = [p, q] + [t for t in (out_p, out_q) if t is not None]
+    for t in ts:
+        if t.device.type != "cpu" or t.dtype not in (torch.float32, torch.float64):
+            return False
+        if t.dim() != 2 or t.stride(-1) != 1 or t.is_conj() or t.is_neg():
+            return False
+    return p.dtype == q.dtype and all(t.dtype == p.dtype for t in ts)
+
+
+def divergence_rows_with_grad(kind, p, q, *, p_space, q_space, temperature=1.0, beta=0.5,
+                              need_grad_p=False, need_grad_q=True, grad_scale=None,
+                              out_p=None, out_q=None):
+    """Per-row divergence of a 2-D chunk and the gradients of ``sum_r grad_scale[r] * rows[r]``.
+
+    Args:
+      kind: "forward" (KL(p || q)), "reverse" (KL(q || p)), "js" (generalised Jensen-Shannon
+        with mixture weight ``beta``) or "jeffreys" (KL(p || q) + KL(q || p)).
+      p, q: tensors of shape (rows, V) on one device, in log space (``p_space``/``q_space``:
+        "logits" or "log_probs"); any floating dtype, half precision is upcast here (per call).
+      temperature: divides both inputs before the log-softmax.
+      need_grad_p, need_grad_q: which gradients to compute.
+      grad_scale: optional 1-D tensor (rows,) of weights; None means 1 for every row. Rows
+        whose weight is 0 are skipped: their value is reported as 0 and their gradient is 0.
+      out_p, out_q: optional tensors of shape (rows, V) to receive the gradients (they may be
+        ``p`` or ``q`` themselves: the gradient then overwrites the input).
+
+    Returns:
+      ``(rows, grad_p, grad_q)``: ``rows`` of shape (rows,) in the compute dtype (float32 or
+      float64), the gradients with respect to the raw inputs ``p`` and ``q`` (None when not
+      requested), in the input's dtype (or ``out_p``/``out_q`` when given). Rows with value +inf
+      (p_i > 0 = q_i for "forward") get a zero gradient, as in the core.
+
+    >>> import torch
+    >>> s = torch.tensor([[0.0, 1.0, 2.0]], dtype=torch.float64)
+    >>> t = torch.tensor([[2.0, 1.0, 0.0]], dtype=torch.float64)
+    >>> rows, _, g = divergence_rows_with_grad("forward", t, s, p_space="logits", q_space="logits")
+    >>> p, q = torch.softmax(t, -1), torch.softmax(s, -1)
+    >>> bool(torch.allclose(rows, (p * (p / q).log()).sum(-1)))  # KL(p || q) by hand
+    True
+    >>> bool(torch.allclose(g, q - p))  # d KL / d student logits = q - p
+    True
+    """
+    _check_kind_spaces(kind, p_space, q_space)
+    if p.dim() != 2 or q.dim() != 2 or p.shape != q.shape:
+        raise ValueError(
+            f"p and q: expected two 2-D tensors of one shape (rows, V), got {tuple(p.shape)} "
+            f"and {tuple(q.shape)}"
+        )
+    n, V = p.shape
+    if grad_scale is not None and tuple(grad_scale.shape) != (n,):
+        raise ValueError(f"grad_scale: expected shape ({n},), got {tuple(grad_scale.shape)}")
+    dt = _compute_dtype(p, q)
+    if _use_c(kind, p, q, out_p, out_q):
+        return _c_rows(kind, p, q, temperature, need_grad_p, need_grad_q, grad_scale,
+                       out_p, out_q)
+    rows = torch.zeros(n, dtype=dt, device=p.device)
+    gp = gq = None
+    if need_grad_p:
+        gp = out_p if out_p is not None else torch.empty_like(p, memory_format=torch.contiguous_format)
+    if need_grad_q:
+        gq = out_q if out_q is not None else torch.empty_like(q, memory_format=torch.contiguous_format)
+    if grad_scale is not None:
+        active = torch.nonzero(grad_scale != 0).flatten()
+        idle = torch.nonzero(grad_scale == 0).flatten()
+        for g in (gp, gq):
+            if g is not None and idle.numel():
+                g.index_fill_(0, idle, 0)
+        if active.numel() == n:
+            active = None
+    else:
+        active = None
+    step = _chunk_rows(V)
+    total = n if active is None else active.numel()
+    for i in range(0, total, step):
+        if active is None:
+            sl = slice(i, min(i + step, n))
+            pc, qc = p[sl], q[sl]
+            sc = None if grad_scale is None else grad_scale[sl]
+        else:
+            sl = active[i:i + step]
+            pc, qc = p.index_select(0, sl), q.index_select(0, sl)
+            sc = grad_scale.index_select(0, sl)
+        r, g1, g2 = _torch_rows(kind, pc, qc, p_space, q_space, temperature, beta,
+                                need_grad_p, need_grad_q, sc)
+        if active is None:
+            rows[sl] = r
+            if gp is not None:
+                gp[sl] = g1
+            if gq is not None:
+                gq[sl] = g2
+        else:
+            rows.index_copy_(0, sl, r)
+            if gp is not None:
+                gp.index_copy_(0, sl, g1.to(gp.dtype))
+            if gq is not None:
+                gq.index_copy_(0, sl, g2.to(gq.dtype))
+    return rows, gp, gq
+
+
+def _c_rows(kind, p, q, temperature, need_p, need_q, grad_scale, out_p, out_q):
+    raise NotImplementedError  # replaced below once the extension exists
+
+
+# ----------------------------------------------------------------------------------------------
+# the autograd Function behind kldiv.kl_div's fused path
+
+
+def _row_scale(n, reduction, mask, weight, dtype, device):
+    """Per-row factors c_r with value = sum_r c_r * rows_r (``kldiv._core.reduction``)."""
+    c = torch.ones(n, dtype=dtype, device=device)
+    keep = None
+    if mask is not None:
+        keep = mask.reshape(n).to(device)
+    if weight is not None:
+        w = weight.detach().reshape(n).to(device=device, dtype=dtype)
+        pos = w > 0
+        keep = pos if keep is None else keep & pos
+        c = torch.where(keep, w, torch.zeros_like(w))
+    elif keep is not None:
+        c = keep.to(dtype)
+    if reduction == "mean":
+        den = c.sum()
+        c = torch.where(den > 0, c / torch.where(den > 0, den, torch.ones_like(den)),
+                        torch.zeros_like(c))
+    return c
+
+
+def _fused_forward(ctx, p, q, kind, p_space, q_space, scale, temperature, beta, inplace):
+    need_p = ctx.needs_input_grad[0]
+    need_q = ctx.needs_input_grad[1] or inplace
+    V = p.shape[-1]
+    p2 = p.reshape(-1, V)
+    q2 = q.view(-1, V) if inplace else q.reshape(-1, V)
+    rows, gp, gq = divergence_rows_with_grad(
+        kind, p2, q2, p_space=p_space, q_space=q_space, temperature=temperature,
+        beta=beta, need_grad_p=need_p, need_grad_q=need_q, grad_scale=scale,
+        out_q=q2 if inplace else None,
+    )
+    value = (rows * scale).sum()
+    ctx.grads = (None if gp is None else gp.view(p.shape),
+                 None if gq is None else gq.view(q.shape))
+    return value.to(p.dtype)
+
+
+def _fused_backward(ctx, g):
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "kldiv fused path: first derivatives only; to differentiate twice "
+            "(create_graph=True) call kldiv.torch.set_fused(False) or use inputs smaller "
+            f"than {FUSED_MIN_ELEMENTS} elements"
+        )
+    if ctx.grads is None:
+        raise RuntimeError(
+            "kldiv fused path: backward can run once only (the gradient buffer is handed "
+            "to autograd without a copy); use kldiv.torch.set_fused(False) for retain_graph"
+        )
+    gp, gq = ctx.grads
+    ctx.grads = None
+    if g.device.type != "cpu" or float(g) != 1.0:
+        for t in (gp, gq):
+            if t is not None:
+                t.mul_(g.to(t.dtype))
+    return gp, gq
+
+
+class _FusedDivergence(torch.autograd.Function):
+    """value = sum_r c_r * rows_r; the gradients are computed by forward and kept for backward."""
+
+    @staticmethod
+    def forward(ctx, p, q, kind, p_space, q_space, scale, temperature, beta):
+        return _fused_forward(ctx, p, q, kind, p_space, q_space, scale, temperature, beta, False)
+
+    @staticmethod
+    def backward(ctx, g):
+        gp, gq = _fused_backward(ctx, g)
+        return gp, gq, None, None, None, None, None, None
+
+
+class _FusedDivergenceInplace(torch.autograd.Function):
+    """As _FusedDivergence, with q's gradient written over q (returned, marked dirty)."""
+
+    @staticmethod
+    def forward(ctx, p, q, kind, p_space, q_space, scale, temperature, beta):
+        value = _fused_forward(ctx, p, q, kind, p_space, q_space, scale, temperature, beta, True)
+        ctx.mark_dirty(q)
+        return value, q
+
+    @staticmethod
+    def backward(ctx, g, _g_q):
+        gp, gq = _fused_backward(ctx, g)
+        return gp, gq, None, None, None, None, None, None
+
+
+def _rows_count(p):
+    n = 1
+    for s in p.shape[:-1]:
+        n *= s
+    return n
+
+
+def fused_divergence(kind, p, q, *, p_space, q_space, reduction, mask, weight, temperature,
+                     beta):
+    """The core's hook (``kldiv.backends.try_fast_divergence``); NotImplemented when not taken.
+
+    Inputs as the core leaves them: categories last, float32/float64, mask and weight broadcast
+    to the row shape. Returns a 0-d tensor equal to the core's ``sum``/``mean`` reduction.
+    """
+    if not _ENABLED.get() or kind not in KINDS or reduction not in ("sum", "mean"):
+        return NotImplemented
+    if p_space not in LOG_SPACES or q_space not in LOG_SPACES:
+        return NotImplemented
+    if p.shape != q.shape or p.dim() < 1 or p.device != q.device:
+        return NotImplemented
+    if weight is not None and weight.requires_grad and torch.is_grad_enabled():
+        return NotImplemented
+    try:
+        if torch.compiler.is_compiling():
+            return NotImplemented
+    except AttributeError:  # pragma: no cover - old torch
+        pass
+    recording = torch.is_grad_enabled() and (p.requires_grad or q.requires_grad)
+    if recording and p.numel() < FUSED_MIN_ELEMENTS:
+        return NotImplemented
+    n = _rows_count(p)
+    dt = _compute_dtype(p, q)
+    scale = _row_scale(n, reduction, mask, weight, dt, p.device)
+    if not recording:
+        with torch.no_grad():
+            V = p.shape[-1]
+            rows, _, _ = divergence_rows_with_grad(
+                kind, p.reshape(-1, V), q.reshape(-1, V), p_space=p_space, q_space=q_space,
+                temperature=temperature, beta=beta, need_grad_p=False, need_grad_q=False,
+                grad_scale=scale)
+            return (rows * scale).sum().to(p.dtype)
+    return _FusedDivergence.apply(p, q, kind, p_space, q_space, scale, temperature, beta)
+
+
+def kl_div_inplace(p, q_logits, *, p_space="logits", q_space="logits", kind="forward",
+                   reduction="mean", mask=None, weight=None, temperature=1.0, beta=0.5):
+    """KL(p || q) (or another ``kind``) whose gradient overwrites ``q_logits``' own buffer.
+
+    .. math:: \\mathrm{KL}(p \\,\\|\\, q) = \\sum_i p_i \\log \\frac{p_i}{q_i}
+
+    The loss is computed row by row and the gradient with respect to ``q_logits`` is written
+    over ``q_logits`` during this call, so the extra memory is near zero (no N x V tensor is
+    allocated). **Danger**: after this call ``q_logits`` no longer holds the logits but the
+    gradient (times the upstream gradient once ``backward`` has run); use it only when the
+    logits are needed for this loss alone, as in a distillation step. ``q_logits`` must be a
+    tensor that autograd allows to modify in place (a non-leaf, such as a layer's output, or a
+    tensor that does not require grad); the gradient reaches its producers by ``backward()``.
+
+    Args:
+      p: the reference (teacher) in ``p_space`` ("logits" or "log_probs"), shape (..., V).
+      q_logits: the model (student) in ``q_space``, same shape; overwritten.
+      kind: "forward" (KL(p || q)), "reverse" (KL(q || p)), "js", "jeffreys".
+      reduction: "sum" or "mean" (mean over the rows where ``mask`` is true, weighted by
+        ``weight``; 0 when no row counts). Masked rows cost nothing.
+      mask, weight: optional per-row arrays of shape (...) (broadcastable).
+      temperature: divides both inputs; beta: the Jensen-Shannon mixture weight.
+
+    Returns:
+      A 0-d tensor; the value equals ``kldiv.kl_div(p, q_logits, ...)`` before the overwrite.
+
+    >>> import torch
+    >>> t = torch.tensor([[2.0, 1.0, 0.0]]); h = torch.tensor([[1.0, 0.0, 3.0]], requires_grad=True)
+    >>> s = h * 1.0                      # the student's logits, needed for this loss only
+    >>> p, q = torch.softmax(t, -1), torch.softmax(s.detach(), -1)
+    >>> expected = float((p * (p / q).log()).sum())  # KL(p || q) by hand, before the overwrite
+    >>> loss = kl_div_inplace(t, s)
+    >>> abs(float(loss) - expected) < 1e-6
+    True
+    >>> loss.backward()
+    >>> bool(torch.allclose(h.grad, q - p))
+    True
+    """
+    if not isinstance(q_logits, torch.Tensor) or not isinstance(p, torch.Tensor):
+        raise TypeError("kl_div_inplace: p and q_logits must be torch tensors")
+    check_option("reduction", reduction, ("sum", "mean"))
+    _check_kind_spaces(kind, p_space, q_space)
+    temperature = check_positive_finite("temperature", temperature)
+    if kind == "js" and not 0.0 < float(beta) < 1.0:
+        raise ValueError(f"beta: must lie strictly between 0 and 1, got {beta!r}")
+    if p.shape != q_logits.shape:
+        raise ValueError(
+            f"p and q_logits: shapes {tuple(p.shape)} and {tuple(q_logits.shape)} differ"
+        )
+    if not q_logits.dtype.is_floating_point or not p.dtype.is_floating_point:
+        raise TypeError("p and q_logits: expected floating-point tensors")
+    if q_logits.requires_grad and q_logits.is_leaf:
+        raise ValueError(
+            "q_logits: a leaf tensor that requires grad cannot be overwritten; pass the output "
+            "of the layer that makes the logits (a non-leaf), or use kldiv.kl_div"
+        )
+    try:
+        q_logits.view(-1, q_logits.shape[-1])
+    except RuntimeError:
+        raise ValueError("q_logits: must be contiguous (it receives its own gradient)") from None
+    rows_shape = tuple(p.shape[:-1])
+    if mask is not None:
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask: expected a boolean tensor, got dtype {mask.dtype}")
+        mask = torch.broadcast_to(mask, rows_shape)
+    if weight is not None:
+        weight = torch.broadcast_to(torch.as_tensor(weight, device=p.device), rows_shape)
+    n = _rows_count(p)
+    dt = _compute_dtype(p, q_logits)
+    scale = _row_scale(n, reduction, mask, weight, dt, p.device)
+    value, _ = _FusedDivergenceInplace.apply(p, q_logits, kind, p_space, q_space, scale,
+                                             temperature, float(beta))
+    return value
