@@ -1,0 +1,545 @@
+"""A divergence fused with the output layer: the student's N x V logits are never held in full.
+
+Distillation losses sit on top of a language model's output layer, ``logits = hidden @ W.T + b``
+with a vocabulary of 32k to 256k. Materialising the logits (and their log-softmax, and their
+gradient) costs several N x V float32 tensors. :func:`linear_kl_div` walks over the rows in chunks
+instead; per chunk it makes the logits (float32 accumulation, half-precision inputs upcast for that
+chunk only), the divergence and its gradient with respect to the logits, and turns that gradient
+into the gradients of ``hidden`` (per chunk), ``weight`` and ``bias`` (accumulated over chunks)
+right away. The backward pass then only scales what the forward pass made.
+
+The divergence of each chunk is the core's (``kldiv._core.divergence``), computed by
+``kldiv.backends.torch_fused.divergence_rows_with_grad`` (a C kernel or the core's row function
+under autograd). Should that module be unavailable, a private stand-in runs the core's row
+function under autograd here.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .._core.validation import (
+    check_option, check_positive_finite, normalization_tolerance, validation_enabled,
+)
+
+__all__ = ["linear_kl_div", "auto_chunk_size"]
+
+DIVERGENCES = ("forward", "reverse", "js")
+TARGET_SPACES = ("logits", "log_probs")
+
+#: extra memory the function aims at, as a fraction of one float32 N x V logits tensor
+MEMORY_FRACTION = 0.2
+#: fewest rows per chunk (below this the three matmuls lose most of their speed)
+MIN_CHUNK_ROWS = 16
+
+
+# ----------------------------------------------------------------------------------------------
+# the per-chunk divergence
+
+
+def _standin_rows_with_grad(kind, p, q, *, p_space, q_space, temperature=1.0, beta=0.5,
+                           need_grad_p=False, need_grad_q=True, grad_scale=None, out_q=None):
+    """Fallback for ``torch_fused.divergence_rows_with_grad``: the core's rows under autograd."""
+    from .._core import divergence as D
+    from .._core._xp import namespace
+
+    dt = torch.promote_types(p.dtype, q.dtype)
+    dt = dt if dt in (torch.float32, torch.float64) else torch.float32
+    with torch.enable_grad():
+        Q = q.detach().to(dt).requires_grad_(True)
+        xp = namespace(Q)
+        rows = D._rows(kind, xp, D._make_side(xp, p.detach().to(dt), p_space, temperature, None),
+                       D._make_side(xp, Q, q_space, temperature, None), beta)
+        s = torch.ones_like(rows) if grad_scale is None else grad_scale.to(dt)
+        loss = torch.where(s != 0, rows * s, torch.zeros_like(rows)).sum()
+        (g,) = torch.autograd.grad(loss, Q)
+    if out_q is not None:
+        out_q.copy_(g)
+        g = out_q
+    return rows.detach(), None, g
+
+
+def _rows_function():
+    """(row function, its internal chunk in elements or None when it does not chunk itself)."""
+    try:
+        from . import torch_fused
+    except ImportError:  # pragma: no cover - depends on the other backend being present
+        return _standin_rows_with_grad, None
+    return torch_fused.divergence_rows_with_grad, getattr(torch_fused, "_CHUNK_ELEMENTS", 1 << 19)
+
+
+# the core's row function under autograd keeps about this many chunk-sized temporaries alive
+# (measured with ru_maxrss: 43 for "forward", 46 for "reverse", 99 for "js" in float32)
+_CORE_TEMPORARIES = {"forward": 48, "reverse": 48, "js": 100}
+
+
+def auto_chunk_size(n_rows, vocab, hidden_size, *, divergence="forward", dtype=torch.float32,
+                    topk=None):
+    """Rows per chunk so that the extra memory stays near ``MEMORY_FRACTION`` of the logits.
+
+    The budget is ``MEMORY_FRACTION * n_rows * vocab * 4`` bytes (a fraction of one float32
+    logits tensor). A chunk of C rows holds its logits (C x V, compute dtype; the gradient
+    overwrites them), the divergence's own temporaries (bounded by the row function's internal
+    chunking, or about 50-100 C x V tensors for the core under autograd), and C x H for the
+    hidden chunk and its gradient. With a top-k target, autograd through the K+1 buckets keeps
+    about six more C x V tensors. At least ``MIN_CHUNK_ROWS`` rows, at most ``n_rows``.
+    """
+    item = 8 if dtype == torch.float64 else 4
+    budget = MEMORY_FRACTION * n_rows * vocab * 4
+    fn, inner = _rows_function()
+    per_row = vocab * item * (1 + (6 if topk else 0)) + 3 * hidden_size * item
+    if inner is None:  # stand-in: temporaries scale with the chunk
+        per_row += vocab * item * _CORE_TEMPORARIES[divergence]
+        fixed = 0
+    else:  # the row function chunks itself: about 50 temporaries of `inner` elements
+        width = vocab if not topk else topk + 1
+        per_row_inner = max(1, inner // max(width, 1))
+        fixed = 50 * per_row_inner * width * item
+    rows = int((budget - fixed) // per_row)
+    return max(1, min(n_rows, max(MIN_CHUNK_ROWS, rows)))
+
+
+# ----------------------------------------------------------------------------------------------
+# input handling
+
+
+def _flat_rows(x, rows_shape, n, name, last):
+    """``x`` of shape rows_shape + (last,) or (n, last) as (n, last)."""
+    if tuple(x.shape[:-1]) == tuple(rows_shape) or (x.dim() == 2 and x.shape[0] == n):
+        if x.shape[-1] != last:
+            raise ValueError(f"{name}: expected {last} entries on the last axis, got {x.shape[-1]}")
+        return x.reshape(n, last)
+    raise ValueError(
+        f"{name}: shape {tuple(x.shape)} does not match the rows of hidden {tuple(rows_shape)} "
+        f"(expected {tuple(rows_shape) + (last,)} or {(n, last)})"
+    )
+
+
+def _row_tensor(x, rows_shape, n, name):
+    try:
+        return torch.broadcast_to(x, rows_shape).reshape(n)
+    except RuntimeError:
+        raise ValueError(
+            f"{name}: shape {tuple(x.shape)} does not broadcast to the rows of hidden "
+            f"{tuple(rows_shape)}"
+        ) from None
+
+
+def _bad_rows_message(bad, rows):
+    idx = torch.nonzero(bad).flatten()
+    first = int(rows[idx[0]]) if rows is not None else int(idx[0])
+    more = f" (and {idx.numel() - 1} more in this chunk)" if idx.numel() > 1 else ""
+    return f"row {first}{more}"
+
+
+def _check_dense_chunk(t, space, rows, eps):
+    """Value checks of a chunk of the dense teacher; ``rows``: global row numbers or None+offset."""
+    nan = torch.isnan(t).any(-1)
+    if bool(nan.any()):
+        raise ValueError(f"target: contains nan at {_bad_rows_message(nan, rows)}")
+    pinf = (t == math.inf).any(-1)
+    if bool(pinf.any()):
+        raise ValueError(f"target: contains +inf at {_bad_rows_message(pinf, rows)}")
+    empty = (t == -math.inf).all(-1)
+    if bool(empty.any()):
+        raise ValueError(
+            f"target: {_bad_rows_message(empty, rows)} is -inf everywhere: that is no distribution"
+        )
+    if space == "log_probs":
+        tol = normalization_tolerance(eps, t.shape[-1])
+        off = (torch.logsumexp(t, -1).abs() > tol) | (t > tol).any(-1)
+        if bool(off.any()):
+            raise ValueError(
+                f"target: log-probabilities must be <= 0 with logsumexp 0 within {tol:.1e}; "
+                f"{_bad_rows_message(off, rows)} is not (pass target_space='logits')"
+            )
+
+
+def _check_topk(idx, lp, V, eps):
+    if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
+        raise TypeError(f"target: top-k indices must be an integer tensor, got dtype {idx.dtype}")
+    if not lp.dtype.is_floating_point:
+        raise TypeError(f"target: top-k log-probs must be floating point, got dtype {lp.dtype}")
+    if idx.shape != lp.shape:
+        raise ValueError(
+            f"target: top-k indices and log-probs have shapes {tuple(idx.shape)} and "
+            f"{tuple(lp.shape)}; they must be equal"
+        )
+    K = idx.shape[-1]
+    if not 1 <= K <= V:
+        raise ValueError(f"target: top-k with K = {K}; need 1 <= K <= vocabulary size {V}")
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= V):
+        raise ValueError(
+            f"target: top-k indices must lie in [0, {V}); got values from {int(idx.min())} "
+            f"to {int(idx.max())}"
+        )
+    s = torch.sort(idx, -1).values
+    dup = (s[..., 1:] == s[..., :-1]).any(-1)
+    if bool(dup.any()):
+        raise ValueError(
+            f"target: top-k indices repeat within {_bad_rows_message(dup.reshape(-1), None)}; "
+            "each row needs K distinct categories"
+        )
+    tol = normalization_tolerance(eps, K)
+    bad = torch.isnan(lp).any(-1) | (lp > tol).any(-1) | (torch.logsumexp(lp, -1) > tol)
+    if bool(bad.any()):
+        raise ValueError(
+            "target: top-k log-probs must be <= 0, not nan, and their probabilities must sum to "
+            f"at most 1 (within {tol:.1e}); {_bad_rows_message(bad.reshape(-1), None)} is not"
+        )
+
+
+def _log1mexp(s):
+    """log(1 - exp(s)) for s <= 0, accurate at both ends; -inf where s >= 0."""
+    s = torch.clamp(s, max=0.0)  # only rounding (checked within tolerance) reaches s > 0
+    near = s > -math.log(2.0)
+    a = torch.where(near, s, torch.full_like(s, -1.0))
+    b = torch.where(near, torch.full_like(s, -1.0), s)
+    return torch.where(near, torch.log(-torch.expm1(a)), torch.log1p(-torch.exp(b)))
+
+
+# ----------------------------------------------------------------------------------------------
+# the chunked forward pass that also makes the gradients
+
+
+class _Plan:
+    """Everything the chunk loop needs, checked and flattened."""
+
+
+def _logits(h, weight, bias, cdt, vblock):
+    """h (C x H, cdt) @ weight.T + bias, in cdt; half weights upcast by blocks of rows."""
+    if weight.dtype == cdt:
+        if bias is None:
+            return h @ weight.T
+        return torch.addmm(bias.to(cdt), h, weight.T)
+    V = weight.shape[0]
+    z = torch.empty(h.shape[0], V, dtype=cdt, device=h.device)
+    for v0 in range(0, V, vblock):
+        v1 = min(V, v0 + vblock)
+        z[:, v0:v1] = h @ weight[v0:v1].to(cdt).T
+    if bias is not None:
+        z += bias.to(cdt)
+    return z
+
+
+def _backprop_chunk(g, h, weight, cdt, vblock, gw_acc, need_w):
+    """Given g = dL/dlogits (C x V): returns dL/dh (C x H) and adds g.T @ h into gw_acc."""
+    if weight.dtype == cdt:
+        gh = g @ weight
+        if need_w:
+            gw_acc.addmm_(g.T, h)
+        return gh
+    V = weight.shape[0]
+    gh = torch.zeros(h.shape[0], weight.shape[1], dtype=cdt, device=h.device)
+    for v0 in range(0, V, vblock):
+        v1 = min(V, v0 + vblock)
+        gb = g[:, v0:v1]
+        gh.addmm_(gb, weight[v0:v1].to(cdt))
+        if need_w:
+            gw_acc[v0:v1].addmm_(gb.T, h)
+    return gh
+
+
+def _topk_student_buckets(z, idx, temperature):
+    """log q over K+1 buckets: the K indexed categories and the rest, from full logits z."""
+    zt = z / temperature if temperature != 1.0 else z
+    lse = torch.logsumexp(zt, -1, keepdim=True)
+    lq_k = torch.gather(zt, -1, idx) - lse
+    if idx.shape[-1] == z.shape[-1]:  # nothing outside the top-k: no extra bucket
+        return lq_k
+    rest = torch.logsumexp(zt.scatter(-1, idx, -math.inf), -1, keepdim=True) - lse
+    return torch.cat([lq_k, rest], -1)
+
+
+def _topk_teacher_buckets(lp, V, cdt):
+    lp = lp.to(cdt)
+    if lp.shape[-1] == V:
+        return lp
+    rest = _log1mexp(torch.logsumexp(lp, -1, keepdim=True))
+    return torch.cat([lp, rest], -1)
+
+
+def _run(hidden, weight, bias, plan):
+    """Loss and gradients (hidden, weight, bias), chunk by chunk."""
+    rows_fn, _ = _rows_function()
+    cdt, n, V = plan.cdt, plan.n, plan.V
+    dev = hidden.device
+    h2 = hidden.reshape(n, -1)
+    H = h2.shape[1]
+    keep_idx = plan.keep_idx  # None: every row counts
+    n_keep = n if keep_idx is None else keep_idx.numel()
+    need_h, need_w, need_b = plan.need
+    need_any = need_h or need_w or need_b
+    gh_full = torch.zeros(n, H, dtype=hidden.dtype, device=dev) if need_h else None
+    gw_acc = None
+    if need_w:
+        gw_acc = torch.zeros(V, H, dtype=cdt if weight.dtype != cdt else weight.dtype, device=dev)
+    gb_acc = torch.zeros(V, dtype=cdt, device=dev) if need_b else None
+    total = torch.zeros((), dtype=cdt, device=dev)
+    scale = plan.scale_mean / n_keep if plan.reduction == "mean" and n_keep else plan.scale_mean
+    C = plan.chunk
+    vblock = max(1, (C * V) // max(H, 1))
+    bias_c = None if bias is None else bias.detach()
+    w = weight.detach()
+    for i in range(0, n_keep, C):
+        if keep_idx is None:
+            sl = slice(i, min(i + C, n))
+            rows_g = None
+            h = h2[sl].detach()
+        else:
+            rows_g = keep_idx[i:i + C]
+            h = h2.detach().index_select(0, rows_g)
+        c = h.shape[0]
+        h = h.to(cdt)
+        z = _logits(h, w, bias_c, cdt, vblock)
+        s = torch.full((c,), scale, dtype=cdt, device=dev)
+        if plan.topk is None:
+            t = plan.target[sl] if rows_g is None else plan.target.index_select(0, rows_g)
+            if plan.validate:
+                _check_dense_chunk(t, plan.target_space, rows_g if rows_g is not None
+                                   else torch.arange(i, i + c), plan.eps)
+            rows, _, g = rows_fn(plan.kind, t.to(cdt), z, p_space=plan.target_space,
+                                 q_space="logits", temperature=plan.temperature, beta=plan.beta,
+                                 need_grad_p=False, need_grad_q=need_any, grad_scale=s,
+                                 out_q=z if need_any else None)
+        else:
+            ti, tl = plan.topk
+            if rows_g is None:
+                ti, tl = ti[sl], tl[sl]
+            else:
+                ti, tl = ti.index_select(0, rows_g), tl.index_select(0, rows_g)
+            ti = ti.to(torch.int64)
+            p_b = _topk_teacher_buckets(tl, V, cdt)
+            with torch.enable_grad():
+                zg = z.requires_grad_(need_any)
+                q_b = _topk_student_buckets(zg, ti, plan.temperature)
+                rows, _, g_b = rows_fn(plan.kind, p_b, q_b.detach(), p_space="log_probs",
+                                       q_space="log_probs", temperature=1.0, beta=plan.beta,
+                                       need_grad_p=False, need_grad_q=need_any, grad_scale=s)
+                if need_any:
+                    (g,) = torch.autograd.grad(q_b, zg, g_b)
+            del q_b, zg
+        total = total + rows.sum() * scale if c else total
+        if need_any:
+            gh = _backprop_chunk(g, h, w, cdt, vblock, gw_acc, need_w)
+            if need_b:
+                gb_acc += g.sum(0)
+            if need_h:
+                if rows_g is None:
+                    gh_full[sl] = gh
+                else:
+                    gh_full.index_copy_(0, rows_g, gh.to(gh_full.dtype))
+        del z
+    gw = None if gw_acc is None else gw_acc.to(weight.dtype)
+    gb = None if gb_acc is None else gb_acc.to(bias.dtype)
+    gh = None if gh_full is None else gh_full.view(hidden.shape)
+    return total, gh, gw, gb
+
+
+class _LinearDivergence(torch.autograd.Function):
+    """loss = reduce(divergence(target, hidden @ W.T + b)); gradients made by forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, plan):
+        loss, gh, gw, gb = _run(hidden, weight, bias, plan)
+        ctx.grads = (gh, gw, gb)
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):
+        if ctx.grads is None:
+            raise RuntimeError(
+                "linear_kl_div: backward can run once only (its gradients are handed to "
+                "autograd without a copy); call linear_kl_div again to backpropagate again"
+            )
+        grads, ctx.grads = ctx.grads, None
+        one = g.device.type == "cpu" and float(g) == 1.0
+        out = []
+        for t in grads:
+            if t is None or one:
+                out.append(t)
+            else:
+                out.append(t.mul_(g.to(t.dtype)))
+        return out[0], out[1], out[2], None
+
+
+# ----------------------------------------------------------------------------------------------
+# the public function
+
+
+def linear_kl_div(hidden, weight, target, *, bias=None, target_space="logits",
+                  divergence="forward", beta=0.5, temperature=1.0, t2_scale=False,
+                  reduction="mean", mask=None, labels=None, ignore_index=-100, chunk_size=None,
+                  validate=None):
+    r"""Divergence between a teacher and the student ``hidden @ weight.T + bias``, chunk by chunk.
+
+    .. math:: \mathrm{loss} = \operatorname{reduce}_r\, D\big(p_r \,\|\, \mathrm{softmax}(
+              (h_r W^\top + b) / T)\big)
+
+    with ``D`` the forward KL ``KL(p || q)`` (``divergence="forward"``), the reverse KL
+    ``KL(q || p)`` (``"reverse"``) or the generalised Jensen-Shannon divergence
+    ``beta KL(p || m) + (1 - beta) KL(q || m)``, ``m = beta p + (1 - beta) q`` (``"js"``, as
+    ``kldiv.js_div(teacher, student, beta=beta)``); p is the teacher, q the student. The values are
+    the core's (``kldiv.kl_div`` and family on the full logits), with its edges: teacher entries of
+    -inf contribute 0 to the forward KL; the reverse KL is +inf where the teacher has a zero.
+
+    The student's logits are never materialised in full: per chunk of rows, the logits are made
+    with float32 accumulation (bfloat16/float16 ``hidden`` and ``weight`` are upcast for that
+    chunk only; float64 stays float64), then the divergence and its gradient with respect to the
+    logits, which is turned into the gradients with respect to ``hidden`` (per chunk), ``weight``
+    and ``bias`` (accumulated) at once. ``backward`` only scales them. No gradient reaches
+    ``target`` (the teacher is a constant). Extra memory: one chunk of logits and the row
+    function's temporaries, about ``MEMORY_FRACTION`` (0.2) of one float32 N x V tensor with the
+    automatic ``chunk_size``, plus the gradients themselves (float32 accumulators for ``weight`` and
+    ``bias`` when these are half precision).
+
+    Top-k teachers. ``target=(indices, log_probs)``, both of shape (N, K) (or rows shape + (K,)):
+    the teacher's log-probabilities on K distinct categories per row, as offline distillation
+    pipelines store them. The divergence is taken over K + 1 buckets: the K listed categories and
+    ONE extra bucket holding everything else. The teacher's extra bucket has the mass it left out,
+    ``1 - sum_k exp(log_probs_k)`` (0 when that is 0 within rounding); the student's extra bucket
+    has its mass outside the K indices, ``1 - sum_k q(indices_k)`` (computed as a log-sum-exp over
+    the complement, no cancellation). With K = V there is no extra bucket. ``temperature`` then
+    divides the student's logits only: the stored teacher log-probs are used as given (store them
+    at the temperature you want).
+
+    Args:
+      hidden: (N, H) or (..., H) student hidden states; float32, float64, bfloat16 or float16.
+      weight: (V, H) output-layer weight (``torch.nn.Linear(H, V).weight``).
+      target: the teacher: a tensor (N, V) or (..., V) of logits or log-probabilities
+        (``target_space``), or a pair ``(indices, log_probs)`` of shape (N, K) (see above).
+      bias: optional (V,) output-layer bias.
+      target_space: ``"logits"`` or ``"log_probs"`` for a dense ``target``.
+      divergence: ``"forward"``, ``"reverse"`` or ``"js"``.
+      beta: the Jensen-Shannon mixture weight, strictly between 0 and 1 (``"js"`` only).
+      temperature: divides the student's and the (dense) teacher's logits before the softmax.
+      t2_scale: multiply the loss by ``temperature**2`` (the usual distillation factor).
+      reduction: ``"mean"`` (over the rows that count; 0 when none does) or ``"sum"``.
+      mask: optional boolean tensor of the rows shape: false rows are skipped (no matmul, no
+        divergence, zero gradient) and not counted by the mean.
+      labels: optional integer tensor of the rows shape; rows whose label equals
+        ``ignore_index`` are skipped like masked rows (label-aligned inputs).
+      chunk_size: rows per chunk; None picks it from N, V and H (:func:`auto_chunk_size`).
+      validate: check values (teacher nan/+inf/normalisation, finite hidden and weight, top-k
+        indices in range and distinct); None follows ``kldiv.set_validation``. The dense
+        teacher is checked chunk by chunk as it is read, masked rows are never read.
+
+    Returns:
+      A 0-d tensor in the compute dtype (float32, or float64 when an input is float64).
+
+    Example (the value is KL(p || q) written out by hand on the materialised logits):
+
+    >>> import torch
+    >>> from kldiv.torch import linear_kl_div
+    >>> g = torch.Generator().manual_seed(0)
+    >>> h = torch.randn(6, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    >>> W = torch.randn(5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    >>> t = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    >>> loss = linear_kl_div(h, W, t, chunk_size=4)
+    >>> p, logq = torch.softmax(t, -1), torch.log_softmax(h @ W.T, -1)
+    >>> by_hand = (p * (p.log() - logq)).sum(-1).mean()
+    >>> bool(torch.allclose(loss, by_hand))
+    True
+    >>> loss.backward(); by_hand.backward()   # h.grad and W.grad now hold the sum of both
+    >>> h.grad.shape, W.grad.shape
+    (torch.Size([6, 4]), torch.Size([5, 4]))
+    """
+    if not isinstance(hidden, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        raise TypeError("hidden and weight: expected torch tensors")
+    check_option("divergence", divergence, DIVERGENCES)
+    check_option("reduction", reduction, ("mean", "sum"))
+    check_option("target_space", target_space, TARGET_SPACES)
+    temperature = check_positive_finite("temperature", temperature)
+    beta = float(beta)
+    if divergence == "js" and not 0.0 < beta < 1.0:
+        raise ValueError(f"beta: must lie strictly between 0 and 1, got {beta!r}")
+    for name, x in (("hidden", hidden), ("weight", weight), ("bias", bias)):
+        if x is not None and not x.dtype.is_floating_point:
+            raise TypeError(f"{name}: expected a floating-point tensor, got dtype {x.dtype}")
+    if hidden.dim() < 1:
+        raise ValueError("hidden: expected shape (N, H) or (..., H), got a scalar")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"weight: expected shape (V, {hidden.shape[-1]}) to match hidden's last axis, got "
+            f"{tuple(weight.shape)}"
+        )
+    V, H = weight.shape
+    if bias is not None and tuple(bias.shape) != (V,):
+        raise ValueError(f"bias: expected shape ({V},), got {tuple(bias.shape)}")
+    rows_shape = tuple(hidden.shape[:-1])
+    n = math.prod(rows_shape)
+    plan = _Plan()
+    plan.n, plan.V, plan.kind, plan.beta = n, V, divergence, beta
+    plan.temperature, plan.reduction, plan.target_space = temperature, reduction, target_space
+    plan.scale_mean = temperature**2 if t2_scale else 1.0
+    plan.validate = validation_enabled(validate)
+
+    floats = [hidden.dtype, weight.dtype] + ([bias.dtype] if bias is not None else [])
+    if isinstance(target, (tuple, list)):
+        if len(target) != 2:
+            raise ValueError("target: a top-k target is a pair (indices, log_probs)")
+        ti, tl = target
+        if not isinstance(ti, torch.Tensor) or not isinstance(tl, torch.Tensor):
+            raise TypeError("target: top-k indices and log-probs must be torch tensors")
+        if ti.shape != tl.shape:
+            _check_topk(ti, tl, V, 0.0)  # raises the shape message
+        K = ti.shape[-1] if ti.dim() else 0
+        ti = _flat_rows(ti, rows_shape, n, "target (top-k indices)", K)
+        tl = _flat_rows(tl, rows_shape, n, "target (top-k log-probs)", K)
+        floats.append(tl.dtype)
+        plan.topk, plan.target = (ti, tl), None
+        topk_k = K
+    elif isinstance(target, torch.Tensor):
+        if not target.dtype.is_floating_point:
+            raise TypeError(f"target: expected a floating-point tensor, got dtype {target.dtype}")
+        plan.target = _flat_rows(target.detach(), rows_shape, n, "target", V)
+        plan.topk = None
+        floats.append(target.dtype)
+        topk_k = None
+    else:
+        raise TypeError(
+            f"target: expected a tensor of teacher logits/log-probs or a pair (indices, "
+            f"log_probs), got {type(target).__name__}"
+        )
+    cdt = torch.float64 if torch.float64 in floats else torch.float32
+    plan.cdt = cdt
+    plan.eps = torch.finfo(plan.target.dtype if plan.topk is None else plan.topk[1].dtype).eps
+
+    keep = None
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise TypeError("mask: expected a boolean tensor of the rows shape")
+        keep = _row_tensor(mask.to(hidden.device), rows_shape, n, "mask")
+    if labels is not None:
+        if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point:
+            raise TypeError("labels: expected an integer tensor of the rows shape")
+        lab = _row_tensor(labels.to(hidden.device), rows_shape, n, "labels") != ignore_index
+        keep = lab if keep is None else keep & lab
+    plan.keep_idx = None if keep is None else torch.nonzero(keep).flatten()
+
+    if plan.validate:
+        for name, x in (("hidden", hidden), ("weight", weight), ("bias", bias)):
+            if x is not None and not bool(torch.isfinite(x).all()):
+                raise ValueError(f"{name}: contains nan or inf")
+        if plan.topk is not None:
+            ti, tl = plan.topk
+            if plan.keep_idx is not None:
+                ti, tl = ti.index_select(0, plan.keep_idx), tl.index_select(0, plan.keep_idx)
+            _check_topk(ti, tl, V, plan.eps)
+    elif plan.topk is not None and plan.topk[0].dtype.is_floating_point:
+        raise TypeError(f"target: top-k indices must be an integer tensor, got dtype "
+                        f"{plan.topk[0].dtype}")
+
+    if chunk_size is None:
+        chunk_size = auto_chunk_size(n, V, H, divergence=divergence, dtype=cdt, topk=topk_k)
+    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size: expected a positive int or None, got {chunk_size!r}")
+    plan.chunk = int(chunk_size)
+    grad_on = torch.is_grad_enabled()
+    plan.need = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
+                 grad_on and bias is not None and bias.requires_grad)
+    if not any(plan.need):
+        with torch.no_grad():
+            return _run(hidden, weight, bias, plan)[0]
+    return _LinearDivergence.apply(hidden, weight, bias, plan)
