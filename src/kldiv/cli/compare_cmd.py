@@ -1,0 +1,78 @@
+"""``kldiv compare``: per-token KL between a reference model's logits and another's, from files."""
+from __future__ import annotations
+
+import os
+import sys
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "compare",
+        help="how far one model's next-token distributions drift from a reference's",
+        description=(
+            "Per-token KL(reference || other) between two logits files (.npy, .safetensors or "
+            "llama.cpp's --kl-divergence-base file, recognised by content), with llama.cpp's "
+            "statistics: mean KLD ± error, quantiles, same-top share, delta p. Streams in bounded "
+            "memory on all cores."
+        ),
+    )
+    p.add_argument("reference", nargs="?", help="reference logits file (the p side)")
+    p.add_argument("other", nargs="?", help="other model's logits file (the q side)")
+    p.add_argument("--example", action="store_true",
+                   help="run on the small example that ships with kldiv (256 tokens x 512 vocab)")
+    p.add_argument("--example-dir", metavar="DIR", default=None,
+                   help="where --example writes its files (default: a temporary directory)")
+    p.add_argument("--tokens", metavar="FILE",
+                   help="the actual next token of each row (.npy or whitespace-separated text); "
+                        "default: the token table of a llama.cpp file")
+    p.add_argument("--json", metavar="OUT", help="write the statistics as JSON (atomically)")
+    p.add_argument("--per-token", action="store_true", help="include per-token values in --json")
+    p.add_argument("--plot", metavar="OUT.png", help="write the per-token figure (PNG, atomically)")
+    p.add_argument("--reverse", action="store_true", help="also KL(other || reference)")
+    p.add_argument("--js", action="store_true", help="also the Jensen-Shannon divergence")
+    p.add_argument("--skip-nan", action="store_true",
+                   help="skip rows with NaN logits (counted in the report) instead of failing")
+    p.add_argument("--key", help="tensor name in a reference .safetensors with several tensors")
+    p.add_argument("--other-key", help="tensor name in the other .safetensors")
+    p.add_argument("--threads", type=int, default=None, help="kernel threads (default: all cores)")
+    p.add_argument("--no-progress", action="store_true", help="never show a progress bar")
+    p.add_argument("--quiet", action="store_true", help="do not print the table")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..compare import compare
+
+    tokens = args.tokens
+    if args.example:
+        if args.reference or args.other:
+            raise ValueError("--example takes no REFERENCE/OTHER files")
+        from ..data import example_files
+
+        ref, other, tok = example_files(args.example_dir)
+        tokens = tokens or tok
+        if not args.quiet:
+            print(f"example files: {os.path.dirname(ref)}")
+    else:
+        if not (args.reference and args.other):
+            raise ValueError("need REFERENCE and OTHER files (or --example)")
+        ref, other = args.reference, args.other
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    report = compare(ref, other, tokens=tokens, reverse=args.reverse, js=args.js,
+                     skip_nan=args.skip_nan, key=args.key, other_key=args.other_key,
+                     threads=args.threads, progress=False if args.no_progress else None)
+    if not args.quiet:
+        print(report.table())
+    if args.json:
+        report.to_json(args.json, per_token=args.per_token)
+        if not args.quiet:
+            print(f"\nstatistics: {args.json}")
+    if args.plot:
+        from ..plots import plot_compare
+
+        plot_compare(report, args.plot)
+        if not args.quiet:
+            print(f"figure: {args.plot}")
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,163 @@
+"""The result of :func:`kldiv.compare.compare`: per-token vectors, summary, table, JSON."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .._atomic import write_text_atomic
+from . import stats as S
+
+
+@dataclass
+class Report:
+    """Per-token divergences between a reference and another model, and their statistics.
+
+    Per-token arrays (one entry per compared token, skipped rows excluded; ``rows`` gives the
+    row index in the input of each entry): ``kl`` = KL(reference || other) in nats,
+    ``reverse_kl`` = KL(other || reference) and ``js`` (Jensen-Shannon, natural log) when
+    requested, ``same_top`` (bool), ``p_top_ref`` (the reference's top-1 probability),
+    ``delta_p`` = p_other(token) - p_ref(token) and ``nll_ref``/``nll_other`` when tokens are
+    known. ``summary()`` gives llama.cpp's statistics as a dict, ``table()`` as text,
+    ``to_json(path)`` writes them (atomically).
+    """
+
+    reference: str
+    other: str
+    n_vocab: int
+    n_rows: int
+    kl: np.ndarray
+    rows: np.ndarray
+    same_top: np.ndarray
+    p_top_ref: np.ndarray
+    reverse_kl: np.ndarray | None = None
+    js: np.ndarray | None = None
+    delta_p: np.ndarray | None = None
+    nll_ref: np.ndarray | None = None
+    nll_other: np.ndarray | None = None
+    skipped_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    formats: tuple = ("", "")
+    kernel: str = ""
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.kl.size)
+
+    @property
+    def n_skipped(self) -> int:
+        return int(self.skipped_rows.size)
+
+    def summary(self) -> dict:
+        """All statistics as a JSON-ready dict (nan becomes None in JSON)."""
+        out = {
+            "reference": self.reference, "other": self.other,
+            "formats": list(self.formats), "n_vocab": self.n_vocab,
+            "n_rows": self.n_rows, "n_tokens": self.n_tokens, "n_skipped_nan": self.n_skipped,
+            "kernel": self.kernel,
+            "kl": S.distribution_summary(self.kl),
+        }
+        if self.reverse_kl is not None:
+            out["reverse_kl"] = S.distribution_summary(self.reverse_kl)
+        if self.js is not None:
+            out["js"] = S.distribution_summary(self.js)
+        s, e = S.share_and_error(self.same_top)
+        out["same_top"] = {"share": s, "share_err": e}
+        if self.delta_p is not None:
+            dp = S.distribution_summary(self.delta_p, S.DP_QUANTILES)
+            dp["rms"], dp["rms_err"] = S.rms_and_error(self.delta_p)
+            out["delta_p"] = dp
+            out["perplexity"] = S.log_ppl_summary(self.nll_other, self.nll_ref)
+        return out
+
+    def table(self) -> str:
+        """The statistics as a terminal table in llama.cpp's layout."""
+        s = self.summary()
+        lines = [f"reference: {self.reference}  ({self.formats[0]})",
+                 f"other:     {self.other}  ({self.formats[1]})",
+                 f"tokens:    {self.n_tokens} compared"
+                 + (f", {self.n_skipped} NaN rows skipped" if self.n_skipped else "")
+                 + f", vocabulary {self.n_vocab}", ""]
+        if "perplexity" in s:
+            p = s["perplexity"]
+            lines += ["====== Perplexity statistics ======",
+                      f"Mean PPL(other)               : {_f(p['ppl_other'])} ± {_f(p['ppl_other_err'])}",
+                      f"Mean PPL(ref)                 : {_f(p['ppl_ref'])} ± {_f(p['ppl_ref_err'])}",
+                      f"Mean ln(PPL(other)/PPL(ref))  : {_f(p['ln_ppl_ratio'])} ± {_f(p['ln_ppl_ratio_err'])}",
+                      ""]
+        for key, title in (("kl", "KL divergence"), ("reverse_kl", "Reverse KL divergence"),
+                           ("js", "Jensen-Shannon divergence")):
+            if key not in s:
+                continue
+            d, tag = s[key], {"kl": "KLD", "reverse_kl": "RKL", "js": "JSD"}[key]
+            lines.append(f"====== {title} statistics ======")
+            lines.append(f"Mean    {tag}: {_f(d['mean'])} ± {_f(d['mean_err'])}")
+            lines.append(f"Maximum {tag}: {_f(d['max'])}")
+            for q, v in d["quantiles"].items():
+                label = "Median " if q == "50.0%" else f"{q:>6} "
+                lines.append(f"{label} {tag}: {_f(v)}")
+            lines.append(f"Minimum {tag}: {_f(d['min'])}")
+            lines.append("")
+        lines.append("====== Token probability statistics ======")
+        if "delta_p" in s:
+            d = s["delta_p"]
+            lines.append(f"Mean    Δp: {_pct(d['mean'])} ± {_pct(d['mean_err'])}")
+            lines.append(f"Maximum Δp: {_pct(d['max'])}")
+            for q, v in d["quantiles"].items():
+                label = "Median " if q == "50.0%" else f"{q:>6} "
+                lines.append(f"{label} Δp: {_pct(v)}")
+            lines.append(f"Minimum Δp: {_pct(d['min'])}")
+            lines.append(f"RMS Δp    : {_pct(d['rms'])} ± {_pct(d['rms_err'])}")
+        st = s["same_top"]
+        lines.append(f"Same top p: {_pct(st['share'])} ± {_pct(st['share_err'])}")
+        return "\n".join(lines)
+
+    def to_json(self, path, *, per_token: bool = False) -> None:
+        """Write ``summary()`` (and with ``per_token`` the per-token vectors) to ``path`` atomically."""
+        data = self.summary()
+        if per_token:
+            data["per_token"] = {k: v.tolist() for k, v in self._vectors().items()}
+        write_text_atomic(path, json.dumps(_jsonable(data), indent=2, allow_nan=False) + "\n")
+
+    def _vectors(self) -> dict:
+        out = {"row": self.rows, "kl": self.kl, "same_top": self.same_top, "p_top_ref": self.p_top_ref}
+        for k in ("reverse_kl", "js", "delta_p"):
+            if getattr(self, k) is not None:
+                out[k] = getattr(self, k)
+        return out
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def __repr__(self) -> str:
+        m, e = S.mean_and_error(self.kl)
+        return (f"<Report {self.n_tokens} tokens, mean KL {m:.6g} ± {e:.2g} nats, "
+                f"{self.reference!r} vs {self.other!r}>")
+
+
+def _f(x) -> str:
+    return "       nan" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:10.6f}"
+
+
+def _pct(x) -> str:
+    return "   nan %" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:7.3f} %"
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (float, np.floating)):
+        x = float(x)
+        if math.isnan(x):
+            return None
+        if math.isinf(x):
+            return "inf" if x > 0 else "-inf"
+        return x
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, np.bool_):
+        return bool(x)
+    return x
