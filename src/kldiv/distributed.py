@@ -1,0 +1,876 @@
+"""KL on torch.distributed: vocabulary-parallel divergences and data-parallel token means.
+
+Vocabulary (tensor) parallelism, as in Megatron-LM: every rank of a process group holds the same
+rows (tokens) but only its slice of the categories, for both distributions (and, for
+``vocab_parallel_linear_kl_div``, its slice of the output weight). The functions here return,
+on every rank of the group, exactly what ``kldiv.kl_div`` (and its family) returns for the full,
+gathered tensors, in value and in gradient, without gathering anything wider than a few numbers
+per row.
+
+Communication per row, forward pass (``W`` ranks, ``b`` bytes per element of the compute dtype):
+
+====================  ==========================================  =========================
+divergence            collectives                                 payload elements per row
+====================  ==========================================  =========================
+forward, reverse KL   1 MAX + 2 SUM all-reduces                   8 + 7 + 1 = 16
+JS, Jeffreys          1 MAX + 3 SUM all-reduces                   8 + 7 + 1 + 2 = 18
+====================  ==========================================  =========================
+
+The MAX carries the row maxima of both sides over their supports and over the common support
+(the global log-normalisers are then ``max + log(SUM of exp(x - max))``) and a few 0/1 flags
+(support escapes, invalid values); the first SUM carries the exp-sums, the p-weighted sum of the
+logit difference and the masses outside the common support; the second SUM carries the sum of
+``w * phi(centred difference)`` (it needs the global mean of the first); JS and Jeffreys add
+one SUM of their own terms. The backward pass needs no collective at all: every gradient
+(``q - p`` for forward KL w.r.t. the student, ``-p * (centred difference)`` w.r.t. the
+teacher, and their analogues) is local once the row statistics are known.
+``vocab_parallel_linear_kl_div`` adds one SUM all-reduce of ``grad_hidden`` (``rows x hidden``
+elements), which the math requires since every rank's weight slice contributes to it.
+
+The algorithm is the core's accurate one (``kldiv._core.divergence``): the logit difference is
+centred by its global p-weighted mean before ``phi(x) = exp(x) - 1 - x`` is summed, so no large
+normalisers are subtracted and float32 keeps its relative accuracy for nearly equal rows.
+
+Data parallelism needs no new divergence, only the right denominator: a per-token mean over all
+ranks and gradient-accumulation steps is ``sum of per-token KL / global count of tokens``.
+``global_token_count`` all-reduces that count, ``data_parallel_mean`` applies it (and undoes
+DDP's division of gradients by the world size).
+
+Without an initialised process group (or with a group of one rank) everything runs locally, so
+the same code runs on one device. torch is imported only when these functions are called.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+from ._core.validation import (REDUCTIONS, check_option, check_positive_finite,
+                               normalization_tolerance, validation_enabled)
+from ._core.divergence import _log_mix, _w_phi
+from ._core.reduction import broadcast_rows, reduce_rows
+
+__all__ = [
+    "vocab_parallel_kl_div",
+    "vocab_parallel_reverse_kl",
+    "vocab_parallel_js_div",
+    "vocab_parallel_jeffreys_div",
+    "vocab_parallel_linear_kl_div",
+    "global_token_count",
+    "data_parallel_mean",
+    "count_collectives",
+]
+
+_KINDS = ("forward", "reverse", "js", "jeffreys")
+_LOG_SPACES = ("logits", "log_probs")
+
+# ----------------------------------------------------------------------------------------------
+# collectives
+
+
+_COUNTERS: list[dict] = []
+
+
+@contextlib.contextmanager
+def count_collectives():
+    """Count the collectives issued by this module inside the ``with`` block.
+
+    Yields a dict with ``"calls"`` (number of all-reduces) and ``"bytes"`` (their payload in
+    bytes, summed; a ring all-reduce moves about ``2 (W - 1) / W`` times that per rank). Local
+    runs (one rank) issue no collective and count nothing.
+
+    >>> import torch, kldiv.distributed as kd
+    >>> with kd.count_collectives() as c:
+    ...     _ = kd.vocab_parallel_kl_div(torch.zeros(2, 3), torch.zeros(2, 3))
+    >>> c["calls"], c["bytes"]
+    (0, 0)
+    """
+    counter = {"calls": 0, "bytes": 0}
+    _COUNTERS.append(counter)
+    try:
+        yield counter
+    finally:
+        _COUNTERS.remove(counter)
+
+
+def _world(group):
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(group)
+
+
+def _all_reduce(t, op, group):
+    """In-place all-reduce of a contiguous tensor over ``group`` (no-op on one rank)."""
+    if _world(group) == 1:
+        return t
+    import torch.distributed as dist
+
+    t = t.contiguous()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=group)
+    for c in _COUNTERS:
+        c["calls"] += 1
+        c["bytes"] += t.numel() * t.element_size()
+    return t
+
+
+# ----------------------------------------------------------------------------------------------
+# the row statistics of one pair (a = the reference of the KL, b = the other side)
+
+
+def _xp():
+    from array_api_compat import torch as xp_torch
+
+    return xp_torch
+
+
+def _masked_max(x, sel):
+    import torch
+
+    if x.shape[-1] == 0:
+        return torch.full(x.shape[:-1], -math.inf, dtype=x.dtype, device=x.device)
+    return torch.where(sel, x, -math.inf).amax(dim=-1)
+
+
+def _safe_exp_sum(x, sel, m, extra=None):
+    """sum over ``sel`` of exp(x - m) (times ``extra``), 0 for empty selections."""
+    import torch
+
+    ms = torch.where(torch.isfinite(m), m, 0.0)[:, None]
+    e = torch.exp(torch.where(sel, x - ms, -math.inf))
+    if extra is not None:
+        e = e * torch.where(sel, extra, 0.0)
+    return e.sum(dim=-1)
+
+
+def _pair_stats(a, b, group, check, names):
+    """Global row statistics of the pair (a, b), both (N, V_local) in log space.
+
+    Returns a dict of (N,) tensors: ``lse_a``, ``lse_b`` (global log-normalisers), ``mu`` (the
+    a-weighted mean of ``b - a`` on the common support T), ``a_out``, ``b_out`` (masses outside
+    T), ``a_esc``, ``b_esc`` (bool: a side has mass where the other has none), ``L`` and
+    ``kl`` = KL(a || b), ``mean_d`` (E_{a|T}[log b/a]).
+    """
+    import torch
+
+    sa = a > -math.inf
+    sb = b > -math.inf
+    t = sa & sb
+    f = a.dtype
+    bad_a = torch.zeros(a.shape[0], dtype=f, device=a.device)
+    bad_b = torch.zeros_like(bad_a)
+    if check:
+        bad_a = (torch.isnan(a) | (a == math.inf)).any(dim=-1).to(f)
+        bad_b = (torch.isnan(b) | (b == math.inf)).any(dim=-1).to(f)
+    mx = torch.stack([
+        _masked_max(a, sa), _masked_max(b, sb), _masked_max(a, t), _masked_max(b, t),
+        (sa & ~sb).any(dim=-1).to(f), (sb & ~sa).any(dim=-1).to(f), bad_a, bad_b,
+    ], dim=1)
+    mx = _all_reduce(mx, "max", group)
+    Ma, Mb, MaT, MbT = mx[:, 0], mx[:, 1], mx[:, 2], mx[:, 3]
+    if check:
+        for k, name in ((6, names[0]), (7, names[1])):
+            if bool((mx[:, k] > 0).any()):
+                raise ValueError(f"{name}: contains nan or +inf in some shard of the group")
+        for col, name in ((Ma, names[0]), (Mb, names[1])):
+            empty = col == -math.inf
+            if bool(empty.any()):
+                row = int(torch.nonzero(empty)[0, 0])
+                raise ValueError(
+                    f"{name}: row {row} is -inf on every shard: that is no distribution"
+                )
+    delta = torch.where(t, b - a, 0.0)
+    sm = torch.stack([
+        _safe_exp_sum(a, sa, Ma), _safe_exp_sum(b, sb, Mb),
+        _safe_exp_sum(a, t, MaT), _safe_exp_sum(b, t, MbT),
+        _safe_exp_sum(a, t, MaT, delta),
+        _safe_exp_sum(a, sa & ~t, Ma), _safe_exp_sum(b, sb & ~t, Mb),
+    ], dim=1)
+    sm = _all_reduce(sm, "sum", group)
+    s_a, s_b, s_aT, s_bT, S_ad, s_aout, s_bout = sm.unbind(dim=1)
+    lse_a = Ma + torch.log(s_a)
+    lse_b = Mb + torch.log(s_b)
+    empty_t = s_aT <= 0
+    s_aT1 = torch.where(empty_t, 1.0, s_aT)
+    s_bT1 = torch.where(s_bT <= 0, 1.0, s_bT)
+    MaT0 = torch.where(empty_t, 0.0, MaT)
+    MbT0 = torch.where(s_bT <= 0, 0.0, MbT)
+    mu = S_ad / s_aT1
+    a_out = s_aout / s_a
+    b_out = s_bout / s_b
+    # the core's _log_of_mass: log1p of the outside mass when small, else a log-sum-exp over T
+    log_aT = torch.where(a_out < 0.5, torch.log1p(-torch.clamp(a_out, max=0.5)),
+                         MaT0 + torch.log(s_aT1) - lse_a)
+    log_bT = torch.where(b_out < 0.5, torch.log1p(-torch.clamp(b_out, max=0.5)),
+                         MbT0 + torch.log(s_bT1) - lse_b)
+    # a restricted to T and renormalised, and the centred difference
+    xa = torch.where(t, a - MaT0[:, None], 0.0)
+    wn = torch.where(t, torch.exp(xa), 0.0) / s_aT1[:, None]
+    lwn = torch.where(t, xa - torch.log(s_aT1)[:, None], 0.0)
+    dc = torch.where(t, delta - mu[:, None], 0.0)
+    del xa, delta
+    xp = _xp()
+    phi = torch.where(t, _w_phi(xp, wn, lwn, dc), 0.0).sum(dim=-1, keepdim=True)
+    phi = _all_reduce(phi, "sum", group)[:, 0]
+    L = torch.log1p(phi)
+    a_esc = mx[:, 4] > 0
+    b_esc = mx[:, 5] > 0
+    kl = torch.where(a_esc, math.inf, L - torch.where(a_esc, 0.0, log_bT))
+    mean_d = log_bT - log_aT - L
+    rows = dict(lse_a=lse_a, lse_b=lse_b, mu=mu, a_out=a_out, b_out=b_out, a_esc=a_esc,
+                b_esc=b_esc, L=L, kl=kl, mean_d=mean_d)
+    return rows, dict(t=t, sa=sa, sb=sb, dc=dc)
+
+
+def _elementwise(a, b, st):
+    """Supports and centred difference of the pair (a, b) from its row statistics (local)."""
+    import torch
+
+    sa = a > -math.inf
+    sb = b > -math.inf
+    t = sa & sb
+    dc = torch.where(t, b - a - st["mu"][:, None], 0.0)
+    return dict(t=t, sa=sa, sb=sb, dc=dc)
+
+
+def _probs(x, sel, lse):
+    import torch
+
+    return torch.exp(torch.where(sel, x - lse[:, None], -math.inf))
+
+
+def _js_local(x, y, st, el, beta):
+    """Elementwise JS pieces on T: log(m/p), log(m/q), log-probs and probs of both sides."""
+    import torch
+
+    xp = _xp()
+    t = el["t"]
+    d = torch.where(t, el["dc"] + st["mean_d"][:, None], 0.0)  # log(q/p), accurate
+    lm_p = _log_mix(xp, 1.0 - beta, d)  # log(m / p) on T
+    lm_q = _log_mix(xp, beta, -d)  # log(m / q) on T
+    lwp = torch.where(t, x - st["lse_a"][:, None], 0.0)
+    lwq = torch.where(t, y - st["lse_b"][:, None], 0.0)
+    pw = _probs(x, el["sa"], st["lse_a"])
+    qw = _probs(y, el["sb"], st["lse_b"])
+    return d, lm_p, lm_q, lwp, lwq, pw, qw
+
+
+def _rows_and_stats(kind, x, y, beta, group, check, names=("p_shard", "q_shard")):
+    """Per-row divergence of ``kind`` between x (p) and y (q), and the row statistics.
+
+    Only (N,)-shaped statistics are returned (the backward recomputes the elementwise ones).
+    """
+    import torch
+
+    if kind == "reverse":
+        st, _ = _pair_stats(y, x, group, check, names[::-1])
+        return st["kl"], st
+    st, el = _pair_stats(x, y, group, check, names)
+    if kind == "forward":
+        return st["kl"], st
+    t = el["t"]
+    d, lm_p, lm_q, lwp, lwq, pw, qw = _js_local(x, y, st, el, beta)
+    if kind == "jeffreys":
+        small = d.abs() < 0.5
+        ds = torch.where(small, d, 0.0)
+        dl = torch.where(small, 0.0, d)
+        term = torch.where(small, pw * ds * torch.expm1(ds),
+                           dl * (torch.exp(torch.where(small, 0.0, lwp) + dl) - pw))
+        sums = torch.stack([torch.where(t, term, 0.0).sum(-1),
+                            torch.where(t, qw * el["dc"], 0.0).sum(-1)], dim=1)
+        sums = _all_reduce(sums, "sum", group)
+        st["Eq_dc"] = sums[:, 1]
+        rows = torch.where(st["a_esc"] | st["b_esc"], math.inf, sums[:, 0])
+        return rows, st
+    tp = torch.where(t, _w_phi(_xp(), pw, lwp, lm_p), 0.0)
+    tq = torch.where(t, _w_phi(_xp(), qw, lwq, lm_q), 0.0)
+    sums = torch.stack([tp.sum(-1), tq.sum(-1), torch.where(t, pw * lm_p, 0.0).sum(-1),
+                        torch.where(t, qw * lm_q, 0.0).sum(-1)], dim=1)
+    sums = _all_reduce(sums, "sum", group)
+    st["KLpm"] = -sums[:, 2] - math.log(beta) * st["a_out"]  # KL(p || m)
+    st["KLqm"] = -sums[:, 3] - math.log1p(-beta) * st["b_out"]  # KL(q || m)
+    rows = (beta * sums[:, 0] + (1 - beta) * sums[:, 1]
+            - beta * math.log(beta) * st["a_out"] - (1 - beta) * math.log1p(-beta) * st["b_out"])
+    return rows, st
+
+
+def _local_grads(kind, x, y, rows, st, beta):
+    """d rows / d x and d rows / d y, per row (no collective); 0 on rows whose value is inf.
+
+    forward: d/dy = q - p, d/dx = -p * dc (dc: log(q/p) centred by its p-mean);
+    reverse: the same with the roles of p and q swapped;
+    Jeffreys: d/dx = p - q - p * dc, d/dy = q - p + q * (dc - E_q[dc]);
+    JS: d/dx = beta p (log(p/m) - KL(p||m)), d/dy = (1-beta) q (log(q/m) - KL(q||m)).
+    """
+    import torch
+
+    fin = torch.isfinite(rows)[:, None]
+    if kind in ("forward", "reverse"):
+        a, b = (x, y) if kind == "forward" else (y, x)
+        el = _elementwise(a, b, st)
+        pa = _probs(a, el["sa"], st["lse_a"])
+        pb = _probs(b, el["sb"], st["lse_b"])
+        ga = torch.where(el["t"], -pa * el["dc"], 0.0)
+        gb = pb - pa
+        gx, gy = (ga, gb) if kind == "forward" else (gb, ga)
+    elif kind == "jeffreys":
+        el = _elementwise(x, y, st)
+        t, dc = el["t"], el["dc"]
+        pw = _probs(x, el["sa"], st["lse_a"])
+        qw = _probs(y, el["sb"], st["lse_b"])
+        gx = torch.where(t, -pw * dc, 0.0) + pw - qw
+        gy = qw - pw + torch.where(t, qw * (dc - st["Eq_dc"][:, None]), 0.0)
+    else:
+        el = _elementwise(x, y, st)
+        t = el["t"]
+        _, lm_p, lm_q, _, _, pw, qw = _js_local(x, y, st, el, beta)
+        lpm = torch.where(t, -lm_p, -math.log(beta))  # log(p / m) where p > 0
+        lqm = torch.where(t, -lm_q, -math.log1p(-beta))  # log(q / m) where q > 0
+        gx = beta * pw * (lpm - st["KLpm"][:, None])
+        gy = (1 - beta) * qw * (lqm - st["KLqm"][:, None])
+    gx = torch.where(fin, gx, 0.0)
+    gy = torch.where(fin, gy, 0.0)
+    return gx, gy
+
+
+def _function_class():
+    import torch
+
+    class _VocabParallelRows(torch.autograd.Function):
+        """Per-row divergence of sharded log-space rows; the backward is local (no collective)."""
+
+        @staticmethod
+        def forward(ctx, x, y, kind, beta, group, check):
+            with torch.no_grad():
+                rows, st = _rows_and_stats(kind, x, y, beta, group, check)
+            ctx.kind, ctx.beta, ctx.st = kind, beta, st  # (N,) row statistics only
+            ctx.save_for_backward(x, y, rows)
+            return rows
+
+        @staticmethod
+        @torch.autograd.function.once_differentiable
+        def backward(ctx, g):
+            x, y, rows = ctx.saved_tensors
+            gx, gy = _local_grads(ctx.kind, x, y, rows, ctx.st, ctx.beta)
+            g = g[:, None]
+            gx = gx * g if ctx.needs_input_grad[0] else None
+            gy = gy * g if ctx.needs_input_grad[1] else None
+            return gx, gy, None, None, None, None
+
+    return _VocabParallelRows
+
+
+_FN = None
+
+
+def _rows_fn():
+    global _FN
+    if _FN is None:
+        _FN = _function_class()
+    return _FN
+
+
+# ----------------------------------------------------------------------------------------------
+# input handling
+
+
+def _check_tensor(name, x):
+    import torch
+
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"{name}: expected a floating-point tensor, got dtype {x.dtype}")
+    if x.ndim == 0:
+        raise ValueError(f"{name}: expected at least one dimension (the categories), got a scalar")
+
+
+def _compute_dtype(*ts):
+    import torch
+
+    dt = torch.promote_types(ts[0].dtype, ts[1].dtype)
+    if torch.finfo(dt).bits < 32:
+        dt = torch.float32
+    return dt
+
+
+def _prepare_shards(p, q, p_space, q_space, mask, weight, names=("p_shard", "q_shard")):
+    """Checks, compute dtype, masked rows made safe; returns (N, V_r) views and row arrays."""
+    import torch
+
+    check_option("p_space", p_space, _LOG_SPACES)
+    check_option("q_space", q_space, _LOG_SPACES)
+    _check_tensor(names[0], p)
+    _check_tensor(names[1], q)
+    if p.shape != q.shape:
+        raise ValueError(
+            f"{names[0]} and {names[1]}: shapes {tuple(p.shape)} and {tuple(q.shape)} differ; "
+            "both shards must hold the same rows and the same slice of the categories (last axis)"
+        )
+    dt = _compute_dtype(p, q)
+    rows_shape = tuple(p.shape[:-1])
+    x = p.to(dt)
+    y = q.to(dt)
+    if mask is not None:
+        mask = _check_mask(mask, rows_shape, x.device)
+        # masked rows may hold anything: both sides become the same (uniform) row, KL = 0
+        x = torch.where(mask[..., None], x, 0.0)
+        y = torch.where(mask[..., None], y, 0.0)
+    if weight is not None:
+        weight = broadcast_rows(torch, torch.as_tensor(weight, dtype=dt, device=x.device),
+                                rows_shape, "weight")
+    n = 1
+    for s in rows_shape:
+        n *= s
+    return x.reshape(n, p.shape[-1]), y.reshape(n, q.shape[-1]), rows_shape, mask, weight
+
+
+def _check_mask(mask, rows_shape, device):
+    import torch
+
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise TypeError(f"mask: expected a boolean tensor, got {getattr(mask, 'dtype', type(mask))}")
+    return broadcast_rows(torch, mask.to(device), rows_shape, "mask")
+
+
+def _check_weight_values(weight):
+    if weight is not None and bool((~weight.isfinite() | (weight < 0)).any()):
+        raise ValueError("weight: must be finite and >= 0")
+
+
+def _check_log_probs(raw, name, group, keep=None):
+    """Rows of log-probabilities must have a global logsumexp of 0 (the core's tolerance).
+
+    ``raw``: (N, V_r) before the temperature; ``keep``: (N,) rows to check (masked rows are
+    exempt). Costs a MAX and a SUM all-reduce; runs only with validation on.
+    """
+    import torch
+
+    with torch.no_grad():
+        m = _all_reduce(_masked_max(raw, raw > -math.inf)[:, None], "max", group)[:, 0]
+        s = torch.cat([_safe_exp_sum(raw, raw > -math.inf, m)[:, None],
+                       torch.full((raw.shape[0], 1), float(raw.shape[-1]), dtype=raw.dtype,
+                                  device=raw.device)], dim=1)
+        s = _all_reduce(s, "sum", group)
+        width = int(s[0, 1]) if raw.shape[0] else raw.shape[-1]
+        tol = normalization_tolerance(torch.finfo(raw.dtype).eps, width)
+        lse = m + torch.log(s[:, 0])
+        off = (lse.abs() > tol) | (m > tol)
+        if keep is not None:
+            off = off & keep
+        if bool(off.any()):
+            row = int(torch.nonzero(off)[0, 0])
+            raise ValueError(
+                f"{name}: log-probabilities must be <= 0 with logsumexp 0 within {tol:.1e} over "
+                f"the full vocabulary (all shards); row {row} has logsumexp "
+                f"{float(lse[row]):.6g} (pass the logits with space 'logits' instead)"
+            )
+
+
+def _vocab_parallel(kind, p_shard, q_shard, *, p_space, q_space, reduction, mask, weight,
+                    temperature, t2_scale, group, beta, validate):
+    check_option("reduction", reduction, REDUCTIONS)
+    check_option("kind", kind, _KINDS)
+    temperature = check_positive_finite("temperature", temperature)
+    if kind == "js" and not 0.0 < float(beta) < 1.0:
+        raise ValueError(f"beta: must lie strictly between 0 and 1, got {beta!r}")
+    x, y, rows_shape, mask, weight = _prepare_shards(p_shard, q_shard, p_space, q_space, mask,
+                                                     weight)
+    check = validation_enabled(validate)
+    if check:
+        _check_weight_values(weight)
+        keep = None if mask is None else mask.reshape(-1)
+        for raw, space, name in ((x, p_space, "p_shard"), (y, q_space, "q_shard")):
+            if space == "log_probs":
+                _check_log_probs(raw.detach(), name, group, keep)
+    if temperature != 1.0:
+        x = x / temperature
+        y = y / temperature
+    rows = _rows_fn().apply(x, y, kind, float(beta), group, check)
+    rows = rows.reshape(rows_shape)
+    out = reduce_rows(_xp(), rows, reduction, mask, weight)
+    if t2_scale:
+        out = out * temperature**2
+    return out
+
+
+_SHARD_DOC = """
+    Args:
+      p_shard: this rank's slice of the reference (teacher) along the last axis, shape
+        ``(..., V_r)``; rows (the leading axes) are the same on every rank of ``group``.
+      q_shard: the same slice of the model (student), same shape. Slice widths ``V_r`` may
+        differ between ranks (uneven splits, even 0); the full vocabulary is their union.
+      p_space, q_space: ``"logits"`` or ``"log_probs"`` (log-probabilities of the full
+        vocabulary; renormalised like logits). Probabilities are not accepted: a
+        vocabulary-parallel layer produces logits.
+      reduction: ``"none"`` (one value per row, shape ``p_shard.shape[:-1]``), ``"sum"`` or
+        ``"mean"`` (over rows where ``mask`` is true, weighted by ``weight``), as ``kldiv.kl_div``.
+      mask, weight: per-row boolean mask and non-negative weights (same on every rank); masked
+        rows may hold anything and contribute 0.
+      temperature: divides both sides; ``t2_scale`` multiplies the result by ``temperature**2``.
+      group: the vocabulary-parallel process group (default: the world). Without an
+        initialised process group the call runs locally.
+      validate: value checks (nan/+inf in any shard, rows -inf on every shard, log-probability
+        normalisation); None follows ``kldiv.set_validation``. The checks are decided from
+        all-reduced flags, so every rank raises the same ValueError (no rank is left waiting).
+
+    Returns:
+      The same value on every rank of the group, equal to the single-process function on the
+      gathered tensors; gradients flow to both shards, with no collective in the backward.
+"""
+
+
+def vocab_parallel_kl_div(p_shard, q_shard, *, p_space="logits", q_space="logits",
+                          reduction="mean", mask=None, weight=None, temperature=1.0,
+                          t2_scale=False, group=None, kind="forward", beta=0.5, validate=None):
+    return _vocab_parallel(kind, p_shard, q_shard, p_space=p_space, q_space=q_space,
+                           reduction=reduction, mask=mask, weight=weight,
+                           temperature=temperature, t2_scale=t2_scale, group=group, beta=beta,
+                           validate=validate)
+
+
+vocab_parallel_kl_div.__doc__ = r"""KL(p || q) of vocabulary-sharded logits: ``kldiv.kl_div`` on the gathered rows.
+
+    .. math:: \mathrm{KL}(p \,\|\, q) = \sum_{r} \sum_{i \in \mathrm{shard}_r} p_i \log \frac{p_i}{q_i},
+              \quad p = \mathrm{softmax}(x / T) \text{ over all shards}
+
+    Edges as ``kldiv.kl_div``: categories with p_i = 0 (logit -inf) contribute 0, also when a
+    whole shard holds no support of p; p_i > 0 = q_i gives +inf (gradient 0 on that row). The
+    gradient w.r.t. the student logits is ``(q - p) / T``, w.r.t. the teacher logits
+    ``-p * (log(q/p) - E_p[log(q/p)]) / T``, both computed locally.
+
+    ``kind`` selects the family member with the same arguments: ``"forward"`` (this function's
+    default), ``"reverse"`` (KL(q || p)), ``"js"`` (with ``beta``), ``"jeffreys"``; the functions
+    ``vocab_parallel_reverse_kl``, ``vocab_parallel_js_div`` and ``vocab_parallel_jeffreys_div``
+    are the same call with ``kind`` fixed.
+""" + _SHARD_DOC + """
+    One process (no process group): the shard is the whole vocabulary.
+
+    >>> import math, torch, kldiv.distributed as kd
+    >>> p = torch.tensor([[0.0, math.log(3.0)]])      # softmax: (1/4, 3/4)
+    >>> q = torch.tensor([[0.0, 0.0]])                 # (1/2, 1/2)
+    >>> by_hand = 0.25 * math.log(0.5) + 0.75 * math.log(1.5)
+    >>> abs(float(kd.vocab_parallel_kl_div(p, q)) - by_hand) < 1e-7
+    True
+
+    Launched with ``torchrun --nproc-per-node 2``, rank r passes ``p[..., lo_r:hi_r]`` and
+    ``q[..., lo_r:hi_r]`` and gets the same number on both ranks (see docs/distributed.md).
+"""
+
+
+def vocab_parallel_reverse_kl(p_shard, q_shard, *, p_space="logits", q_space="logits",
+                              reduction="mean", mask=None, weight=None, temperature=1.0,
+                              t2_scale=False, group=None, validate=None):
+    """Reverse KL, KL(q || p), of vocabulary-sharded rows: ``kldiv.reverse_kl`` on the gathered rows.
+
+    Same arguments and conventions as ``vocab_parallel_kl_div`` (p the teacher first, q the
+    student second); +inf where q has mass on a category where p has none.
+
+    >>> import math, torch, kldiv.distributed as kd
+    >>> p = torch.tensor([[0.0, math.log(3.0)]]); q = torch.tensor([[0.0, 0.0]])
+    >>> by_hand = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    >>> abs(float(kd.vocab_parallel_reverse_kl(p, q)) - by_hand) < 1e-7
+    True
+    """
+    return _vocab_parallel("reverse", p_shard, q_shard, p_space=p_space, q_space=q_space,
+                           reduction=reduction, mask=mask, weight=weight,
+                           temperature=temperature, t2_scale=t2_scale, group=group, beta=0.5,
+                           validate=validate)
+
+
+def vocab_parallel_js_div(p_shard, q_shard, *, beta=0.5, p_space="logits", q_space="logits",
+                          reduction="mean", mask=None, weight=None, temperature=1.0,
+                          t2_scale=False, group=None, validate=None):
+    """Jensen-Shannon divergence of sharded rows: ``kldiv.js_div`` on the gathered rows.
+
+    ``beta * KL(p || m) + (1 - beta) * KL(q || m)`` with ``m = beta p + (1 - beta) q``; always
+    finite. Costs one SUM all-reduce (2 elements per row) more than ``vocab_parallel_kl_div``.
+
+    >>> import math, torch, kldiv.distributed as kd
+    >>> inf = math.inf
+    >>> p = torch.tensor([[0.0, -inf]]); q = torch.tensor([[-inf, 0.0]])   # disjoint supports
+    >>> abs(float(kd.vocab_parallel_js_div(p, q)) - math.log(2)) < 1e-7
+    True
+    """
+    return _vocab_parallel("js", p_shard, q_shard, p_space=p_space, q_space=q_space,
+                           reduction=reduction, mask=mask, weight=weight,
+                           temperature=temperature, t2_scale=t2_scale, group=group, beta=beta,
+                           validate=validate)
+
+
+def vocab_parallel_jeffreys_div(p_shard, q_shard, *, p_space="logits", q_space="logits",
+                                reduction="mean", mask=None, weight=None, temperature=1.0,
+                                t2_scale=False, group=None, validate=None):
+    """Jeffreys divergence KL(p || q) + KL(q || p) of sharded rows: ``kldiv.jeffreys_div``.
+
+    +inf unless both sides have the same support. One SUM all-reduce (2 elements per row) more
+    than ``vocab_parallel_kl_div``.
+
+    >>> import math, torch, kldiv.distributed as kd
+    >>> p = torch.tensor([[0.0, math.log(3.0)]]); q = torch.tensor([[0.0, 0.0]])
+    >>> by_hand = (0.25 - 0.5) * math.log(0.25 / 0.5) + (0.75 - 0.5) * math.log(0.75 / 0.5)
+    >>> abs(float(kd.vocab_parallel_jeffreys_div(p, q)) - by_hand) < 1e-7
+    True
+    """
+    return _vocab_parallel("jeffreys", p_shard, q_shard, p_space=p_space, q_space=q_space,
+                           reduction=reduction, mask=mask, weight=weight,
+                           temperature=temperature, t2_scale=t2_scale, group=group, beta=0.5,
+                           validate=validate)
+
+
+# ----------------------------------------------------------------------------------------------
+# the output layer fused with the loss
+
+
+def _linear_function_class():
+    import torch
+
+    class _VocabParallelLinear(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, hidden, weight_shard, bias_shard, target, row_mask, row_weight, kind,
+                    beta, temperature, reduction, chunk_size, group, check, target_space):
+            n, h = hidden.shape
+            dt = _compute_dtype(hidden, target)
+            need_h = ctx.needs_input_grad[0]
+            need_w = ctx.needs_input_grad[1]
+            need_b = bias_shard is not None and ctx.needs_input_grad[2]
+            need_t = ctx.needs_input_grad[3]
+            keep = row_mask
+            if row_weight is not None:
+                pos = row_weight > 0
+                keep = pos if keep is None else keep & pos
+            scale = torch.ones(n, dtype=dt, device=hidden.device)
+            if row_weight is not None:
+                scale = row_weight.to(dt)
+            if keep is not None:
+                scale = torch.where(keep, scale, 0.0)
+            if reduction == "mean":
+                den = scale.sum() if keep is not None else torch.tensor(float(max(n, 1)), dtype=dt)
+                inv = torch.where(den > 0, 1.0 / torch.where(den > 0, den, 1.0), 0.0)
+                scale = scale * inv.to(scale.device)
+            dev = hidden.device
+            gh = torch.zeros(n, h, dtype=dt, device=dev) if need_h else None
+            gw = torch.zeros(weight_shard.shape, dtype=dt, device=dev) if need_w else None
+            gb = torch.zeros(weight_shard.shape[0], dtype=dt, device=dev) if need_b else None
+            gt = torch.zeros(target.shape, dtype=dt, device=dev) if need_t else None
+            w_dt = weight_shard.to(dt)
+            rows_all = torch.zeros(n, dtype=dt, device=dev)
+            names = ("target_shard", "student logits")
+            with torch.no_grad():
+                for lo in range(0, n, chunk_size):
+                    hi = min(n, lo + chunk_size)
+                    hc = hidden[lo:hi]
+                    logits = hc @ weight_shard.T
+                    if bias_shard is not None:
+                        logits = logits + bias_shard
+                    y = logits.to(dt)
+                    x = target[lo:hi].to(dt)
+                    if row_mask is not None:
+                        m = row_mask[lo:hi, None]
+                        x = torch.where(m, x, 0.0)
+                        y = torch.where(m, y, 0.0)
+                    if target_space == "log_probs" and check:
+                        _check_log_probs(x, "target_shard", group,
+                                         None if row_mask is None else row_mask[lo:hi])
+                    x = x / temperature
+                    y = y / temperature
+                    rows, st = _rows_and_stats(kind, x, y, beta, group, check, names)
+                    rows_all[lo:hi] = rows
+                    if need_h or need_w or need_b or need_t:
+                        gx, gy = _local_grads(kind, x, y, rows, st, beta)
+                        s = (scale[lo:hi] / temperature)[:, None]
+                        gy = gy * s
+                        if need_h:
+                            gh[lo:hi] = gy @ w_dt
+                        if need_w:
+                            gw += gy.T @ hc.to(dt)
+                        if need_b:
+                            gb += gy.sum(dim=0)
+                        if need_t:
+                            gt[lo:hi] = gx * s
+                if need_h:
+                    gh = _all_reduce(gh, "sum", group)
+                kept = rows_all if keep is None else torch.where(keep, rows_all, 0.0)
+                if row_weight is not None:
+                    kept = kept * row_weight.to(dt)
+                total = kept.sum()
+                if reduction == "mean":
+                    total = total * inv.to(total.device)
+            ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in (gh, gw, gb, gt)))
+            ctx.dtypes = (hidden.dtype, weight_shard.dtype,
+                          None if bias_shard is None else bias_shard.dtype, target.dtype)
+            return total
+
+        @staticmethod
+        @torch.autograd.function.once_differentiable
+        def backward(ctx, g):
+            grads = []
+            for i, (t, dt) in enumerate(zip(ctx.saved_tensors, ctx.dtypes)):
+                grads.append((t * g).to(dt) if ctx.needs_input_grad[i] else None)
+            return (*grads, None, None, None, None, None, None, None, None, None, None)
+
+    return _VocabParallelLinear
+
+
+_LFN = None
+
+
+def vocab_parallel_linear_kl_div(hidden, weight_shard, target_shard, *, bias_shard=None,
+                                 target_space="logits", reduction="mean", mask=None,
+                                 weight=None, temperature=1.0, t2_scale=False, kind="forward",
+                                 beta=0.5, chunk_size=1024, group=None, validate=None):
+    r"""Divergence between teacher logits and a vocabulary-parallel output layer, fused.
+
+    The student's logits slice is ``hidden @ weight_shard.T (+ bias_shard)``, computed
+    ``chunk_size`` rows at a time, so that no rank holds more than ``chunk_size x V_r`` logits
+    (plus the gradients of its parameters). The value is ``kldiv.kl_div(target, hidden @ W.T,
+    p_space=target_space, q_space="logits", ...)`` on the gathered weight ``W`` and target
+    (``kind`` picks reverse KL, JS or Jeffreys instead, with the teacher first as always).
+
+    Gradients are computed during the forward pass (the backward only scales them by the
+    incoming gradient): ``grad_weight_shard`` and ``grad_bias_shard`` are local;
+    ``grad_hidden`` is summed over the group by one all-reduce of ``rows x hidden`` elements,
+    because every rank's slice of the weight contributes to it. A gradient w.r.t. the target
+    is given if it requires one.
+
+    Args:
+      hidden: ``(N, H)`` or ``(..., H)`` student features, the same on every rank.
+      weight_shard: ``(V_r, H)``, this rank's rows of the output weight.
+      target_shard: ``(..., V_r)`` teacher logits (or log-probabilities) for the same slice.
+      bias_shard: optional ``(V_r,)``.
+      reduction: ``"sum"`` or ``"mean"`` (``"none"`` is not available in the fused form).
+      chunk_size: rows per chunk (each chunk costs the collectives of one
+        ``vocab_parallel_kl_div`` call on that many rows).
+      Other arguments as ``vocab_parallel_kl_div``.
+
+    >>> import torch, kldiv, kldiv.distributed as kd
+    >>> g = torch.Generator().manual_seed(0)
+    >>> h = torch.randn(4, 3, generator=g); w = torch.randn(5, 3, generator=g)
+    >>> t = torch.randn(4, 5, generator=g)
+    >>> fused = kd.vocab_parallel_linear_kl_div(h, w, t, chunk_size=3)
+    >>> plain = kldiv.kl_div(t, h @ w.T, p_space="logits", q_space="logits", reduction="mean")
+    >>> bool(torch.isclose(fused, plain, rtol=1e-5))
+    True
+    """
+    import torch
+
+    global _LFN
+    check_option("reduction", reduction, ("sum", "mean"))
+    check_option("kind", kind, _KINDS)
+    check_option("target_space", target_space, _LOG_SPACES)
+    temperature = check_positive_finite("temperature", temperature)
+    if kind == "js" and not 0.0 < float(beta) < 1.0:
+        raise ValueError(f"beta: must lie strictly between 0 and 1, got {beta!r}")
+    for name, t in (("hidden", hidden), ("weight_shard", weight_shard),
+                    ("target_shard", target_shard)):
+        _check_tensor(name, t)
+    if weight_shard.ndim != 2 or weight_shard.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"weight_shard: expected shape (V_r, {hidden.shape[-1]}) for hidden of shape "
+            f"{tuple(hidden.shape)}, got {tuple(weight_shard.shape)}"
+        )
+    if target_shard.shape != (*hidden.shape[:-1], weight_shard.shape[0]):
+        raise ValueError(
+            f"target_shard: expected shape {(*hidden.shape[:-1], weight_shard.shape[0])} "
+            f"(hidden's rows, weight_shard's slice), got {tuple(target_shard.shape)}"
+        )
+    if bias_shard is not None and tuple(bias_shard.shape) != (weight_shard.shape[0],):
+        raise ValueError(f"bias_shard: expected shape ({weight_shard.shape[0]},), got "
+                         f"{tuple(bias_shard.shape)}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size: expected a positive int, got {chunk_size!r}")
+    rows_shape = tuple(hidden.shape[:-1])
+    n = 1
+    for s in rows_shape:
+        n *= s
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise TypeError(f"mask: expected a boolean tensor, got {getattr(mask, 'dtype', type(mask))}")
+        mask = broadcast_rows(torch, mask, rows_shape, "mask").reshape(n)
+    if weight is not None:
+        weight = broadcast_rows(torch, weight, rows_shape, "weight").reshape(n)
+    check = validation_enabled(validate)
+    if check:
+        _check_weight_values(weight)
+    if _LFN is None:
+        _LFN = _linear_function_class()
+    out = _LFN.apply(hidden.reshape(n, hidden.shape[-1]), weight_shard, bias_shard,
+                     target_shard.reshape(n, weight_shard.shape[0]), mask, weight, kind,
+                     float(beta), temperature, reduction, chunk_size, group, check, target_space)
+    if t2_scale:
+        out = out * temperature**2
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# data parallelism
+
+
+def global_token_count(mask, *, weight=None, group=None):
+    """The number of counted rows (tokens) over all ranks of ``group`` and all given micro-batches.
+
+    ``mask`` is a boolean tensor (true = counted), an int (a count of rows already made), or a
+    list of either, one per gradient-accumulation micro-batch of this optimiser step;
+    ``weight`` (optional, the same structure) counts ``sum(mask * weight)`` instead. The local
+    sum is all-reduced (one SUM of one float64) over the data-parallel ``group``; every rank
+    gets the same count. Call it once per optimiser step, before the micro-batches' backward
+    passes (the masks are known up front: they come from the batch, not from the model).
+
+    >>> import torch, kldiv.distributed as kd
+    >>> float(kd.global_token_count([torch.tensor([True, False, True]), torch.tensor([True])]))
+    3.0
+    """
+    import torch
+
+    masks = mask if isinstance(mask, (list, tuple)) else [mask]
+    weights = weight if isinstance(weight, (list, tuple)) else [weight] * len(masks)
+    if len(weights) != len(masks):
+        raise ValueError(f"weight: {len(weights)} entries for {len(masks)} masks")
+    device = None
+    total = 0.0
+    for m, w in zip(masks, weights):
+        if isinstance(m, torch.Tensor):
+            device = m.device
+            if m.dtype != torch.bool:
+                raise TypeError(f"mask: expected boolean tensors or ints, got dtype {m.dtype}")
+            mm = m.to(torch.float64)
+            if w is not None:
+                mm = mm * torch.as_tensor(w, dtype=torch.float64, device=m.device)
+            total = total + mm.sum()
+        elif isinstance(m, int) and not isinstance(m, bool) and m >= 0:
+            if w is not None:
+                raise ValueError("weight: give masks (tensors), not counts, when weighting")
+            total = total + m
+        else:
+            raise TypeError(f"mask: expected a boolean tensor or a count, got {m!r}")
+    out = torch.as_tensor(total, dtype=torch.float64, device=device).detach().clone().reshape(1)
+    return _all_reduce(out, "sum", group)[0]
+
+
+def data_parallel_mean(local_sum, global_count, *, group=None, gradients_averaged=True):
+    """This rank's share of a per-token mean over the whole data-parallel batch.
+
+    ``local_sum`` is ``kldiv.kl_div(..., reduction="sum")`` (or any sum over rows) of this
+    rank's micro-batch, ``global_count`` the value of ``global_token_count`` for the optimiser
+    step. The result is ``local_sum / global_count``, times the world size of ``group`` when
+    ``gradients_averaged`` (the default: DDP and FSDP divide the summed gradients by the world
+    size). Back-propagating it on every rank and micro-batch gives exactly the gradient of the
+    global mean ``sum over all tokens / count``, the gradient one process holding the whole
+    batch gets; for logging, all-reduce the ``local_sum`` values (SUM) and divide by the count.
+    An empty batch (count 0) gives 0, as ``reduction="mean"`` does.
+
+    Why not ``reduction="mean"`` per rank: with 3 counted tokens on rank 0 and 1 on rank 1, the
+    mean of the two per-rank means weighs the lone token of rank 1 three times as much as each
+    token of rank 0. The same happens across accumulation steps of unequal length.
+
+    >>> import torch, kldiv.distributed as kd
+    >>> float(kd.data_parallel_mean(torch.tensor(6.0), torch.tensor(4.0)))   # one process
+    1.5
+    """
+    import torch
+
+    scale = float(_world(group)) if gradients_averaged else 1.0
+    count = torch.as_tensor(global_count, device=getattr(local_sum, "device", None))
+    count = count.to(local_sum.dtype)
+    safe = torch.where(count > 0, count, torch.ones_like(count))
+    return torch.where(count > 0, local_sum * scale / safe, torch.zeros_like(local_sum))
