@@ -380,13 +380,47 @@ def bernoulli_kl(logits_p, logits_q, *, axis=(), reduction="none", mask=None, we
     # safe inputs for the finite formula (double where: the edge branches never see inf)
     a_s = xp.where(a_inf | b_inf, zero, am)
     b_s = xp.where(a_inf | b_inf, zero, bm)
-    finite = _softplus(xp, -b_s) - _softplus(xp, -a_s) + _sigmoid(xp, -a_s) * (b_s - a_s)
+    finite = _bernoulli_mirrored(xp, a_s, b_s)
     # a' = +inf (p is 0 or 1 exactly): KL = -log q(the certain outcome) = softplus(-b')
     b_for_inf = xp.where(a_inf, bm, zero)
     at_inf = _softplus(xp, -b_for_inf)
     inf = xp.full_like(a, math.inf)
     out = xp.where(a_inf, at_inf, xp.where(b_inf, inf, finite))
     return _finish(xp, _sum_axes(xp, out, axis), reduction, mask, weight)
+
+
+_LOG1P_SERIES = [(-1.0) ** j / (j + 2) for j in range(16)]
+
+
+def _x_minus_log1p(xp, u):
+    """``u - log1p(u)`` for ``u >= -1/2``: series ``sum_j (-1)^j u^(j+2)/(j+2)`` for |u| < 0.1."""
+    small = xp.abs(u) < 0.1
+    us = xp.where(small, u, xp.zeros_like(u))
+    acc = xp.zeros_like(u)
+    for c in reversed(_LOG1P_SERIES):
+        acc = acc * us + c
+    ul = xp.where(small, xp.zeros_like(u), u)
+    return xp.where(small, us * us * acc, ul - xp.log1p(ul))
+
+
+def _bernoulli_mirrored(xp, a, b):
+    """KL for finite logits with ``a >= 0`` (the mirrored pair), accurate for every ``b``.
+
+    This is the Bregman divergence of ``softplus(-x)``: with ``s = sigmoid(-a)`` and
+    ``d = b - a``, ``softplus(-b) - softplus(-a) + s d``. For ``|d| >= 1`` that form has no
+    harmful cancellation. For ``|d| < 1`` it loses everything below ``eps`` (a tiny KL can even
+    come out negative), so it is rewritten as ``s phi(-d) - psi(s expm1(-d))`` with
+    ``phi(x) = e^x - 1 - x`` and ``psi(u) = u - log1p(u)``, both evaluated without
+    cancellation (series near 0); the two terms differ at most by a factor 1/(1 - s) <= 2.
+    """
+    d = b - a
+    s = _sigmoid(xp, -a)
+    near = xp.abs(d) < 1.0
+    dn = xp.where(near, d, xp.zeros_like(d))
+    close = s * _expm1_minus_x(xp, -dn) - _x_minus_log1p(xp, s * xp.expm1(-dn))
+    bf = xp.where(near, a + 1.0, b)
+    far = _softplus(xp, -bf) - _softplus(xp, -a) + s * (bf - a)
+    return xp.where(near, close, far)
 
 
 def _sigmoid(xp, x):
@@ -625,7 +659,9 @@ def monte_carlo_kl(p, q, *, n_samples=DEFAULT_N_SAMPLES, seed=0, estimator="k1")
               \mathrm{se} = \mathrm{std}_i(k(x_i)) / \sqrt{n}
 
     ``k`` is ``kldiv.estimators.k1`` (``log p - log q``, default) or ``"k3"``; both are
-    unbiased for the value. Samples of the continuous families are reparameterised
+    unbiased for the value. k3 has lower variance when p and q are close, but its variance is
+    infinite when q has heavier tails than p (e.g. Normal p, Laplace q): the standard error is
+    then meaningless, so k1 is the default. Samples of the continuous families are reparameterised
     (``loc + scale * noise``, the noise drawn with NumPy from ``seed``), so in torch and JAX
     the estimate is differentiable and its gradient is an unbiased estimate of the KL's gradient.
     The standard error is per distribution of the batch; about 68 % of seeds land within one
