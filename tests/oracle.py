@@ -1,0 +1,139 @@
+"""High-precision reference values for the KL family, independent of kldiv's code.
+
+Inputs are taken EXACTLY: every float (float16, bfloat16, float32, float64) is converted to an
+mpmath number without rounding, then everything is computed with ``mp.dps = 50`` digits from the
+textbook definitions (no cancellation-avoiding tricks are needed at that precision):
+
+    probs:      p_i / sum_j p_j           (kldiv renormalises probability rows; so does the oracle)
+    probs, T:   p_i^(1/T) / sum_j p_j^(1/T)
+    log space:  x_i / T - log sum_j exp(x_j / T)   ("log_probs" and "logits" alike)
+    KL(p || q) = sum_i p_i log(p_i / q_i), with p_i = 0 -> 0 and p_i > 0 = q_i -> +inf
+
+``kl_extended`` is a fast reference for large vocabularies (V = 32000 and up, where mpmath takes
+seconds per row): the same textbook formula on logits, in NumPy's extended precision
+(``np.longdouble``, 64-bit mantissa on x86-64). The tests check it against the mpmath oracle on
+smaller rows; where the platform has no extended precision it falls back to mpmath.
+"""
+from __future__ import annotations
+
+import mpmath
+import numpy as np
+
+DPS = 50
+SPACES = ("probs", "log_probs", "logits")
+
+
+def _mp_row(x):
+    return [mpmath.mpf(float(v)) for v in np.asarray(x, dtype=np.float64).ravel()]
+
+
+def distribution(x, space="probs", temperature=1.0):
+    """The normalised distribution of one row as a list of mpf (0 entries stay exactly 0)."""
+    with mpmath.workdps(DPS):
+        v = _mp_row(x)
+        t = mpmath.mpf(float(temperature))
+        if space == "probs":
+            if t != 1:
+                v = [mpmath.power(a, 1 / t) if a > 0 else mpmath.mpf(0) for a in v]
+            s = mpmath.fsum(v)
+            return [a / s for a in v]
+        if space not in ("log_probs", "logits"):
+            raise ValueError(space)
+        v = [a / t if a != -mpmath.inf else a for a in v]
+        m = max(v)
+        lse = m + mpmath.log(mpmath.fsum(mpmath.exp(a - m) for a in v if a != -mpmath.inf))
+        return [mpmath.exp(a - lse) if a != -mpmath.inf else mpmath.mpf(0) for a in v]
+
+
+def _kl_dist(P, Q):
+    terms = []
+    for a, b in zip(P, Q):
+        if a == 0:
+            continue
+        if b == 0:
+            return mpmath.inf
+        terms.append(a * mpmath.log(a / b))
+    return mpmath.fsum(terms)
+
+
+def kl(p, q, p_space="probs", q_space="probs", temperature=1.0):
+    """KL(p || q) of one pair of rows, as an mpf with ``DPS`` digits."""
+    with mpmath.workdps(DPS):
+        return _kl_dist(distribution(p, p_space, temperature), distribution(q, q_space, temperature))
+
+
+def reverse_kl(p, q, p_space="probs", q_space="probs", temperature=1.0):
+    """KL(q || p)."""
+    return kl(q, p, q_space, p_space, temperature)
+
+
+def jeffreys(p, q, p_space="probs", q_space="probs", temperature=1.0):
+    """KL(p || q) + KL(q || p)."""
+    with mpmath.workdps(DPS):
+        return kl(p, q, p_space, q_space, temperature) + reverse_kl(p, q, p_space, q_space,
+                                                                    temperature)
+
+
+def js(p, q, beta=0.5, p_space="probs", q_space="probs", temperature=1.0):
+    """beta KL(p || m) + (1 - beta) KL(q || m) with m = beta p + (1 - beta) q."""
+    with mpmath.workdps(DPS):
+        P = distribution(p, p_space, temperature)
+        Q = distribution(q, q_space, temperature)
+        b = mpmath.mpf(float(beta))
+        M = [b * a + (1 - b) * c for a, c in zip(P, Q)]
+        return b * _kl_dist(P, M) + (1 - b) * _kl_dist(Q, M)
+
+
+def terms(p, q, p_space="probs", q_space="probs", temperature=1.0):
+    """Per-category p_i log(p_i / q_i) (0 where p_i = 0, +inf where p_i > 0 = q_i)."""
+    with mpmath.workdps(DPS):
+        P = distribution(p, p_space, temperature)
+        Q = distribution(q, q_space, temperature)
+        out = []
+        for a, b in zip(P, Q):
+            out.append(mpmath.mpf(0) if a == 0 else mpmath.inf if b == 0 else a * mpmath.log(a / b))
+        return out
+
+
+_FUNCS = {"kl": kl, "reverse_kl": reverse_kl, "jeffreys": jeffreys, "js": js}
+
+
+def rows(func, p, q, **kw):
+    """Apply an oracle function to every row (last axis) of two broadcastable arrays; float64."""
+    f = _FUNCS[func] if isinstance(func, str) else func
+    p = np.asarray(p, dtype=np.float64)
+    q = np.asarray(q, dtype=np.float64)
+    p, q = np.broadcast_arrays(p, q)
+    out = np.empty(p.shape[:-1])
+    for idx in np.ndindex(*p.shape[:-1]):
+        out[idx] = float(f(p[idx], q[idx], **kw))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# fast reference for large rows
+
+HAVE_EXTENDED = np.finfo(np.longdouble).eps < 1e-18
+
+
+def kl_extended(a, b):
+    """KL(softmax(a) || softmax(b)) per row for logits ``a``, ``b`` (last axis), as float64.
+
+    Textbook formula ``sum p (log p - log q)`` in ``np.longdouble`` (about 19 digits), taking the
+    inputs exactly. Relative error about 1e-9 at KL = 1e-9 for V = 32000 (tested against
+    ``kl``). Falls back to the mpmath oracle where longdouble is plain double.
+    """
+    a = np.asarray(a)
+    b = np.asarray(b)
+    if not HAVE_EXTENDED:  # pragma: no cover - platform dependent
+        return rows(kl, a, b, p_space="logits", q_space="logits")
+    a = a.astype(np.float64).astype(np.longdouble)
+    b = b.astype(np.float64).astype(np.longdouble)
+
+    def log_softmax(x):
+        m = np.max(x, axis=-1, keepdims=True)
+        return x - m - np.log(np.sum(np.exp(x - m), axis=-1, keepdims=True))
+
+    la = log_softmax(a)
+    lb = log_softmax(b)
+    return np.sum(np.exp(la) * (la - lb), axis=-1).astype(np.float64)
