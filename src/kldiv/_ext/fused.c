@@ -1,5 +1,388 @@
-/* placeholder: kldiv._ext._fused (to be implemented) */
+/* kldiv._ext._fused: KL(p || q) between two softmax distributions, row by row, with gradients.
+ *
+ * For each row r of two (n, V) arrays of log-space inputs x (p's logits or log-probabilities)
+ * and y (q's), at temperature T (x/T, y/T are log-softmaxed), it computes KL(p || q) with the
+ * core's cancellation-free algorithm (see kldiv/_core/divergence.py) and, in the same walk,
+ * the gradients of s_r * KL_r with respect to x and y:
+ *
+ *     dKL/dy_i = (q_i - p_i) / T,        dKL/dx_i = -p_i * d'_i / T,
+ *
+ * where d_i = y_i/T - x_i/T on the common support, d' = d - E_p[d] (the centred log-ratio) and
+ *
+ *     KL = log(1 + sum_i p_i phi(d'_i)) - log q(S),   phi(u) = e^u - 1 - u >= 0,
+ *
+ * S being p's support and q(S) q's mass on it. phi is evaluated by its Taylor series for
+ * |u| < 0.5 and as p_i e^{d'_i} - p_i (1 + d'_i) otherwise, where p_i e^{d'_i} equals
+ * exp(y_i/T - max y/T) * exp(max y/T - lse(x/T) - E_p[d]): a row constant times a value already
+ * computed, so that each element costs two exponentials in all.
+ *
+ * Three passes per row: (1) the maxima; (2) the exponentials (kept in a per-thread scratch of
+ * 3 V values), the normalisers, E_p[d] and q's mass outside S; (3) the series and the gradients.
+ * The third pass reads only the scratch, so a gradient may be written over its own input
+ * (kl_div_inplace). Edges: p_i > 0 = q_i gives +inf with zero gradients (as the core); an
+ * all -inf or nan row, or a row whose constant above would lose accuracy, is reported as nan
+ * before any gradient of that row is written, and Python recomputes it with the core.
+ *
+ * Portable build: no -march=native. The row function is compiled for x86-64-v4 (AVX-512),
+ * x86-64-v3 (AVX2 + FMA) and the baseline (GCC target_clones, chosen at load time). exp is a
+ * polynomial that the compiler vectorises (no libm call in the hot loops). OpenMP over rows,
+ * GIL released. This file includes itself once per element type (float, double).
+ */
+#ifndef KLDIV_FUSED_TEMPLATE
+
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
-static struct PyModuleDef mod = {PyModuleDef_HEAD_INIT, "_fused", "kldiv C kernels", -1, NULL};
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define KLDIV_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define KLDIV_CLONES
+#endif
+#define KLDIV_INLINE static inline __attribute__((always_inline))
+
+/* -std=c11 turns off the contraction of a * b + c into fused multiply-adds; the polynomials
+ * below are written for it (one rounding less per step), so allow it in this file. */
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("fp-contract=fast")
+#endif
+
+/* blocks of this many elements are summed in the element type, the blocks in double */
+#define KLDIV_BLOCK 1024
+
+/* exp(x) for float: 0 below -87 (and for -inf), nan stays nan; about 1 ulp elsewhere. */
+KLDIV_INLINE float kexp_f(float x)
+{
+    float xc = x < -87.0f ? -87.0f : x;
+    xc = xc > 88.0f ? 88.0f : xc;
+    float t = xc * 1.44269504088896341f + 12582912.0f; /* round(x / ln 2) in the low bits */
+    float n = t - 12582912.0f;
+    float r = xc - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    float e = 1.0f / 5040.0f;
+    e = e * r + 1.0f / 720.0f;
+    e = e * r + 1.0f / 120.0f;
+    e = e * r + 1.0f / 24.0f;
+    e = e * r + 1.0f / 6.0f;
+    e = e * r + 0.5f;
+    e = e * r + 1.0f;
+    e = e * r + 1.0f;
+    int32_t ti;
+    memcpy(&ti, &t, sizeof ti);
+    int32_t bits = (ti - 0x4B400000 + 127) << 23;
+    float s;
+    memcpy(&s, &bits, sizeof s);
+    return x < -87.0f ? 0.0f : e * s;
+}
+
+/* exp(x) for double: 0 below -708 (and for -inf), nan stays nan; about 1 ulp elsewhere. */
+KLDIV_INLINE double kexp_d(double x)
+{
+    double xc = x < -708.0 ? -708.0 : x;
+    xc = xc > 709.0 ? 709.0 : xc;
+    double t = xc * 1.4426950408889634 + 6755399441055744.0;
+    double n = t - 6755399441055744.0;
+    double r = xc - n * 6.93147180369123816490e-01;
+    r = r - n * 1.90821492927058770002e-10;
+    static const double c[14] = {
+        1.0 / 6227020800.0, 1.0 / 479001600.0, 1.0 / 39916800.0, 1.0 / 3628800.0,
+        1.0 / 362880.0, 1.0 / 40320.0, 1.0 / 5040.0, 1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0,
+        1.0 / 6.0, 0.5, 1.0, 1.0};
+    double e = c[0];
+    for (int k = 1; k < 14; k++)
+        e = e * r + c[k];
+    int64_t ti;
+    memcpy(&ti, &t, sizeof ti);
+    int64_t bits = (ti - INT64_C(0x4338000000000000) + 1023) << 52;
+    double s;
+    memcpy(&s, &bits, sizeof s);
+    return x < -708.0 ? 0.0 : e * s;
+}
+
+/* 1/n!, n = 17 .. 2: phi(u) = u^2 * sum_n u^(n-2)/n! */
+static const double kphi[16] = {
+    1.0 / 355687428096000.0, 1.0 / 20922789888000.0, 1.0 / 1307674368000.0,
+    1.0 / 87178291200.0, 1.0 / 6227020800.0, 1.0 / 479001600.0, 1.0 / 39916800.0,
+    1.0 / 3628800.0, 1.0 / 362880.0, 1.0 / 40320.0, 1.0 / 5040.0, 1.0 / 720.0, 1.0 / 120.0,
+    1.0 / 24.0, 1.0 / 6.0, 0.5};
+
+#define KLDIV_FUSED_TEMPLATE
+
+#define T float
+#define SFX _f
+#define KEXP kexp_f
+#define KFABS fabsf
+#define NPHI 9          /* terms up to u^10: truncation below 3e-9 relative for |u| < 0.5 */
+#define EXP_FLOOR 87.0  /* kexp_f returns 0 below -EXP_FLOOR */
+#include "fused.c" /* this file, once per element type */
+#undef T
+#undef SFX
+#undef KEXP
+#undef KFABS
+#undef NPHI
+#undef EXP_FLOOR
+
+#define T double
+#define SFX _d
+#define KEXP kexp_d
+#define KFABS fabs
+#define NPHI 16
+#define EXP_FLOOR 708.0
+#include "fused.c" /* this file, once per element type */
+#undef T
+#undef SFX
+#undef KEXP
+#undef KFABS
+#undef NPHI
+#undef EXP_FLOOR
+
+#undef KLDIV_FUSED_TEMPLATE
+
+static PyObject *py_rows(PyObject *self, PyObject *args)
+{
+    int is_double, nthreads;
+    Py_ssize_t n, V, xs, ys, gxs, gys;
+    unsigned long long xp, yp, sp, rp, gxp, gyp;
+    double inv_t;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "innKnKndKKKnKni", &is_double, &n, &V, &xp, &xs, &yp, &ys,
+                          &inv_t, &sp, &rp, &gxp, &gxs, &gyp, &gys, &nthreads))
+        return NULL;
+    if (n < 0 || V <= 0 || !xp || !yp || !rp || !(inv_t > 0.0) || !isfinite(inv_t)) {
+        PyErr_SetString(PyExc_ValueError, "kldiv._ext._fused.rows: invalid arguments");
+        return NULL;
+    }
+    if (nthreads < 1)
+        nthreads = 1;
+    int err = 0;
+    Py_BEGIN_ALLOW_THREADS
+    if (is_double)
+        err = run_d((const double *)(uintptr_t)xp, xs, (const double *)(uintptr_t)yp, ys, n, V,
+                    inv_t, (const double *)(uintptr_t)sp, (double *)(uintptr_t)rp,
+                    (double *)(uintptr_t)gxp, gxs, (double *)(uintptr_t)gyp, gys, nthreads);
+    else
+        err = run_f((const float *)(uintptr_t)xp, xs, (const float *)(uintptr_t)yp, ys, n, V,
+                    inv_t, (const double *)(uintptr_t)sp, (double *)(uintptr_t)rp,
+                    (float *)(uintptr_t)gxp, gxs, (float *)(uintptr_t)gyp, gys, nthreads);
+    Py_END_ALLOW_THREADS
+    if (err)
+        return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"rows", py_rows, METH_VARARGS,
+     "rows(is_double, n, V, x_ptr, x_stride, y_ptr, y_stride, inv_t, scale_ptr, rows_ptr,\n"
+     "     gx_ptr, gx_stride, gy_ptr, gy_stride, nthreads)\n\n"
+     "KL(p || q) per row of softmax(x / T) and softmax(y / T) into rows (float64), and the\n"
+     "gradients of sum_r scale[r] * KL_r with respect to x and y into gx, gy (0: not wanted).\n"
+     "Rows with scale 0 are skipped (value 0, gradient 0). Pointers are raw addresses of\n"
+     "row-major arrays with unit stride along V; strides are in elements. nan marks a row\n"
+     "that the caller must recompute (its gradients are untouched)."},
+    {NULL, NULL, 0, NULL}};
+
+static struct PyModuleDef mod = {PyModuleDef_HEAD_INIT, "_fused",
+                                 "kldiv C kernels: fused softmax KL rows with gradients", -1,
+                                 methods};
+
 PyMODINIT_FUNC PyInit__fused(void) { return PyModule_Create(&mod); }
+
+#else /* KLDIV_FUSED_TEMPLATE: the kernel for element type T */
+
+#define KCAT_(a, b) a##b
+#define KCAT(a, b) KCAT_(a, b)
+#define FN(name) KCAT(name, SFX)
+
+/* phi(u) = e^u - 1 - u by its series (|u| < 0.5) */
+KLDIV_INLINE T FN(phi_series)(T u)
+{
+    T acc = (T)kphi[16 - NPHI];
+    for (int k = 16 - NPHI + 1; k < 16; k++)
+        acc = acc * u + (T)kphi[k];
+    return acc * u * u;
+}
+
+/* One row; returns KL (double), +inf on escape, nan for "recompute me" (gradients untouched). */
+KLDIV_CLONES static double FN(kl_row)(const T *x, const T *y, Py_ssize_t V, double inv_t,
+                                      double s, T *gx, T *gy, T *restrict sp, T *restrict sq,
+                                      T *restrict sd, const T *xn, const T *yn)
+{
+    const T it = (T)inv_t;
+    const T ninf = (T)-INFINITY;
+    T mx = ninf, my = ninf;
+#pragma omp simd reduction(max : mx, my)
+    for (Py_ssize_t i = 0; i < V; i++) {
+        mx = x[i] > mx ? x[i] : mx;
+        my = y[i] > my ? y[i] : my;
+    }
+    if (!(mx > ninf) || !(my > ninf))
+        return NAN; /* an all -inf row: no distribution (the core reports it) */
+    const T mxs = mx * it, mys = my * it;
+
+    double Zx = 0, Zy = 0, S1 = 0, ZqS = 0, Zqo = 0;
+    int esc = 0;
+    for (Py_ssize_t b0 = 0; b0 < V; b0 += KLDIV_BLOCK) {
+        const Py_ssize_t b1 = b0 + KLDIV_BLOCK < V ? b0 + KLDIV_BLOCK : V;
+        if (xn) /* the next row: fetched from memory while this block computes exponentials */
+            for (Py_ssize_t i = b0; i < b1; i += 64 / sizeof(T)) {
+                __builtin_prefetch(xn + i, 0, 2);
+                __builtin_prefetch(yn + i, 0, 2);
+            }
+        T zx = 0, zy = 0, s1 = 0, zqs = 0, zqo = 0;
+        int e = 0;
+#pragma omp simd reduction(+ : zx, zy, s1, zqs, zqo) reduction(| : e)
+        for (Py_ssize_t i = b0; i < b1; i++) {
+            const T xv = x[i], yv = y[i];
+            const T xs = xv * it, ys = yv * it;
+            const int px = xv > ninf, py = yv > ninf;
+            const int in = px & py;
+            const T ep = KEXP(xs - mxs), eq = KEXP(ys - mys);
+            const T d = in ? (yv - xv) * it : (T)0; /* one rounding less than ys - xs */
+            zx += ep;
+            zy += eq;
+            s1 += ep * d;
+            zqs += in ? eq : (T)0;
+            zqo += px ? (T)0 : eq;
+            e |= px & !py;
+            sp[i] = ep;
+            sq[i] = eq;
+            sd[i] = in ? d : (T)NAN;
+        }
+        Zx += zx;
+        Zy += zy;
+        S1 += s1;
+        ZqS += zqs;
+        Zqo += zqo;
+        esc |= e;
+    }
+    if (!isfinite(Zx) || !isfinite(Zy) || !isfinite(S1))
+        return NAN; /* nan or +inf in the input */
+    if (esc) {      /* p_i > 0 = q_i: KL = +inf, zero gradient (the core's convention) */
+        if (gx)
+            memset(gx, 0, (size_t)V * sizeof(T));
+        if (gy)
+            memset(gy, 0, (size_t)V * sizeof(T));
+        return INFINITY;
+    }
+    const double lse_x = (double)mxs + log(Zx);
+    const double mu = S1 / Zx;
+    const double qo = Zqo / Zy;
+    const double log_qS = qo < 0.5 ? log1p(-qo) : log(ZqS / Zy);
+    const double lc = (double)mys - lse_x - mu; /* p_i e^{d'_i} = e^{lc} * sq[i] */
+    if (lc > EXP_FLOOR - 30.0)
+        return NAN; /* terms below exp's floor would matter: let the core do this row */
+    const T c = (T)exp(lc), ip = (T)(1.0 / Zx), iq = (T)(1.0 / Zy), muT = (T)mu;
+    const T g = (T)(s * inv_t);
+    double acc = 0;
+    for (Py_ssize_t b0 = 0; b0 < V; b0 += KLDIV_BLOCK) {
+        const Py_ssize_t b1 = b0 + KLDIV_BLOCK < V ? b0 + KLDIV_BLOCK : V;
+        T a = 0;
+        if (gx && gy) {
+#pragma omp simd reduction(+ : a)
+            for (Py_ssize_t i = b0; i < b1; i++) {
+                const T dv = sd[i];
+                const int in = dv == dv;
+                const T dc = (in ? dv : (T)0) - muT;
+                const T p = sp[i] * ip, q = sq[i] * iq;
+                const int small = KFABS(dc) < (T)0.5;
+                const T ser = FN(phi_series)(small ? dc : (T)0);
+                const T term = small ? p * ser : c * sq[i] - p * (1 + dc);
+                a += in ? term : (T)0;
+                gy[i] = (q - p) * g;
+                gx[i] = in ? -p * dc * g : (T)0;
+            }
+        } else if (gy) {
+#pragma omp simd reduction(+ : a)
+            for (Py_ssize_t i = b0; i < b1; i++) {
+                const T dv = sd[i];
+                const int in = dv == dv;
+                const T dc = (in ? dv : (T)0) - muT;
+                const T p = sp[i] * ip, q = sq[i] * iq;
+                const int small = KFABS(dc) < (T)0.5;
+                const T ser = FN(phi_series)(small ? dc : (T)0);
+                const T term = small ? p * ser : c * sq[i] - p * (1 + dc);
+                a += in ? term : (T)0;
+                gy[i] = (q - p) * g;
+            }
+        } else if (gx) {
+#pragma omp simd reduction(+ : a)
+            for (Py_ssize_t i = b0; i < b1; i++) {
+                const T dv = sd[i];
+                const int in = dv == dv;
+                const T dc = (in ? dv : (T)0) - muT;
+                const T p = sp[i] * ip;
+                const int small = KFABS(dc) < (T)0.5;
+                const T ser = FN(phi_series)(small ? dc : (T)0);
+                const T term = small ? p * ser : c * sq[i] - p * (1 + dc);
+                a += in ? term : (T)0;
+                gx[i] = in ? -p * dc * g : (T)0;
+            }
+        } else {
+#pragma omp simd reduction(+ : a)
+            for (Py_ssize_t i = b0; i < b1; i++) {
+                const T dv = sd[i];
+                const int in = dv == dv;
+                const T dc = (in ? dv : (T)0) - muT;
+                const T p = sp[i] * ip;
+                const int small = KFABS(dc) < (T)0.5;
+                const T ser = FN(phi_series)(small ? dc : (T)0);
+                const T term = small ? p * ser : c * sq[i] - p * (1 + dc);
+                a += in ? term : (T)0;
+            }
+        }
+        acc += a;
+    }
+    return log1p(acc) - log_qS;
+}
+
+/* All rows, OpenMP over rows; returns nonzero when a scratch buffer could not be allocated. */
+static int FN(run)(const T *x, Py_ssize_t xs, const T *y, Py_ssize_t ys, Py_ssize_t n,
+                   Py_ssize_t V, double inv_t, const double *scale, double *rows, T *gx,
+                   Py_ssize_t gxs, T *gy, Py_ssize_t gys, int nthreads)
+{
+    int err = 0;
+    const size_t bytes = ((3 * (size_t)V * sizeof(T) + 63) / 64) * 64;
+    if (nthreads > n)
+        nthreads = n > 0 ? (int)n : 1;
+#pragma omp parallel num_threads(nthreads)
+    {
+        T *buf = (T *)aligned_alloc(64, bytes);
+        if (!buf) {
+#pragma omp atomic write
+            err = 1;
+        }
+#pragma omp for schedule(dynamic, 16)
+        for (Py_ssize_t r = 0; r < n; r++) {
+            const double s = scale ? scale[r] : 1.0;
+            T *gxr = gx ? gx + r * gxs : NULL;
+            T *gyr = gy ? gy + r * gys : NULL;
+            if (s == 0.0) { /* masked row: costs a memset of its gradients */
+                rows[r] = 0.0;
+                if (gxr)
+                    memset(gxr, 0, (size_t)V * sizeof(T));
+                if (gyr)
+                    memset(gyr, 0, (size_t)V * sizeof(T));
+                continue;
+            }
+            if (!buf) {
+                rows[r] = NAN;
+                continue;
+            }
+            const int more = r + 1 < n;
+            rows[r] = FN(kl_row)(x + r * xs, y + r * ys, V, inv_t, s, gxr, gyr, buf, buf + V,
+                                 buf + 2 * V, more ? x + (r + 1) * xs : NULL,
+                                 more ? y + (r + 1) * ys : NULL);
+        }
+        free(buf);
+    }
+    return err;
+}
+
+#undef FN
+#undef KCAT
+#undef KCAT_
+
+#endif /* KLDIV_FUSED_TEMPLATE */

@@ -245,7 +245,40 @@ def divergence_rows_with_grad(kind, p, q, *, p_space, q_space, temperature=1.0, 
 
 
 def _c_rows(kind, p, q, temperature, need_p, need_q, grad_scale, out_p, out_q):
-    raise NotImplementedError  # replaced below once the extension exists
+    """The C kernel on two CPU tensors (rows, V) of one dtype with unit stride along V."""
+    n, V = p.shape
+    dt = p.dtype
+    gp = gq = None
+    if need_p:
+        gp = out_p if out_p is not None else torch.empty((n, V), dtype=dt)
+    if need_q:
+        gq = out_q if out_q is not None else torch.empty((n, V), dtype=dt)
+    rows = torch.empty(n, dtype=torch.float64)
+    if n == 0:
+        return rows.to(dt), gp, gq
+    # KL(q || p) is the kernel's KL(x || y) with x = q, y = p
+    x, y, gx, gy = (p, q, gp, gq) if kind == "forward" else (q, p, gq, gp)
+    scale = None
+    if grad_scale is not None:
+        scale = grad_scale.detach().to(device="cpu", dtype=torch.float64).contiguous()
+    _EXT.rows(
+        dt == torch.float64, n, V, x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0),
+        1.0 / float(temperature), 0 if scale is None else scale.data_ptr(), rows.data_ptr(),
+        0 if gx is None else gx.data_ptr(), 0 if gx is None else gx.stride(0),
+        0 if gy is None else gy.data_ptr(), 0 if gy is None else gy.stride(0),
+        torch.get_num_threads(),
+    )
+    redo = torch.nonzero(torch.isnan(rows)).flatten()
+    if redo.numel():  # rows the kernel leaves to the core (nan/inf input, extreme ratios)
+        sc = None if scale is None else scale.index_select(0, redo)
+        r, g1, g2 = _torch_rows(kind, p.index_select(0, redo), q.index_select(0, redo), "logits",
+                                "logits", temperature, 0.5, need_p, need_q, sc)
+        rows.index_copy_(0, redo, r.to(torch.float64))
+        if gp is not None:
+            gp.index_copy_(0, redo, g1.to(dt))
+        if gq is not None:
+            gq.index_copy_(0, redo, g2.to(dt))
+    return rows.to(dt), gp, gq
 
 
 # ----------------------------------------------------------------------------------------------
