@@ -1,0 +1,560 @@
+"""kldiv.distributed on real process groups: 2 and 4 gloo ranks on this machine (loopback only).
+
+One launch per world size runs every case in the worker processes (this file, run as a
+script); the workers save their results and the tests compare them, in this process, with
+``kldiv``'s single-process functions on the gathered tensors, with the mpmath oracle
+(``tests/oracle.py``) and with naive float64 formulas. The inputs are rebuilt here from the
+same seeds, so nothing but the results crosses the process boundary.
+"""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import pytest
+import scipy.special
+
+torch = pytest.importorskip("torch") if __name__ != "__main__" else __import__("torch")
+
+import kldiv  # noqa: E402
+import kldiv.distributed as kd  # noqa: E402
+
+KINDS = ("forward", "reverse", "js", "jeffreys")
+V = 13
+CUTS = {1: [0, V], 2: [0, 5, V], 4: [0, 4, 4, 10, V]}  # uneven; rank 1 of 4 holds nothing
+INF = math.inf
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+# ----------------------------------------------------------------------------------------------
+# the data, rebuilt identically in the workers and here
+
+
+def family_data(dtype, world):
+    """(2, 3, V) logits for p and q with the edge rows, in float64 before the cast."""
+    g = torch.Generator().manual_seed(1234)
+    x = torch.randn(2, 3, V, generator=g, dtype=torch.float64) * 2
+    y = torch.randn(2, 3, V, generator=g, dtype=torch.float64) * 2
+    x[0, 0, 0:5] = -INF  # rank 0's shard (and more) holds no support of p
+    y[0, 1, 7] = -INF  # p > 0 = q: forward KL is +inf, reverse finite
+    x[0, 2, [2, 11]] = -INF  # q > 0 = p: reverse KL is +inf, forward finite
+    x[1, 0, [1, 6, 12]] = -INF  # both -inf in the same places
+    y[1, 0, [1, 6, 12]] = -INF
+    y[1, 1] = x[1, 1] + 1e-4 * torch.randn(V, generator=g, dtype=torch.float64)  # nearly equal
+    y[1, 2, 0:4] = -INF  # a -inf block inside one shard
+    x[1, 2, 0:4] = -INF
+    cot = torch.randn(2, 3, generator=g, dtype=torch.float64)
+    return x.to(dtype), y.to(dtype), cot.to(dtype)
+
+
+def masked_data():
+    g = torch.Generator().manual_seed(99)
+    x = torch.randn(5, V, generator=g, dtype=torch.float64)
+    y = torch.randn(5, V, generator=g, dtype=torch.float64)
+    mask = torch.tensor([True, False, True, True, False])
+    x[1] = math.nan  # masked rows may hold anything
+    y[4, 3] = -INF
+    x[4, :] = -INF
+    w = torch.tensor([1.0, 5.0, 0.5, 2.0, 3.0], dtype=torch.float64)
+    return x, y, mask, w
+
+
+def linear_data(dtype):
+    g = torch.Generator().manual_seed(7)
+    h = torch.randn(9, 6, generator=g, dtype=torch.float64)
+    w = torch.randn(V, 6, generator=g, dtype=torch.float64) / 2
+    b = torch.randn(V, generator=g, dtype=torch.float64) / 4
+    t = torch.randn(9, V, generator=g, dtype=torch.float64)
+    t[2, 3:9] = -INF
+    mask = torch.ones(9, dtype=torch.bool)
+    mask[4] = False
+    return h.to(dtype), w.to(dtype), b.to(dtype), t.to(dtype), mask
+
+
+def dp_data(world):
+    """Data-parallel batch: per rank two micro-batches of different lengths; a tiny model."""
+    g = torch.Generator().manual_seed(5)
+    n = 23
+    feats = torch.randn(n, 4, generator=g, dtype=torch.float64)
+    teacher = torch.randn(n, V, generator=g, dtype=torch.float64)
+    mask = torch.rand(n, generator=g, dtype=torch.float64) < 0.7
+    w0 = torch.randn(V, 4, generator=g, dtype=torch.float64)
+    # uneven split of the rows over ranks, then over two micro-batches per rank
+    bounds = np.linspace(0, n, world + 1).astype(int).tolist()
+    bounds[1] -= 2 if world > 1 else 0
+    return feats, teacher, mask, w0, bounds
+
+
+def shard(t, rank, world):
+    return t[..., CUTS[world][rank]:CUTS[world][rank + 1]].contiguous()
+
+
+# ----------------------------------------------------------------------------------------------
+# the worker (runs in each spawned process)
+
+
+def _family_case(rank, world, dtype, temperature, out):
+    x, y, cot = family_data(dtype, world)
+    for kind in KINDS:
+        a = shard(x, rank, world).requires_grad_()
+        b = shard(y, rank, world).requires_grad_()
+        with kd.count_collectives() as cf:
+            rows = kd.vocab_parallel_kl_div(a, b, kind=kind, reduction="none",
+                                            temperature=temperature)
+        loss = torch.where(torch.isfinite(rows), rows, 0.0).mul(cot).sum()
+        with kd.count_collectives() as cb:
+            loss.backward()
+        out[f"family/{dtype}/{temperature}/{kind}"] = dict(
+            rows=rows.detach(), gp=a.grad, gq=b.grad, calls=(cf["calls"], cb["calls"]),
+            bytes=cf["bytes"],
+        )
+
+
+def _worker_cases(rank, world):
+    import torch.distributed as dist
+
+    out = {}
+    for dtype in (torch.float64, torch.float32):
+        for temperature in (1.0, 1.7):
+            _family_case(rank, world, dtype, temperature, out)
+
+    # masks, weights, reductions, t2 scaling
+    x, y, mask, w = masked_data()
+    for reduction in ("mean", "sum"):
+        a = shard(x, rank, world).requires_grad_()
+        b = shard(y, rank, world).requires_grad_()
+        val = kd.vocab_parallel_kl_div(a, b, reduction=reduction, mask=mask, weight=w,
+                                       temperature=2.0, t2_scale=True)
+        val.backward()
+        out[f"masked/{reduction}"] = dict(val=val.detach(), gp=a.grad, gq=b.grad)
+
+    # log-probabilities (normalised over the full vocabulary) against logits
+    xl = torch.log_softmax(x[[0, 2, 3]], dim=-1)
+    a = shard(xl, rank, world).requires_grad_()
+    b = shard(y[[0, 2, 3]], rank, world).requires_grad_()
+    val = kd.vocab_parallel_js_div(a, b, p_space="log_probs", beta=0.3, reduction="sum")
+    val.backward()
+    out["log_probs"] = dict(val=val.detach(), gp=a.grad, gq=b.grad)
+
+    # the output layer fused with the loss
+    for dtype in (torch.float64, torch.float32):
+        h, wt, bias, t, m = linear_data(dtype)
+        hh = h.clone().requires_grad_()
+        ws = wt[CUTS[world][rank]:CUTS[world][rank + 1]].clone().requires_grad_()
+        bs = bias[CUTS[world][rank]:CUTS[world][rank + 1]].clone().requires_grad_()
+        ts = shard(t, rank, world).requires_grad_()
+        for kind in ("forward", "reverse"):
+            for g_ in (hh, ws, bs, ts):
+                g_.grad = None
+            with kd.count_collectives() as c:
+                val = kd.vocab_parallel_linear_kl_div(hh, ws, ts, bias_shard=bs, mask=m,
+                                                      kind=kind, temperature=1.3, chunk_size=4)
+            val.backward()
+            out[f"linear/{dtype}/{kind}"] = dict(val=val.detach(), gh=hh.grad, gw=ws.grad,
+                                                 gb=bs.grad, gt=ts.grad, calls=c["calls"])
+
+    # bad input in one rank's shard: every rank raises the same ValueError
+    for name, bad in (("nan", math.nan), ("allinf", -INF)):
+        xb = x[[0, 2]].clone()
+        if name == "nan":
+            xb[1, V - 1] = bad  # only the last rank's shard has it
+        else:
+            xb[0, :] = bad
+        try:
+            kd.vocab_parallel_kl_div(shard(xb, rank, world), shard(y[[0, 2]], rank, world))
+            out[f"error/{name}"] = "no error"
+        except ValueError as exc:
+            out[f"error/{name}"] = str(exc)
+
+    # data parallelism: this rank's rows, two micro-batches, gradient accumulation
+    feats, teacher, dmask, w0, bounds = dp_data(world)
+    lo, hi = bounds[rank], bounds[rank + 1]
+    mid = lo + (hi - lo) // 3
+    micro = [(lo, mid), (mid, hi)]
+    model_w = w0.clone().requires_grad_()
+    count = kd.global_token_count([dmask[a_:b_] for a_, b_ in micro])
+    logged = torch.zeros((), dtype=torch.float64)
+    for a_, b_ in micro:
+        logits = feats[a_:b_] @ model_w.T
+        s = kldiv.kl_div(teacher[a_:b_], logits, p_space="logits", q_space="logits",
+                         reduction="sum", mask=dmask[a_:b_])
+        kd.data_parallel_mean(s, count).backward()
+        logged = logged + s.detach()
+    grad = model_w.grad.clone()
+    dist.all_reduce(grad)  # what DDP does: average the gradients over the ranks
+    grad /= world
+    dist.all_reduce(logged)
+    out["dp"] = dict(count=count, grad=grad, mean=logged / count)
+
+    # a group smaller than the world: ranks {0, 1} and {2, 3} each form a vocabulary group
+    if world == 4:
+        groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+        mine = groups[rank // 2]
+        xg, yg, _ = family_data(torch.float64, 2)
+        xg = xg[1] + (rank // 2)  # the two groups see different rows (+1 shifts p only)
+        yg = yg[1] * (1 + rank // 2)
+        r = rank % 2
+        a = shard(xg, r, 2).requires_grad_()
+        b = shard(yg, r, 2).requires_grad_()
+        val = kd.vocab_parallel_kl_div(a, b, reduction="none", group=mine)
+        val.sum().backward()
+        out["group"] = dict(val=val.detach(), gp=a.grad, gq=b.grad)
+    return out
+
+
+def _worker_main(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    try:
+        out = _worker_cases(rank, world)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    tmp = os.path.join(out_dir, f".rank{rank}.pt.tmp")
+    torch.save(out, tmp)
+    os.replace(tmp, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+if __name__ == "__main__":  # a worker process: rank world init_file out_dir
+    _worker_main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])
+    sys.exit(0)
+
+
+# ----------------------------------------------------------------------------------------------
+# launching
+
+
+def _forked(rank, world, init_file, out_dir):
+    try:
+        _worker_main(rank, world, init_file, out_dir)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        os._exit(1)
+    os._exit(0)
+
+
+def launch(world, timeout=150):
+    """Run the worker on ``world`` gloo ranks (loopback only); the results of every rank.
+
+    The workers are forked from this process where the platform allows it (no second import
+    of torch: spawning costs seconds per process on a busy 2-core machine); otherwise they
+    run this file as a script.
+    """
+    import multiprocessing as mp
+
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    with tempfile.TemporaryDirectory() as d:
+        init_file = os.path.join(d, "init")
+        if "fork" in mp.get_all_start_methods():
+            ctx = mp.get_context("fork")
+            procs = [ctx.Process(target=_forked, args=(r, world, init_file, d))
+                     for r in range(world)]
+            for p in procs:
+                p.start()
+            try:
+                for p in procs:
+                    p.join(timeout)
+            finally:
+                for p in procs:
+                    if p.is_alive():
+                        p.kill()
+                        p.join()
+            bad = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode != 0]
+            assert not bad, f"workers failed (rank, exit code): {bad}"
+        else:  # pragma: no cover - platforms without fork
+            env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", MASTER_ADDR="127.0.0.1",
+                       OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
+            procs = [subprocess.Popen([sys.executable, __file__, str(r), str(world), init_file,
+                                       d], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT) for r in range(world)]
+            logs = []
+            try:
+                for p in procs:
+                    logs.append(p.communicate(timeout=timeout)[0].decode(errors="replace"))
+            finally:
+                for p in procs:
+                    if p.poll() is None:
+                        p.kill()
+                        p.wait()
+            bad = [(r, p.returncode) for r, p in enumerate(procs) if p.returncode != 0]
+            assert not bad, f"workers failed: {bad}\n" + "\n".join(logs)[-4000:]
+        return [torch.load(os.path.join(d, f"rank{r}.pt")) for r in range(world)]
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"world{w}")
+def results(request):
+    return request.param, launch(request.param)
+
+
+# ----------------------------------------------------------------------------------------------
+# references, independent of kldiv.distributed
+
+
+def naive(kind, x, y, temperature=1.0, beta=0.5):
+    """Textbook float64 divergences per row from scipy's softmax and rel_entr."""
+    x = np.asarray(x, dtype=np.float64) / temperature
+    y = np.asarray(y, dtype=np.float64) / temperature
+    p = scipy.special.softmax(x, axis=-1)
+    q = scipy.special.softmax(y, axis=-1)
+    kl = lambda a, b: scipy.special.rel_entr(a, b).sum(-1)  # noqa: E731
+    if kind == "forward":
+        return kl(p, q)
+    if kind == "reverse":
+        return kl(q, p)
+    if kind == "jeffreys":
+        return kl(p, q) + kl(q, p)
+    m = beta * p + (1 - beta) * q
+    return beta * kl(p, m) + (1 - beta) * kl(q, m)
+
+
+CORE = {"forward": kldiv.kl_div, "reverse": kldiv.reverse_kl, "js": kldiv.js_div,
+        "jeffreys": kldiv.jeffreys_div}
+ORACLE = {"forward": "kl", "reverse": "reverse_kl", "js": "js", "jeffreys": "jeffreys"}
+
+
+def gathered(per_rank, key, field):
+    """A per-shard result of every rank, concatenated along the categories."""
+    return torch.cat([r[key][field] for r in per_rank], dim=-1)
+
+
+def assert_close(got, want, rtol, what, atol=1e-300):
+    got = torch.as_tensor(got, dtype=torch.float64)
+    want = torch.as_tensor(want, dtype=torch.float64)
+    assert got.shape == want.shape, (what, got.shape, want.shape)
+    assert torch.equal(torch.isinf(got), torch.isinf(want)), (what, got, want)
+    fin = torch.isfinite(want)
+    err = (got[fin] - want[fin]).abs()
+    bound = rtol * want[fin].abs() + atol
+    assert bool((err <= bound).all()), f"{what}: max rel err {float((err / bound).max() * rtol):.3g}"
+
+
+def assert_grad_close(got, want, rtol, what):
+    """Gradients: relative to the largest entry of the reference."""
+    got = torch.as_tensor(got, dtype=torch.float64)
+    want = torch.as_tensor(want, dtype=torch.float64)
+    assert torch.isfinite(got).all(), what
+    scale = float(want.abs().max()) or 1.0
+    err = float((got - want).abs().max())
+    assert err <= rtol * scale, f"{what}: max error {err:.3g} vs scale {scale:.3g}"
+
+
+# ----------------------------------------------------------------------------------------------
+# the tests
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("temperature", [1.0, 1.7])
+@pytest.mark.parametrize("kind", KINDS)
+def test_family_values_and_gradients(results, kind, temperature, dtype):
+    world, res = results
+    x, y, cot = family_data(dtype, world)
+    key = f"family/{dtype}/{temperature}/{kind}"
+    rows = [r[key]["rows"] for r in res]
+    for r in range(1, world):  # every rank holds the same answer
+        assert torch.equal(rows[r].nan_to_num(), rows[0].nan_to_num())
+    got = rows[0]
+    assert got.dtype == dtype
+    # the mpmath oracle on the exact inputs, and the naive float64 formula
+    import oracle  # tests/oracle.py: mpmath, 50 digits
+    want = oracle.rows(ORACLE[kind], x.numpy(), y.numpy(), p_space="logits", q_space="logits",
+                       temperature=temperature)
+    # x / T rounds in float32 (as in the core): ~1e-7 absolute on the logit difference, which
+    # bounds the absolute error of a nearly-zero KL (1e-9 here) by about 1e-12
+    atol = 1e-12 if (dtype == torch.float32 and temperature != 1.0) else 1e-300
+    assert_close(got, want, TOL[dtype], f"{key} vs mpmath", atol=atol)
+    # (the textbook sum cancels: it is good to about 1e-15 absolute only)
+    assert_close(got, naive(kind, x, y, temperature), max(TOL[dtype], 1e-8), f"{key} vs naive",
+                 atol=max(atol, 1e-13))
+    # the single-process function on the gathered tensors, value and gradient
+    a = x.clone().requires_grad_()
+    b = y.clone().requires_grad_()
+    core = CORE[kind](a, b, p_space="logits", q_space="logits", temperature=temperature)
+    assert_close(got, core.detach(), TOL[dtype], f"{key} vs kldiv")
+    torch.where(torch.isfinite(core), core, 0.0).mul(cot).sum().backward()
+    gp = gathered(res, key, "gp")
+    gq = gathered(res, key, "gq")
+    assert_grad_close(gp, a.grad, TOL[dtype], f"{key} grad p")
+    assert_grad_close(gq, b.grad, TOL[dtype], f"{key} grad q")
+    if kind == "forward":  # d KL / d student logits = (q - p) / T on finite rows, by hand
+        p = torch.softmax(x.double() / temperature, -1)
+        q = torch.softmax(y.double() / temperature, -1)
+        fin = torch.isfinite(core.detach())[..., None]
+        by_hand = torch.where(fin, (q - p) / temperature * cot.double()[..., None], 0.0)
+        assert_grad_close(gq, by_hand, TOL[dtype], f"{key} grad q by hand")
+    # communication: 3 all-reduces (4 for JS and Jeffreys) forward, none backward
+    calls = res[0][key]["calls"]
+    assert calls == ((3 if kind in ("forward", "reverse") else 4), 0)
+
+
+def test_family_edges_present(results):
+    """The data really has the promised edges: a shard without p's support, inf rows."""
+    world, _ = results
+    x, y, _ = family_data(torch.float64, world)
+    assert bool((shard(x, 0, world)[0, 0] == -INF).all())
+    fwd = naive("forward", x, y)
+    rev = naive("reverse", x, y)
+    assert np.isinf(fwd[0, 1]) and np.isfinite(rev[0, 1])
+    assert np.isinf(rev[0, 2]) and np.isfinite(fwd[0, 2])
+    assert 0 < fwd[1, 1] < 1e-7
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_masks_weights_temperature(results, reduction):
+    world, res = results
+    x, y, mask, w = masked_data()
+    a = x.clone().requires_grad_()
+    b = y.clone().requires_grad_()
+    core = kldiv.kl_div(a, b, p_space="logits", q_space="logits", reduction=reduction,
+                        mask=mask, weight=w, temperature=2.0, t2_scale=True)
+    core.backward()
+    got = res[0][f"masked/{reduction}"]
+    assert_close(got["val"], core.detach(), 1e-10, "masked value")
+    # naive: sum over kept rows of w * KL * T^2 (divided by the kept weight for the mean)
+    rows = naive("forward", torch.where(mask[:, None], x, 0.0), y, temperature=2.0) * 4.0
+    keep = mask.numpy()
+    want = (w.numpy()[keep] * rows[keep]).sum()
+    if reduction == "mean":
+        want /= w.numpy()[keep].sum()
+    assert_close(got["val"], want, 1e-9, "masked value vs naive")
+    gp = gathered(res, f"masked/{reduction}", "gp")
+    gq = gathered(res, f"masked/{reduction}", "gq")
+    assert_grad_close(gp, a.grad, 1e-10, "masked grad p")
+    assert_grad_close(gq, b.grad, 1e-10, "masked grad q")
+    assert bool((gp[~mask] == 0).all()) and bool((gq[~mask] == 0).all())
+
+
+def test_log_probs_js(results):
+    world, res = results
+    x, y, _, _ = masked_data()
+    xl = torch.log_softmax(x[[0, 2, 3]], dim=-1).requires_grad_()
+    b = y[[0, 2, 3]].clone().requires_grad_()
+    core = kldiv.js_div(xl, b, beta=0.3, p_space="log_probs", q_space="logits", reduction="sum")
+    core.backward()
+    got = res[0]["log_probs"]
+    assert_close(got["val"], core.detach(), 1e-10, "log_probs value")
+    assert_close(got["val"], naive("js", xl.detach(), b.detach(), beta=0.3).sum(), 1e-9, "naive")
+    assert_grad_close(gathered(res, "log_probs", "gp"), xl.grad, 1e-10, "gp")
+    assert_grad_close(gathered(res, "log_probs", "gq"), b.grad, 1e-10, "gq")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("kind", ["forward", "reverse"])
+def test_linear(results, kind, dtype):
+    world, res = results
+    h, wt, bias, t, m = linear_data(dtype)
+    hh, ww, bb, tt = (v.clone().requires_grad_() for v in (h, wt, bias, t))
+    logits = hh @ ww.T + bb
+    core = CORE[kind](tt, logits, p_space="logits", q_space="logits", reduction="mean", mask=m,
+                      temperature=1.3)
+    core.backward()
+    key = f"linear/{dtype}/{kind}"
+    for r in range(world):
+        assert_close(res[r][key]["val"], core.detach(), TOL[dtype], f"{key} value rank {r}")
+        assert_grad_close(res[r][key]["gh"], hh.grad, TOL[dtype], f"{key} grad hidden rank {r}")
+    gw = torch.cat([r[key]["gw"] for r in res], 0)
+    gb = torch.cat([r[key]["gb"] for r in res], 0)
+    gt = gathered(res, key, "gt")
+    assert_grad_close(gw, ww.grad, TOL[dtype], f"{key} grad weight")
+    assert_grad_close(gb, bb.grad, TOL[dtype], f"{key} grad bias")
+    assert_grad_close(gt, tt.grad, TOL[dtype], f"{key} grad target")
+    # 3 chunks of rows (9 rows, chunk_size 4) x 3 all-reduces, plus one for grad_hidden
+    assert res[0][key]["calls"] == 3 * 3 + 1
+
+
+def test_bad_input_raises_on_every_rank(results):
+    world, res = results
+    for r in range(world):
+        assert "p_shard: contains nan or +inf" in res[r]["error/nan"]
+        assert "p_shard: row 0 is -inf on every shard" in res[r]["error/allinf"]
+
+
+def test_data_parallel_mean_equals_one_process(results):
+    world, res = results
+    feats, teacher, dmask, w0, _ = dp_data(world)
+    w = w0.clone().requires_grad_()
+    full = kldiv.kl_div(teacher, feats @ w.T, p_space="logits", q_space="logits",
+                        reduction="mean", mask=dmask)
+    full.backward()
+    for r in range(world):
+        got = res[r]["dp"]
+        assert float(got["count"]) == float(dmask.sum())
+        assert_close(got["mean"], full.detach(), 1e-12, "data-parallel mean")
+        assert_grad_close(got["grad"], w.grad, 1e-12, "data-parallel gradient")
+    # the per-rank "mean" that this helper replaces is really different here
+    _, _, _, _, bounds = dp_data(world)
+    per_rank = [float(kldiv.kl_div(teacher[a:b], (feats @ w0.T)[a:b], p_space="logits",
+                                   q_space="logits", reduction="mean", mask=dmask[a:b]))
+                for a, b in zip(bounds[:-1], bounds[1:])]
+    assert abs(sum(per_rank) / world - float(full)) > 1e-6
+
+
+def test_subgroups(results):
+    world, res = results
+    if world != 4:
+        pytest.skip("subgroups are exercised with 4 ranks")
+    for grp in range(2):
+        xg, yg, _ = family_data(torch.float64, 2)
+        xg = (xg[1] + grp).requires_grad_()
+        yg = (yg[1] * (1 + grp)).detach().requires_grad_()
+        core = kldiv.kl_div(xg, yg, p_space="logits", q_space="logits")
+        core.sum().backward()
+        r0, r1 = res[2 * grp], res[2 * grp + 1]
+        assert_close(r0["group"]["val"], core.detach(), 1e-10, f"group {grp}")
+        assert_close(r1["group"]["val"], core.detach(), 1e-10, f"group {grp}")
+        gp = torch.cat([r0["group"]["gp"], r1["group"]["gp"]], -1)
+        assert_grad_close(gp, xg.grad, 1e-10, f"group {grp} grad p")
+
+
+# ----------------------------------------------------------------------------------------------
+# single process (no process group): argument errors and helpers
+
+
+def test_local_run_without_process_group_matches_core():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    y = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    for kind in KINDS:
+        got = kd.vocab_parallel_kl_div(x, y, kind=kind, reduction="none")
+        assert_close(got, naive(kind, x, y), 1e-10, kind)
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda x: kd.vocab_parallel_kl_div(x, x, p_space="probs"), "p_space"),
+        (lambda x: kd.vocab_parallel_kl_div(x, x[:, :3]), "differ"),
+        (lambda x: kd.vocab_parallel_kl_div(x, x, reduction="avg"), "reduction"),
+        (lambda x: kd.vocab_parallel_kl_div(x, x, temperature=0), "temperature"),
+        (lambda x: kd.vocab_parallel_js_div(x, x, beta=1.0), "beta"),
+        (lambda x: kd.vocab_parallel_kl_div(x, x, mask=torch.ones(2)), "mask"),
+        (lambda x: kd.vocab_parallel_kl_div(x, x, weight=-torch.ones(2)), "weight"),
+        (lambda x: kd.vocab_parallel_kl_div(x.long(), x), "floating"),
+        (lambda x: kd.vocab_parallel_kl_div(x, x, q_space="log_probs"), "logsumexp"),
+        (lambda x: kd.vocab_parallel_linear_kl_div(x, x, x, reduction="none"), "reduction"),
+        (lambda x: kd.vocab_parallel_linear_kl_div(x, x[:3], x), "weight_shard"),
+        (lambda x: kd.vocab_parallel_linear_kl_div(x, x, x[:, :2], chunk_size=0), "chunk_size"),
+        (lambda x: kd.global_token_count([torch.ones(2)]), "mask"),
+    ],
+)
+def test_argument_errors(call, match):
+    x = torch.randn(2, 5, dtype=torch.float64)
+    with pytest.raises((ValueError, TypeError), match=match):
+        call(x)
+
+
+def test_global_token_count_and_mean_locally():
+    masks = [torch.tensor([True, False, True]), torch.tensor([False, True])]
+    assert float(kd.global_token_count(masks)) == 3.0
+    assert float(kd.global_token_count(masks, weight=[torch.tensor([2.0, 9.0, 1.0]),
+                                                     torch.tensor([5.0, 0.5])])) == 3.5
+    assert float(kd.global_token_count([4, 3])) == 7.0
+    assert float(kd.data_parallel_mean(torch.tensor(3.0), torch.tensor(0.0))) == 0.0
