@@ -89,6 +89,26 @@ def dp_data(world):
     return feats, teacher, mask, w0, bounds
 
 
+def sweep_case(i, world):
+    """Seeded random case: random vocabulary size, -inf pattern, uneven cuts (some empty)."""
+    g = torch.Generator().manual_seed(1000 + i)
+    v = int(torch.randint(1, 12, (1,), generator=g))
+    dtype = (torch.float64, torch.float32)[i % 2]
+    kind = KINDS[(i // 2) % 4]
+    x = torch.randn(3, v, generator=g, dtype=torch.float64) * 3
+    y = torch.randn(3, v, generator=g, dtype=torch.float64) * 3
+    x[torch.rand(3, v, generator=g) < 0.3] = -INF
+    y[torch.rand(3, v, generator=g) < 0.3] = -INF
+    keep = torch.randint(0, v, (3,), generator=g)
+    x[torch.arange(3), keep] = torch.randn(3, generator=g, dtype=torch.float64)
+    y[torch.arange(3), torch.randint(0, v, (3,), generator=g)] = 0.5
+    cuts = sorted(torch.randint(0, v + 1, (world - 1,), generator=g).tolist())
+    return x.to(dtype), y.to(dtype), [0, *cuts, v], kind, dtype
+
+
+SWEEP = 24
+
+
 def shard(t, rank, world):
     return t[..., CUTS[world][rank]:CUTS[world][rank + 1]].contiguous()
 
@@ -121,6 +141,14 @@ def _worker_cases(rank, world):
     for dtype in (torch.float64, torch.float32):
         for temperature in (1.0, 1.7):
             _family_case(rank, world, dtype, temperature, out)
+
+    for i in range(SWEEP):
+        x, y, cuts, kind, _ = sweep_case(i, world)
+        a = x[:, cuts[rank]:cuts[rank + 1]].clone().requires_grad_()
+        b = y[:, cuts[rank]:cuts[rank + 1]].clone().requires_grad_()
+        rows = kd.vocab_parallel_kl_div(a, b, kind=kind, reduction="none")
+        torch.where(torch.isfinite(rows), rows, 0.0).sum().backward()
+        out[f"sweep/{i}"] = dict(rows=rows.detach(), gp=a.grad, gq=b.grad)
 
     # masks, weights, reductions, t2 scaling
     x, y, mask, w = masked_data()
@@ -407,6 +435,23 @@ def test_family_edges_present(results):
     assert 0 < fwd[1, 1] < 1e-7
 
 
+def test_random_splits_and_supports(results):
+    """Seeded sweep: random -inf patterns and random uneven cuts (empty shards included)."""
+    world, res = results
+    for i in range(SWEEP):
+        x, y, cuts, kind, dtype = sweep_case(i, world)
+        a = x.clone().requires_grad_()
+        b = y.clone().requires_grad_()
+        core = CORE[kind](a, b, p_space="logits", q_space="logits")
+        torch.where(torch.isfinite(core), core, 0.0).sum().backward()
+        what = f"sweep {i} ({kind}, {dtype}, cuts {cuts})"
+        assert_close(res[0][f"sweep/{i}"]["rows"], core.detach(), TOL[dtype], what)
+        assert_close(res[0][f"sweep/{i}"]["rows"], naive(kind, x, y), max(TOL[dtype], 1e-8),
+                     what + " naive", atol=1e-13)
+        assert_grad_close(gathered(res, f"sweep/{i}", "gp"), a.grad, TOL[dtype], what + " gp")
+        assert_grad_close(gathered(res, f"sweep/{i}", "gq"), b.grad, TOL[dtype], what + " gq")
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_masks_weights_temperature(results, reduction):
     world, res = results
@@ -494,7 +539,7 @@ def test_data_parallel_mean_equals_one_process(results):
     per_rank = [float(kldiv.kl_div(teacher[a:b], (feats @ w0.T)[a:b], p_space="logits",
                                    q_space="logits", reduction="mean", mask=dmask[a:b]))
                 for a, b in zip(bounds[:-1], bounds[1:])]
-    assert abs(sum(per_rank) / world - float(full)) > 1e-6
+    assert abs(sum(per_rank) / world - float(full.detach())) > 1e-6
 
 
 def test_subgroups(results):
@@ -558,3 +603,33 @@ def test_global_token_count_and_mean_locally():
                                                      torch.tensor([5.0, 0.5])])) == 3.5
     assert float(kd.global_token_count([4, 3])) == 7.0
     assert float(kd.data_parallel_mean(torch.tensor(3.0), torch.tensor(0.0))) == 0.0
+
+
+def _hyp_rows():
+    from hypothesis import strategies as st
+    from hypothesis.extra.numpy import arrays
+
+    elems = st.one_of(st.floats(-30, 30), st.just(-INF))
+    return st.integers(1, 9).flatmap(
+        lambda v: st.tuples(arrays(np.float64, (2, v), elements=elems),
+                            arrays(np.float64, (2, v), elements=elems),
+                            st.sampled_from(KINDS), st.floats(0.25, 4.0)))
+
+
+def test_property_local_equals_core():
+    """Property (hypothesis): one rank, any supports and temperatures: the core's value."""
+    from hypothesis import given, settings
+
+    @settings(max_examples=60, deadline=None, derandomize=True)
+    @given(_hyp_rows())
+    def check(case):
+        x, y, kind, temperature = case
+        x[:, 0] = np.where(np.isinf(x[:, 0]), 0.0, x[:, 0])  # no row is -inf everywhere
+        y[:, -1] = np.where(np.isinf(y[:, -1]), 0.0, y[:, -1])
+        x, y = torch.from_numpy(x), torch.from_numpy(y)
+        got = kd.vocab_parallel_kl_div(x, y, kind=kind, reduction="none",
+                                       temperature=temperature)
+        want = CORE[kind](x, y, p_space="logits", q_space="logits", temperature=temperature)
+        assert_close(got, want, 1e-10, f"{kind} T={temperature}", atol=1e-14)
+
+    check()
