@@ -2,7 +2,8 @@
 
 Inputs are taken EXACTLY: every float (float16, bfloat16, float32, float64) is converted to an
 mpmath number without rounding, then everything is computed with ``mp.dps = 50`` digits from the
-textbook definitions (no cancellation-avoiding tricks are needed at that precision):
+textbook definitions (no cancellation-avoiding tricks are needed at that precision; the
+precision grows with the dynamic range of the inputs, so subnormals next to 1 are exact too):
 
     probs:      p_i / sum_j p_j           (kldiv renormalises probability rows; so does the oracle)
     probs, T:   p_i^(1/T) / sum_j p_j^(1/T)
@@ -27,9 +28,21 @@ def _mp_row(x):
     return [mpmath.mpf(float(v)) for v in np.asarray(x, dtype=np.float64).ravel()]
 
 
+def _dps(*rows):
+    """Working digits: ``DPS``, plus the dynamic range of the inputs, so that a row sum such as
+    1 + 5e-324 is exact and tiny masses are not lost when rows are renormalised."""
+    extra = 0
+    for x in rows:
+        a = np.abs(np.asarray(x, dtype=np.float64))
+        a = a[np.isfinite(a) & (a > 0)]
+        if a.size:
+            extra = max(extra, int(np.log10(a.max()) - np.log10(a.min())) + 1)
+    return DPS + 2 * extra
+
+
 def distribution(x, space="probs", temperature=1.0):
     """The normalised distribution of one row as a list of mpf (0 entries stay exactly 0)."""
-    with mpmath.workdps(DPS):
+    with mpmath.workdps(max(mpmath.mp.dps, _dps(x))):
         v = _mp_row(x)
         t = mpmath.mpf(float(temperature))
         if space == "probs":
@@ -57,8 +70,8 @@ def _kl_dist(P, Q):
 
 
 def kl(p, q, p_space="probs", q_space="probs", temperature=1.0):
-    """KL(p || q) of one pair of rows, as an mpf with ``DPS`` digits."""
-    with mpmath.workdps(DPS):
+    """KL(p || q) of one pair of rows, as an mpf with (at least) ``DPS`` digits."""
+    with mpmath.workdps(_dps(p, q)):
         return _kl_dist(distribution(p, p_space, temperature), distribution(q, q_space, temperature))
 
 
@@ -69,14 +82,14 @@ def reverse_kl(p, q, p_space="probs", q_space="probs", temperature=1.0):
 
 def jeffreys(p, q, p_space="probs", q_space="probs", temperature=1.0):
     """KL(p || q) + KL(q || p)."""
-    with mpmath.workdps(DPS):
+    with mpmath.workdps(_dps(p, q)):
         return kl(p, q, p_space, q_space, temperature) + reverse_kl(p, q, p_space, q_space,
                                                                     temperature)
 
 
 def js(p, q, beta=0.5, p_space="probs", q_space="probs", temperature=1.0):
     """beta KL(p || m) + (1 - beta) KL(q || m) with m = beta p + (1 - beta) q."""
-    with mpmath.workdps(DPS):
+    with mpmath.workdps(_dps(p, q)):
         P = distribution(p, p_space, temperature)
         Q = distribution(q, q_space, temperature)
         b = mpmath.mpf(float(beta))
@@ -86,7 +99,7 @@ def js(p, q, beta=0.5, p_space="probs", q_space="probs", temperature=1.0):
 
 def terms(p, q, p_space="probs", q_space="probs", temperature=1.0):
     """Per-category p_i log(p_i / q_i) (0 where p_i = 0, +inf where p_i > 0 = q_i)."""
-    with mpmath.workdps(DPS):
+    with mpmath.workdps(_dps(p, q)):
         P = distribution(p, p_space, temperature)
         Q = distribution(q, q_space, temperature)
         out = []
