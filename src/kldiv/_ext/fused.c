@@ -20,8 +20,10 @@
  * 3 V values), the normalisers, E_p[d] and q's mass outside S; (3) the series and the gradients.
  * The third pass reads only the scratch, so a gradient may be written over its own input
  * (kl_div_inplace). Edges: p_i > 0 = q_i gives +inf with zero gradients (as the core); an
- * all -inf or nan row, or a row whose constant above would lose accuracy, is reported as nan
- * before any gradient of that row is written, and Python recomputes it with the core.
+ * all -inf, +inf or nan row is reported as nan before any gradient of that row is written,
+ * and Python recomputes it with the core (which names the problem when validation is on).
+ * Rows with KL beyond ~57 (float) or ~678 (double), where the constant above leaves T's
+ * range, take KL = lse(y/T) - lse(x/T) - E_p[d] instead: no cancellation at that size.
  *
  * Portable build: no -march=native. The row function is compiled for x86-64-v4 (AVX-512),
  * x86-64-v3 (AVX2 + FMA) and the baseline (GCC target_clones, chosen at load time). exp is a
@@ -272,9 +274,10 @@ KLDIV_CLONES static double FN(kl_row)(const T *x, const T *y, Py_ssize_t V, doub
     const double qo = Zqo / Zy;
     const double log_qS = qo < 0.5 ? log1p(-qo) : log(ZqS / Zy);
     const double lc = (double)mys - lse_x - mu; /* p_i e^{d'_i} = e^{lc} * sq[i] */
-    if (lc > EXP_FLOOR - 30.0)
-        return NAN; /* terms below exp's floor would matter: let the core do this row */
-    const T c = (T)exp(lc), ip = (T)(1.0 / Zx), iq = (T)(1.0 / Zy), muT = (T)mu;
+    /* KL >= lc: past this bound the series brings nothing (its terms would underflow or
+     * overflow T) and KL = lse(y) - lse(x) - E_p[d] = lc + log Zy has no cancellation */
+    const int huge = lc > EXP_FLOOR - 30.0;
+    const T c = huge ? (T)0 : (T)exp(lc), ip = (T)(1.0 / Zx), iq = (T)(1.0 / Zy), muT = (T)mu;
     const T g = (T)(s * inv_t);
     double acc = 0;
     for (Py_ssize_t b0 = 0; b0 < V; b0 += KLDIV_BLOCK) {
@@ -335,7 +338,7 @@ KLDIV_CLONES static double FN(kl_row)(const T *x, const T *y, Py_ssize_t V, doub
         }
         acc += a;
     }
-    return log1p(acc) - log_qS;
+    return huge ? lc + log(Zy) : log1p(acc) - log_qS;
 }
 
 /* All rows, OpenMP over rows; returns nonzero when a scratch buffer could not be allocated. */

@@ -447,7 +447,7 @@ def kl_div_inplace(p, q_logits, *, p_space="logits", q_space="logits", kind="for
     >>> p, q = torch.softmax(t, -1), torch.softmax(s.detach(), -1)
     >>> expected = float((p * (p / q).log()).sum())  # KL(p || q) by hand, before the overwrite
     >>> loss = kl_div_inplace(t, s)
-    >>> abs(float(loss) - expected) < 1e-6
+    >>> abs(loss.item() - expected) < 1e-6
     True
     >>> loss.backward()
     >>> bool(torch.allclose(h.grad, q - p))
@@ -474,7 +474,10 @@ def kl_div_inplace(p, q_logits, *, p_space="logits", q_space="logits", kind="for
     try:
         q_logits.view(-1, q_logits.shape[-1])
     except RuntimeError:
-        raise ValueError("q_logits: must be contiguous (it receives its own gradient)") from None
+        raise ValueError(
+            "q_logits: must be viewed as (rows, V) without a copy (it receives its own "
+            "gradient); make it contiguous first"
+        ) from None
     rows_shape = tuple(p.shape[:-1])
     if mask is not None:
         if mask.dtype != torch.bool:
