@@ -124,12 +124,19 @@ def _xp():
     return xp_torch
 
 
+def _sel(mask, x, other):
+    """``where(mask, x, other)``; ``mask`` None means everywhere (dense shards skip the pass)."""
+    import torch
+
+    return x if mask is None else torch.where(mask, x, other)
+
+
 def _masked_max(x, sel):
     import torch
 
     if x.shape[-1] == 0:
         return torch.full(x.shape[:-1], -math.inf, dtype=x.dtype, device=x.device)
-    return torch.where(sel, x, -math.inf).amax(dim=-1)
+    return _sel(sel, x, -math.inf).amax(dim=-1)
 
 
 def _safe_exp_sum(x, sel, m, extra=None):
@@ -141,6 +148,33 @@ def _safe_exp_sum(x, sel, m, extra=None):
     if extra is not None:
         e = e * torch.where(sel, extra, 0.0)
     return e.sum(dim=-1)
+
+
+def _exp_shift(x, sel, m):
+    """exp(x - m) on ``sel`` (m: row maxima, finite where sel has entries), 0 elsewhere."""
+    import torch
+
+    ms = torch.where(torch.isfinite(m), m, 0.0)[:, None]
+    return torch.exp(_sel(sel, x - ms, -math.inf))
+
+
+_GAP = 20.0  # rescaling exp(x - M) to exp(x - M_T) keeps full precision while M - M_T <= this
+
+
+def _exp_on(x, t, e, m, mt):
+    """exp(x - mt) on ``t`` from ``e = exp(x - m)`` (mt <= m: the maximum over the subset).
+
+    Rows where the subset's maximum lies far below the row maximum (the subset's entries may
+    underflow in ``e``) are recomputed; that needs a host check, skipped when no row has one.
+    """
+    import torch
+
+    fin = torch.isfinite(mt)
+    gap = torch.where(fin, m - mt, 0.0)
+    if bool((gap > _GAP).any()):
+        return _exp_shift(x, t, mt)
+    scale = torch.where(fin, torch.exp(gap), 0.0)[:, None]
+    return _sel(t, e * scale, 0.0)
 
 
 def _pair_stats(a, b, group, check, names):
@@ -155,8 +189,14 @@ def _pair_stats(a, b, group, check, names):
 
     sa = a > -math.inf
     sb = b > -math.inf
-    t = sa & sb
     f = a.dtype
+    if bool(sa.all()) and bool(sb.all()):  # no -inf on this shard: the usual case, no masks
+        sa = sb = t = None
+        a_only = b_only = torch.zeros(a.shape[0], dtype=f, device=a.device)
+    else:
+        t = sa & sb
+        a_only = (sa & ~sb).any(dim=-1).to(f)
+        b_only = (sb & ~sa).any(dim=-1).to(f)
     bad_a = torch.zeros(a.shape[0], dtype=f, device=a.device)
     bad_b = torch.zeros_like(bad_a)
     if check:
@@ -164,7 +204,7 @@ def _pair_stats(a, b, group, check, names):
         bad_b = (torch.isnan(b) | (b == math.inf)).any(dim=-1).to(f)
     mx = torch.stack([
         _masked_max(a, sa), _masked_max(b, sb), _masked_max(a, t), _masked_max(b, t),
-        (sa & ~sb).any(dim=-1).to(f), (sb & ~sa).any(dim=-1).to(f), bad_a, bad_b,
+        a_only, b_only, bad_a, bad_b,
     ], dim=1)
     mx = _all_reduce(mx, "max", group)
     Ma, Mb, MaT, MbT = mx[:, 0], mx[:, 1], mx[:, 2], mx[:, 3]
@@ -179,13 +219,16 @@ def _pair_stats(a, b, group, check, names):
                 raise ValueError(
                     f"{name}: row {row} is -inf on every shard: that is no distribution"
                 )
-    delta = torch.where(t, b - a, 0.0)
+    delta = _sel(t, b - a, 0.0)
+    ea = _exp_shift(a, sa, Ma)  # exp(a - Ma) on a's support, 0 elsewhere
+    eb = _exp_shift(b, sb, Mb)
+    eaT = _exp_on(a, t, ea, Ma, MaT)  # exp(a - MaT) on T, 0 elsewhere
+    ebT = _exp_on(b, t, eb, Mb, MbT)
     sm = torch.stack([
-        _safe_exp_sum(a, sa, Ma), _safe_exp_sum(b, sb, Mb),
-        _safe_exp_sum(a, t, MaT), _safe_exp_sum(b, t, MbT),
-        _safe_exp_sum(a, t, MaT, delta),
-        _safe_exp_sum(a, sa & ~t, Ma), _safe_exp_sum(b, sb & ~t, Mb),
+        ea.sum(-1), eb.sum(-1), eaT.sum(-1), ebT.sum(-1), (eaT * delta).sum(-1),
+        _outside_sum(t, ea), _outside_sum(t, eb),
     ], dim=1)
+    del ea, eb, ebT
     sm = _all_reduce(sm, "sum", group)
     s_a, s_b, s_aT, s_bT, S_ad, s_aout, s_bout = sm.unbind(dim=1)
     lse_a = Ma + torch.log(s_a)
@@ -204,13 +247,12 @@ def _pair_stats(a, b, group, check, names):
     log_bT = torch.where(b_out < 0.5, torch.log1p(-torch.clamp(b_out, max=0.5)),
                          MbT0 + torch.log(s_bT1) - lse_b)
     # a restricted to T and renormalised, and the centred difference
-    xa = torch.where(t, a - MaT0[:, None], 0.0)
-    wn = torch.where(t, torch.exp(xa), 0.0) / s_aT1[:, None]
-    lwn = torch.where(t, xa - torch.log(s_aT1)[:, None], 0.0)
-    dc = torch.where(t, delta - mu[:, None], 0.0)
-    del xa, delta
+    wn = eaT / s_aT1[:, None]
+    lwn = _sel(t, a - (MaT0 + torch.log(s_aT1))[:, None], 0.0)
+    dc = _sel(t, delta - mu[:, None], 0.0)
+    del eaT, delta
     xp = _xp()
-    phi = torch.where(t, _w_phi(xp, wn, lwn, dc), 0.0).sum(dim=-1, keepdim=True)
+    phi = _sel(t, _w_phi(xp, wn, lwn, dc), 0.0).sum(dim=-1, keepdim=True)
     phi = _all_reduce(phi, "sum", group)[:, 0]
     L = torch.log1p(phi)
     a_esc = mx[:, 4] > 0
@@ -222,21 +264,30 @@ def _pair_stats(a, b, group, check, names):
     return rows, dict(t=t, sa=sa, sb=sb, dc=dc)
 
 
-def _elementwise(a, b, st):
-    """Supports and centred difference of the pair (a, b) from its row statistics (local)."""
+def _outside_sum(t, e):
     import torch
 
+    if t is None:
+        return torch.zeros(e.shape[0], dtype=e.dtype, device=e.device)
+    return torch.where(t, 0.0, e).sum(-1)
+
+
+def _elementwise(a, b, st):
+    """Supports (None: everywhere) and centred difference of the pair (a, b), locally."""
     sa = a > -math.inf
     sb = b > -math.inf
-    t = sa & sb
-    dc = torch.where(t, b - a - st["mu"][:, None], 0.0)
+    if bool(sa.all()) and bool(sb.all()):
+        sa = sb = t = None
+    else:
+        t = sa & sb
+    dc = _sel(t, b - a - st["mu"][:, None], 0.0)
     return dict(t=t, sa=sa, sb=sb, dc=dc)
 
 
 def _probs(x, sel, lse):
     import torch
 
-    return torch.exp(torch.where(sel, x - lse[:, None], -math.inf))
+    return torch.exp(_sel(sel, x - lse[:, None], -math.inf))
 
 
 def _js_local(x, y, st, el, beta):
@@ -245,11 +296,11 @@ def _js_local(x, y, st, el, beta):
 
     xp = _xp()
     t = el["t"]
-    d = torch.where(t, el["dc"] + st["mean_d"][:, None], 0.0)  # log(q/p), accurate
+    d = _sel(t, el["dc"] + st["mean_d"][:, None], 0.0)  # log(q/p), accurate
     lm_p = _log_mix(xp, 1.0 - beta, d)  # log(m / p) on T
     lm_q = _log_mix(xp, beta, -d)  # log(m / q) on T
-    lwp = torch.where(t, x - st["lse_a"][:, None], 0.0)
-    lwq = torch.where(t, y - st["lse_b"][:, None], 0.0)
+    lwp = _sel(t, x - st["lse_a"][:, None], 0.0)
+    lwq = _sel(t, y - st["lse_b"][:, None], 0.0)
     pw = _probs(x, el["sa"], st["lse_a"])
     qw = _probs(y, el["sb"], st["lse_b"])
     return d, lm_p, lm_q, lwp, lwq, pw, qw
@@ -276,16 +327,16 @@ def _rows_and_stats(kind, x, y, beta, group, check, names=("p_shard", "q_shard")
         dl = torch.where(small, 0.0, d)
         term = torch.where(small, pw * ds * torch.expm1(ds),
                            dl * (torch.exp(torch.where(small, 0.0, lwp) + dl) - pw))
-        sums = torch.stack([torch.where(t, term, 0.0).sum(-1),
-                            torch.where(t, qw * el["dc"], 0.0).sum(-1)], dim=1)
+        sums = torch.stack([_sel(t, term, 0.0).sum(-1),
+                            _sel(t, qw * el["dc"], 0.0).sum(-1)], dim=1)
         sums = _all_reduce(sums, "sum", group)
         st["Eq_dc"] = sums[:, 1]
         rows = torch.where(st["a_esc"] | st["b_esc"], math.inf, sums[:, 0])
         return rows, st
-    tp = torch.where(t, _w_phi(_xp(), pw, lwp, lm_p), 0.0)
-    tq = torch.where(t, _w_phi(_xp(), qw, lwq, lm_q), 0.0)
-    sums = torch.stack([tp.sum(-1), tq.sum(-1), torch.where(t, pw * lm_p, 0.0).sum(-1),
-                        torch.where(t, qw * lm_q, 0.0).sum(-1)], dim=1)
+    tp = _sel(t, _w_phi(_xp(), pw, lwp, lm_p), 0.0)
+    tq = _sel(t, _w_phi(_xp(), qw, lwq, lm_q), 0.0)
+    sums = torch.stack([tp.sum(-1), tq.sum(-1), _sel(t, pw * lm_p, 0.0).sum(-1),
+                        _sel(t, qw * lm_q, 0.0).sum(-1)], dim=1)
     sums = _all_reduce(sums, "sum", group)
     st["KLpm"] = -sums[:, 2] - math.log(beta) * st["a_out"]  # KL(p || m)
     st["KLqm"] = -sums[:, 3] - math.log1p(-beta) * st["b_out"]  # KL(q || m)
@@ -310,7 +361,7 @@ def _local_grads(kind, x, y, rows, st, beta):
         el = _elementwise(a, b, st)
         pa = _probs(a, el["sa"], st["lse_a"])
         pb = _probs(b, el["sb"], st["lse_b"])
-        ga = torch.where(el["t"], -pa * el["dc"], 0.0)
+        ga = _sel(el["t"], -pa * el["dc"], 0.0)
         gb = pb - pa
         gx, gy = (ga, gb) if kind == "forward" else (gb, ga)
     elif kind == "jeffreys":
@@ -318,18 +369,19 @@ def _local_grads(kind, x, y, rows, st, beta):
         t, dc = el["t"], el["dc"]
         pw = _probs(x, el["sa"], st["lse_a"])
         qw = _probs(y, el["sb"], st["lse_b"])
-        gx = torch.where(t, -pw * dc, 0.0) + pw - qw
-        gy = qw - pw + torch.where(t, qw * (dc - st["Eq_dc"][:, None]), 0.0)
+        gx = _sel(t, -pw * dc, 0.0) + pw - qw
+        gy = qw - pw + _sel(t, qw * (dc - st["Eq_dc"][:, None]), 0.0)
     else:
         el = _elementwise(x, y, st)
         t = el["t"]
         _, lm_p, lm_q, _, _, pw, qw = _js_local(x, y, st, el, beta)
-        lpm = torch.where(t, -lm_p, -math.log(beta))  # log(p / m) where p > 0
-        lqm = torch.where(t, -lm_q, -math.log1p(-beta))  # log(q / m) where q > 0
+        lpm = _sel(t, -lm_p, -math.log(beta))  # log(p / m) where p > 0
+        lqm = _sel(t, -lm_q, -math.log1p(-beta))  # log(q / m) where q > 0
         gx = beta * pw * (lpm - st["KLpm"][:, None])
         gy = (1 - beta) * qw * (lqm - st["KLqm"][:, None])
-    gx = torch.where(fin, gx, 0.0)
-    gy = torch.where(fin, gy, 0.0)
+    if not bool(fin.all()):
+        gx = torch.where(fin, gx, 0.0)
+        gy = torch.where(fin, gy, 0.0)
     return gx, gy
 
 
