@@ -167,7 +167,7 @@ def trpo_step(policy, batch, max_kl, cg_iters, damping, torch, kldiv):
         flat_set(old + frac * full_step)
         with torch.no_grad():
             kl, new_surr = float(mean_kl()), float(surrogate())
-        if kl <= 1.5 * max_kl and new_surr - surr_before > 0.1 * frac * float(expected):
+        if kl <= max_kl and new_surr - surr_before > 0.1 * frac * float(expected):
             return dict(surrogate_before=surr_before, surrogate_after=new_surr, kl=kl,
                         accepted=True)
     flat_set(old)
