@@ -225,7 +225,13 @@ def _pair(xp, P: _Side, Q: _Side) -> _Pair:
     if P.space == "probs" and Q.space == "probs":
         ps = xp.where(T, P.x, one)
         qs = xp.where(T, Q.x, one)
-        delta = xp.log1p((qs - ps) / ps)  # exact difference, one rounding in the quotient
+        # within a factor 2 the difference q - p is exact (Sterbenz) and log1p of the quotient
+        # keeps full relative accuracy; farther apart, log q - log p has no cancellation to fear
+        # (and a quotient could round to -1 or overflow for tiny or subnormal p)
+        near = (qs >= 0.5 * ps) & (qs <= 2 * ps)
+        pn = xp.where(near, ps, one)
+        qn = xp.where(near, qs, one)
+        delta = xp.where(near, xp.log1p((qn - pn) / pn), xp.log(qs) - xp.log(ps))
     else:
         delta = xp.where(T, Q.raw_log - P.raw_log, zero)
     wT = xp.where(T, P.w, zero)
