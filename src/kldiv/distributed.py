@@ -260,7 +260,7 @@ def _pair_stats(a, b, group, check, names):
     kl = torch.where(a_esc, math.inf, L - torch.where(a_esc, 0.0, log_bT))
     mean_d = log_bT - log_aT - L
     rows = dict(lse_a=lse_a, lse_b=lse_b, mu=mu, a_out=a_out, b_out=b_out, a_esc=a_esc,
-                b_esc=b_esc, L=L, kl=kl, mean_d=mean_d)
+                b_esc=b_esc, L=L, kl=kl, mean_d=mean_d, log_aT=log_aT, log_bT=log_bT)
     return rows, dict(t=t, sa=sa, sb=sb, dc=dc)
 
 
@@ -338,8 +338,8 @@ def _rows_and_stats(kind, x, y, beta, group, check, names=("p_shard", "q_shard")
     sums = torch.stack([tp.sum(-1), tq.sum(-1), _sel(t, pw * lm_p, 0.0).sum(-1),
                         _sel(t, qw * lm_q, 0.0).sum(-1)], dim=1)
     sums = _all_reduce(sums, "sum", group)
-    st["KLpm"] = -sums[:, 2] - math.log(beta) * st["a_out"]  # KL(p || m)
-    st["KLqm"] = -sums[:, 3] - math.log1p(-beta) * st["b_out"]  # KL(q || m)
+    st["S_plm"] = sums[:, 2]  # sum_T p log(m/p)
+    st["S_qlm"] = sums[:, 3]  # sum_T q log(m/q)
     rows = (beta * sums[:, 0] + (1 - beta) * sums[:, 1]
             - beta * math.log(beta) * st["a_out"] - (1 - beta) * math.log1p(-beta) * st["b_out"])
     return rows, st
@@ -375,10 +375,16 @@ def _local_grads(kind, x, y, rows, st, beta):
         el = _elementwise(x, y, st)
         t = el["t"]
         _, lm_p, lm_q, _, _, pw, qw = _js_local(x, y, st, el, beta)
-        lpm = _sel(t, -lm_p, -math.log(beta))  # log(p / m) where p > 0
-        lqm = _sel(t, -lm_q, -math.log1p(-beta))  # log(q / m) where q > 0
-        gx = beta * pw * (lpm - st["KLpm"][:, None])
-        gy = (1 - beta) * qw * (lqm - st["KLqm"][:, None])
+        # log(p/m) - KL(p||m) with KL(p||m) = c_p p_out - S_plm, c_p = -log(beta) = log(p/m)
+        # off T; off T the difference is c_p (1 - p_out) + S_plm, with 1 - p_out = p(T) taken
+        # from its accurate logarithm (no cancellation when p(T) is tiny)
+        cp, cq = -math.log(beta), -math.log1p(-beta)
+        on_p = -lm_p - (cp * st["a_out"] - st["S_plm"])[:, None]
+        on_q = -lm_q - (cq * st["b_out"] - st["S_qlm"])[:, None]
+        off_p = (cp * torch.exp(st["log_aT"]) + st["S_plm"])[:, None]
+        off_q = (cq * torch.exp(st["log_bT"]) + st["S_qlm"])[:, None]
+        gx = beta * pw * _sel(t, on_p, off_p)
+        gy = (1 - beta) * qw * _sel(t, on_q, off_q)
     if not bool(fin.all()):
         gx = torch.where(fin, gx, 0.0)
         gy = torch.where(fin, gy, 0.0)
