@@ -15,12 +15,13 @@ memory, ``ru_maxrss``, belongs to that method alone):
 The time target of issue 3 is ``linear_kl_div <= 1.1 x (matmuls + kldiv loss)``; the memory
 target is an extra peak <= 0.25 x one float32 N x V logits tensor, counted beyond the inputs and
 the gradients that the call returns (``hidden.grad``, ``weight.grad``, ``bias.grad``, which every
-method must produce). Times are medians over ``--repeats`` calls after one warm-up call.
+method must produce). Times are medians over all timed calls (one warm-up call per process).
 
 Run on its own: ``python benchmarks/_linear_bench.py --quick`` (a small smoke run) or
 ``python benchmarks/_linear_bench.py --n 2048 --v 32000 --h 1024``; the default size is
 N x V = 8192 x 128256 with H = 2048, which needs about 10 GB and minutes per call on 2 cores.
-Methods whose estimated memory exceeds what the machine has available are skipped and said so.
+Methods take turns (``--rounds`` processes each, interleaved) so that noise from other work on
+the machine hits them alike. Methods whose estimated memory exceeds what the machine has available are skipped and said so.
 """
 from __future__ import annotations
 
@@ -64,6 +65,20 @@ def _estimate_bytes(method, n, v, h, item, topk):
 
 # ----------------------------------------------------------------------------------------------
 # one method, in a worker process
+
+
+def _touch_code_paths(torch, F, kldiv, linear_kl_div):
+    """Run every method once on tiny inputs, so that lazy imports do not count as extra memory."""
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(4, 8, generator=g, requires_grad=True)
+    W = torch.randn(16, 8, generator=g, requires_grad=True)
+    t = torch.randn(4, 16, generator=g)
+    linear_kl_div(h, W, t).backward()
+    linear_kl_div(h, W, (torch.arange(4).repeat(4, 1), torch.full((4, 4), -2.0))).backward()
+    z = F.linear(h, W)
+    kldiv.kl_div(t, z, p_space="logits", q_space="logits", reduction="mean").backward()
+    F.kl_div(torch.log_softmax(F.linear(h, W), -1), torch.log_softmax(t, -1), log_target=True,
+             reduction="batchmean").backward()
 
 
 def _worker(cfg):
@@ -140,6 +155,7 @@ def _worker(cfg):
 
     import gc
 
+    _touch_code_paths(torch, F, kldiv, linear_kl_div)
     gc.collect()
     base = _rss_bytes()
     times = []
@@ -151,7 +167,7 @@ def _worker(cfg):
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     grads = sum(x.grad.numel() * x.grad.element_size() for x in (hid, W, b)
                 if x.grad is not None) if method != "kldiv loss" else n * v * 4
-    return {"time_s": statistics.median(times), "extra_peak": peak - base,
+    return {"times": times, "extra_peak": peak - base,
             "extra_peak_excl_grads": peak - base - grads}
 
 
@@ -170,29 +186,49 @@ def _run_one(cfg):
 
 
 def run_linear(args):
-    """Measure every method at ``args``' size; a list of row dicts (one per method)."""
+    """Measure every method at ``args``' size; a list of row dicts (one per method).
+
+    The methods take turns: ``args.rounds`` rounds, each running every method once in a fresh
+    process (one warm-up call, then ``args.repeats`` timed calls), so that a noisy neighbour on a
+    shared machine slows all of them alike. Time: the median over all timed calls; memory: the
+    largest extra peak seen.
+    """
     item = 2 if args.dtype in ("bfloat16", "float16") else (8 if args.dtype == "float64" else 4)
     logits_bytes = args.n * args.v * 4
-    rows = []
     avail = _available_bytes()
     methods = [m for m in args.methods.split(",")] if args.methods else list(METHODS)
     if args.topk:
         methods = [m for m in methods if m in ("linear_kl_div", "matmuls")]
+    rows, times = [], {}
     for method in methods:
-        cfg = {"method": method, "n": args.n, "v": args.v, "h": args.h, "dtype": args.dtype,
-               "divergence": args.divergence, "topk": args.topk, "repeats": args.repeats,
-               "threads": args.threads, "chunk_size": args.chunk_size}
         need = _estimate_bytes(method, args.n, args.v, args.h, item, args.topk)
         row = {"method": method, "n": args.n, "v": args.v, "h": args.h, "dtype": args.dtype,
                "divergence": args.divergence, "target": f"top-{args.topk}" if args.topk else
-               "dense"}
+               "dense", "threads": args.threads}
         if avail is not None and need > 0.9 * avail:
             row["error"] = f"skipped: needs ~{need / 2**30:.1f} GiB, {avail / 2**30:.1f} GiB free"
-        else:
-            row.update(_run_one(cfg))
-        if "extra_peak" in row:
-            row["extra_vs_logits"] = row["extra_peak_excl_grads"] / logits_bytes
         rows.append(row)
+        times[method] = []
+    for _ in range(args.rounds):
+        for row in rows:
+            if "error" in row:
+                continue
+            cfg = {"method": row["method"], "n": args.n, "v": args.v, "h": args.h,
+                   "dtype": args.dtype, "divergence": args.divergence, "topk": args.topk,
+                   "repeats": args.repeats, "threads": args.threads,
+                   "chunk_size": args.chunk_size}
+            out = _run_one(cfg)
+            if "error" in out:
+                row["error"] = out["error"]
+                continue
+            times[row["method"]].extend(out["times"])
+            for key in ("extra_peak", "extra_peak_excl_grads"):
+                row[key] = max(row.get(key, out[key]), out[key])
+    for row in rows:
+        if "error" not in row and times[row["method"]]:
+            row["time_s"] = statistics.median(times[row["method"]])
+            row["times"] = times[row["method"]]
+            row["extra_vs_logits"] = row["extra_peak_excl_grads"] / logits_bytes
     by = {r["method"]: r for r in rows}
     if all(m in by and "time_s" in by[m] for m in ("linear_kl_div", "matmuls", "kldiv loss")):
         floor = by["matmuls"]["time_s"] + by["kldiv loss"]["time_s"]
@@ -233,7 +269,8 @@ def _parser():
     ap.add_argument("--divergence", default="forward", choices=["forward", "reverse", "js"])
     ap.add_argument("--topk", type=int, default=0, help="top-k teacher with this K (0: dense)")
     ap.add_argument("--chunk-size", type=int, default=None, dest="chunk_size")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=1, help="timed calls per process")
+    ap.add_argument("--rounds", type=int, default=3, help="processes per method, interleaved")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--methods", default="", help="comma-separated subset of " + ",".join(METHODS))
     ap.add_argument("--quick", action="store_true", help="small smoke run (N=512, V=4096, H=256)")
@@ -248,10 +285,10 @@ def main(argv=None):
         print(json.dumps(_worker(json.loads(args.worker))))
         return 0
     if args.quick:
-        args.n, args.v, args.h, args.repeats = 512, 4096, 256, 1
+        args.n, args.v, args.h, args.repeats, args.rounds = 512, 4096, 256, 1, 1
     print(f"linear_kl_div benchmark: N={args.n} V={args.v} H={args.h} {args.dtype} "
           f"{args.divergence} target={'top-%d' % args.topk if args.topk else 'dense'} "
-          f"threads={args.threads} repeats={args.repeats}; one float32 logits tensor = "
+          f"threads={args.threads} rounds={args.rounds} x repeats={args.repeats}; one float32 logits tensor = "
           f"{args.n * args.v * 4 / 2**20:.0f} MB")
     rows = run_linear(args)
     print(format_table(rows))

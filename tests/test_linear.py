@@ -101,13 +101,32 @@ def test_dense_against_naive_float64(dtype, kind, space):
         assert_close(g, r, TOL[dtype], name)
 
 
+@pytest.fixture(params=["default", "torch-rows", "standin"])
+def row_path(request, monkeypatch):
+    """Run a test through each way the per-chunk divergence can be computed."""
+    import contextlib
+
+    from kldiv.backends import torch_linear
+
+    if request.param == "standin":
+        monkeypatch.setattr(torch_linear, "_rows_function",
+                            lambda: (torch_linear._standin_rows_with_grad, None))
+        return contextlib.nullcontext()
+    if request.param == "torch-rows":
+        from kldiv.backends import torch_fused
+
+        return torch_fused._extension(False)  # the fused module's pure-torch path
+    return contextlib.nullcontext()
+
+
 @pytest.mark.parametrize("kind", ["forward", "reverse", "js"])
-def test_dense_against_core_on_full_logits(kind):
+def test_dense_against_core_on_full_logits(kind, row_path):
     hid, W, b, t = make(29, 12, 40, F64, seed=2)
     fn = {"forward": kldiv.kl_div, "reverse": kldiv.reverse_kl, "js": kldiv.js_div}[kind]
     h1, W1, b1 = leaves(F64, hid, W, b)
-    loss = linear_kl_div(h1, W1, t, bias=b1, divergence=kind, chunk_size=5, temperature=1.7,
-                         t2_scale=True, reduction="sum")
+    with row_path:
+        loss = linear_kl_div(h1, W1, t, bias=b1, divergence=kind, chunk_size=5, temperature=1.7,
+                             t2_scale=True, reduction="sum")
     h2, W2, b2 = leaves(F64, hid, W, b)
     ref = fn(t, h2 @ W2.T + b2, p_space="logits", q_space="logits", reduction="sum",
              temperature=1.7, t2_scale=True)

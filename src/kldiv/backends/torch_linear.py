@@ -31,8 +31,9 @@ TARGET_SPACES = ("logits", "log_probs")
 #: extra memory the function aims at, as a fraction of one float32 N x V logits tensor
 MEMORY_FRACTION = 0.2
 #: fewest rows per chunk: below this the rank-C update of grad_weight (a read and a write of
-#: V x H per chunk) makes the backward matmul memory-bound (measured: 3x slower at 16 rows)
-MIN_CHUNK_ROWS = 128
+#: V x H per chunk) and the matmuls with few rows run slowly (measured here: 16 rows 3x
+#: slower than 1024, 128 rows about 25% slower)
+MIN_CHUNK_ROWS = 256
 
 
 # ----------------------------------------------------------------------------------------------
@@ -70,33 +71,44 @@ def _rows_function():
     return torch_fused.divergence_rows_with_grad, getattr(torch_fused, "_CHUNK_ELEMENTS", 1 << 19)
 
 
+def _row_function_has_kernel(kind, device, dtype):
+    """Whether the row function will use its C kernel (no temporaries of the chunk's size)."""
+    try:
+        from . import torch_fused
+    except ImportError:  # pragma: no cover
+        return False
+    return (getattr(torch_fused, "_EXT", None) is not None and kind in ("forward", "reverse")
+            and device.type == "cpu" and dtype in (torch.float32, torch.float64))
+
+
 # the core's row function under autograd keeps about this many chunk-sized temporaries alive
 # (measured with ru_maxrss: 43 for "forward", 46 for "reverse", 99 for "js" in float32)
 _CORE_TEMPORARIES = {"forward": 48, "reverse": 48, "js": 100}
 
 
 def auto_chunk_size(n_rows, vocab, hidden_size, *, divergence="forward", dtype=torch.float32,
-                    topk=None):
+                    topk=None, device="cpu"):
     """Rows per chunk so that the extra memory stays near ``MEMORY_FRACTION`` of the logits.
 
     The budget is ``MEMORY_FRACTION * n_rows * vocab * 4`` bytes (a fraction of one float32
-    logits tensor). A chunk of C rows holds its logits (C x V, compute dtype; the gradient
-    overwrites them), the divergence's own temporaries (bounded by the row function's internal
-    chunking, or about 50-100 C x V tensors for the core under autograd), and C x H for the
-    hidden chunk and its gradient. With a top-k target, autograd through the K+1 buckets keeps
-    about six more C x V tensors. At least ``MIN_CHUNK_ROWS`` rows, at most ``n_rows``.
+    logits tensor). A chunk of C rows holds its logits (C x V in the compute dtype; the gradient
+    overwrites them), C x H for the hidden chunk and its gradient, and the divergence's own
+    temporaries: none of the chunk's size in the C kernel, about 50 tensors of the row function's
+    internal chunk (2**19 elements) in its pure-torch path, about 50-100 C x V tensors for the
+    core under autograd (the stand-in). A top-k target adds about six C x V tensors (the bucket
+    construction and its autograd). At least ``MIN_CHUNK_ROWS`` rows (matmul speed), at most
+    ``n_rows``.
     """
     item = 8 if dtype == torch.float64 else 4
     budget = MEMORY_FRACTION * n_rows * vocab * 4
     fn, inner = _rows_function()
     per_row = vocab * item * (1 + (6 if topk else 0)) + 3 * hidden_size * item
+    width = vocab if not topk else topk + 1
+    fixed = 0
     if inner is None:  # stand-in: temporaries scale with the chunk
-        per_row += vocab * item * _CORE_TEMPORARIES[divergence]
-        fixed = 0
-    else:  # the row function chunks itself: about 50 temporaries of `inner` elements
-        width = vocab if not topk else topk + 1
-        per_row_inner = max(1, inner // max(width, 1))
-        fixed = 50 * per_row_inner * width * item
+        per_row += width * item * _CORE_TEMPORARIES[divergence]
+    elif topk or not _row_function_has_kernel(divergence, torch.device(device), dtype):
+        fixed = 50 * max(1, inner // max(width, 1)) * width * item
     rows = int((budget - fixed) // per_row)
     return max(1, min(n_rows, max(MIN_CHUNK_ROWS, rows)))
 
@@ -524,7 +536,8 @@ def linear_kl_div(hidden, weight, target, *, bias=None, target_space="logits",
 
     if plan.validate:
         for name, x in (("hidden", hidden), ("weight", weight), ("bias", bias)):
-            if x is not None and not bool(torch.isfinite(x).all()):
+            if x is not None and x.numel() and not bool(torch.isfinite(
+                    torch.stack(torch.aminmax(x))).all()):  # one pass; nan propagates
                 raise ValueError(f"{name}: contains nan or inf")
         if plan.topk is not None:
             ti, tl = plan.topk
@@ -536,7 +549,8 @@ def linear_kl_div(hidden, weight, target, *, bias=None, target_space="logits",
                         f"{plan.topk[0].dtype}")
 
     if chunk_size is None:
-        chunk_size = auto_chunk_size(n, V, H, divergence=divergence, dtype=cdt, topk=topk_k)
+        chunk_size = auto_chunk_size(n, V, H, divergence=divergence, dtype=cdt, topk=topk_k,
+                                     device=hidden.device)
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size: expected a positive int or None, got {chunk_size!r}")
     plan.chunk = int(chunk_size)
