@@ -185,7 +185,7 @@ def fit_value(value, opt, batch, epochs, minibatch, torch, gen):
             opt.zero_grad()
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
     return losses
 
 
