@@ -7,6 +7,10 @@ gradient direction comes from conjugate gradient on Fisher-vector products, whic
 Hessian-vector products of that KL: a double backward pass through ``kldiv.kl_div``. Then a
 backtracking line search checks the KL constraint and the surrogate improvement.
 
+Measured on a 2-core CPU (torch 2.13, gymnasium 1.4): with --seed 0 (the default) the mean
+return of an iteration's finished episodes reaches 475 at iteration 11 (44 000 steps, ~12 s of
+training); seeds 0-4 reach it at iterations 11, 14, 17, 25, 10.
+
 Run:    python examples/trpo_cartpole.py --out out/trpo
 Smoke:  python examples/trpo_cartpole.py --smoke --out /tmp/trpo
 Writes: return_per_iteration.png and metrics.json in --out.

@@ -412,3 +412,13 @@ def test_gradcheck_float64():
         lb = ls.detach().clone() - 0.1
         assert torch.autograd.gradcheck(lambda a, b: f(a, b, logp_behavior=lb), (ls, lo))
         assert torch.autograd.gradgradcheck(lambda a, b: f(a, b), (ls, lo))
+
+
+def test_import_pulls_in_no_framework():
+    import subprocess
+    import sys
+
+    code = ("import sys, kldiv.estimators, kldiv.distributions; "
+            "print(sorted(m for m in ('torch', 'jax', 'matplotlib', 'scipy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
