@@ -95,14 +95,14 @@ def auto_chunk_size(n_rows, vocab, hidden_size, *, divergence="forward", dtype=t
     overwrites them), C x H for the hidden chunk and its gradient, and the divergence's own
     temporaries: none of the chunk's size in the C kernel, about 50 tensors of the row function's
     internal chunk (2**19 elements) in its pure-torch path, about 50-100 C x V tensors for the
-    core under autograd (the stand-in). A top-k target adds about six C x V tensors (the bucket
-    construction and its autograd). At least ``MIN_CHUNK_ROWS`` rows (matmul speed), at most
-    ``n_rows``.
+    core under autograd (the stand-in); with a top-k target the divergence works on K + 1 columns
+    only and the buckets are made in place in the logits. At least ``MIN_CHUNK_ROWS`` rows (matmul
+    speed), at most ``n_rows``.
     """
     item = 8 if dtype == torch.float64 else 4
     budget = MEMORY_FRACTION * n_rows * vocab * 4
     fn, inner = _rows_function()
-    per_row = vocab * item * (1 + (6 if topk else 0)) + 3 * hidden_size * item
+    per_row = vocab * item + 3 * hidden_size * item
     width = vocab if not topk else topk + 1
     fixed = 0
     if inner is None:  # stand-in: temporaries scale with the chunk
@@ -141,7 +141,7 @@ def _row_tensor(x, rows_shape, n, name):
 
 def _bad_rows_message(bad, rows):
     idx = torch.nonzero(bad).flatten()
-    first = int(rows[idx[0]]) if rows is not None else int(idx[0])
+    first = int(rows[int(idx[0])]) if rows is not None else int(idx[0])
     more = f" (and {idx.numel() - 1} more in this chunk)" if idx.numel() > 1 else ""
     return f"row {first}{more}"
 
@@ -257,15 +257,57 @@ def _backprop_chunk(g, h, weight, cdt, vblock, gw_acc, need_w):
     return gh
 
 
-def _topk_student_buckets(z, idx, temperature):
-    """log q over K+1 buckets: the K indexed categories and the rest, from full logits z."""
-    zt = z / temperature if temperature != 1.0 else z
-    lse = torch.logsumexp(zt, -1, keepdim=True)
-    lq_k = torch.gather(zt, -1, idx) - lse
-    if idx.shape[-1] == z.shape[-1]:  # nothing outside the top-k: no extra bucket
-        return lq_k
-    rest = torch.logsumexp(zt.scatter(-1, idx, -math.inf), -1, keepdim=True) - lse
-    return torch.cat([lq_k, rest], -1)
+class _TopkStudent:
+    """The student's log-probabilities over K+1 buckets, made in place in the chunk's logits.
+
+    Buckets: the K indexed categories and the rest. With z' = z / T, e_j = exp(z'_j - m) on the
+    complement of the K indices (m: the complement's maximum) and s_c = sum of e_j::
+
+        lse_c = m + log s_c,   lse = logaddexp(lse_c, logsumexp_k z'_k)
+        log q_k = z'_k - lse,  log q_rest = lse_c - lse
+
+    (the rest is summed exactly over the complement: no ``1 - sum`` cancellation). Given the
+    gradient g_b of the loss with respect to the K+1 bucket log-probabilities (S = sum of g_b),
+    the gradient with respect to z' is, written once per row::
+
+        d/dz'_j = e_j (g_rest / s_c - S exp(m - lse))       for j outside the K indices
+        d/dz'_k = g_k - S exp(z'_k - lse)                     for the K indices
+
+    which overwrites the logits in place: the chunk needs no second C x V tensor.
+    """
+
+    def __init__(self, z, idx, temperature):
+        if temperature != 1.0:
+            z.div_(temperature)
+        self.z, self.idx, self.T = z, idx, temperature
+        zk = torch.gather(z, -1, idx)
+        self.rest = idx.shape[-1] < z.shape[-1]
+        lse_k = torch.logsumexp(zk, -1, keepdim=True)
+        if self.rest:
+            z.scatter_(-1, idx, -math.inf)
+            m = z.amax(-1, keepdim=True)
+            s_c = z.sub_(m).exp_().sum(-1, keepdim=True)  # z now holds e_j (0 on the K)
+            lse_c = m + torch.log(s_c)
+            lse = torch.logaddexp(lse_c, lse_k)
+            self.m, self.s_c = m, s_c
+            self.log_q = torch.cat([zk - lse, lse_c - lse], -1)
+        else:
+            lse = lse_k
+            self.log_q = zk - lse
+        self.zk, self.lse = zk, lse
+
+    def grad(self, g_b):
+        """Overwrite the chunk's logits with d loss / d z (z before the temperature)."""
+        z, K = self.z, self.idx.shape[-1]
+        S = g_b.sum(-1, keepdim=True)
+        if self.rest:
+            z.mul_(g_b[:, K:] / self.s_c - S * torch.exp(self.m - self.lse))
+        else:
+            z.zero_()
+        z.scatter_(-1, self.idx, g_b[:, :K] - S * torch.exp(self.zk - self.lse))
+        if self.T != 1.0:
+            z.div_(self.T)
+        return z
 
 
 def _topk_teacher_buckets(lp, V, cdt):
@@ -327,15 +369,13 @@ def _run(hidden, weight, bias, plan):
                 ti, tl = ti.index_select(0, rows_g), tl.index_select(0, rows_g)
             ti = ti.to(torch.int64)
             p_b = _topk_teacher_buckets(tl, V, cdt)
-            with torch.enable_grad():
-                zg = z.requires_grad_(need_any)
-                q_b = _topk_student_buckets(zg, ti, plan.temperature)
-                rows, _, g_b = rows_fn(plan.kind, p_b, q_b.detach(), p_space="log_probs",
-                                       q_space="log_probs", temperature=1.0, beta=plan.beta,
-                                       need_grad_p=False, need_grad_q=need_any, grad_scale=s)
-                if need_any:
-                    (g,) = torch.autograd.grad(q_b, zg, g_b)
-            del q_b, zg
+            student = _TopkStudent(z, ti, plan.temperature)
+            rows, _, g_b = rows_fn(plan.kind, p_b, student.log_q, p_space="log_probs",
+                                   q_space="log_probs", temperature=1.0, beta=plan.beta,
+                                   need_grad_p=False, need_grad_q=need_any, grad_scale=s)
+            if need_any:
+                g = student.grad(g_b)
+            del student
         total = total + rows.sum() * scale if c else total
         if need_any:
             gh = _backprop_chunk(g, h, w, cdt, vblock, gw_acc, need_w)
