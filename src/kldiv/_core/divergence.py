@@ -242,7 +242,17 @@ def _pair(xp, P: _Side, Q: _Side) -> _Pair:
     lwn = xp.where(T, P.lw - xp.log(pT_safe), zero)
     mu = xp.sum(wn * delta, axis=-1, keepdims=True)
     dc = xp.where(T, delta - mu, zero)  # centred log-ratio d'
-    L = xp.log1p(xp.sum(xp.where(T, _w_phi(xp, wn, lwn, dc), zero), axis=-1))
+    # L = log E_p[exp(d')] = log1p(E_p[phi(d')]). When some p_i exp(d'_i) is huge (logits far
+    # apart: KL in the tens), E_p[phi] would overflow although L is modest: such rows take the
+    # log-sum-exp of log p_i + d'_i instead (no cancellation to fear there, L > 20).
+    top = xp.max(xp.where(T, lwn + dc, const(xp, -math.inf, dc)), axis=-1, keepdims=True)
+    huge = top > 20.0
+    dc_small = xp.where(huge, zero, dc)
+    L_small = xp.log1p(xp.sum(xp.where(T, _w_phi(xp, wn, lwn, dc_small), zero), axis=-1))
+    lt = xp.where(T & huge, lwn + dc, const(xp, -math.inf, dc))
+    lt = xp.where(huge, lt, zero)
+    L_large = logsumexp(xp, lt, axis=-1)[..., 0]
+    L = xp.where(huge[..., 0], L_large, L_small)
     p_out = xp.sum(xp.where(T, zero, P.w), axis=-1)
     q_out = xp.sum(xp.where(T, zero, Q.w), axis=-1)
     log_pT = _log_of_mass(xp, p_out, P.lw, T)
