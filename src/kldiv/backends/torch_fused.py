@@ -52,8 +52,8 @@ FUSED_MIN_ELEMENTS = 1 << 20
 _ENABLED = contextvars.ContextVar("kldiv_fused", default=True)
 _USE_EXTENSION = contextvars.ContextVar("kldiv_fused_extension", default=True)
 
-# elements per chunk in the pure-torch path (the core's row function makes ~40 temporaries)
-_CHUNK_ELEMENTS = 1 << 19
+# elements per chunk in the pure-torch path (each chunk makes ~20 temporaries of its size)
+_CHUNK_ELEMENTS = 1 << 20
 
 
 def set_fused(enabled: bool) -> None:
@@ -136,6 +136,78 @@ def _torch_rows(kind, p, q, p_space, q_space, temperature, beta, need_p, need_q,
     gp = grads.pop(0) if need_p else None
     gq = grads.pop(0) if need_q else None
     return rows.detach(), gp, gq
+
+
+def _kl_chunk(p, q, temperature, need_p, need_q, scale):
+    """KL(p || q) per row of a 2-D chunk with analytic gradients: the C kernel's algebra in torch.
+
+    The core's cancellation-free algorithm written for the log-space case only (no autograd
+    graph, about 40 elementwise operations per element). Rows the algebra does not cover
+    (nan, +inf, all -inf) come back as nan; the caller hands them to the core.
+    """
+    dt = _compute_dtype(p, q)
+    x = p.to(dt)
+    y = q.to(dt)
+    it = 1.0 / temperature
+    ninf = -math.inf
+    px = x > ninf
+    inS = px & (y > ninf)
+    esc = (px & ~inS).any(-1)
+    xs = x * it if it != 1.0 else x
+    ys = y * it if it != 1.0 else y
+    mx = xs.amax(-1, keepdim=True)
+    my = ys.amax(-1, keepdim=True)
+    bad = ~(torch.isfinite(mx) & torch.isfinite(my))[:, 0]
+    mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+    my = torch.where(torch.isfinite(my), my, torch.zeros_like(my))
+    zero = torch.zeros((), dtype=dt, device=x.device)
+    ep = torch.exp(xs - mx)
+    eq = torch.exp(ys - my)
+    d = torch.where(inS, (y - x) * it if it != 1.0 else y - x, zero)
+    Zx = ep.sum(-1, keepdim=True)
+    Zy = eq.sum(-1, keepdim=True)
+    mu = (ep * d).sum(-1, keepdim=True) / Zx
+    bad = bad | ~(torch.isfinite(Zx) & torch.isfinite(Zy) & torch.isfinite(mu))[:, 0]
+    qo = torch.where(px, zero, eq).sum(-1, keepdim=True) / Zy
+    qS = torch.where(inS, eq, zero).sum(-1, keepdim=True) / Zy
+    log_qS = torch.where(qo < 0.5, torch.log1p(-torch.where(qo < 0.5, qo, zero)),
+                         torch.log(qS))
+    lc = my - (mx + torch.log(Zx)) - mu  # p_i e^{d'_i} = e^{lc} eq_i
+    huge = lc > (57.0 if dt == torch.float32 else 678.0)
+    c = torch.exp(torch.where(huge, zero, lc))
+    p_ = ep / Zx
+    dc = torch.where(inS, d - mu, zero)
+    small = dc.abs() < _div._SMALL
+    ser = _div._phi_series(namespace(dc), torch.where(small, dc, zero))
+    term = torch.where(small, p_ * ser, c * eq - p_ * (1 + dc))
+    acc = torch.where(inS, term, zero).sum(-1, keepdim=True)
+    kl = torch.where(huge, lc + torch.log(Zy), torch.log1p(acc) - log_qS)[:, 0]
+    kl = torch.where(esc, torch.full_like(kl, math.inf), kl)
+    kl = torch.where(bad, torch.full_like(kl, math.nan), kl)
+    g = torch.full_like(kl, it) if scale is None else scale.to(dt) * it
+    g = torch.where(esc | bad, zero, g)[:, None]
+    gp = torch.where(inS, -p_ * dc, zero) * g if need_p else None
+    gq = (eq / Zy - p_) * g if need_q else None
+    return kl, gp, gq
+
+
+def _chunk(kind, p, q, p_space, q_space, temperature, beta, need_p, need_q, scale):
+    """One chunk by the fastest pure-torch route; nan rows are redone by the core's algebra."""
+    if kind not in ("forward", "reverse"):
+        return _torch_rows(kind, p, q, p_space, q_space, temperature, beta, need_p, need_q, scale)
+    if kind == "forward":
+        rows, gp, gq = _kl_chunk(p, q, temperature, need_p, need_q, scale)
+    else:
+        rows, gq, gp = _kl_chunk(q, p, temperature, need_q, need_p, scale)
+    redo = torch.nonzero(torch.isnan(rows)).flatten()
+    if redo.numel():
+        sc = None if scale is None else scale.index_select(0, redo)
+        r, g1, g2 = _torch_rows(kind, p.index_select(0, redo), q.index_select(0, redo), p_space,
+                                q_space, temperature, beta, need_p, need_q, sc)
+        rows = rows.index_copy(0, redo, r)
+        gp = None if gp is None else gp.index_copy(0, redo, g1)
+        gq = None if gq is None else gq.index_copy(0, redo, g2)
+    return rows, gp, gq
 
 
 def _chunk_rows(V):
@@ -227,8 +299,8 @@ def divergence_rows_with_grad(kind, p, q, *, p_space, q_space, temperature=1.0, 
             sl = active[i:i + step]
             pc, qc = p.index_select(0, sl), q.index_select(0, sl)
             sc = grad_scale.index_select(0, sl)
-        r, g1, g2 = _torch_rows(kind, pc, qc, p_space, q_space, temperature, beta,
-                                need_grad_p, need_grad_q, sc)
+        r, g1, g2 = _chunk(kind, pc, qc, p_space, q_space, temperature, beta,
+                           need_grad_p, need_grad_q, sc)
         if active is None:
             rows[sl] = r
             if gp is not None:
