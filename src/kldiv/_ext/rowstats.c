@@ -54,7 +54,8 @@ enum {
 };
 
 /* exp(x) in float32, vectorisable: Cody-Waite reduction and a degree-7 polynomial (Cephes
- * coefficients, about 1 ulp). exp(x) = 0 for x < -87 (including -inf), x is clamped at 88. */
+ * coefficients, about 1 ulp). exp(x) = 0 for x < -87 (including -inf), +inf for x > 88 (so that
+ * an overflowing row is detected and recomputed in double). */
 static inline float fexp(float x)
 {
     const float lo = -87.0f, hi = 88.0f;
@@ -74,6 +75,7 @@ static inline float fexp(float x)
     union { int32_t i; float f; } u;
     u.i = ((int32_t)n + 127) << 23;
     float y = p * u.f;
+    y = x > hi ? INFINITY : y;
     return x < lo ? 0.0f : y;
 }
 

@@ -218,8 +218,7 @@ def plot_divergence_matrix(dists, *, labels=None, divergence="kl", title=None, a
     finite = np.isfinite(m)
     shown = np.where(finite, m, np.nan)
     vmax = float(np.nanmax(shown)) if finite.any() else 1.0
-    cmap = plt.get_cmap("viridis").copy()
-    cmap.set_bad("lightgrey")
+    cmap = plt.get_cmap("viridis").with_extremes(bad="lightgrey")
     im = ax.imshow(shown, cmap=cmap, vmin=0, vmax=vmax if vmax > 0 else 1.0)
     for i in range(k):
         for j in range(k):

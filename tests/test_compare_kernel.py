@@ -1,0 +1,241 @@
+"""The row kernel of `kldiv compare` (compiled and NumPy fallback) against independent references.
+
+References: an mpmath oracle (50 digits, textbook formula, inputs taken exactly), NumPy
+extended precision for large vocabularies, scipy.special.log_softmax, and kldiv's core
+(kl_div / reverse_kl / js_div with logits), which the kernel must agree with.
+"""
+from __future__ import annotations
+
+import math
+
+import mpmath
+import numpy as np
+import pytest
+import scipy.special
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import kldiv
+from kldiv.compare import kernel as K
+
+HAVE_EXT = K.extension() is not None
+PATHS = [pytest.param(False, id="compiled"), pytest.param(True, id="numpy-fallback")]
+
+
+def mp_kl(a, b):
+    """KL(softmax(a) || softmax(b)) of one row with mpmath at 50 digits (inputs exact)."""
+    with mpmath.workdps(50):
+        A = [mpmath.mpf(float(x)) for x in a]
+        B = [mpmath.mpf(float(x)) for x in b]
+        fa = [x for x in A if x != -mpmath.inf]
+        fb = [x for x in B if x != -mpmath.inf]
+        la = max(fa) + mpmath.log(mpmath.fsum(mpmath.exp(x - max(fa)) for x in fa))
+        lb = max(fb) + mpmath.log(mpmath.fsum(mpmath.exp(x - max(fb)) for x in fb))
+        terms = []
+        for x, y in zip(A, B):
+            if x == -mpmath.inf:
+                continue
+            if y == -mpmath.inf:
+                return math.inf
+            lp, lq = x - la, y - lb
+            terms.append(mpmath.exp(lp) * (lp - lq))
+        return float(mpmath.fsum(terms))
+
+
+EXTENDED = np.finfo(np.longdouble).eps < 1e-18
+
+
+def ld_kl(a, b):
+    """KL per row in NumPy extended precision (textbook formula; fast oracle for large V).
+
+    Checked against mpmath in test_extended_oracle; without extended precision (some platforms)
+    it falls back to mpmath row by row.
+    """
+    if not EXTENDED:
+        return np.array([mp_kl(x, y) for x, y in zip(np.atleast_2d(a), np.atleast_2d(b))])
+    a = np.asarray(a, dtype=np.longdouble)
+    b = np.asarray(b, dtype=np.longdouble)
+    la = a - a.max(1, keepdims=True)
+    la = la - np.log(np.exp(la).sum(1, keepdims=True))
+    lb = b - b.max(1, keepdims=True)
+    lb = lb - np.log(np.exp(lb).sum(1, keepdims=True))
+    return np.asarray((np.exp(la) * (la - lb)).sum(1), dtype=np.float64)
+
+
+def close_pairs(rng, n, v, *, shift=7.5, lo=-7, hi=0):
+    """float32 logits a and b = a + shift + noise with noise scales over 10**lo .. 10**hi."""
+    a = (rng.standard_normal((n, v)) * 3).astype(np.float32)
+    scales = np.logspace(lo, hi, n)[:, None]
+    b = (a.astype(np.float64) + shift + rng.standard_normal((n, v)) * scales).astype(np.float32)
+    return a, b
+
+
+def run(a, b, fallback, **kw):
+    if not fallback and not HAVE_EXT:
+        pytest.fail("the compiled kernel kldiv._ext._rowstats is not built")
+    return K.row_stats(a, b, force_fallback=fallback, **kw)
+
+
+def test_extended_oracle():
+    """The extended-precision oracle agrees with mpmath (so it may stand in for it)."""
+    rng = np.random.default_rng(0)
+    a, b = close_pairs(rng, 4, 48, lo=-5, hi=0)
+    ref = np.array([mp_kl(x, y) for x, y in zip(a, b)])
+    np.testing.assert_allclose(ld_kl(a, b), ref, rtol=1e-7)
+
+
+@pytest.mark.parametrize("fallback", PATHS)
+def test_kl_matches_mpmath_small_vocab(fallback):
+    rng = np.random.default_rng(1)
+    a, b = close_pairs(rng, 6, 64, lo=-4.5, hi=0)
+    r = run(a, b, fallback, reverse=True)
+    ref = np.array([mp_kl(x, y) for x, y in zip(a, b)])
+    rev = np.array([mp_kl(y, x) for x, y in zip(a, b)])
+    big = ref >= 1e-9
+    assert big.sum() >= 5
+    np.testing.assert_allclose(r.kl[big], ref[big], rtol=1e-4)
+    np.testing.assert_allclose(r.rkl[rev >= 1e-9], rev[rev >= 1e-9], rtol=1e-4)
+    # below 1e-9 the error stays tiny in absolute terms
+    np.testing.assert_allclose(r.kl, ref, rtol=1e-4, atol=1e-13)
+
+
+@pytest.mark.parametrize("fallback", PATHS)
+def test_kl_large_vocab_shifted_logits(fallback):
+    """32000 categories, the other side shifted by a constant (common in practice)."""
+    rng = np.random.default_rng(2)
+    a, b = close_pairs(rng, 12 if EXTENDED else 2, 32000, shift=-13.25, lo=-5, hi=0)
+    ref = ld_kl(a, b)
+    r = run(a, b, fallback)
+    big = ref >= 1e-9
+    np.testing.assert_allclose(r.kl[big], ref[big], rtol=1e-4)
+
+
+@pytest.mark.parametrize("fallback", PATHS)
+def test_kl_equals_core(fallback):
+    """Same values as kldiv.kl_div / reverse_kl with p_space = q_space = "logits"."""
+    rng = np.random.default_rng(3)
+    a, b = close_pairs(rng, 40, 300, lo=-4, hi=0.5)
+    r = run(a, b, fallback, reverse=True)
+    core = np.asarray(kldiv.kl_div(a, b, p_space="logits", q_space="logits"), dtype=np.float64)
+    core_r = np.asarray(kldiv.reverse_kl(a, b, p_space="logits", q_space="logits"), dtype=np.float64)
+    ref = ld_kl(a, b)
+    big = ref >= 1e-9
+    np.testing.assert_allclose(r.kl[big], ref[big], rtol=1e-4)
+    np.testing.assert_allclose(r.kl[big], core[big], rtol=2e-4)
+    np.testing.assert_allclose(r.rkl[big], core_r[big], rtol=2e-4)
+
+
+def test_js_rows_equal_core_and_mpmath():
+    rng = np.random.default_rng(4)
+    a, b = close_pairs(rng, 4, 40, lo=-3, hi=0.5)
+    js = K.js_rows(a, b)
+    core = np.asarray(kldiv.js_div(a, b, p_space="logits", q_space="logits"), dtype=np.float64)
+    with mpmath.workdps(50):
+        ref = []
+        for x, y in zip(a, b):
+            P = [mpmath.exp(mpmath.mpf(float(t))) for t in x]
+            Q = [mpmath.exp(mpmath.mpf(float(t))) for t in y]
+            sp, sq = mpmath.fsum(P), mpmath.fsum(Q)
+            P = [t / sp for t in P]
+            Q = [t / sq for t in Q]
+            M = [(s + t) / 2 for s, t in zip(P, Q)]
+            ref.append(float(mpmath.fsum(s * mpmath.log(s / m) + t * mpmath.log(t / m)
+                                         for s, t, m in zip(P, Q, M)) / 2))
+    np.testing.assert_allclose(js, ref, rtol=1e-4)
+    np.testing.assert_allclose(js, core, rtol=1e-4)
+
+
+@pytest.mark.parametrize("fallback", PATHS)
+def test_top1_tokens_and_partition(fallback):
+    rng = np.random.default_rng(5)
+    a, b = close_pairs(rng, 30, 257, lo=-1, hi=0.7)
+    a[0, 5] = a[0, 9] = a[0].max() + 1  # ties: the first index wins (as llama.cpp)
+    tok = rng.integers(0, 257, 30)
+    r = run(a, b, fallback, tokens=tok)
+    assert r.top_ref[0] == 5
+    np.testing.assert_array_equal(r.top_ref, np.argmax(a, 1))
+    np.testing.assert_array_equal(r.top_other, np.argmax(b, 1))
+    lsa = scipy.special.log_softmax(a.astype(np.float64), axis=1)
+    lsb = scipy.special.log_softmax(b.astype(np.float64), axis=1)
+    rows = np.arange(30)
+    np.testing.assert_allclose(r.lp_ref_tok, lsa[rows, tok], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(r.lp_other_tok, lsb[rows, tok], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.exp(-r.logz_ref), np.exp(lsa.max(1)), rtol=1e-6)
+    assert (r.status == 0).all()
+
+
+@pytest.mark.parametrize("fallback", PATHS)
+def test_edges_support_and_bad_values(fallback):
+    v = 6
+    a = np.zeros((8, v), np.float32)
+    b = np.zeros((8, v), np.float32)
+    a[0, 2] = -np.inf  # p = 0 where q > 0: finite, the -log q(S) term
+    b[1, 2] = -np.inf  # q = 0 where p > 0: +inf
+    a[2, 1] = b[2, 1] = -np.inf  # both zero there: same as a 5-category row
+    a[3, 0] = np.nan
+    b[4, 3] = np.inf
+    a[5] = -np.inf  # reference row with no finite entry
+    b[6, 1] = 2.0
+    r = run(a, b, fallback, reverse=True, tokens=np.array([0, 0, 0, 0, 0, 0, 0, v]))
+    assert r.kl[0] == pytest.approx(math.log(6 / 5), rel=1e-6)   # p uniform on 5, q uniform on 6
+    assert r.rkl[0] == math.inf
+    assert r.kl[1] == math.inf and r.rkl[1] == pytest.approx(math.log(6 / 5), rel=1e-6)
+    assert r.kl[2] == pytest.approx(0.0, abs=1e-12)
+    assert r.kl[6] == pytest.approx(mp_kl(a[6], b[6]), rel=1e-5)
+    assert r.status[3] & K.NAN_REF and not r.status[3] & K.NAN_OTHER
+    assert r.status[4] & K.PINF_OTHER
+    assert r.status[5] & K.EMPTY_REF
+    assert r.status[7] & K.BAD_TOKEN
+    assert (r.status[[0, 1, 2, 6]] == 0).all()
+
+
+@pytest.mark.skipif(not HAVE_EXT, reason="compiled kernel not built")
+def test_compiled_and_fallback_agree_and_env_forces_fallback(monkeypatch):
+    rng = np.random.default_rng(6)
+    a, b = close_pairs(rng, 50, 1000, lo=-4, hi=1)
+    b[7, :500] -= 40  # a row with a large divergence (KL of several nats)
+    tok = rng.integers(0, 1000, 50)
+    fast = K.row_stats(a, b, tokens=tok, reverse=True)
+    slow = K.row_stats(a, b, tokens=tok, reverse=True, force_fallback=True)
+    np.testing.assert_allclose(fast.kl, slow.kl, rtol=1e-4, atol=1e-14)
+    np.testing.assert_allclose(fast.rkl, slow.rkl, rtol=1e-4, atol=1e-14)
+    np.testing.assert_array_equal(fast.top_ref, slow.top_ref)
+    np.testing.assert_allclose(fast.lp_other_tok, slow.lp_other_tok, rtol=1e-6, atol=1e-6)
+    monkeypatch.setenv("KLDIV_NO_EXT", "1")
+    assert K.extension() is None
+
+
+@pytest.mark.parametrize("fallback", PATHS)
+def test_huge_divergence_does_not_overflow(fallback):
+    """Disjoint-ish rows: KL of ~200 nats stays finite and right (overflow-safe branch)."""
+    a = np.array([[0.0, -200.0, -200.0], [0.0, 0.0, -300.0]], np.float32)
+    b = np.array([[-200.0, 0.0, 0.0], [-300.0, 0.0, 0.0]], np.float32)
+    r = run(a, b, fallback, reverse=True)
+    for i in range(2):
+        assert r.kl[i] == pytest.approx(mp_kl(a[i], b[i]), rel=1e-5)
+        assert r.rkl[i] == pytest.approx(mp_kl(b[i], a[i]), rel=1e-5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), v=st.integers(2, 70), scale=st.floats(1e-3, 5.0),
+       shift=st.floats(-50, 50))
+def test_properties(seed, v, scale, shift):
+    """KL >= 0; KL(p, p) = 0; invariance to adding a constant to either side's logits."""
+    rng = np.random.default_rng(seed)
+    a = (rng.standard_normal((3, v)) * 3).astype(np.float32)
+    b = (a + rng.standard_normal((3, v)) * scale).astype(np.float32)
+    for fb in ([False, True] if HAVE_EXT else [True]):
+        r = K.row_stats(a, b, force_fallback=fb)
+        assert (r.kl >= 0).all()
+        same = K.row_stats(a, a, force_fallback=fb)
+        np.testing.assert_array_equal(same.kl, 0.0)
+        shifted = K.row_stats(a, (b.astype(np.float64) + shift).astype(np.float32), force_fallback=fb)
+        ref = ld_kl(a, (b.astype(np.float64) + shift).astype(np.float32))
+        np.testing.assert_allclose(shifted.kl, ref, rtol=1e-4, atol=1e-10)
+
+
+def test_shape_errors():
+    with pytest.raises(ValueError, match="same shape"):
+        K.row_stats(np.zeros((2, 3)), np.zeros((2, 4)))
+    with pytest.raises(ValueError, match="tokens must have shape"):
+        K.row_stats(np.zeros((2, 3)), np.zeros((2, 3)), tokens=[1, 2, 3])
