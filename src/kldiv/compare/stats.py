@@ -43,7 +43,15 @@ def quantiles(x, fractions) -> dict[str, float]:
     x = np.asarray(x, dtype=np.float64)
     if x.size == 0:
         return {_label(f): math.nan for f in fractions}
-    vals = np.quantile(x, fractions, method="linear")
+    s = np.sort(x.reshape(-1))
+    pos = np.asarray(fractions, dtype=np.float64) * (s.size - 1)
+    lo = np.floor(pos).astype(np.int64)
+    hi = np.minimum(lo + 1, s.size - 1)
+    frac = pos - lo
+    with np.errstate(invalid="ignore"):
+        vals = (1 - frac) * s[lo] + frac * s[hi]
+    # equal neighbours (infinite ones included) need no interpolation
+    vals = np.where((s[lo] == s[hi]) | (frac == 0), s[lo], vals)
     return {_label(f): float(v) for f, v in zip(fractions, vals)}
 
 

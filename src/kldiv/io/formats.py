@@ -202,7 +202,7 @@ class NpySource(_MappedSource):
                     shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
                 else:
                     shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
-            except (ValueError, OSError) as exc:
+            except Exception as exc:  # numpy raises ValueError, SyntaxError or TokenError here
                 raise ValueError(f"{path}: corrupt .npy header: {exc}") from None
             offset = fh.tell()
         if fortran and len(shape) > 1:
