@@ -148,6 +148,8 @@ def _worker_cases(rank, world):
     import torch.distributed as dist
 
     out = {}
+    if world == 4:  # row chunks of one or two rows: the chunked passes and their seams
+        kd._CHUNK_ELEMENTS = 16
     for dtype in (torch.float64, torch.float32):
         for temperature in (1.0, 1.7):
             _family_case(rank, world, dtype, temperature, out)
@@ -280,6 +282,7 @@ if __name__ == "__main__":  # a worker process: rank world init_file out_dir
 
 
 def _forked(rank, world, init_file, out_dir):
+    # (_worker_main sets one thread first: the parent's OpenMP pool does not survive fork())
     try:
         _worker_main(rank, world, init_file, out_dir)
     except BaseException:
@@ -658,9 +661,11 @@ def _hyp_rows():
                             st.sampled_from(KINDS), st.floats(0.25, 4.0)))
 
 
-def test_property_local_equals_core():
+def test_property_local_equals_core(monkeypatch):
     """Property (hypothesis): one rank, any supports and temperatures: the core's value."""
     from hypothesis import given, settings
+
+    monkeypatch.setattr(kd, "_CHUNK_ELEMENTS", 8)  # several row chunks
 
     @settings(max_examples=60, deadline=None, derandomize=True)
     @given(_hyp_rows())
@@ -675,3 +680,75 @@ def test_property_local_equals_core():
         assert_close(got, want, 1e-10, f"{kind} T={temperature}", atol=1e-14)
 
     check()
+
+
+def _free_loopback_port():
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_script_as_rank(script, rank, port, log):
+    """Child of a fork: the environment torchrun would set, then the script."""
+    import runpy
+
+    try:
+        # the parent's OpenMP pool does not survive fork(): stay single-threaded in the child
+        torch.set_num_threads(1)
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                          GLOO_SOCKET_IFNAME="lo", CUDA_VISIBLE_DEVICES="")
+        with open(log, "w") as f:
+            sys.stdout = f
+            runpy.run_path(script, run_name="__main__")
+            f.flush()
+    except BaseException:
+        import traceback
+
+        with open(log, "a") as f:
+            traceback.print_exc(file=f)
+        os._exit(1)
+    os._exit(0)
+
+
+def test_docs_torchrun_example_runs_on_two_processes(tmp_path):
+    """The script in docs/distributed.md, launched as torchrun would (env://, loopback)."""
+    import multiprocessing as mp
+
+    doc = os.path.join(os.path.dirname(__file__), "..", "docs", "distributed.md")
+    text = open(doc, encoding="utf-8").read()
+    start = text.index("<!-- example: kl_tp.py")
+    code = text[text.index("```python\n", start) + 10:]
+    code = code[:code.index("```")]
+    script = tmp_path / "kl_tp.py"
+    script.write_text(code)
+    port = _free_loopback_port()
+    logs = [tmp_path / f"rank{r}.log" for r in range(2)]
+    if "fork" in mp.get_all_start_methods():
+        ctx = mp.get_context("fork")
+        procs = [ctx.Process(target=_run_script_as_rank, args=(str(script), r, port, str(logs[r])))
+                 for r in range(2)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(120)
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+        codes = [p.exitcode for p in procs]
+    else:  # pragma: no cover - platforms without fork
+        procs = []
+        for r in range(2):
+            env = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
+                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo",
+                       CUDA_VISIBLE_DEVICES="")
+            procs.append(subprocess.Popen([sys.executable, str(script)], env=env,
+                                          stdout=open(logs[r], "w"), stderr=subprocess.STDOUT))
+        codes = [p.wait(timeout=120) for p in procs]
+    outs = [lg.read_text() if lg.exists() else "" for lg in logs]
+    assert codes == [0, 0], "\n".join(outs)
+    for rank, out in enumerate(outs):
+        assert f"rank {rank}: loss" in out

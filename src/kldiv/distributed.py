@@ -7,17 +7,18 @@ on every rank of the group, exactly what ``kldiv.kl_div`` (and its family) retur
 gathered tensors, in value and in gradient, without gathering anything wider than a few numbers
 per row.
 
-Communication per row, forward pass (``W`` ranks, ``b`` bytes per element of the compute dtype):
+Communication per row, forward pass (payload elements of the compute dtype, float32 or float64):
 
 ====================  ==========================================  =========================
 divergence            collectives                                 payload elements per row
 ====================  ==========================================  =========================
 forward, reverse KL   1 MAX + 2 SUM all-reduces                   8 + 7 + 1 = 16
-JS, Jeffreys          1 MAX + 3 SUM all-reduces                   8 + 7 + 1 + 2 = 18
+Jeffreys              1 MAX + 3 SUM all-reduces                   8 + 7 + 1 + 2 = 18
+JS                    1 MAX + 3 SUM all-reduces                   8 + 7 + 1 + 4 = 20
 ====================  ==========================================  =========================
 
 The MAX carries the row maxima of both sides over their supports and over the common support
-(the global log-normalisers are then ``max + log(SUM of exp(x - max))``) and a few 0/1 flags
+(the global log-normalisers are then ``max + log(SUM of exp(x - max))``) and four 0/1 flags
 (support escapes, invalid values); the first SUM carries the exp-sums, the p-weighted sum of the
 logit difference and the masses outside the common support; the second SUM carries the sum of
 ``w * phi(centred difference)`` (it needs the global mean of the first); JS and Jeffreys add
@@ -26,6 +27,8 @@ one SUM of their own terms. The backward pass needs no collective at all: every 
 teacher, and their analogues) is local once the row statistics are known.
 ``vocab_parallel_linear_kl_div`` adds one SUM all-reduce of ``grad_hidden`` (``rows x hidden``
 elements), which the math requires since every rank's weight slice contributes to it.
+Validation of ``"log_probs"`` inputs adds a MAX (1 element) and a SUM (2 elements) per row and
+side; ``validate=False`` drops it.
 
 The algorithm is the core's accurate one (``kldiv._core.divergence``): the logit difference is
 centred by its global p-weighted mean before ``phi(x) = exp(x) - 1 - x`` is summed, so no large
@@ -177,35 +180,84 @@ def _exp_on(x, t, e, m, mt):
     return _sel(t, e * scale, 0.0)
 
 
+_CHUNK_ELEMENTS = 1 << 20  # rows are processed in chunks of about this many elements
+
+
+def _chunks(n, width):
+    """Row ranges of about ``_CHUNK_ELEMENTS`` elements (reused buffers, no huge temporaries)."""
+    step = max(1, _CHUNK_ELEMENTS // max(width, 1))
+    return [(i, min(n, i + step)) for i in range(0, n, step)] or [(0, 0)]
+
+
+def _supports(a, b):
+    """Supports of both sides and their intersection; all None when nothing is -inf."""
+    sa = a > -math.inf
+    sb = b > -math.inf
+    if bool(sa.all()) and bool(sb.all()):  # the usual case: no masks, no masked passes
+        return None, None, None
+    return sa, sb, sa & sb
+
+
+def _phase_max(a, b, check):
+    """Local row maxima (both sides, over the supports and over T) and 0/1 flags: (n, 8)."""
+    import torch
+
+    f = a.dtype
+    sa, sb, t = _supports(a, b)
+    zero = torch.zeros(a.shape[0], dtype=f, device=a.device)
+    a_only = zero if t is None else (sa & ~sb).any(dim=-1).to(f)
+    b_only = zero if t is None else (sb & ~sa).any(dim=-1).to(f)
+    bad_a = bad_b = zero
+    if check:
+        bad_a = (torch.isnan(a) | (a == math.inf)).any(dim=-1).to(f)
+        bad_b = (torch.isnan(b) | (b == math.inf)).any(dim=-1).to(f)
+    ma = _masked_max(a, sa)
+    mb = _masked_max(b, sb)
+    maT = ma if t is None else _masked_max(a, t)
+    mbT = mb if t is None else _masked_max(b, t)
+    return torch.stack([ma, mb, maT, mbT, a_only, b_only, bad_a, bad_b], dim=1)
+
+
+def _phase_sums(a, b, Ma, Mb, MaT, MbT):
+    """Local exp-sums, p-weighted logit-difference sum and outside masses: (n, 7)."""
+    import torch
+
+    sa, sb, t = _supports(a, b)
+    delta = _sel(t, b - a, 0.0)
+    ea = _exp_shift(a, sa, Ma)  # exp(a - Ma) on a's support, 0 elsewhere
+    eb = _exp_shift(b, sb, Mb)
+    eaT = _exp_on(a, t, ea, Ma, MaT)  # exp(a - MaT) on T, 0 elsewhere
+    ebT = _exp_on(b, t, eb, Mb, MbT)
+    return torch.stack([
+        ea.sum(-1), eb.sum(-1), eaT.sum(-1), ebT.sum(-1), (eaT * delta).sum(-1),
+        _outside_sum(t, ea), _outside_sum(t, eb),
+    ], dim=1)
+
+
+def _phase_phi(a, b, MaT0, log_saT, mu):
+    """Local sum over T of w * phi(d - mu), w = a's distribution restricted to T: (n,)."""
+    _, _, t = _supports(a, b)
+    lwn = _sel(t, a - (MaT0 + log_saT)[:, None], 0.0)  # log of a | T, normalised
+    wn = _sel(t, _exp_shift(a, t, MaT0 + log_saT), 0.0)
+    dc = _sel(t, b - a - mu[:, None], 0.0)
+    return _sel(t, _w_phi(_xp(), wn, lwn, dc), 0.0).sum(dim=-1)
+
+
 def _pair_stats(a, b, group, check, names):
     """Global row statistics of the pair (a, b), both (N, V_local) in log space.
 
     Returns a dict of (N,) tensors: ``lse_a``, ``lse_b`` (global log-normalisers), ``mu`` (the
     a-weighted mean of ``b - a`` on the common support T), ``a_out``, ``b_out`` (masses outside
     T), ``a_esc``, ``b_esc`` (bool: a side has mass where the other has none), ``L`` and
-    ``kl`` = KL(a || b), ``mean_d`` (E_{a|T}[log b/a]).
+    ``kl`` = KL(a || b), ``mean_d`` (E_{a|T}[log b/a]), ``log_aT``, ``log_bT``. Three
+    collectives: MAX of (N, 8), SUM of (N, 7), SUM of (N, 1); the passes over the data run in
+    row chunks between them.
     """
     import torch
 
-    sa = a > -math.inf
-    sb = b > -math.inf
-    f = a.dtype
-    if bool(sa.all()) and bool(sb.all()):  # no -inf on this shard: the usual case, no masks
-        sa = sb = t = None
-        a_only = b_only = torch.zeros(a.shape[0], dtype=f, device=a.device)
-    else:
-        t = sa & sb
-        a_only = (sa & ~sb).any(dim=-1).to(f)
-        b_only = (sb & ~sa).any(dim=-1).to(f)
-    bad_a = torch.zeros(a.shape[0], dtype=f, device=a.device)
-    bad_b = torch.zeros_like(bad_a)
-    if check:
-        bad_a = (torch.isnan(a) | (a == math.inf)).any(dim=-1).to(f)
-        bad_b = (torch.isnan(b) | (b == math.inf)).any(dim=-1).to(f)
-    mx = torch.stack([
-        _masked_max(a, sa), _masked_max(b, sb), _masked_max(a, t), _masked_max(b, t),
-        a_only, b_only, bad_a, bad_b,
-    ], dim=1)
+    n, width = a.shape
+    parts = _chunks(n, width)
+    mx = torch.cat([_phase_max(a[i:j], b[i:j], check) for i, j in parts])
     mx = _all_reduce(mx, "max", group)
     Ma, Mb, MaT, MbT = mx[:, 0], mx[:, 1], mx[:, 2], mx[:, 3]
     if check:
@@ -219,16 +271,8 @@ def _pair_stats(a, b, group, check, names):
                 raise ValueError(
                     f"{name}: row {row} is -inf on every shard: that is no distribution"
                 )
-    delta = _sel(t, b - a, 0.0)
-    ea = _exp_shift(a, sa, Ma)  # exp(a - Ma) on a's support, 0 elsewhere
-    eb = _exp_shift(b, sb, Mb)
-    eaT = _exp_on(a, t, ea, Ma, MaT)  # exp(a - MaT) on T, 0 elsewhere
-    ebT = _exp_on(b, t, eb, Mb, MbT)
-    sm = torch.stack([
-        ea.sum(-1), eb.sum(-1), eaT.sum(-1), ebT.sum(-1), (eaT * delta).sum(-1),
-        _outside_sum(t, ea), _outside_sum(t, eb),
-    ], dim=1)
-    del ea, eb, ebT
+    sm = torch.cat([_phase_sums(a[i:j], b[i:j], Ma[i:j], Mb[i:j], MaT[i:j], MbT[i:j])
+                    for i, j in parts])
     sm = _all_reduce(sm, "sum", group)
     s_a, s_b, s_aT, s_bT, S_ad, s_aout, s_bout = sm.unbind(dim=1)
     lse_a = Ma + torch.log(s_a)
@@ -246,22 +290,21 @@ def _pair_stats(a, b, group, check, names):
                          MaT0 + torch.log(s_aT1) - lse_a)
     log_bT = torch.where(b_out < 0.5, torch.log1p(-torch.clamp(b_out, max=0.5)),
                          MbT0 + torch.log(s_bT1) - lse_b)
-    # a restricted to T and renormalised, and the centred difference
-    wn = eaT / s_aT1[:, None]
-    lwn = _sel(t, a - (MaT0 + torch.log(s_aT1))[:, None], 0.0)
-    dc = _sel(t, delta - mu[:, None], 0.0)
-    del eaT, delta
-    xp = _xp()
-    phi = _sel(t, _w_phi(xp, wn, lwn, dc), 0.0).sum(dim=-1, keepdim=True)
-    phi = _all_reduce(phi, "sum", group)[:, 0]
+    log_saT = torch.log(s_aT1)
+    phi = torch.cat([_phase_phi(a[i:j], b[i:j], MaT0[i:j], log_saT[i:j], mu[i:j])
+                     for i, j in parts])
+    phi = _all_reduce(phi[:, None], "sum", group)[:, 0]
     L = torch.log1p(phi)
     a_esc = mx[:, 4] > 0
     b_esc = mx[:, 5] > 0
     kl = torch.where(a_esc, math.inf, L - torch.where(a_esc, 0.0, log_bT))
     mean_d = log_bT - log_aT - L
-    rows = dict(lse_a=lse_a, lse_b=lse_b, mu=mu, a_out=a_out, b_out=b_out, a_esc=a_esc,
+    return dict(lse_a=lse_a, lse_b=lse_b, mu=mu, a_out=a_out, b_out=b_out, a_esc=a_esc,
                 b_esc=b_esc, L=L, kl=kl, mean_d=mean_d, log_aT=log_aT, log_bT=log_bT)
-    return rows, dict(t=t, sa=sa, sb=sb, dc=dc)
+
+
+def _slice(st, i, j):
+    return {k: v[i:j] for k, v in st.items()}
 
 
 def _outside_sum(t, e):
@@ -306,19 +349,11 @@ def _js_local(x, y, st, el, beta):
     return d, lm_p, lm_q, lwp, lwq, pw, qw
 
 
-def _rows_and_stats(kind, x, y, beta, group, check, names=("p_shard", "q_shard")):
-    """Per-row divergence of ``kind`` between x (p) and y (q), and the row statistics.
-
-    Only (N,)-shaped statistics are returned (the backward recomputes the elementwise ones).
-    """
+def _phase_family(kind, x, y, st, beta):
+    """Local sums of the JS (n, 4) or Jeffreys (n, 2) terms, once the pair's stats are known."""
     import torch
 
-    if kind == "reverse":
-        st, _ = _pair_stats(y, x, group, check, names[::-1])
-        return st["kl"], st
-    st, el = _pair_stats(x, y, group, check, names)
-    if kind == "forward":
-        return st["kl"], st
+    el = _elementwise(x, y, st)
     t = el["t"]
     d, lm_p, lm_q, lwp, lwq, pw, qw = _js_local(x, y, st, el, beta)
     if kind == "jeffreys":
@@ -327,17 +362,34 @@ def _rows_and_stats(kind, x, y, beta, group, check, names=("p_shard", "q_shard")
         dl = torch.where(small, 0.0, d)
         term = torch.where(small, pw * ds * torch.expm1(ds),
                            dl * (torch.exp(torch.where(small, 0.0, lwp) + dl) - pw))
-        sums = torch.stack([_sel(t, term, 0.0).sum(-1),
+        return torch.stack([_sel(t, term, 0.0).sum(-1),
                             _sel(t, qw * el["dc"], 0.0).sum(-1)], dim=1)
-        sums = _all_reduce(sums, "sum", group)
+    tp = _sel(t, _w_phi(_xp(), pw, lwp, lm_p), 0.0)
+    tq = _sel(t, _w_phi(_xp(), qw, lwq, lm_q), 0.0)
+    return torch.stack([tp.sum(-1), tq.sum(-1), _sel(t, pw * lm_p, 0.0).sum(-1),
+                        _sel(t, qw * lm_q, 0.0).sum(-1)], dim=1)
+
+
+def _rows_and_stats(kind, x, y, beta, group, check, names=("p_shard", "q_shard")):
+    """Per-row divergence of ``kind`` between x (p) and y (q), and the row statistics.
+
+    Only (N,)-shaped statistics are returned (the backward recomputes the elementwise ones).
+    """
+    import torch
+
+    if kind == "reverse":
+        st = _pair_stats(y, x, group, check, names[::-1])
+        return st["kl"], st
+    st = _pair_stats(x, y, group, check, names)
+    if kind == "forward":
+        return st["kl"], st
+    sums = torch.cat([_phase_family(kind, x[i:j], y[i:j], _slice(st, i, j), beta)
+                      for i, j in _chunks(*x.shape)])
+    sums = _all_reduce(sums, "sum", group)
+    if kind == "jeffreys":
         st["Eq_dc"] = sums[:, 1]
         rows = torch.where(st["a_esc"] | st["b_esc"], math.inf, sums[:, 0])
         return rows, st
-    tp = _sel(t, _w_phi(_xp(), pw, lwp, lm_p), 0.0)
-    tq = _sel(t, _w_phi(_xp(), qw, lwq, lm_q), 0.0)
-    sums = torch.stack([tp.sum(-1), tq.sum(-1), _sel(t, pw * lm_p, 0.0).sum(-1),
-                        _sel(t, qw * lm_q, 0.0).sum(-1)], dim=1)
-    sums = _all_reduce(sums, "sum", group)
     st["S_plm"] = sums[:, 2]  # sum_T p log(m/p)
     st["S_qlm"] = sums[:, 3]  # sum_T q log(m/q)
     rows = (beta * sums[:, 0] + (1 - beta) * sums[:, 1]
@@ -345,17 +397,29 @@ def _rows_and_stats(kind, x, y, beta, group, check, names=("p_shard", "q_shard")
     return rows, st
 
 
-def _local_grads(kind, x, y, rows, st, beta):
-    """d rows / d x and d rows / d y, per row (no collective); 0 on rows whose value is inf.
+def _local_grads(kind, x, y, rows, st, beta, scale=None):
+    """d rows / d x and d rows / d y (times ``scale`` per row), by row chunks, no collective.
 
     forward: d/dy = q - p, d/dx = -p * dc (dc: log(q/p) centred by its p-mean);
     reverse: the same with the roles of p and q swapped;
     Jeffreys: d/dx = p - q - p * dc, d/dy = q - p + q * (dc - E_q[dc]);
     JS: d/dx = beta p (log(p/m) - KL(p||m)), d/dy = (1-beta) q (log(q/m) - KL(q||m)).
+    Rows whose value is infinite get 0.
     """
     import torch
 
-    fin = torch.isfinite(rows)[:, None]
+    gx = torch.empty_like(x)
+    gy = torch.empty_like(y)
+    for i, j in _chunks(*x.shape):
+        s = None if scale is None else scale[i:j]
+        gx[i:j], gy[i:j] = _local_grads_chunk(kind, x[i:j], y[i:j], rows[i:j],
+                                              _slice(st, i, j), beta, s)
+    return gx, gy
+
+
+def _local_grads_chunk(kind, x, y, rows, st, beta, scale):
+    import torch
+
     if kind in ("forward", "reverse"):
         a, b = (x, y) if kind == "forward" else (y, x)
         el = _elementwise(a, b, st)
@@ -385,9 +449,13 @@ def _local_grads(kind, x, y, rows, st, beta):
         off_q = (cq * torch.exp(st["log_bT"]) + st["S_qlm"])[:, None]
         gx = beta * pw * _sel(t, on_p, off_p)
         gy = (1 - beta) * qw * _sel(t, on_q, off_q)
+    fin = torch.isfinite(rows)
+    if scale is not None:
+        scale = torch.where(fin, scale, 0.0)[:, None]
+        return gx * scale, gy * scale
     if not bool(fin.all()):
-        gx = torch.where(fin, gx, 0.0)
-        gy = torch.where(fin, gy, 0.0)
+        gx = torch.where(fin[:, None], gx, 0.0)
+        gy = torch.where(fin[:, None], gy, 0.0)
     return gx, gy
 
 
@@ -409,10 +477,9 @@ def _function_class():
         @torch.autograd.function.once_differentiable
         def backward(ctx, g):
             x, y, rows = ctx.saved_tensors
-            gx, gy = _local_grads(ctx.kind, x, y, rows, ctx.st, ctx.beta)
-            g = g[:, None]
-            gx = gx * g if ctx.needs_input_grad[0] else None
-            gy = gy * g if ctx.needs_input_grad[1] else None
+            gx, gy = _local_grads(ctx.kind, x, y, rows, ctx.st, ctx.beta, scale=g)
+            gx = gx if ctx.needs_input_grad[0] else None
+            gy = gy if ctx.needs_input_grad[1] else None
             return gx, gy, None, None, None, None
 
     return _VocabParallelRows
@@ -642,7 +709,7 @@ def vocab_parallel_js_div(p_shard, q_shard, *, beta=0.5, p_space="logits", q_spa
     """Jensen-Shannon divergence of sharded rows: ``kldiv.js_div`` on the gathered rows.
 
     ``beta * KL(p || m) + (1 - beta) * KL(q || m)`` with ``m = beta p + (1 - beta) q``; always
-    finite. Costs one SUM all-reduce (2 elements per row) more than ``vocab_parallel_kl_div``.
+    finite. Costs one SUM all-reduce (4 elements per row) more than ``vocab_parallel_kl_div``.
 
     >>> import math, torch, kldiv.distributed as kd
     >>> inf = math.inf
@@ -735,9 +802,8 @@ def _linear_function_class():
                     rows, st = _rows_and_stats(kind, x, y, beta, group, check, names)
                     rows_all[lo:hi] = rows
                     if need_h or need_w or need_b or need_t:
-                        gx, gy = _local_grads(kind, x, y, rows, st, beta)
-                        s = (scale[lo:hi] / temperature)[:, None]
-                        gy = gy * s
+                        gx, gy = _local_grads(kind, x, y, rows, st, beta,
+                                              scale=scale[lo:hi] / temperature)
                         if need_h:
                             gh[lo:hi] = gy @ w_dt
                         if need_w:
@@ -745,7 +811,7 @@ def _linear_function_class():
                         if need_b:
                             gb += gy.sum(dim=0)
                         if need_t:
-                            gt[lo:hi] = gx * s
+                            gt[lo:hi] = gx
                 if need_h:
                     gh = _all_reduce(gh, "sum", group)
                 kept = rows_all if keep is None else torch.where(keep, rows_all, 0.0)
