@@ -752,3 +752,18 @@ def test_docs_torchrun_example_runs_on_two_processes(tmp_path):
     assert codes == [0, 0], "\n".join(outs)
     for rank, out in enumerate(outs):
         assert f"rank {rank}: loss" in out
+
+
+def test_half_precision_inputs_compute_in_float32():
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(3, 7, generator=g).to(torch.bfloat16).requires_grad_()
+    y = torch.randn(3, 7, generator=g).to(torch.bfloat16).requires_grad_()
+    got = kd.vocab_parallel_kl_div(x, y, reduction="sum")
+    assert got.dtype == torch.float32
+    got.backward()
+    want = naive("forward", x.detach().double(), y.detach().double()).sum()
+    assert abs(float(got.detach()) - want) <= 1e-5 * want
+    assert x.grad.dtype == torch.bfloat16 and y.grad.dtype == torch.bfloat16
+    s = torch.tensor(3.0, dtype=torch.bfloat16)
+    assert kd.data_parallel_mean(s, torch.tensor(1001.0)).dtype == torch.float32
+    assert abs(float(kd.data_parallel_mean(s, torch.tensor(1001.0))) - 3.0 / 1001) < 1e-9

@@ -981,7 +981,8 @@ def data_parallel_mean(local_sum, global_count, *, group=None, gradients_average
     size). Back-propagating it on every rank and micro-batch gives exactly the gradient of the
     global mean ``sum over all tokens / count``, the gradient one process holding the whole
     batch gets; for logging, all-reduce the ``local_sum`` values (SUM) and divide by the count.
-    An empty batch (count 0) gives 0, as ``reduction="mean"`` does.
+    An empty batch (count 0) gives 0, as ``reduction="mean"`` does. The result has the dtype of
+    ``local_sum``, at least float32.
 
     Why not ``reduction="mean"`` per rank: with 3 counted tokens on rank 0 and 1 on rank 1, the
     mean of the two per-rank means weighs the lone token of rank 1 three times as much as each
@@ -993,8 +994,14 @@ def data_parallel_mean(local_sum, global_count, *, group=None, gradients_average
     """
     import torch
 
+    if not isinstance(local_sum, torch.Tensor) or not local_sum.dtype.is_floating_point:
+        raise TypeError(f"local_sum: expected a floating-point tensor, got {local_sum!r}")
     scale = float(_world(group)) if gradients_averaged else 1.0
-    count = torch.as_tensor(global_count, device=getattr(local_sum, "device", None))
-    count = count.to(local_sum.dtype)
-    safe = torch.where(count > 0, count, torch.ones_like(count))
-    return torch.where(count > 0, local_sum * scale / safe, torch.zeros_like(local_sum))
+    count = torch.as_tensor(global_count, dtype=torch.float64, device=local_sum.device)
+    if bool((count < 0).any()) if count.device.type == "cpu" else False:
+        raise ValueError(f"global_count: must be >= 0, got {float(count)}")
+    # the factor is formed in float64 and applied in at least float32 (a bf16 count of a few
+    # thousand tokens would be off by a fraction of a percent)
+    dt = torch.promote_types(local_sum.dtype, torch.float32)
+    factor = torch.where(count > 0, scale / torch.where(count > 0, count, 1.0), 0.0)
+    return local_sum.to(dt) * factor.to(dt)
