@@ -608,7 +608,13 @@ def test_subgroups(results):
 # single process (no process group): argument errors and helpers
 
 
-def test_local_run_without_process_group_matches_core():
+@pytest.fixture
+def sharded_path(monkeypatch):
+    """One rank normally hands the call to the core; this keeps it on the sharded algorithm."""
+    monkeypatch.setattr(kd, "_DELEGATE_LOCAL", False)
+
+
+def test_local_run_without_process_group_matches_core(sharded_path):
     g = torch.Generator().manual_seed(3)
     x = torch.randn(4, 6, generator=g, dtype=torch.float64)
     y = torch.randn(4, 6, generator=g, dtype=torch.float64)
@@ -635,7 +641,9 @@ def test_local_run_without_process_group_matches_core():
         (lambda x: kd.global_token_count([torch.ones(2)]), "mask"),
     ],
 )
-def test_argument_errors(call, match):
+@pytest.mark.parametrize("delegate", [True, False], ids=["core", "sharded"])
+def test_argument_errors(monkeypatch, call, match, delegate):
+    monkeypatch.setattr(kd, "_DELEGATE_LOCAL", delegate)
     x = torch.randn(2, 5, dtype=torch.float64)
     with pytest.raises((ValueError, TypeError), match=match):
         call(x)
@@ -661,7 +669,7 @@ def _hyp_rows():
                             st.sampled_from(KINDS), st.floats(0.25, 4.0)))
 
 
-def test_property_local_equals_core(monkeypatch):
+def test_property_local_equals_core(monkeypatch, sharded_path):
     """Property (hypothesis): one rank, any supports and temperatures: the core's value."""
     from hypothesis import given, settings
 
@@ -754,7 +762,9 @@ def test_docs_torchrun_example_runs_on_two_processes(tmp_path):
         assert f"rank {rank}: loss" in out
 
 
-def test_half_precision_inputs_compute_in_float32():
+@pytest.mark.parametrize("delegate", [True, False], ids=["core", "sharded"])
+def test_half_precision_inputs_compute_in_float32(monkeypatch, delegate):
+    monkeypatch.setattr(kd, "_DELEGATE_LOCAL", delegate)
     g = torch.Generator().manual_seed(11)
     x = torch.randn(3, 7, generator=g).to(torch.bfloat16).requires_grad_()
     y = torch.randn(3, 7, generator=g).to(torch.bfloat16).requires_grad_()
@@ -767,3 +777,21 @@ def test_half_precision_inputs_compute_in_float32():
     s = torch.tensor(3.0, dtype=torch.bfloat16)
     assert kd.data_parallel_mean(s, torch.tensor(1001.0)).dtype == torch.float32
     assert abs(float(kd.data_parallel_mean(s, torch.tensor(1001.0))) - 3.0 / 1001) < 1e-9
+
+
+@pytest.mark.parametrize("kind", ["js", "jeffreys"])
+def test_linear_js_jeffreys_locally(kind):
+    h, wt, bias, t, m = linear_data(torch.float64)
+    t = torch.where(torch.isinf(t), 0.0, t)  # Jeffreys needs equal supports to be finite
+    hh, ww = h.clone().requires_grad_(), wt.clone().requires_grad_()
+    got = kd.vocab_parallel_linear_kl_div(hh, ww, t, mask=m, kind=kind, beta=0.3,
+                                          reduction="sum", chunk_size=2)
+    got.backward()
+    h2, w2 = h.clone().requires_grad_(), wt.clone().requires_grad_()
+    kw = dict(beta=0.3) if kind == "js" else {}
+    want = CORE[kind](t, h2 @ w2.T, p_space="logits", q_space="logits", mask=m,
+                      reduction="sum", **kw)
+    want.backward()
+    assert_close(got.detach(), want.detach(), 1e-10, kind)
+    assert_grad_close(hh.grad, h2.grad, 1e-10, "grad hidden")
+    assert_grad_close(ww.grad, w2.grad, 1e-10, "grad weight")

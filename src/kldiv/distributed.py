@@ -39,8 +39,13 @@ ranks and gradient-accumulation steps is ``sum of per-token KL / global count of
 ``global_token_count`` all-reduces that count, ``data_parallel_mean`` applies it (and undoes
 DDP's division of gradients by the world size).
 
-Without an initialised process group (or with a group of one rank) everything runs locally, so
-the same code runs on one device. torch is imported only when these functions are called.
+Without an initialised process group (or with a group of one rank) the divergences are handed to
+the single-process core (``kldiv.kl_div`` and family, with its fused kernels), so the same code
+runs on one device at full speed. torch is imported only when these functions are called.
+
+Host synchronisations: each pass checks whether its chunk of rows holds any -inf (shards without
+one skip every support mask) and, with validation on, reads the all-reduced error flags back;
+on GPUs each of those is a device synchronisation.
 """
 from __future__ import annotations
 
@@ -592,13 +597,44 @@ def _check_log_probs(raw, name, group, keep=None):
             )
 
 
+#: with one rank, hand the call to the single-process core (set False to test the sharded path)
+_DELEGATE_LOCAL = True
+
+
+def _local_core(kind, p, q, *, beta, **kw):
+    from ._core import divergence as D
+
+    _check_tensor("p_shard", p)
+    _check_tensor("q_shard", q)
+    if p.shape != q.shape:
+        raise ValueError(
+            f"p_shard and q_shard: shapes {tuple(p.shape)} and {tuple(q.shape)} differ; "
+            "both shards must hold the same rows and the same slice of the categories (last axis)"
+        )
+    if kw["mask"] is not None:
+        _check_mask(kw["mask"], tuple(p.shape[:-1]), p.device)
+    if kind == "js":
+        return D.js_div(p, q, beta=beta, **kw)
+    f = {"forward": D.kl_div, "reverse": D.reverse_kl, "jeffreys": D.jeffreys_div}[kind]
+    return f(p, q, **kw)
+
+
 def _vocab_parallel(kind, p_shard, q_shard, *, p_space, q_space, reduction, mask, weight,
                     temperature, t2_scale, group, beta, validate):
     check_option("reduction", reduction, REDUCTIONS)
     check_option("kind", kind, _KINDS)
+    check_option("p_space", p_space, _LOG_SPACES)
+    check_option("q_space", q_space, _LOG_SPACES)
     temperature = check_positive_finite("temperature", temperature)
     if kind == "js" and not 0.0 < float(beta) < 1.0:
         raise ValueError(f"beta: must lie strictly between 0 and 1, got {beta!r}")
+    if (_DELEGATE_LOCAL and _world(group) == 1
+            and not (mask is not None and "log_probs" in (p_space, q_space))):
+        # one rank holds the whole vocabulary: the core (and its fused kernels) computes it
+        return _local_core(kind, p_shard, q_shard, p_space=p_space, q_space=q_space,
+                           reduction=reduction, mask=mask, weight=weight,
+                           temperature=temperature, t2_scale=t2_scale, beta=beta,
+                           validate=validate)
     x, y, rows_shape, mask, weight = _prepare_shards(p_shard, q_shard, p_space, q_space, mask,
                                                      weight)
     check = validation_enabled(validate)
