@@ -40,10 +40,23 @@
 #include <omp.h>
 #endif
 
+/* Runtime dispatch (GCC ifuncs on x86-64 Linux): AVX-512, AVX2 + FMA, and the baseline ISA.
+ * The x86-64-v3 level brings FMA with AVX2 (a plain "avx2" clone would have no FMA). */
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#if __GNUC__ >= 12
+#define KL_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
 #define KL_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
 #else
 #define KL_CLONES
+#endif
+
+/* Let a * b + c become one fused multiply-add where the target has FMA (polynomials, Cody-Waite
+ * reduction; the TwoSum below has no products, so contraction cannot change it). Setting it here
+ * keeps setup.py's flags generic (-std=c11 alone turns contraction off). */
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("fp-contract=fast")
 #endif
 
 #define BLOCK 2048
@@ -94,7 +107,8 @@ static inline float phi_small(float x)
 }
 
 /* The centred difference t = (b - a) - d0 with d0 = d0h + d0l, from an exact TwoSum of b and -a.
- * Returns 0 where either side is -inf (those entries are handled by the support terms). */
+ * Returns NaN where either side is -inf: those entries are off the common support and are
+ * handled by the support terms (the sums below skip them through the NaN). */
 static inline float centred_diff(float a, float b, float d0h, float d0l)
 {
     float s = b - a;
@@ -102,7 +116,7 @@ static inline float centred_diff(float a, float b, float d0h, float d0l)
     float err = (b - (s - bb)) + (-a - bb);
     float t = (s - d0h) + (err - d0l);
     int ok = (a > -INFINITY) & (b > -INFINITY);
-    return ok ? t : 0.0f;
+    return ok ? t : NAN;
 }
 
 typedef struct {
@@ -171,13 +185,14 @@ static void row_kernel(const float *a, const float *b, Py_ssize_t n, int reverse
             float x = a[j], y = b[j];
             float ea = fexp(x - ma), eb = fexp(y - mb);
             float t = centred_diff(x, y, d0h, d0l);
+            float tm = t == t ? t : 0.0f;
             wa[j] = ea;
             wb[j] = eb;
             tt[j] = t;
             za += ea;
             zb += eb;
-            sa += ea * t;
-            sb += eb * t;
+            sa += ea * tm;
+            sb += eb * tm;
             qsc += x == -INFINITY ? eb : 0.0f;
             psc += y == -INFINITY ? ea : 0.0f;
         }
@@ -186,8 +201,16 @@ static void row_kernel(const float *a, const float *b, Py_ssize_t n, int reverse
     res->logz_a = log(Za);
     res->logz_b = log(Zb);
 
-    /* pass 3: centred phi sums */
-    const float ca = (float)(A / Za), cb = (float)(B / Zb);
+    /* pass 3: centred phi sums, without exponentials. With x = t - ca (p side),
+     *   p_j phi(x_j) Za = wa_j phi(x_j)                (Taylor series, |x| < 0.5)
+     *                   = wb_j Cf - wa_j (1 + x_j)     (elsewhere: p_j e^x_j Za = wb_j Cf exactly)
+     * where Cf = exp(mb - ma - d0 - ca); symmetrically on the q side with y = cb - t and
+     * Cr = exp(ma - mb + d0 + cb). Entries off the common support carry t = NaN and are skipped.
+     * An overflow (a divergence of ~80 nats or more) gives +inf and the row is redone in double. */
+    const double caD = A / Za, cbD = B / Zb;
+    const float ca = (float)caD, cb = (float)cbD;
+    const float Cf = (float)exp((double)mb - (double)ma - d0 - caD);
+    const float Cr = (float)exp((double)ma - (double)mb + d0 + cbD);
     double U = 0, R = 0;
     for (Py_ssize_t j0 = 0; j0 < n; j0 += BLOCK) {
         Py_ssize_t j1 = j0 + BLOCK < n ? j0 + BLOCK : n;
@@ -195,12 +218,13 @@ static void row_kernel(const float *a, const float *b, Py_ssize_t n, int reverse
         if (!qzero) {
 #pragma omp simd reduction(+ : u)
             for (Py_ssize_t j = j0; j < j1; j++) {
-                float x = tt[j] - ca;
+                float t = tt[j];
+                float x = t - ca;
                 float w = wa[j];
                 float small = w * phi_small(x);
-                float big = fexp((a[j] - ma) + x) - w * (1.0f + x);
+                float big = wb[j] * Cf - w * (1.0f + x);
                 float term = (x < 0.5f) & (x > -0.5f) ? small : big;
-                u += (a[j] > -INFINITY) ? term : 0.0f;
+                u += (t == t) ? term : 0.0f;
             }
         }
         U += u;
@@ -208,12 +232,13 @@ static void row_kernel(const float *a, const float *b, Py_ssize_t n, int reverse
         if (reverse && !pzero) {
 #pragma omp simd reduction(+ : r)
             for (Py_ssize_t j = j0; j < j1; j++) {
-                float x = cb - tt[j]; /* centred a - b on the q side */
+                float t = tt[j];
+                float y = cb - t; /* centred a - b on the q side */
                 float w = wb[j];
-                float small = w * phi_small(x);
-                float big = fexp((b[j] - mb) + x) - w * (1.0f + x);
-                float term = (x < 0.5f) & (x > -0.5f) ? small : big;
-                r += (b[j] > -INFINITY) ? term : 0.0f;
+                float small = w * phi_small(y);
+                float big = wa[j] * Cr - w * (1.0f + y);
+                float term = (y < 0.5f) & (y > -0.5f) ? small : big;
+                r += (t == t) ? term : 0.0f;
             }
         }
         R += r;
