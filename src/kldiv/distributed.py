@@ -194,21 +194,28 @@ def _chunks(n, width):
     return [(i, min(n, i + step)) for i in range(0, n, step)] or [(0, 0)]
 
 
-def _supports(a, b):
-    """Supports of both sides and their intersection; all None when nothing is -inf."""
+def _is_dense(a, b):
+    """True when neither side holds a -inf (the usual case: every support mask is skipped)."""
+    import torch
+
+    return not bool(torch.isneginf(a).any() | torch.isneginf(b).any())
+
+
+def _supports(a, b, dense):
+    """Supports of both sides and their intersection; all None on dense shards."""
+    if dense:
+        return None, None, None
     sa = a > -math.inf
     sb = b > -math.inf
-    if bool(sa.all()) and bool(sb.all()):  # the usual case: no masks, no masked passes
-        return None, None, None
     return sa, sb, sa & sb
 
 
-def _phase_max(a, b, check):
+def _phase_max(a, b, check, dense):
     """Local row maxima (both sides, over the supports and over T) and 0/1 flags: (n, 8)."""
     import torch
 
     f = a.dtype
-    sa, sb, t = _supports(a, b)
+    sa, sb, t = _supports(a, b, dense)
     zero = torch.zeros(a.shape[0], dtype=f, device=a.device)
     a_only = zero if t is None else (sa & ~sb).any(dim=-1).to(f)
     b_only = zero if t is None else (sb & ~sa).any(dim=-1).to(f)
@@ -223,11 +230,11 @@ def _phase_max(a, b, check):
     return torch.stack([ma, mb, maT, mbT, a_only, b_only, bad_a, bad_b], dim=1)
 
 
-def _phase_sums(a, b, Ma, Mb, MaT, MbT):
+def _phase_sums(a, b, Ma, Mb, MaT, MbT, dense):
     """Local exp-sums, p-weighted logit-difference sum and outside masses: (n, 7)."""
     import torch
 
-    sa, sb, t = _supports(a, b)
+    sa, sb, t = _supports(a, b, dense)
     delta = _sel(t, b - a, 0.0)
     ea = _exp_shift(a, sa, Ma)  # exp(a - Ma) on a's support, 0 elsewhere
     eb = _exp_shift(b, sb, Mb)
@@ -239,9 +246,9 @@ def _phase_sums(a, b, Ma, Mb, MaT, MbT):
     ], dim=1)
 
 
-def _phase_phi(a, b, MaT0, log_saT, mu):
+def _phase_phi(a, b, MaT0, log_saT, mu, dense):
     """Local sum over T of w * phi(d - mu), w = a's distribution restricted to T: (n,)."""
-    _, _, t = _supports(a, b)
+    _, _, t = _supports(a, b, dense)
     lwn = _sel(t, a - (MaT0 + log_saT)[:, None], 0.0)  # log of a | T, normalised
     wn = _sel(t, _exp_shift(a, t, MaT0 + log_saT), 0.0)
     dc = _sel(t, b - a - mu[:, None], 0.0)
@@ -262,7 +269,8 @@ def _pair_stats(a, b, group, check, names):
 
     n, width = a.shape
     parts = _chunks(n, width)
-    mx = torch.cat([_phase_max(a[i:j], b[i:j], check) for i, j in parts])
+    dense = _is_dense(a, b)
+    mx = torch.cat([_phase_max(a[i:j], b[i:j], check, dense) for i, j in parts])
     mx = _all_reduce(mx, "max", group)
     Ma, Mb, MaT, MbT = mx[:, 0], mx[:, 1], mx[:, 2], mx[:, 3]
     if check:
@@ -276,7 +284,7 @@ def _pair_stats(a, b, group, check, names):
                 raise ValueError(
                     f"{name}: row {row} is -inf on every shard: that is no distribution"
                 )
-    sm = torch.cat([_phase_sums(a[i:j], b[i:j], Ma[i:j], Mb[i:j], MaT[i:j], MbT[i:j])
+    sm = torch.cat([_phase_sums(a[i:j], b[i:j], Ma[i:j], Mb[i:j], MaT[i:j], MbT[i:j], dense)
                     for i, j in parts])
     sm = _all_reduce(sm, "sum", group)
     s_a, s_b, s_aT, s_bT, S_ad, s_aout, s_bout = sm.unbind(dim=1)
@@ -296,7 +304,7 @@ def _pair_stats(a, b, group, check, names):
     log_bT = torch.where(b_out < 0.5, torch.log1p(-torch.clamp(b_out, max=0.5)),
                          MbT0 + torch.log(s_bT1) - lse_b)
     log_saT = torch.log(s_aT1)
-    phi = torch.cat([_phase_phi(a[i:j], b[i:j], MaT0[i:j], log_saT[i:j], mu[i:j])
+    phi = torch.cat([_phase_phi(a[i:j], b[i:j], MaT0[i:j], log_saT[i:j], mu[i:j], dense)
                      for i, j in parts])
     phi = _all_reduce(phi[:, None], "sum", group)[:, 0]
     L = torch.log1p(phi)
@@ -305,11 +313,12 @@ def _pair_stats(a, b, group, check, names):
     kl = torch.where(a_esc, math.inf, L - torch.where(a_esc, 0.0, log_bT))
     mean_d = log_bT - log_aT - L
     return dict(lse_a=lse_a, lse_b=lse_b, mu=mu, a_out=a_out, b_out=b_out, a_esc=a_esc,
-                b_esc=b_esc, L=L, kl=kl, mean_d=mean_d, log_aT=log_aT, log_bT=log_bT)
+                b_esc=b_esc, L=L, kl=kl, mean_d=mean_d, log_aT=log_aT, log_bT=log_bT,
+                dense=dense)
 
 
 def _slice(st, i, j):
-    return {k: v[i:j] for k, v in st.items()}
+    return {k: v[i:j] if k != "dense" else v for k, v in st.items()}
 
 
 def _outside_sum(t, e):
@@ -322,12 +331,7 @@ def _outside_sum(t, e):
 
 def _elementwise(a, b, st):
     """Supports (None: everywhere) and centred difference of the pair (a, b), locally."""
-    sa = a > -math.inf
-    sb = b > -math.inf
-    if bool(sa.all()) and bool(sb.all()):
-        sa = sb = t = None
-    else:
-        t = sa & sb
+    sa, sb, t = _supports(a, b, st["dense"])
     dc = _sel(t, b - a - st["mu"][:, None], 0.0)
     return dict(t=t, sa=sa, sb=sb, dc=dc)
 
