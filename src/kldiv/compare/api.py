@@ -192,7 +192,8 @@ def _compare(ref, oth, tokens, reverse, js, skip_nan, threads, progress, chunk_r
         la, lb = sel(lpa), sel(lpb)
         dp = np.exp(lb) - np.exp(la)
         nll_r, nll_o = -la, -lb
-    kernel = "numpy-float64" if (force_fallback or K.extension() is None) else "c-float32"
+    f64 = ref.read(0, min(1, n)).dtype == np.float64 or oth.read(0, min(1, n)).dtype == np.float64
+    kernel = "numpy-float64" if (force_fallback or f64 or K.extension() is None) else "c-float32"
     return Report(
         reference=ref.name, other=oth.name, n_vocab=v, n_rows=n,
         kl=sel(kl), rows=rows, same_top=sel(same), p_top_ref=sel(ptop),

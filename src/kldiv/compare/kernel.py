@@ -66,8 +66,9 @@ class RowStats:
 def row_stats(a, b, *, tokens=None, reverse=False, threads=None, force_fallback=False) -> RowStats:
     """Per-row KL(p||q) (and KL(q||p)), top-1 indices and token log-probs of two logits blocks.
 
-    ``a`` and ``b`` are (rows, vocab) arrays of logits (float32 uses the compiled kernel, other
-    dtypes are converted); ``tokens`` an optional int array with one token id per row.
+    ``a`` and ``b`` are (rows, vocab) arrays of logits: float64 inputs use the float64 NumPy code
+    (keeping their precision), others the compiled float32 kernel when it is built; ``tokens`` an
+    optional int array with one token id per row.
     """
     a = np.asarray(a)
     b = np.asarray(b)
@@ -80,7 +81,7 @@ def row_stats(a, b, *, tokens=None, reverse=False, threads=None, force_fallback=
         if tok.shape != (n,):
             raise ValueError(f"tokens must have shape ({n},), got {tok.shape}")
     ext = None if force_fallback else extension()
-    if ext is None:
+    if ext is None or a.dtype == np.float64 or b.dtype == np.float64:
         return _row_stats_numpy(a, b, tok, reverse)
     a32 = np.ascontiguousarray(a, dtype=np.float32)
     b32 = np.ascontiguousarray(b, dtype=np.float32)

@@ -79,7 +79,8 @@ class LogitsSource:
     "llama.cpp-kld", "array"), ``n_rows``, ``n_vocab``, ``tokens`` (the next token of each row,
     when the file stores them, else None). ``read(start, stop)`` returns float32 logits (or
     log-probabilities, which are logits too) of shape (stop - start, n_vocab); ``release(start,
-    stop)`` lets the operating system drop the pages of rows already used.
+    stop)`` lets the operating system drop the pages of rows already used. Blocks are float32,
+    except for float64 inputs, which stay float64.
     """
 
     format = "array"
@@ -133,7 +134,7 @@ class ArraySource(LogitsSource):
         return self._name
 
     def read(self, start, stop):
-        return np.ascontiguousarray(self._a[start:stop], dtype=np.float32)
+        return _as_compute(self._a[start:stop])
 
 
 class _MappedSource(LogitsSource):
@@ -190,6 +191,13 @@ class _MappedSource(LogitsSource):
             self._fh = None
 
 
+def _as_compute(block):
+    """float64 rows stay float64 (the NumPy float64 kernel keeps their precision); every other
+    floating type becomes float32 (the compiled kernel's input)."""
+    dt = np.float64 if block.dtype == np.float64 else np.float32
+    return np.ascontiguousarray(block, dtype=dt)
+
+
 class NpySource(_MappedSource):
     format = "npy"
 
@@ -216,7 +224,7 @@ class NpySource(_MappedSource):
         self._map(offset, dtype, (rows, shape[-1]))
 
     def read(self, start, stop):
-        return np.ascontiguousarray(self._arr[start:stop], dtype=np.float32)
+        return _as_compute(self._arr[start:stop])
 
 
 def _read_safetensors_header(path):
@@ -277,7 +285,7 @@ class SafetensorsSource(_MappedSource):
         block = self._arr[start:stop]
         if self._bf16:
             return (block.astype(np.uint32) << 16).view(np.float32)
-        return np.ascontiguousarray(block, dtype=np.float32)
+        return _as_compute(block)
 
 
 class KldSource(_MappedSource):
