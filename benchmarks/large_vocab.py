@@ -17,7 +17,8 @@ student's logits), each measured in a fresh subprocess so that its peak memory i
 
 Times: the first call in a fresh process; then the median of ``--repeats`` calls, all methods
 in one process called in turn round after round (so that a shared machine's load weighs on
-every method alike; torch.compile compiled before the rounds). Extra peak
+every method alike; torch.compile compiled before the rounds), with the median CPU time
+(user + system, all threads: page faults of a fresh gradient buffer count here). Extra peak
 memory: the peak resident set size during one call minus the resident size just before it
 (the inputs exist already; the student's gradient, one logits tensor, is part of the extra),
 read from ``/proc/self/status`` (VmHWM, reset through ``/proc/self/clear_refs``); elsewhere
@@ -174,15 +175,18 @@ def _timing_worker(cfg):
         setup()
         step()
     times = {m: [] for m in steps}
+    cpu = {m: [] for m in steps}
     for r in range(cfg["repeats"]):
         order = list(steps)[r % len(steps):] + list(steps)[:r % len(steps)]
         for m in order:
             step, setup = steps[m]
             setup()
+            c0 = time.process_time()
             t0 = time.perf_counter()
             step()
             times[m].append(time.perf_counter() - t0)
-    return {m: statistics.median(ts) for m, ts in times.items()}
+            cpu[m].append(time.process_time() - c0)
+    return {m: [statistics.median(times[m]), statistics.median(cpu[m])] for m in steps}
 
 
 def _run_one(cfg, timeout):
@@ -223,7 +227,7 @@ def run(args):
         if "error" in medians:
             r.setdefault("error", "timing " + medians["error"])
         elif r["method"] in medians:
-            r["time_s"] = medians[r["method"]]
+            r["time_s"], r["cpu_s"] = medians[r["method"]]
     by = {r["method"]: r for r in rows if "time_s" in r}
     logits_bytes = args.n * args.v * 4
     for r in rows:
@@ -237,8 +241,8 @@ def run(args):
 
 
 def format_table(rows):
-    head = ("method", "first call s", "median s", "x eager", "x compile", "extra peak MB",
-            "extra / logits")
+    head = ("method", "first call s", "median s", "x eager", "x compile", "CPU s",
+            "extra peak MB", "extra / logits")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if "error" in r:
@@ -250,7 +254,7 @@ def format_table(rows):
 
         lines.append("| " + " | ".join([
             r["method"], f"{r['first_s']:.3f}", f"{r['time_s']:.3f}", ratio("vs torch eager"),
-            ratio("vs torch.compile"), f"{r['extra_peak'] / 2**20:.0f}",
+            ratio("vs torch.compile"), f"{r['cpu_s']:.3f}", f"{r['extra_peak'] / 2**20:.0f}",
             f"{r['extra/logits']:.2f}",
         ]) + " |")
     return "\n".join(lines)

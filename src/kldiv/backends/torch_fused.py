@@ -149,6 +149,8 @@ def _kl_chunk(p, q, temperature, need_p, need_q, scale):
     x = p.to(dt)
     y = q.to(dt)
     it = 1.0 / temperature
+    if bool(torch.isfinite(x).all() & torch.isfinite(y).all()):
+        return _kl_chunk_finite(x, y, it, need_p, need_q, scale)
     ninf = -math.inf
     px = x > ninf
     inS = px & (y > ninf)
@@ -188,6 +190,45 @@ def _kl_chunk(p, q, temperature, need_p, need_q, scale):
     g = torch.where(esc | bad, zero, g)[:, None]
     gp = torch.where(inS, -p_ * dc, zero) * g if need_p else None
     gq = (eq / Zy - p_) * g if need_q else None
+    return kl, gp, gq
+
+
+def _kl_chunk_finite(x, y, it, need_p, need_q, scale):
+    """``_kl_chunk`` for rows without -inf, +inf or nan (the common case): no support masks."""
+    dt = x.dtype
+    xs = x * it if it != 1.0 else x
+    ys = y * it if it != 1.0 else y
+    mx = xs.amax(-1, keepdim=True)
+    my = ys.amax(-1, keepdim=True)
+    ep = torch.exp(xs - mx)
+    eq = torch.exp(ys - my)
+    del xs, ys
+    d = y - x
+    if it != 1.0:
+        d.mul_(it)
+    Zx = ep.sum(-1, keepdim=True)
+    Zy = eq.sum(-1, keepdim=True)
+    mu = (ep * d).sum(-1, keepdim=True) / Zx
+    lc = my - (mx + torch.log(Zx)) - mu  # p_i e^{d'_i} = e^{lc} eq_i
+    huge = lc > (57.0 if dt == torch.float32 else 678.0)
+    c = torch.exp(torch.where(huge, torch.zeros_like(lc), lc))
+    p_ = ep.div_(Zx)
+    dc = d.sub_(mu)
+    small = dc.abs() < _div._SMALL
+    z = torch.where(small, dc, torch.zeros((), dtype=dt, device=dc.device))
+    coefs = _div._PHI_COEFS if dt == torch.float64 else _div._PHI_COEFS[:9]
+    ser = torch.full_like(z, coefs[-1])
+    for k in reversed(coefs[:-1]):
+        ser.mul_(z).add_(k)
+    ser.mul_(z).mul_(z).mul_(p_)  # p phi(d') by the series
+    big = torch.addcmul(c * eq, p_, 1 + dc, value=-1.0)  # p e^{d'} - p (1 + d')
+    acc = torch.where(small, ser, big).sum(-1, keepdim=True)
+    del ser, big, z, small
+    kl = torch.where(huge, lc + torch.log(Zy), torch.log1p(acc))[:, 0]
+    g = torch.full_like(kl, it) if scale is None else scale.to(dt) * it
+    g = g[:, None]
+    gq = eq.div_(Zy).sub_(p_).mul_(g) if need_q else None
+    gp = (p_ * dc).mul_(-g) if need_p else None
     return kl, gp, gq
 
 
