@@ -28,21 +28,40 @@ def _mp_row(x):
     return [mpmath.mpf(float(v)) for v in np.asarray(x, dtype=np.float64).ravel()]
 
 
-def _dps(*rows):
-    """Working digits: ``DPS``, plus the dynamic range of the inputs, so that a row sum such as
-    1 + 5e-324 is exact and tiny masses are not lost when rows are renormalised."""
+def _dps(*rows, log_space=False):
+    """Working digits: ``DPS`` plus the dynamic range of the distributions, so that a row sum
+    such as 1 + 5e-324 is exact and tiny masses are not lost next to a mass of almost 1.
+
+    For probabilities the range is max/min of the positive entries; for log-space inputs it is
+    exp(max - min) of the finite entries (logits 200 apart mean masses 1e-87 apart).
+    """
     extra = 0
     for x in rows:
-        a = np.abs(np.asarray(x, dtype=np.float64))
+        x = np.asarray(x, dtype=np.float64)
+        if log_space:
+            f = x[np.isfinite(x)]
+            if f.size:
+                extra = max(extra, int((f.max() - f.min()) / np.log(10)) + 1)
+            continue
+        a = np.abs(x)
         a = a[np.isfinite(a) & (a > 0)]
         if a.size:
             extra = max(extra, int(np.log10(a.max()) - np.log10(a.min())) + 1)
     return DPS + 2 * extra
 
 
+def _dps_for(p, q=None, p_space="probs", q_space="probs", temperature=1.0):
+    """Digits for a pair of rows in their spaces; a temperature below 1 widens the range."""
+    d = _dps(p, log_space=p_space != "probs")
+    if q is not None:
+        d = max(d, _dps(q, log_space=q_space != "probs"))
+    t = float(temperature)
+    return d if t >= 1.0 else DPS + int((d - DPS) / t) + 1
+
+
 def distribution(x, space="probs", temperature=1.0):
     """The normalised distribution of one row as a list of mpf (0 entries stay exactly 0)."""
-    with mpmath.workdps(max(mpmath.mp.dps, _dps(x))):
+    with mpmath.workdps(max(mpmath.mp.dps, _dps_for(x, None, space, "probs", temperature))):
         v = _mp_row(x)
         t = mpmath.mpf(float(temperature))
         if space == "probs":
@@ -71,7 +90,7 @@ def _kl_dist(P, Q):
 
 def kl(p, q, p_space="probs", q_space="probs", temperature=1.0):
     """KL(p || q) of one pair of rows, as an mpf with (at least) ``DPS`` digits."""
-    with mpmath.workdps(_dps(p, q)):
+    with mpmath.workdps(_dps_for(p, q, p_space, q_space, temperature)):
         return _kl_dist(distribution(p, p_space, temperature), distribution(q, q_space, temperature))
 
 
@@ -82,14 +101,14 @@ def reverse_kl(p, q, p_space="probs", q_space="probs", temperature=1.0):
 
 def jeffreys(p, q, p_space="probs", q_space="probs", temperature=1.0):
     """KL(p || q) + KL(q || p)."""
-    with mpmath.workdps(_dps(p, q)):
+    with mpmath.workdps(_dps_for(p, q, p_space, q_space, temperature)):
         return kl(p, q, p_space, q_space, temperature) + reverse_kl(p, q, p_space, q_space,
                                                                     temperature)
 
 
 def js(p, q, beta=0.5, p_space="probs", q_space="probs", temperature=1.0):
     """beta KL(p || m) + (1 - beta) KL(q || m) with m = beta p + (1 - beta) q."""
-    with mpmath.workdps(_dps(p, q)):
+    with mpmath.workdps(_dps_for(p, q, p_space, q_space, temperature)):
         P = distribution(p, p_space, temperature)
         Q = distribution(q, q_space, temperature)
         b = mpmath.mpf(float(beta))
@@ -99,7 +118,7 @@ def js(p, q, beta=0.5, p_space="probs", q_space="probs", temperature=1.0):
 
 def terms(p, q, p_space="probs", q_space="probs", temperature=1.0):
     """Per-category p_i log(p_i / q_i) (0 where p_i = 0, +inf where p_i > 0 = q_i)."""
-    with mpmath.workdps(_dps(p, q)):
+    with mpmath.workdps(_dps_for(p, q, p_space, q_space, temperature)):
         P = distribution(p, p_space, temperature)
         Q = distribution(q, q_space, temperature)
         out = []
