@@ -180,3 +180,21 @@ def test_report_json_and_table(tmp_path):
                  "Same top p:", "Mean    RKL:"):
         assert line in text
     assert "mean KL" in repr(r)
+
+
+def test_kldiv_compare_is_callable_both_ways():
+    import kldiv
+    import kldiv.compare as module  # once imported, kldiv.compare is the (callable) package
+
+    a, b, _ = pair(n=5, v=6)
+    np.testing.assert_allclose(kldiv.compare(a, b).kl, module.compare(a, b).kl)
+    np.testing.assert_allclose(kldiv.compare(a, b).kl, naive_kl(a, b), rtol=1e-6, atol=1e-12)
+
+
+def test_progress_bar_on_request(capsys):
+    pytest.importorskip("tqdm")
+    a, b, _ = pair(n=20, v=6)
+    compare(a, b, progress=True, chunk_rows=5)
+    assert "kldiv compare" in capsys.readouterr().err
+    compare(a, b, chunk_rows=5)  # default: stderr is not a terminal under pytest
+    assert capsys.readouterr().err == ""

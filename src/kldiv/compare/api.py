@@ -121,7 +121,11 @@ def _compare(ref, oth, tokens, reverse, js, skip_nan, threads, progress, chunk_r
     if tok is not None:
         tok = np.ascontiguousarray(tok, dtype=np.int32)
 
+    f64 = ref.read(0, min(1, n)).dtype == np.float64 or oth.read(0, min(1, n)).dtype == np.float64
+    numpy_path = force_fallback or f64 or K.extension() is None
     rows_per = chunk_rows or max(1, _CHUNK_BYTES // (4 * v))
+    if (numpy_path or js) and not chunk_rows:
+        rows_per = max(1, rows_per // 8)  # the float64 NumPy code makes ~10 temporaries per block
     kl = np.empty(n, np.float64)
     rkl = np.empty(n, np.float64) if reverse else None
     jsv = np.empty(n, np.float64) if js else None
@@ -192,8 +196,7 @@ def _compare(ref, oth, tokens, reverse, js, skip_nan, threads, progress, chunk_r
         la, lb = sel(lpa), sel(lpb)
         dp = np.exp(lb) - np.exp(la)
         nll_r, nll_o = -la, -lb
-    f64 = ref.read(0, min(1, n)).dtype == np.float64 or oth.read(0, min(1, n)).dtype == np.float64
-    kernel = "numpy-float64" if (force_fallback or f64 or K.extension() is None) else "c-float32"
+    kernel = "numpy-float64" if numpy_path else "c-float32"
     return Report(
         reference=ref.name, other=oth.name, n_vocab=v, n_rows=n,
         kl=sel(kl), rows=rows, same_top=sel(same), p_top_ref=sel(ptop),

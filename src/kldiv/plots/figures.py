@@ -438,8 +438,9 @@ def plot_compare(report, path=None, *, title=None, close=True):
     if report.delta_p is not None and report.delta_p.size:
         dp = 100 * np.asarray(report.delta_p)
         lim = max(float(np.max(np.abs(dp))), 1e-6)
-        ax.hist(dp, bins=np.linspace(-lim, lim, 61), color="tab:green", alpha=0.8)
+        counts, _, _ = ax.hist(dp, bins=np.linspace(-lim, lim, 61), color="tab:green", alpha=0.8)
         ax.set_yscale("log")
+        ax.set_ylim(0.7, max(float(counts.max()), 1.0) * 60)  # headroom for the summary box
         ax.set_xlabel("Δp of the actual next token (percentage points)")
         ax.set_ylabel("tokens")
         ax.set_title("Change in the probability of the actual next token", fontsize=10)
