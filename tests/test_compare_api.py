@@ -198,3 +198,10 @@ def test_progress_bar_on_request(capsys):
     assert "kldiv compare" in capsys.readouterr().err
     compare(a, b, chunk_rows=5)  # default: stderr is not a terminal under pytest
     assert capsys.readouterr().err == ""
+
+
+def test_row_mismatch_with_llamacpp_file_explains_scored_positions(tmp_path):
+    a = np.zeros((3, 4), np.float32)
+    save_llamacpp_kld(tmp_path / "a.kld", a, tokens=np.zeros(8, int), n_ctx=8)
+    with pytest.raises(ValueError, match=r"has 3 rows.*has 8.*scored positions 4\.\.6"):
+        compare(tmp_path / "a.kld", np.zeros((8, 4), np.float32))

@@ -101,7 +101,14 @@ def _compare(ref, oth, tokens, reverse, js, skip_nan, threads, progress, chunk_r
         raise ValueError(f"vocabulary sizes differ: {ref.name} has {ref.n_vocab} categories per row, "
                          f"{oth.name} has {oth.n_vocab}")
     if ref.n_rows != oth.n_rows:
-        raise ValueError(f"row counts differ: {ref.name} has {ref.n_rows} rows, {oth.name} has {oth.n_rows}")
+        hint = ""
+        for src in (ref, oth):
+            if getattr(src, "n_ctx", None):
+                hint = (f" ({src.name} is a llama.cpp KL base file: it holds only the scored positions "
+                        f"{src.n_ctx // 2}..{src.n_ctx - 2} of each chunk of {src.n_ctx} tokens, "
+                        f"{src.n_ctx - 1 - src.n_ctx // 2} rows per chunk; the other file needs the same rows)")
+        raise ValueError(f"row counts differ: {ref.name} has {ref.n_rows} rows, {oth.name} has "
+                         f"{oth.n_rows}{hint}")
     n, v = ref.n_rows, ref.n_vocab
     tok_name = "tokens"
     if tokens is None:
