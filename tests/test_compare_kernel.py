@@ -201,6 +201,13 @@ def test_compiled_and_fallback_agree_and_env_forces_fallback(monkeypatch):
     np.testing.assert_allclose(fast.rkl, slow.rkl, rtol=1e-4, atol=1e-14)
     np.testing.assert_array_equal(fast.top_ref, slow.top_ref)
     np.testing.assert_allclose(fast.lp_other_tok, slow.lp_other_tok, rtol=1e-6, atol=1e-6)
+    # the rows spread over worker threads give bit-identical results to one thread
+    for th in (1, 3):
+        split = K.row_stats(a, b, tokens=tok, reverse=True, threads=th)
+        np.testing.assert_array_equal(split.kl, fast.kl)
+        np.testing.assert_array_equal(split.rkl, fast.rkl)
+        np.testing.assert_array_equal(split.lp_ref_tok, fast.lp_ref_tok)
+        np.testing.assert_array_equal(split.status, fast.status)
     monkeypatch.setenv("KLDIV_NO_EXT", "1")
     assert K.extension() is None
 

@@ -24,8 +24,10 @@
  * accumulated in float32 over blocks of BLOCK elements (vectorised by `omp simd` reductions) and
  * then in double.
  *
- * Three passes per row: max (from memory), sums (the row is then in cache), centred phi sum.
- * Rows are spread over threads with OpenMP; the GIL is released. No -march=native: the row
+ * Three passes per row: max (from memory), sums (the row is then in cache), centred phi sum
+ * (no exponentials in the third). The GIL is released; rows are spread over `nthreads` OpenMP
+ * threads (kldiv calls it with nthreads = 1 from a pool of Python threads, whose idle workers
+ * sleep instead of spinning). No -march=native: the row
  * function is compiled for AVX-512, AVX2 and the baseline, chosen at load time (target_clones).
  */
 #define PY_SSIZE_T_CLEAN

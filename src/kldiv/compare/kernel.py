@@ -16,6 +16,7 @@ variable ``KLDIV_NO_EXT=1``) selects the NumPy code.
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -93,10 +94,57 @@ def row_stats(a, b, *, tokens=None, reverse=False, threads=None, force_fallback=
     lpa = np.empty(n if tok is not None else 0, np.float64)
     lpb = np.empty(n if tok is not None else 0, np.float64)
     status = np.empty(n, np.int32)
-    ext.rowstats(a32, b32, n, v, tok, int(bool(reverse)), int(threads or 0),
-                 kl, rkl, top_a, top_b, logz, lpa, lpb, status)
+    _run_parallel(ext, a32, b32, tok, reverse, threads, kl, rkl, top_a, top_b, logz, lpa, lpb, status)
     return RowStats(kl, rkl if reverse else None, top_a, top_b, logz,
                     lpa if tok is not None else None, lpb if tok is not None else None, status)
+
+
+def cpu_count() -> int:
+    """CPUs this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+_POOL = None
+_POOL_LOCK = threading.Lock()
+
+
+def _pool(workers):
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None or _POOL._max_workers < workers:
+            from concurrent.futures import ThreadPoolExecutor
+
+            _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kldiv-rowstats")
+        return _POOL
+
+
+def _run_parallel(ext, a, b, tok, reverse, threads, kl, rkl, top_a, top_b, logz, lpa, lpb, status):
+    """Spread the rows over ``threads`` workers (default: all CPUs).
+
+    The C kernel releases the GIL, so plain Python threads run it in parallel; each call is
+    single-threaded. Unlike an OpenMP team, a worker that finishes early sleeps instead of
+    spinning while it waits, which matters on a machine shared with other work. Rows are cut into
+    pieces (four per worker) so that a worker slowed down by other load does not hold the others.
+    """
+    n, v = a.shape
+    workers = cpu_count() if not threads else int(threads)
+    if workers <= 1 or n < 2 * workers:
+        ext.rowstats(a, b, n, v, tok, int(bool(reverse)), 1, kl, rkl, top_a, top_b, logz, lpa, lpb, status)
+        return
+    step = max(1, -(-n // (4 * workers)))
+
+    def piece(s):
+        e = min(n, s + step)
+        ext.rowstats(a[s:e], b[s:e], e - s, v, None if tok is None else tok[s:e], int(bool(reverse)), 1,
+                     kl[s:e], rkl[s:e] if reverse else rkl, top_a[s:e], top_b[s:e], logz[s:e],
+                     lpa[s:e] if tok is not None else lpa, lpb[s:e] if tok is not None else lpb,
+                     status[s:e])
+
+    for f in [_pool(workers).submit(piece, s) for s in range(0, n, step)]:
+        f.result()
 
 
 def _phi(x):
