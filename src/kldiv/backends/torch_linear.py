@@ -9,9 +9,10 @@ into the gradients of ``hidden`` (per chunk), ``weight`` and ``bias`` (accumulat
 right away. The backward pass then only scales what the forward pass made.
 
 The divergence of each chunk is the core's (``kldiv._core.divergence``), computed by
-``kldiv.backends.torch_fused.divergence_rows_with_grad`` (a C kernel or the core's row function
-under autograd). Should that module be unavailable, a private stand-in runs the core's row
-function under autograd here.
+``kldiv.backends.torch_fused.divergence_rows_with_grad`` (its C kernel, or its pure-torch path).
+Should that module be unavailable, a private stand-in runs the core's row function under autograd
+here. A top-k teacher is compared over K + 1 buckets (see :func:`linear_kl_div`), built in place
+in the chunk's logits with an analytic gradient.
 """
 from __future__ import annotations
 
