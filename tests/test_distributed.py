@@ -119,6 +119,14 @@ def sweep_case(i, world):
 SWEEP = 36
 
 
+def tpdp_data():
+    g = torch.Generator().manual_seed(21)
+    teacher = torch.randn(7, V, generator=g, dtype=torch.float64)
+    student = torch.randn(7, V, generator=g, dtype=torch.float64)
+    tmask = torch.tensor([True, True, False, True, True, True, False])
+    return teacher, student, tmask, [0, 2, 7]  # 2 rows on one data rank, 5 on the other
+
+
 def shard(t, rank, world):
     return t[..., CUTS[world][rank]:CUTS[world][rank + 1]].contiguous()
 
@@ -253,6 +261,19 @@ def _worker_cases(rank, world):
         val = kd.vocab_parallel_kl_div(a, b, reduction="none", group=mine)
         val.sum().backward()
         out["group"] = dict(val=val.detach(), gp=a.grad, gq=b.grad)
+
+        # tensor x data parallel: vocabulary groups {0,1}, {2,3}; data groups {0,2}, {1,3}
+        dp = [dist.new_group([0, 2]), dist.new_group([1, 3])][rank % 2]
+        teacher, student, tmask, bounds = tpdp_data()
+        lo, hi = bounds[rank // 2], bounds[rank // 2 + 1]  # this data-parallel rank's rows
+        t = shard(teacher[lo:hi], rank % 2, 2)
+        s = shard(student[lo:hi], rank % 2, 2).requires_grad_()
+        count = kd.global_token_count(tmask[lo:hi], group=dp)
+        local = kd.vocab_parallel_kl_div(t, s, mask=tmask[lo:hi], reduction="sum", group=mine)
+        kd.data_parallel_mean(local, count, group=dp).backward()
+        total = local.detach().clone()
+        dist.all_reduce(total, group=dp)
+        out["tpdp"] = dict(mean=total / count, gq=s.grad, rows=(lo, hi))
     return out
 
 
@@ -341,9 +362,24 @@ def launch(world, timeout=150):
         return [torch.load(os.path.join(d, f"rank{r}.pt")) for r in range(world)]
 
 
+_LAUNCHED: dict = {}
+
+
+def launched(world):
+    """One launch per world size for the whole module."""
+    if world not in _LAUNCHED:
+        _LAUNCHED[world] = launch(world)
+    return world, _LAUNCHED[world]
+
+
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"world{w}")
 def results(request):
-    return request.param, launch(request.param)
+    return launched(request.param)
+
+
+@pytest.fixture(scope="module")
+def results4():
+    return launched(4)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -587,10 +623,8 @@ def test_data_parallel_mean_equals_one_process(results):
     assert abs(sum(per_rank) / world - float(full.detach())) > 1e-6
 
 
-def test_subgroups(results):
-    world, res = results
-    if world != 4:
-        pytest.skip("subgroups are exercised with 4 ranks")
+def test_subgroups(results4):
+    world, res = results4
     for grp in range(2):
         xg, yg, _ = family_data(torch.float64, 2)
         xg = (xg[1] + grp).requires_grad_()
@@ -602,6 +636,25 @@ def test_subgroups(results):
         assert_close(r1["group"]["val"], core.detach(), 1e-10, f"group {grp}")
         gp = torch.cat([r0["group"]["gp"], r1["group"]["gp"]], -1)
         assert_grad_close(gp, xg.grad, 1e-10, f"group {grp} grad p")
+
+
+def test_tensor_and_data_parallel_together(results4):
+    """2 vocabulary ranks x 2 data ranks: value and gradient of the global per-token mean."""
+    world, res = results4
+    teacher, student, tmask, _ = tpdp_data()
+    s = student.clone().requires_grad_()
+    full = kldiv.kl_div(teacher, s, p_space="logits", q_space="logits", mask=tmask,
+                        reduction="mean")
+    full.backward()
+    grad = torch.zeros_like(student)
+    for rank in range(4):
+        got = res[rank]["tpdp"]
+        assert_close(got["mean"], full.detach(), 1e-12, f"mean on rank {rank}")
+        lo, hi = got["rows"]
+        a, b = CUTS[2][rank % 2], CUTS[2][rank % 2 + 1]
+        # DDP averages parameter gradients over the 2 data ranks: divide by 2 to compare
+        grad[lo:hi, a:b] = got["gq"] / 2
+    assert_grad_close(grad, s.grad, 1e-12, "gradient")
 
 
 # ----------------------------------------------------------------------------------------------
