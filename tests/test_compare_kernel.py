@@ -189,6 +189,17 @@ def test_edges_support_and_bad_values(fallback):
     assert (r.status[[0, 1, 2, 6]] == 0).all()
 
 
+@pytest.mark.parametrize("fallback", PATHS)
+def test_q_mass_mostly_off_the_support_of_p(fallback):
+    """-log q(S) without cancellation when q(S) is tiny: p uniform on 2 of 4, q puts e^10 on the
+    other two. KL = log(1 + e^10); reverse is infinite (q > 0 = p)."""
+    a = np.array([[0.0, 0.0, -np.inf, -np.inf]], np.float32)
+    b = np.array([[0.0, 0.0, 10.0, 10.0]], np.float32)
+    r = run(a, b, fallback, reverse=True)
+    assert r.kl[0] == pytest.approx(math.log1p(math.exp(10.0)), rel=1e-6)
+    assert r.rkl[0] == math.inf
+
+
 @pytest.mark.skipif(not HAVE_EXT, reason="compiled kernel not built")
 def test_compiled_and_fallback_agree_and_env_forces_fallback(monkeypatch):
     rng = np.random.default_rng(6)
@@ -246,3 +257,44 @@ def test_shape_errors():
         K.row_stats(np.zeros((2, 3)), np.zeros((2, 4)))
     with pytest.raises(ValueError, match="tokens must have shape"):
         K.row_stats(np.zeros((2, 3)), np.zeros((2, 3)), tokens=[1, 2, 3])
+
+
+def ld_kl_supports(a, b):
+    """KL per row in extended precision with -inf logits (p_i = 0 terms dropped, q_i = 0 < p_i
+    gives inf): the textbook definition, row by row."""
+    out = []
+    for x, y in zip(np.asarray(a, np.longdouble), np.asarray(b, np.longdouble)):
+        fx, fy = np.isfinite(x), np.isfinite(y)
+        if np.any(fx & ~fy):
+            out.append(math.inf)
+            continue
+        lp = x[fx] - x[fx].max()
+        lp = lp - np.log(np.exp(lp).sum())
+        lq = y - y[fy].max()
+        lq = lq - np.log(np.exp(lq[fy]).sum())
+        out.append(float((np.exp(lp) * (lp - lq[fx])).sum()))
+    return np.array(out)
+
+
+@pytest.mark.skipif(not EXTENDED, reason="no extended precision for the oracle")
+@pytest.mark.parametrize("fallback", PATHS)
+def test_random_rows_with_zero_probabilities(fallback):
+    """Rows with -inf logits on either or both sides, shifted and scaled: against the oracle."""
+    rng = np.random.default_rng(7)
+    for _ in range(12):
+        n, v = int(rng.integers(1, 8)), int(rng.integers(2, 600))
+        a = (rng.standard_normal((n, v)) * rng.uniform(0.1, 8)).astype(np.float32)
+        b = (a * rng.uniform(0.7, 1.3) + rng.standard_normal((n, v)) * 10 ** rng.uniform(-5, 0.5)
+             + rng.uniform(-40, 40)).astype(np.float32)
+        a[rng.random((n, v)) < 0.15] = -np.inf
+        both = rng.random((n, v)) < 0.1
+        a[both] = b[both] = -np.inf
+        a[:, 0] = 0.0  # keep every row non-empty
+        b[:, 0] = 0.0
+        if rng.random() < 0.5:
+            b[rng.random((n, v)) < 0.02] = -np.inf
+        r = run(a, b, fallback, reverse=True)
+        for got, ref in ((r.kl, ld_kl_supports(a, b)), (r.rkl, ld_kl_supports(b, a))):
+            np.testing.assert_array_equal(np.isinf(got), np.isinf(ref))
+            fin = np.isfinite(ref)
+            np.testing.assert_allclose(got[fin], ref[fin], rtol=1e-4, atol=1e-12)

@@ -111,12 +111,17 @@ static inline float phi_small(float x)
 /* The centred difference t = (b - a) - d0 with d0 = d0h + d0l, from an exact TwoSum of b and -a.
  * Returns NaN where either side is -inf: those entries are off the common support and are
  * handled by the support terms (the sums below skip them through the NaN). */
-static inline float centred_diff(float a, float b, float d0h, float d0l)
+static inline float two_sum_diff(float a, float b, float d0h, float d0l)
 {
     float s = b - a;
     float bb = s - b;
     float err = (b - (s - bb)) + (-a - bb);
-    float t = (s - d0h) + (err - d0l);
+    return (s - d0h) + (err - d0l);
+}
+
+static inline float centred_diff(float a, float b, float d0h, float d0l)
+{
+    float t = two_sum_diff(a, b, d0h, d0l);
     int ok = (a > -INFINITY) & (b > -INFINITY);
     return ok ? t : NAN;
 }
@@ -130,20 +135,27 @@ KL_CLONES
 static void row_kernel(const float *a, const float *b, Py_ssize_t n, int reverse, float *scratch,
                        rowres *res)
 {
-    /* pass 1: maxima, bad values, support conditions */
-    float ma = -INFINITY, mb = -INFINITY;
-    int bad_a = 0, bad_b = 0, qzero = 0, pzero = 0, ninf_a = 0, ninf_b = 0;
-#pragma omp simd reduction(max : ma, mb) reduction(| : bad_a, bad_b, qzero, pzero, ninf_a, ninf_b)
+    /* pass 1: maxima; a sum of x * 0 is 0 exactly when every entry is finite (the usual case:
+     * then no masks are needed below), NaN otherwise (then a second scan sorts out why) */
+    float ma = -INFINITY, mb = -INFINITY, chk = 0.0f;
+#pragma omp simd reduction(max : ma, mb) reduction(+ : chk)
     for (Py_ssize_t j = 0; j < n; j++) {
         float x = a[j], y = b[j];
         ma = x > ma ? x : ma;
         mb = y > mb ? y : mb;
-        bad_a |= !(x < INFINITY) & (x != -INFINITY);
-        bad_b |= !(y < INFINITY) & (y != -INFINITY);
-        qzero |= (x > -INFINITY) & (y == -INFINITY);
-        pzero |= (y > -INFINITY) & (x == -INFINITY);
-        ninf_a |= x == -INFINITY;
-        ninf_b |= y == -INFINITY;
+        chk += x * 0.0f + y * 0.0f;
+    }
+    const int allfinite = chk == 0.0f;
+    int bad_a = 0, bad_b = 0, qzero = 0, pzero = 0;
+    if (!allfinite) {
+#pragma omp simd reduction(| : bad_a, bad_b, qzero, pzero)
+        for (Py_ssize_t j = 0; j < n; j++) {
+            float x = a[j], y = b[j];
+            bad_a |= !(x < INFINITY) & (x != -INFINITY);
+            bad_b |= !(y < INFINITY) & (y != -INFINITY);
+            qzero |= (x > -INFINITY) & (y == -INFINITY);
+            pzero |= (y > -INFINITY) & (x == -INFINITY);
+        }
     }
     res->status = 0;
     if (bad_a || bad_b) {
@@ -178,27 +190,46 @@ static void row_kernel(const float *a, const float *b, Py_ssize_t n, int reverse
 
     /* pass 2: partition functions, p- and q-weighted mean of t, masses off the supports */
     float *wa = scratch, *wb = scratch + n, *tt = scratch + 2 * n;
-    double Za = 0, Zb = 0, A = 0, B = 0, QSc = 0, PSc = 0;
+    double Za = 0, Zb = 0, A = 0, B = 0, QSc = 0, PSc = 0, QS = 0, PS = 0;
     for (Py_ssize_t j0 = 0; j0 < n; j0 += BLOCK) {
         Py_ssize_t j1 = j0 + BLOCK < n ? j0 + BLOCK : n;
-        float za = 0, zb = 0, sa = 0, sb = 0, qsc = 0, psc = 0;
-#pragma omp simd reduction(+ : za, zb, sa, sb, qsc, psc)
-        for (Py_ssize_t j = j0; j < j1; j++) {
-            float x = a[j], y = b[j];
-            float ea = fexp(x - ma), eb = fexp(y - mb);
-            float t = centred_diff(x, y, d0h, d0l);
-            float tm = t == t ? t : 0.0f;
-            wa[j] = ea;
-            wb[j] = eb;
-            tt[j] = t;
-            za += ea;
-            zb += eb;
-            sa += ea * tm;
-            sb += eb * tm;
-            qsc += x == -INFINITY ? eb : 0.0f;
-            psc += y == -INFINITY ? ea : 0.0f;
+        /* q's mass off / on the support of p (qsc, qs), and p's off / on the support of q */
+        float za = 0, zb = 0, sa = 0, sb = 0, qsc = 0, psc = 0, qs = 0, ps = 0;
+        if (allfinite) {
+#pragma omp simd reduction(+ : za, zb, sa, sb)
+            for (Py_ssize_t j = j0; j < j1; j++) {
+                float x = a[j], y = b[j];
+                float ea = fexp(x - ma), eb = fexp(y - mb);
+                float t = two_sum_diff(x, y, d0h, d0l);
+                wa[j] = ea;
+                wb[j] = eb;
+                tt[j] = t;
+                za += ea;
+                zb += eb;
+                sa += ea * t;
+                sb += eb * t;
+            }
+        } else {
+#pragma omp simd reduction(+ : za, zb, sa, sb, qsc, psc, qs, ps)
+            for (Py_ssize_t j = j0; j < j1; j++) {
+                float x = a[j], y = b[j];
+                float ea = fexp(x - ma), eb = fexp(y - mb);
+                float t = centred_diff(x, y, d0h, d0l);
+                float tm = t == t ? t : 0.0f;
+                wa[j] = ea;
+                wb[j] = eb;
+                tt[j] = t;
+                za += ea;
+                zb += eb;
+                sa += ea * tm;
+                sb += eb * tm;
+                qsc += x == -INFINITY ? eb : 0.0f;
+                psc += y == -INFINITY ? ea : 0.0f;
+                qs += x == -INFINITY ? 0.0f : eb;
+                ps += y == -INFINITY ? 0.0f : ea;
+            }
         }
-        Za += za; Zb += zb; A += sa; B += sb; QSc += qsc; PSc += psc;
+        Za += za; Zb += zb; A += sa; B += sb; QSc += qsc; PSc += psc; QS += qs; PS += ps;
     }
     res->logz_a = log(Za);
     res->logz_b = log(Zb);
@@ -226,7 +257,7 @@ static void row_kernel(const float *a, const float *b, Py_ssize_t n, int reverse
                 float small = w * phi_small(x);
                 float big = wb[j] * Cf - w * (1.0f + x);
                 float term = (x < 0.5f) & (x > -0.5f) ? small : big;
-                u += (t == t) ? term : 0.0f;
+                u += (allfinite | (t == t)) ? term : 0.0f;
             }
         }
         U += u;
@@ -240,26 +271,23 @@ static void row_kernel(const float *a, const float *b, Py_ssize_t n, int reverse
                 float small = w * phi_small(y);
                 float big = wa[j] * Cr - w * (1.0f + y);
                 float term = (y < 0.5f) & (y > -0.5f) ? small : big;
-                r += (t == t) ? term : 0.0f;
+                r += (allfinite | (t == t)) ? term : 0.0f;
             }
         }
         R += r;
     }
-    (void)ninf_a;
-    (void)ninf_b;
+    /* -log q(S) = log1p(q mass off S / q mass on S): no cancellation when q(S) is small */
     if (qzero) {
         res->kl = INFINITY;
     } else {
-        double qs = QSc / Zb; /* q mass off the support of p */
-        res->kl = log1p(U / Za) - (qs > 0 ? log1p(-qs) : 0.0);
+        res->kl = log1p(U / Za) + (QSc > 0 ? log1p(QSc / QS) : 0.0);
         if (!(res->kl >= 0)) res->kl = res->kl < 0 ? 0.0 : res->kl;
     }
     if (reverse) {
         if (pzero) {
             res->rkl = INFINITY;
         } else {
-            double ps = PSc / Za;
-            res->rkl = log1p(R / Zb) - (ps > 0 ? log1p(-ps) : 0.0);
+            res->rkl = log1p(R / Zb) + (PSc > 0 ? log1p(PSc / PS) : 0.0);
             if (!(res->rkl >= 0)) res->rkl = res->rkl < 0 ? 0.0 : res->rkl;
         }
     }

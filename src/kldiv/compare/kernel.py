@@ -162,7 +162,7 @@ def _kl_rows(la, lb, ma, mb, za, zb):
     """Centred-form KL(p||q) per row in float64 from logits la, lb (rows, V) with maxima/sums."""
     fin_a = np.isfinite(la)
     fin_b = np.isfinite(lb)
-    with np.errstate(invalid="ignore", over="ignore"):
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         qzero = np.any(fin_a & ~fin_b, axis=1)
         p = np.exp(la - ma[:, None]) / za[:, None]
         d = np.where(fin_a & fin_b, lb - la, 0.0)
@@ -174,8 +174,11 @@ def _kl_rows(la, lb, ma, mb, za, zb):
         big = np.exp(np.where(small, -np.inf, lp + x)) - p * (1.0 + x)
         term = np.where(small, p * _phi(np.where(small, x, 0.0)), big)
         u = np.sum(np.where(fin_a, term, 0.0), axis=1)
-        q_off = np.sum(np.where(fin_a, 0.0, np.exp(lb - mb[:, None])), axis=1) / zb
-        kl = np.log1p(u) - np.log1p(-q_off)
+        eb = np.exp(lb - mb[:, None])
+        q_off = np.sum(np.where(fin_a, 0.0, eb), axis=1)
+        q_on = np.sum(np.where(fin_a, eb, 0.0), axis=1)
+        # -log q(S) = log1p(q off S / q on S): accurate also when q(S) is small
+        kl = np.log1p(u) + np.log1p(q_off / q_on)
     kl = np.where(qzero, np.inf, np.maximum(kl, 0.0))
     return kl
 
