@@ -43,9 +43,9 @@ Without an initialised process group (or with a group of one rank) the divergenc
 the single-process core (``kldiv.kl_div`` and family, with its fused kernels), so the same code
 runs on one device at full speed. torch is imported only when these functions are called.
 
-Host synchronisations: each pass checks whether its chunk of rows holds any -inf (shards without
-one skip every support mask) and, with validation on, reads the all-reduced error flags back;
-on GPUs each of those is a device synchronisation.
+Host synchronisations: one check per call whether the shards hold any -inf (shards without one
+skip every support mask), one per row chunk for the underflow guard of the common-support sums
+and, with validation on, the all-reduced error flags; on GPUs each is a device synchronisation.
 """
 from __future__ import annotations
 
@@ -563,7 +563,8 @@ def _check_mask(mask, rows_shape, device):
     import torch
 
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-        raise TypeError(f"mask: expected a boolean tensor, got {getattr(mask, 'dtype', type(mask))}")
+        got = getattr(mask, "dtype", type(mask).__name__)
+        raise TypeError(f"mask: expected a boolean tensor, got {got}")
     return broadcast_rows(torch, mask.to(device), rows_shape, "mask")
 
 
@@ -694,9 +695,10 @@ def vocab_parallel_kl_div(p_shard, q_shard, *, p_space="logits", q_space="logits
                            validate=validate)
 
 
-vocab_parallel_kl_div.__doc__ = r"""KL(p || q) of vocabulary-sharded logits: ``kldiv.kl_div`` on the gathered rows.
+vocab_parallel_kl_div.__doc__ = r"""KL(p || q) of vocabulary-sharded rows, equal to ``kldiv.kl_div`` unsharded.
 
-    .. math:: \mathrm{KL}(p \,\|\, q) = \sum_{r} \sum_{i \in \mathrm{shard}_r} p_i \log \frac{p_i}{q_i},
+    .. math:: \mathrm{KL}(p \,\|\, q) = \sum_{r} \sum_{i \in \mathrm{shard}_r}
+              p_i \log \frac{p_i}{q_i},
               \quad p = \mathrm{softmax}(x / T) \text{ over all shards}
 
     Edges as ``kldiv.kl_div``: categories with p_i = 0 (logit -inf) contribute 0, also when a
@@ -726,7 +728,7 @@ vocab_parallel_kl_div.__doc__ = r"""KL(p || q) of vocabulary-sharded logits: ``k
 def vocab_parallel_reverse_kl(p_shard, q_shard, *, p_space="logits", q_space="logits",
                               reduction="mean", mask=None, weight=None, temperature=1.0,
                               t2_scale=False, group=None, validate=None):
-    """Reverse KL, KL(q || p), of vocabulary-sharded rows: ``kldiv.reverse_kl`` on the gathered rows.
+    """Reverse KL, KL(q || p), of vocabulary-sharded rows, equal to ``kldiv.reverse_kl`` unsharded.
 
     Same arguments and conventions as ``vocab_parallel_kl_div`` (p the teacher first, q the
     student second); +inf where q has mass on a category where p has none.
@@ -860,7 +862,8 @@ def _linear_function_class():
                 total = kept.sum()
                 if reduction == "mean":
                     total = total * inv.to(total.device)
-            ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in (gh, gw, gb, gt)))
+            empty = torch.empty(0)
+            ctx.save_for_backward(*(empty if g is None else g for g in (gh, gw, gb, gt)))
             ctx.dtypes = (hidden.dtype, weight_shard.dtype,
                           None if bias_shard is None else bias_shard.dtype, target.dtype)
             return total
@@ -949,7 +952,8 @@ def vocab_parallel_linear_kl_div(hidden, weight_shard, target_shard, *, bias_sha
         n *= s
     if mask is not None:
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-            raise TypeError(f"mask: expected a boolean tensor, got {getattr(mask, 'dtype', type(mask))}")
+            got = getattr(mask, "dtype", type(mask).__name__)
+            raise TypeError(f"mask: expected a boolean tensor, got {got}")
         mask = broadcast_rows(torch, mask, rows_shape, "mask").reshape(n)
     if weight is not None:
         weight = broadcast_rows(torch, weight, rows_shape, "weight").reshape(n)
