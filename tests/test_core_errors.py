@@ -125,9 +125,6 @@ def test_mixed_array_libraries_name_the_libraries():
         kldiv.kl_div(jnp.asarray(U), torch.from_numpy(U))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "core: the mixed-library TypeError lists the array types but not which argument "
-    "(p, q, mask, weight) is the odd one out"))
 def test_mixed_array_libraries_name_the_argument():
     import torch
 

@@ -14,15 +14,22 @@ from array_api_compat import array_namespace, device, is_jax_array, is_torch_arr
 __all__ = ["namespace", "logsumexp", "const", "is_concrete", "to_numpy", "device"]
 
 
-def namespace(*arrays):
-    """The array-API namespace shared by ``arrays`` (None entries are ignored)."""
-    arrays = [a for a in arrays if a is not None]
+def namespace(*arrays, **named_arrays):
+    """The array-API namespace shared by ``arrays`` (None entries are ignored).
+
+    Pass them by keyword to have a mixed-library error name the arguments.
+    """
+    named = {f"argument {i}": a for i, a in enumerate(arrays)}
+    named.update(named_arrays)
+    named = {k: a for k, a in named.items() if a is not None}
     try:
-        return array_namespace(*arrays)
+        return array_namespace(*named.values())
     except TypeError as exc:
-        kinds = sorted({type(a).__module__.split(".")[0] + "." + type(a).__name__ for a in arrays})
+        kinds = ", ".join(
+            f"{k}: {type(a).__module__.split('.')[0]}.{type(a).__name__}" for k, a in named.items()
+        )
         raise TypeError(
-            "kldiv: all array arguments must come from one array library; got " + ", ".join(kinds)
+            f"kldiv: all array arguments must come from one array library; got {kinds}"
         ) from exc
 
 

@@ -108,7 +108,7 @@ def _prepare(p, q, p_space, q_space, axis, temperature, mask, weight, validate, 
     temperature = V.check_positive_finite("temperature", temperature)
     p = _as_array(p, names[0])
     q = _as_array(q, names[1])
-    xp = namespace(p, q, mask, weight)
+    xp = namespace(p=p, q=q, mask=mask, weight=weight)
     V.check_floating(xp, names[0], p)
     V.check_floating(xp, names[1], q)
     ax = V.check_axis(axis, max(p.ndim, q.ndim))
@@ -180,14 +180,20 @@ def _phi_series(xp, x):
     return acc * x * x
 
 
-def _w_phi(xp, w, lw, x):
-    """w * phi(x) without overflow (w * exp(x) formed as exp(log w + x)) and without cancellation."""
+def _w_phi(xp, w, lw, x, w_exp=None):
+    """w * phi(x) without overflow and without cancellation.
+
+    ``w * exp(x)`` is formed as ``exp(log w + x)``, or taken from ``w_exp`` when the caller knows
+    it exactly (the JS mixture: p * m/p = m).
+    """
     small = xp.abs(x) < _SMALL
     zero = xp.zeros_like(x)
     xs = xp.where(small, x, zero)
     xl = xp.where(small, zero, x)
-    lwl = xp.where(small, zero, lw)
-    big = xp.exp(lwl + xl) - w * (1 + xl)
+    if w_exp is None:
+        lwl = xp.where(small, zero, lw)
+        w_exp = xp.exp(lwl + xl)
+    big = w_exp - w * (1 + xl)
     return xp.where(small, w * _phi_series(xp, xs), big)
 
 
@@ -234,12 +240,22 @@ def _pair(xp, P: _Side, Q: _Side) -> _Pair:
         delta = xp.where(near, xp.log1p((qn - pn) / pn), xp.log(qs) - xp.log(ps))
     else:
         delta = xp.where(T, Q.raw_log - P.raw_log, zero)
-    wT = xp.where(T, P.w, zero)
-    pT = xp.sum(wT, axis=-1, keepdims=True)
-    empty = pT <= 0
-    pT_safe = xp.where(empty, xp.ones_like(pT), pT)
-    wn = wT / pT_safe
-    lwn = xp.where(T, P.lw - xp.log(pT_safe), zero)
+    p_out = xp.sum(xp.where(T, zero, P.w), axis=-1)
+    q_out = xp.sum(xp.where(T, zero, Q.w), axis=-1)
+    log_pT = _log_of_mass(xp, p_out, P.lw, T)
+    log_qT = _log_of_mass(xp, q_out, Q.lw, T)
+    # p restricted to T and renormalised, in log space: p's mass on T may underflow to 0 while
+    # its log-probabilities there are finite
+    empty = ~xp.any(T, axis=-1, keepdims=True)
+    lpT = xp.where(empty, xp.zeros_like(log_pT[..., None]), log_pT[..., None])
+    lwn = xp.where(T, P.lw - lpT, zero)
+    wn = xp.where(T, xp.exp(lwn), zero)
+    # one more exact-in-spirit renormalisation: the weights must sum to 1 to the last bit for the
+    # centring below to cancel a common offset of the log-ratio
+    s = xp.sum(wn, axis=-1, keepdims=True)
+    s = xp.where(empty, xp.ones_like(s), s)
+    wn = wn / s
+    lwn = xp.where(T, lwn - xp.log(s), zero)
     mu = xp.sum(wn * delta, axis=-1, keepdims=True)
     dc = xp.where(T, delta - mu, zero)  # centred log-ratio d'
     # L = log E_p[exp(d')] = log1p(E_p[phi(d')]). When some p_i exp(d'_i) is huge (logits far
@@ -253,10 +269,6 @@ def _pair(xp, P: _Side, Q: _Side) -> _Pair:
     lt = xp.where(huge, lt, zero)
     L_large = logsumexp(xp, lt, axis=-1)[..., 0]
     L = xp.where(huge[..., 0], L_large, L_small)
-    p_out = xp.sum(xp.where(T, zero, P.w), axis=-1)
-    q_out = xp.sum(xp.where(T, zero, Q.w), axis=-1)
-    log_pT = _log_of_mass(xp, p_out, P.lw, T)
-    log_qT = _log_of_mass(xp, q_out, Q.lw, T)
     mean_d = log_qT - log_pT - L  # E_{p restricted to T}[log q/p]
     d = xp.where(T, dc + mean_d[..., None], zero)
     p_escapes = xp.any(P.support & ~Q.support, axis=-1)
@@ -300,10 +312,9 @@ def _rows(kind, xp, P, Q, beta):
     if kind == "js":
         y = _log_mix(xp, 1.0 - beta, pr.d)  # log(m/p) on T
         z = _log_mix(xp, beta, -pr.d)  # log(m/q) on T
-        lwp = xp.where(pr.common, P.lw, zero)
-        lwq = xp.where(pr.common, Q.lw, zero)
-        tp = xp.where(pr.common, _w_phi(xp, P.w, lwp, y), zero)
-        tq = xp.where(pr.common, _w_phi(xp, Q.w, lwq, z), zero)
+        m = beta * P.w + (1 - beta) * Q.w  # p e^y = q e^z = m, exactly
+        tp = xp.where(pr.common, _w_phi(xp, P.w, None, y, m), zero)
+        tq = xp.where(pr.common, _w_phi(xp, Q.w, None, z, m), zero)
         val = beta * xp.sum(tp, axis=-1) + (1 - beta) * xp.sum(tq, axis=-1)
         return val - beta * math.log(beta) * pr.p_out - (1 - beta) * math.log1p(-beta) * pr.q_out
     raise ValueError(f"unknown divergence kind {kind!r}")  # pragma: no cover
