@@ -695,7 +695,7 @@ def vocab_parallel_kl_div(p_shard, q_shard, *, p_space="logits", q_space="logits
                            validate=validate)
 
 
-vocab_parallel_kl_div.__doc__ = r"""Vocabulary-parallel KL(p || q); equals ``kldiv.kl_div`` unsharded.
+vocab_parallel_kl_div.__doc__ = r"""Vocab-parallel KL(p || q); equals ``kldiv.kl_div`` unsharded.
 
     .. math:: \mathrm{KL}(p \,\|\, q) = \sum_{r} \sum_{i \in \mathrm{shard}_r}
               p_i \log \frac{p_i}{q_i},
