@@ -1011,6 +1011,11 @@ def global_token_count(mask, *, weight=None, group=None):
             total = total + m
         else:
             raise TypeError(f"mask: expected a boolean tensor or a count, got {m!r}")
+    if device is None and _world(group) > 1:  # counts only: nccl needs a tensor on the GPU
+        import torch.distributed as dist
+
+        if dist.get_backend(group) == "nccl":
+            device = torch.device("cuda", torch.cuda.current_device())
     out = torch.as_tensor(total, dtype=torch.float64, device=device).detach().clone().reshape(1)
     return _all_reduce(out, "sum", group)[0]
 
