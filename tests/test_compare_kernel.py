@@ -298,3 +298,28 @@ def test_random_rows_with_zero_probabilities(fallback):
             np.testing.assert_array_equal(np.isinf(got), np.isinf(ref))
             fin = np.isfinite(ref)
             np.testing.assert_allclose(got[fin], ref[fin], rtol=1e-4, atol=1e-12)
+
+
+def _child_kl(q, a, b):
+    q.put(K.row_stats(a, b).kl.tolist())
+
+
+@pytest.mark.skipif(not HAVE_EXT, reason="compiled kernel not built")
+def test_thread_pool_survives_fork():
+    """After the pool has run in the parent, a forked child gets its own pool (no hang)."""
+    import multiprocessing as mp
+
+    if "fork" not in mp.get_all_start_methods():
+        pytest.skip("no fork on this platform")
+    rng = np.random.default_rng(8)
+    a, b = close_pairs(rng, 32, 50, lo=-2, hi=0)
+    parent = K.row_stats(a, b, threads=2).kl
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child_kl, args=(q, a, b))
+    p.start()
+    try:
+        child = q.get(timeout=60)
+    finally:
+        p.join(timeout=60)
+    np.testing.assert_array_equal(child, parent)

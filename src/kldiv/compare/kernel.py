@@ -108,16 +108,20 @@ def cpu_count() -> int:
 
 
 _POOL = None
+_POOL_PID = None
+_POOL_WORKERS = 0
 _POOL_LOCK = threading.Lock()
 
 
 def _pool(workers):
-    global _POOL
+    """A shared thread pool; a new one after fork (a forked child has none of the threads)."""
+    global _POOL, _POOL_PID, _POOL_WORKERS
     with _POOL_LOCK:
-        if _POOL is None or _POOL._max_workers < workers:
+        if _POOL is None or _POOL_PID != os.getpid() or _POOL_WORKERS < workers:
             from concurrent.futures import ThreadPoolExecutor
 
             _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kldiv-rowstats")
+            _POOL_PID, _POOL_WORKERS = os.getpid(), workers
         return _POOL
 
 
