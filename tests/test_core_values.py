@@ -391,6 +391,8 @@ def test_extended_precision_reference_against_mpmath():
     a, b = near_pairs(2000, [1e-2, 1e-5, 1e-7, 1e-9], np.float32, seed=1)
     ref = oracle.rows("kl", a, b, p_space="logits", q_space="logits")
     np.testing.assert_allclose(oracle.kl_extended(a, b), ref, rtol=1e-8)
+    ref_js = oracle.rows("js", a, b, beta=0.3, p_space="logits", q_space="logits")
+    np.testing.assert_allclose(oracle.js_extended(a, b, 0.3), ref_js, rtol=1e-8)
 
 
 @pytest.fixture(scope="module")
@@ -406,6 +408,32 @@ def test_float32_logits_relative_error_1e4_down_to_kl_1e9(xp, float32_pairs_3200
                                 p_space="logits", q_space="logits"))
     rel = np.abs(got - ref) / ref
     assert np.all(rel <= 1e-4), dict(zip(KL_LEVELS, rel))
+
+
+@pytest.fixture(scope="module")
+def family_refs_32000(float32_pairs_32000):
+    a, b, kl = float32_pairs_32000
+    rev = oracle.kl_extended(b, a)
+    return {"reverse_kl": rev, "jeffreys_div": kl + rev, "js_div": oracle.js_extended(a, b, 0.3)}
+
+
+@pytest.mark.parametrize("fn", ["reverse_kl", "jeffreys_div", "js_div"])
+def test_float32_family_relative_error_1e4(xp, float32_pairs_32000, family_refs_32000, fn):
+    """The family keeps the accuracy too, row by row, and on torch through the reduced (fused)
+    path, one row at a time so that each level is checked on its own."""
+    a, b, _ = float32_pairs_32000
+    ref = family_refs_32000[fn]
+    kw = dict(p_space="logits", q_space="logits", **(dict(beta=0.3) if fn == "js_div" else {}))
+    f = getattr(kldiv, fn)
+    A, B = xp.asarray(a, "float32"), xp.asarray(b, "float32")
+    got = to_numpy(f(A, B, **kw))
+    rel = np.abs(got - ref) / ref
+    assert np.all(rel <= 1e-4), dict(zip(KL_LEVELS, rel))
+    if xp.name == "torch":
+        got = np.array([float(f(A[i:i + 1], B[i:i + 1], reduction="sum", **kw))
+                        for i in range(len(KL_LEVELS))])
+        rel = np.abs(got - ref) / ref
+        assert np.all(rel <= 1e-4), dict(zip(KL_LEVELS, rel))
 
 
 def test_float32_probs_relative_error_1e4_down_to_kl_1e9(xp, float32_pairs_32000):
