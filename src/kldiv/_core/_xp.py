@@ -24,7 +24,7 @@ def namespace(*arrays, **named_arrays):
     named = {k: a for k, a in named.items() if a is not None}
     try:
         return array_namespace(*named.values())
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         kinds = ", ".join(
             f"{k}: {type(a).__module__.split('.')[0]}.{type(a).__name__}" for k, a in named.items()
         )
