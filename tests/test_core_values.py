@@ -249,15 +249,21 @@ def test_reductions_masks_weights(xp, space):
 
 
 def test_mean_with_nothing_counted_is_zero_and_inf_rows_with_weight_zero_vanish(xp):
-    p = np.array([[1.0, 0.0], [0.5, 0.5]])
-    q = np.array([[0.0, 1.0], [0.25, 0.75]])  # row 0: +inf
+    # (3, 12) like most tests here: JAX compiles each primitive once per shape
+    p = np.zeros((3, 12))
+    q = np.zeros((3, 12))
+    p[0, :2], q[0, :2] = [1.0, 0.0], [0.0, 1.0]  # row 0: +inf
+    p[1, :2], q[1, :2] = [0.5, 0.5], [0.25, 0.75]
+    p[2], q[2] = 1 / 12, 1 / 12  # row 2: 0
     a, b = xp.asarray(p), xp.asarray(q)
-    none = to_numpy(kldiv.kl_div(a, b, mask=xp.asarray(np.array([False, False])), reduction="mean"))
+    none = to_numpy(kldiv.kl_div(a, b, mask=xp.asarray(np.zeros(3, dtype=bool)), reduction="mean"))
     assert none == 0.0
     r1 = scipy.special.rel_entr(p[1], q[1]).sum()
-    got = to_numpy(kldiv.kl_div(a, b, weight=xp.asarray(np.array([0.0, 2.0])), reduction="mean"))
-    np.testing.assert_allclose(got, r1, rtol=1e-12)
-    got = to_numpy(kldiv.kl_div(a, b, mask=xp.asarray(np.array([False, True])), reduction="sum"))
+    got = to_numpy(kldiv.kl_div(a, b, weight=xp.asarray(np.array([0.0, 2.0, 1.0])),
+                                reduction="mean"))
+    np.testing.assert_allclose(got, 2 * r1 / 3, rtol=1e-12)
+    got = to_numpy(kldiv.kl_div(a, b, mask=xp.asarray(np.array([False, True, True])),
+                                reduction="sum"))
     np.testing.assert_allclose(got, r1, rtol=1e-12)
     assert to_numpy(kldiv.kl_div(a, b, reduction="sum")) == np.inf
 
@@ -325,8 +331,8 @@ def test_family_with_support_mismatch(xp, space):
 
 def test_js_disjoint_supports_is_entropy_of_beta(xp):
     """Disjoint supports: JS_beta = -beta log beta - (1 - beta) log(1 - beta) (a closed form)."""
-    p = np.concatenate([[0.3, 0.7], np.zeros(10)])[None]
-    q = np.concatenate([np.zeros(2), np.full(10, 0.1)])[None]
+    p = np.tile(np.concatenate([[0.3, 0.7], np.zeros(10)]), (3, 1))
+    q = np.tile(np.concatenate([np.zeros(2), np.full(10, 0.1)]), (3, 1))
     for beta in (0.1, 0.5, 0.8):
         got = to_numpy(kldiv.js_div(xp.asarray(p), xp.asarray(q), beta=beta))
         np.testing.assert_allclose(got, -beta * np.log(beta) - (1 - beta) * np.log1p(-beta),
