@@ -1,7 +1,6 @@
 """``kldiv compare``: per-token KL between a reference model's logits and another's, from files."""
 from __future__ import annotations
 
-import os
 import sys
 
 
@@ -41,24 +40,31 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ..compare import compare
-
-    tokens = args.tokens
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
     if args.example:
         if args.reference or args.other:
             raise ValueError("--example takes no REFERENCE/OTHER files")
-        from ..data import example_files
+        import tempfile
 
-        ref, other, tok = example_files(args.example_dir)
-        tokens = tokens or tok
-        if not args.quiet:
-            print(f"example files: {os.path.dirname(ref)}")
-    else:
-        if not (args.reference and args.other):
-            raise ValueError("need REFERENCE and OTHER files (or --example)")
-        ref, other = args.reference, args.other
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        from ..data import N_TOKENS, N_VOCAB, example_files
+
+        if args.example_dir:
+            return _run(args, *example_files(args.example_dir), note=args.example_dir)
+        with tempfile.TemporaryDirectory(prefix="kldiv-example-") as tmp:  # removed afterwards
+            return _run(args, *example_files(tmp),
+                        note=f"generated: {N_TOKENS} tokens x {N_VOCAB} vocabulary")
+    if not (args.reference and args.other):
+        raise ValueError("need REFERENCE and OTHER files (or --example)")
+    return _run(args, args.reference, args.other, args.tokens)
+
+
+def _run(args, ref, other, tokens, note=None) -> int:
+    from ..compare import compare
+
+    tokens = args.tokens or tokens
+    if note and not args.quiet:
+        print(f"example ({note}): a reference model's logits and a quantised copy's\n")
     report = compare(ref, other, tokens=tokens, reverse=args.reverse, js=args.js,
                      skip_nan=args.skip_nan, key=args.key, other_key=args.other_key,
                      threads=args.threads, progress=False if args.no_progress else None)
