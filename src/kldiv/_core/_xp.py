@@ -28,8 +28,10 @@ def namespace(*arrays, **named_arrays):
         kinds = ", ".join(
             f"{k}: {type(a).__module__.split('.')[0]}.{type(a).__name__}" for k, a in named.items()
         )
+        libs = ", ".join(sorted({type(a).__module__.split(".")[0] for a in named.values()}))
         raise TypeError(
-            f"kldiv: all array arguments must come from one array library; got {kinds}"
+            f"kldiv: all array arguments must come from one array library; got {kinds} "
+            f"(libraries: {libs})"
         ) from exc
 
 
