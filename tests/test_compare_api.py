@@ -208,3 +208,19 @@ def test_row_mismatch_with_llamacpp_file_explains_scored_positions(tmp_path):
     save_llamacpp_kld(tmp_path / "a.kld", a, tokens=np.zeros(8, int), n_ctx=8)
     with pytest.raises(ValueError, match=r"has 3 rows.*has 8.*scored positions 4\.\.6"):
         compare(tmp_path / "a.kld", np.zeros((8, 4), np.float32))
+
+
+def test_progress_default_follows_terminal_and_ci(monkeypatch):
+    import sys
+
+    from kldiv.compare.api import _want_progress
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    monkeypatch.delenv("CI", raising=False)
+    assert _want_progress(None) is True
+    monkeypatch.setenv("CI", "true")
+    assert _want_progress(None) is False
+    assert _want_progress(True) is True  # an explicit request wins
+    monkeypatch.delenv("CI")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    assert _want_progress(None) is False
