@@ -191,8 +191,11 @@ def _timing_worker(cfg):
 
 def _run_one(cfg, timeout):
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(cfg)]
+    env = dict(os.environ)
+    if cfg.get("thp"):
+        env["THP_MEM_ALLOC_ENABLE"] = "1"  # torch's CPU allocator asks for huge pages
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout} s"}
     if out.returncode != 0:
@@ -213,7 +216,8 @@ def run(args):
     for m in methods:
         if m not in METHODS:
             raise SystemExit(f"--methods: unknown method {m!r}; choose from {', '.join(METHODS)}")
-    base = {"n": args.n, "v": args.v, "repeats": args.repeats, "threads": args.threads}
+    base = {"n": args.n, "v": args.v, "repeats": args.repeats, "threads": args.threads,
+            "thp": args.thp}
     for m in methods:
         row = {"method": m}
         row.update(_run_one(dict(base, method=m), args.timeout))
@@ -291,6 +295,9 @@ def _parser():
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per method")
     ap.add_argument("--quick", action="store_true",
                     help="tiny smoke run (N=64, V=1000, 2 repeats, no torch.compile)")
+    ap.add_argument("--thp", action="store_true",
+                    help="run every method with THP_MEM_ALLOC_ENABLE=1 (transparent huge pages "
+                         "for torch's large CPU allocations: fewer page faults)")
     ap.add_argument("--linear", action="store_true",
                     help="also benchmark linear_kl_div (N x V = 8192 x 128256, hidden 2048)")
     ap.add_argument("--linear-n", type=int, default=8192, dest="linear_n")
@@ -321,7 +328,8 @@ def main(argv=None):
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"large-vocabulary KL, forward + backward: N={args.n} V={args.v} float32, "
           f"torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} CPUs, "
-          f"load average {load:.1f}, C kernel {ext}; one logits tensor = "
+          f"load average {load:.1f}, C kernel {ext}{', THP on' if args.thp else ''}; "
+          f"one logits tensor = "
           f"{args.n * args.v * 4 / 2**20:.0f} MB; median of {args.repeats}")
     rows = run(args)
     print(format_table(rows))
