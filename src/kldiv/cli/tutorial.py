@@ -68,26 +68,19 @@ def tutorial_rows():
     return rows
 
 
-def _bar_figure(path, title_pairs):
+def _bar_figure(path, panels):
+    """One panel of overlaid bars per (title, {label: distribution}) pair, saved as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     from .._atomic import atomic_path
+    from ..plots import plot_distributions
 
-    fig, axes = plt.subplots(1, len(title_pairs), figsize=(5 * len(title_pairs), 4), sharey=True)
-    axes = np.atleast_1d(axes)
-    idx = np.arange(1, 5)
-    for ax, (title, a, b, la, lb) in zip(axes, title_pairs):
-        ax.bar(idx, a, alpha=0.5, color="black", label=la)
-        ax.bar(idx, b, alpha=0.5, color="tab:cyan", label=lb)
-        ax.set_title(title)
-        ax.set_xticks(idx)
-        ax.set_xlabel("category")
-        ax.set_ylim(0, 1)
-        ax.legend()
-    axes[0].set_ylabel("probability")
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (title, dists) in zip(axes[0], panels):
+        plot_distributions(dists, title=title, ax=ax)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
@@ -137,9 +130,18 @@ def run(args) -> int:
     if not args.no_plots:
         os.makedirs(args.out, exist_ok=True)
         p1 = os.path.join(args.out, "distributions.png")
-        _bar_figure(p1, [("Distributions 1 & 2", DIST_1, DIST_2, "dist_1", "dist_2"),
-                         ("Distributions 1 & 3", DIST_1, DIST_3, "dist_1", "dist_3")])
+        _bar_figure(p1, [
+            (f"Distributions 1 & 2: KL(2 || 1) = {float(kl_div(DIST_2, DIST_1)):.3f}",
+             {"dist_1": DIST_1, "dist_2": DIST_2}),
+            (f"Distributions 1 & 3: KL(3 || 1) = {float(kl_div(DIST_3, DIST_1)):.3f}",
+             {"dist_1": DIST_1, "dist_3": DIST_3}),
+        ])
         p2 = os.path.join(args.out, "common_support.png")
-        _bar_figure(p2, [("Distributions 4 & 1", DIST_4, DIST_1, "dist_4", "dist_1")])
+        _bar_figure(p2, [
+            ("KL(1 || 4) = inf: dist_4 is 0 where dist_1 is not",
+             {"dist_1": DIST_1, "dist_4": DIST_4}),
+            (f"KL(4 || 1) = {float(kl_div(DIST_4, DIST_1)):.3f}",
+             {"dist_4": DIST_4, "dist_1": DIST_1}),
+        ])
         print(f"\nfigures: {p1}, {p2}")
     return 0
