@@ -302,6 +302,18 @@ if __name__ == "__main__":  # a worker process: rank world init_file out_dir
 # launching
 
 
+def _start_forked(procs):
+    """Start forked workers. They run torch only, single-threaded (set first thing in the
+    child), so the parent's threads (OpenMP, JAX's, if an earlier test started them) are never
+    touched; JAX's warning about fork is therefore silenced here."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called")
+        for p in procs:
+            p.start()
+
+
 def _forked(rank, world, init_file, out_dir):
     # (_worker_main sets one thread first: the parent's OpenMP pool does not survive fork())
     try:
@@ -330,8 +342,7 @@ def launch(world, timeout=150):
             ctx = mp.get_context("fork")
             procs = [ctx.Process(target=_forked, args=(r, world, init_file, d))
                      for r in range(world)]
-            for p in procs:
-                p.start()
+            _start_forked(procs)
             try:
                 for p in procs:
                     p.join(timeout)
@@ -780,7 +791,8 @@ def test_docs_torchrun_example_runs_on_two_processes(tmp_path):
     import multiprocessing as mp
 
     doc = os.path.join(os.path.dirname(__file__), "..", "docs", "distributed.md")
-    text = open(doc, encoding="utf-8").read()
+    with open(doc, encoding="utf-8") as f:
+        text = f.read()
     start = text.index("<!-- example: kl_tp.py")
     code = text[text.index("```python\n", start) + 10:]
     code = code[:code.index("```")]
@@ -792,8 +804,7 @@ def test_docs_torchrun_example_runs_on_two_processes(tmp_path):
         ctx = mp.get_context("fork")
         procs = [ctx.Process(target=_run_script_as_rank, args=(str(script), r, port, str(logs[r])))
                  for r in range(2)]
-        for p in procs:
-            p.start()
+        _start_forked(procs)
         for p in procs:
             p.join(120)
         for p in procs:
