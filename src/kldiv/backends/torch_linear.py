@@ -30,7 +30,7 @@ DIVERGENCES = ("forward", "reverse", "js")
 TARGET_SPACES = ("logits", "log_probs")
 
 #: extra memory the function aims at, as a fraction of one float32 N x V logits tensor
-MEMORY_FRACTION = 0.22
+MEMORY_FRACTION = 0.2
 #: fewest rows per chunk: below this the rank-C update of grad_weight (a read and a write of
 #: V x H per chunk) and the matmuls with few rows run slowly (measured here: 16 rows 3x
 #: slower than 1024, 128 rows about 25% slower)
@@ -449,7 +449,7 @@ def linear_kl_div(hidden, weight, target, *, bias=None, target_space="logits",
     logits, which is turned into the gradients with respect to ``hidden`` (per chunk), ``weight``
     and ``bias`` (accumulated) at once. ``backward`` only scales them. No gradient reaches
     ``target`` (the teacher is a constant). Extra memory: one chunk of logits and the row
-    function's temporaries, about ``MEMORY_FRACTION`` (0.22) of one float32 N x V tensor with the
+    function's temporaries, about ``MEMORY_FRACTION`` (0.2) of one float32 N x V tensor with the
     automatic ``chunk_size``, plus the gradients themselves (float32 accumulators for ``weight`` and
     ``bias`` when these are half precision).
 
