@@ -406,7 +406,7 @@ def _rows_and_stats(kind, x, y, beta, group, check, names=("p_shard", "q_shard")
     return rows, st
 
 
-def _local_grads(kind, x, y, rows, st, beta, scale=None):
+def _local_grads(kind, x, y, rows, st, beta, scale=None, need=(True, True)):
     """d rows / d x and d rows / d y (times ``scale`` per row), by row chunks, no collective.
 
     forward: d/dy = q - p, d/dx = -p * dc (dc: log(q/p) centred by its p-mean);
@@ -422,20 +422,25 @@ def _local_grads(kind, x, y, rows, st, beta, scale=None):
     for i, j in _chunks(*x.shape):
         s = None if scale is None else scale[i:j]
         gx[i:j], gy[i:j] = _local_grads_chunk(kind, x[i:j], y[i:j], rows[i:j],
-                                              _slice(st, i, j), beta, s)
+                                              _slice(st, i, j), beta, s, need)
     return gx, gy
 
 
-def _local_grads_chunk(kind, x, y, rows, st, beta, scale):
+def _local_grads_chunk(kind, x, y, rows, st, beta, scale, need):
     import torch
 
     if kind in ("forward", "reverse"):
         a, b = (x, y) if kind == "forward" else (y, x)
-        el = _elementwise(a, b, st)
-        pa = _probs(a, el["sa"], st["lse_a"])
-        pb = _probs(b, el["sb"], st["lse_b"])
-        ga = _sel(el["t"], -pa * el["dc"], 0.0)
+        need_a = need[0] if kind == "forward" else need[1]
+        sa, sb, t = _supports(a, b, st["dense"])
+        pa = _probs(a, sa, st["lse_a"])
+        pb = _probs(b, sb, st["lse_b"])
         gb = pb - pa
+        if need_a:  # (the teacher's side, often detached)
+            dc = _sel(t, b - a - st["mu"][:, None], 0.0)
+            ga = _sel(t, -pa * dc, 0.0)
+        else:
+            ga = torch.zeros_like(gb)
         gx, gy = (ga, gb) if kind == "forward" else (gb, ga)
     elif kind == "jeffreys":
         el = _elementwise(x, y, st)
@@ -486,7 +491,8 @@ def _function_class():
         @torch.autograd.function.once_differentiable
         def backward(ctx, g):
             x, y, rows = ctx.saved_tensors
-            gx, gy = _local_grads(ctx.kind, x, y, rows, ctx.st, ctx.beta, scale=g)
+            gx, gy = _local_grads(ctx.kind, x, y, rows, ctx.st, ctx.beta, scale=g,
+                                  need=tuple(ctx.needs_input_grad[:2]))
             gx = gx if ctx.needs_input_grad[0] else None
             gy = gy if ctx.needs_input_grad[1] else None
             return gx, gy, None, None, None, None
@@ -845,7 +851,8 @@ def _linear_function_class():
                     rows_all[lo:hi] = rows
                     if need_h or need_w or need_b or need_t:
                         gx, gy = _local_grads(kind, x, y, rows, st, beta,
-                                              scale=scale[lo:hi] / temperature)
+                                              scale=scale[lo:hi] / temperature,
+                                              need=(need_t, True))
                         if need_h:
                             gh[lo:hi] = gy @ w_dt
                         if need_w:
