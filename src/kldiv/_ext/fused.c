@@ -117,7 +117,7 @@ static const double kphi[16] = {
 #define SFX _f
 #define KEXP kexp_f
 #define KFABS fabsf
-#define NPHI 9          /* terms up to u^10: truncation below 3e-9 relative for |u| < 0.5 */
+#define NPHI 7          /* terms up to u^8: truncation below 5e-8 relative for |u| < 0.5 */
 #define EXP_FLOOR 87.0  /* kexp_f returns 0 below -EXP_FLOOR */
 #include "fused.c" /* this file, once per element type */
 #undef T
@@ -207,6 +207,32 @@ KLDIV_INLINE T FN(phi_series)(T u)
     return acc * u * u;
 }
 
+/* Pass 3 over one block: the series and (when wanted) the gradients, from the scratch only.
+ * dense: the row has no -inf (every sd[i] is a number). Returns the block's sum of p phi(d'). */
+KLDIV_INLINE T FN(pass3)(Py_ssize_t b0, Py_ssize_t b1, const T *restrict sp,
+                         const T *restrict sq, const T *restrict sd, T *restrict gx,
+                         T *restrict gy, T muT, T ip, T c, T iqg, T ipg, const int want_x,
+                         const int want_y, const int dense)
+{
+    T a = 0;
+#pragma omp simd reduction(+ : a)
+    for (Py_ssize_t i = b0; i < b1; i++) {
+        const T dv = sd[i];
+        const int in = dense ? 1 : dv == dv;
+        const T dc = (in ? dv : (T)0) - muT;
+        const T p = sp[i] * ip;
+        const int small = KFABS(dc) < (T)0.5;
+        const T ser = FN(phi_series)(small ? dc : (T)0);
+        const T term = small ? p * ser : c * sq[i] - p * (1 + dc);
+        a += in ? term : (T)0;
+        if (want_y)
+            gy[i] = sq[i] * iqg - sp[i] * ipg; /* (q_i - p_i) g */
+        if (want_x)
+            gx[i] = in ? -(sp[i] * ipg) * dc : (T)0; /* -p_i d'_i g */
+    }
+    return a;
+}
+
 /* One row; returns KL (double), +inf on escape, nan for "recompute me" (gradients untouched). */
 KLDIV_CLONES static double FN(kl_row)(const T *x, const T *y, Py_ssize_t V, double inv_t,
                                       double s, T *gx, T *gy, T *restrict sp, T *restrict sq,
@@ -214,14 +240,17 @@ KLDIV_CLONES static double FN(kl_row)(const T *x, const T *y, Py_ssize_t V, doub
 {
     const T it = (T)inv_t;
     const T ninf = (T)-INFINITY;
-    T mx = ninf, my = ninf;
-#pragma omp simd reduction(max : mx, my)
+    T mx = ninf, my = ninf, lo = (T)INFINITY;
+#pragma omp simd reduction(max : mx, my) reduction(min : lo)
     for (Py_ssize_t i = 0; i < V; i++) {
         mx = x[i] > mx ? x[i] : mx;
         my = y[i] > my ? y[i] : my;
+        const T m = x[i] < y[i] ? x[i] : y[i];
+        lo = m < lo ? m : lo;
     }
     if (!(mx > ninf) || !(my > ninf))
         return NAN; /* an all -inf row: no distribution (the core reports it) */
+    const int dense = lo > ninf; /* no -inf anywhere: no support masks needed */
     const T mxs = mx * it, mys = my * it;
 
     double Zx = 0, Zy = 0, S1 = 0, ZqS = 0, Zqo = 0;
@@ -235,23 +264,39 @@ KLDIV_CLONES static double FN(kl_row)(const T *x, const T *y, Py_ssize_t V, doub
             }
         T zx = 0, zy = 0, s1 = 0, zqs = 0, zqo = 0;
         int e = 0;
+        if (dense) {
+#pragma omp simd reduction(+ : zx, zy, s1)
+            for (Py_ssize_t i = b0; i < b1; i++) {
+                const T xv = x[i], yv = y[i];
+                const T ep = KEXP(xv * it - mxs), eq = KEXP(yv * it - mys);
+                const T d = (yv - xv) * it; /* one rounding less than y/T - x/T */
+                zx += ep;
+                zy += eq;
+                s1 += ep * d;
+                sp[i] = ep;
+                sq[i] = eq;
+                sd[i] = d;
+            }
+            zqs = zy;
+        } else {
 #pragma omp simd reduction(+ : zx, zy, s1, zqs, zqo) reduction(| : e)
-        for (Py_ssize_t i = b0; i < b1; i++) {
-            const T xv = x[i], yv = y[i];
-            const T xs = xv * it, ys = yv * it;
-            const int px = xv > ninf, py = yv > ninf;
-            const int in = px & py;
-            const T ep = KEXP(xs - mxs), eq = KEXP(ys - mys);
-            const T d = in ? (yv - xv) * it : (T)0; /* one rounding less than ys - xs */
-            zx += ep;
-            zy += eq;
-            s1 += ep * d;
-            zqs += in ? eq : (T)0;
-            zqo += px ? (T)0 : eq;
-            e |= px & !py;
-            sp[i] = ep;
-            sq[i] = eq;
-            sd[i] = in ? d : (T)NAN;
+            for (Py_ssize_t i = b0; i < b1; i++) {
+                const T xv = x[i], yv = y[i];
+                const T xs = xv * it, ys = yv * it;
+                const int px = xv > ninf, py = yv > ninf;
+                const int in = px & py;
+                const T ep = KEXP(xs - mxs), eq = KEXP(ys - mys);
+                const T d = in ? (yv - xv) * it : (T)0;
+                zx += ep;
+                zy += eq;
+                s1 += ep * d;
+                zqs += in ? eq : (T)0;
+                zqo += px ? (T)0 : eq;
+                e |= px & !py;
+                sp[i] = ep;
+                sq[i] = eq;
+                sd[i] = in ? d : (T)NAN;
+            }
         }
         Zx += zx;
         Zy += zy;
@@ -277,64 +322,30 @@ KLDIV_CLONES static double FN(kl_row)(const T *x, const T *y, Py_ssize_t V, doub
     /* KL >= lc: past this bound the series brings nothing (its terms would underflow or
      * overflow T) and KL = lse(y) - lse(x) - E_p[d] = lc + log Zy has no cancellation */
     const int huge = lc > EXP_FLOOR - 30.0;
-    const T c = huge ? (T)0 : (T)exp(lc), ip = (T)(1.0 / Zx), iq = (T)(1.0 / Zy), muT = (T)mu;
-    const T g = (T)(s * inv_t);
+    const T c = huge ? (T)0 : (T)exp(lc), ip = (T)(1.0 / Zx), muT = (T)mu;
+    const T iqg = (T)(s * inv_t / Zy), ipg = (T)(s * inv_t / Zx);
     double acc = 0;
     for (Py_ssize_t b0 = 0; b0 < V; b0 += KLDIV_BLOCK) {
         const Py_ssize_t b1 = b0 + KLDIV_BLOCK < V ? b0 + KLDIV_BLOCK : V;
-        T a = 0;
-        if (gx && gy) {
-#pragma omp simd reduction(+ : a)
-            for (Py_ssize_t i = b0; i < b1; i++) {
-                const T dv = sd[i];
-                const int in = dv == dv;
-                const T dc = (in ? dv : (T)0) - muT;
-                const T p = sp[i] * ip, q = sq[i] * iq;
-                const int small = KFABS(dc) < (T)0.5;
-                const T ser = FN(phi_series)(small ? dc : (T)0);
-                const T term = small ? p * ser : c * sq[i] - p * (1 + dc);
-                a += in ? term : (T)0;
-                gy[i] = (q - p) * g;
-                gx[i] = in ? -p * dc * g : (T)0;
-            }
-        } else if (gy) {
-#pragma omp simd reduction(+ : a)
-            for (Py_ssize_t i = b0; i < b1; i++) {
-                const T dv = sd[i];
-                const int in = dv == dv;
-                const T dc = (in ? dv : (T)0) - muT;
-                const T p = sp[i] * ip, q = sq[i] * iq;
-                const int small = KFABS(dc) < (T)0.5;
-                const T ser = FN(phi_series)(small ? dc : (T)0);
-                const T term = small ? p * ser : c * sq[i] - p * (1 + dc);
-                a += in ? term : (T)0;
-                gy[i] = (q - p) * g;
-            }
-        } else if (gx) {
-#pragma omp simd reduction(+ : a)
-            for (Py_ssize_t i = b0; i < b1; i++) {
-                const T dv = sd[i];
-                const int in = dv == dv;
-                const T dc = (in ? dv : (T)0) - muT;
-                const T p = sp[i] * ip;
-                const int small = KFABS(dc) < (T)0.5;
-                const T ser = FN(phi_series)(small ? dc : (T)0);
-                const T term = small ? p * ser : c * sq[i] - p * (1 + dc);
-                a += in ? term : (T)0;
-                gx[i] = in ? -p * dc * g : (T)0;
-            }
+        T a;
+        if (dense) {
+            if (gx && gy)
+                a = FN(pass3)(b0, b1, sp, sq, sd, gx, gy, muT, ip, c, iqg, ipg, 1, 1, 1);
+            else if (gy)
+                a = FN(pass3)(b0, b1, sp, sq, sd, gx, gy, muT, ip, c, iqg, ipg, 0, 1, 1);
+            else if (gx)
+                a = FN(pass3)(b0, b1, sp, sq, sd, gx, gy, muT, ip, c, iqg, ipg, 1, 0, 1);
+            else
+                a = FN(pass3)(b0, b1, sp, sq, sd, gx, gy, muT, ip, c, iqg, ipg, 0, 0, 1);
         } else {
-#pragma omp simd reduction(+ : a)
-            for (Py_ssize_t i = b0; i < b1; i++) {
-                const T dv = sd[i];
-                const int in = dv == dv;
-                const T dc = (in ? dv : (T)0) - muT;
-                const T p = sp[i] * ip;
-                const int small = KFABS(dc) < (T)0.5;
-                const T ser = FN(phi_series)(small ? dc : (T)0);
-                const T term = small ? p * ser : c * sq[i] - p * (1 + dc);
-                a += in ? term : (T)0;
-            }
+            if (gx && gy)
+                a = FN(pass3)(b0, b1, sp, sq, sd, gx, gy, muT, ip, c, iqg, ipg, 1, 1, 0);
+            else if (gy)
+                a = FN(pass3)(b0, b1, sp, sq, sd, gx, gy, muT, ip, c, iqg, ipg, 0, 1, 0);
+            else if (gx)
+                a = FN(pass3)(b0, b1, sp, sq, sd, gx, gy, muT, ip, c, iqg, ipg, 1, 0, 0);
+            else
+                a = FN(pass3)(b0, b1, sp, sq, sd, gx, gy, muT, ip, c, iqg, ipg, 0, 0, 0);
         }
         acc += a;
     }
