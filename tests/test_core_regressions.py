@@ -32,3 +32,15 @@ def test_probabilities_far_apart_are_finite():
     qn = q.astype(np.float64) / q.astype(np.float64).sum()
     ref = np.sum(p * np.log(p / qn))
     np.testing.assert_allclose(float(kldiv.kl_div(p, q)), ref, rtol=1e-5)
+
+
+def test_masked_rows_with_log_probs_are_not_validated():
+    # masked rows may hold anything; the unmasked rows are log-probabilities
+    lp = np.log(np.array([[0.25, 0.75], [0.5, 0.5], [0.1, 0.9]]))
+    lq = np.log(np.array([[0.5, 0.5], [0.9, 0.1], [0.1, 0.9]]))
+    lp[1] = np.nan
+    mask = np.array([True, False, True])
+    got = kldiv.kl_div(lp, lq, p_space="log_probs", q_space="log_probs", reduction="mean",
+                       mask=mask)
+    p0, q0 = np.exp(lp[0]), np.exp(lq[0])
+    np.testing.assert_allclose(float(got), np.sum(p0 * np.log(p0 / q0)) / 2, rtol=1e-12)

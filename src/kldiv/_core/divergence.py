@@ -159,8 +159,12 @@ def _prepare(p, q, p_space, q_space, axis, temperature, mask, weight, validate, 
 
 
 def _safe_row(xp, x, space):
+    """A uniform distribution in ``space``: what masked rows are replaced with."""
+    n = x.shape[-1]
     if space == "probs":
-        return const(xp, 1.0 / x.shape[-1], x)
+        return const(xp, 1.0 / n, x)
+    if space == "log_probs":
+        return const(xp, -math.log(n), x)
     return xp.zeros_like(x[..., :1])
 
 
