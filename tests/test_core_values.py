@@ -205,7 +205,7 @@ def _rows_ref(P, Q):
     return scipy.special.rel_entr(P, Q).sum(-1)
 
 
-@pytest.mark.parametrize("space", ["probs", "logits"])
+@pytest.mark.parametrize("space", SPACES)
 def test_reductions_masks_weights(xp, space):
     rng = np.random.default_rng(7)
     P, Q = close_pair(rng, (2, 3, 12), scale=1.0)
