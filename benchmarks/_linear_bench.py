@@ -22,7 +22,8 @@ Run on its own: ``python benchmarks/_linear_bench.py --quick`` (a small smoke ru
 ``python benchmarks/_linear_bench.py --n 2048 --v 32000 --h 1024``; the default size is
 N x V = 8192 x 128256 with H = 2048, which needs about 10 GB and minutes per call on 2 cores.
 Methods take turns (``--rounds`` processes each, interleaved) so that noise from other work on
-the machine hits them alike. Methods whose estimated memory exceeds what the machine has available are skipped and said so.
+the machine hits them alike. Methods whose estimated memory exceeds what the machine has
+available are skipped and said so.
 """
 from __future__ import annotations
 
@@ -297,7 +298,8 @@ def _parser():
     ap.add_argument("--divergence", default="forward", choices=["forward", "reverse", "js"])
     ap.add_argument("--topk", type=int, default=0, help="top-k teacher with this K (0: dense)")
     ap.add_argument("--chunk-size", type=int, default=None, dest="chunk_size")
-    ap.add_argument("--repeats", type=int, default=1, help="timed calls per process after a warm-up call (0: time the first call only)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="timed calls per process after a warm-up call (0: time the first only)")
     ap.add_argument("--rounds", type=int, default=3, help="processes per method, interleaved")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--methods", default="", help="comma-separated subset of " + ",".join(METHODS))
@@ -316,7 +318,8 @@ def main(argv=None):
         args.n, args.v, args.h, args.repeats, args.rounds = 512, 4096, 256, 1, 1
     print(f"linear_kl_div benchmark: N={args.n} V={args.v} H={args.h} {args.dtype} "
           f"{args.divergence} target={'top-%d' % args.topk if args.topk else 'dense'} "
-          f"threads={args.threads} rounds={args.rounds} x repeats={args.repeats}; one float32 logits tensor = "
+          f"threads={args.threads} rounds={args.rounds} x repeats={args.repeats}; "
+          f"one float32 logits tensor = "
           f"{args.n * args.v * 4 / 2**20:.0f} MB")
     rows = run_linear(args)
     print(format_table(rows))

@@ -102,7 +102,7 @@ def auto_chunk_size(n_rows, vocab, hidden_size, *, divergence="forward", dtype=t
     """
     item = 8 if dtype == torch.float64 else 4
     budget = MEMORY_FRACTION * n_rows * vocab * 4
-    fn, inner = _rows_function()
+    _, inner = _rows_function()
     per_row = vocab * item + 3 * hidden_size * item
     width = vocab if not topk else topk + 1
     fixed = 0
