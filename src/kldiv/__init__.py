@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 __all__ = [
     "kl_div", "reverse_kl", "js_div", "jeffreys_div", "kl_terms",
     "set_validation", "validation", "normalization_tolerance", "compare",
-    "__version__",
+    "estimators", "distributions", "gluon", "plots", "__version__",
 ]
 
 
