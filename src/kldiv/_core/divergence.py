@@ -47,7 +47,8 @@ class _Side:
     support: object  # bool: p_i > 0
     lw: object  # normalised log-probabilities, safe (0) off the support
     w: object  # normalised probabilities, exactly 0 off the support
-    raw_log: object  # log of the input up to a row constant, safe (0) off the support
+    raw_log: object  # log of the input up to a row constant, before the temperature; 0 off support
+    temperature: float = 1.0
 
 
 def _as_array(x, name):
@@ -88,21 +89,23 @@ def _make_side(xp, x, space, temperature, eps_check):
         support = x > 0
         xs = xp.where(support, x, const(xp, 1.0, x))
         x = xp.where(support, xp.log(xs), const(xp, -math.inf, x))
+    raw = x
     if temperature != 1.0:
         x = x / temperature
     support = x > -math.inf
     zero = xp.zeros_like(x)
     x_safe = xp.where(support, x, zero)
+    raw_safe = x_safe if temperature == 1.0 else xp.where(support, raw, zero)
     # normaliser over the support only; the -inf entries are replaced so that no gradient
     # of the log-sum-exp reaches them through exp(-inf - lse)
     lse = logsumexp(xp, xp.where(support, x, const(xp, -math.inf, x)), axis=-1)
     lw = xp.where(support, x_safe - lse, zero)
     w = xp.where(support, xp.exp(lw), zero)
-    return _Side(x, "log", support, lw, w, x_safe)
+    return _Side(x, "log", support, lw, w, raw_safe, temperature)
 
 
 def _prepare(p, q, p_space, q_space, axis, temperature, mask, weight, validate, names=("p", "q")):
-    """Validate, move the category axis last, promote dtypes, sanitise masked rows."""
+    """Check options, shapes and values; move the category axis last (dtypes untouched)."""
     V.check_option(f"{names[0]}_space", p_space, V.SPACES)
     V.check_option(f"{names[1]}_space", q_space, V.SPACES)
     temperature = V.check_positive_finite("temperature", temperature)
@@ -122,40 +125,48 @@ def _prepare(p, q, p_space, q_space, axis, temperature, mask, weight, validate, 
             f"{names[0]} and {names[1]}: {p.shape[ax]} and {q.shape[ax]} categories along axis "
             f"{axis}; both distributions must have the same number of categories"
         )
-    try:
-        p, q = xp.broadcast_arrays(p, q)
-    except (ValueError, RuntimeError) as exc:
-        raise ValueError(
-            f"{names[0]} and {names[1]}: shapes {tuple(p.shape)} and {tuple(q.shape)} do not "
-            "broadcast"
-        ) from exc
+    if tuple(p.shape) != tuple(q.shape):
+        try:
+            p, q = xp.broadcast_arrays(p, q)
+        except (ValueError, RuntimeError) as exc:
+            raise ValueError(
+                f"{names[0]} and {names[1]}: shapes {tuple(p.shape)} and {tuple(q.shape)} do "
+                "not broadcast"
+            ) from exc
     eps = (xp.finfo(p.dtype).eps, xp.finfo(q.dtype).eps)
-    dt = _compute_dtype(xp, p, q)
     p = xp.moveaxis(p, ax, -1)
     q = xp.moveaxis(q, ax, -1)
-    if p.dtype != dt:
-        p = xp.astype(p, dt)
-    if q.dtype != dt:
-        q = xp.astype(q, dt)
     rows_shape = tuple(p.shape[:-1])
     if mask is not None:
         if xp.isdtype(mask.dtype, "bool") is False:
             raise TypeError(f"mask: expected a boolean array, got dtype {mask.dtype}")
         mask = broadcast_rows(xp, mask, rows_shape, "mask")
+    if weight is not None:
+        weight = _as_array(weight, "weight")
+        V.check_floating(xp, "weight", weight)
+        weight = broadcast_rows(xp, xp.astype(weight, _compute_dtype(xp, p, q)), rows_shape,
+                                "weight")
+    if V.validation_enabled(validate):
+        V.check_values(xp, names[0], p, p_space, eps[0], logsumexp, rows=mask)
+        V.check_values(xp, names[1], q, q_space, eps[1], logsumexp, rows=mask)
+        if weight is not None and bool(xp.any(~xp.isfinite(weight) | (weight < 0))):
+            raise ValueError("weight: must be finite and >= 0")
+    return xp, p, q, mask, weight, temperature
+
+
+def _finish(xp, p, q, mask, p_space, q_space):
+    """Promote to the compute dtype and replace masked rows by a safe (uniform) row."""
+    dt = _compute_dtype(xp, p, q)
+    if p.dtype != dt:
+        p = xp.astype(p, dt)
+    if q.dtype != dt:
+        q = xp.astype(q, dt)
+    if mask is not None:
         # masked rows may hold anything; both sides get the same safe row, so KL = 0 there
         m = mask[..., None]
         p = xp.where(m, p, _safe_row(xp, p, p_space))
         q = xp.where(m, q, _safe_row(xp, q, q_space))
-    if weight is not None:
-        weight = _as_array(weight, "weight")
-        V.check_floating(xp, "weight", weight)
-        weight = broadcast_rows(xp, xp.astype(weight, dt), rows_shape, "weight")
-    if V.validation_enabled(validate):
-        V.check_values(xp, names[0], p, p_space, eps[0], logsumexp)
-        V.check_values(xp, names[1], q, q_space, eps[1], logsumexp)
-        if weight is not None and bool(xp.any(~xp.isfinite(weight) | (weight < 0))):
-            raise ValueError("weight: must be finite and >= 0")
-    return xp, p, q, mask, weight, temperature
+    return p, q
 
 
 def _safe_row(xp, x, space):
@@ -243,7 +254,11 @@ def _pair(xp, P: _Side, Q: _Side) -> _Pair:
         qn = xp.where(near, qs, one)
         delta = xp.where(near, xp.log1p((qn - pn) / pn), xp.log(qs) - xp.log(ps))
     else:
+        # the difference of the raw inputs first, then the temperature: (b - a) / T keeps the
+        # relative accuracy of b - a, b / T - a / T does not
         delta = xp.where(T, Q.raw_log - P.raw_log, zero)
+        if P.temperature != 1.0:
+            delta = delta / P.temperature
     p_out = xp.sum(xp.where(T, zero, P.w), axis=-1)
     q_out = xp.sum(xp.where(T, zero, Q.w), axis=-1)
     log_pT = _log_of_mass(xp, p_out, P.lw, T)
@@ -344,6 +359,7 @@ def _divergence(kind, p, q, *, p_space, q_space, axis, reduction, mask, weight, 
         )
         if out is not NotImplemented:
             return out * scale if scale != 1.0 else out
+    P, Q = _finish(xp, P, Q, mask, p_space, q_space)
     rows = _rows(kind, xp, _make_side(xp, P, p_space, temperature, None),
                  _make_side(xp, Q, q_space, temperature, None), beta)
     out = reduce_rows(xp, rows, reduction, mask, weight)
@@ -501,6 +517,7 @@ def kl_terms(p, q, *, p_space="probs", q_space="probs", axis=-1, temperature=1.0
     xp, P, Q, _, _, temperature = _prepare(
         p, q, p_space, q_space, axis, temperature, None, None, validate
     )
+    P, Q = _finish(xp, P, Q, None, p_space, q_space)
     Ps = _make_side(xp, P, p_space, temperature, None)
     Qs = _make_side(xp, Q, q_space, temperature, None)
     zero = xp.zeros_like(Ps.w)

@@ -92,24 +92,33 @@ def _first_bad_row(bad_rows) -> str:
     return f"{where} (and {len(idx) - 1} more)" if len(idx) > 1 else where
 
 
-def check_values(xp, name: str, x, space: str, eps: float, logsumexp) -> None:
-    """Value checks for one input with its categories on the last axis."""
+def check_values(xp, name: str, x, space: str, eps: float, logsumexp, rows=None) -> None:
+    """Value checks for one input with its categories on the last axis.
+
+    ``rows`` (bool, the row shape) restricts the checks to the rows that count (the mask):
+    masked rows may hold anything. Two or three passes over the data; the details of a failure
+    are worked out only once one is found.
+    """
     if not is_concrete(x):
         return
     n = x.shape[-1]
     tol = normalization_tolerance(eps, n)
-    nan_rows = xp.any(xp.isnan(x), axis=-1)
-    if bool(xp.any(nan_rows)):
-        raise ValueError(f"{name}: contains nan at {_first_bad_row(nan_rows)}")
+
+    def flagged(row_flags):
+        return row_flags if rows is None else (row_flags & rows)
+
     if space == "probs":
-        bad = xp.any((x < 0) | xp.isinf(x), axis=-1)
+        bad = flagged(~xp.all((x >= 0) & (x < math.inf), axis=-1))  # nan fails both
         if bool(xp.any(bad)):
+            if bool(xp.any(flagged(xp.any(xp.isnan(x), axis=-1)))):
+                raise ValueError(f"{name}: contains nan at "
+                                 f"{_first_bad_row(flagged(xp.any(xp.isnan(x), axis=-1)))}")
             raise ValueError(
                 f"{name}: probabilities must be finite and >= 0; {_first_bad_row(bad)} is not "
                 f"(pass {name}_space='logits' for unnormalised scores)"
             )
         s = xp.sum(x, axis=-1)
-        off = xp.abs(s - 1) > tol
+        off = flagged(xp.abs(s - 1) > tol)
         if bool(xp.any(off)):
             arr = to_numpy(s)[to_numpy(off)]
             raise ValueError(
@@ -118,17 +127,21 @@ def check_values(xp, name: str, x, space: str, eps: float, logsumexp) -> None:
                 f"(normalise it, or pass {name}_space='logits')"
             )
         return
-    posinf = xp.any(x == math.inf, axis=-1)
-    if bool(xp.any(posinf)):
-        raise ValueError(f"{name}: contains +inf at {_first_bad_row(posinf)} ({name}_space={space!r})")
-    empty = xp.all(x == -math.inf, axis=-1)
+    bad = flagged(~xp.all(x < math.inf, axis=-1))  # nan and +inf; -inf is allowed
+    if bool(xp.any(bad)):
+        nan_rows = flagged(xp.any(xp.isnan(x), axis=-1))
+        if bool(xp.any(nan_rows)):
+            raise ValueError(f"{name}: contains nan at {_first_bad_row(nan_rows)}")
+        raise ValueError(f"{name}: contains +inf at {_first_bad_row(bad)} ({name}_space={space!r})")
+    top = xp.max(x, axis=-1)
+    empty = flagged(top == -math.inf)
     if bool(xp.any(empty)):
         raise ValueError(
             f"{name}: {_first_bad_row(empty)} is -inf everywhere: that is no distribution"
         )
     if space == "log_probs":
         lse = logsumexp(xp, x, axis=-1)[..., 0]
-        off = (xp.abs(lse) > tol) | xp.any(x > tol, axis=-1)
+        off = flagged((xp.abs(lse) > tol) | (top > tol))
         if bool(xp.any(off)):
             raise ValueError(
                 f"{name}: log-probabilities must be <= 0 with logsumexp 0 within {tol:.1e}; "
