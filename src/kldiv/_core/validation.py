@@ -108,7 +108,8 @@ def check_values(xp, name: str, x, space: str, eps: float, logsumexp, rows=None)
         return row_flags if rows is None else (row_flags & rows)
 
     if space == "probs":
-        bad = flagged(~xp.all((x >= 0) & (x < math.inf), axis=-1))  # nan fails both
+        # one reduction per check: min and max propagate nan (NumPy, torch and JAX alike)
+        bad = flagged(~(xp.min(x, axis=-1) >= 0) | ~(xp.max(x, axis=-1) < math.inf))
         if bool(xp.any(bad)):
             if bool(xp.any(flagged(xp.any(xp.isnan(x), axis=-1)))):
                 raise ValueError(f"{name}: contains nan at "
@@ -127,13 +128,13 @@ def check_values(xp, name: str, x, space: str, eps: float, logsumexp, rows=None)
                 f"(normalise it, or pass {name}_space='logits')"
             )
         return
-    bad = flagged(~xp.all(x < math.inf, axis=-1))  # nan and +inf; -inf is allowed
+    top = xp.max(x, axis=-1)  # nan propagates: one pass finds nan, +inf and empty rows
+    bad = flagged(~(top < math.inf))  # nan and +inf; -inf is allowed
     if bool(xp.any(bad)):
         nan_rows = flagged(xp.any(xp.isnan(x), axis=-1))
         if bool(xp.any(nan_rows)):
             raise ValueError(f"{name}: contains nan at {_first_bad_row(nan_rows)}")
         raise ValueError(f"{name}: contains +inf at {_first_bad_row(bad)} ({name}_space={space!r})")
-    top = xp.max(x, axis=-1)
     empty = flagged(top == -math.inf)
     if bool(xp.any(empty)):
         raise ValueError(
