@@ -34,3 +34,9 @@ def write_text_atomic(path, text: str, encoding: str = "utf-8") -> None:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
+
+
+def save_atomic(path, write) -> None:
+    """Call ``write(tmp_path)`` on a temporary path beside ``path``, then move it into place."""
+    with atomic_path(path, suffix=os.path.splitext(os.fspath(path))[1] or None) as tmp:
+        write(tmp)
