@@ -350,7 +350,7 @@ def _divergence(kind, p, q, *, p_space, q_space, axis, reduction, mask, weight, 
         p, q, p_space, q_space, axis, temperature, mask, weight, validate
     )
     scale = temperature**2 if t2_scale else 1.0
-    if reduction != "none" and p_space != "probs" and q_space != "probs":
+    if p_space != "probs" and q_space != "probs":
         from ..backends import try_fast_divergence
 
         out = try_fast_divergence(

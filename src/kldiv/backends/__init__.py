@@ -8,16 +8,21 @@ from __future__ import annotations
 
 import sys
 
+import numpy as np
+
 
 def try_fast_divergence(kind, p, q, **kw):
-    """Ask a fast path for a reduced divergence; ``NotImplemented`` when none applies.
+    """Ask a fast path for the divergence; ``NotImplemented`` when none applies.
 
-    Called by the core after validation, with the distribution axis already moved last, both
-    inputs in log space ("logits" or "log_probs"), reduction "sum" or "mean", and ``kind`` one of
-    "forward", "reverse", "js", "jeffreys". Keyword arguments: p_space, q_space, reduction, mask,
-    weight, temperature, beta.
+    Called by the core after validation, with the distribution axis already moved last and both
+    inputs in log space ("logits" or "log_probs"); ``kind`` is one of "forward", "reverse",
+    "js", "jeffreys". Keyword arguments: p_space, q_space, reduction, mask, weight,
+    temperature, beta. Torch tensors with a "sum" or "mean" reduction go to the fused autograd
+    path; float32 NumPy arrays (forward or reverse KL, temperature 1) to the compiled row kernel.
     """
-    if "torch" not in sys.modules:
+    if isinstance(p, np.ndarray) and isinstance(q, np.ndarray):
+        return _numpy_rows(kind, p, q, **kw)
+    if kw["reduction"] == "none" or "torch" not in sys.modules:
         return NotImplemented
     import torch
 
@@ -28,3 +33,31 @@ def try_fast_divergence(kind, p, q, **kw):
     except ImportError:
         return NotImplemented
     return torch_fused.fused_divergence(kind, p, q, **kw)
+
+
+def _numpy_rows(kind, p, q, *, reduction, mask, weight, temperature, **_):
+    """Forward/reverse KL of float32 NumPy logits through the compiled row kernel of compare."""
+    if (kind not in ("forward", "reverse") or temperature != 1.0 or p.dtype != np.float32
+            or q.dtype != np.float32 or p.ndim < 1 or p.shape[-1] == 0):
+        return NotImplemented
+    from ..compare.kernel import extension, row_stats
+
+    if extension() is None:
+        return NotImplemented
+    shape = p.shape[:-1]
+    v = p.shape[-1]
+    a = np.ascontiguousarray(p).reshape(-1, v)
+    b = np.ascontiguousarray(q).reshape(-1, v)
+    if a.shape[0] == 0:
+        return NotImplemented
+    st = row_stats(a, b, reverse=(kind == "reverse"))
+    rows = st.kl if kind == "forward" else st.rkl
+    bad = st.status != 0
+    if mask is not None:
+        bad &= np.asarray(mask).reshape(-1)
+    if bad.any():  # rows the kernel does not handle (validation off): the core decides
+        return NotImplemented
+    rows = rows.astype(np.float32).reshape(shape)
+    from .._core.reduction import reduce_rows
+
+    return reduce_rows(np, rows, reduction, mask, weight)
