@@ -39,6 +39,8 @@ import subprocess
 import sys
 import time
 
+from _linear_bench import _reset_peak  # the same VmHWM reset (benchmarks/ is on sys.path)
+
 METHODS = ("kldiv", "kldiv (validate)", "kldiv (torch chunks)", "kldiv inplace", "torch eager",
            "torch.compile")
 
@@ -56,16 +58,6 @@ def _status_kb(key):
     except OSError:
         return None
     return None
-
-
-def _reset_peak():
-    """Reset the peak RSS (VmHWM) to the current RSS; False where the kernel does not allow it."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _peak_extra(fn):

@@ -169,3 +169,16 @@ def xp(request) -> Backend:
         pytest.fail(f"backend {name!r} was selected (KLDIV_BACKENDS) but does not import: "
                     f"{_IMPORT_ERRORS[name]}")
     return Backend(name)
+
+
+@pytest.fixture
+def restore_jax_x64():
+    """For tests that switch JAX to float64 themselves: put the global flag back afterwards."""
+    import sys
+
+    jax = sys.modules.get("jax")
+    before = bool(jax.config.jax_enable_x64) if jax is not None else None
+    yield
+    jax = sys.modules.get("jax")
+    if jax is not None:
+        jax.config.update("jax_enable_x64", bool(before))

@@ -21,17 +21,7 @@ td = torch.distributions
 BACKENDS = ["numpy", "torch", "jax", "array_api_strict"]
 
 
-@pytest.fixture(autouse=True)
-def _restore_jax_x64():
-    """Tests here switch JAX to float64; put the global flag back for other test files."""
-    import sys
-
-    jax = sys.modules.get("jax")
-    before = bool(jax.config.jax_enable_x64) if jax is not None else None
-    yield
-    jax = sys.modules.get("jax")
-    if jax is not None:
-        jax.config.update("jax_enable_x64", bool(before))
+pytestmark = pytest.mark.usefixtures("restore_jax_x64")  # tests here switch JAX to float64
 
 
 def _to(backend, x):
