@@ -74,3 +74,10 @@ def test_numpy_float32_kernel_path_matches_float64_oracle(fn):
     np.testing.assert_allclose(got[fin], ref[fin], rtol=2e-5, atol=1e-9)
     mean = fn(a, b, p_space="logits", q_space="logits", mask=mask & fin, reduction="mean")
     np.testing.assert_allclose(float(mean), ref[mask & fin].mean(), rtol=2e-5)
+
+
+def test_errors_on_a_single_distribution_say_so():
+    with pytest.raises(ValueError, match="the distribution sums to 1.1"):
+        kldiv.kl_div(np.array([0.5, 0.6]), np.array([0.5, 0.5]))
+    with pytest.raises(ValueError, match="batchmean"):
+        kldiv.kl_div(np.array([0.5, 0.5]), np.array([0.5, 0.5]), reduction="batchmean")

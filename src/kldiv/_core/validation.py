@@ -43,7 +43,12 @@ def validation_enabled(validate: bool | None) -> bool:
 
 def check_option(name: str, value, allowed) -> None:
     if value not in allowed:
-        raise ValueError(f"{name}: expected one of {', '.join(map(repr, allowed))}, got {value!r}")
+        hint = ""
+        if name == "reduction" and value == "batchmean":
+            hint = " ('mean' is the per-distribution mean that torch's 'batchmean' gives for 2-d input)"
+        raise ValueError(
+            f"{name}: expected one of {', '.join(map(repr, allowed))}, got {value!r}{hint}"
+        )
 
 
 def check_floating(xp, name: str, x) -> None:
@@ -84,7 +89,10 @@ def normalization_tolerance(dtype_eps: float, n: int) -> float:
 
 
 def _first_bad_row(bad_rows) -> str:
-    idx = np.argwhere(to_numpy(bad_rows))
+    arr = to_numpy(bad_rows)
+    if arr.ndim == 0:
+        return "the distribution"
+    idx = np.argwhere(arr)
     if idx.size == 0:  # pragma: no cover - defensive
         return ""
     first = tuple(int(i) for i in idx[0])
