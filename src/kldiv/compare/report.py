@@ -92,22 +92,12 @@ class Report:
                 continue
             d, tag = s[key], {"kl": "KLD", "reverse_kl": "RKL", "js": "JSD"}[key]
             lines.append(f"====== {title} statistics ======")
-            lines.append(f"Mean    {tag}: {_f(d['mean'])} ± {_f(d['mean_err'])}")
-            lines.append(f"Maximum {tag}: {_f(d['max'])}")
-            for q, v in d["quantiles"].items():
-                label = "Median " if q == "50.0%" else f"{q:>6} "
-                lines.append(f"{label} {tag}: {_f(v)}")
-            lines.append(f"Minimum {tag}: {_f(d['min'])}")
+            _stat_lines(lines, tag, d, _f)
             lines.append("")
         lines.append("====== Token probability statistics ======")
         if "delta_p" in s:
             d = s["delta_p"]
-            lines.append(f"Mean    Δp: {_pct(d['mean'])} ± {_pct(d['mean_err'])}")
-            lines.append(f"Maximum Δp: {_pct(d['max'])}")
-            for q, v in d["quantiles"].items():
-                label = "Median " if q == "50.0%" else f"{q:>6} "
-                lines.append(f"{label} Δp: {_pct(v)}")
-            lines.append(f"Minimum Δp: {_pct(d['min'])}")
+            _stat_lines(lines, "Δp", d, _pct)
             lines.append(f"RMS Δp    : {_pct(d['rms'])} ± {_pct(d['rms_err'])}")
         st = s["same_top"]
         lines.append(f"Same top p: {_pct(st['share'])} ± {_pct(st['share_err'])}")
@@ -161,3 +151,13 @@ def _jsonable(x):
     if isinstance(x, np.bool_):
         return bool(x)
     return x
+
+
+def _stat_lines(lines, tag, d, fmt):
+    """llama.cpp's block for one statistic: mean ± error, maximum, quantiles, minimum."""
+    lines.append(f"Mean    {tag}: {fmt(d['mean'])} ± {fmt(d['mean_err'])}")
+    lines.append(f"Maximum {tag}: {fmt(d['max'])}")
+    for q, v in d["quantiles"].items():
+        label = "Median " if q == "50.0%" else f"{q:>6} "
+        lines.append(f"{label} {tag}: {fmt(v)}")
+    lines.append(f"Minimum {tag}: {fmt(d['min'])}")
