@@ -73,7 +73,7 @@ def _compute_dtype(xp, *arrays):
     return dt
 
 
-def _make_side(xp, x, space, temperature, eps_check):
+def _make_side(xp, x, space, temperature):
     """Normalise one side; ``space`` is the user's p_space/q_space."""
     log_space = space != "probs" or temperature != 1.0
     if not log_space:
@@ -339,6 +339,13 @@ def _rows(kind, xp, P, Q, beta):
     raise ValueError(f"unknown divergence kind {kind!r}")  # pragma: no cover
 
 
+def divergence_rows(kind, xp, p, q, p_space, q_space, temperature=1.0, beta=0.5):
+    """Per-row divergence of validated inputs (categories last, compute dtype, masked rows
+    already replaced): the one entry point for the fast paths' reference computations."""
+    return _rows(kind, xp, _make_side(xp, p, p_space, temperature),
+                 _make_side(xp, q, q_space, temperature), beta)
+
+
 # ----------------------------------------------------------------------------------------------
 # public functions
 
@@ -360,8 +367,7 @@ def _divergence(kind, p, q, *, p_space, q_space, axis, reduction, mask, weight, 
         if out is not NotImplemented:
             return out * scale if scale != 1.0 else out
     P, Q = _finish(xp, P, Q, mask, p_space, q_space)
-    rows = _rows(kind, xp, _make_side(xp, P, p_space, temperature, None),
-                 _make_side(xp, Q, q_space, temperature, None), beta)
+    rows = divergence_rows(kind, xp, P, Q, p_space, q_space, temperature, beta)
     out = reduce_rows(xp, rows, reduction, mask, weight)
     return out * scale if scale != 1.0 else out
 
@@ -518,8 +524,8 @@ def kl_terms(p, q, *, p_space="probs", q_space="probs", axis=-1, temperature=1.0
         p, q, p_space, q_space, axis, temperature, None, None, validate
     )
     P, Q = _finish(xp, P, Q, None, p_space, q_space)
-    Ps = _make_side(xp, P, p_space, temperature, None)
-    Qs = _make_side(xp, Q, q_space, temperature, None)
+    Ps = _make_side(xp, P, p_space, temperature)
+    Qs = _make_side(xp, Q, q_space, temperature)
     zero = xp.zeros_like(Ps.w)
     both = Ps.support & Qs.support
     t = xp.where(both, Ps.w * (Ps.lw - xp.where(both, Qs.lw, zero)), zero)

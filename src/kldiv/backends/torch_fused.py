@@ -140,10 +140,7 @@ def _torch_rows(kind, p, q, p_space, q_space, temperature, beta, need_p, need_q,
         P = p.detach().to(dt).requires_grad_(need_p)
         Q = q.detach().to(dt).requires_grad_(need_q)
         xp = namespace(P)
-        rows = _div._rows(
-            kind, xp, _div._make_side(xp, P, p_space, temperature, None),
-            _div._make_side(xp, Q, q_space, temperature, None), beta,
-        )
+        rows = _div.divergence_rows(kind, xp, P, Q, p_space, q_space, temperature, beta)
         leaves = [t for t, need in ((P, need_p), (Q, need_q)) if need]
         grads = []
         if leaves:

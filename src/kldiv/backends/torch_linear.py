@@ -52,8 +52,8 @@ def _standin_rows_with_grad(kind, p, q, *, p_space, q_space, temperature=1.0, be
     with torch.enable_grad():
         Q = q.detach().to(dt).requires_grad_(True)
         xp = namespace(Q)
-        rows = D._rows(kind, xp, D._make_side(xp, p.detach().to(dt), p_space, temperature, None),
-                       D._make_side(xp, Q, q_space, temperature, None), beta)
+        rows = D.divergence_rows(kind, xp, p.detach().to(dt), Q, p_space, q_space, temperature,
+                                 beta)
         s = torch.ones_like(rows) if grad_scale is None else grad_scale.to(dt)
         loss = torch.where(s != 0, rows * s, torch.zeros_like(rows)).sum()
         (g,) = torch.autograd.grad(loss, Q)
