@@ -327,3 +327,66 @@ def test_thread_pool_survives_fork():
     finally:
         p.join(timeout=60)
     np.testing.assert_array_equal(child, parent)
+
+
+@pytest.mark.skipif(not EXTENDED, reason="no extended precision for the oracle")
+@pytest.mark.parametrize("fallback", PATHS)
+def test_forward_only_rows_across_blocks(fallback):
+    """Forward KL without reverse (the kernel's one-exponential path), V spanning several blocks.
+
+    Rows mix blocks where the other model agrees closely (|log-ratio| < 0.5 everywhere: Taylor
+    series only) with blocks holding large log-ratios, entries the reference gives ~e^-100 (its
+    weight underflows in float32) while the other gives them weight, a last partial block, and
+    very negative but finite logits; KL, the token log-probabilities of both sides and the
+    reference's top-1 probability are checked against extended precision / scipy.
+    """
+    rng = np.random.default_rng(11)
+    n, v = 24, 2048 * 4 + 123
+    a = (rng.standard_normal((n, v)) * 2.5).astype(np.float64)
+    b = a + 3.0 + rng.standard_normal((n, v)) * np.logspace(-6, -1, n)[:, None]
+    for i in range(n):
+        blk = rng.integers(0, 5)
+        lo, hi = blk * 2048, min(v, blk * 2048 + 2048)
+        if i % 3 == 0:  # one block with large log-ratios
+            b[i, lo:hi] += rng.standard_normal(hi - lo) * 2.0
+        if i % 3 == 1:  # reference ~ e^-100 below its mode there, the other model not
+            k = rng.integers(lo, hi, 5)
+            a[i, k] = a[i].max() - 100.0
+            b[i, k] = b[i].max() + 0.5
+        if i % 4 == 2:
+            a[i, rng.integers(0, v, 3)] = -1e30  # finite, far below: probability 0 in float32
+            b[i, rng.integers(0, v, 3)] -= 60.0
+    a = a.astype(np.float32)
+    b = b.astype(np.float32)
+    tok = rng.integers(0, v, n)
+    r = run(a, b, fallback, tokens=tok)
+    ref = ld_kl(a, b)
+    assert (r.status == 0).all()
+    np.testing.assert_allclose(r.kl, ref, rtol=1e-4, atol=1e-13)
+    lsa = scipy.special.log_softmax(a.astype(np.float64), axis=1)
+    lsb = scipy.special.log_softmax(b.astype(np.float64), axis=1)
+    rows = np.arange(n)
+    np.testing.assert_allclose(r.lp_ref_tok, lsa[rows, tok], rtol=1e-6, atol=2e-6)
+    np.testing.assert_allclose(r.lp_other_tok, lsb[rows, tok], rtol=1e-6, atol=2e-6)
+    np.testing.assert_allclose(np.exp(-r.logz_ref), np.exp(lsa.max(1)), rtol=1e-6)
+    np.testing.assert_array_equal(r.top_ref, np.argmax(a, 1))
+    np.testing.assert_array_equal(r.top_other, np.argmax(b, 1))
+
+
+@pytest.mark.parametrize("fallback", PATHS)
+def test_forward_only_huge_divergence_and_tokens(fallback):
+    """The one-exponential path overflows to the double fallback for ~200-nat rows, tokens too."""
+    a = np.full((2, 5000), -200.0, np.float32)
+    b = np.full((2, 5000), -200.0, np.float32)
+    a[:, 7] = 0.0
+    b[:, 4000] = 0.0
+    b[1, 7] = -150.0
+    tok = np.array([4000, 7])
+    r = run(a, b, fallback, tokens=tok)
+    lsa = scipy.special.log_softmax(a.astype(np.float64), axis=1)
+    lsb = scipy.special.log_softmax(b.astype(np.float64), axis=1)
+    # ~200 nats: no cancellation to fear, extended precision (checked against mpmath above) suffices
+    np.testing.assert_allclose(r.kl, ld_kl(a, b), rtol=1e-6)
+    assert r.kl.min() >= 149
+    np.testing.assert_allclose(r.lp_ref_tok, lsa[[0, 1], tok], rtol=1e-6)
+    np.testing.assert_allclose(r.lp_other_tok, lsb[[0, 1], tok], rtol=1e-6)

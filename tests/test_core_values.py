@@ -470,3 +470,53 @@ def test_half_precision_logits_accurate_in_float32(xp, dtype):
     assert str(got.dtype).endswith("float32")
     rel = np.abs(to_numpy(got)[keep] - ref[keep]) / ref[keep]
     assert keep.sum() >= 3 and np.all(rel <= 1e-4), rel
+
+
+# ----------------------------------------------------------------------------------------------
+# huge finite negative logits (masking by -1e30 or finfo.min instead of -inf)
+
+
+def _textbook(lp, lq, kind):
+    """float64 textbook divergences from log-probabilities (p = exp(lp) may be exactly 0)."""
+    p, q = np.exp(lp), np.exp(lq)
+    kl_pq = np.where(p > 0, p * (lp - lq), 0.0).sum(-1)
+    kl_qp = np.where(q > 0, q * (lq - lp), 0.0).sum(-1)
+    if kind == "forward":
+        return kl_pq
+    if kind == "reverse":
+        return kl_qp
+    if kind == "jeffreys":
+        return kl_pq + kl_qp
+    m = 0.5 * (p + q)
+    lm = np.log(np.where(m > 0, m, 1.0))
+    tp = np.where(p > 0, p * (lp - lm), 0.0)
+    tq = np.where(q > 0, q * (lq - lm), 0.0)
+    return 0.5 * tp.sum(-1) + 0.5 * tq.sum(-1)
+
+
+@pytest.mark.parametrize("kind", ["forward", "reverse", "js", "jeffreys"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_huge_negative_finite_logits(xp, kind, temperature):
+    """A logit of -1e30 is probability 0, not noise: the large branch must not add log p = -1e30
+    to a log-ratio of +1e30 (their float sum is off by ~1e14 and the KL came out wrong)."""
+    fn = {"forward": kldiv.kl_div, "reverse": kldiv.reverse_kl, "js": kldiv.js_div,
+          "jeffreys": kldiv.jeffreys_div}[kind]
+    rng = np.random.default_rng(5)
+    a = rng.standard_normal((4, 40))
+    b = a + 0.01 * rng.standard_normal((4, 40))
+    a[0, 3] = -1e30  # p = 0 there, q not
+    b[0, 5] -= 60.0
+    a[1, [2, 9]] = -1e30
+    b[1, [2, 9]] = 30.0  # and q puts most of its mass there
+    a[2, 4] = b[2, 4] = -1e30  # both zero
+    b[3, 6] = -3e38  # q = 0 where p > 0: forward KL and Jeffreys are huge but finite
+    for dtype in ("float32", "float64"):
+        a_in = np.asarray(a, dtype=dtype)
+        b_in = np.asarray(b, dtype=dtype)
+        lp = scipy.special.log_softmax(a_in.astype(np.float64) / temperature, axis=-1)
+        lq = scipy.special.log_softmax(b_in.astype(np.float64) / temperature, axis=-1)
+        ref = _textbook(lp, lq, kind)
+        got = to_numpy(fn(xp.asarray(a_in, dtype=dtype), xp.asarray(b_in, dtype=dtype),
+                          p_space="logits", q_space="logits", temperature=temperature))
+        rtol = 1e-5 if dtype == "float32" else 1e-10
+        np.testing.assert_allclose(got, ref, rtol=rtol, atol=1e-12, err_msg=f"{kind} {dtype}")

@@ -249,10 +249,11 @@ def _phase_sums(a, b, Ma, Mb, MaT, MbT, dense):
 def _phase_phi(a, b, MaT0, log_saT, mu, dense):
     """Local sum over T of w * phi(d - mu), w = a's distribution restricted to T: (n,)."""
     _, _, t = _supports(a, b, dense)
-    lwn = _sel(t, a - (MaT0 + log_saT)[:, None], 0.0)  # log of a | T, normalised
-    wn = _sel(t, _exp_shift(a, t, MaT0 + log_saT), 0.0)
+    wn = _sel(t, _exp_shift(a, t, MaT0 + log_saT), 0.0)  # a | T, normalised
     dc = _sel(t, b - a - mu[:, None], 0.0)
-    return _sel(t, _w_phi(_xp(), wn, lwn, dc), 0.0).sum(dim=-1)
+    # log(wn e^dc) with a cancelled exactly (a finite -1e30 logit would make a + (b - a) noise)
+    lwx = _sel(t, b - (MaT0 + log_saT + mu)[:, None], 0.0)
+    return _sel(t, _w_phi(_xp(), wn, dc, log_w_exp=lwx), 0.0).sum(dim=-1)
 
 
 def _pair_stats(a, b, group, check, names):
@@ -351,11 +352,9 @@ def _js_local(x, y, st, el, beta):
     d = _sel(t, el["dc"] + st["mean_d"][:, None], 0.0)  # log(q/p), accurate
     lm_p = _log_mix(xp, 1.0 - beta, d)  # log(m / p) on T
     lm_q = _log_mix(xp, beta, -d)  # log(m / q) on T
-    lwp = _sel(t, x - st["lse_a"][:, None], 0.0)
-    lwq = _sel(t, y - st["lse_b"][:, None], 0.0)
     pw = _probs(x, el["sa"], st["lse_a"])
     qw = _probs(y, el["sb"], st["lse_b"])
-    return d, lm_p, lm_q, lwp, lwq, pw, qw
+    return d, lm_p, lm_q, pw, qw
 
 
 def _phase_family(kind, x, y, st, beta):
@@ -364,17 +363,18 @@ def _phase_family(kind, x, y, st, beta):
 
     el = _elementwise(x, y, st)
     t = el["t"]
-    d, lm_p, lm_q, lwp, lwq, pw, qw = _js_local(x, y, st, el, beta)
+    d, lm_p, lm_q, pw, qw = _js_local(x, y, st, el, beta)
     if kind == "jeffreys":
         small = d.abs() < 0.5
         ds = torch.where(small, d, 0.0)
         dl = torch.where(small, 0.0, d)
-        term = torch.where(small, pw * ds * torch.expm1(ds),
-                           dl * (torch.exp(torch.where(small, 0.0, lwp) + dl) - pw))
+        # p e^d = q on T (d = log q/p): no exponential of log p + d
+        term = torch.where(small, pw * ds * torch.expm1(ds), dl * (qw - pw))
         return torch.stack([_sel(t, term, 0.0).sum(-1),
                             _sel(t, qw * el["dc"], 0.0).sum(-1)], dim=1)
-    tp = _sel(t, _w_phi(_xp(), pw, lwp, lm_p), 0.0)
-    tq = _sel(t, _w_phi(_xp(), qw, lwq, lm_q), 0.0)
+    m = beta * pw + (1 - beta) * qw  # p e^{log m/p} = q e^{log m/q} = m, exactly
+    tp = _sel(t, _w_phi(_xp(), pw, lm_p, w_exp=m), 0.0)
+    tq = _sel(t, _w_phi(_xp(), qw, lm_q, w_exp=m), 0.0)
     return torch.stack([tp.sum(-1), tq.sum(-1), _sel(t, pw * lm_p, 0.0).sum(-1),
                         _sel(t, qw * lm_q, 0.0).sum(-1)], dim=1)
 
@@ -452,7 +452,7 @@ def _local_grads_chunk(kind, x, y, rows, st, beta, scale, need):
     else:
         el = _elementwise(x, y, st)
         t = el["t"]
-        _, lm_p, lm_q, _, _, pw, qw = _js_local(x, y, st, el, beta)
+        _, lm_p, lm_q, pw, qw = _js_local(x, y, st, el, beta)
         # log(p/m) - KL(p||m) with KL(p||m) = c_p p_out - S_plm, c_p = -log(beta) = log(p/m)
         # off T; off T the difference is c_p (1 - p_out) + S_plm, with 1 - p_out = p(T) taken
         # from its accurate logarithm (no cancellation when p(T) is tiny)

@@ -48,6 +48,7 @@ class _Side:
     lw: object  # normalised log-probabilities, safe (0) off the support
     w: object  # normalised probabilities, exactly 0 off the support
     raw_log: object  # log of the input up to a row constant, before the temperature; 0 off support
+    norm: object  # per-row log normaliser (last axis kept): lw = raw_log / temperature - norm
     temperature: float = 1.0
 
 
@@ -83,8 +84,9 @@ def _make_side(xp, x, space, temperature):
         z = xp.sum(xp.where(support, x, xp.zeros_like(x)), axis=-1, keepdims=True)
         w = xp.where(support, x_safe / z, xp.zeros_like(x))
         raw_log = xp.where(support, xp.log(x_safe), xp.zeros_like(x))
-        lw = xp.where(support, raw_log - xp.log(z), xp.zeros_like(x))
-        return _Side(x, "probs", support, lw, w, raw_log)
+        log_z = xp.log(z)
+        lw = xp.where(support, raw_log - log_z, xp.zeros_like(x))
+        return _Side(x, "probs", support, lw, w, raw_log, log_z)
     if space == "probs":  # probabilities with a temperature: p^(1/T), renormalised
         support = x > 0
         xs = xp.where(support, x, const(xp, 1.0, x))
@@ -101,7 +103,7 @@ def _make_side(xp, x, space, temperature):
     lse = logsumexp(xp, xp.where(support, x, const(xp, -math.inf, x)), axis=-1)
     lw = xp.where(support, x_safe - lse, zero)
     w = xp.where(support, xp.exp(lw), zero)
-    return _Side(x, "log", support, lw, w, raw_safe, temperature)
+    return _Side(x, "log", support, lw, w, raw_safe, lse, temperature)
 
 
 def _prepare(p, q, p_space, q_space, axis, temperature, mask, weight, validate, names=("p", "q")):
@@ -195,19 +197,19 @@ def _phi_series(xp, x):
     return acc * x * x
 
 
-def _w_phi(xp, w, lw, x, w_exp=None):
+def _w_phi(xp, w, x, *, log_w_exp=None, w_exp=None):
     """w * phi(x) without overflow and without cancellation.
 
-    ``w * exp(x)`` is formed as ``exp(log w + x)``, or taken from ``w_exp`` when the caller knows
-    it exactly (the JS mixture: p * m/p = m).
+    ``w * exp(x)`` is ``exp(log_w_exp)``, its logarithm formed by the caller without adding a
+    huge log w to a huge x (a finite logit of -1e30 makes both ~1e30 and their sum noise), or
+    ``w_exp`` itself when the caller knows it exactly (the JS mixture: p * m/p = m).
     """
     small = xp.abs(x) < _SMALL
     zero = xp.zeros_like(x)
     xs = xp.where(small, x, zero)
     xl = xp.where(small, zero, x)
     if w_exp is None:
-        lwl = xp.where(small, zero, lw)
-        w_exp = xp.exp(lwl + xl)
+        w_exp = xp.exp(xp.where(small, zero, log_w_exp))
     big = w_exp - w * (1 + xl)
     return xp.where(small, w * _phi_series(xp, xs), big)
 
@@ -277,19 +279,32 @@ def _pair(xp, P: _Side, Q: _Side) -> _Pair:
     lwn = xp.where(T, lwn - xp.log(s), zero)
     mu = xp.sum(wn * delta, axis=-1, keepdims=True)
     dc = xp.where(T, delta - mu, zero)  # centred log-ratio d'
+    # log(wn_i e^{d'_i}) = lwn + d', formed from q's side: lwn + delta = Q.raw_log / T - P.norm
+    # - lpT - log s exactly, and the raw p cancels. Adding lwn to d' numerically would not do
+    # where p has a huge finite negative logit (-1e30: both terms ~1e30, their sum noise).
+    q_raw = Q.raw_log if P.temperature == 1.0 else Q.raw_log / P.temperature
+    lwx = xp.where(T, q_raw - (P.norm + lpT + xp.log(s) + mu), zero)
     # L = log E_p[exp(d')] = log1p(E_p[phi(d')]). When some p_i exp(d'_i) is huge (logits far
     # apart: KL in the tens), E_p[phi] would overflow although L is modest: such rows take the
     # log-sum-exp of log p_i + d'_i instead (no cancellation to fear there, L > 20).
-    top = xp.max(xp.where(T, lwn + dc, const(xp, -math.inf, dc)), axis=-1, keepdims=True)
+    top = xp.max(xp.where(T, lwx, const(xp, -math.inf, dc)), axis=-1, keepdims=True)
     huge = top > 20.0
     dc_small = xp.where(huge, zero, dc)
-    L_small = xp.log1p(xp.sum(xp.where(T, _w_phi(xp, wn, lwn, dc_small), zero), axis=-1))
-    lt = xp.where(T & huge, lwn + dc, const(xp, -math.inf, dc))
+    L_small = xp.log1p(xp.sum(xp.where(T, _w_phi(xp, wn, dc_small, log_w_exp=lwx), zero), axis=-1))
+    lt = xp.where(T & huge, lwx, const(xp, -math.inf, dc))
     lt = xp.where(huge, lt, zero)
     L_large = logsumexp(xp, lt, axis=-1)[..., 0]
     L = xp.where(huge[..., 0], L_large, L_small)
     mean_d = log_qT - log_pT - L  # E_{p restricted to T}[log q/p]
     d = xp.where(T, dc + mean_d[..., None], zero)
+    # The centred route carries rounding errors of the size of |delta - mu| + |mean_d| (small in
+    # the usual rows); the direct difference of the normalised log-probabilities, of the size of
+    # |lw_p| + |lw_q|. A row where q is astronomically small somewhere p is not (a logit of
+    # -1e30 against a normal one) drags mu to ~1e28 and the centred d of every other entry to
+    # noise: take, per entry, the route with the smaller error.
+    err_centred = xp.abs(delta) + xp.abs(mu) + xp.abs(mean_d)[..., None]
+    err_direct = xp.abs(P.lw) + xp.abs(Q.lw)
+    d = xp.where(T & (err_direct < err_centred), Q.lw - P.lw, d)
     p_escapes = xp.any(P.support & ~Q.support, axis=-1)
     q_escapes = xp.any(Q.support & ~P.support, axis=-1)
     inf = const(xp, math.inf, L)
@@ -321,10 +336,8 @@ def _rows(kind, xp, P, Q, beta):
         small = xp.abs(d) < _SMALL
         ds = xp.where(small, d, zero)
         dl = xp.where(small, zero, d)
-        lwp = xp.where(pr.common, P.lw, zero)
-        term = xp.where(
-            small, P.w * ds * xp.expm1(ds), dl * (xp.exp(xp.where(small, zero, lwp) + dl) - P.w)
-        )
+        # p e^d = q on the common support (d = log q/p): the large branch needs no exponential
+        term = xp.where(small, P.w * ds * xp.expm1(ds), dl * (Q.w - P.w))
         val = xp.sum(xp.where(pr.common, term, zero), axis=-1)
         bad = pr.p_escapes | pr.q_escapes
         return xp.where(bad, const(xp, math.inf, val), val)
@@ -332,8 +345,8 @@ def _rows(kind, xp, P, Q, beta):
         y = _log_mix(xp, 1.0 - beta, pr.d)  # log(m/p) on T
         z = _log_mix(xp, beta, -pr.d)  # log(m/q) on T
         m = beta * P.w + (1 - beta) * Q.w  # p e^y = q e^z = m, exactly
-        tp = xp.where(pr.common, _w_phi(xp, P.w, None, y, m), zero)
-        tq = xp.where(pr.common, _w_phi(xp, Q.w, None, z, m), zero)
+        tp = xp.where(pr.common, _w_phi(xp, P.w, y, w_exp=m), zero)
+        tq = xp.where(pr.common, _w_phi(xp, Q.w, z, w_exp=m), zero)
         val = beta * xp.sum(tp, axis=-1) + (1 - beta) * xp.sum(tq, axis=-1)
         return val - beta * math.log(beta) * pr.p_out - (1 - beta) * math.log1p(-beta) * pr.q_out
     raise ValueError(f"unknown divergence kind {kind!r}")  # pragma: no cover

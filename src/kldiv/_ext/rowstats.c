@@ -69,12 +69,9 @@ enum {
 };
 
 /* exp(x) in float32, vectorisable: Cody-Waite reduction and a degree-7 polynomial (Cephes
- * coefficients, about 1 ulp). exp(x) = 0 for x < -87 (including -inf), +inf for x > 88 (so that
- * an overflowing row is detected and recomputed in double). */
-static inline float fexp(float x)
+ * coefficients, about 1 ulp), for x already clamped to [-87, 88]. */
+static inline float exp_clamped(float xc)
 {
-    const float lo = -87.0f, hi = 88.0f;
-    float xc = x < lo ? lo : (x > hi ? hi : x);
     float t = xc * 1.44269504088896341f + 12582912.0f; /* round to nearest via the 1.5*2^23 trick */
     float n = t - 12582912.0f;
     float r = xc - n * 0.693359375f;
@@ -89,8 +86,24 @@ static inline float fexp(float x)
     p = p * r2 + r + 1.0f;
     union { int32_t i; float f; } u;
     u.i = ((int32_t)n + 127) << 23;
-    float y = p * u.f;
+    return p * u.f;
+}
+
+/* exp(x) = 0 for x < -87 (including -inf), +inf for x > 88 (so that an overflowing row is
+ * detected and recomputed in double). */
+static inline float fexp(float x)
+{
+    const float lo = -87.0f, hi = 88.0f;
+    float y = exp_clamped(x < lo ? lo : (x > hi ? hi : x));
     y = x > hi ? INFINITY : y;
+    return x < lo ? 0.0f : y;
+}
+
+/* fexp for x <= 0 (logits minus their maximum): no overflow side to check. */
+static inline float fexp_neg(float x)
+{
+    const float lo = -87.0f;
+    float y = exp_clamped(x < lo ? lo : x);
     return x < lo ? 0.0f : y;
 }
 
@@ -293,6 +306,108 @@ static void row_kernel(const float *a, const float *b, Py_ssize_t n, int reverse
     }
 }
 
+/* The common case in one function: forward KL only, every logit finite. One exponential per
+ * pair instead of two, since KL(p || q) = log1p(sum_j p_j phi(x_j)) needs only p's weights and the
+ * exact differences; the other's partition function follows from it,
+ *   log sum_j e^{b_j} = ma + log Za + d0 + log sum_j p_j e^{t_j}.
+ * Pass 1 (from memory) finds the maxima block by block and the first argmax inside the winning
+ * block; pass 2 (row now in cache) stores wa = exp(a - ma) and the centred differences t, and
+ * the range of t per block; pass 3 sums wa * phi(t - ca) with the Taylor series only, except in
+ * the blocks whose range reaches |x| >= 0.5, where e^x comes from q's side as wb * Cf (exact even
+ * where wa underflows). Returns 0 when done, 1 when the row is not all-finite (the caller runs
+ * row_kernel, which sorts out why). */
+KL_CLONES
+static int row_kernel_fwd(const float *a, const float *b, Py_ssize_t n, float *scratch, rowres *res)
+{
+    float ma = -INFINITY, mb = -INFINITY, chk = 0.0f;
+    Py_ssize_t blk_a = 0, blk_b = 0;
+    for (Py_ssize_t j0 = 0; j0 < n; j0 += BLOCK) {
+        Py_ssize_t j1 = j0 + BLOCK < n ? j0 + BLOCK : n;
+        float xa = -INFINITY, xb = -INFINITY, c = 0.0f;
+#pragma omp simd reduction(max : xa, xb) reduction(+ : c)
+        for (Py_ssize_t j = j0; j < j1; j++) {
+            float x = a[j], y = b[j];
+            xa = x > xa ? x : xa;
+            xb = y > xb ? y : xb;
+            c += x * 0.0f + y * 0.0f;
+        }
+        if (xa > ma) { ma = xa; blk_a = j0; }
+        if (xb > mb) { mb = xb; blk_b = j0; }
+        chk += c;
+    }
+    if (!(chk == 0.0f)) return 1;
+    Py_ssize_t ia = blk_a, ib = blk_b;
+    while (a[ia] != ma) ia++;
+    while (b[ib] != mb) ib++;
+    res->top_a = (int)ia;
+    res->top_b = (int)ib;
+    res->status = 0;
+
+    const double d0 = (double)b[ia] - (double)a[ia];
+    const float d0h = (float)d0, d0l = (float)(d0 - (double)d0h);
+    const Py_ssize_t nblk = (n + BLOCK - 1) / BLOCK;
+    float *wa = scratch, *tt = scratch + n, *tlo = scratch + 2 * n, *thi = tlo + nblk;
+    double Za = 0, A = 0;
+    for (Py_ssize_t k = 0; k < nblk; k++) {
+        Py_ssize_t j0 = k * BLOCK, j1 = j0 + BLOCK < n ? j0 + BLOCK : n;
+        float za = 0, sa = 0, lo = INFINITY, hi = -INFINITY;
+#pragma omp simd reduction(+ : za, sa) reduction(min : lo) reduction(max : hi)
+        for (Py_ssize_t j = j0; j < j1; j++) {
+            float x = a[j], y = b[j];
+            float ea = fexp_neg(x - ma);
+            float t = two_sum_diff(x, y, d0h, d0l);
+            wa[j] = ea;
+            tt[j] = t;
+            za += ea;
+            sa += ea * t;
+            lo = t < lo ? t : lo;
+            hi = t > hi ? t : hi;
+        }
+        tlo[k] = lo;
+        thi[k] = hi;
+        Za += za;
+        A += sa;
+    }
+    res->logz_a = log(Za);
+
+    const double caD = A / Za;
+    const float ca = (float)caD;
+    const float Cf = (float)exp((double)mb - (double)ma - d0 - caD);
+    double U = 0;
+    for (Py_ssize_t k = 0; k < nblk; k++) {
+        Py_ssize_t j0 = k * BLOCK, j1 = j0 + BLOCK < n ? j0 + BLOCK : n;
+        float u = 0;
+        if (thi[k] - ca < 0.5f && tlo[k] - ca > -0.5f) {
+#pragma omp simd reduction(+ : u)
+            for (Py_ssize_t j = j0; j < j1; j++)
+                u += wa[j] * phi_small(tt[j] - ca);
+        } else {
+#pragma omp simd reduction(+ : u)
+            for (Py_ssize_t j = j0; j < j1; j++) {
+                float x = tt[j] - ca;
+                float w = wa[j];
+                float small = w * phi_small(x);
+                float big = fexp_neg(b[j] - mb) * Cf - w * (1.0f + x);
+                u += (x < 0.5f) & (x > -0.5f) ? small : big;
+            }
+        }
+        U += u;
+    }
+    /* sum_j p_j x_j = caD - ca (ca is rounded to float): KL = log(1 + dl + U/Za) - dl */
+    const double dl = caD - (double)ca;
+    const double s = log1p(dl + U / Za);
+    res->kl = s - dl;
+    if (!(res->kl >= 0)) res->kl = res->kl < 0 ? 0.0 : res->kl;
+    res->logz_b = (double)ma + res->logz_a + d0 + (double)ca + s - (double)mb;
+    if (!isfinite(res->kl) || !isfinite(res->logz_b)) { /* overflow: the caller redoes it in double */
+        double zb = 0;
+        for (Py_ssize_t j = 0; j < n; j++) zb += exp((double)b[j] - (double)mb);
+        res->logz_b = log(zb);
+        res->kl = INFINITY;
+    }
+    return 0;
+}
+
 /* Fallback for a row whose fast float32 phi sum overflowed (a KL of order 80 nats or more):
  * the direct formula in double, sum p (log p - log q), which has no cancellation problem there. */
 static double row_direct(const float *a, const float *b, Py_ssize_t n, double ma, double mb,
@@ -377,7 +492,7 @@ static PyObject *py_rowstats(PyObject *self, PyObject *args)
 #pragma omp parallel num_threads(nt) reduction(| : alloc_fail)
 #endif
         {
-            float *scratch = malloc(sizeof(float) * 3 * (size_t)n_vocab);
+            float *scratch = malloc(sizeof(float) * (3 * (size_t)n_vocab + 2 * ((size_t)n_vocab / BLOCK + 1)));
             if (!scratch) {
                 alloc_fail = 1;
             }
@@ -388,7 +503,8 @@ static PyObject *py_rowstats(PyObject *self, PyObject *args)
                 if (!scratch) continue;
                 const float *ra = A + i * n_vocab, *rb = B + i * n_vocab;
                 rowres r = {0, 0, 0, 0, -1, -1, 0};
-                row_kernel(ra, rb, n_vocab, reverse, scratch, &r);
+                if (reverse || row_kernel_fwd(ra, rb, n_vocab, scratch, &r))
+                    row_kernel(ra, rb, n_vocab, reverse, scratch, &r);
                 if (!r.status && (!isfinite(r.kl) || (reverse && !isfinite(r.rkl)))) {
                     /* overflow in the fast path: recompute in double where the value is finite */
                     double ma = -INFINITY, mb = -INFINITY;

@@ -172,10 +172,12 @@ def _kl_rows(la, lb, ma, mb, za, zb):
         d = np.where(fin_a & fin_b, lb - la, 0.0)
         dbar = np.sum(p * d, axis=1)
         x = d - dbar[:, None]
-        # p * phi(x) with the large-x branch as exp(log p + x) so that p -> 0 never loses it
-        lp = la - ma[:, None] - np.log(za)[:, None]
+        # p * phi(x) with the large-x branch as p e^x = exp(log p + x) so that p -> 0 never loses
+        # it; log p + x = lb - (ma + log za + dbar) with la cancelled exactly (adding a huge
+        # finite log p, such as a logit of -1e30, to a huge x would leave noise)
+        lpx = lb - (ma + np.log(za) + dbar)[:, None]
         small = np.abs(x) < 0.5
-        big = np.exp(np.where(small, -np.inf, lp + x)) - p * (1.0 + x)
+        big = np.exp(np.where(small | ~fin_b, -np.inf, lpx)) - p * (1.0 + x)
         term = np.where(small, p * _phi(np.where(small, x, 0.0)), big)
         u = np.sum(np.where(fin_a, term, 0.0), axis=1)
         eb = np.exp(lb - mb[:, None])
