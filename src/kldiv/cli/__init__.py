@@ -14,6 +14,7 @@ _COMMANDS = {
     "tutorial": ".tutorial",
     "compare": ".compare_cmd",
     "plot": ".plot_cmd",
+    "convert": ".convert_cmd",
 }
 
 
@@ -22,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="kldiv",
-        description="Kullback-Leibler divergence: tutorial, model-drift reports, plots.",
+        description="Kullback-Leibler divergence: tutorial, model-drift reports, plots, logits conversion.",
     )
     parser.add_argument("--version", action="version", version=f"kldiv {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -14,7 +14,11 @@ llama.cpp KL base      ``_logits_``                     the scored positions, ui
 =====================  ===============================  ======================================
 
 Writers (atomic: temporary file beside the target, then ``os.replace``): :func:`save_npy`,
-:func:`save_safetensors`, :func:`save_llamacpp_kld`.
+:func:`save_safetensors`, :func:`save_llamacpp_kld` for whole arrays; :class:`NpyWriter`,
+:class:`SafetensorsWriter`, :class:`LlamaCppKldWriter` (:mod:`kldiv.io.writers`) for rows block
+by block, in bounded memory. :func:`convert_logits` converts between the three formats, e.g. to
+export logits to llama.cpp's KL base file (``kldiv convert INPUT OUTPUT`` on the command line;
+see docs/convert.md).
 """
 from __future__ import annotations
 
@@ -29,8 +33,16 @@ from .formats import (
     save_npy,
     save_safetensors,
 )
+from .writers import (
+    ConvertResult,
+    LlamaCppKldWriter,
+    NpyWriter,
+    SafetensorsWriter,
+    convert_logits,
+)
 
 __all__ = [
     "LogitsSource", "open_logits", "load_tokens", "save_npy", "save_safetensors",
     "save_llamacpp_kld", "kld_scored_per_chunk", "kld_next_tokens", "KLD_MAGIC",
+    "NpyWriter", "SafetensorsWriter", "LlamaCppKldWriter", "convert_logits", "ConvertResult",
 ]
