@@ -82,7 +82,8 @@ def test_reverse_and_js():
     p = scipy.special.softmax(a.astype(np.float64), axis=1)
     q = scipy.special.softmax(b.astype(np.float64), axis=1)
     js = scipy.spatial.distance.jensenshannon(p, q, axis=1) ** 2  # scipy: sqrt of JS in nats
-    np.testing.assert_allclose(r.js, js, rtol=1e-6)
+    # float32 logits, float32 kernel: ~1e-7 typical, ~1e-6 worst relative error (target 1e-4)
+    np.testing.assert_allclose(r.js, js, rtol=5e-6)
     assert "reverse_kl" in r.summary() and "js" in r.summary()
 
 

@@ -371,6 +371,48 @@ def test_forward_only_rows_across_blocks(fallback):
     np.testing.assert_allclose(np.exp(-r.logz_ref), np.exp(lsa.max(1)), rtol=1e-6)
     np.testing.assert_array_equal(r.top_ref, np.argmax(a, 1))
     np.testing.assert_array_equal(r.top_other, np.argmax(b, 1))
+    # the same rows with the reverse KL and JS (the kernel's fourth pass)
+    r2 = run(a, b, fallback, tokens=tok, reverse=True, js=True)
+    np.testing.assert_allclose(r2.kl, ref, rtol=1e-4, atol=1e-13)
+    np.testing.assert_allclose(r2.rkl, ld_kl(b, a), rtol=1e-4, atol=1e-13)
+    np.testing.assert_allclose(r2.js, ld_js(a, b), rtol=1e-4, atol=1e-13)
+
+
+def ld_js(a, b):
+    """Jensen-Shannon divergence (beta = 1/2) per row, textbook formula in extended precision."""
+    a = np.asarray(a, dtype=np.longdouble)
+    b = np.asarray(b, dtype=np.longdouble)
+    la = a - a.max(1, keepdims=True)
+    la = la - np.log(np.exp(la).sum(1, keepdims=True))
+    lb = b - b.max(1, keepdims=True)
+    lb = lb - np.log(np.exp(lb).sum(1, keepdims=True))
+    p, q = np.exp(la), np.exp(lb)
+    lm = np.log((p + q) / 2)
+    return np.asarray(0.5 * (p * (la - lm)).sum(1) + 0.5 * (q * (lb - lm)).sum(1), dtype=np.float64)
+
+
+@pytest.mark.skipif(not EXTENDED, reason="no extended precision for the oracle")
+@pytest.mark.parametrize("fallback", PATHS)
+def test_reverse_and_js_of_close_and_far_rows(fallback):
+    """Reverse KL and JS from 1e-12 to ~ln 2 (float32 logits, shifted), against extended precision;
+    JS of rows with -inf logits comes from the NumPy formula, NaN rows stay NaN."""
+    rng = np.random.default_rng(12)
+    a, b = close_pairs(rng, 16, 5000, shift=4.25, lo=-6, hi=1)
+    b[-1] = a[-1] * -3.0  # far apart: JS near ln 2
+    a[3, :7] = -np.inf  # a row with zero probabilities (not all-finite)
+    b[3, :7] = -np.inf
+    r = run(a, b, fallback, reverse=True, js=True)
+    with np.errstate(invalid="ignore"):  # row 3 is redone below without its -inf columns
+        js_ref, rkl_ref = ld_js(a, b), ld_kl(b, a)
+    js_ref[3], rkl_ref[3] = ld_js(a[3:4, 7:], b[3:4, 7:])[0], ld_kl(b[3:4, 7:], a[3:4, 7:])[0]
+    for got, want in ((r.js, js_ref), (r.rkl, rkl_ref)):
+        big = want >= 1e-9
+        np.testing.assert_allclose(got[big], want[big], rtol=1e-4)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-13)
+    assert js_ref.min() < 1e-9 and js_ref.max() > 0.5
+    a[5, 10] = np.nan
+    r = run(a, b, fallback, js=True)
+    assert np.isnan(r.js[5]) and np.isfinite(np.delete(r.js, 5)).all()
 
 
 @pytest.mark.parametrize("fallback", PATHS)

@@ -311,3 +311,21 @@ def test_load_tokens(tmp_path):
     (tmp_path / "bad.txt").write_text("1 x 3")
     with pytest.raises(ValueError, match="must be integers"):
         load_tokens(tmp_path / "bad.txt")
+
+
+def test_atomic_writes_get_the_mode_a_plain_open_would(tmp_path):
+    """Files written atomically are not left 0600 (mkstemp's mode): 0666 less the umask."""
+    import os
+    import stat
+
+    from kldiv._atomic import write_text_atomic
+
+    old = os.umask(0o027)
+    try:
+        write_text_atomic(tmp_path / "r.json", "{}")
+        with open(tmp_path / "plain.json", "w") as fh:
+            fh.write("{}")
+    finally:
+        os.umask(old)
+    mode = stat.S_IMODE(os.stat(tmp_path / "r.json").st_mode)
+    assert mode == stat.S_IMODE(os.stat(tmp_path / "plain.json").st_mode) == 0o640

@@ -9,6 +9,20 @@ import os
 import tempfile
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where Linux tells it (os.umask sets it)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path, suffix=None):
     """Yield a temporary path beside ``path``; on success it replaces ``path`` atomically."""
@@ -20,6 +34,8 @@ def atomic_path(path, suffix=None):
     os.close(fd)
     try:
         yield tmp
+        # mkstemp creates the file 0600; give it the mode a plain open() would (0666 - umask)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

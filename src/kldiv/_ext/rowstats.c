@@ -121,6 +121,63 @@ static inline float phi_small(float x)
     return s * x * x;
 }
 
+/* With u = log(q_j / p_j), the reverse KL and the Jensen-Shannon divergence are p-weighted sums
+ * of functions that vanish to second order at u = 0 (given sum_j p_j e^u_j = 1):
+ *   KL(q || p) = sum_j p_j h(u_j),   h(u) = 1 + (u - 1) e^u        = sum_{n>=2} (n-1)/n! u^n,
+ *   JS(p, q)   = 1/2 sum_j p_j g(u_j), g(u) = u e^u - (1 + e^u) log((1 + e^u) / 2)
+ *                                        = u^2/4 + u^3/8 + u^4/32 + u^5/192 + ...
+ * Their Taylor series for |u| < 0.5 (truncation below 1e-9 relative) avoid the cancellation. */
+static inline float h_small(float u)
+{
+    float s = 10.0f / 39916800.0f;
+    s = s * u + 9.0f / 3628800.0f;
+    s = s * u + 8.0f / 362880.0f;
+    s = s * u + 7.0f / 40320.0f;
+    s = s * u + 6.0f / 5040.0f;
+    s = s * u + 5.0f / 720.0f;
+    s = s * u + 4.0f / 120.0f;
+    s = s * u + 3.0f / 24.0f;
+    s = s * u + 2.0f / 6.0f;
+    s = s * u + 0.5f;
+    return s * u * u;
+}
+
+static inline float g_small(float u)
+{
+    float s = -1.0f / 19353600.0f;
+    s = s * u - 1.0f / 1935360.0f;
+    s = s * u + 1.0f / 46080.0f;
+    s = s * u + 1.0f / 5760.0f;
+    s = s * u + 1.0f / 1152.0f;
+    s = s * u + 1.0f / 192.0f;
+    s = s * u + 1.0f / 32.0f;
+    s = s * u + 1.0f / 8.0f;
+    s = s * u + 0.25f;
+    return s * u * u;
+}
+
+/* log(1 + v) for v in [0, 1], vectorisable (Cephes logf polynomial on [sqrt(1/2), sqrt(2)),
+ * about 1 ulp; v below float32's epsilon contributes nothing, which the callers tolerate). */
+static inline float log1p_01(float v)
+{
+    float y = 1.0f + v;
+    int e = y > 1.41421356f;
+    float x = (e ? 0.5f * y : y) - 1.0f;
+    float z = x * x;
+    float p = 7.0376836292e-2f;
+    p = p * x - 1.1514610310e-1f;
+    p = p * x + 1.1676998740e-1f;
+    p = p * x - 1.2420140846e-1f;
+    p = p * x + 1.4249322787e-1f;
+    p = p * x - 1.6668057665e-1f;
+    p = p * x + 2.0000714765e-1f;
+    p = p * x - 2.4999993993e-1f;
+    p = p * x + 3.3333331174e-1f;
+    float r = p * x * z - 0.5f * z;
+    float fe = e ? 1.0f : 0.0f;
+    return (x + (r + fe * -2.12194440e-4f)) + fe * 0.693359375f;
+}
+
 /* The centred difference t = (b - a) - d0 with d0 = d0h + d0l, from an exact TwoSum of b and -a.
  * Returns NaN where either side is -inf: those entries are off the common support and are
  * handled by the support terms (the sums below skip them through the NaN). */
@@ -140,7 +197,7 @@ static inline float centred_diff(float a, float b, float d0h, float d0l)
 }
 
 typedef struct {
-    double kl, rkl, logz_a, logz_b;
+    double kl, rkl, js, logz_a, logz_b;
     int top_a, top_b, status;
 } rowres;
 
@@ -317,7 +374,8 @@ static void row_kernel(const float *a, const float *b, Py_ssize_t n, int reverse
  * where wa underflows). Returns 0 when done, 1 when the row is not all-finite (the caller runs
  * row_kernel, which sorts out why). */
 KL_CLONES
-static int row_kernel_fwd(const float *a, const float *b, Py_ssize_t n, float *scratch, rowres *res)
+static int row_kernel_fwd(const float *a, const float *b, Py_ssize_t n, float *scratch, rowres *res,
+                          int want_rev, int want_js)
 {
     float ma = -INFINITY, mb = -INFINITY, chk = 0.0f;
     Py_ssize_t blk_a = 0, blk_b = 0;
@@ -404,7 +462,49 @@ static int row_kernel_fwd(const float *a, const float *b, Py_ssize_t n, float *s
         for (Py_ssize_t j = 0; j < n; j++) zb += exp((double)b[j] - (double)mb);
         res->logz_b = log(zb);
         res->kl = INFINITY;
+        res->rkl = res->js = NAN;
+        return 0;
     }
+    if (!(want_rev || want_js)) return 0;
+
+    /* pass 4 (reverse KL and JS): u = log(q/p) = x - s, still no exponentials where |u| < 0.5.
+     * Elsewhere, in units of Za: P = wa, Q = q Za = wb Cf e^-s, and
+     *   p h(u) = P - Q + Q u,   p g(u) = P (ln 2 - softplus(u)) + Q (ln 2 - softplus(-u)). */
+    const float cu = (float)((double)ca + s);
+    const float Cq = (float)((double)Cf * exp(-s));
+    const float LN2 = 0.69314718056f;
+    double R = 0, J = 0;
+    for (Py_ssize_t k = 0; k < nblk; k++) {
+        Py_ssize_t j0 = k * BLOCK, j1 = j0 + BLOCK < n ? j0 + BLOCK : n;
+        float r = 0, g = 0;
+        if (thi[k] - cu < 0.5f && tlo[k] - cu > -0.5f) {
+#pragma omp simd reduction(+ : r, g)
+            for (Py_ssize_t j = j0; j < j1; j++) {
+                float u = tt[j] - cu, w = wa[j];
+                r += w * h_small(u);
+                g += w * g_small(u);
+            }
+        } else {
+#pragma omp simd reduction(+ : r, g)
+            for (Py_ssize_t j = j0; j < j1; j++) {
+                float u = tt[j] - cu, w = wa[j];
+                float Q = fexp_neg(b[j] - mb) * Cq;
+                float au = u < 0.0f ? -u : u;
+                float l = log1p_01(fexp_neg(-au));
+                float sp_pos = (u > 0.0f ? u : 0.0f) + l, sp_neg = (u < 0.0f ? -u : 0.0f) + l;
+                int sm = au < 0.5f;
+                r += sm ? w * h_small(u) : (w - Q) + Q * u;
+                g += sm ? w * g_small(u) : w * (LN2 - sp_pos) + Q * (LN2 - sp_neg);
+            }
+        }
+        R += r;
+        J += g;
+    }
+    res->rkl = R / Za;
+    res->js = 0.5 * J / Za;
+    if (res->rkl < 0) res->rkl = 0.0; /* NaN stays NaN (the caller then redoes the row) */
+    if (res->js < 0) res->js = 0.0;
+    if (!isfinite(res->js)) res->js = NAN;
     return 0;
 }
 
@@ -443,20 +543,20 @@ static int get_buf(PyObject *obj, Py_buffer *view, int writable, Py_ssize_t need
 
 static PyObject *py_rowstats(PyObject *self, PyObject *args)
 {
-    PyObject *oa, *ob, *otok, *okl, *orkl, *otopa, *otopb, *ologza, *olpa, *olpb, *ost;
+    PyObject *oa, *ob, *otok, *okl, *orkl, *otopa, *otopb, *ologza, *olpa, *olpb, *ost, *ojs = Py_None;
     Py_ssize_t n_rows, n_vocab;
     int reverse, nthreads;
     (void)self;
-    if (!PyArg_ParseTuple(args, "OOnnOiiOOOOOOOO", &oa, &ob, &n_rows, &n_vocab, &otok, &reverse,
-                          &nthreads, &okl, &orkl, &otopa, &otopb, &ologza, &olpa, &olpb, &ost))
+    if (!PyArg_ParseTuple(args, "OOnnOiiOOOOOOOO|O", &oa, &ob, &n_rows, &n_vocab, &otok, &reverse,
+                          &nthreads, &okl, &orkl, &otopa, &otopb, &ologza, &olpa, &olpb, &ost, &ojs))
         return NULL;
     if (n_rows < 0 || n_vocab < 1 || n_vocab > INT32_MAX) {
         PyErr_SetString(PyExc_ValueError, "n_rows must be >= 0 and n_vocab in [1, 2**31)");
         return NULL;
     }
-    Py_buffer ba, bb, btok, bkl, brkl, btopa, btopb, blz, blpa, blpb, bst;
-    Py_buffer *all[11] = {&ba, &bb, &btok, &bkl, &brkl, &btopa, &btopb, &blz, &blpa, &blpb, &bst};
-    int got = 0, have_tok = otok != Py_None;
+    Py_buffer ba, bb, btok, bkl, brkl, btopa, btopb, blz, blpa, blpb, bst, bjs;
+    Py_buffer *all[12] = {&ba, &bb, &btok, &bkl, &brkl, &btopa, &btopb, &blz, &blpa, &blpb, &bst, &bjs};
+    int got = 0, have_tok = otok != Py_None, want_js = ojs != Py_None;
     Py_ssize_t nf = n_rows * n_vocab * (Py_ssize_t)sizeof(float);
     Py_ssize_t n8 = n_rows * 8, n4 = n_rows * 4;
 #define GET(obj, view, wr, need, name)                         \
@@ -478,11 +578,18 @@ static PyObject *py_rowstats(PyObject *self, PyObject *args)
     GET(olpa, &blpa, 1, have_tok ? n8 : 0, "lpa_tok");
     GET(olpb, &blpb, 1, have_tok ? n8 : 0, "lpb_tok");
     GET(ost, &bst, 1, n4, "status");
+    if (want_js) {
+        GET(ojs, &bjs, 1, n8, "js");
+    } else {
+        memset(&bjs, 0, sizeof bjs);
+        got++;
+    }
 #undef GET
     {
         const float *A = (const float *)ba.buf, *B = (const float *)bb.buf;
         const int32_t *tok = have_tok ? (const int32_t *)btok.buf : NULL;
         double *kl = bkl.buf, *rkl = brkl.buf, *lz = blz.buf, *lpa = blpa.buf, *lpb = blpb.buf;
+        double *jsv = want_js ? (double *)bjs.buf : NULL;
         int32_t *ta = btopa.buf, *tb = btopb.buf, *st = bst.buf;
         int alloc_fail = 0;
         Py_BEGIN_ALLOW_THREADS
@@ -502,9 +609,11 @@ static PyObject *py_rowstats(PyObject *self, PyObject *args)
             for (Py_ssize_t i = 0; i < n_rows; i++) {
                 if (!scratch) continue;
                 const float *ra = A + i * n_vocab, *rb = B + i * n_vocab;
-                rowres r = {0, 0, 0, 0, -1, -1, 0};
-                if (reverse || row_kernel_fwd(ra, rb, n_vocab, scratch, &r))
-                    row_kernel(ra, rb, n_vocab, reverse, scratch, &r);
+                rowres r = {0, 0, NAN, 0, 0, -1, -1, 0};
+                if (row_kernel_fwd(ra, rb, n_vocab, scratch, &r, reverse, want_js)) {
+                    row_kernel(ra, rb, n_vocab, reverse, scratch, &r); /* not all-finite */
+                    r.js = NAN; /* the caller computes JS of such rows in NumPy */
+                }
                 if (!r.status && (!isfinite(r.kl) || (reverse && !isfinite(r.rkl)))) {
                     /* overflow in the fast path: recompute in double where the value is finite */
                     double ma = -INFINITY, mb = -INFINITY;
@@ -525,6 +634,7 @@ static PyObject *py_rowstats(PyObject *self, PyObject *args)
                 }
                 kl[i] = r.kl;
                 if (reverse) rkl[i] = r.rkl;
+                if (jsv) jsv[i] = r.status ? NAN : r.js;
                 ta[i] = r.top_a;
                 tb[i] = r.top_b;
                 lz[i] = r.logz_a;
@@ -544,7 +654,7 @@ static PyObject *py_rowstats(PyObject *self, PyObject *args)
             free(scratch);
         }
         Py_END_ALLOW_THREADS
-        for (int k = 0; k < 11; k++)
+        for (int k = 0; k < 12; k++)
             if (all[k]->obj) PyBuffer_Release(all[k]);
         if (alloc_fail) return PyErr_NoMemory();
         Py_RETURN_NONE;

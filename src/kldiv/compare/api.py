@@ -58,8 +58,8 @@ def compare(reference, other, *, tokens=None, reverse=False, js=False, skip_nan=
         tokens: the token that followed each row: a path (.npy or text) or an int array of
             length rows. Defaults to the tokens stored in a llama.cpp KL base file, if any.
         reverse: also compute KL(other || reference) per token.
-        js: also compute the Jensen-Shannon divergence (beta = 1/2, nats; float64 NumPy code,
-            slower than the KL kernel).
+        js: also compute the Jensen-Shannon divergence (beta = 1/2, nats; in the compiled kernel
+            for rows with finite logits, float64 NumPy code for the others).
         skip_nan: skip rows that contain NaN (counted in the report) instead of raising.
         key, other_key: tensor names inside safetensors files with several tensors.
         threads: worker threads of the compiled kernel (default: all cores).
@@ -131,7 +131,7 @@ def _compare(ref, oth, tokens, reverse, js, skip_nan, threads, progress, chunk_r
     f64 = ref.read(0, min(1, n)).dtype == np.float64 or oth.read(0, min(1, n)).dtype == np.float64
     numpy_path = force_fallback or f64 or K.extension() is None
     rows_per = chunk_rows or max(1, _CHUNK_BYTES // (4 * v))
-    if (numpy_path or js) and not chunk_rows:
+    if numpy_path and not chunk_rows:
         rows_per = max(1, rows_per // 8)  # the float64 NumPy code makes ~10 temporaries per block
     kl = np.empty(n, np.float64)
     rkl = np.empty(n, np.float64) if reverse else None
@@ -155,7 +155,7 @@ def _compare(ref, oth, tokens, reverse, js, skip_nan, threads, progress, chunk_r
             e = min(n, s + rows_per)
             a = ref.read(s, e)
             b = oth.read(s, e)
-            r = K.row_stats(a, b, tokens=None if tok is None else tok[s:e], reverse=reverse,
+            r = K.row_stats(a, b, tokens=None if tok is None else tok[s:e], reverse=reverse, js=js,
                             threads=threads, force_fallback=force_fallback)
             bad = np.flatnonzero(r.status)
             if bad.size:
@@ -169,10 +169,7 @@ def _compare(ref, oth, tokens, reverse, js, skip_nan, threads, progress, chunk_r
             if reverse:
                 rkl[s:e] = r.rkl
             if js:
-                ok = r.status == 0
-                jsv[s:e] = np.nan
-                if ok.any():
-                    jsv[s:e][ok] = K.js_rows(a[ok], b[ok])
+                jsv[s:e] = r.js
             same[s:e] = r.top_ref == r.top_other
             ptop[s:e] = np.exp(-r.logz_ref)
             if tok is not None:

@@ -51,7 +51,8 @@ class RowStats:
     ``kl`` = KL(p || q), ``rkl`` = KL(q || p) (or None), ``top_ref``/``top_other`` = first argmax,
     ``logz_ref`` = log sum exp(a - max a) (the reference's top-1 probability is exp(-logz_ref)),
     ``lp_ref_tok``/``lp_other_tok`` = log-probabilities of the given tokens (or None),
-    ``status`` = bit flags (NAN_REF, PINF_REF, ...; 0 for a valid row).
+    ``status`` = bit flags (NAN_REF, PINF_REF, ...; 0 for a valid row),
+    ``js`` = Jensen-Shannon divergence (beta = 1/2, nats; or None when not requested).
     """
 
     kl: np.ndarray
@@ -62,14 +63,17 @@ class RowStats:
     lp_ref_tok: np.ndarray | None
     lp_other_tok: np.ndarray | None
     status: np.ndarray
+    js: np.ndarray | None = None
 
 
-def row_stats(a, b, *, tokens=None, reverse=False, threads=None, force_fallback=False) -> RowStats:
-    """Per-row KL(p||q) (and KL(q||p)), top-1 indices and token log-probs of two logits blocks.
+def row_stats(a, b, *, tokens=None, reverse=False, js=False, threads=None,
+              force_fallback=False) -> RowStats:
+    """Per-row KL(p||q) (and KL(q||p), JS), top-1 indices and token log-probs of two logits blocks.
 
     ``a`` and ``b`` are (rows, vocab) arrays of logits: float64 inputs use the float64 NumPy code
     (keeping their precision), others the compiled float32 kernel when it is built; ``tokens`` an
-    optional int array with one token id per row.
+    optional int array with one token id per row. The compiled kernel computes the JS divergence
+    of rows whose logits are all finite; other rows (and the fallback) use :func:`js_rows`.
     """
     a = np.asarray(a)
     b = np.asarray(b)
@@ -83,7 +87,10 @@ def row_stats(a, b, *, tokens=None, reverse=False, threads=None, force_fallback=
             raise ValueError(f"tokens must have shape ({n},), got {tok.shape}")
     ext = None if force_fallback else extension()
     if ext is None or a.dtype == np.float64 or b.dtype == np.float64:
-        return _row_stats_numpy(a, b, tok, reverse)
+        r = _row_stats_numpy(a, b, tok, reverse)
+        if js:
+            r.js = _js_valid_rows(a, b, r.status)
+        return r
     a32 = np.ascontiguousarray(a, dtype=np.float32)
     b32 = np.ascontiguousarray(b, dtype=np.float32)
     kl = np.empty(n, np.float64)
@@ -94,9 +101,24 @@ def row_stats(a, b, *, tokens=None, reverse=False, threads=None, force_fallback=
     lpa = np.empty(n if tok is not None else 0, np.float64)
     lpb = np.empty(n if tok is not None else 0, np.float64)
     status = np.empty(n, np.int32)
-    _run_parallel(ext, a32, b32, tok, reverse, threads, kl, rkl, top_a, top_b, logz, lpa, lpb, status)
+    jsv = np.empty(n, np.float64) if js else None
+    _run_parallel(ext, a32, b32, tok, reverse, threads, kl, rkl, top_a, top_b, logz, lpa, lpb, status,
+                  jsv)
+    if js:
+        redo = np.flatnonzero(np.isnan(jsv) & (status == 0))  # rows with -inf logits
+        if redo.size:
+            jsv[redo] = js_rows(a32[redo], b32[redo])
     return RowStats(kl, rkl if reverse else None, top_a, top_b, logz,
-                    lpa if tok is not None else None, lpb if tok is not None else None, status)
+                    lpa if tok is not None else None, lpb if tok is not None else None, status, jsv)
+
+
+def _js_valid_rows(a, b, status):
+    """JS of the rows with status 0 (NaN elsewhere), by the float64 NumPy formula."""
+    out = np.full(status.shape, np.nan)
+    ok = status == 0
+    if ok.any():
+        out[ok] = js_rows(np.asarray(a)[ok], np.asarray(b)[ok])
+    return out
 
 
 def cpu_count() -> int:
@@ -125,7 +147,8 @@ def _pool(workers):
         return _POOL
 
 
-def _run_parallel(ext, a, b, tok, reverse, threads, kl, rkl, top_a, top_b, logz, lpa, lpb, status):
+def _run_parallel(ext, a, b, tok, reverse, threads, kl, rkl, top_a, top_b, logz, lpa, lpb, status,
+                  jsv=None):
     """Spread the rows over ``threads`` workers (default: all CPUs).
 
     The C kernel releases the GIL, so plain Python threads run it in parallel; each call is
@@ -136,7 +159,8 @@ def _run_parallel(ext, a, b, tok, reverse, threads, kl, rkl, top_a, top_b, logz,
     n, v = a.shape
     workers = cpu_count() if not threads else int(threads)
     if workers <= 1 or n < 2 * workers:
-        ext.rowstats(a, b, n, v, tok, int(bool(reverse)), 1, kl, rkl, top_a, top_b, logz, lpa, lpb, status)
+        ext.rowstats(a, b, n, v, tok, int(bool(reverse)), 1, kl, rkl, top_a, top_b, logz, lpa, lpb, status,
+                     jsv)
         return
     step = max(1, -(-n // (4 * workers)))
 
@@ -145,7 +169,7 @@ def _run_parallel(ext, a, b, tok, reverse, threads, kl, rkl, top_a, top_b, logz,
         ext.rowstats(a[s:e], b[s:e], e - s, v, None if tok is None else tok[s:e], int(bool(reverse)), 1,
                      kl[s:e], rkl[s:e] if reverse else rkl, top_a[s:e], top_b[s:e], logz[s:e],
                      lpa[s:e] if tok is not None else lpa, lpb[s:e] if tok is not None else lpb,
-                     status[s:e])
+                     status[s:e], None if jsv is None else jsv[s:e])
 
     for f in [_pool(workers).submit(piece, s) for s in range(0, n, step)]:
         f.result()
@@ -175,6 +199,7 @@ def _kl_rows(la, lb, ma, mb, za, zb):
         # p * phi(x) with the large-x branch as p e^x = exp(log p + x) so that p -> 0 never loses
         # it; log p + x = lb - (ma + log za + dbar) with la cancelled exactly (adding a huge
         # finite log p, such as a logit of -1e30, to a huge x would leave noise)
+        lp = la - ma[:, None] - np.log(za)[:, None]
         lpx = lb - (ma + np.log(za) + dbar)[:, None]
         small = np.abs(x) < 0.5
         big = np.exp(np.where(small | ~fin_b, -np.inf, lpx)) - p * (1.0 + x)
@@ -185,6 +210,14 @@ def _kl_rows(la, lb, ma, mb, za, zb):
         q_on = np.sum(np.where(fin_a, eb, 0.0), axis=1)
         # -log q(S) = log1p(q off S / q on S): accurate also when q(S) is small
         kl = np.log1p(u) + np.log1p(q_off / q_on)
+        # a divergence beyond float64's exponent range (logits ~1e30 apart) overflows the phi
+        # sum: there the direct formula sum p (log p - log q) has no cancellation to fear
+        over = ~qzero & ~np.isfinite(kl)
+        if over.any():
+            lq = lb[over] - mb[over, None] - np.log(zb[over])[:, None]
+            fa = fin_a[over]
+            direct = np.where(fa, p[over] * (np.where(fa, lp[over], 0.0) - np.where(fa, lq, 0.0)), 0.0)
+            kl[over] = direct.sum(axis=1)
     kl = np.where(qzero, np.inf, np.maximum(kl, 0.0))
     return kl
 
