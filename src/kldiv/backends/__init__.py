@@ -18,7 +18,8 @@ def try_fast_divergence(kind, p, q, **kw):
     inputs in log space ("logits" or "log_probs"); ``kind`` is one of "forward", "reverse",
     "js", "jeffreys". Keyword arguments: p_space, q_space, reduction, mask, weight,
     temperature, beta. Torch tensors with a "sum" or "mean" reduction go to the fused autograd
-    path; float32 NumPy arrays (forward or reverse KL, temperature 1) to the compiled row kernel.
+    path; float32 NumPy arrays (forward or reverse KL or JS with beta 1/2, temperature 1) to the
+    compiled row kernel.
     """
     if isinstance(p, np.ndarray) and isinstance(q, np.ndarray):
         return _numpy_rows(kind, p, q, **kw)
@@ -35,9 +36,10 @@ def try_fast_divergence(kind, p, q, **kw):
     return torch_fused.fused_divergence(kind, p, q, **kw)
 
 
-def _numpy_rows(kind, p, q, *, reduction, mask, weight, temperature, **_):
-    """Forward/reverse KL of float32 NumPy logits through the compiled row kernel of compare."""
-    if (kind not in ("forward", "reverse") or temperature != 1.0 or p.dtype != np.float32
+def _numpy_rows(kind, p, q, *, reduction, mask, weight, temperature, beta=0.5, **_):
+    """Forward/reverse KL and JS (beta 1/2) of float32 NumPy logits through compare's row kernel."""
+    js = kind == "js" and beta == 0.5
+    if (not (kind in ("forward", "reverse") or js) or temperature != 1.0 or p.dtype != np.float32
             or q.dtype != np.float32 or p.ndim < 1 or p.shape[-1] == 0):
         return NotImplemented
     from ..compare.kernel import extension, row_stats
@@ -50,8 +52,8 @@ def _numpy_rows(kind, p, q, *, reduction, mask, weight, temperature, **_):
     b = np.ascontiguousarray(q).reshape(-1, v)
     if a.shape[0] == 0:
         return NotImplemented
-    st = row_stats(a, b, reverse=(kind == "reverse"))
-    rows = st.kl if kind == "forward" else st.rkl
+    st = row_stats(a, b, reverse=(kind == "reverse"), js=js)
+    rows = st.js if js else st.kl if kind == "forward" else st.rkl
     bad = st.status != 0
     if mask is not None:
         bad &= np.asarray(mask).reshape(-1)
