@@ -17,6 +17,7 @@ ext_modules = [
     Extension(
         "kldiv._ext._fused",
         sources=["src/kldiv/_ext/fused.c"],
+        depends=["src/kldiv/_ext/kl_simd.h"],
         extra_compile_args=COMMON + OPENMP,
         extra_link_args=OPENMP,
         optional=True,
@@ -25,6 +26,7 @@ ext_modules = [
     Extension(
         "kldiv._ext._rowstats",
         sources=["src/kldiv/_ext/rowstats.c"],
+        depends=["src/kldiv/_ext/kl_simd.h"],
         extra_compile_args=COMMON + OPENMP,
         extra_link_args=OPENMP,
         optional=True,

@@ -39,45 +39,19 @@
 #include <stdlib.h>
 #include <string.h>
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define KLDIV_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define KLDIV_CLONES
-#endif
+#include "kl_simd.h" /* KLDIV_CLONES, FMA contraction, kl_expf_core */
 #define KLDIV_INLINE static inline __attribute__((always_inline))
-
-/* -std=c11 turns off the contraction of a * b + c into fused multiply-adds; the polynomials
- * below are written for it (one rounding less per step), so allow it in this file. */
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC optimize("fp-contract=fast")
-#endif
 
 /* blocks of this many elements are summed in the element type, the blocks in double */
 #define KLDIV_BLOCK 1024
 
-/* exp(x) for float: 0 below -87 (and for -inf), nan stays nan; about 1 ulp elsewhere. */
+/* exp(x) for float: 0 below -87 (and for -inf), nan stays nan; about 1 ulp elsewhere (clamped
+ * to e^88 above). */
 KLDIV_INLINE float kexp_f(float x)
 {
     float xc = x < -87.0f ? -87.0f : x;
     xc = xc > 88.0f ? 88.0f : xc;
-    float t = xc * 1.44269504088896341f + 12582912.0f; /* round(x / ln 2) in the low bits */
-    float n = t - 12582912.0f;
-    float r = xc - n * 0.693359375f;
-    r = r - n * -2.12194440e-4f;
-    float e = 1.0f / 5040.0f;
-    e = e * r + 1.0f / 720.0f;
-    e = e * r + 1.0f / 120.0f;
-    e = e * r + 1.0f / 24.0f;
-    e = e * r + 1.0f / 6.0f;
-    e = e * r + 0.5f;
-    e = e * r + 1.0f;
-    e = e * r + 1.0f;
-    int32_t ti;
-    memcpy(&ti, &t, sizeof ti);
-    int32_t bits = (ti - 0x4B400000 + 127) << 23;
-    float s;
-    memcpy(&s, &bits, sizeof s);
-    return x < -87.0f ? 0.0f : e * s;
+    return x < -87.0f ? 0.0f : kl_expf_core(xc);
 }
 
 /* exp(x) for double: 0 below -708 (and for -inf), nan stays nan; about 1 ulp elsewhere. */

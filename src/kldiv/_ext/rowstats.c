@@ -42,24 +42,7 @@
 #include <omp.h>
 #endif
 
-/* Runtime dispatch (GCC ifuncs on x86-64 Linux): AVX-512, AVX2 + FMA, and the baseline ISA.
- * The x86-64-v3 level brings FMA with AVX2 (a plain "avx2" clone would have no FMA). */
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#if __GNUC__ >= 12
-#define KL_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define KL_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#endif
-#else
-#define KL_CLONES
-#endif
-
-/* Let a * b + c become one fused multiply-add where the target has FMA (polynomials, Cody-Waite
- * reduction; the TwoSum below has no products, so contraction cannot change it). Setting it here
- * keeps setup.py's flags generic (-std=c11 alone turns contraction off). */
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC optimize("fp-contract=fast")
-#endif
+#include "kl_simd.h" /* KLDIV_CLONES, FMA contraction, kl_expf_core */
 
 #define BLOCK 2048
 
@@ -68,33 +51,12 @@ enum {
     ST_EMPTY_A = 16, ST_EMPTY_B = 32, ST_TOKEN = 64,
 };
 
-/* exp(x) in float32, vectorisable: Cody-Waite reduction and a degree-7 polynomial (Cephes
- * coefficients, about 1 ulp), for x already clamped to [-87, 88]. */
-static inline float exp_clamped(float xc)
-{
-    float t = xc * 1.44269504088896341f + 12582912.0f; /* round to nearest via the 1.5*2^23 trick */
-    float n = t - 12582912.0f;
-    float r = xc - n * 0.693359375f;
-    r = r - n * -2.12194440e-4f;
-    float r2 = r * r;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r2 + r + 1.0f;
-    union { int32_t i; float f; } u;
-    u.i = ((int32_t)n + 127) << 23;
-    return p * u.f;
-}
-
 /* exp(x) = 0 for x < -87 (including -inf), +inf for x > 88 (so that an overflowing row is
  * detected and recomputed in double). */
 static inline float fexp(float x)
 {
     const float lo = -87.0f, hi = 88.0f;
-    float y = exp_clamped(x < lo ? lo : (x > hi ? hi : x));
+    float y = kl_expf_core(x < lo ? lo : (x > hi ? hi : x));
     y = x > hi ? INFINITY : y;
     return x < lo ? 0.0f : y;
 }
@@ -103,7 +65,7 @@ static inline float fexp(float x)
 static inline float fexp_neg(float x)
 {
     const float lo = -87.0f;
-    float y = exp_clamped(x < lo ? lo : x);
+    float y = kl_expf_core(x < lo ? lo : x);
     return x < lo ? 0.0f : y;
 }
 
@@ -201,7 +163,7 @@ typedef struct {
     int top_a, top_b, status;
 } rowres;
 
-KL_CLONES
+KLDIV_CLONES
 static void row_kernel(const float *a, const float *b, Py_ssize_t n, int reverse, float *scratch,
                        rowres *res)
 {
@@ -373,7 +335,7 @@ static void row_kernel(const float *a, const float *b, Py_ssize_t n, int reverse
  * the blocks whose range reaches |x| >= 0.5, where e^x comes from q's side as wb * Cf (exact even
  * where wa underflows). Returns 0 when done, 1 when the row is not all-finite (the caller runs
  * row_kernel, which sorts out why). */
-KL_CLONES
+KLDIV_CLONES
 static int row_kernel_fwd(const float *a, const float *b, Py_ssize_t n, float *scratch, rowres *res,
                           int want_rev, int want_js)
 {
