@@ -9,7 +9,8 @@ rounds (each method once per round, so that a shared machine's load weighs on al
 - ``naive numpy``: per 500-row block of the two memory-mapped files, ``lp = x - logsumexp(x)``
   for both, then ``sum(exp(lp_ref) * (lp_ref - lp_other))`` (float32, the usual script);
 - ``kldiv compare``: ``kldiv.compare(file_a, file_b)`` (compiled row kernel, all cores, the full
-  report: KL, top-1 agreement, reference top-1 probability; exact statistics at the end).
+  report: KL, top-1 agreement, reference top-1 probability; exact statistics at the end), also
+  with one thread, and with the reverse KL and the Jensen-Shannon divergence added.
 
 Printed: median seconds, GB/s of logits (both files), and ratios. Targets (issue 5): kldiv >= 10x
 the naive code, and no slower than 1.5x the read. Then the peak resident memory of
@@ -103,10 +104,10 @@ def naive_numpy(paths):
     return out
 
 
-def kldiv_compare(paths, threads=None):
+def kldiv_compare(paths, threads=None, **kw):
     import kldiv
 
-    return kldiv.compare(paths[0], paths[1], progress=False, threads=threads).kl
+    return kldiv.compare(paths[0], paths[1], progress=False, threads=threads, **kw).kl
 
 
 def _peak_mb():
@@ -174,6 +175,7 @@ def main(argv=None):
             "naive numpy": lambda: naive_numpy(paths),
             "kldiv compare": lambda: kldiv_compare(paths),
             "kldiv compare, 1 thread": lambda: kldiv_compare(paths, threads=1),
+            "kldiv + reverse + JS": lambda: kldiv_compare(paths, reverse=True, js=True),
         }
         times = {k: [] for k in methods}
         cpu = {k: [] for k in methods}
