@@ -6,6 +6,8 @@
  *
  *   kl[i]      = KL(p || q)          (+inf when q = 0 somewhere p > 0)
  *   rkl[i]     = KL(q || p)          (only when `reverse` is true, else left untouched)
+ *   js[i]      = JS(p, q), beta 1/2  (only when a `js` buffer is passed; NaN for rows with -inf
+ *                                     logits, which the caller computes in NumPy)
  *   top_a[i]   = first argmax of a,  top_b[i] = first argmax of b
  *   logz_a[i]  = log sum_j exp(a_j - max a)   (so the reference's top-1 probability is exp(-logz_a))
  *   lpa_tok[i] = log p[tok_i], lpb_tok[i] = log q[tok_i]   (only when tokens are given)
@@ -24,8 +26,11 @@
  * accumulated in float32 over blocks of BLOCK elements (vectorised by `omp simd` reductions) and
  * then in double.
  *
- * Three passes per row: max (from memory), sums (the row is then in cache), centred phi sum
- * (no exponentials in the third). The GIL is released; rows are spread over `nthreads` OpenMP
+ * Rows with finite logits (row_kernel_fwd): one pass from memory (maxima), then in cache p's
+ * weights and the centred differences (one exponential per pair), the centred phi sum, and for
+ * the reverse KL and JS a fourth pass of series in u = log(q/p) (no exponentials where
+ * |u| < 0.5). Rows with -inf logits (row_kernel): masks for the supports, two exponentials per
+ * pair, the reverse KL from q's weights. The GIL is released; rows are spread over `nthreads` OpenMP
  * threads (kldiv calls it with nthreads = 1 from a pool of Python threads, whose idle workers
  * sleep instead of spinning). No -march=native: the row
  * function is compiled for AVX-512, AVX2 and the baseline, chosen at load time (target_clones).

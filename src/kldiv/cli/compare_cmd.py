@@ -28,7 +28,8 @@ def register(subparsers) -> None:
     p.add_argument("--per-token", action="store_true", help="include per-token values in --json")
     p.add_argument("--plot", metavar="OUT.png", help="write the per-token figure (PNG, atomically)")
     p.add_argument("--reverse", action="store_true", help="also KL(other || reference)")
-    p.add_argument("--js", action="store_true", help="also the Jensen-Shannon divergence")
+    p.add_argument("--js", action="store_true",
+                   help="also the Jensen-Shannon divergence (beta 1/2, nats)")
     p.add_argument("--skip-nan", action="store_true",
                    help="skip rows with NaN logits (counted in the report) instead of failing")
     p.add_argument("--key", help="tensor name in a reference .safetensors with several tensors")
