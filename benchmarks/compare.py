@@ -207,7 +207,7 @@ def main(argv=None):
               f"max {rel.max():.1e} (mean KL {check_kldiv.mean():.2e}; the naive float32 code "
               f"loses accuracy through cancellation)")
 
-        print(f"\npeak resident memory of kldiv.compare in a fresh process:")
+        print("\npeak resident memory of kldiv.compare in a fresh process:")
         print(f"{'rows':>8} {'GB of logits':>13} {'baseline MB':>12} {'peak MB':>9} {'extra MB':>9}")
         for p, rows in ((small, small_n), (paths, n)):
             out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child-rss", *p],

@@ -295,7 +295,7 @@ def test_kld_writer_validates(tmp_path):
     with pytest.raises(ValueError, match="tokens: expected n_chunk"):
         save_llamacpp_kld(tmp_path / "x.kld", x, tokens=np.zeros(3, int), n_ctx=8)
     x[4, 1] = np.nan
-    with pytest.raises(ValueError, match="row 4 has non-finite"):
+    with pytest.raises(ValueError, match="row 4 has NaN logits"):
         save_llamacpp_kld(tmp_path / "x.kld", x, tokens=np.zeros(16, int), n_ctx=8)
     assert not (tmp_path / "x.kld").exists()  # atomic: nothing half-written is left behind
     assert not list(tmp_path.glob(".x.kld*"))

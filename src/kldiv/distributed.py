@@ -344,9 +344,7 @@ def _probs(x, sel, lse):
 
 
 def _js_local(x, y, st, el, beta):
-    """Elementwise JS pieces on T: log(m/p), log(m/q), log-probs and probs of both sides."""
-    import torch
-
+    """Elementwise JS pieces on T: log(q/p), log(m/p), log(m/q) and the probabilities of both."""
     xp = _xp()
     t = el["t"]
     d = _sel(t, el["dc"] + st["mean_d"][:, None], 0.0)  # log(q/p), accurate

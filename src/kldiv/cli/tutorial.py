@@ -121,7 +121,7 @@ def run(args) -> int:
     print("\nAggregation: the true KL sums over categories; Gluon's mean divides by their number.")
     print(f"  kldiv.kl_div(dist_2, dist_1)            = {true:.6f}")
     print(f"  gluon (mean) x {n} categories           = {mean * n:.6f}")
-    print(f"  kldiv.kl_div(..., reduction='mean') averages over distributions, never categories.")
+    print("  kldiv.kl_div(..., reduction='mean') averages over distributions, never categories.")
 
     terms = kl_terms(DIST_2, DIST_1)
     print("\nWhere the divergence comes from (kldiv.kl_terms(dist_2, dist_1), sum = KL):")

@@ -485,11 +485,15 @@ def _kld_encode_rows(logits: np.ndarray, nv: int) -> np.ndarray:
 def save_llamacpp_kld(path, logits, *, tokens, n_ctx: int, chunk_rows: int = 1024) -> None:
     """Write logits in llama.cpp's KL-divergence base format (``--kl-divergence-base``), atomically.
 
-    ``logits``: (n_chunk * (n_ctx - 1 - n_ctx // 2), n_vocab) finite float logits, the scored
-    positions of each chunk in order (see :func:`kld_scored_per_chunk`); ``tokens``: the
-    n_chunk * n_ctx evaluated token ids. Each row is stored as log-probabilities quantised to
-    uint16 over the 16 nats below its maximum (llama.cpp's encoding).
+    ``logits``: (n_chunk * (n_ctx - 1 - n_ctx // 2), n_vocab) float logits, the scored
+    positions of each chunk in order (see :func:`kld_scored_per_chunk`); ``-inf`` (probability 0)
+    is allowed, NaN, ``+inf`` and rows without a finite logit are errors naming the row.
+    ``tokens``: the n_chunk * n_ctx evaluated token ids. Each row is stored as log-probabilities
+    quantised to uint16 over the 16 nats below its maximum (llama.cpp's encoding). Streams
+    through :class:`kldiv.io.writers.LlamaCppKldWriter` (as ``kldiv convert`` does).
     """
+    from .writers import LlamaCppKldWriter
+
     src = open_logits(logits)
     n_rows, n_vocab = src.n_rows, src.n_vocab
     per = kld_scored_per_chunk(n_ctx)
@@ -501,16 +505,6 @@ def save_llamacpp_kld(path, logits, *, tokens, n_ctx: int, chunk_rows: int = 102
     tok = np.asarray(tokens).reshape(-1)
     if tok.shape[0] != n_chunk * n_ctx:
         raise ValueError(f"tokens: expected n_chunk * n_ctx = {n_chunk * n_ctx} ids, got {tok.shape[0]}")
-    if n_vocab > 2**31 - 1:
-        raise ValueError("n_vocab too large for the format")
-    nv = 2 * ((n_vocab + 1) // 2) + 4
-    with atomic_path(path, suffix=".kld") as tmp:
-        with open(tmp, "wb") as fh:
-            fh.write(KLD_MAGIC + struct.pack("<3i", n_ctx, n_vocab, n_chunk))
-            fh.write(tok.astype("<i4").tobytes())
-            for s in range(0, n_rows, chunk_rows):
-                block = src.read(s, min(n_rows, s + chunk_rows))
-                if not np.isfinite(block).all():
-                    r = s + int(np.argmax(~np.isfinite(block).all(1)))
-                    raise ValueError(f"{src.name}: row {r} has non-finite logits; the llama.cpp format needs finite values")
-                fh.write(_kld_encode_rows(block, nv).tobytes())
+    with LlamaCppKldWriter(path, n_vocab, tokens=tok, n_ctx=n_ctx, name=src.name) as out:
+        for s in range(0, n_rows, chunk_rows):
+            out.write(src.read(s, min(n_rows, s + chunk_rows)))
