@@ -232,7 +232,7 @@ def _log_of_mass(xp, outside, lw, inside):
 @dataclass
 class _Pair:
     common: object  # T: both p_i > 0 and q_i > 0
-    d: object  # log(q_i / p_i) on T (normalised sides), 0 elsewhere
+    d: object  # log(q_i / p_i) on T (normalised sides), 0 elsewhere; None unless asked for
     p_out: object  # p's mass outside T (where q = 0)
     q_out: object  # q's mass outside T (where p = 0)
     p_escapes: object  # row has p_i > 0 = q_i
@@ -240,8 +240,12 @@ class _Pair:
     kl: object  # KL(p || q), +inf where p escapes
 
 
-def _pair(xp, P: _Side, Q: _Side) -> _Pair:
-    """Accurate log-ratio and masses of two sides; see the module docstring for the algebra."""
+def _pair(xp, P: _Side, Q: _Side, need_d: bool = False) -> _Pair:
+    """Accurate log-ratio and masses of two sides; see the module docstring for the algebra.
+
+    The per-entry log-ratio ``d`` is formed only when asked (JS and Jeffreys need it; the KL
+    itself does not), so that the KL's hot path carries no elementwise work it does not use.
+    """
     T = P.support & Q.support
     zero = xp.zeros_like(P.w)
     one = const(xp, 1.0, P.w)
@@ -296,20 +300,27 @@ def _pair(xp, P: _Side, Q: _Side) -> _Pair:
     L_large = logsumexp(xp, lt, axis=-1)[..., 0]
     L = xp.where(huge[..., 0], L_large, L_small)
     mean_d = log_qT - log_pT - L  # E_{p restricted to T}[log q/p]
-    d = xp.where(T, dc + mean_d[..., None], zero)
-    # The centred route carries rounding errors of the size of |delta - mu| + |mean_d| (small in
-    # the usual rows); the direct difference of the normalised log-probabilities, of the size of
-    # |lw_p| + |lw_q|. A row where q is astronomically small somewhere p is not (a logit of
-    # -1e30 against a normal one) drags mu to ~1e28 and the centred d of every other entry to
-    # noise: take, per entry, the route with the smaller error.
-    err_centred = xp.abs(delta) + xp.abs(mu) + xp.abs(mean_d)[..., None]
-    err_direct = xp.abs(P.lw) + xp.abs(Q.lw)
-    d = xp.where(T & (err_direct < err_centred), Q.lw - P.lw, d)
+    d = _log_ratio(xp, P, Q, T, delta, mu, dc, mean_d) if need_d else None
     p_escapes = xp.any(P.support & ~Q.support, axis=-1)
     q_escapes = xp.any(Q.support & ~P.support, axis=-1)
     inf = const(xp, math.inf, L)
     kl = xp.where(p_escapes, inf, L - xp.where(p_escapes, xp.zeros_like(log_qT), log_qT))
     return _Pair(T, d, p_out, q_out, p_escapes, q_escapes, kl)
+
+
+def _log_ratio(xp, P, Q, T, delta, mu, dc, mean_d):
+    """log(q_i / p_i) on T (0 elsewhere), entry by entry by the more accurate of two routes.
+
+    The centred route, d' + E_p[d], carries rounding errors of the size of |delta - mu| +
+    |mean_d| (small in the usual rows); the direct difference of the normalised
+    log-probabilities, of the size of |lw_p| + |lw_q|. A row where q is astronomically small
+    somewhere p is not (a logit of -1e30 against a normal one) drags mu to ~1e28 and the centred
+    value of every other entry to noise.
+    """
+    d = xp.where(T, dc + mean_d[..., None], xp.zeros_like(dc))
+    err_centred = xp.abs(delta) + xp.abs(mu) + xp.abs(mean_d)[..., None]
+    err_direct = xp.abs(P.lw) + xp.abs(Q.lw)
+    return xp.where(T & (err_direct < err_centred), Q.lw - P.lw, d)
 
 
 def _log_mix(xp, c, d):
@@ -329,7 +340,7 @@ def _rows(kind, xp, P, Q, beta):
         return _pair(xp, P, Q).kl
     if kind == "reverse":
         return _pair(xp, Q, P).kl
-    pr = _pair(xp, P, Q)
+    pr = _pair(xp, P, Q, need_d=True)
     zero = xp.zeros_like(pr.d)
     if kind == "jeffreys":
         d = pr.d
