@@ -214,7 +214,7 @@ def test_row_mismatch_with_llamacpp_file_explains_scored_positions(tmp_path):
 def test_progress_default_follows_terminal_and_ci(monkeypatch):
     import sys
 
-    from kldiv.compare.api import _want_progress
+    from kldiv._progress import want_progress as _want_progress
 
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
     monkeypatch.delenv("CI", raising=False)

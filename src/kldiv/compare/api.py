@@ -2,26 +2,15 @@
 from __future__ import annotations
 
 import os
-import sys
 
 import numpy as np
 
+from .._progress import progress_bar
 from ..io import load_tokens, open_logits
 from . import kernel as K
 from .report import Report
 
 _CHUNK_BYTES = 32 << 20  # per side and block: bounded memory whatever the number of tokens
-
-
-def _want_progress(progress) -> bool:
-    if progress is not None:
-        return bool(progress)
-    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        return False
-    try:
-        return sys.stderr.isatty()
-    except (AttributeError, ValueError):
-        return False
 
 
 def _status_error(code: int, row: int, ref, oth, tok_name) -> str:
@@ -142,14 +131,7 @@ def _compare(ref, oth, tokens, reverse, js, skip_nan, threads, progress, chunk_r
     lpb = np.empty(n, np.float64) if tok is not None else None
     keep = np.ones(n, bool)
 
-    bar = None
-    if _want_progress(progress):
-        try:
-            from tqdm import tqdm
-
-            bar = tqdm(total=n, unit="tok", unit_scale=True, desc="kldiv compare", file=sys.stderr)
-        except ImportError:
-            bar = None
+    bar = progress_bar(progress, n, desc="kldiv compare", unit="tok")
     try:
         for s in range(0, n, rows_per):
             e = min(n, s + rows_per)

@@ -35,12 +35,12 @@ from __future__ import annotations
 import contextlib
 import os
 import struct
-import sys
 from dataclasses import dataclass
 
 import numpy as np
 
 from .._atomic import atomic_path
+from .._progress import progress_bar
 from .formats import (
     KLD_MAGIC,
     LogitsSource,
@@ -516,7 +516,7 @@ def _convert(src, path, fmt, dtype, out_key, tokens, n_ctx, metadata, chunk_rows
     rows_per = int(chunk_rows) if chunk_rows else max(1, _BLOCK_BYTES // (4 * max(v, 1)))
     if fmt == "llamacpp" and not chunk_rows:
         rows_per = max(1, rows_per // 4)  # the encoder makes a few float64 temporaries per block
-    bar = _progress_bar(progress, n)
+    bar = progress_bar(progress, n, desc="kldiv convert", unit="row")
     try:
         with writer:
             for s in range(0, n, rows_per):
@@ -531,15 +531,3 @@ def _convert(src, path, fmt, dtype, out_key, tokens, n_ctx, metadata, chunk_rows
     return ConvertResult(path=path, format=fmt, dtype=stored, n_rows=n, n_vocab=v,
                          nbytes=os.path.getsize(path), source=src.name, source_format=src.format,
                          n_ctx=getattr(writer, "n_ctx", None), n_chunk=getattr(writer, "n_chunk", None))
-
-
-def _progress_bar(progress, total):
-    from ..compare.api import _want_progress
-
-    if not _want_progress(progress):
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, unit="row", unit_scale=True, desc="kldiv convert", file=sys.stderr)
