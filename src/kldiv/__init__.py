@@ -14,6 +14,11 @@ from ._core import (
     validation,
 )
 
+from ._core import dispatch as _dispatch
+from . import backends as _backends
+
+_dispatch.set_loader(_backends.load)  # fast paths load on an array library's first use
+
 __version__ = "0.1.0"
 
 __all__ = [

@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from . import dispatch as _dispatch
 from . import validation as V
 from ._xp import const, logsumexp, namespace
 from .reduction import broadcast_rows, reduce_rows
@@ -376,15 +377,21 @@ def divergence_rows(kind, xp, p, q, p_space, q_space, temperature=1.0, beta=0.5)
 
 def _divergence(kind, p, q, *, p_space, q_space, axis, reduction, mask, weight, temperature,
                 t2_scale, validate, beta=0.5):
+    pre = _dispatch.handler("pre", p, q)
+    if pre is not None:
+        out = pre(kind, p, q, p_space=p_space, q_space=q_space, axis=axis, reduction=reduction,
+                  mask=mask, weight=weight, temperature=temperature, t2_scale=t2_scale,
+                  validate=validate, beta=beta)
+        if out is not NotImplemented:
+            return out
     V.check_option("reduction", reduction, V.REDUCTIONS)
     xp, P, Q, mask, weight, temperature = _prepare(
         p, q, p_space, q_space, axis, temperature, mask, weight, validate
     )
     scale = temperature**2 if t2_scale else 1.0
-    if p_space != "probs" and q_space != "probs":
-        from ..backends import try_fast_divergence
-
-        out = try_fast_divergence(
+    post = _dispatch.handler("post", P, Q)
+    if post is not None:
+        out = post(
             kind, P, Q, p_space=p_space, q_space=q_space, reduction=reduction, mask=mask,
             weight=weight, temperature=temperature, beta=beta,
         )

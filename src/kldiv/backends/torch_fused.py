@@ -34,6 +34,7 @@ import math
 
 import torch
 
+from .._core import dispatch as _dispatch
 from .._core import divergence as _div
 from .._core._xp import namespace
 from .._core.validation import check_option, check_positive_finite
@@ -620,3 +621,6 @@ def kl_div_inplace(p, q_logits, *, p_space="logits", q_space="logits", kind="for
     value, _ = _FusedDivergenceInplace.apply(p, q_logits, kind, p_space, q_space, scale,
                                              temperature, float(beta))
     return value
+
+
+_dispatch.register("torch", "post", fused_divergence)
