@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import importlib
 
-#: the backend module of each array library (imported on the library's first use by kldiv)
-MODULES = {"numpy": "numpy_fast", "torch": "torch_fused", "jax": "jax_fast"}
+#: the backend modules of each array library (imported on the library's first use by kldiv)
+MODULES = {
+    "numpy": ("numpy_fast",),
+    "torch": ("torch_fast", "torch_fused"),
+    "jax": ("jax_fast",),
+}
 
 
 def load(library: str) -> None:
-    """Import the fast-path module of ``library``; it registers its handlers with the core."""
-    name = MODULES.get(library)
-    if name is None:
-        return
-    try:
-        importlib.import_module(f"{__name__}.{name}")
-    except ImportError:  # a missing or broken fast path never breaks the core
-        pass
+    """Import the fast-path modules of ``library``; they register their handlers with the core."""
+    for name in MODULES.get(library, ()):
+        try:
+            importlib.import_module(f"{__name__}.{name}")
+        except ImportError:  # a missing or broken fast path never breaks the core
+            pass
