@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ["accuracy.py", "compare.py", "distributed.py", "_linear_bench.py", "large_vocab.py"]
+SCRIPTS = ["accuracy.py", "compare.py", "distributed.py", "_linear_bench.py", "large_vocab.py",
+           "everyday.py"]
 
 
 @pytest.mark.slow

@@ -1,0 +1,347 @@
+"""Everyday sizes: kldiv against the one-line call it replaces, on torch, JAX and NumPy.
+
+Training loops with a KL term (VAE, RL trust regions, classifier distillation) call the loss at
+64 x 10 to 32 x 32000, thousands of times. This script measures kldiv there against the peer a
+user would otherwise write, in one process, with the methods taking turns round by round
+(interleaved, so that a slow phase of a shared machine hits every method alike), and prints the
+median time of each and the ratio kldiv / peer (below 1: kldiv is faster). Value checks are ON
+(kldiv's default) unless a row says otherwise.
+
+torch (CPU), forward + backward; peer:
+  F.kl_div(F.log_softmax(s, -1), F.softmax(t, -1), reduction="sum") / rows
+  kldiv logits     kl_div(t, s, p_space="logits", q_space="logits", reduction="mean")
+  kldiv migration  kl_div(F.softmax(t, -1), F.log_softmax(s, -1), q_space="log_probs",
+                   reduction="mean")   (the README's migration row)
+  reverse / JS / Jeffreys: kldiv's function against its obvious torch formula (log_softmax,
+  softmax, the sum written out; JS with m = (p + q) / 2).
+  memory: extra peak resident memory of forward + backward for the migration row at
+  512 x 32000 and up, as a multiple of one input tensor (Linux VmHWM).
+JAX (CPU, jax.jit), value and value_and_grad with respect to the student's logits; peer:
+  optax.losses.kl_divergence(jax.nn.log_softmax(s), jax.nn.softmax(t)).mean()
+  and the compile time of each (lowering + compilation of a fresh jit).
+NumPy: kldiv.kl_div(p, q) (per-row KL of probabilities) against
+  scipy.special.rel_entr(p, q).sum(-1), float32 and float64.
+
+Run:  python benchmarks/everyday.py                  (all sections; about 10 minutes)
+      python benchmarks/everyday.py --only torch     (or jax, numpy, memory)
+      python benchmarks/everyday.py --quick          (small smoke run, used by the test suite)
+Unset OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE only if you know your CPU needs it (see env notes).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+TORCH_SHAPES = [(64, 10), (256, 1000), (4, 64, 1000), (32, 32000), (33, 32000), (4096, 32000)]
+JAX_SHAPES = [(64, 10), (256, 1000), (32, 32000), (256, 32000)]
+NUMPY_SHAPES = [(1000, 1000), (100, 100000)]
+MEMORY_SHAPES = [(512, 32000), (2048, 32000)]
+
+
+# ----------------------------------------------------------------------------------------------
+# timing: interleaved rounds, medians
+
+
+def _calibrate(fn, target_s):
+    """Inner repetitions so that one sample lasts about ``target_s`` (timer noise negligible)."""
+    fn()  # warm-up (first-call costs are not what this table measures)
+    t0 = time.perf_counter()
+    fn()
+    dt = max(time.perf_counter() - t0, 1e-7)
+    return max(1, int(target_s / dt))
+
+
+def interleaved(methods, rounds, target_s):
+    """Median seconds per call of each method; methods take turns within every round."""
+    reps = {k: _calibrate(f, target_s) for k, f in methods.items()}
+    samples = {k: [] for k in methods}
+    names = list(methods)
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for k in order:
+            f, n = methods[k], reps[k]
+            t0 = time.perf_counter()
+            for _ in range(n):
+                f()
+            samples[k].append((time.perf_counter() - t0) / n)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def _fmt_t(s):
+    if s < 1e-3:
+        return f"{s * 1e6:.0f} us"
+    if s < 1:
+        return f"{s * 1e3:.2f} ms"
+    return f"{s:.2f} s"
+
+
+def _table(head, rows):
+    widths = [max(len(str(r[i])) for r in [head] + rows) for i in range(len(head))]
+    line = lambda r: "| " + " | ".join(str(c).rjust(w) for c, w in zip(r, widths)) + " |"  # noqa
+    print(line(head))
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in rows:
+        print(line(r))
+    print(flush=True)
+
+
+def _shape_str(shape):
+    return " x ".join(map(str, shape))
+
+
+# ----------------------------------------------------------------------------------------------
+# torch
+
+
+def torch_section(shapes, rounds, target_s):
+    import torch
+    import torch.nn.functional as F
+
+    import kldiv
+
+    torch.manual_seed(0)
+    print(f"## torch {torch.__version__}, CPU, {torch.get_num_threads()} threads: "
+          "forward + backward, median per call (ratio = kldiv / peer)\n")
+    rows = []
+    for shape in shapes:
+        n = 1
+        for s_ in shape[:-1]:
+            n *= s_
+        t = torch.randn(shape) * 2
+        s0 = torch.randn(shape) * 2
+        s = s0.clone().requires_grad_(True)
+
+        def run(loss_fn):
+            def f():
+                s.grad = None
+                loss_fn().backward()
+            return f
+
+        def peer_kl():
+            return F.kl_div(F.log_softmax(s, -1), F.softmax(t, -1), reduction="sum") / n
+
+        def kl_logits():
+            return kldiv.kl_div(t, s, p_space="logits", q_space="logits", reduction="mean")
+
+        def kl_migration():
+            return kldiv.kl_div(F.softmax(t, -1), F.log_softmax(s, -1), q_space="log_probs",
+                                reduction="mean")
+
+        def peer_rev():
+            lp, lq = F.log_softmax(t, -1), F.log_softmax(s, -1)
+            return (lq.exp() * (lq - lp)).sum() / n
+
+        def kl_rev():
+            return kldiv.reverse_kl(t, s, p_space="logits", q_space="logits", reduction="mean")
+
+        def peer_js():
+            p, q = F.softmax(t, -1), F.softmax(s, -1)
+            lm = ((p + q) / 2).log()
+            return 0.5 * ((p * (p.log() - lm)).sum() + (q * (q.log() - lm)).sum()) / n
+
+        def kl_js():
+            return kldiv.js_div(t, s, p_space="logits", q_space="logits", reduction="mean")
+
+        def peer_jef():
+            lp, lq = F.log_softmax(t, -1), F.log_softmax(s, -1)
+            return ((lp.exp() - lq.exp()) * (lp - lq)).sum() / n
+
+        def kl_jef():
+            return kldiv.jeffreys_div(t, s, p_space="logits", q_space="logits",
+                                      reduction="mean")
+
+        methods = {
+            "peer KL": run(peer_kl), "KL logits": run(kl_logits),
+            "KL migration": run(kl_migration),
+            "peer reverse": run(peer_rev), "reverse": run(kl_rev),
+            "peer JS": run(peer_js), "JS": run(kl_js),
+            "peer Jeffreys": run(peer_jef), "Jeffreys": run(kl_jef),
+        }
+        big = t.numel() >= 4096 * 32000
+        med = interleaved(methods, max(3, rounds // 2) if big else rounds, target_s)
+        rows.append([
+            _shape_str(shape), _fmt_t(med["peer KL"]),
+            f"{med['KL logits'] / med['peer KL']:.2f}",
+            f"{med['KL migration'] / med['peer KL']:.2f}",
+            f"{med['reverse'] / med['peer reverse']:.2f}",
+            f"{med['JS'] / med['peer JS']:.2f}",
+            f"{med['Jeffreys'] / med['peer Jeffreys']:.2f}",
+        ])
+        del t, s, s0
+        gc.collect()
+    _table(["shape", "F.kl_div peer", "x logits call", "x migration row", "x reverse",
+            "x JS", "x Jeffreys"], rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# memory (torch, migration row): each measurement in a fresh process
+
+
+def _memory_worker(shape):
+    import torch
+    import torch.nn.functional as F
+
+    import kldiv
+    from _linear_bench import _reset_peak
+
+    def status_kb(key):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+        return 0
+
+    torch.manual_seed(0)
+    p = F.softmax(torch.randn(shape), -1)
+    lq = F.log_softmax(torch.randn(shape), -1).requires_grad_(True)
+    one = p.numel() * p.element_size()
+    # warm-up on a small input (library code and thread pools are not the loss's memory)
+    kldiv.kl_div(p[:2], lq[:2], q_space="log_probs", reduction="mean").backward()
+    lq.grad = None
+    gc.collect()
+    _reset_peak()
+    before = status_kb("VmRSS")
+    loss = kldiv.kl_div(p, lq, q_space="log_probs", reduction="mean")
+    loss.backward()
+    extra = (status_kb("VmHWM") - before) * 1024
+    print(f"{extra / one:.2f}")
+
+
+def memory_section(shapes):
+    import subprocess
+
+    print("## torch, migration row `kl_div(p, log_q, q_space=\"log_probs\", reduction=\"mean\")`"
+          ": extra peak memory of forward + backward (the gradient included), in units of one "
+          "input tensor\n")
+    rows = []
+    for shape in shapes:
+        res = subprocess.run(
+            [sys.executable, __file__, "--memory-worker", *map(str, shape)],
+            capture_output=True, text=True, timeout=600)
+        val = res.stdout.strip().splitlines()[-1] if res.returncode == 0 else "failed"
+        rows.append([_shape_str(shape), val, "<= 1.1"])
+    _table(["shape", "extra peak / one input", "target"], rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# JAX
+
+
+def jax_section(shapes, rounds, target_s):
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    import kldiv
+
+    print(f"## JAX {jax.__version__}, CPU, under jax.jit (ratio = kldiv / optax)\n")
+    rows = []
+    for shape in shapes:
+        key = jax.random.PRNGKey(0)
+        k1, k2 = jax.random.split(key)
+        t = jax.random.normal(k1, shape) * 2
+        s = jax.random.normal(k2, shape) * 2
+
+        def peer(s, t):
+            return optax.losses.kl_divergence(jax.nn.log_softmax(s), jax.nn.softmax(t)).mean()
+
+        def ours(s, t):
+            return kldiv.kl_div(t, s, p_space="logits", q_space="logits", reduction="mean")
+
+        fns = {}
+        compile_s = {}
+        for name, f in (("peer", peer), ("kldiv", ours)):
+            for mode, g in (("value", f), ("grad", jax.value_and_grad(f))):
+                t0 = time.perf_counter()
+                compiled = jax.jit(g).lower(s, t).compile()
+                compile_s[(name, mode)] = time.perf_counter() - t0
+
+                def call(c=compiled):
+                    jax.block_until_ready(c(s, t))
+                fns[(name, mode)] = call
+        med = interleaved({f"{a}/{b}": f for (a, b), f in fns.items()}, rounds, target_s)
+        rows.append([
+            _shape_str(shape), _fmt_t(med["peer/value"]),
+            f"{med['kldiv/value'] / med['peer/value']:.2f}",
+            _fmt_t(med["peer/grad"]), f"{med['kldiv/grad'] / med['peer/grad']:.2f}",
+            f"{compile_s[('kldiv', 'grad')] / compile_s[('peer', 'grad')]:.2f}",
+        ])
+    _table(["shape", "optax value", "x value", "optax value_and_grad", "x value_and_grad",
+            "x compile (grad)"], rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# NumPy
+
+
+def numpy_section(shapes, rounds, target_s):
+    import scipy
+    import scipy.special
+
+    import kldiv
+
+    print(f"## NumPy {np.__version__}, probabilities, per-row KL (ratio = kldiv / "
+          f"scipy {scipy.__version__} rel_entr(p, q).sum(-1)); value checks on\n")
+    rows = []
+    rng = np.random.default_rng(0)
+    for shape in shapes:
+        for dt in (np.float32, np.float64):
+            p = rng.random(shape).astype(dt) ** 3
+            q = rng.random(shape).astype(dt) ** 3
+            p /= p.sum(-1, keepdims=True)
+            q /= q.sum(-1, keepdims=True)
+            methods = {
+                "scipy": lambda: scipy.special.rel_entr(p, q).sum(-1),
+                "kldiv": lambda: kldiv.kl_div(p, q),
+                "kldiv nocheck": lambda: kldiv.kl_div(p, q, validate=False),
+            }
+            med = interleaved(methods, rounds, target_s)
+            rows.append([_shape_str(shape), np.dtype(dt).name, _fmt_t(med["scipy"]),
+                         f"{med['kldiv'] / med['scipy']:.2f}",
+                         f"{med['kldiv nocheck'] / med['scipy']:.2f}"])
+    _table(["shape", "dtype", "rel_entr", "x kldiv", "x kldiv validate=False"], rows)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small smoke run (CI)")
+    ap.add_argument("--only", choices=["torch", "jax", "numpy", "memory"], action="append",
+                    help="run only these sections (repeatable)")
+    ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (median)")
+    ap.add_argument("--memory-worker", type=int, nargs="+", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.memory_worker:
+        _memory_worker(tuple(args.memory_worker))
+        return 0
+    sections = args.only or ["torch", "jax", "numpy", "memory"]
+    rounds = args.rounds or (3 if args.quick else 11)
+    target = 0.002 if args.quick else 0.05
+    print(f"# kldiv everyday-size benchmark: {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} cores, Python {platform.python_version()}; "
+          f"{rounds} interleaved rounds, medians\n")
+    if "torch" in sections:
+        torch_section(TORCH_SHAPES[:2] if args.quick else TORCH_SHAPES, rounds, target)
+    if "jax" in sections:
+        jax_section(JAX_SHAPES[:1] if args.quick else JAX_SHAPES, rounds, target)
+    if "numpy" in sections:
+        numpy_section([(50, 100)] if args.quick else NUMPY_SHAPES, rounds, target)
+    if "memory" in sections:
+        memory_section([(64, 1000)] if args.quick else MEMORY_SHAPES)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
