@@ -157,7 +157,7 @@ def _worker_cases(rank, world):
 
     out = {}
     if world == 4:  # row chunks of one or two rows: the chunked passes and their seams
-        kd._CHUNK_ELEMENTS = 16
+        kd._rows._CHUNK_ELEMENTS = 16
     for dtype in (torch.float64, torch.float32):
         for temperature in (1.0, 1.7):
             _family_case(rank, world, dtype, temperature, out)
@@ -677,7 +677,7 @@ def test_tensor_and_data_parallel_together(results4):
 @pytest.fixture
 def sharded_path(monkeypatch):
     """One rank normally hands the call to the core; this keeps it on the sharded algorithm."""
-    monkeypatch.setattr(kd, "_DELEGATE_LOCAL", False)
+    monkeypatch.setattr(kd.vocab_parallel, "_DELEGATE_LOCAL", False)
 
 
 def test_local_run_without_process_group_matches_core(sharded_path):
@@ -709,7 +709,7 @@ def test_local_run_without_process_group_matches_core(sharded_path):
 )
 @pytest.mark.parametrize("delegate", [True, False], ids=["core", "sharded"])
 def test_argument_errors(monkeypatch, call, match, delegate):
-    monkeypatch.setattr(kd, "_DELEGATE_LOCAL", delegate)
+    monkeypatch.setattr(kd.vocab_parallel, "_DELEGATE_LOCAL", delegate)
     x = torch.randn(2, 5, dtype=torch.float64)
     with pytest.raises((ValueError, TypeError), match=match):
         call(x)
@@ -739,7 +739,7 @@ def test_property_local_equals_core(monkeypatch, sharded_path):
     """Property (hypothesis): one rank, any supports and temperatures: the core's value."""
     from hypothesis import given, settings
 
-    monkeypatch.setattr(kd, "_CHUNK_ELEMENTS", 8)  # several row chunks
+    monkeypatch.setattr(kd._rows, "_CHUNK_ELEMENTS", 8)  # several row chunks
 
     @settings(max_examples=60, deadline=None, derandomize=True)
     @given(_hyp_rows())
@@ -830,7 +830,7 @@ def test_docs_torchrun_example_runs_on_two_processes(tmp_path):
 
 @pytest.mark.parametrize("delegate", [True, False], ids=["core", "sharded"])
 def test_half_precision_inputs_compute_in_float32(monkeypatch, delegate):
-    monkeypatch.setattr(kd, "_DELEGATE_LOCAL", delegate)
+    monkeypatch.setattr(kd.vocab_parallel, "_DELEGATE_LOCAL", delegate)
     g = torch.Generator().manual_seed(11)
     x = torch.randn(3, 7, generator=g).to(torch.bfloat16).requires_grad_()
     y = torch.randn(3, 7, generator=g).to(torch.bfloat16).requires_grad_()

@@ -1,0 +1,67 @@
+"""KL on torch.distributed: vocabulary-parallel divergences and data-parallel token means.
+
+Vocabulary (tensor) parallelism, as in Megatron-LM: every rank of a process group holds the same
+rows (tokens) but only its slice of the categories, for both distributions (and, for
+``vocab_parallel_linear_kl_div``, its slice of the output weight). The functions here return,
+on every rank of the group, exactly what ``kldiv.kl_div`` (and its family) returns for the full,
+gathered tensors, in value and in gradient, without gathering anything wider than a few numbers
+per row.
+
+Communication per row, forward pass (payload elements of the compute dtype, float32 or float64):
+
+====================  ==========================================  =========================
+divergence            collectives                                 payload elements per row
+====================  ==========================================  =========================
+forward, reverse KL   1 MAX + 2 SUM all-reduces                   8 + 7 + 1 = 16
+Jeffreys              1 MAX + 3 SUM all-reduces                   8 + 7 + 1 + 2 = 18
+JS                    1 MAX + 3 SUM all-reduces                   8 + 7 + 1 + 4 = 20
+====================  ==========================================  =========================
+
+The MAX carries the row maxima of both sides over their supports and over the common support
+(the global log-normalisers are then ``max + log(SUM of exp(x - max))``) and four 0/1 flags
+(support escapes, invalid values); the first SUM carries the exp-sums, the p-weighted sum of the
+logit difference and the masses outside the common support; the second SUM carries the sum of
+``w * phi(centred difference)`` (it needs the global mean of the first); JS and Jeffreys add
+one SUM of their own terms. The backward pass needs no collective at all: every gradient
+(``q - p`` for forward KL w.r.t. the student, ``-p * (centred difference)`` w.r.t. the
+teacher, and their analogues) is local once the row statistics are known.
+``vocab_parallel_linear_kl_div`` adds one SUM all-reduce of ``grad_hidden`` (``rows x hidden``
+elements), which the math requires since every rank's weight slice contributes to it.
+Validation of ``"log_probs"`` inputs adds a MAX (1 element) and a SUM (2 elements) per row and
+side; ``validate=False`` drops it.
+
+The algorithm is the core's accurate one (``kldiv._core.divergence``): the logit difference is
+centred by its global p-weighted mean before ``phi(x) = exp(x) - 1 - x`` is summed, so no large
+normalisers are subtracted and float32 keeps its relative accuracy for nearly equal rows.
+
+Data parallelism needs no new divergence, only the right denominator: a per-token mean over all
+ranks and gradient-accumulation steps is ``sum of per-token KL / global count of tokens``.
+``global_token_count`` all-reduces that count, ``data_parallel_mean`` applies it (and undoes
+DDP's division of gradients by the world size).
+
+Without an initialised process group (or with a group of one rank) the divergences are handed to
+the single-process core (``kldiv.kl_div`` and family, with its fused kernels), so the same code
+runs on one device at full speed. torch is imported only when these functions are called.
+
+Host synchronisations: one check per call whether the shards hold any -inf (shards without one
+skip every support mask), one per row chunk for the underflow guard of the common-support sums
+and, with validation on, the all-reduced error flags; on GPUs each is a device synchronisation.
+"""
+from __future__ import annotations
+
+from ._comm import count_collectives
+from .data_parallel import data_parallel_mean, global_token_count
+from .layer import vocab_parallel_linear_kl_div
+from .vocab_parallel import (vocab_parallel_jeffreys_div, vocab_parallel_js_div,
+                             vocab_parallel_kl_div, vocab_parallel_reverse_kl)
+
+__all__ = [
+    "vocab_parallel_kl_div",
+    "vocab_parallel_reverse_kl",
+    "vocab_parallel_js_div",
+    "vocab_parallel_jeffreys_div",
+    "vocab_parallel_linear_kl_div",
+    "global_token_count",
+    "data_parallel_mean",
+    "count_collectives",
+]
