@@ -15,6 +15,12 @@ from .backends.torch_fused import (  # noqa: F401  (issue 3, fused kernels)
     set_fused,
 )
 from .backends.torch_linear import linear_kl_div  # noqa: F401  (issue 3, fused output layer)
+from ._torch_modules import (  # noqa: F401  (issue 15, nn.Module losses)
+    JSDivLoss,
+    KLDivLoss,
+    LinearKLDivLoss,
+    ReverseKLLoss,
+)
 
 __all__ = ["linear_kl_div", "kl_div_inplace", "set_fused", "fused", "fused_enabled",
-           "FUSED_MIN_ELEMENTS"]
+           "FUSED_MIN_ELEMENTS", "KLDivLoss", "ReverseKLLoss", "JSDivLoss", "LinearKLDivLoss"]
