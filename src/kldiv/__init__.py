@@ -24,7 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     "kl_div", "reverse_kl", "js_div", "jeffreys_div", "kl_terms",
     "set_validation", "validation", "normalization_tolerance", "compare",
-    "estimators", "distributions", "gluon", "plots", "__version__",
+    "estimators", "distributions", "gluon", "plots", "io", "__version__",
 ]
 
 
@@ -33,7 +33,7 @@ def __getattr__(name):  # lazy access to the thin layers on top of the core
         from .compare import compare
 
         return compare
-    if name in ("gluon", "estimators", "distributions", "distributed", "torch", "plots"):
+    if name in ("gluon", "estimators", "distributions", "distributed", "torch", "plots", "io"):
         import importlib
 
         return importlib.import_module(f".{name}", __name__)

@@ -1,33 +1,18 @@
 """The three logits formats: detection, memory-mapped block reads, atomic writes.
 
-llama.cpp's KL-divergence base file (``llama-perplexity --kl-divergence-base FILE`` writes it,
-``tools/perplexity/perplexity.cpp``), little-endian:
+The llama.cpp KL-divergence base file's layout, its decoder and its encoder live in
+:mod:`kldiv.io.llamacpp`; :class:`KldSource` reads such a file through it. A reference read
+from one decodes the entries below each row's 16-nat window as ``-inf`` (probability 0), the
+other side as the stored window floor (a large but finite log-ratio instead of an infinite KL).
 
-==========================  =====================================================================
-``char[8]``                 magic ``_logits_``
-``int32`` x 3               ``n_ctx``, ``n_vocab``, ``n_chunk``
-``int32[n_chunk * n_ctx]``  the evaluated token ids
-rows                        per chunk, ``n_ctx - 1 - n_ctx // 2`` rows (the scored second half of
-                            the context, position ``n_ctx // 2 + i`` predicting the token after
-                            it); each row is ``nv = 2 * ((n_vocab + 1) // 2) + 4`` uint16:
-                            ``float32 scale``, ``float32 min_log_prob``, ``n_vocab`` uint16
-                            values, padding to an even count
-==========================  =====================================================================
-
-A stored value ``u`` decodes to the log-probability ``scale * u + min_log_prob``. The writer keeps a
-16-nat window below the row's maximum logit: ``lo = max(min logit, max logit - 16)``,
-``scale = (max - lo) / 65535``, ``u = round((logit - lo) / scale)`` for logits above ``lo`` and 0
-otherwise, so the quantisation error is at most ``scale / 2 <= 1.3e-4`` nats inside the window.
-Entries at or below the window (``u = 0`` in a row whose window is full) are decoded as ``-inf``
-(probability 0) for a reference, and as the window floor for the other side (so that a token
-below the window costs a large but finite log-ratio instead of an infinite KL). llama.cpp itself
-drops reference entries with log-probability <= -16 and does not renormalise; kldiv renormalises
-the decoded row (it is handled as logits), which differs from llama.cpp by at most the mass
-below the window.
+Every reader checks the sizes its header declares against the file's size before it allocates
+anything, and reports a bad file as a one-line ``ValueError`` naming the file (a file of the
+wrong dtype raises :class:`FileDtypeError`, both a ``TypeError`` and a ``ValueError``).
 """
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
@@ -35,10 +20,24 @@ import struct
 import numpy as np
 
 from .._atomic import atomic_path
+from .llamacpp import (
+    HEADER_BYTES,
+    KLD_MAGIC,
+    bad_headers,
+    decode_rows,
+    file_size,
+    kld_next_tokens,
+    kld_scored_per_chunk,
+    row_headers,
+    row_width,
+)
 
-KLD_MAGIC = b"_logits_"
 NPY_MAGIC = b"\x93NUMPY"
-_WINDOW = 16.0
+
+
+class FileDtypeError(TypeError, ValueError):
+    """A file holds values of a type that cannot be logits (or token ids): integer, boolean,
+    complex or object logits, float token ids. Both a TypeError and a ValueError."""
 
 _ST_DTYPES = {
     "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "F64": np.dtype("<f8"),
@@ -47,29 +46,6 @@ _ST_DTYPES = {
 }
 _ST_NAMES = {np.dtype("<f4"): "F32", np.dtype("<f2"): "F16", np.dtype("<f8"): "F64",
              np.dtype("<i4"): "I32", np.dtype("<i8"): "I64"}
-
-
-def kld_scored_per_chunk(n_ctx: int) -> int:
-    """Rows that llama.cpp stores per chunk of ``n_ctx`` tokens: ``n_ctx - 1 - n_ctx // 2``.
-
-    >>> kld_scored_per_chunk(512)
-    255
-    """
-    return n_ctx - 1 - n_ctx // 2
-
-
-def kld_next_tokens(tokens, n_ctx: int):
-    """The token each stored row predicts, from a KL base file's token table.
-
-    Row ``i`` of chunk ``c`` is the model's output at position ``n_ctx // 2 + i`` of that chunk,
-    so it predicts ``tokens[c * n_ctx + n_ctx // 2 + i + 1]``.
-
-    >>> kld_next_tokens(list(range(8)), 4).tolist()   # chunks [0..3], [4..7]; first = 2, 1 row
-    [3, 7]
-    """
-    t = np.asarray(tokens, dtype=np.int32).reshape(-1, n_ctx)
-    first = n_ctx // 2
-    return np.ascontiguousarray(t[:, first + 1 : n_ctx]).reshape(-1)
 
 
 class LogitsSource:
@@ -123,6 +99,9 @@ class ArraySource(LogitsSource):
         arr = np.asarray(array)
         if arr.ndim < 2:
             raise ValueError(f"{name}: logits must have at least 2 dimensions (rows, vocab), got shape {arr.shape}")
+        if arr.shape[-1] == 0:
+            raise ValueError(f"{name}: shape {arr.shape}: the vocabulary (last dimension) is empty; "
+                             f"a distribution needs at least one category")
         if not (np.issubdtype(arr.dtype, np.floating)):
             raise TypeError(f"{name}: logits must be floating point, got dtype {arr.dtype}")
         self._a = arr.reshape(-1, arr.shape[-1])
@@ -141,25 +120,28 @@ class _MappedSource(LogitsSource):
     """Rows of a file mapped read-only; pages are released after use to bound resident memory."""
 
     def _map(self, offset, dtype, shape):
+        """Map ``shape`` (rows, width) of ``dtype`` at ``offset``, the size checked first."""
         self._fh = open(self.path, "rb")
         size = os.fstat(self._fh.fileno()).st_size
-        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        itemsize = np.dtype(dtype).itemsize
+        row_bytes = math.prod(shape[1:]) * itemsize  # Python integers: no overflow
+        nbytes = shape[0] * row_bytes
         if offset + nbytes > size:
-            row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize
             full = max(0, (size - offset) // max(row_bytes, 1))
             self._fh.close()
             raise ValueError(
                 f"{self.path}: truncated file: the header promises {offset + nbytes} bytes "
                 f"({shape[0]} rows), the file has {size}; row {full} is the first incomplete row"
             )
+        self._offset = offset
+        self._row_bytes = row_bytes
         if nbytes == 0:
             self._mm = None
             self._arr = np.zeros(shape, dtype)
             return
         self._mm = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ)
-        self._arr = np.frombuffer(self._mm, dtype=dtype, count=int(np.prod(shape)), offset=offset).reshape(shape)
-        self._offset = offset
-        self._row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize
+        self._arr = np.frombuffer(self._mm, dtype=dtype, count=shape[0] * math.prod(shape[1:]),
+                                  offset=offset).reshape(shape)
 
     def release(self, start, stop):
         mm = getattr(self, "_mm", None)
@@ -191,11 +173,37 @@ class _MappedSource(LogitsSource):
             self._fh = None
 
 
+def _check_shape(path, shape, what="logits"):
+    """(rows, vocab) of an array shape from a file header: >= 2 dimensions, none negative,
+    at least one category; Python integers, so that a huge product cannot overflow."""
+    if len(shape) < 2:
+        raise ValueError(f"{path}: {what} must have at least 2 dimensions (rows, vocab), got shape {shape}")
+    if any(not isinstance(d, int) or isinstance(d, bool) or d < 0 for d in shape):
+        raise ValueError(f"{path}: corrupt header: shape {shape} has a negative or non-integer dimension")
+    if shape[-1] == 0:
+        raise ValueError(f"{path}: shape {shape}: the vocabulary (last dimension) is empty; "
+                         f"a distribution needs at least one category")
+    return math.prod(shape[:-1]), shape[-1]
+
+
 def _as_compute(block):
     """float64 rows stay float64 (the NumPy float64 kernel keeps their precision); every other
     floating type becomes float32 (the compiled kernel's input)."""
     dt = np.float64 if block.dtype == np.float64 else np.float32
     return np.ascontiguousarray(block, dtype=dt)
+
+
+def _read_npy_header(path, fh):
+    """(shape, fortran_order, dtype, data offset) of an open .npy file; ValueError naming it."""
+    try:
+        version = np.lib.format.read_magic(fh)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+        else:
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+    except Exception as exc:  # numpy raises ValueError, SyntaxError or TokenError here
+        raise ValueError(f"{path}: corrupt .npy header: {exc}") from None
+    return tuple(shape), fortran, dtype, fh.tell()
 
 
 class NpySource(_MappedSource):
@@ -204,24 +212,15 @@ class NpySource(_MappedSource):
     def __init__(self, path):
         path = os.fspath(path)
         with open(path, "rb") as fh:
-            try:
-                version = np.lib.format.read_magic(fh)
-                if version == (1, 0):
-                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
-                else:
-                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
-            except Exception as exc:  # numpy raises ValueError, SyntaxError or TokenError here
-                raise ValueError(f"{path}: corrupt .npy header: {exc}") from None
-            offset = fh.tell()
+            shape, fortran, dtype, offset = _read_npy_header(path, fh)
+        if dtype.kind != "f":
+            raise FileDtypeError(f"{path}: logits must be floating point, got dtype {dtype} "
+                                 f"(convert it, e.g. np.save(path, x.astype(np.float32)))")
+        rows, vocab = _check_shape(path, shape)
         if fortran and len(shape) > 1:
             raise ValueError(f"{path}: Fortran-ordered .npy arrays are not supported; save it C-ordered")
-        if dtype.kind != "f":
-            raise TypeError(f"{path}: logits must be floating point, got dtype {dtype}")
-        if len(shape) < 2:
-            raise ValueError(f"{path}: logits must have at least 2 dimensions (rows, vocab), got shape {shape}")
-        rows = int(np.prod(shape[:-1], dtype=np.int64))
-        super().__init__(path, rows, shape[-1])
-        self._map(offset, dtype, (rows, shape[-1]))
+        super().__init__(path, rows, vocab)
+        self._map(offset, dtype, (rows, vocab))
 
     def read(self, start, stop):
         return _as_compute(self._arr[start:stop])
@@ -249,7 +248,7 @@ def _read_safetensors_header(path):
 class SafetensorsSource(_MappedSource):
     format = "safetensors"
 
-    def __init__(self, path, key=None):
+    def __init__(self, path, key=None, *, key_name="key"):
         path = os.fspath(path)
         base, header = _read_safetensors_header(path)
         names = [k for k in header if k != "__metadata__"]
@@ -259,7 +258,7 @@ class SafetensorsSource(_MappedSource):
             elif "logits" in names:
                 key = "logits"
             else:
-                raise ValueError(f"{path}: holds tensors {sorted(names)}; choose one with key=")
+                raise ValueError(f"{path}: holds tensors {sorted(names)}; choose one with {key_name}")
         if key not in header or key == "__metadata__":
             raise ValueError(f"{path}: no tensor named {key!r}; it holds {sorted(names)}")
         info = header[key]
@@ -268,18 +267,18 @@ class SafetensorsSource(_MappedSource):
         except (KeyError, TypeError, ValueError):
             raise ValueError(f"{path}: corrupt safetensors entry for {key!r}: {info!r}") from None
         if dtype_name not in ("F32", "F16", "F64", "BF16"):
-            raise TypeError(f"{path}: tensor {key!r} has dtype {dtype_name}; logits must be F32, F16, BF16 or F64")
+            raise FileDtypeError(f"{path}: tensor {key!r} has dtype {dtype_name}; logits must be "
+                                 f"F32, F16, BF16 or F64")
         dtype = _ST_DTYPES[dtype_name]
-        if len(shape) < 2:
-            raise ValueError(f"{path}: tensor {key!r} must have at least 2 dimensions (rows, vocab), got {shape}")
-        if end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+        rows, vocab = _check_shape(path, shape, f"tensor {key!r}")
+        if (not all(isinstance(o, int) and not isinstance(o, bool) for o in (begin, end))
+                or not 0 <= begin <= end or end - begin != rows * vocab * dtype.itemsize):
             raise ValueError(f"{path}: corrupt safetensors entry for {key!r}: offsets {begin}..{end} "
                              f"do not match shape {shape} of {dtype_name}")
-        rows = int(np.prod(shape[:-1], dtype=np.int64))
-        super().__init__(path, rows, shape[-1])
+        super().__init__(path, rows, vocab)
         self.key = key
         self._bf16 = dtype_name == "BF16"
-        self._map(base + begin, dtype, (rows, shape[-1]))
+        self._map(base + begin, dtype, (rows, vocab))
 
     def read(self, start, stop):
         block = self._arr[start:stop]
@@ -289,7 +288,12 @@ class SafetensorsSource(_MappedSource):
 
 
 class KldSource(_MappedSource):
-    """llama.cpp's KL-divergence base file (see the module docstring for the layout)."""
+    """llama.cpp's KL-divergence base file (layout in :mod:`kldiv.io.llamacpp`).
+
+    ``below_window``: "drop" decodes the entries below a full 16-nat window as ``-inf``
+    (probability 0), "floor" as their stored value (the one llama.cpp reads). ``n_ctx``,
+    ``n_chunk`` and ``all_tokens`` (the whole token table) come from the header.
+    """
 
     format = "llama.cpp-kld"
 
@@ -299,56 +303,61 @@ class KldSource(_MappedSource):
             raise ValueError(f"below_window must be 'drop' or 'floor', got {below_window!r}")
         with open(path, "rb") as fh:
             size = os.fstat(fh.fileno()).st_size
-            head = fh.read(20)
-            if len(head) < 20 or head[:8] != KLD_MAGIC:
+            head = fh.read(HEADER_BYTES)
+            if len(head) < HEADER_BYTES or head[:8] != KLD_MAGIC:
                 raise ValueError(f"{path}: not a llama.cpp KL-divergence base file "
-                                 f"(expected magic {KLD_MAGIC!r}, found {head[:8]!r})")
+                                 f"(expected magic {KLD_MAGIC!r} and a 20-byte header, found "
+                                 f"{head[:8]!r}, {size} bytes)")
             n_ctx, n_vocab, n_chunk = struct.unpack("<3i", head[8:20])
-            if n_ctx < 2 or n_vocab < 1 or n_chunk < 1:
-                raise ValueError(f"{path}: corrupt header: n_ctx={n_ctx}, n_vocab={n_vocab}, n_chunk={n_chunk}")
+            if n_ctx < 3 or n_vocab < 1 or n_chunk < 1:
+                raise ValueError(f"{path}: corrupt header: n_ctx={n_ctx}, n_vocab={n_vocab}, "
+                                 f"n_chunk={n_chunk} (need n_ctx >= 3, n_vocab >= 1, n_chunk >= 1)")
+            # every size from the header is checked against the file before anything is read
             ntok = n_ctx * n_chunk
+            expected = file_size(n_ctx, n_vocab, n_chunk)
+            if HEADER_BYTES + 4 * ntok > size:
+                raise ValueError(f"{path}: truncated file: token table of {4 * ntok} bytes promised "
+                                 f"by the header (n_ctx={n_ctx}, n_chunk={n_chunk}), the file has "
+                                 f"{max(0, size - HEADER_BYTES)} after the header ({expected} bytes "
+                                 f"expected in all)")
+            if size > expected:
+                raise ValueError(f"{path}: corrupt file: {size - expected} unexpected bytes after the last row "
+                                 f"(header: n_ctx={n_ctx}, n_vocab={n_vocab}, n_chunk={n_chunk})")
             raw = fh.read(4 * ntok)
-            if len(raw) != 4 * ntok:
-                raise ValueError(f"{path}: truncated file: token table needs {4 * ntok} bytes after the header, "
-                                 f"the file has {max(0, size - 20)}")
         self.n_ctx, self.n_chunk = n_ctx, n_chunk
         self.all_tokens = np.frombuffer(raw, dtype="<i4").astype(np.int32)
         rows = n_chunk * kld_scored_per_chunk(n_ctx)
         super().__init__(path, rows, n_vocab, tokens=kld_next_tokens(self.all_tokens, n_ctx))
         self.below_window = below_window
-        self._nv = 2 * ((n_vocab + 1) // 2) + 4
-        offset = 20 + 4 * ntok
-        expected = offset + rows * self._nv * 2
-        if size > expected:
-            raise ValueError(f"{path}: corrupt file: {size - expected} unexpected bytes after the last row "
-                             f"(header: n_ctx={n_ctx}, n_vocab={n_vocab}, n_chunk={n_chunk})")
-        self._map(offset, np.dtype("<u2"), (rows, self._nv))
+        self._nv = row_width(n_vocab)
+        self._map(HEADER_BYTES + 4 * ntok, np.dtype("<u2"), (rows, self._nv))
+
+    def read_raw(self, start, stop):
+        """The stored rows [start, stop) as (rows, nv) uint16, their headers checked."""
+        raw = self._arr[start:stop]
+        bad = bad_headers(*row_headers(raw))
+        if bad.any():
+            r = int(np.argmax(bad))
+            scale, lo = row_headers(raw[r : r + 1])
+            raise ValueError(f"{self.path}: corrupt row {start + r}: scale={float(scale[0])!r}, "
+                             f"min_log_prob={float(lo[0])!r}")
+        return raw
 
     def read(self, start, stop):
-        raw = self._arr[start:stop]
-        head = np.ascontiguousarray(raw[:, :4]).view("<f4")
-        scale, lo = head[:, 0].astype(np.float32), head[:, 1].astype(np.float32)
-        bad = ~(np.isfinite(scale) & (scale >= 0) & np.isfinite(lo) & (lo <= 0))
-        if bad.any():
-            r = start + int(np.argmax(bad))
-            raise ValueError(f"{self.path}: corrupt row {r}: scale={scale[r - start]!r}, "
-                             f"min_log_prob={lo[r - start]!r}")
-        u = raw[:, 4 : 4 + self.n_vocab]
-        out = u.astype(np.float32)
-        out *= scale[:, None]
-        out += lo[:, None]
-        if self.below_window == "drop":
-            full = scale * np.float32(65535) >= np.float32(_WINDOW - 1e-3)
-            out[(u == 0) & full[:, None]] = -np.inf
-        return out
+        return decode_rows(self.read_raw(start, stop), self.n_vocab, self.below_window)
+
+    def read_stored(self, start, stop):
+        """The stored log-probabilities ``scale * u + min_log_prob`` of rows [start, stop), as
+        llama.cpp reads them (the window floor for entries below the window, never -inf)."""
+        return decode_rows(self.read_raw(start, stop), self.n_vocab, "floor")
 
     def stored_log_probs(self, start, stop, cols):
-        """The stored log-probability ``scale * u + min_log_prob`` of one column per row, as
-        llama.cpp reads it (the window floor for entries below the window, never -inf)."""
-        raw = self._arr[start:stop]
-        head = np.ascontiguousarray(raw[:, :4]).view("<f4")
+        """The stored log-probability of one column per row, as llama.cpp reads it (float32
+        ``scale * u + min_log_prob``, the window floor below the window, never -inf)."""
+        raw = self.read_raw(start, stop)
+        scale, lo = row_headers(raw)
         u = raw[np.arange(stop - start), 4 + np.asarray(cols, dtype=np.int64)]
-        return (head[:, 0].astype(np.float64) * u + head[:, 1]).astype(np.float64)
+        return ((u.astype(np.float32) * scale).astype(np.float32) + lo).astype(np.float64)
 
 
 def _sniff(path) -> str:
@@ -364,12 +373,22 @@ def _sniff(path) -> str:
                      f"base file (first bytes {head[:8]!r})")
 
 
-def open_logits(source, *, key=None, side="reference") -> LogitsSource:
+def _check_input_path(path, what="file"):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path}: is a directory, expected a {what}")
+
+
+def open_logits(source, *, key=None, side="reference", below_window=None,
+                key_name="key=") -> LogitsSource:
     """Open a logits file (format from its first bytes) or wrap an in-memory array.
 
-    ``key`` picks the tensor of a safetensors file holding several. ``side`` ("reference" or
-    "other") decides how a llama.cpp KL base file decodes entries below its 16-nat window:
-    probability 0 for a reference, the window floor for the other side.
+    ``key`` picks the tensor of a safetensors file holding several (``key_name`` is how an
+    error message names that argument). ``side`` ("reference" or "other") decides how a
+    llama.cpp KL base file decodes entries below its 16-nat window: probability 0 (``-inf``)
+    for a reference, the stored window floor for the other side; ``below_window`` ("drop" or
+    "floor") overrides it.
 
     >>> import numpy as np
     >>> src = open_logits(np.zeros((3, 5)))
@@ -378,16 +397,19 @@ def open_logits(source, *, key=None, side="reference") -> LogitsSource:
     """
     if isinstance(source, LogitsSource):
         return source
+    if side not in ("reference", "other"):
+        raise ValueError(f"side must be 'reference' or 'other', got {side!r}")
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{path}: no such file")
+        _check_input_path(path, "logits file (.npy, .safetensors or llama.cpp KL base)")
         kind = _sniff(path)
         if kind == "npy":
             return NpySource(path)
         if kind == "safetensors":
-            return SafetensorsSource(path, key=key)
-        return KldSource(path, below_window="drop" if side == "reference" else "floor")
+            return SafetensorsSource(path, key=key, key_name=key_name)
+        if below_window is None:
+            below_window = "drop" if side == "reference" else "floor"
+        return KldSource(path, below_window=below_window)
     return ArraySource(source)
 
 
@@ -395,24 +417,43 @@ def load_tokens(path, n_rows=None):
     """Token ids, one per row (the token that actually followed that position).
 
     Accepts .npy (any integer array, flattened), or text with whitespace/comma separated ids.
+    A bad file is a one-line ValueError naming it (a float .npy: :class:`FileDtypeError`).
     """
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such file")
+    _check_input_path(path, "token file (.npy or text)")
     with open(path, "rb") as fh:
         head = fh.read(6)
-    if head == NPY_MAGIC:
-        t = np.load(path, allow_pickle=False)
-        if not np.issubdtype(t.dtype, np.integer):
-            raise TypeError(f"{path}: tokens must be integers, got dtype {t.dtype}")
-        t = t.reshape(-1)
-    else:
-        with open(path, encoding="utf-8") as fh:
-            text = fh.read().replace(",", " ")
+        if head == NPY_MAGIC:
+            fh.seek(0)
+            shape, fortran, dtype, offset = _read_npy_header(path, fh)
+            if dtype.kind not in "iu":
+                raise FileDtypeError(f"{path}: tokens must be integers, got dtype {dtype}")
+            if any(not isinstance(d, int) or d < 0 for d in shape):
+                raise ValueError(f"{path}: corrupt header: shape {shape} has a negative dimension")
+            n = math.prod(shape)
+            size = os.fstat(fh.fileno()).st_size
+            if offset + n * dtype.itemsize > size:
+                raise ValueError(f"{path}: truncated file: the header promises {n} token ids "
+                                 f"({offset + n * dtype.itemsize} bytes), the file has {size}")
+            t = np.fromfile(fh, dtype=dtype, count=n)
+            if fortran:
+                t = t.reshape(shape[::-1]).T
+            t = t.reshape(-1)
+        else:
+            fh.seek(0)
+            data = fh.read()
+    if head != NPY_MAGIC:
         try:
-            t = np.array([int(w) for w in text.split()], dtype=np.int64)
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"{path}: not a token file: neither .npy nor text (binary data); "
+                             f"token ids are a .npy of integers or whitespace-separated text") from None
+        try:
+            t = np.array([int(w) for w in text.replace(",", " ").split()], dtype=np.int64)
         except ValueError as exc:
             raise ValueError(f"{path}: tokens must be integers: {exc}") from None
+        except OverflowError:
+            raise ValueError(f"{path}: token ids out of the int64 range") from None
     if n_rows is not None and t.shape[0] != n_rows:
         raise ValueError(f"{path}: {t.shape[0]} tokens for {n_rows} rows (one token per row expected)")
     if t.size and (t.min() < np.iinfo(np.int32).min or t.max() > np.iinfo(np.int32).max):
@@ -458,53 +499,3 @@ def save_safetensors(path, tensors: dict, *, metadata: dict | None = None) -> No
             fh.write(text)
             for a in arrays:
                 fh.write(a.tobytes())
-
-
-def _kld_encode_rows(logits: np.ndarray, nv: int) -> np.ndarray:
-    """llama.cpp's uint16 encoding of float32 logits rows (float32 arithmetic as in llama.cpp)."""
-    x = np.ascontiguousarray(logits, dtype=np.float32)
-    n, v = x.shape
-    mx = x.max(1)
-    mn = np.maximum(x.min(1), mx - np.float32(_WINDOW))
-    sum_exp = np.exp(x - mx[:, None]).astype(np.float64).sum(1)
-    lse = np.log(sum_exp).astype(np.float32)
-    min_lp = (mn - mx - lse).astype(np.float32)
-    scale = ((mx - mn) / np.float32(65535.0)).astype(np.float32)
-    out = np.zeros((n, nv), np.uint16)
-    head = np.empty((n, 2), np.float32)
-    head[:, 0], head[:, 1] = scale, min_lp
-    out[:, :4] = head.view(np.uint16)
-    with np.errstate(divide="ignore"):
-        inv = np.where(scale > 0, np.float32(1.0) / scale, np.float32(0.0)).astype(np.float32)
-    q = np.rint(inv[:, None] * (x - mn[:, None]))  # round half to even, as llama.cpp's nearest_int
-    q = np.where(x > mn[:, None], q, 0.0)
-    out[:, 4 : 4 + v] = np.clip(q, 0, 65535).astype(np.uint16)
-    return out
-
-
-def save_llamacpp_kld(path, logits, *, tokens, n_ctx: int, chunk_rows: int = 1024) -> None:
-    """Write logits in llama.cpp's KL-divergence base format (``--kl-divergence-base``), atomically.
-
-    ``logits``: (n_chunk * (n_ctx - 1 - n_ctx // 2), n_vocab) float logits, the scored
-    positions of each chunk in order (see :func:`kld_scored_per_chunk`); ``-inf`` (probability 0)
-    is allowed, NaN, ``+inf`` and rows without a finite logit are errors naming the row.
-    ``tokens``: the n_chunk * n_ctx evaluated token ids. Each row is stored as log-probabilities
-    quantised to uint16 over the 16 nats below its maximum (llama.cpp's encoding). Streams
-    through :class:`kldiv.io.writers.LlamaCppKldWriter` (as ``kldiv convert`` does).
-    """
-    from .writers import LlamaCppKldWriter
-
-    src = open_logits(logits)
-    n_rows, n_vocab = src.n_rows, src.n_vocab
-    per = kld_scored_per_chunk(n_ctx)
-    if n_ctx < 2 or per < 1:
-        raise ValueError(f"n_ctx must be >= 3 (llama.cpp scores n_ctx - 1 - n_ctx // 2 rows per chunk), got {n_ctx}")
-    if n_rows % per:
-        raise ValueError(f"logits: {n_rows} rows is not a whole number of chunks of {per} scored rows (n_ctx={n_ctx})")
-    n_chunk = n_rows // per
-    tok = np.asarray(tokens).reshape(-1)
-    if tok.shape[0] != n_chunk * n_ctx:
-        raise ValueError(f"tokens: expected n_chunk * n_ctx = {n_chunk * n_ctx} ids, got {tok.shape[0]}")
-    with LlamaCppKldWriter(path, n_vocab, tokens=tok, n_ctx=n_ctx, name=src.name) as out:
-        for s in range(0, n_rows, chunk_rows):
-            out.write(src.read(s, min(n_rows, s + chunk_rows)))

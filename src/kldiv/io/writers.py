@@ -41,14 +41,8 @@ import numpy as np
 
 from .._atomic import atomic_path
 from .._progress import progress_bar
-from .formats import (
-    KLD_MAGIC,
-    LogitsSource,
-    _kld_encode_rows,
-    kld_scored_per_chunk,
-    load_tokens,
-    open_logits,
-)
+from .formats import LogitsSource, load_tokens, open_logits
+from .llamacpp import KLD_MAGIC, encode_rows, kld_scored_per_chunk, row_width
 
 FORMATS = ("npy", "safetensors", "llamacpp")
 # output suffix -> format (llama.cpp's perplexity tool takes any file name; these are the usual ones)
@@ -285,6 +279,10 @@ class LlamaCppKldWriter(_StreamWriter):
     stored as uint16 log-probabilities over the 16 nats below its maximum. ``-inf`` logits
     (probability 0) are allowed and stored below the window; NaN, ``+inf`` or a row without a
     finite logit is an error naming the row.
+
+    Rows of normalised log-probabilities are stored as given, not renormalised (a row read
+    from such a file is written back bit for bit); other rows are logits, encoded as llama.cpp
+    encodes them (:func:`kldiv.io.llamacpp.encode_rows`).
     """
 
     _suffix = ".kld"
@@ -310,11 +308,26 @@ class LlamaCppKldWriter(_StreamWriter):
                              f"[0, {n_vocab})")
         self.n_ctx, self.n_chunk = n_ctx, tok.size // n_ctx
         self.tokens = tok.astype("<i4")
-        self._nv = 2 * ((n_vocab + 1) // 2) + 4
+        self._nv = row_width(n_vocab)
         super().__init__(path, self.n_chunk * per, n_vocab, name=name)
 
     def _header(self) -> bytes:
         return KLD_MAGIC + struct.pack("<3i", self.n_ctx, self.n_vocab, self.n_chunk) + self.tokens.tobytes()
+
+    def write_stored(self, raw) -> None:
+        """Append rows already in the stored form, (rows, nv) uint16 as a KL base file holds
+        them (:meth:`kldiv.io.formats.KldSource.read_raw`): copied bit for bit."""
+        if self._fh is None:
+            raise RuntimeError(f"{type(self).__name__} writes inside a `with` block only")
+        raw = np.asarray(raw)
+        if raw.dtype != np.uint16 or raw.ndim != 2 or raw.shape[1] != self._nv:
+            raise ValueError(f"{self.name}: stored rows must be uint16 of shape (rows, {self._nv}), "
+                             f"got {raw.dtype} {raw.shape}")
+        if self.rows_written + raw.shape[0] > self.n_rows:
+            raise ValueError(f"{self.name}: {self.rows_written + raw.shape[0]} rows written, the "
+                             f"header promises {self.n_rows}")
+        self._put(np.ascontiguousarray(raw, dtype="<u2").tobytes())
+        self.rows_written += raw.shape[0]
 
     def _encode(self, block, start):
         x = np.asarray(block, dtype=np.float32)  # llama.cpp encodes float32 logits
@@ -327,7 +340,7 @@ class LlamaCppKldWriter(_StreamWriter):
             what = "NaN" if nan[r - start] else "+inf" if pinf[r - start] else "no finite"
             raise ValueError(f"{self.name}: row {r} has {what} logits; llama.cpp's format needs "
                              f"finite logits (-inf, probability 0, is allowed)")
-        return _kld_encode_rows(x, self._nv).tobytes()
+        return encode_rows(x, self._nv).tobytes()
 
 
 def _stored_dtype(src: LogitsSource) -> str:
@@ -516,12 +529,17 @@ def _convert(src, path, fmt, dtype, out_key, tokens, n_ctx, metadata, chunk_rows
     rows_per = int(chunk_rows) if chunk_rows else max(1, _BLOCK_BYTES // (4 * max(v, 1)))
     if fmt == "llamacpp" and not chunk_rows:
         rows_per = max(1, rows_per // 4)  # the encoder makes a few float64 temporaries per block
+    # llama.cpp to llama.cpp: the stored rows are copied as they are (lossless)
+    raw = getattr(src, "read_raw", None) if fmt == "llamacpp" else None
     bar = progress_bar(progress, n, desc="kldiv convert", unit="row")
     try:
         with writer:
             for s in range(0, n, rows_per):
                 e = min(n, s + rows_per)
-                writer.write(src.read(s, e))
+                if raw is not None:
+                    writer.write_stored(raw(s, e))
+                else:
+                    writer.write(src.read(s, e))
                 src.release(s, e)
                 if bar is not None:
                     bar.update(e - s)
@@ -531,3 +549,30 @@ def _convert(src, path, fmt, dtype, out_key, tokens, n_ctx, metadata, chunk_rows
     return ConvertResult(path=path, format=fmt, dtype=stored, n_rows=n, n_vocab=v,
                          nbytes=os.path.getsize(path), source=src.name, source_format=src.format,
                          n_ctx=getattr(writer, "n_ctx", None), n_chunk=getattr(writer, "n_chunk", None))
+
+
+def save_llamacpp_kld(path, logits, *, tokens, n_ctx: int, chunk_rows: int = 1024) -> None:
+    """Write logits in llama.cpp's KL-divergence base format (``--kl-divergence-base``), atomically.
+
+    ``logits``: (n_chunk * (n_ctx - 1 - n_ctx // 2), n_vocab) float logits (or normalised
+    log-probabilities, stored as given), the scored positions of each chunk in order (see
+    :func:`kldiv.io.kld_scored_per_chunk`); ``-inf`` (probability 0) is allowed, NaN, ``+inf``
+    and rows without a finite logit are errors naming the row. ``tokens``: the n_chunk * n_ctx
+    evaluated token ids. Each row is stored as log-probabilities quantised to uint16 over the 16
+    nats below its maximum (llama.cpp's encoding). Streams through :class:`LlamaCppKldWriter`
+    (as ``kldiv convert`` does).
+    """
+    src = open_logits(logits)
+    n_rows, n_vocab = src.n_rows, src.n_vocab
+    per = kld_scored_per_chunk(n_ctx)
+    if n_ctx < 2 or per < 1:
+        raise ValueError(f"n_ctx must be >= 3 (llama.cpp scores n_ctx - 1 - n_ctx // 2 rows per chunk), got {n_ctx}")
+    if n_rows % per:
+        raise ValueError(f"logits: {n_rows} rows is not a whole number of chunks of {per} scored rows (n_ctx={n_ctx})")
+    n_chunk = n_rows // per
+    tok = np.asarray(tokens).reshape(-1)
+    if tok.shape[0] != n_chunk * n_ctx:
+        raise ValueError(f"tokens: expected n_chunk * n_ctx = {n_chunk * n_ctx} ids, got {tok.shape[0]}")
+    with LlamaCppKldWriter(path, n_vocab, tokens=tok, n_ctx=n_ctx, name=src.name) as out:
+        for s in range(0, n_rows, chunk_rows):
+            out.write(src.read(s, min(n_rows, s + chunk_rows)))
