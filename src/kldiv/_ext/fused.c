@@ -11,19 +11,23 @@
  *
  *     KL = log(1 + sum_i p_i phi(d'_i)) - log q(S),   phi(u) = e^u - 1 - u >= 0,
  *
- * S being p's support and q(S) q's mass on it. phi is evaluated by its Taylor series for
- * |u| < 0.5 and as p_i e^{d'_i} - p_i (1 + d'_i) otherwise, where p_i e^{d'_i} equals
- * exp(y_i/T - max y/T) * exp(max y/T - lse(x/T) - E_p[d]): a row constant times a value already
+ * S being p's support and q(S) q's mass on it. Each side is first centred on its own maximum
+ * (a_i = (x_i - max x)/T, b_i = (y_i - max y)/T) and d_i is formed as ((y_i - x_i) + (max x -
+ * max y))/T with both differences exact (TwoSum): a huge common offset of one side (masking with
+ * -1e30 or finfo.min, logits of 1e30) cannot swallow the other side's values. phi is evaluated
+ * by its Taylor series for |u| < 0.5 and as p_i e^{d'_i} - p_i (1 + d'_i) otherwise, where
+ * p_i e^{d'_i} equals e^{b_i} * e^{-log Zx - E_p[d]}: a row constant times a value already
  * computed, so that each element costs two exponentials in all.
  *
- * Three passes per row: (1) the maxima; (2) the exponentials (kept in a per-thread scratch of
- * 3 V values), the normalisers, E_p[d] and q's mass outside S; (3) the series and the gradients.
- * The third pass reads only the scratch, so a gradient may be written over its own input
- * (kl_div_inplace). Edges: p_i > 0 = q_i gives +inf with zero gradients (as the core); an
- * all -inf, +inf or nan row is reported as nan before any gradient of that row is written,
- * and Python recomputes it with the core (which names the problem when validation is on).
- * Rows with KL beyond ~57 (float) or ~678 (double), where the constant above leaves T's
- * range, take KL = lse(y/T) - lse(x/T) - E_p[d] instead: no cancellation at that size.
+ * Three passes per row: (1) the maxima and minima; (2) the exponentials (kept in a per-thread
+ * scratch of 3 V values), the normalisers, E_p[d] and q's mass outside S; (3) the series and the
+ * gradients. The third pass reads only the scratch, so a gradient may be written over its own
+ * input (kl_div_inplace). Edges: p_i > 0 = q_i gives +inf with zero gradients (as the core); an
+ * all -inf, +inf or nan row, a row whose values span more than the type holds, and a row where
+ * a p_i that underflows here meets a log-ratio beyond 2^20 (p_i |d_i| may still matter) are
+ * reported as nan before any gradient of that row is written: Python recomputes them (float64,
+ * or nan for nan input). Rows with KL beyond ~57 (float) or ~678 (double), where the constant
+ * above leaves T's range, take KL = log Zy - log Zx - E_p[d] instead: no cancellation there.
  *
  * Portable build: no -march=native. The row function is compiled for x86-64-v4 (AVX-512),
  * x86-64-v3 (AVX2 + FMA) and the baseline (GCC target_clones, chosen at load time). exp is a
@@ -93,6 +97,9 @@ static const double kphi[16] = {
 #define KFABS fabsf
 #define NPHI 7          /* terms up to u^8: truncation below 5e-8 relative for |u| < 0.5 */
 #define EXP_FLOOR 87.0  /* kexp_f returns 0 below -EXP_FLOOR */
+#define SPAN_MAX 3.4028235677973366e38 /* FLT_MAX (1 + 2^-25): below it, x - y rounds finite */
+#define D_CLAMP 8.5e37  /* |log-ratio| held below FLT_MAX / 4: no inf or nan in the passes */
+#define D_RISK 1048576.0 /* larger |d| at an underflowed p_i: the row goes to float64 */
 #include "fused.c" /* this file, once per element type */
 #undef T
 #undef SFX
@@ -100,6 +107,9 @@ static const double kphi[16] = {
 #undef KFABS
 #undef NPHI
 #undef EXP_FLOOR
+#undef SPAN_MAX
+#undef D_CLAMP
+#undef D_RISK
 
 #define T double
 #define SFX _d
@@ -107,6 +117,9 @@ static const double kphi[16] = {
 #define KFABS fabs
 #define NPHI 16
 #define EXP_FLOOR 708.0
+#define SPAN_MAX 1.7976931348623157e308
+#define D_CLAMP 4.4e307
+#define D_RISK 1048576.0
 #include "fused.c" /* this file, once per element type */
 #undef T
 #undef SFX
@@ -114,6 +127,9 @@ static const double kphi[16] = {
 #undef KFABS
 #undef NPHI
 #undef EXP_FLOOR
+#undef SPAN_MAX
+#undef D_CLAMP
+#undef D_RISK
 
 #undef KLDIV_FUSED_TEMPLATE
 
@@ -207,28 +223,51 @@ KLDIV_INLINE T FN(pass3)(Py_ssize_t b0, Py_ssize_t b1, const T *restrict sp,
     return a;
 }
 
-/* One row; returns KL (double), +inf on escape, nan for "recompute me" (gradients untouched). */
+/* One row; returns KL (double), +inf on escape, nan for "recompute me" (gradients untouched).
+ *
+ * Each side is centred on its own maximum before anything else: a_i = (x_i - max x) / T and
+ * b_i = (y_i - max y) / T (both <= 0), and the log-ratio D_i = b_i - a_i is formed as
+ * (y_i - x_i) + (max x - max y) with both differences exact (TwoSum), so that neither a common
+ * offset of one side (1e4, 1e30, finfo.min) nor the other side's magnitude swallows it. Rows the
+ * element type cannot hold without overflow (a span of values beyond the type's maximum), and
+ * rows where an entry whose weight p_i underflows here meets a huge log-ratio (p_i |d_i| may
+ * then matter: a teacher's e^-90 against a student's finfo.min), are left to the caller's
+ * float64 path: nan is returned before any gradient is written. */
 KLDIV_CLONES static double FN(kl_row)(const T *x, const T *y, Py_ssize_t V, double inv_t,
                                       double s, T *gx, T *gy, T *restrict sp, T *restrict sq,
                                       T *restrict sd, const T *xn, const T *yn)
 {
     const T it = (T)inv_t;
-    const T ninf = (T)-INFINITY;
-    T mx = ninf, my = ninf, lo = (T)INFINITY;
-#pragma omp simd reduction(max : mx, my) reduction(min : lo)
+    const T ninf = (T)-INFINITY, pinf = (T)INFINITY;
+    T mx = ninf, my = ninf, lx = pinf, ly = pinf;
+    int nany = 0;
+#pragma omp simd reduction(max : mx, my) reduction(min : lx, ly) reduction(| : nany)
     for (Py_ssize_t i = 0; i < V; i++) {
-        mx = x[i] > mx ? x[i] : mx;
-        my = y[i] > my ? y[i] : my;
-        const T m = x[i] < y[i] ? x[i] : y[i];
-        lo = m < lo ? m : lo;
+        const T xv = x[i], yv = y[i];
+        mx = xv > mx ? xv : mx;
+        my = yv > my ? yv : my;
+        const T xf = xv > ninf ? xv : pinf, yf = yv > ninf ? yv : pinf;
+        lx = xf < lx ? xf : lx;
+        ly = yf < ly ? yf : ly;
+        nany |= (xv == ninf) | (yv == ninf);
     }
-    if (!(mx > ninf) || !(my > ninf))
-        return NAN; /* an all -inf row: no distribution (the core reports it) */
-    const int dense = lo > ninf; /* no -inf anywhere: no support masks needed */
-    const T mxs = mx * it, mys = my * it;
+    if (!(mx > ninf) || !(my > ninf) || !(mx < pinf) || !(my < pinf))
+        return NAN; /* an all -inf row (no distribution) or +inf: the caller decides */
+    {           /* every difference below is bounded by this span: no overflow when it fits */
+        const double hi = mx > my ? (double)mx : (double)my;
+        const double lo = lx < ly ? (double)lx : (double)ly;
+        if (!(hi - lo <= SPAN_MAX))
+            return NAN;
+    }
+    const int dense = !nany; /* no -inf anywhere: no support masks needed */
+    /* C = max x - max y = Ch + Cl exactly (TwoSum) */
+    const T Ch = mx - my;
+    const T Cb = Ch - mx;
+    const T Cl = (mx - (Ch - Cb)) + (-my - Cb);
+    const T CL = (T)D_CLAMP, RA = (T)-(EXP_FLOOR + 250.0), FL = (T)-EXP_FLOOR;
 
     double Zx = 0, Zy = 0, S1 = 0, ZqS = 0, Zqo = 0;
-    int esc = 0;
+    int esc = 0, risk = 0;
     for (Py_ssize_t b0 = 0; b0 < V; b0 += KLDIV_BLOCK) {
         const Py_ssize_t b1 = b0 + KLDIV_BLOCK < V ? b0 + KLDIV_BLOCK : V;
         if (xn) /* the next row: fetched from memory while this block computes exponentials */
@@ -237,13 +276,19 @@ KLDIV_CLONES static double FN(kl_row)(const T *x, const T *y, Py_ssize_t V, doub
                 __builtin_prefetch(yn + i, 0, 2);
             }
         T zx = 0, zy = 0, s1 = 0, zqs = 0, zqo = 0;
-        int e = 0;
+        int e = 0, rk = 0;
         if (dense) {
-#pragma omp simd reduction(+ : zx, zy, s1)
+#pragma omp simd reduction(+ : zx, zy, s1) reduction(| : rk)
             for (Py_ssize_t i = b0; i < b1; i++) {
                 const T xv = x[i], yv = y[i];
-                const T ep = KEXP(xv * it - mxs), eq = KEXP(yv * it - mys);
-                const T d = (yv - xv) * it; /* one rounding less than y/T - x/T */
+                const T a = (xv - mx) * it, b = (yv - my) * it;
+                const T ep = KEXP(a), eq = KEXP(b);
+                const T sv = yv - xv, bb = sv - yv;
+                const T er = (yv - (sv - bb)) + (-xv - bb); /* y - x = sv + er exactly */
+                const T dd = ((sv + Ch) + (er + Cl)) * it;
+                const T d = dd > CL ? CL : (dd < -CL ? -CL : dd);
+                const T ad = KFABS(d);
+                rk |= (a > RA) & ((a < FL) | (ad >= CL)) & (ad > (T)D_RISK);
                 zx += ep;
                 zy += eq;
                 s1 += ep * d;
@@ -253,14 +298,20 @@ KLDIV_CLONES static double FN(kl_row)(const T *x, const T *y, Py_ssize_t V, doub
             }
             zqs = zy;
         } else {
-#pragma omp simd reduction(+ : zx, zy, s1, zqs, zqo) reduction(| : e)
+#pragma omp simd reduction(+ : zx, zy, s1, zqs, zqo) reduction(| : e, rk)
             for (Py_ssize_t i = b0; i < b1; i++) {
                 const T xv = x[i], yv = y[i];
-                const T xs = xv * it, ys = yv * it;
                 const int px = xv > ninf, py = yv > ninf;
                 const int in = px & py;
-                const T ep = KEXP(xs - mxs), eq = KEXP(ys - mys);
-                const T d = in ? (yv - xv) * it : (T)0;
+                const T a = (xv - mx) * it, b = (yv - my) * it;
+                const T ep = KEXP(a), eq = KEXP(b);
+                const T sv = yv - xv, bb = sv - yv;
+                const T er = (yv - (sv - bb)) + (-xv - bb);
+                const T dd = ((sv + Ch) + (er + Cl)) * it;
+                const T dcl = dd > CL ? CL : (dd < -CL ? -CL : dd);
+                const T d = in ? dcl : (T)0;
+                const T ad = KFABS(d);
+                rk |= in & (a > RA) & ((a < FL) | (ad >= CL)) & (ad > (T)D_RISK);
                 zx += ep;
                 zy += eq;
                 s1 += ep * d;
@@ -278,9 +329,10 @@ KLDIV_CLONES static double FN(kl_row)(const T *x, const T *y, Py_ssize_t V, doub
         ZqS += zqs;
         Zqo += zqo;
         esc |= e;
+        risk |= rk;
     }
     if (!isfinite(Zx) || !isfinite(Zy) || !isfinite(S1))
-        return NAN; /* nan or +inf in the input */
+        return NAN; /* nan in the input, or sums beyond the type */
     if (esc) {      /* p_i > 0 = q_i: KL = +inf, zero gradient (the core's convention) */
         if (gx)
             memset(gx, 0, (size_t)V * sizeof(T));
@@ -288,13 +340,14 @@ KLDIV_CLONES static double FN(kl_row)(const T *x, const T *y, Py_ssize_t V, doub
             memset(gy, 0, (size_t)V * sizeof(T));
         return INFINITY;
     }
-    const double lse_x = (double)mxs + log(Zx);
+    if (risk)
+        return NAN;
     const double mu = S1 / Zx;
     const double qo = Zqo / Zy;
     const double log_qS = qo < 0.5 ? log1p(-qo) : log(ZqS / Zy);
-    const double lc = (double)mys - lse_x - mu; /* p_i e^{d'_i} = e^{lc} * sq[i] */
+    const double lc = -log(Zx) - mu; /* p_i e^{d'_i} = e^{lc} * sq[i] */
     /* KL >= lc: past this bound the series brings nothing (its terms would underflow or
-     * overflow T) and KL = lse(y) - lse(x) - E_p[d] = lc + log Zy has no cancellation */
+     * overflow T) and KL = log Zy - log Zx - E_p[d] = lc + log Zy has no cancellation */
     const int huge = lc > EXP_FLOOR - 30.0;
     const T c = huge ? (T)0 : (T)exp(lc), ip = (T)(1.0 / Zx), muT = (T)mu;
     const T iqg = (T)(s * inv_t / Zy), ipg = (T)(s * inv_t / Zx);

@@ -134,9 +134,10 @@ def _check_kind_spaces(kind, p_space, q_space):
         raise ValueError(f"q_space: the fused path takes 'logits' or 'log_probs', got {q_space!r}")
 
 
-def _torch_rows(kind, p, q, p_space, q_space, temperature, beta, need_p, need_q, scale):
+def _torch_rows(kind, p, q, p_space, q_space, temperature, beta, need_p, need_q, scale,
+                dtype=None):
     """The core's row function on a small 2-D chunk, with gradients by autograd."""
-    dt = _compute_dtype(p, q)
+    dt = _compute_dtype(p, q) if dtype is None else dtype
     with torch.enable_grad():
         P = p.detach().to(dt).requires_grad_(need_p)
         Q = q.detach().to(dt).requires_grad_(need_q)
@@ -154,116 +155,178 @@ def _torch_rows(kind, p, q, p_space, q_space, temperature, beta, need_p, need_q,
     return rows.detach(), gp, gq
 
 
-def _kl_chunk(p, q, temperature, need_p, need_q, scale):
+# temperatures inside this range run in the input's precision (C kernel or torch chunks); outside
+# it (1/T or the scaled log-ratios would leave float32's range) every row is computed in float64
+_T_RANGE = (1e-30, 1e30)
+_RISK_D = float(1 << 20)
+
+
+def _moderate(temperature):
+    return _T_RANGE[0] <= float(temperature) <= _T_RANGE[1]
+
+
+def _kl_torch(x, y, temperature, need_x, need_y, scale):
     """KL(p || q) per row of a 2-D chunk with analytic gradients: the C kernel's algebra in torch.
 
-    The core's cancellation-free algorithm written for the log-space case only (no autograd
-    graph, about 40 elementwise operations per element). Rows the algebra does not cover
-    (nan, +inf, all -inf) come back as nan; the caller hands them to the core.
+    ``x``, ``y`` (p's and q's log-space values) are in the compute dtype. Each side is centred
+    on its own maximum, the log-ratio is formed as ``((y - x) + (max x - max y)) / T`` with both
+    differences exact (TwoSum), so that a huge offset of one side (-1e30, finfo.min) cannot
+    swallow the other side's values; KL = log(1 + E_p[phi(d')]) - log q(S) as in the core.
+    Rows the algebra does not cover in this dtype come back as nan, with zero gradients: nan,
+    +inf or all -inf input, values spanning more than the dtype holds, and an underflowed p_i
+    meeting a log-ratio beyond 2**20 (p_i |d_i| may still matter). Gradients are those of
+    ``sum_r scale[r] * KL_r``; rows with KL = +inf (p_i > 0 = q_i) get zero gradients.
     """
-    dt = _compute_dtype(p, q)
-    x = p.to(dt)
-    y = q.to(dt)
-    it = 1.0 / temperature
-    if bool(torch.isfinite(x).all() & torch.isfinite(y).all()):
-        return _kl_chunk_finite(x, y, it, need_p, need_q, scale)
-    ninf = -math.inf
+    dt = x.dtype
+    T = float(temperature)
+    floor = 87.0 if dt == torch.float32 else 708.0
+    clamp = torch.finfo(dt).max / 4
+    ninf, inf = -math.inf, math.inf
     px = x > ninf
-    inS = px & (y > ninf)
-    esc = (px & ~inS).any(-1)
-    xs = x * it if it != 1.0 else x
-    ys = y * it if it != 1.0 else y
-    mx = xs.amax(-1, keepdim=True)
-    my = ys.amax(-1, keepdim=True)
-    bad = ~(torch.isfinite(mx) & torch.isfinite(my))[:, 0]
-    mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
-    my = torch.where(torch.isfinite(my), my, torch.zeros_like(my))
-    zero = torch.zeros((), dtype=dt, device=x.device)
-    ep = torch.exp(xs - mx)
-    eq = torch.exp(ys - my)
-    d = torch.where(inS, (y - x) * it if it != 1.0 else y - x, zero)
+    py = y > ninf
+    inS = px & py
+    dense = bool(inS.all())
+    mx = x.amax(-1, keepdim=True)
+    my = y.amax(-1, keepdim=True)
+    if dense:
+        lo = torch.minimum(x.amin(-1, keepdim=True), y.amin(-1, keepdim=True))
+    else:
+        lo = torch.minimum(torch.where(px, x, inf).amin(-1, keepdim=True),
+                           torch.where(py, y, inf).amin(-1, keepdim=True))
+    # nan (amax propagates it), +inf, all -inf, or a span that overflows the dtype
+    bad = ~torch.isfinite(torch.maximum(mx, my) - lo)[:, 0]
+    mx = torch.where(torch.isfinite(mx), mx, 0.0)
+    my = torch.where(torch.isfinite(my), my, 0.0)
+    a = (x - mx) / T  # <= 0; -inf off p's support
+    b = (y - my) / T
+    # D = (y - x) + (mx - my), both differences exact: s + e = y - x, Ch + Cl = mx - my
+    s = y - x
+    bb = s - y
+    e = (y - (s - bb)) + (-x - bb)
+    Ch = mx - my
+    Cb = Ch - mx
+    Cl = (mx - (Ch - Cb)) + (-my - Cb)
+    d = ((s + Ch) + (e + Cl)) / T
+    del s, bb, e
+    d = d.clamp_(-clamp, clamp)
+    if not dense:
+        d = torch.where(inS, d, 0.0)
+    ep = torch.exp(a)
+    eq = torch.exp(b)
+    risk = None
+    ad = d.abs()
+    if bool((ad > _RISK_D).any()):
+        r = (a > -(floor + 250.0)) & ((a < -floor) | (ad >= clamp)) & (ad > _RISK_D)
+        risk = (r & inS).any(-1)
+    del ad
     Zx = ep.sum(-1, keepdim=True)
     Zy = eq.sum(-1, keepdim=True)
     mu = (ep * d).sum(-1, keepdim=True) / Zx
     bad = bad | ~(torch.isfinite(Zx) & torch.isfinite(Zy) & torch.isfinite(mu))[:, 0]
-    qo = torch.where(px, zero, eq).sum(-1, keepdim=True) / Zy
-    qS = torch.where(inS, eq, zero).sum(-1, keepdim=True) / Zy
-    log_qS = torch.where(qo < 0.5, torch.log1p(-torch.where(qo < 0.5, qo, zero)),
-                         torch.log(qS))
-    lc = my - (mx + torch.log(Zx)) - mu  # p_i e^{d'_i} = e^{lc} eq_i
-    huge = lc > (57.0 if dt == torch.float32 else 678.0)
-    c = torch.exp(torch.where(huge, zero, lc))
-    p_ = ep / Zx
-    dc = torch.where(inS, d - mu, zero)
-    small = dc.abs() < _div._SMALL
-    ser = _div._phi_series(namespace(dc), torch.where(small, dc, zero))
-    term = torch.where(small, p_ * ser, c * eq - p_ * (1 + dc))
-    acc = torch.where(inS, term, zero).sum(-1, keepdim=True)
-    kl = torch.where(huge, lc + torch.log(Zy), torch.log1p(acc) - log_qS)[:, 0]
-    kl = torch.where(esc, torch.full_like(kl, math.inf), kl)
-    kl = torch.where(bad, torch.full_like(kl, math.nan), kl)
-    g = torch.full_like(kl, it) if scale is None else scale.to(dt) * it
-    g = torch.where(esc | bad, zero, g)[:, None]
-    gp = torch.where(inS, -p_ * dc, zero) * g if need_p else None
-    gq = (eq / Zy - p_) * g if need_q else None
-    return kl, gp, gq
-
-
-def _kl_chunk_finite(x, y, it, need_p, need_q, scale):
-    """``_kl_chunk`` for rows without -inf, +inf or nan (the common case): no support masks."""
-    dt = x.dtype
-    xs = x * it if it != 1.0 else x
-    ys = y * it if it != 1.0 else y
-    mx = xs.amax(-1, keepdim=True)
-    my = ys.amax(-1, keepdim=True)
-    ep = torch.exp(xs - mx)
-    eq = torch.exp(ys - my)
-    del xs, ys
-    d = y - x
-    if it != 1.0:
-        d.mul_(it)
-    Zx = ep.sum(-1, keepdim=True)
-    Zy = eq.sum(-1, keepdim=True)
-    mu = (ep * d).sum(-1, keepdim=True) / Zx
-    lc = my - (mx + torch.log(Zx)) - mu  # p_i e^{d'_i} = e^{lc} eq_i
-    huge = lc > (57.0 if dt == torch.float32 else 678.0)
-    c = torch.exp(torch.where(huge, torch.zeros_like(lc), lc))
+    esc = (px & ~py).any(-1) & ~bad
+    if risk is not None:
+        bad = bad | (risk & ~esc)
+    if dense:
+        log_qS = torch.zeros_like(Zy)
+    else:
+        qo = torch.where(px, 0.0, eq).sum(-1, keepdim=True) / Zy
+        qS = torch.where(inS, eq, 0.0).sum(-1, keepdim=True) / Zy
+        use = qo < 0.5
+        log_qS = torch.where(use, torch.log1p(-torch.where(use, qo, 0.0)), torch.log(qS))
+    lc = -torch.log(Zx) - mu  # p_i e^{d'_i} = e^{lc} e^{b_i}
+    huge = lc > floor - 30.0
+    c = torch.exp(torch.where(huge, 0.0, lc))
     p_ = ep.div_(Zx)
     dc = d.sub_(mu)
+    if not dense:
+        dc = torch.where(inS, dc, 0.0)
     small = dc.abs() < _div._SMALL
-    z = torch.where(small, dc, torch.zeros((), dtype=dt, device=dc.device))
+    z = torch.where(small, dc, 0.0)
     coefs = _div._PHI_COEFS if dt == torch.float64 else _div._PHI_COEFS[:9]
     ser = torch.full_like(z, coefs[-1])
     for k in reversed(coefs[:-1]):
         ser.mul_(z).add_(k)
     ser.mul_(z).mul_(z).mul_(p_)  # p phi(d') by the series
     big = torch.addcmul(c * eq, p_, 1 + dc, value=-1.0)  # p e^{d'} - p (1 + d')
-    acc = torch.where(small, ser, big).sum(-1, keepdim=True)
-    del ser, big, z, small
-    kl = torch.where(huge, lc + torch.log(Zy), torch.log1p(acc))[:, 0]
-    g = torch.full_like(kl, it) if scale is None else scale.to(dt) * it
-    g = g[:, None]
-    gq = eq.div_(Zy).sub_(p_).mul_(g) if need_q else None
-    gp = (p_ * dc).mul_(-g) if need_p else None
-    return kl, gp, gq
+    term = torch.where(small, ser, big)
+    if not dense:
+        term = torch.where(inS, term, 0.0)
+    acc = term.sum(-1, keepdim=True)
+    del ser, big, z, small, term
+    kl = torch.where(huge, lc + torch.log(Zy), torch.log1p(acc) - log_qS)[:, 0]
+    kl = torch.where(esc, inf, kl)
+    kl = torch.where(bad, math.nan, kl)
+    g = torch.ones_like(kl) if scale is None else scale.to(dt)
+    g = torch.where(esc | bad, 0.0, g)[:, None]
+    gx = gy = None
+    if need_y:  # (q - p) g / T
+        gy = eq.div_(Zy).sub_(p_).mul_(g).div_(T)
+    if need_x:  # -p d' g / T
+        gx = (p_ * dc).mul_(g).div_(-T)
+    return kl, gx, gy
+
+
+def _kl_kind(kind, p, q, temperature, need_p, need_q, scale, dt):
+    """``_kl_torch`` for "forward" (KL(p || q)) or "reverse" (KL(q || p)) in dtype ``dt``."""
+    x, y, nx, ny = (p, q, need_p, need_q) if kind == "forward" else (q, p, need_q, need_p)
+    rows, gx, gy = _kl_torch(x.to(dt), y.to(dt), temperature, nx, ny, scale)
+    return (rows, gx, gy) if kind == "forward" else (rows, gy, gx)
+
+
+def _resolve(kind, p, q, temperature, beta, need_p, need_q, scale, idx, rows, gp, gq):
+    """Rows ``idx`` that the fast algebra declined (nan): recompute them in place.
+
+    nan or +inf input (possible with ``validate=False``): value nan, gradients nan, so that a
+    diverged model is never hidden. The others: the fast algebra in float64 (forward and
+    reverse KL), then the core's row function in float64 for what remains (all -inf rows,
+    float64 values spanning more than float64 holds).
+    """
+    pi, qi = p.index_select(0, idx), q.index_select(0, idx)
+    si = None if scale is None else scale.index_select(0, idx)
+    f64 = torch.float64
+    nan_in = (torch.isnan(pi) | torch.isnan(qi) | (pi == math.inf) | (qi == math.inf)).any(-1)
+    r = torch.full((idx.numel(),), math.nan, dtype=f64, device=p.device)
+    g1 = torch.full(pi.shape, math.nan, dtype=f64, device=p.device) if need_p else None
+    g2 = torch.full(qi.shape, math.nan, dtype=f64, device=p.device) if need_q else None
+    todo = torch.nonzero(~nan_in).flatten()
+    if todo.numel():
+        pt, qt = pi.index_select(0, todo), qi.index_select(0, todo)
+        st = None if si is None else si.index_select(0, todo)
+        if kind in ("forward", "reverse"):
+            rt, h1, h2 = _kl_kind(kind, pt, qt, temperature, need_p, need_q, st, f64)
+        else:
+            rt = torch.full((todo.numel(),), math.nan, dtype=f64, device=p.device)
+            h1 = h2 = None
+        left = torch.nonzero(torch.isnan(rt)).flatten()
+        if left.numel():
+            sl = None if st is None else st.index_select(0, left)
+            cr, c1, c2 = _torch_rows(kind, pt.index_select(0, left), qt.index_select(0, left),
+                                     "logits", "logits", temperature, beta, need_p, need_q, sl,
+                                     dtype=f64)
+            rt = rt.index_copy(0, left, cr)
+            h1 = c1 if h1 is None else h1.index_copy(0, left, c1)
+            h2 = c2 if h2 is None else h2.index_copy(0, left, c2)
+        r.index_copy_(0, todo, rt)
+        if need_p:
+            g1.index_copy_(0, todo, h1)
+        if need_q:
+            g2.index_copy_(0, todo, h2)
+    rows.index_copy_(0, idx, r.to(rows.dtype))
+    if need_p:
+        gp.index_copy_(0, idx, g1.to(gp.dtype))
+    if need_q:
+        gq.index_copy_(0, idx, g2.to(gq.dtype))
 
 
 def _chunk(kind, p, q, p_space, q_space, temperature, beta, need_p, need_q, scale):
-    """One chunk by the fastest pure-torch route; nan rows are redone by the core's algebra."""
+    """One chunk by the fastest pure-torch route; declined rows are resolved by ``_resolve``."""
     if kind not in ("forward", "reverse"):
         return _torch_rows(kind, p, q, p_space, q_space, temperature, beta, need_p, need_q, scale)
-    if kind == "forward":
-        rows, gp, gq = _kl_chunk(p, q, temperature, need_p, need_q, scale)
-    else:
-        rows, gq, gp = _kl_chunk(q, p, temperature, need_q, need_p, scale)
+    dt = _compute_dtype(p, q) if _moderate(temperature) else torch.float64
+    rows, gp, gq = _kl_kind(kind, p, q, temperature, need_p, need_q, scale, dt)
     redo = torch.nonzero(torch.isnan(rows)).flatten()
     if redo.numel():
-        sc = None if scale is None else scale.index_select(0, redo)
-        r, g1, g2 = _torch_rows(kind, p.index_select(0, redo), q.index_select(0, redo), p_space,
-                                q_space, temperature, beta, need_p, need_q, sc)
-        rows = rows.index_copy(0, redo, r)
-        gp = None if gp is None else gp.index_copy(0, redo, g1)
-        gq = None if gq is None else gq.index_copy(0, redo, g2)
+        _resolve(kind, p, q, temperature, beta, need_p, need_q, scale, redo, rows, gp, gq)
     return rows, gp, gq
 
 
@@ -271,8 +334,10 @@ def _chunk_rows(V):
     return max(1, _CHUNK_ELEMENTS // max(V, 1))
 
 
-def _use_c(kind, p, q, out_p, out_q):
+def _use_c(kind, p, q, out_p, out_q, temperature):
     if _EXT is None or not _USE_EXTENSION.get() or kind not in ("forward", "reverse"):
+        return False
+    if not _moderate(temperature):
         return False
     ts = [p, q] + [t for t in (out_p, out_q) if t is not None]
     for t in ts:
@@ -326,7 +391,7 @@ def divergence_rows_with_grad(kind, p, q, *, p_space, q_space, temperature=1.0, 
     if grad_scale is not None and tuple(grad_scale.shape) != (n,):
         raise ValueError(f"grad_scale: expected shape ({n},), got {tuple(grad_scale.shape)}")
     dt = _compute_dtype(p, q)
-    if _use_c(kind, p, q, out_p, out_q):
+    if _use_c(kind, p, q, out_p, out_q, temperature):
         return _c_rows(kind, p, q, temperature, need_grad_p, need_grad_q, grad_scale,
                        out_p, out_q)
     rows = torch.zeros(n, dtype=dt, device=p.device)
@@ -399,15 +464,8 @@ def _c_rows(kind, p, q, temperature, need_p, need_q, grad_scale, out_p, out_q):
         torch.get_num_threads(),
     )
     redo = torch.nonzero(torch.isnan(rows)).flatten()
-    if redo.numel():  # rows the kernel leaves to the core (nan/inf input, extreme ratios)
-        sc = None if scale is None else scale.index_select(0, redo)
-        r, g1, g2 = _torch_rows(kind, p.index_select(0, redo), q.index_select(0, redo), "logits",
-                                "logits", temperature, 0.5, need_p, need_q, sc)
-        rows.index_copy_(0, redo, r.to(torch.float64))
-        if gp is not None:
-            gp.index_copy_(0, redo, g1.to(dt))
-        if gq is not None:
-            gq.index_copy_(0, redo, g2.to(dt))
+    if redo.numel():  # rows the kernel leaves to Python (nan/inf input, extreme ranges)
+        _resolve(kind, p, q, temperature, 0.5, need_p, need_q, scale, redo, rows, gp, gq)
     return rows.to(dt), gp, gq
 
 
@@ -446,10 +504,12 @@ def _fused_forward(ctx, p, q, kind, p_space, q_space, scale, temperature, beta, 
         beta=beta, need_grad_p=need_p, need_grad_q=need_q, grad_scale=scale,
         out_q=q2 if inplace else None,
     )
-    value = (rows * scale).sum()
+    # summed in float64, returned in the compute dtype: at least float32, the promoted dtype
+    # of mixed inputs (a float16 sum over many rows would overflow; issue 11 item 2)
+    value = (rows.double() * scale.double()).sum()
     ctx.grads = (None if gp is None else gp.view(p.shape),
                  None if gq is None else gq.view(q.shape))
-    return value.to(p.dtype)
+    return value.to(_compute_dtype(p, q))
 
 
 def _fused_backward(ctx, g):
@@ -541,7 +601,7 @@ def fused_divergence(kind, p, q, *, p_space, q_space, reduction, mask, weight, t
                 kind, p.reshape(-1, V), q.reshape(-1, V), p_space=p_space, q_space=q_space,
                 temperature=temperature, beta=beta, need_grad_p=False, need_grad_q=False,
                 grad_scale=scale)
-            return (rows * scale).sum().to(p.dtype)
+            return (rows.double() * scale.double()).sum().to(dt)
     return _FusedDivergence.apply(p, q, kind, p_space, q_space, scale, temperature, beta)
 
 
