@@ -15,6 +15,7 @@ _COMMANDS = {
     "compare": ".compare_cmd",
     "plot": ".plot_cmd",
     "convert": ".convert_cmd",
+    "eval": ".eval_cmd",
 }
 
 

@@ -327,13 +327,20 @@ class DriftMetric:
             sab = self.nll_cross.s.fraction()
             cov = _to_float((n * sab - a.s1.fraction() * b.s1.fraction()) / (Fraction(n) ** 2 * (n - 1)))
         ratio_err = math.sqrt(max(ea * ea + eb * eb - 2 * cov, 0.0)) if n > 1 and cov == cov else math.nan
-        with np.errstate(over="ignore"):
-            return {
-                "ppl_other": _exp(ma), "ppl_other_err": _exp(ma) * ea,
-                "ppl_ref": _exp(mb), "ppl_ref_err": _exp(mb) * eb,
-                "ln_ppl_ratio": ma - mb, "ln_ppl_ratio_err": ratio_err,
-                "correlation": cov / (ea * eb) if n > 1 and ea > 0 and eb > 0 else math.nan,
-            }
+        po, pr = _exp(ma), _exp(mb)
+        lr = ma - mb if math.isfinite(ma) and math.isfinite(mb) else math.nan
+        ratio = _exp(lr) if lr == lr else math.nan
+        with np.errstate(over="ignore", invalid="ignore"):
+            diff_err = (math.sqrt(max((po * ea) ** 2 + (pr * eb) ** 2 - 2 * po * pr * cov, 0.0))
+                        if n > 1 and math.isfinite(po * pr * cov) else math.nan)
+        return {
+            "ppl_other": po, "ppl_other_err": po * ea,
+            "ppl_ref": pr, "ppl_ref_err": pr * eb,
+            "ln_ppl_ratio": ma - mb, "ln_ppl_ratio_err": ratio_err,
+            "ppl_ratio": ratio, "ppl_ratio_err": ratio * ratio_err if n > 1 else math.nan,
+            "ppl_diff": po - pr, "ppl_diff_err": diff_err,
+            "correlation": cov / (ea * eb) if n > 1 and ea > 0 and eb > 0 else math.nan,
+        }
 
     def __repr__(self) -> str:
         m, e = self.mom["kl"].mean_and_error()
