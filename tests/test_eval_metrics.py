@@ -246,3 +246,23 @@ def test_batch_kl():
     assert torch.allclose(ta.grad, ta2.grad, rtol=1e-10, atol=1e-14)
     with pytest.raises(ValueError, match="direction"):
         batch_kl(a, b, direction="sideways")
+
+
+
+def test_sync_over_gloo_equals_one_pass(tmp_path):
+    """Two processes, each with half the tokens: after sync() both hold one pass over all data."""
+    torch = pytest.importorskip("torch")
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed not available")
+    from _eval_sync_worker import data, worker  # a small module: the children import only it
+
+    mp.spawn(worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    a, b, t = data()
+    one = DriftMetric(max_exact=30)
+    one.update(a, b, tokens=t)
+    expect = json.loads(json.dumps(one.state_dict()))
+    for r in range(2):
+        assert json.loads((tmp_path / f"rank{r}.json").read_text()) == expect
