@@ -70,8 +70,12 @@ class HFModel:
         self.torch = torch
         self.name = os.fspath(path)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        import transformers
+
+        major_minor = tuple(int(x) for x in transformers.__version__.split(".")[:2])
+        dkw = "dtype" if major_minor >= (4, 56) else "torch_dtype"  # renamed in 4.56
         try:
-            model = AutoModelForCausalLM.from_pretrained(self.name, dtype=getattr(torch, dtype))
+            model = AutoModelForCausalLM.from_pretrained(self.name, **{dkw: getattr(torch, dtype)})
         except (OSError, ValueError, KeyError) as exc:
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ValueError(f"{self.name}: cannot load a causal language model: {msg}") from None
