@@ -37,14 +37,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warnings(command):
+    """Show warnings as one line on stderr, ``kldiv COMMAND: warning: ...`` (not Python's two)."""
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"kldiv {command}: warning: {message}", file=sys.stderr)
+
+    warnings.showwarning = show
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            _one_line_warnings(args.command)
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -54,9 +68,18 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 0
-    except (ValueError, FileNotFoundError, OSError) as exc:
-        print(f"kldiv {args.command}: error: {exc}", file=sys.stderr)
+    except (ValueError, OSError) as exc:  # FileNotFoundError, IsADirectoryError are OSErrors
+        print(f"kldiv {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 1
+    except (OverflowError, MemoryError) as exc:  # a size no check caught: still one line
+        print(f"kldiv {args.command}: error: {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
+        return 1
+
+
+def _one_line(exc) -> str:
+    """The message of ``exc`` on one line."""
+    text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":  # pragma: no cover

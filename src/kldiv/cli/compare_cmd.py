@@ -26,7 +26,9 @@ def register(subparsers) -> None:
                         "default: the token table of a llama.cpp file")
     p.add_argument("--json", metavar="OUT", help="write the statistics as JSON (atomically)")
     p.add_argument("--per-token", action="store_true", help="include per-token values in --json")
-    p.add_argument("--plot", metavar="OUT.png", help="write the per-token figure (PNG, atomically)")
+    p.add_argument("--plot", metavar="OUT.png",
+                   help="write the per-token figure (atomically; the format follows the extension: "
+                        ".png, .svg, .pdf, .jpg, ...)")
     p.add_argument("--reverse", action="store_true", help="also KL(other || reference)")
     p.add_argument("--js", action="store_true",
                    help="also the Jensen-Shannon divergence (beta 1/2, nats)")
@@ -34,15 +36,33 @@ def register(subparsers) -> None:
                    help="skip rows with NaN logits (counted in the report) instead of failing")
     p.add_argument("--key", help="tensor name in a reference .safetensors with several tensors")
     p.add_argument("--other-key", help="tensor name in the other .safetensors")
+    stat = p.add_mutually_exclusive_group()
+    stat.add_argument("--renormalize", action="store_true",
+                      help="with a llama.cpp KL base file as reference: kldiv's KL, the decoded "
+                           "reference row renormalised (default: llama.cpp's own statistics)")
+    stat.add_argument("--llamacpp", action="store_true",
+                      help="llama.cpp's statistics for a reference of log-probabilities in another "
+                           "format (e.g. converted from a KL base file): stored values as they are, "
+                           "terms <= -16 left out")
+    p.add_argument("--ref-space", choices=("logits", "log_probs", "probs"), default="logits",
+                   help="what REFERENCE holds (default logits; log-probabilities are logits too)")
+    p.add_argument("--other-space", choices=("logits", "log_probs", "probs"), default="logits",
+                   help="what OTHER holds (default logits)")
     p.add_argument("--threads", type=int, default=None, help="kernel threads (default: all cores)")
     p.add_argument("--no-progress", action="store_true", help="never show a progress bar")
     p.add_argument("--quiet", action="store_true", help="do not print the table")
     p.set_defaults(func=run)
 
 
+_NAMES = {"key": "--key", "other_key": "--other-key", "tokens": "--tokens",
+          "ref_space": "--ref-space", "other_space": "--other-space"}
+
+
 def run(args) -> int:
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if args.per_token and not args.json:
+        raise ValueError("--per-token adds the per-token values to --json OUT; give --json too")
     if args.example:
         if args.reference or args.other:
             raise ValueError("--example takes no REFERENCE/OTHER files")
@@ -54,32 +74,49 @@ def run(args) -> int:
             return _run(args, *example_files(args.example_dir), note=args.example_dir)
         with tempfile.TemporaryDirectory(prefix="kldiv-example-") as tmp:  # removed afterwards
             return _run(args, *example_files(tmp),
-                        note=f"generated: {N_TOKENS} tokens x {N_VOCAB} vocabulary")
+                        note=f"{N_TOKENS} tokens x {N_VOCAB} vocabulary, generated in a temporary "
+                             f"directory; --example-dir DIR keeps the files",
+                        shown=("example reference.npy", "example other.npy"))
     if not (args.reference and args.other):
         raise ValueError("need REFERENCE and OTHER files (or --example)")
     return _run(args, args.reference, args.other, args.tokens)
 
 
-def _run(args, ref, other, tokens, note=None) -> int:
+def _run(args, ref, other, tokens, note=None, shown=None) -> int:
     from ..compare import compare
+    from ._outputs import check_output, figure_format
 
+    # every output is checked before the work starts
+    created = []
+    if args.json:
+        created.append(check_output(args.json, "--json"))
+    if args.plot:
+        figure_format(args.plot, "--plot")
+        created.append(check_output(args.plot, "--plot", kind="figure file"))
     tokens = args.tokens or tokens
     if note and not args.quiet:
         print(f"example ({note}): a reference model's logits and a quantised copy's\n")
     report = compare(ref, other, tokens=tokens, reverse=args.reverse, js=args.js,
                      skip_nan=args.skip_nan, key=args.key, other_key=args.other_key,
-                     threads=args.threads, progress=False if args.no_progress else None)
+                     threads=args.threads, progress=False if args.no_progress else None,
+                     llamacpp=True if args.llamacpp else False if args.renormalize else None,
+                     ref_space=args.ref_space, other_space=args.other_space, _names=_NAMES)
+    if shown:  # the example's files live in a directory that is gone afterwards
+        report.reference, report.other = shown
     if not args.quiet:
         print(report.table())
-    if args.json:
-        report.to_json(args.json, per_token=args.per_token)
+    for d in sorted({c for c in created if c}):
         if not args.quiet:
-            print(f"\nstatistics: {args.json}")
+            print(f"\ncreated directory {d}")
     if args.plot:
         from ..plots import plot_compare
 
         plot_compare(report, args.plot)
+    if args.json:
+        report.to_json(args.json, per_token=args.per_token)
         if not args.quiet:
-            print(f"figure: {args.plot}")
+            print(f"\nstatistics: {args.json}")
+    if args.plot and not args.quiet:
+        print(f"figure: {args.plot}")
     sys.stdout.flush()
     return 0

@@ -43,24 +43,24 @@ def register(subparsers) -> None:
                         "INPUT's dtype (float32 for a llama.cpp INPUT)")
     p.add_argument("--below-window", choices=("drop", "floor"), default="drop",
                    help="a llama.cpp INPUT's entries below its 16-nat window: -inf (drop, as a "
-                        "reference is read; default) or the stored floor value (floor, as the other side)")
+                        "reference is read; default) or the stored floor value (floor, the value "
+                        "llama.cpp reads); either way, converting the file back to llama.cpp's "
+                        "format gives the same stored rows")
     p.add_argument("--no-progress", action="store_true", help="never show a progress bar")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from ..io import convert_logits, load_tokens, open_logits
+    from ._outputs import check_output
 
     names = dict(_NAMES)
+    created = check_output(args.output, "OUTPUT")
     tokens = None
-    try:
-        if args.tokens is not None:
-            names["tokens"] = f"--tokens {args.tokens}"
-            tokens = load_tokens(args.tokens)
-        src = open_logits(args.input, key=args.key,
-                          side="reference" if args.below_window == "drop" else "other")
-    except TypeError as exc:  # a file of the wrong dtype (integer logits, float token ids)
-        raise ValueError(str(exc)) from None
+    if args.tokens is not None:
+        names["tokens"] = f"--tokens {args.tokens}"
+        tokens = load_tokens(args.tokens)
+    src = open_logits(args.input, key=args.key, below_window=args.below_window, key_name="--key")
     try:
         result = convert_logits(src, args.output, to=args.to, dtype=args.dtype,
                                 out_key=args.out_key, tokens=tokens, n_ctx=args.n_ctx,
@@ -68,6 +68,8 @@ def run(args) -> int:
                                 progress=False if args.no_progress else None, _names=names)
     finally:
         src.close()
+    if created:
+        print(f"created directory {created}")
     print(result)
     sys.stdout.flush()
     return 0

@@ -16,7 +16,9 @@ def register(subparsers) -> None:
         ),
     )
     p.add_argument("file", help="CSV or JSON file, one distribution per row")
-    p.add_argument("-o", "--out", metavar="OUT.png", help="output PNG (default: FILE with .png)")
+    p.add_argument("-o", "--out", metavar="OUT.png",
+                   help="output figure, its format from the extension (.png, .svg, .pdf, ...; "
+                        "default: FILE with .png)")
     p.add_argument("--divergence", choices=("kl", "reverse_kl", "js", "jeffreys"), default="kl",
                    help="divergence of the heat map (default kl: KL(row || column))")
     p.add_argument("--reference", metavar="LABEL",
@@ -28,8 +30,15 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from ..plots import plot_table_file
+    from ._outputs import check_output, figure_format
 
+    created = None
+    if args.out:
+        figure_format(args.out, "--out")
+        created = check_output(args.out, "--out", kind="figure file")
     out = plot_table_file(args.file, args.out, divergence=args.divergence,
                           reference=args.reference, normalize=args.normalize)
+    if created:
+        print(f"created directory {created}")
     print(f"figure: {out}")
     return 0

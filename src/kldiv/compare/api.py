@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 
@@ -11,6 +12,8 @@ from . import kernel as K
 from .report import Report
 
 _CHUNK_BYTES = 32 << 20  # per side and block: bounded memory whatever the number of tokens
+_LLAMACPP_CUT = -16.0    # llama.cpp drops reference terms with log-probability <= -16
+_SPACES = ("logits", "log_probs", "probs")
 
 
 def _status_error(code: int, row: int, ref, oth, tok_name) -> str:
@@ -28,7 +31,8 @@ def _status_error(code: int, row: int, ref, oth, tok_name) -> str:
 
 def compare(reference, other, *, tokens=None, reverse=False, js=False, skip_nan=False,
             key=None, other_key=None, threads=None, progress=None, chunk_rows=None,
-            force_fallback=False) -> Report:
+            force_fallback=False, llamacpp=None, ref_space="logits", other_space="logits",
+            _names=None) -> Report:
     """Per-token divergence of ``other`` from ``reference``, streamed over two logits files.
 
     .. math::
@@ -39,6 +43,22 @@ def compare(reference, other, *, tokens=None, reverse=False, js=False, skip_nan=
     for every row t (one token position), with the same accurate formula as
     ``kldiv.kl_div(p, q, p_space="logits", q_space="logits")``, plus the top-1 agreement and, when
     the actual next tokens are known, ``delta_p = q_t(token) - p_t(token)``.
+
+    With a llama.cpp KL base file as the reference (``llamacpp=None``, the default, decides
+    from the reference's format), the statistics are llama.cpp's own: the reference row is the
+    stored log-probabilities ``l_i`` as they are, not renormalised, and terms with
+    ``l_i <= -16`` are left out,
+
+    .. math::
+
+        \\mathrm{KL}^{\\text{llama.cpp}}_t = \\sum_{i:\\, l_i > -16} e^{l_i} (l_i - \\log q_{t,i}),
+
+    the token's reference probability is its stored value ``e^{l_token}``, and the quantiles are
+    interpolated in float32 as llama.cpp does, so that ``llama-perplexity --kl-divergence``
+    prints the same numbers. ``llamacpp=False`` gives kldiv's variant (the decoded reference row
+    renormalised, entries below the stored window probability 0); ``llamacpp=True`` applies
+    llama.cpp's rule to a reference of log-probabilities in another format. Reverse KL and JS
+    always use the renormalised reference.
 
     Args:
         reference, other: paths to .npy / .safetensors / llama.cpp KL base files (recognised by
@@ -55,13 +75,20 @@ def compare(reference, other, *, tokens=None, reverse=False, js=False, skip_nan=
         progress: show a progress bar (default: only when stderr is a terminal and CI is unset).
         chunk_rows: rows per block (default: about 32 MB per side).
         force_fallback: use the NumPy kernel even when the compiled one is available.
+        llamacpp: llama.cpp's statistics (see above); default: when the reference is a
+            llama.cpp KL base file.
+        ref_space, other_space: what each file holds: "logits" (default; log-probabilities
+            are logits too), "log_probs" (the same, said explicitly) or "probs" (probabilities,
+            logged block by block). A "logits" file whose rows look like probabilities
+            (values in [0, 1], rows summing to 1) gets a warning.
 
     Returns:
         A :class:`~kldiv.compare.report.Report`.
 
     Raises:
         ValueError naming the file and row: truncated/corrupt files, wrong magic, mismatched
-        shapes, NaN/+inf logits (unless ``skip_nan`` for NaN), tokens outside the vocabulary.
+        shapes, files without rows, NaN/+inf logits (unless ``skip_nan`` for NaN), negative
+        probabilities, tokens outside the vocabulary.
 
     Edge cases: a row where the other model gives probability 0 (logit -inf) to a token the
     reference supports has KL = +inf; -inf logits are allowed otherwise.
@@ -73,11 +100,23 @@ def compare(reference, other, *, tokens=None, reverse=False, js=False, skip_nan=
     >>> r.kl.round(6).tolist()   # 0.5 ln(0.5/0.25) + 0.5 ln(0.5/0.75) = 0.143841; identical rows: 0
     [0.143841, 0.0]
     """
-    ref = open_logits(reference, key=key, side="reference")
-    oth = open_logits(other, key=other_key, side="other")
+    names = {"key": "key=", "other_key": "other_key=", "tokens": "tokens"}
+    names.update(_names or {})
+    for label, space in (("ref_space", ref_space), ("other_space", other_space)):
+        if space not in _SPACES:
+            raise ValueError(f"{names.get(label, label)} must be one of {', '.join(_SPACES)}, got {space!r}")
+    ref = open_logits(reference, key=key, side="reference", key_name=names["key"])
     try:
+        oth = open_logits(other, key=other_key, side="other", key_name=names["other_key"])
+    except BaseException:
+        if ref is not reference:
+            ref.close()
+        raise
+    try:
+        if llamacpp is None:
+            llamacpp = ref.format == "llama.cpp-kld"
         return _compare(ref, oth, tokens, reverse, js, skip_nan, threads, progress, chunk_rows,
-                        force_fallback)
+                        force_fallback, bool(llamacpp), (ref_space, other_space), names)
     finally:
         if ref is not reference:
             ref.close()
@@ -85,7 +124,57 @@ def compare(reference, other, *, tokens=None, reverse=False, js=False, skip_nan=
             oth.close()
 
 
-def _compare(ref, oth, tokens, reverse, js, skip_nan, threads, progress, chunk_rows, force_fallback):
+def _as_logits(block, space, src, start):
+    """A block of ``space`` values as logits: probabilities are logged (negative ones are errors)."""
+    if space != "probs":
+        return block
+    neg = (block < 0).any(1)
+    if neg.any():
+        r = start + int(np.argmax(neg))
+        raise ValueError(f"{src.name}: row {r} has negative probabilities (read as probabilities)")
+    with np.errstate(divide="ignore"):
+        return np.log(block)
+
+
+def _warn_if_probabilities(block, src, option):
+    """Warn when a file read as logits holds rows that look like probabilities."""
+    if block.size == 0 or block.shape[1] < 2:
+        return
+    with np.errstate(invalid="ignore"):
+        looks = bool(((block >= 0) & (block <= 1)).all()) and bool(
+            (np.abs(block.sum(1, dtype=np.float64) - 1) < 1e-3).all())
+    if looks:
+        warnings.warn(f"{src.name}: its rows look like probabilities (values in [0, 1] summing to 1) "
+                      f"but are read as logits, which gives a wrong KL; if they are, say so with "
+                      f"{option} probs", UserWarning, stacklevel=4)
+
+
+def _llamacpp_rows(a_raw, r, tok, n):
+    """llama.cpp's per-row statistics from the kernel's results on the cut reference.
+
+    The kernel saw ``a`` = the stored log-probabilities with those <= -16 set to -inf, i.e.
+    p~ = softmax(a) = e^l / Z over the kept terms, Z = sum_kept e^l. Then
+    sum_kept e^l (l - log q) = Z (KL(p~ || q) + log Z), with log Z = max(l) + logz_ref.
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        top = a_raw.max(1).astype(np.float64)
+        log_z = top + r.logz_ref
+        kl = np.exp(log_z) * (r.kl + log_z)
+    kl = np.where(np.isinf(r.kl), r.kl, kl)
+    empty = top <= _LLAMACPP_CUT  # nothing kept: llama.cpp's sum is 0
+    if empty.any():
+        kl[empty] = 0.0
+        r.top_ref[empty] = a_raw[empty].argmax(1)
+    lp = None
+    if tok is not None:
+        inrange = (tok >= 0) & (tok < a_raw.shape[1])
+        t = np.where(inrange, tok, 0)
+        lp = np.where(inrange, a_raw[np.arange(n), t].astype(np.float64), np.nan)
+    return kl, np.exp(top), lp
+
+
+def _compare(ref, oth, tokens, reverse, js, skip_nan, threads, progress, chunk_rows, force_fallback,
+             llamacpp, spaces, names):
     if ref.n_vocab != oth.n_vocab:
         raise ValueError(f"vocabulary sizes differ: {ref.name} has {ref.n_vocab} categories per row, "
                          f"{oth.name} has {oth.n_vocab}")
@@ -98,8 +187,10 @@ def _compare(ref, oth, tokens, reverse, js, skip_nan, threads, progress, chunk_r
                         f"{src.n_ctx - 1 - src.n_ctx // 2} rows per chunk; the other file needs the same rows)")
         raise ValueError(f"row counts differ: {ref.name} has {ref.n_rows} rows, {oth.name} has "
                          f"{oth.n_rows}{hint}")
+    if ref.n_rows == 0:
+        raise ValueError(f"nothing to compare: {ref.name} and {oth.name} have no rows")
     n, v = ref.n_rows, ref.n_vocab
-    tok_name = "tokens"
+    tok_name = names["tokens"]
     if tokens is None:
         tok = ref.tokens if ref.tokens is not None else oth.tokens
         if tok is not None:
@@ -116,6 +207,8 @@ def _compare(ref, oth, tokens, reverse, js, skip_nan, threads, progress, chunk_r
             raise ValueError(f"tokens: {tok.shape[0]} tokens for {n} rows (one token per row expected)")
     if tok is not None:
         tok = np.ascontiguousarray(tok, dtype=np.int32)
+    # llama.cpp's statistics read the stored values of a KL base file (never -inf)
+    read_ref = getattr(ref, "read_stored", ref.read) if llamacpp else ref.read
 
     f64 = ref.read(0, min(1, n)).dtype == np.float64 or oth.read(0, min(1, n)).dtype == np.float64
     numpy_path = force_fallback or f64 or K.extension() is None
@@ -135,9 +228,19 @@ def _compare(ref, oth, tokens, reverse, js, skip_nan, threads, progress, chunk_r
     try:
         for s in range(0, n, rows_per):
             e = min(n, s + rows_per)
-            a = ref.read(s, e)
-            b = oth.read(s, e)
-            r = K.row_stats(a, b, tokens=None if tok is None else tok[s:e], reverse=reverse, js=js,
+            a = _as_logits(read_ref(s, e), spaces[0], ref, s)
+            b = _as_logits(oth.read(s, e), spaces[1], oth, s)
+            if s == 0:
+                for blk, src, space, opt in ((a, ref, spaces[0], names.get("ref_space", "ref_space=")),
+                                             (b, oth, spaces[1], names.get("other_space", "other_space="))):
+                    if space == "logits" and src.format != "llama.cpp-kld":
+                        _warn_if_probabilities(blk, src, opt)
+            a_raw = a
+            if llamacpp:
+                a = np.where(a_raw <= _LLAMACPP_CUT, -np.inf, a_raw).astype(a_raw.dtype)
+                a[(a_raw <= _LLAMACPP_CUT).all(1)] = 0.0  # nothing kept: a placeholder row
+            tb = None if tok is None else tok[s:e]
+            r = K.row_stats(a, b, tokens=tb, reverse=reverse, js=js,
                             threads=threads, force_fallback=force_fallback)
             bad = np.flatnonzero(r.status)
             if bad.size:
@@ -147,15 +250,17 @@ def _compare(ref, oth, tokens, reverse, js, skip_nan, threads, progress, chunk_r
                 else:
                     i = bad[0] if not skip_nan else bad[~nan_only][0]
                     raise ValueError(_status_error(int(r.status[i]), s + int(i), ref, oth, tok_name))
+            if llamacpp:
+                r.kl, top_p, lp_tok = _llamacpp_rows(a_raw, r, tb, e - s)
             kl[s:e] = r.kl
             if reverse:
                 rkl[s:e] = r.rkl
             if js:
                 jsv[s:e] = r.js
             same[s:e] = r.top_ref == r.top_other
-            ptop[s:e] = np.exp(-r.logz_ref)
+            ptop[s:e] = top_p if llamacpp else np.exp(-r.logz_ref)
             if tok is not None:
-                lpa[s:e] = r.lp_ref_tok
+                lpa[s:e] = lp_tok if llamacpp else r.lp_ref_tok
                 lpb[s:e] = r.lp_other_tok
                 # a llama.cpp reference decodes entries below its window as probability 0; for the
                 # token's own probability use the stored floor value, as llama.cpp does
@@ -175,6 +280,8 @@ def _compare(ref, oth, tokens, reverse, js, skip_nan, threads, progress, chunk_r
         if bar is not None:
             bar.close()
 
+    if not keep.any():
+        raise ValueError(f"nothing to compare: all {n} rows have NaN logits and were skipped")
     rows = np.flatnonzero(keep)
     sel = (lambda x: None if x is None else x[keep]) if not keep.all() else (lambda x: x)
     dp = nll_r = nll_o = None
@@ -188,4 +295,5 @@ def _compare(ref, oth, tokens, reverse, js, skip_nan, threads, progress, chunk_r
         kl=sel(kl), rows=rows, same_top=sel(same), p_top_ref=sel(ptop),
         reverse_kl=sel(rkl), js=sel(jsv), delta_p=dp, nll_ref=nll_r, nll_other=nll_o,
         skipped_rows=np.flatnonzero(~keep), formats=(ref.format, oth.format), kernel=kernel,
+        llamacpp=llamacpp,
     )

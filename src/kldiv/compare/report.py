@@ -21,7 +21,9 @@ class Report:
     requested, ``same_top`` (bool), ``p_top_ref`` (the reference's top-1 probability),
     ``delta_p`` = p_other(token) - p_ref(token) and ``nll_ref``/``nll_other`` when tokens are
     known. ``summary()`` gives llama.cpp's statistics as a dict, ``table()`` as text,
-    ``to_json(path)`` writes them (atomically).
+    ``to_json(path)`` writes them (atomically). ``llamacpp``: the KL and the reference's token
+    probabilities are llama.cpp's (stored reference log-probabilities, not renormalised, terms
+    <= -16 left out; float32 quantiles), see :func:`kldiv.compare.compare`.
     """
 
     reference: str
@@ -40,6 +42,11 @@ class Report:
     skipped_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     formats: tuple = ("", "")
     kernel: str = ""
+    llamacpp: bool = False
+
+    @property
+    def _method(self) -> str:
+        return "llamacpp" if self.llamacpp else "linear"
 
     @property
     def n_tokens(self) -> int:
@@ -56,16 +63,17 @@ class Report:
             "formats": list(self.formats), "n_vocab": self.n_vocab,
             "n_rows": self.n_rows, "n_tokens": self.n_tokens, "n_skipped_nan": self.n_skipped,
             "kernel": self.kernel,
-            "kl": S.distribution_summary(self.kl),
+            "statistics": "llama.cpp" if self.llamacpp else "kldiv",
+            "kl": S.distribution_summary(self.kl, method=self._method),
         }
         if self.reverse_kl is not None:
-            out["reverse_kl"] = S.distribution_summary(self.reverse_kl)
+            out["reverse_kl"] = S.distribution_summary(self.reverse_kl, method=self._method)
         if self.js is not None:
-            out["js"] = S.distribution_summary(self.js)
+            out["js"] = S.distribution_summary(self.js, method=self._method)
         s, e = S.share_and_error(self.same_top)
         out["same_top"] = {"share": s, "share_err": e}
         if self.delta_p is not None:
-            dp = S.distribution_summary(self.delta_p, S.DP_QUANTILES)
+            dp = S.distribution_summary(self.delta_p, S.DP_QUANTILES, method=self._method)
             dp["rms"], dp["rms_err"] = S.rms_and_error(self.delta_p)
             out["delta_p"] = dp
             out["perplexity"] = S.log_ppl_summary(self.nll_other, self.nll_ref)
@@ -78,13 +86,22 @@ class Report:
                  f"other:     {self.other}  ({self.formats[1]})",
                  f"tokens:    {self.n_tokens} compared"
                  + (f", {self.n_skipped} NaN rows skipped" if self.n_skipped else "")
-                 + f", vocabulary {self.n_vocab}", ""]
+                 + f", vocabulary {self.n_vocab}"]
+        if self.llamacpp:
+            lines += ["KL as llama.cpp computes it: the reference's stored log-probabilities as they "
+                      "are (not renormalised),",
+                      "terms with log-probability <= -16 left out (`--renormalize` for kldiv's "
+                      "renormalised KL)"]
+        lines += ["mean ± e: e is the standard error of the mean over tokens", ""]
         if "perplexity" in s:
             p = s["perplexity"]
             lines += ["====== Perplexity statistics ======",
                       f"Mean PPL(other)               : {_f(p['ppl_other'])} ± {_f(p['ppl_other_err'])}",
                       f"Mean PPL(ref)                 : {_f(p['ppl_ref'])} ± {_f(p['ppl_ref_err'])}",
+                      f"Cor(ln(PPL(other)), ln(PPL(ref))): {_pct(p['correlation'], 2)}",
                       f"Mean ln(PPL(other)/PPL(ref))  : {_f(p['ln_ppl_ratio'])} ± {_f(p['ln_ppl_ratio_err'])}",
+                      f"Mean PPL(other)/PPL(ref)      : {_f(p['ppl_ratio'])} ± {_f(p['ppl_ratio_err'])}",
+                      f"Mean PPL(other)-PPL(ref)      : {_f(p['ppl_diff'])} ± {_f(p['ppl_diff_err'])}",
                       ""]
         for key, title in (("kl", "KL divergence"), ("reverse_kl", "Reverse KL divergence"),
                            ("js", "Jensen-Shannon divergence")):
@@ -101,6 +118,9 @@ class Report:
             lines.append(f"RMS Δp    : {_pct(d['rms'])} ± {_pct(d['rms_err'])}")
         st = s["same_top"]
         lines.append(f"Same top p: {_pct(st['share'])} ± {_pct(st['share_err'])}")
+        if self.delta_p is None:
+            lines += ["", "(no token ids: the perplexities and Δp, the change in the probability of "
+                          "the actual next token, need --tokens FILE)"]
         return "\n".join(lines)
 
     def to_json(self, path, *, per_token: bool = False) -> None:
@@ -126,12 +146,24 @@ class Report:
                 f"{self.reference!r} vs {self.other!r}>")
 
 
+def _nonneg_zero(text: str) -> str:
+    """'-0.000' (a tiny negative rounded to zero) printed without its sign."""
+    t = text.strip().rstrip("%").strip()
+    if t.startswith("-") and set(t[1:]) <= set("0."):
+        return text.replace("-", " ", 1)
+    return text
+
+
 def _f(x) -> str:
-    return "       nan" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:10.6f}"
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "       nan"
+    return _nonneg_zero(f"{x:10.6f}")
 
 
-def _pct(x) -> str:
-    return "   nan %" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:7.3f} %"
+def _pct(x, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "   nan %"
+    return _nonneg_zero(f"{100 * x:{digits + 4}.{digits}f} %")
 
 
 def _jsonable(x):

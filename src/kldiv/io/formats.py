@@ -304,6 +304,9 @@ class KldSource(_MappedSource):
         with open(path, "rb") as fh:
             size = os.fstat(fh.fileno()).st_size
             head = fh.read(HEADER_BYTES)
+            if head[:8] == KLD_MAGIC and len(head) < HEADER_BYTES:
+                raise ValueError(f"{path}: truncated file: {size} bytes, a llama.cpp KL-divergence "
+                                 f"base file's header alone has {HEADER_BYTES}")
             if len(head) < HEADER_BYTES or head[:8] != KLD_MAGIC:
                 raise ValueError(f"{path}: not a llama.cpp KL-divergence base file "
                                  f"(expected magic {KLD_MAGIC!r} and a 20-byte header, found "

@@ -7,7 +7,7 @@ unless a backend is already in use); PNG files are written atomically.
 - :func:`plot_contributions`: per-category contributions ``p_i log(p_i / q_i)`` to KL(p || q);
 - :func:`plot_divergence_matrix`: heat map of pairwise divergences;
 - :func:`plot_compare`: the per-token KL figure of a :class:`kldiv.compare.Report`;
-- :func:`save_figure`: atomic PNG writer.
+- :func:`save_figure`: atomic writer, in the format of the file's extension (PNG without one).
 """
 from __future__ import annotations
 

@@ -24,11 +24,32 @@ def _plt():
     return plt
 
 
+def figure_format(path) -> str:
+    """The image format of ``path`` from its extension, as matplotlib names it ("png" when the
+    name has no extension); an extension matplotlib cannot write is a ValueError.
+
+    >>> figure_format("kl.png"), figure_format("kl.JPG"), figure_format("kl")
+    ('png', 'jpg', 'png')
+    """
+    ext = os.path.splitext(os.fspath(path))[1].lower().lstrip(".")
+    if not ext:
+        return "png"
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    known = FigureCanvasBase.get_supported_filetypes()
+    if ext not in known:
+        raise ValueError(f"{os.fspath(path)}: unknown image format {ext!r}; use one of "
+                         f"{', '.join('.' + k for k in sorted(known))}")
+    return ext
+
+
 def save_figure(fig, path, *, dpi: int = 110) -> str:
-    """Save ``fig`` as a PNG at ``path`` atomically (temporary file + ``os.replace``); return path."""
+    """Save ``fig`` at ``path`` atomically (temporary file + ``os.replace``) in the format of
+    its extension (PNG without one; :func:`figure_format`); return path."""
     path = os.fspath(path)
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=dpi)
+    fmt = figure_format(path)
+    with atomic_path(path, suffix="." + fmt) as tmp:
+        fig.savefig(tmp, format=fmt, dpi=dpi)
     return path
 
 
@@ -251,6 +272,26 @@ def _is_number(s: str) -> bool:
         return False
 
 
+def _check_text_table(path):
+    """Refuse a binary file (a logits file above all) with a message saying what is read."""
+    with open(path, "rb") as fh:
+        head = fh.read(4096)
+    kind = ("a NumPy .npy file" if head.startswith(b"\x93NUMPY")
+            else "a llama.cpp KL base file" if head.startswith(b"_logits_")
+            else "a safetensors file" if head[8:9] == b"{" and b"\0" in head[:8]
+            else "binary data" if b"\0" in head else None)
+    if kind is None:
+        try:
+            head.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            if exc.start < len(head) - 4:  # not just a character cut at the end of the probe
+                kind = "binary data (not UTF-8 text)"
+    if kind is not None:
+        raise ValueError(f"{path}: this is {kind}; `kldiv plot` reads small distributions from a "
+                         f"CSV or JSON file (one distribution per row); for logits files use "
+                         f"`kldiv compare REFERENCE OTHER --plot OUT.png`")
+
+
 def read_table(path):
     """Read small distributions from CSV or JSON: returns (2-d array, labels, categories).
 
@@ -261,6 +302,9 @@ def read_table(path):
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path}: is a directory, expected a CSV or JSON file")
+    _check_text_table(path)
     labels = categories = None
     if path.lower().endswith(".json"):
         with open(path, encoding="utf-8") as fh:
@@ -383,6 +427,14 @@ def plot_compare(report, path=None, *, title=None, close=True):
     fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
     ax = axes[0, 0]
     vals = klc[fin]
+    if not vals.size:  # every KL infinite: nothing to draw on log axes, say so
+        for a in (axes[0, 0], axes[0, 1], axes[1, 0]):
+            a.text(0.5, 0.5, f"all {n_inf} tokens have infinite KL\n(the other model gives "
+                   f"probability 0 to a token the reference supports)", ha="center", va="center",
+                   transform=a.transAxes, fontsize=9)
+            a.set_xticks([])
+            a.set_yticks([])
+        return _finish_compare(fig, axes, report, title, path, close)
     lo, hi = (np.log10(vals.min()), np.log10(vals.max())) if vals.size else (-12, 0)
     if hi - lo < 1e-9:
         lo, hi = lo - 0.5, hi + 0.5
@@ -434,9 +486,15 @@ def plot_compare(report, path=None, *, title=None, close=True):
     ax.set_title("Confidence of the reference vs KL", fontsize=10)
     ax.legend(frameon=False, fontsize=8)
 
+    return _finish_compare(fig, axes, report, title, path, close)
+
+
+def _finish_compare(fig, axes, report, title, path, close):
+    """The delta p panel, the summary box and the title of :func:`plot_compare`."""
     ax = axes[1, 1]
-    if report.delta_p is not None and report.delta_p.size:
+    if report.delta_p is not None and report.delta_p.size and np.isfinite(report.delta_p).any():
         dp = 100 * np.asarray(report.delta_p)
+        dp = dp[np.isfinite(dp)]
         lim = max(float(np.max(np.abs(dp))), 1e-6)
         counts, _, _ = ax.hist(dp, bins=np.linspace(-lim, lim, 61), color="tab:green", alpha=0.8)
         ax.set_yscale("log")
