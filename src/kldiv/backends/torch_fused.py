@@ -180,7 +180,6 @@ def _kl_torch(x, y, temperature, need_x, need_y, scale):
     dt = x.dtype
     T = float(temperature)
     floor = 87.0 if dt == torch.float32 else 708.0
-    clamp = torch.finfo(dt).max / 4
     ninf, inf = -math.inf, math.inf
     px = x > ninf
     py = y > ninf
@@ -199,30 +198,33 @@ def _kl_torch(x, y, temperature, need_x, need_y, scale):
     my = torch.where(torch.isfinite(my), my, 0.0)
     a = (x - mx) / T  # <= 0; -inf off p's support
     b = (y - my) / T
-    # D = (y - x) + (mx - my), both differences exact: s + e = y - x, Ch + Cl = mx - my
+    # the raw log-ratio D = (y - x) + (mx - my) (d = D / T), both differences exact:
+    # s + e = y - x and Ch + Cl = mx - my (TwoSum); |D| <= the span, finite in the dtype
     s = y - x
     bb = s - y
     e = (y - (s - bb)) + (-x - bb)
     Ch = mx - my
     Cb = Ch - mx
     Cl = (mx - (Ch - Cb)) + (-my - Cb)
-    d = ((s + Ch) + (e + Cl)) / T
+    D = (s + Ch) + (e + Cl)
     del s, bb, e
-    d = d.clamp_(-clamp, clamp)
     if not dense:
-        d = torch.where(inS, d, 0.0)
+        D = torch.where(inS, D, 0.0)
     ep = torch.exp(a)
     eq = torch.exp(b)
+    # wild rows: log-ratios beyond 2**20 (T tiny, or values of 1e30): guards against 0 * inf
+    wild = bool((D.abs().amax() / T) > _RISK_D) if D.numel() else False
     risk = None
-    ad = d.abs()
-    if bool((ad > _RISK_D).any()):
-        r = (a > -(floor + 250.0)) & ((a < -floor) | (ad >= clamp)) & (ad > _RISK_D)
+    if wild:
+        # an entry whose p_i underflows here (but not by far) against a huge log-ratio:
+        # p_i |d_i| may matter, the row goes to float64 (or, in float64, to the core)
+        r = (a > -(floor + 250.0)) & (a < -floor) & (D.abs() / T > _RISK_D)
         risk = (r & inS).any(-1)
-    del ad
     Zx = ep.sum(-1, keepdim=True)
     Zy = eq.sum(-1, keepdim=True)
-    mu = (ep * d).sum(-1, keepdim=True) / Zx
-    bad = bad | ~(torch.isfinite(Zx) & torch.isfinite(Zy) & torch.isfinite(mu))[:, 0]
+    p_ = ep.div_(Zx)
+    muR = (p_ * D).sum(-1, keepdim=True)  # E_p[D], raw units: a convex combination, finite
+    bad = bad | ~(torch.isfinite(Zx) & torch.isfinite(Zy) & torch.isfinite(muR))[:, 0]
     esc = (px & ~py).any(-1) & ~bad
     if risk is not None:
         bad = bad | (risk & ~esc)
@@ -233,13 +235,13 @@ def _kl_torch(x, y, temperature, need_x, need_y, scale):
         qS = torch.where(inS, eq, 0.0).sum(-1, keepdim=True) / Zy
         use = qo < 0.5
         log_qS = torch.where(use, torch.log1p(-torch.where(use, qo, 0.0)), torch.log(qS))
-    lc = -torch.log(Zx) - mu  # p_i e^{d'_i} = e^{lc} e^{b_i}
+    lc = -torch.log(Zx) - muR / T  # p_i e^{d'_i} = e^{lc} e^{b_i}
     huge = lc > floor - 30.0
     c = torch.exp(torch.where(huge, 0.0, lc))
-    p_ = ep.div_(Zx)
-    dc = d.sub_(mu)
+    Dc = D.sub_(muR)  # centred, raw units: finite
     if not dense:
-        dc = torch.where(inS, dc, 0.0)
+        Dc = torch.where(inS, Dc, 0.0)
+    dc = Dc / T  # d' (+-inf only in wild rows, where p_i = 0)
     small = dc.abs() < _div._SMALL
     z = torch.where(small, dc, 0.0)
     coefs = _div._PHI_COEFS if dt == torch.float64 else _div._PHI_COEFS[:9]
@@ -247,12 +249,15 @@ def _kl_torch(x, y, temperature, need_x, need_y, scale):
     for k in reversed(coefs[:-1]):
         ser.mul_(z).add_(k)
     ser.mul_(z).mul_(z).mul_(p_)  # p phi(d') by the series
-    big = torch.addcmul(c * eq, p_, 1 + dc, value=-1.0)  # p e^{d'} - p (1 + d')
+    pe = c * eq  # p e^{d'}
+    big = torch.addcmul(pe, p_, 1 + dc, value=-1.0)  # p e^{d'} - p (1 + d')
+    if wild:
+        big = torch.where(p_ > 0, big, pe)
     term = torch.where(small, ser, big)
     if not dense:
         term = torch.where(inS, term, 0.0)
     acc = term.sum(-1, keepdim=True)
-    del ser, big, z, small, term
+    del ser, big, z, small, term, pe, dc
     kl = torch.where(huge, lc + torch.log(Zy), torch.log1p(acc) - log_qS)[:, 0]
     kl = torch.where(esc, inf, kl)
     kl = torch.where(bad, math.nan, kl)
@@ -261,8 +266,8 @@ def _kl_torch(x, y, temperature, need_x, need_y, scale):
     gx = gy = None
     if need_y:  # (q - p) g / T
         gy = eq.div_(Zy).sub_(p_).mul_(g).div_(T)
-    if need_x:  # -p d' g / T
-        gx = (p_ * dc).mul_(g).div_(-T)
+    if need_x:  # -p d' g / T with d' = Dc / T (finite unless the true value overflows)
+        gx = (p_ * Dc).div_(T).mul_(g).div_(-T)
     return kl, gx, gy
 
 
