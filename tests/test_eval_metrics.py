@@ -266,3 +266,20 @@ def test_sync_over_gloo_equals_one_pass(tmp_path):
     expect = json.loads(json.dumps(one.state_dict()))
     for r in range(2):
         assert json.loads((tmp_path / f"rank{r}.json").read_text()) == expect
+
+
+@pytest.mark.parametrize("v", [1, 3, 12, 700, 2048, 5003])
+def test_top_indices_against_argsort(v):
+    from kldiv.eval.metrics import top_indices
+
+    rng = np.random.default_rng(v)
+    x = rng.standard_normal((9, v)).astype(np.float32)
+    x[:, rng.integers(0, v, 3)] = -np.inf
+    x[0] = 0.0  # all tied: any k entries are a valid top-k
+    for k in (1, 5, 10):
+        got = top_indices(x, k)
+        ke = min(k, v)
+        assert got.shape == (9, ke)
+        ref = np.argsort(-x[1:], axis=1, kind="stable")[:, :ke]
+        assert np.array_equal(got[1:], ref)
+        assert len(set(got[0].tolist())) == ke

@@ -45,11 +45,16 @@ def plot_eval(result, path) -> str:
         kp = np.asarray(c["kl_by_position"])
         ax_p.plot(np.arange(first, first + kp.size), kp, color=color, label=label, lw=1)
         if c["size_bytes"]:
-            ax_s.errorbar([c["size_bytes"] / 2**20], [c["kl"]["mean"]],
-                          yerr=[c["kl"]["mean_err"] or 0.0], fmt="o", color=color, label=label)
+            x, y = c["size_bytes"] / 2**20, c["kl"]["mean"]
+            ax_s.errorbar([x], [y], yerr=[c["kl"]["mean_err"] or 0.0], fmt="o", color=color, label=label)
+            ax_s.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
     if pos_hi > 0:
         for ax in (ax_h, ax_c):
             ax.set_xscale("log")
+    means = [c["kl"]["mean"] for c in s["candidates"]]
+    if all(m is not None and np.isfinite(m) and m > 0 for m in means):  # candidates decades apart
+        for ax in (ax_p, ax_s):
+            ax.set_yscale("log")
     ax_h.set(title="Per-token KL(reference || candidate)", xlabel="KL (nats)", ylabel="tokens")
     ax_c.set(title="CDF of per-token KL", xlabel="KL (nats)", ylabel="share of tokens ≤ x")
     ax_p.set(title="Mean KL by position in the chunk", xlabel="position", ylabel="mean KL (nats)")
