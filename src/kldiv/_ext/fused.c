@@ -201,7 +201,7 @@ KLDIV_INLINE T FN(phi_series)(T u)
  * dense: the row has no -inf (every sd[i] is a number). Returns the block's sum of p phi(d'). */
 KLDIV_INLINE T FN(pass3)(Py_ssize_t b0, Py_ssize_t b1, const T *restrict sp,
                          const T *restrict sq, const T *restrict sd, T *restrict gx,
-                         T *restrict gy, T muT, T ip, T c, T iqg, T ipg, const int want_x,
+                         T *restrict gy, T muT, T ip, T c, T rq, T ipg, const int want_x,
                          const int want_y, const int dense)
 {
     T a = 0;
@@ -215,8 +215,8 @@ KLDIV_INLINE T FN(pass3)(Py_ssize_t b0, Py_ssize_t b1, const T *restrict sp,
         const T ser = FN(phi_series)(small ? dc : (T)0);
         const T term = small ? p * ser : c * sq[i] - p * (1 + dc);
         a += in ? term : (T)0;
-        if (want_y)
-            gy[i] = sq[i] * iqg - sp[i] * ipg; /* (q_i - p_i) g */
+        if (want_y) /* (q_i - p_i) g as (e^b_i Zx/Zy - e^a_i) g/Zx: exactly 0 where p = q */
+            gy[i] = (sq[i] * rq - sp[i]) * ipg;
         if (want_x)
             gx[i] = in ? -(sp[i] * ipg) * dc : (T)0; /* -p_i d'_i g */
     }
@@ -350,29 +350,29 @@ KLDIV_CLONES static double FN(kl_row)(const T *x, const T *y, Py_ssize_t V, doub
      * overflow T) and KL = log Zy - log Zx - E_p[d] = lc + log Zy has no cancellation */
     const int huge = lc > EXP_FLOOR - 30.0;
     const T c = huge ? (T)0 : (T)exp(lc), ip = (T)(1.0 / Zx), muT = (T)mu;
-    const T iqg = (T)(s * inv_t / Zy), ipg = (T)(s * inv_t / Zx);
+    const T rq = (T)(Zx / Zy), ipg = (T)(s * inv_t / Zx);
     double acc = 0;
     for (Py_ssize_t b0 = 0; b0 < V; b0 += KLDIV_BLOCK) {
         const Py_ssize_t b1 = b0 + KLDIV_BLOCK < V ? b0 + KLDIV_BLOCK : V;
         T a;
         if (dense) {
             if (gx && gy)
-                a = FN(pass3)(b0, b1, sp, sq, sd, gx, gy, muT, ip, c, iqg, ipg, 1, 1, 1);
+                a = FN(pass3)(b0, b1, sp, sq, sd, gx, gy, muT, ip, c, rq, ipg, 1, 1, 1);
             else if (gy)
-                a = FN(pass3)(b0, b1, sp, sq, sd, gx, gy, muT, ip, c, iqg, ipg, 0, 1, 1);
+                a = FN(pass3)(b0, b1, sp, sq, sd, gx, gy, muT, ip, c, rq, ipg, 0, 1, 1);
             else if (gx)
-                a = FN(pass3)(b0, b1, sp, sq, sd, gx, gy, muT, ip, c, iqg, ipg, 1, 0, 1);
+                a = FN(pass3)(b0, b1, sp, sq, sd, gx, gy, muT, ip, c, rq, ipg, 1, 0, 1);
             else
-                a = FN(pass3)(b0, b1, sp, sq, sd, gx, gy, muT, ip, c, iqg, ipg, 0, 0, 1);
+                a = FN(pass3)(b0, b1, sp, sq, sd, gx, gy, muT, ip, c, rq, ipg, 0, 0, 1);
         } else {
             if (gx && gy)
-                a = FN(pass3)(b0, b1, sp, sq, sd, gx, gy, muT, ip, c, iqg, ipg, 1, 1, 0);
+                a = FN(pass3)(b0, b1, sp, sq, sd, gx, gy, muT, ip, c, rq, ipg, 1, 1, 0);
             else if (gy)
-                a = FN(pass3)(b0, b1, sp, sq, sd, gx, gy, muT, ip, c, iqg, ipg, 0, 1, 0);
+                a = FN(pass3)(b0, b1, sp, sq, sd, gx, gy, muT, ip, c, rq, ipg, 0, 1, 0);
             else if (gx)
-                a = FN(pass3)(b0, b1, sp, sq, sd, gx, gy, muT, ip, c, iqg, ipg, 1, 0, 0);
+                a = FN(pass3)(b0, b1, sp, sq, sd, gx, gy, muT, ip, c, rq, ipg, 1, 0, 0);
             else
-                a = FN(pass3)(b0, b1, sp, sq, sd, gx, gy, muT, ip, c, iqg, ipg, 0, 0, 0);
+                a = FN(pass3)(b0, b1, sp, sq, sd, gx, gy, muT, ip, c, rq, ipg, 0, 0, 0);
         }
         acc += a;
     }
