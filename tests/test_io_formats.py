@@ -329,3 +329,31 @@ def test_atomic_writes_get_the_mode_a_plain_open_would(tmp_path):
         os.umask(old)
     mode = stat.S_IMODE(os.stat(tmp_path / "r.json").st_mode)
     assert mode == stat.S_IMODE(os.stat(tmp_path / "plain.json").st_mode) == 0o640
+
+
+def test_io_import_graph_points_one_way():
+    """llamacpp <- formats <- writers: no module of kldiv.io imports one that imports it back."""
+    import ast
+    import pathlib
+
+    import kldiv.io
+
+    here = pathlib.Path(kldiv.io.__file__).parent
+    deps = {}
+    for name in ("llamacpp", "formats", "writers"):
+        tree = ast.parse((here / f"{name}.py").read_text())
+        deps[name] = {n.module for n in ast.walk(tree)
+                      if isinstance(n, ast.ImportFrom) and n.level == 1 and n.module}
+    assert deps["llamacpp"] == set()
+    assert "writers" not in deps["formats"] and "llamacpp" in deps["formats"]
+    assert {"formats", "llamacpp"} <= deps["writers"]
+
+
+def test_kldiv_io_is_an_attribute_and_imports_no_framework():
+    import subprocess
+    import sys
+
+    code = ("import sys, kldiv; kldiv.io.open_logits; "
+            "print(sorted(m for m in ('torch', 'jax', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
