@@ -35,30 +35,76 @@ def _masked_max(x, sel):
     return _sel(sel, x, -math.inf).amax(dim=-1)
 
 
+def _masked_min(x, sel):
+    import torch
+
+    if x.shape[-1] == 0:
+        return torch.full(x.shape[:-1], math.inf, dtype=x.dtype, device=x.device)
+    return _sel(sel, x, math.inf).amin(dim=-1)
+
+
+def _finite0(m):
+    """Row statistics with -inf (empty selections) replaced by 0, as a column."""
+    import torch
+
+    return torch.where(torch.isfinite(m), m, 0.0)[:, None]
+
+
 def _safe_exp_sum(x, sel, m, extra=None):
     """sum over ``sel`` of exp(x - m) (times ``extra``), 0 for empty selections."""
     import torch
 
-    ms = torch.where(torch.isfinite(m), m, 0.0)[:, None]
-    e = torch.exp(torch.where(sel, x - ms, -math.inf))
+    e = torch.exp(torch.where(sel, x - _finite0(m), -math.inf))
     if extra is not None:
         e = e * torch.where(sel, extra, 0.0)
     return e.sum(dim=-1)
 
 
-def _exp_shift(x, sel, m):
-    """exp(x - m) on ``sel`` (m: row maxima, finite where sel has entries), 0 elsewhere."""
+def _centred(x, sel, m, temperature):
+    """``(x - m) / T`` on ``sel``, -inf elsewhere: a side centred on its own row maximum first,
+    then divided by the temperature (``x / T - m / T`` would round twice, and overflow)."""
+    c = x - _finite0(m)
+    if temperature != 1.0:
+        c = c / temperature
+    return _sel(sel, c, -math.inf)
+
+
+def _exp_centred(x, sel, m, temperature):
     import torch
 
-    ms = torch.where(torch.isfinite(m), m, 0.0)[:, None]
-    return torch.exp(_sel(sel, x - ms, -math.inf))
+    return torch.exp(_centred(x, sel, m, temperature))
+
+
+def _delta(a, b, ma, mb, t, temperature):
+    """``((b - mb) - (a - ma)) / T`` on ``t`` (0 elsewhere): the log-ratio up to a row constant,
+    each side centred on its own maximum, with the accuracy of ``b - a``.
+
+    ``b - a`` and ``mb - ma`` are each split into a rounded sum and its exact rounding error
+    (Knuth's TwoSum). Under a huge common shift (a side's logits around 1e30, or masked with
+    -1e30) the two rounded sums are within a factor 2 of each other and their difference is
+    exact (Sterbenz): no shift swallows the logits, and nearly equal rows keep the accuracy of
+    their raw difference, as in the core. The temperature divides last.
+    """
+    ma0 = _finite0(ma)
+    mb0 = _finite0(mb)
+    s = b - a
+    bp = s - b
+    e = (b - (s - bp)) - (a + bp)  # s + e == b - a exactly
+    c = mb0 - ma0
+    cp = c - mb0
+    ec = (mb0 - (c - cp)) - (ma0 + cp)  # c + ec == mb0 - ma0 exactly
+    d = (s - c) + (e - ec)
+    if temperature != 1.0:
+        d = d / temperature
+    return _sel(t, d, 0.0)
 
 
 _GAP = 20.0  # rescaling exp(x - M) to exp(x - M_T) keeps full precision while M - M_T <= this
 
 
-def _exp_on(x, t, e, m, mt):
-    """exp(x - mt) on ``t`` from ``e = exp(x - m)`` (mt <= m: the maximum over the subset).
+def _exp_on(x, t, e, m, mt, temperature):
+    """exp((x - mt) / T) on ``t`` from ``e = exp((x - m) / T)`` (mt <= m: the maximum over the
+    subset).
 
     Rows where the subset's maximum lies far below the row maximum (the subset's entries may
     underflow in ``e``) are recomputed; that needs a host check, skipped when no row has one.
@@ -66,14 +112,18 @@ def _exp_on(x, t, e, m, mt):
     import torch
 
     fin = torch.isfinite(mt)
-    gap = torch.where(fin, m - mt, 0.0)
+    gap = torch.where(fin, (m - mt) / temperature, 0.0)
     if bool((gap > _GAP).any()):
-        return _exp_shift(x, t, mt)
+        return _exp_centred(x, t, mt, temperature)
     scale = torch.where(fin, torch.exp(gap), 0.0)[:, None]
     return _sel(t, e * scale, 0.0)
 
 
 _CHUNK_ELEMENTS = 1 << 20  # rows are processed in chunks of about this many elements
+
+# float32 rows with a finite logit / T beyond this magnitude are computed in float64 (the
+# difference of two centred logits could overflow float32 and turn into nan)
+_F32_LIMIT = 2.0**125
 
 
 def _chunks(n, width):
@@ -98,8 +148,12 @@ def _supports(a, b, dense):
     return sa, sb, sa & sb
 
 
-def _phase_max(a, b, check, dense):
-    """Local row maxima (both sides, over the supports and over T) and 0/1 flags: (n, 8)."""
+def _phase_max(a, b, check, dense, limit):
+    """Local row maxima (both sides, over the supports and over T) and flags: (n, 8).
+
+    The flag columns of the two sides hold 2 for nan or +inf (with ``check``) plus 1 for a
+    finite logit beyond ``limit`` in magnitude (float32 only: the call then runs in float64).
+    """
     import torch
 
     f = a.dtype
@@ -107,107 +161,139 @@ def _phase_max(a, b, check, dense):
     zero = torch.zeros(a.shape[0], dtype=f, device=a.device)
     a_only = zero if t is None else (sa & ~sb).any(dim=-1).to(f)
     b_only = zero if t is None else (sb & ~sa).any(dim=-1).to(f)
-    bad_a = bad_b = zero
+    fa = fb = zero
     if check:
-        bad_a = (torch.isnan(a) | (a == math.inf)).any(dim=-1).to(f)
-        bad_b = (torch.isnan(b) | (b == math.inf)).any(dim=-1).to(f)
+        fa = 2 * (torch.isnan(a) | (a == math.inf)).any(dim=-1).to(f)
+        fb = 2 * (torch.isnan(b) | (b == math.inf)).any(dim=-1).to(f)
     ma = _masked_max(a, sa)
     mb = _masked_max(b, sb)
+    if limit is not None:
+        fa = fa + ((ma > limit) | (_masked_min(a, sa) < -limit)).to(f)
+        fb = fb + ((mb > limit) | (_masked_min(b, sb) < -limit)).to(f)
     maT = ma if t is None else _masked_max(a, t)
     mbT = mb if t is None else _masked_max(b, t)
-    return torch.stack([ma, mb, maT, mbT, a_only, b_only, bad_a, bad_b], dim=1)
+    return torch.stack([ma, mb, maT, mbT, a_only, b_only, fa, fb], dim=1)
 
 
-def _phase_sums(a, b, Ma, Mb, MaT, MbT, dense):
-    """Local exp-sums, p-weighted logit-difference sum and outside masses: (n, 7)."""
+def _phase_sums(a, b, Ma, Mb, MaT, MbT, temperature, dense):
+    """Local exp-sums, p-weighted centred log-ratio sum and outside masses: (n, 7)."""
     import torch
 
     sa, sb, t = _supports(a, b, dense)
-    delta = _sel(t, b - a, 0.0)
-    ea = _exp_shift(a, sa, Ma)  # exp(a - Ma) on a's support, 0 elsewhere
-    eb = _exp_shift(b, sb, Mb)
-    eaT = _exp_on(a, t, ea, Ma, MaT)  # exp(a - MaT) on T, 0 elsewhere
-    ebT = _exp_on(b, t, eb, Mb, MbT)
+    ea = _exp_centred(a, sa, Ma, temperature)  # exp((a - Ma) / T) on a's support, 0 elsewhere
+    eb = _exp_centred(b, sb, Mb, temperature)
+    eaT = _exp_on(a, t, ea, Ma, MaT, temperature)  # exp((a - MaT) / T) on T, 0 elsewhere
+    ebT = _exp_on(b, t, eb, Mb, MbT, temperature)
+    delta = _delta(a, b, MaT, MbT, t, temperature)
+    # (where a|T underflows, delta may overflow: 0 * inf must not make a nan)
+    S_ad = torch.where(eaT > 0, eaT * delta, 0.0).sum(-1)
     return torch.stack([
-        ea.sum(-1), eb.sum(-1), eaT.sum(-1), ebT.sum(-1), (eaT * delta).sum(-1),
+        ea.sum(-1), eb.sum(-1), eaT.sum(-1), ebT.sum(-1), S_ad,
         _outside_sum(t, ea), _outside_sum(t, eb),
     ], dim=1)
 
 
-def _phase_phi(a, b, MaT0, log_saT, mu, dense):
-    """Local sum over T of w * phi(d - mu), w = a's distribution restricted to T: (n,)."""
+def _phase_phi(a, b, MaT0, MbT0, log_saT, mu, big, temperature, dense):
+    """Local sum over T of w * phi(d - mu), w = a's distribution restricted to T: (n,).
+
+    Rows flagged ``big`` (the log of the sum is > 20, taken in closed form) contribute 0.
+    """
+    import torch
+
     _, _, t = _supports(a, b, dense)
-    wn = _sel(t, _exp_shift(a, t, MaT0 + log_saT), 0.0)  # a | T, normalised
-    dc = _sel(t, b - a - mu[:, None], 0.0)
-    # log(wn e^dc) with a cancelled exactly (a finite -1e30 logit would make a + (b - a) noise)
-    lwx = _sel(t, b - (MaT0 + log_saT + mu)[:, None], 0.0)
-    return _sel(t, _w_phi(_xp(), wn, dc, log_w_exp=lwx), 0.0).sum(dim=-1)
+    wn = torch.exp(_centred(a, t, MaT0, temperature) - log_saT[:, None])  # a | T
+    dc = _delta(a, b, MaT0, MbT0, t, temperature) - mu[:, None]
+    # log(wn e^dc) with a cancelled exactly (from b's side alone)
+    lwx = _centred(b, t, MbT0, temperature) - (log_saT + mu)[:, None]
+    # entries where a | T underflows to 0 contribute wn e^dc = exp(lwx) (the "large" branch)
+    x = torch.where(big[:, None], 0.0, torch.where(wn > 0, dc, 1.0))
+    return _sel(t, _w_phi(_xp(), wn, x, log_w_exp=lwx), 0.0).sum(dim=-1)
 
 
-def _pair_stats(a, b, group, check, names):
-    """Global row statistics of the pair (a, b), both (N, V_local) in log space.
+def _pair_stats(a, b, temperature, group, check, names):
+    """Global row statistics of the pair (a, b), both (N, V_r) raw log-space values.
 
-    Returns a dict of (N,) tensors: ``lse_a``, ``lse_b`` (global log-normalisers), ``mu`` (the
-    a-weighted mean of ``b - a`` on the common support T), ``a_out``, ``b_out`` (masses outside
-    T), ``a_esc``, ``b_esc`` (bool: a side has mass where the other has none), ``L`` and
-    ``kl`` = KL(a || b), ``mean_d`` (E_{a|T}[log b/a]), ``log_aT``, ``log_bT``. Three
-    collectives: MAX of (N, 8), SUM of (N, 7), SUM of (N, 1); the passes over the data run in
-    row chunks between them.
+    Each side is centred on its own global maximum (over its support, and over the common
+    support T) before anything is subtracted or divided by the temperature. Returns a dict of
+    (N,) tensors: the maxima ``Ma``, ``Mb``, ``MaT0``, ``MbT0`` (0 where T is empty), the
+    log-normalisers ``la``, ``lb`` relative to the maxima (``log p_i = (a_i - Ma) / T - la``),
+    ``mu`` (the a|T-weighted mean of the centred log-ratio), ``a_out``, ``b_out`` (masses
+    outside T), ``a_esc``, ``b_esc`` (a side has mass where the other has none), ``L``, ``kl`` =
+    KL(a || b), ``mean_d`` (E_{a|T}[log b/a]), ``log_aT``, ``log_bT`` (-inf where T is empty);
+    and ``T``, ``dense``, ``up`` (computed in float64). Three collectives: MAX of (N, 8), SUM
+    of (N, 7), SUM of (N, 1); the passes over the data run in row chunks between them.
     """
     import torch
 
     n, width = a.shape
     parts = _chunks(n, width)
     dense = _is_dense(a, b)
-    mx = torch.cat([_phase_max(a[i:j], b[i:j], check, dense) for i, j in parts])
+    limit = _F32_LIMIT * temperature if a.dtype == torch.float32 else None
+    mx = torch.cat([_phase_max(a[i:j], b[i:j], check, dense, limit) for i, j in parts])
     mx = _all_reduce(mx, "max", group)
-    Ma, Mb, MaT, MbT = mx[:, 0], mx[:, 1], mx[:, 2], mx[:, 3]
+    flags = mx[:, 6:8].amax(dim=0).tolist() if n else [0.0, 0.0]
     if check:
-        for k, name in ((6, names[0]), (7, names[1])):
-            if bool((mx[:, k] > 0).any()):
+        for k, name in enumerate(names):
+            if flags[k] >= 2:
                 raise ValueError(f"{name}: contains nan or +inf in some shard of the group")
-        for col, name in ((Ma, names[0]), (Mb, names[1])):
+        for col, name in ((mx[:, 0], names[0]), (mx[:, 1], names[1])):
             empty = col == -math.inf
             if bool(empty.any()):
                 row = int(torch.nonzero(empty)[0, 0])
                 raise ValueError(
                     f"{name}: row {row} is -inf on every shard: that is no distribution"
                 )
-    sm = torch.cat([_phase_sums(a[i:j], b[i:j], Ma[i:j], Mb[i:j], MaT[i:j], MbT[i:j], dense)
+    up = any(f % 2 == 1 for f in flags)  # the same decision on every rank (all-reduced flags)
+    if up:
+        a, b, mx = a.double(), b.double(), mx.double()
+    Ma, Mb, MaT, MbT = mx[:, 0], mx[:, 1], mx[:, 2], mx[:, 3]
+    T = temperature
+    sm = torch.cat([_phase_sums(a[i:j], b[i:j], Ma[i:j], Mb[i:j], MaT[i:j], MbT[i:j], T, dense)
                     for i, j in parts])
     sm = _all_reduce(sm, "sum", group)
     s_a, s_b, s_aT, s_bT, S_ad, s_aout, s_bout = sm.unbind(dim=1)
-    lse_a = Ma + torch.log(s_a)
-    lse_b = Mb + torch.log(s_b)
-    empty_t = s_aT <= 0
+    la = torch.log(s_a)
+    lb = torch.log(s_b)
+    empty_t = ~(s_aT > 0)  # (T holds the maximum of a over T: s_aT >= 1 unless T is empty)
     s_aT1 = torch.where(empty_t, 1.0, s_aT)
-    s_bT1 = torch.where(s_bT <= 0, 1.0, s_bT)
+    s_bT1 = torch.where(empty_t, 1.0, s_bT)
     MaT0 = torch.where(empty_t, 0.0, MaT)
-    MbT0 = torch.where(s_bT <= 0, 0.0, MbT)
+    MbT0 = torch.where(empty_t, 0.0, MbT)
     mu = S_ad / s_aT1
     a_out = s_aout / s_a
     b_out = s_bout / s_b
-    # the core's _log_of_mass: log1p of the outside mass when small, else a log-sum-exp over T
-    log_aT = torch.where(a_out < 0.5, torch.log1p(-torch.clamp(a_out, max=0.5)),
-                         MaT0 + torch.log(s_aT1) - lse_a)
-    log_bT = torch.where(b_out < 0.5, torch.log1p(-torch.clamp(b_out, max=0.5)),
-                         MbT0 + torch.log(s_bT1) - lse_b)
     log_saT = torch.log(s_aT1)
-    phi = torch.cat([_phase_phi(a[i:j], b[i:j], MaT0[i:j], log_saT[i:j], mu[i:j], dense)
-                     for i, j in parts])
+    log_sbT = torch.log(s_bT1)
+    ninf = torch.full_like(la, -math.inf)
+    # the core's _log_of_mass: log1p of the outside mass when small, else a log-sum-exp over T;
+    # -inf when T is empty (the JS gradient off T is proportional to exp of it)
+    log_aT = torch.where(empty_t, ninf, torch.where(
+        a_out < 0.5, torch.log1p(-torch.clamp(a_out, max=0.5)),
+        torch.where(empty_t, 0.0, (MaT0 - Ma) / T) + log_saT - la))
+    log_bT = torch.where(empty_t, ninf, torch.where(
+        b_out < 0.5, torch.log1p(-torch.clamp(b_out, max=0.5)),
+        torch.where(empty_t, 0.0, (MbT0 - Mb) / T) + log_sbT - lb))
+    # L = log E_{a|T}[exp(d - mu)] is, exactly, log(s_bT / s_aT) - mu. Near 0 that cancels, so
+    # L is summed from non-negative phi terms; far from 0 (> 20) the closed form has no
+    # cancellation to fear and the phi sum could overflow: it is taken instead.
+    L_closed = log_sbT - log_saT - mu
+    big = (L_closed > 20.0) & ~empty_t
+    phi = torch.cat([_phase_phi(a[i:j], b[i:j], MaT0[i:j], MbT0[i:j], log_saT[i:j], mu[i:j],
+                                big[i:j], T, dense) for i, j in parts])
     phi = _all_reduce(phi[:, None], "sum", group)[:, 0]
-    L = torch.log1p(phi)
+    L = torch.where(big, L_closed, torch.log1p(phi))
+    L = torch.where(empty_t, 0.0, L)
     a_esc = mx[:, 4] > 0
     b_esc = mx[:, 5] > 0
     kl = torch.where(a_esc, math.inf, L - torch.where(a_esc, 0.0, log_bT))
-    mean_d = log_bT - log_aT - L
-    return dict(lse_a=lse_a, lse_b=lse_b, mu=mu, a_out=a_out, b_out=b_out, a_esc=a_esc,
-                b_esc=b_esc, L=L, kl=kl, mean_d=mean_d, log_aT=log_aT, log_bT=log_bT,
-                dense=dense)
+    mean_d = torch.where(empty_t, 0.0, log_bT - log_aT - L)
+    return dict(Ma=Ma, Mb=Mb, MaT0=MaT0, MbT0=MbT0, la=la, lb=lb, mu=mu, a_out=a_out,
+                b_out=b_out, a_esc=a_esc, b_esc=b_esc, L=L, kl=kl, mean_d=mean_d,
+                log_aT=log_aT, log_bT=log_bT, T=T, dense=dense, up=up)
 
 
 def _slice(st, i, j):
-    return {k: v[i:j] if k != "dense" else v for k, v in st.items()}
+    return {k: v[i:j] if hasattr(v, "shape") else v for k, v in st.items()}
 
 
 def _outside_sum(t, e):
@@ -218,46 +304,69 @@ def _outside_sum(t, e):
     return torch.where(t, 0.0, e).sum(-1)
 
 
-def _elementwise(a, b, st):
-    """Supports (None: everywhere) and centred difference of the pair (a, b), locally."""
-    sa, sb, t = _supports(a, b, st["dense"])
-    dc = _sel(t, b - a - st["mu"][:, None], 0.0)
-    return dict(t=t, sa=sa, sb=sb, dc=dc)
-
-
-def _probs(x, sel, lse):
+def _probs(x, sel, m, lse, temperature):
+    """exp((x - m) / T - lse) on ``sel``, 0 elsewhere: normalised probabilities."""
     import torch
 
-    return torch.exp(_sel(sel, x - lse[:, None], -math.inf))
+    return torch.exp(_centred(x, sel, m, temperature) - lse[:, None])
 
 
-def _js_local(x, y, st, el, beta):
+def _log_ratio(a, b, st, t):
+    """log(b_i / a_i) on ``t`` (0 elsewhere) and the centred difference ``d - E_{a|T}[d]``.
+
+    As the core's ``_log_ratio``, entry by entry the more accurate of two routes: the centred
+    difference plus its mean, with rounding errors of the size of |delta| + |mu| + |mean_d|, or
+    the difference of the two normalised log-probabilities, of the size of their magnitudes
+    (a row where b is astronomically small somewhere a is not drags mu far from 0).
+    """
+    import torch
+
+    T = st["T"]
+    delta = _delta(a, b, st["MaT0"], st["MbT0"], t, T)
+    mu = st["mu"][:, None]
+    mean_d = st["mean_d"][:, None]
+    dc = _sel(t, delta - mu, 0.0)
+    ca = _centred(a, t, st["Ma"], T) - st["la"][:, None]
+    cb = _centred(b, t, st["Mb"], T) - st["lb"][:, None]
+    direct = (torch.abs(ca) + torch.abs(cb)) < (torch.abs(delta) + torch.abs(mu) + torch.abs(mean_d))
+    if t is not None:
+        direct = direct & t
+    d = torch.where(direct, cb - torch.where(direct, ca, 0.0), dc + mean_d)
+    return _sel(t, d, 0.0), dc
+
+
+def _js_local(x, y, st, beta):
     """Elementwise JS pieces on T: log(q/p), log(m/p), log(m/q) and the probabilities of both."""
+    import torch
+
     xp = _xp()
-    t = el["t"]
-    d = _sel(t, el["dc"] + st["mean_d"][:, None], 0.0)  # log(q/p), accurate
-    lm_p = _log_mix(xp, 1.0 - beta, d)  # log(m / p) on T
-    lm_q = _log_mix(xp, beta, -d)  # log(m / q) on T
-    pw = _probs(x, el["sa"], st["lse_a"])
-    qw = _probs(y, el["sb"], st["lse_b"])
-    return d, lm_p, lm_q, pw, qw
+    sa, sb, t = _supports(x, y, st["dense"])
+    d, dc = _log_ratio(x, y, st, t)
+    pw = _probs(x, sa, st["Ma"], st["la"], st["T"])
+    qw = _probs(y, sb, st["Mb"], st["lb"], st["T"])
+    # log(m / p) and log(m / q) on T; where a side underflows to 0 (its log-ratio may overflow)
+    # the value 1 is a safe stand-in: every use multiplies it by that side's 0
+    lm_p = torch.where(pw > 0, _log_mix(xp, 1.0 - beta, d), 1.0)
+    lm_q = torch.where(qw > 0, _log_mix(xp, beta, -d), 1.0)
+    return t, d, dc, lm_p, lm_q, pw, qw
 
 
 def _phase_family(kind, x, y, st, beta):
     """Local sums of the JS (n, 4) or Jeffreys (n, 2) terms, once the pair's stats are known."""
     import torch
 
-    el = _elementwise(x, y, st)
-    t = el["t"]
-    d, lm_p, lm_q, pw, qw = _js_local(x, y, st, el, beta)
+    t, d, dc, lm_p, lm_q, pw, qw = _js_local(x, y, st, beta)
     if kind == "jeffreys":
         small = d.abs() < 0.5
         ds = torch.where(small, d, 0.0)
         dl = torch.where(small, 0.0, d)
         # p e^d = q on T (d = log q/p): no exponential of log p + d
         term = torch.where(small, pw * ds * torch.expm1(ds), dl * (qw - pw))
+        # E_q of the log-ratio (centred on the maxima, not on E_p: a -1e30 logit of q drags
+        # E_p far from the values q weighs)
+        delta = _delta(x, y, st["MaT0"], st["MbT0"], t, st["T"])
         return torch.stack([_sel(t, term, 0.0).sum(-1),
-                            _sel(t, qw * el["dc"], 0.0).sum(-1)], dim=1)
+                            _sel(t, torch.where(qw > 0, qw * delta, 0.0), 0.0).sum(-1)], dim=1)
     m = beta * pw + (1 - beta) * qw  # p e^{log m/p} = q e^{log m/q} = m, exactly
     tp = _sel(t, _w_phi(_xp(), pw, lm_p, w_exp=m), 0.0)
     tq = _sel(t, _w_phi(_xp(), qw, lm_q, w_exp=m), 0.0)
@@ -265,40 +374,48 @@ def _phase_family(kind, x, y, st, beta):
                         _sel(t, qw * lm_q, 0.0).sum(-1)], dim=1)
 
 
-def _rows_and_stats(kind, x, y, beta, group, check, names=("p_shard", "q_shard")):
-    """Per-row divergence of ``kind`` between x (p) and y (q), and the row statistics.
+def _rows_and_stats(kind, x, y, beta, temperature, group, check, names=("p_shard", "q_shard")):
+    """Per-row divergence of ``kind`` between x (p) and y (q), raw log-space values divided by
+    ``temperature`` inside, and the row statistics.
 
     Only (N,)-shaped statistics are returned (the backward recomputes the elementwise ones).
+    The rows have the dtype of ``x`` (float32 rows near the float32 limit are computed in
+    float64 and rounded once at the end).
     """
     import torch
 
+    dt = x.dtype
     if kind == "reverse":
-        st = _pair_stats(y, x, group, check, names[::-1])
-        return st["kl"], st
-    st = _pair_stats(x, y, group, check, names)
+        st = _pair_stats(y, x, temperature, group, check, names[::-1])
+        return st["kl"].to(dt), st
+    st = _pair_stats(x, y, temperature, group, check, names)
     if kind == "forward":
-        return st["kl"], st
+        return st["kl"].to(dt), st
+    if st["up"]:
+        x, y = x.double(), y.double()
     sums = torch.cat([_phase_family(kind, x[i:j], y[i:j], _slice(st, i, j), beta)
                       for i, j in _chunks(*x.shape)])
     sums = _all_reduce(sums, "sum", group)
     if kind == "jeffreys":
-        st["Eq_dc"] = sums[:, 1]
+        st["Eq_delta"] = sums[:, 1]
         rows = torch.where(st["a_esc"] | st["b_esc"], math.inf, sums[:, 0])
-        return rows, st
+        return rows.to(dt), st
     st["S_plm"] = sums[:, 2]  # sum_T p log(m/p)
     st["S_qlm"] = sums[:, 3]  # sum_T q log(m/q)
     rows = (beta * sums[:, 0] + (1 - beta) * sums[:, 1]
             - beta * math.log(beta) * st["a_out"] - (1 - beta) * math.log1p(-beta) * st["b_out"])
-    return rows, st
+    return rows.to(dt), st
 
 
 def _local_grads(kind, x, y, rows, st, beta, scale=None, need=(True, True)):
-    """d rows / d x and d rows / d y (times ``scale`` per row), by row chunks, no collective.
+    """d rows / d x and d rows / d y (raw logits: the 1/T included, times ``scale`` per row),
+    by row chunks, no collective.
 
     forward: d/dy = q - p, d/dx = -p * dc (dc: log(q/p) centred by its p-mean);
     reverse: the same with the roles of p and q swapped;
-    Jeffreys: d/dx = p - q - p * dc, d/dy = q - p + q * (dc - E_q[dc]);
+    Jeffreys: d/dx = p - q - p * dc, d/dy = q - p + q * (delta - E_q[delta]);
     JS: d/dx = beta p (log(p/m) - KL(p||m)), d/dy = (1-beta) q (log(q/m) - KL(q||m)).
+    ``q - p`` is formed as ``p * expm1(log(q/p))`` where q and p are close (no cancellation).
     Rows whose value is infinite get 0.
     """
     import torch
@@ -312,36 +429,47 @@ def _local_grads(kind, x, y, rows, st, beta, scale=None, need=(True, True)):
     return gx, gy
 
 
+def _diff(pa, pb, d, t):
+    """pb - pa from the log-ratio d = log(pb / pa) on t, without cancellation."""
+    import torch
+
+    near = d.abs() < 1.0
+    if t is not None:
+        near = near & t
+    return torch.where(near, pa * torch.expm1(torch.where(near, d, 0.0)), pb - pa)
+
+
 def _local_grads_chunk(kind, x, y, rows, st, beta, scale, need):
     import torch
 
+    dt = x.dtype
+    if st["up"]:
+        x, y = x.double(), y.double()
+    T = st["T"]
     if kind in ("forward", "reverse"):
         a, b = (x, y) if kind == "forward" else (y, x)
         need_a = need[0] if kind == "forward" else need[1]
         sa, sb, t = _supports(a, b, st["dense"])
-        pa = _probs(a, sa, st["lse_a"])
-        pb = _probs(b, sb, st["lse_b"])
-        gb = pb - pa
+        pa = _probs(a, sa, st["Ma"], st["la"], T)
+        pb = _probs(b, sb, st["Mb"], st["lb"], T)
+        d, dc = _log_ratio(a, b, st, t)
+        gb = _diff(pa, pb, d, t)
         if need_a:  # (the teacher's side, often detached)
-            dc = _sel(t, b - a - st["mu"][:, None], 0.0)
-            ga = _sel(t, -pa * dc, 0.0)
+            ga = _sel(t, -pa * torch.where(pa > 0, dc, 0.0), 0.0)
         else:
             ga = torch.zeros_like(gb)
         gx, gy = (ga, gb) if kind == "forward" else (gb, ga)
     elif kind == "jeffreys":
-        el = _elementwise(x, y, st)
-        t, dc = el["t"], el["dc"]
-        pw = _probs(x, el["sa"], st["lse_a"])
-        qw = _probs(y, el["sb"], st["lse_b"])
-        gx = _sel(t, -pw * dc, 0.0) + pw - qw
-        gy = qw - pw + _sel(t, qw * (dc - st["Eq_dc"][:, None]), 0.0)
+        t, d, dc, _, _, pw, qw = _js_local(x, y, st, beta)
+        qmp = _diff(pw, qw, d, t)
+        delta = _delta(x, y, st["MaT0"], st["MbT0"], t, T)
+        gx = _sel(t, -pw * torch.where(pw > 0, dc, 0.0), 0.0) - qmp
+        gy = qmp + _sel(t, qw * torch.where(qw > 0, delta - st["Eq_delta"][:, None], 0.0), 0.0)
     else:
-        el = _elementwise(x, y, st)
-        t = el["t"]
-        _, lm_p, lm_q, pw, qw = _js_local(x, y, st, el, beta)
+        t, _, _, lm_p, lm_q, pw, qw = _js_local(x, y, st, beta)
         # log(p/m) - KL(p||m) with KL(p||m) = c_p p_out - S_plm, c_p = -log(beta) = log(p/m)
         # off T; off T the difference is c_p (1 - p_out) + S_plm, with 1 - p_out = p(T) taken
-        # from its accurate logarithm (no cancellation when p(T) is tiny)
+        # from its accurate logarithm (no cancellation when p(T) is tiny; 0 when T is empty)
         cp, cq = -math.log(beta), -math.log1p(-beta)
         on_p = -lm_p - (cp * st["a_out"] - st["S_plm"])[:, None]
         on_q = -lm_q - (cq * st["b_out"] - st["S_qlm"])[:, None]
@@ -350,13 +478,10 @@ def _local_grads_chunk(kind, x, y, rows, st, beta, scale, need):
         gx = beta * pw * _sel(t, on_p, off_p)
         gy = (1 - beta) * qw * _sel(t, on_q, off_q)
     fin = torch.isfinite(rows)
-    if scale is not None:
-        scale = torch.where(fin, scale, 0.0)[:, None]
-        return gx * scale, gy * scale
-    if not bool(fin.all()):
-        gx = torch.where(fin[:, None], gx, 0.0)
-        gy = torch.where(fin[:, None], gy, 0.0)
-    return gx, gy
+    s = torch.full_like(st["L"], 1.0 / T) if scale is None else scale.to(gx.dtype) / T
+    fin = fin[:, None]  # (where, not a product: an infinite row's entries may be inf)
+    return (torch.where(fin, gx * s[:, None], 0.0).to(dt),
+            torch.where(fin, gy * s[:, None], 0.0).to(dt))
 
 
 def _function_class():
@@ -366,9 +491,9 @@ def _function_class():
         """Per-row divergence of sharded log-space rows; the backward is local (no collective)."""
 
         @staticmethod
-        def forward(ctx, x, y, kind, beta, group, check):
+        def forward(ctx, x, y, kind, beta, temperature, group, check):
             with torch.no_grad():
-                rows, st = _rows_and_stats(kind, x, y, beta, group, check)
+                rows, st = _rows_and_stats(kind, x, y, beta, temperature, group, check)
             ctx.kind, ctx.beta, ctx.st = kind, beta, st  # (N,) row statistics only
             ctx.save_for_backward(x, y, rows)
             return rows
@@ -381,7 +506,7 @@ def _function_class():
                                   need=tuple(ctx.needs_input_grad[:2]))
             gx = gx if ctx.needs_input_grad[0] else None
             gy = gy if ctx.needs_input_grad[1] else None
-            return gx, gy, None, None, None, None
+            return gx, gy, None, None, None, None, None
 
     return _VocabParallelRows
 

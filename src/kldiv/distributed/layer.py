@@ -15,13 +15,16 @@ def _linear_function_class():
     class _VocabParallelLinear(torch.autograd.Function):
         @staticmethod
         def forward(ctx, hidden, weight_shard, bias_shard, target, row_mask, row_weight, kind,
-                    beta, temperature, reduction, chunk_size, group, check, target_space):
+                    beta, temperature, reduction, chunk_size, group, check, target_space,
+                    grad_on):
             n, h = hidden.shape
             dt = _compute_dtype(hidden, target)
-            need_h = ctx.needs_input_grad[0]
-            need_w = ctx.needs_input_grad[1]
-            need_b = bias_shard is not None and ctx.needs_input_grad[2]
-            need_t = ctx.needs_input_grad[3]
+            # under torch.no_grad() (evaluation) no gradient is formed and grad_hidden is not
+            # all-reduced: ctx.needs_input_grad follows requires_grad, not the grad mode
+            need_h = grad_on and ctx.needs_input_grad[0]
+            need_w = grad_on and ctx.needs_input_grad[1]
+            need_b = grad_on and bias_shard is not None and ctx.needs_input_grad[2]
+            need_t = grad_on and ctx.needs_input_grad[3]
             keep = row_mask
             if row_weight is not None:
                 pos = row_weight > 0
@@ -59,13 +62,12 @@ def _linear_function_class():
                     if target_space == "log_probs" and check:
                         _check_log_probs(x, "target_shard", group,
                                          None if row_mask is None else row_mask[lo:hi])
-                    x = x / temperature
-                    y = y / temperature
-                    rows, st = _rows_and_stats(kind, x, y, beta, group, check, names)
+                    rows, st = _rows_and_stats(kind, x, y, beta, temperature, group, check,
+                                               names)
                     rows_all[lo:hi] = rows
                     if need_h or need_w or need_b or need_t:
                         gx, gy = _local_grads(kind, x, y, rows, st, beta,
-                                              scale=scale[lo:hi] / temperature,
+                                              scale=scale[lo:hi],
                                               need=(need_t, True))
                         if need_h:
                             gh[lo:hi] = gy @ w_dt
@@ -95,7 +97,7 @@ def _linear_function_class():
             grads = []
             for i, (t, dt) in enumerate(zip(ctx.saved_tensors, ctx.dtypes)):
                 grads.append((t * g).to(dt) if ctx.needs_input_grad[i] else None)
-            return (*grads, None, None, None, None, None, None, None, None, None, None)
+            return (*grads, None, None, None, None, None, None, None, None, None, None, None)
 
     return _VocabParallelLinear
 
@@ -185,7 +187,8 @@ def vocab_parallel_linear_kl_div(hidden, weight_shard, target_shard, *, bias_sha
         _LFN = _linear_function_class()
     out = _LFN.apply(hidden.reshape(n, hidden.shape[-1]), weight_shard, bias_shard,
                      target_shard.reshape(n, weight_shard.shape[0]), mask, weight, kind,
-                     float(beta), temperature, reduction, chunk_size, group, check, target_space)
+                     float(beta), temperature, reduction, chunk_size, group, check, target_space,
+                     torch.is_grad_enabled())
     if t2_scale:
         out = out * temperature**2
     return out

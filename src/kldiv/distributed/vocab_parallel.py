@@ -56,10 +56,9 @@ def _vocab_parallel(kind, p_shard, q_shard, *, p_space, q_space, reduction, mask
         for raw, space, name in ((x, p_space, "p_shard"), (y, q_space, "q_shard")):
             if space == "log_probs":
                 _check_log_probs(raw.detach(), name, group, keep)
-    if temperature != 1.0:
-        x = x / temperature
-        y = y / temperature
-    rows = _rows_fn().apply(x, y, kind, float(beta), group, check)
+    # the temperature divides inside, after each side is centred on its maximum and the two
+    # are differenced (x / T - y / T would round each side first)
+    rows = _rows_fn().apply(x, y, kind, float(beta), temperature, group, check)
     rows = rows.reshape(rows_shape)
     out = reduce_rows(_xp(), rows, reduction, mask, weight)
     if t2_scale:
