@@ -162,7 +162,7 @@ def test_plot_format_follows_the_extension(tmp_path, capsys, good):
     assert main(["compare", str(good), str(good), "--plot", str(tmp_path / "x.jpg"), "--quiet",
                  "--no-progress"]) == 0
     assert (tmp_path / "x.jpg").read_bytes()[:3] == b"\xff\xd8\xff"  # JPEG, not PNG bytes
-    err = one_line_error("compare", [good, good, "--plot", tmp_path / "x.xyz", "--json",
+    one_line_error("compare", [good, good, "--plot", tmp_path / "x.xyz", "--json",
                                      tmp_path / "r.json"], capsys, "x.xyz", "unknown image format")
     assert not (tmp_path / "r.json").exists()  # refused before any work or output
 

@@ -30,3 +30,6 @@ def figure_format(path, option: str) -> str:
         return fmt(path)
     except ValueError as exc:
         raise ValueError(f"{option} {exc}") from None
+    except ImportError:
+        raise ValueError(f"{option} {path}: drawing figures needs matplotlib "
+                         f"(pip install matplotlib)") from None
