@@ -195,13 +195,17 @@ def _exact_row(x):
     return None
 
 
-def _normalised(x, mx):
+def _normalised(x, mx, e, sum_exp):
     """Rows whose probabilities sum to 1 within the format's quantisation, counting what the
-    entries at or below the window (``-inf`` included) may hold: at most ``exp(mx - 16)`` each."""
+    entries at or below the window (``-inf`` included) may hold: at most ``exp(mx - 16)`` each.
+    ``e = exp(x - mx)`` (float32) and ``sum_exp`` its row sums are the encoder's own."""
+    low = x <= (mx - _FULL)[:, None]
+    n_low = low.sum(1)
+    low_sum = np.where(low, e, np.float32(0)).sum(1, dtype=np.float64) if n_low.any() else 0.0
     with np.errstate(over="ignore", under="ignore", invalid="ignore"):
-        low = x <= (mx - _FULL)[:, None]
-        inside = np.where(low, 0.0, np.exp(x.astype(np.float64))).sum(1)
-        room = low.sum(1) * np.exp(mx.astype(np.float64) - float(_FULL))
+        scale = np.exp(mx.astype(np.float64))
+        inside = scale * (sum_exp - low_sum)
+        room = n_low * scale * np.exp(-float(_FULL))
         return (inside <= 1 + _NORM_TOL) & (inside >= 1 - room - _NORM_TOL) & (mx <= _NORM_TOL)
 
 
@@ -221,9 +225,11 @@ def encode_rows(logits, nv: int) -> np.ndarray:
     n, v = x.shape
     mx = x.max(1)
     mn = np.maximum(x.min(1), mx - np.float32(WINDOW))
-    given = _normalised(x, mx)
     with np.errstate(under="ignore"):
-        sum_exp = np.exp(x - mx[:, None]).astype(np.float64).sum(1)
+        e = np.exp(x - mx[:, None])
+    sum_exp = e.sum(1, dtype=np.float64)
+    given = _normalised(x, mx, e, sum_exp)
+    del e
     lse = np.log(sum_exp).astype(np.float32)
     # llama.cpp: min_log_prob = lo - max - log_sum_exp; a normalised row as given: lo
     min_lp = np.where(given, mn, (mn - mx - lse).astype(np.float32)).astype(np.float32)
