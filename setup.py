@@ -31,6 +31,16 @@ ext_modules = [
         extra_link_args=OPENMP,
         optional=True,
     ),
+    # NumPy divergences of probabilities, log-probabilities and logits (issue 12 item 4):
+    # src/kldiv/_ext/divrows.c
+    Extension(
+        "kldiv._ext._divrows",
+        sources=["src/kldiv/_ext/divrows.c"],
+        depends=["src/kldiv/_ext/kl_simd.h"],
+        extra_compile_args=COMMON + OPENMP,
+        extra_link_args=OPENMP,
+        optional=True,
+    ),
 ]
 
 setup(ext_modules=ext_modules)

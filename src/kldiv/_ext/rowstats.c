@@ -53,8 +53,16 @@
 
 enum {
     ST_NAN_A = 1, ST_PINF_A = 2, ST_NAN_B = 4, ST_PINF_B = 8,
-    ST_EMPTY_A = 16, ST_EMPTY_B = 32, ST_TOKEN = 64,
+    ST_EMPTY_A = 16, ST_EMPTY_B = 32, ST_TOKEN = 64, ST_HUGE = 128,
 };
+
+/* Rows with a finite logit of this magnitude or more are computed here for the top-1 indices,
+ * partition function and token log-probabilities only; their divergences are flagged ST_HUGE
+ * and recomputed in double by the caller (kernel.py, issue 11 item 1). The exact differences
+ * below are centred by d0 = b - a at one entry, whose low part carries a float32 rounding of
+ * ~4e-15 |d0|: harmless below 2^16, noise next to a side of constant -1e30 (whose differences
+ * d0 swallows), and float32 differences overflow from 2^127 on. */
+#define HUGE_LOGIT 65536.0f
 
 /* exp(x) = 0 for x < -87 (including -inf), +inf for x > 88 (so that an overflowing row is
  * detected and recomputed in double). */
@@ -279,8 +287,12 @@ static void row_kernel(const float *a, const float *b, Py_ssize_t n, int reverse
      * An overflow (a divergence of ~80 nats or more) gives +inf and the row is redone in double. */
     const double caD = A / Za, cbD = B / Zb;
     const float ca = (float)caD, cb = (float)cbD;
-    const float Cf = (float)exp((double)mb - (double)ma - d0 - caD);
-    const float Cr = (float)exp((double)ma - (double)mb + d0 + cbD);
+    /* mb - ma - d0 = (mb - b[i0]) - (ma - a[i0]): each side against its own maximum, so that
+     * logits 1e30 apart lose nothing (issue 11 item 1) */
+    const double cq = (a[i0] > -INFINITY) ? ((double)mb - (double)b[i0]) - ((double)ma - (double)a[i0])
+                                          : (double)mb - (double)ma;
+    const float Cf = (float)exp(cq - caD);
+    const float Cr = (float)exp(-cq + cbD);
     double U = 0, R = 0;
     for (Py_ssize_t j0 = 0; j0 < n; j0 += BLOCK) {
         Py_ssize_t j1 = j0 + BLOCK < n ? j0 + BLOCK : n;
@@ -344,23 +356,28 @@ KLDIV_CLONES
 static int row_kernel_fwd(const float *a, const float *b, Py_ssize_t n, float *scratch, rowres *res,
                           int want_rev, int want_js)
 {
-    float ma = -INFINITY, mb = -INFINITY, chk = 0.0f;
+    float ma = -INFINITY, mb = -INFINITY, chk = 0.0f, mn = INFINITY;
     Py_ssize_t blk_a = 0, blk_b = 0;
     for (Py_ssize_t j0 = 0; j0 < n; j0 += BLOCK) {
         Py_ssize_t j1 = j0 + BLOCK < n ? j0 + BLOCK : n;
-        float xa = -INFINITY, xb = -INFINITY, c = 0.0f;
-#pragma omp simd reduction(max : xa, xb) reduction(+ : c)
+        float xa = -INFINITY, xb = -INFINITY, c = 0.0f, m = INFINITY;
+#pragma omp simd reduction(max : xa, xb) reduction(min : m) reduction(+ : c)
         for (Py_ssize_t j = j0; j < j1; j++) {
             float x = a[j], y = b[j];
             xa = x > xa ? x : xa;
             xb = y > xb ? y : xb;
+            float lo = x < y ? x : y;
+            m = lo < m ? lo : m;
             c += x * 0.0f + y * 0.0f;
         }
         if (xa > ma) { ma = xa; blk_a = j0; }
         if (xb > mb) { mb = xb; blk_b = j0; }
+        mn = m < mn ? m : mn;
         chk += c;
     }
     if (!(chk == 0.0f)) return 1;
+    /* |logits| of HUGE_LOGIT or more: redone in double by the caller */
+    if (ma >= HUGE_LOGIT || mb >= HUGE_LOGIT || mn <= -HUGE_LOGIT) return 1;
     Py_ssize_t ia = blk_a, ib = blk_b;
     while (a[ia] != ma) ia++;
     while (b[ib] != mb) ib++;
@@ -397,7 +414,10 @@ static int row_kernel_fwd(const float *a, const float *b, Py_ssize_t n, float *s
 
     const double caD = A / Za;
     const float ca = (float)caD;
-    const float Cf = (float)exp((double)mb - (double)ma - d0 - caD);
+    /* mb - ma - d0 = mb - b[ia] exactly (a[ia] = ma): no difference of the two maxima, which
+     * would swallow the smaller one for logits 1e30 apart (issue 11 item 1) */
+    const double cq = (double)mb - (double)b[ia];
+    const float Cf = (float)exp(cq - caD);
     double U = 0;
     for (Py_ssize_t k = 0; k < nblk; k++) {
         Py_ssize_t j0 = k * BLOCK, j1 = j0 + BLOCK < n ? j0 + BLOCK : n;
@@ -423,7 +443,7 @@ static int row_kernel_fwd(const float *a, const float *b, Py_ssize_t n, float *s
     const double s = log1p(dl + U / Za);
     res->kl = s - dl;
     if (!(res->kl >= 0)) res->kl = res->kl < 0 ? 0.0 : res->kl;
-    res->logz_b = (double)ma + res->logz_a + d0 + (double)ca + s - (double)mb;
+    res->logz_b = res->logz_a + (double)ca + s - cq;
     if (!isfinite(res->kl) || !isfinite(res->logz_b)) { /* overflow: the caller redoes it in double */
         double zb = 0;
         for (Py_ssize_t j = 0; j < n; j++) zb += exp((double)b[j] - (double)mb);
@@ -577,7 +597,8 @@ static PyObject *py_rowstats(PyObject *self, PyObject *args)
                 if (!scratch) continue;
                 const float *ra = A + i * n_vocab, *rb = B + i * n_vocab;
                 rowres r = {0, 0, NAN, 0, 0, -1, -1, 0};
-                if (row_kernel_fwd(ra, rb, n_vocab, scratch, &r, reverse, want_js)) {
+                int fwd_bailed = row_kernel_fwd(ra, rb, n_vocab, scratch, &r, reverse, want_js);
+                if (fwd_bailed) {
                     row_kernel(ra, rb, n_vocab, reverse, scratch, &r); /* not all-finite */
                     r.js = NAN; /* the caller computes JS of such rows in NumPy */
                 }
@@ -615,6 +636,15 @@ static PyObject *py_rowstats(PyObject *self, PyObject *args)
                         lpa[i] = ((double)ra[t] - (double)mxa) - r.logz_a;
                         lpb[i] = ((double)rb[t] - (double)mxb) - r.logz_b;
                     }
+                }
+                if (!r.status && fwd_bailed) { /* the fast kernel bailed: huge logits? */
+                    float big = 0.0f;
+                    for (Py_ssize_t j = 0; j < n_vocab; j++) {
+                        float u = fabsf(ra[j]), v = fabsf(rb[j]);
+                        big = (u < INFINITY && u > big) ? u : big;
+                        big = (v < INFINITY && v > big) ? v : big;
+                    }
+                    if (big >= HUGE_LOGIT) r.status |= ST_HUGE;
                 }
                 st[i] = r.status;
             }

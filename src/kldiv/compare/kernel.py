@@ -21,8 +21,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# status bits, the same as in rowstats.c
+# status bits, the same as in rowstats.c (HUGE is internal: row_stats clears it)
 NAN_REF, PINF_REF, NAN_OTHER, PINF_OTHER, EMPTY_REF, EMPTY_OTHER, BAD_TOKEN = 1, 2, 4, 8, 16, 32, 64
+HUGE = 128
+#: rows with a finite logit of this magnitude get their divergences from the double kernel (the
+#: same constant as in rowstats.c)
+HUGE_LOGIT = 65536.0
 
 _EXT = None
 _EXT_TRIED = False
@@ -90,6 +94,10 @@ def row_stats(a, b, *, tokens=None, reverse=False, js=False, threads=None,
         r = _row_stats_numpy(a, b, tok, reverse)
         if js:
             r.js = _js_valid_rows(a, b, r.status)
+        with np.errstate(invalid="ignore"):
+            big = np.where(np.isfinite(a), np.abs(a), 0).max(1) >= HUGE_LOGIT
+            big |= np.where(np.isfinite(b), np.abs(b), 0).max(1) >= HUGE_LOGIT
+        _redo_huge(a, b, np.flatnonzero(big & (r.status == 0)), r, reverse, js)
         return r
     a32 = np.ascontiguousarray(a, dtype=np.float32)
     b32 = np.ascontiguousarray(b, dtype=np.float32)
@@ -104,12 +112,38 @@ def row_stats(a, b, *, tokens=None, reverse=False, js=False, threads=None,
     jsv = np.empty(n, np.float64) if js else None
     _run_parallel(ext, a32, b32, tok, reverse, threads, kl, rkl, top_a, top_b, logz, lpa, lpb, status,
                   jsv)
+    huge = np.flatnonzero(status & HUGE)
+    status &= ~HUGE
     if js:
         redo = np.flatnonzero(np.isnan(jsv) & (status == 0))  # rows with -inf logits
         if redo.size:
             jsv[redo] = js_rows(a32[redo], b32[redo])
-    return RowStats(kl, rkl if reverse else None, top_a, top_b, logz,
-                    lpa if tok is not None else None, lpb if tok is not None else None, status, jsv)
+    r = RowStats(kl, rkl if reverse else None, top_a, top_b, logz,
+                 lpa if tok is not None else None, lpb if tok is not None else None, status, jsv)
+    _redo_huge(a32, b32, huge, r, reverse, js)
+    return r
+
+
+def _redo_huge(a, b, rows, r, reverse, js):
+    """Divergences of the rows with logits of 2^16 or more (issue 11 item 1), in double.
+
+    Each side is centred on its own maximum before the difference is formed (the kernel of
+    kldiv's NumPy fast path, ``kldiv._ext._divrows``); without it, the float64 fallback below.
+    """
+    if rows.size == 0:
+        return
+    from ..backends.numpy_fast import divergence_rows_logits
+
+    sub_a, sub_b = np.ascontiguousarray(a[rows]), np.ascontiguousarray(b[rows])
+    kinds = [("forward", "kl")] + ([("reverse", "rkl")] if reverse else []) + ([("js", "js")] if js else [])
+    for kind, field in kinds:
+        vals = divergence_rows_logits(kind, sub_a, sub_b)
+        if vals is None:  # no compiled kernel: the float64 NumPy formulas
+            fb = _row_stats_numpy(sub_a, sub_b, None, reverse)
+            vals = {"kl": fb.kl, "rkl": fb.rkl, "js": None}[field]
+            if vals is None:
+                vals = js_rows(sub_a, sub_b)
+        getattr(r, field)[rows] = vals
 
 
 def _js_valid_rows(a, b, status):
@@ -273,6 +307,9 @@ def js_rows(a, b) -> np.ndarray:
     lq = lq - np.log(np.exp(lq).sum(1, keepdims=True))
     with np.errstate(invalid="ignore"):
         lm = np.logaddexp(lp, lq) - np.log(2.0)
-        tp = np.where(np.isfinite(lp), np.exp(lp) * (lp - lm), 0.0)
-        tq = np.where(np.isfinite(lq), np.exp(lq) * (lq - lm), 0.0)
+        # where lp = lq the mixture equals both and the entry contributes exactly 0 (rounding in
+        # lm would leave ~1e-17 per entry: identical rows must give exactly 0, issue 11 item 7)
+        same = lp == lq
+        tp = np.where(np.isfinite(lp) & ~same, np.exp(lp) * (lp - lm), 0.0)
+        tq = np.where(np.isfinite(lq) & ~same, np.exp(lq) * (lq - lm), 0.0)
     return np.maximum(0.5 * (tp.sum(1) + tq.sum(1)), 0.0)

@@ -1,0 +1,524 @@
+/* kldiv._ext._divrows: per-row KL, reverse KL, JS and Jeffreys of NumPy inputs in double, with the
+ * value checks in the same pass (issue 12 item 4).
+ *
+ * Used by kldiv/backends/numpy_fast.py (the NumPy "pre" hook). Each of p and q is a C-contiguous
+ * (n_rows, n) float32 or float64 matrix holding probabilities (mode 0), log-probabilities (1) or
+ * logits (2); log-space inputs are divided by the temperature T (probabilities need T = 1).
+ * Everything is computed in double: float32 rows are widened first, so float32 results are exact
+ * to well below float32's resolution and float64 results carry double rounding only.
+ *
+ * The algebra is kldiv's core (kldiv/_core/divergence.py). Each side is centred on its own: a_j =
+ * log p_j up to a row constant (probabilities: log x_j; log space: (x_j - max x) / T), e_j =
+ * exp(a_j) its unnormalised weight (probabilities: x_j itself), and the same b_j, f_j for q. On
+ * the common support S of the two (p_j > 0 and q_j > 0) the log-ratio delta_j = b_j - a_j is formed
+ * without cancellation: log1p((y - x)/x) for close probabilities, the logarithm of the quotient
+ * otherwise, and for two log-space sides the exact (TwoSum) difference of the raw inputs minus the
+ * exact difference of their maxima, so that logits of 1e30 next to logits of 5 lose nothing
+ * (issue 11 item 1). With mu = sum_S e_j delta_j / E_S,
+ *
+ *   KL(p || q) = log1p( sum_S (e_j / E_S) phi(delta_j - mu) ) + log1p(F_off / F_S),
+ *   phi(x) = e^x - 1 - x (Taylor series for |x| < 0.5; elsewhere e_j e^{delta_j - mu} = f_j e^{-mu}
+ *   exactly, so no exponential per entry), +inf when p > 0 = q somewhere,
+ *
+ * where F_S and F_off are q's unnormalised masses on and off S. Reverse KL swaps the sides. JS and
+ * Jeffreys use d_j = delta_j - log(F / E) (the log-ratio of the normalised sides, accurate entry by
+ * entry) in the core's per-entry formulas. Row sums and maxima are exact enough in double that the
+ * normalisations never enter as a large difference.
+ *
+ * Value checks (when `validate` is set), decided in the first pass over the data: nan anywhere;
+ * probabilities negative or +inf, rows summing to 1 within the tolerance; log-space +inf or rows of
+ * -inf only; log-probabilities with logsumexp 0 and max <= tol within the tolerance. A row that
+ * fails, or lies so close to the tolerance that the core's own float32/float64 sums could decide
+ * otherwise, gets a status bit (ST_BAD_P / ST_BAD_Q) and the caller lets the core raise its error.
+ * Without checks a row holding a nan gives nan (issue 11 item 6). Rows outside what this kernel does
+ * exactly (a divergence beyond e^700, +inf inputs without checks, overflowing differences,
+ * subnormal quotients of float64 probabilities) get ST_CORE: the caller hands the call to the core.
+ *
+ * The GIL is released; one call is single-threaded (the caller spreads rows over threads).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kl_simd.h" /* KLDIV_CLONES, FMA contraction */
+
+#define BLOCK 2048
+
+enum { ST_BAD_P = 1, ST_BAD_Q = 2, ST_CORE = 4 };
+enum { M_PROBS = 0, M_LOGPROBS = 1, M_LOGITS = 2 };
+enum { K_FWD = 0, K_REV = 1, K_JS = 2, K_JEF = 3 };
+
+#define LN2_HI 6.93147180369123816490e-01
+#define LN2_LO 1.90821492927058770002e-10
+
+/* log(1 + f) for f in [sqrt(1/2) - 1, sqrt(2) - 1] (fdlibm's e_log.c polynomial, < 1 ulp), plus
+ * k ln 2. Branch-free, so that the loops below vectorise. */
+static inline double log1p_red(double f, double k)
+{
+    const double Lg1 = 6.666666666666735130e-01, Lg2 = 3.999999999940941908e-01,
+                 Lg3 = 2.857142874366239149e-01, Lg4 = 2.222219843214978396e-01,
+                 Lg5 = 1.818357216161805012e-01, Lg6 = 1.531383769920937332e-01,
+                 Lg7 = 1.479819860511658591e-01;
+    double s = f / (2.0 + f);
+    double z = s * s, w = z * z;
+    double t1 = w * (Lg2 + w * (Lg4 + w * Lg6));
+    double t2 = z * (Lg1 + w * (Lg3 + w * (Lg5 + w * Lg7)));
+    double R = t2 + t1;
+    double hfsq = 0.5 * f * f;
+    return k * LN2_HI - ((hfsq - (s * (hfsq + R) + k * LN2_LO)) - f);
+}
+
+/* Reduction of a positive normal x to x = 2^k (1 + f), 1 + f in [sqrt(1/2), sqrt(2)) (musl's). */
+static inline void log_reduce(double x, double *f, double *k)
+{
+    uint64_t ix;
+    memcpy(&ix, &x, sizeof ix);
+    ix += 0x3ff0000000000000ULL - 0x3fe6a09e00000000ULL;
+    uint64_t kb = (ix >> 52) | 0x4330000000000000ULL; /* 2^52 + biased exponent, as a double */
+    double kd;
+    memcpy(&kd, &kb, sizeof kd);
+    *k = kd - (4503599627370496.0 + 1023.0);
+    uint64_t mb = (ix & 0x000fffffffffffffULL) + 0x3fe6a09e00000000ULL;
+    double m;
+    memcpy(&m, &mb, sizeof m);
+    *f = m - 1.0;
+}
+
+/* log(y / x) for x, y > 0 whose quotient is a normal double (the caller checks), accurate to a
+ * few ulps of the result also when y is close to x (then the difference y - x is exact). */
+static inline double log_ratio(double x, double y)
+{
+    double r = y / x;
+    double u = (y - x) / x;
+    double f, k;
+    log_reduce(r, &f, &k);
+    int near = (u > -0.29) & (u < 0.41);
+    return log1p_red(near ? u : f, near ? 0.0 : k);
+}
+
+/* exp(x) - 1 - x by its Taylor series for |x| < 0.5 (terms to x^17: double exact). */
+static inline double phi_series(double x)
+{
+    double s = 1.0 / 355687428096000.0;
+    s = s * x + 1.0 / 20922789888000.0;
+    s = s * x + 1.0 / 1307674368000.0;
+    s = s * x + 1.0 / 87178291200.0;
+    s = s * x + 1.0 / 6227020800.0;
+    s = s * x + 1.0 / 479001600.0;
+    s = s * x + 1.0 / 39916800.0;
+    s = s * x + 1.0 / 3628800.0;
+    s = s * x + 1.0 / 362880.0;
+    s = s * x + 1.0 / 40320.0;
+    s = s * x + 1.0 / 5040.0;
+    s = s * x + 1.0 / 720.0;
+    s = s * x + 1.0 / 120.0;
+    s = s * x + 1.0 / 24.0;
+    s = s * x + 1.0 / 6.0;
+    s = s * x + 0.5;
+    return s * x * x;
+}
+
+/* Exact a - b as hi + lo (TwoSum; no overflow for the magnitudes the caller lets through). */
+static inline void two_diff(double a, double b, double *hi, double *lo)
+{
+    double s = a - b;
+    double bb = s - a;
+    *lo = (a - (s - bb)) + (-b - bb);
+    *hi = s;
+}
+
+/* log(1 - c + c e^d) for 0 < c < 1 (the core's _log_mix): accurate near d = 0, safe for large |d|. */
+static inline double log_mix(double c, double d)
+{
+    if (d < 1.0) return log1p(c * expm1(d));
+    return log(c) + d + log1p((1.0 - c) / c * exp(-d));
+}
+
+/* w phi(y) with w e^y = m known exactly (the core's _w_phi with w_exp). */
+static inline double w_phi(double w, double y, double m)
+{
+    if (fabs(y) < 0.5) return w * phi_series(y);
+    return m - w * (1.0 + y);
+}
+
+/* Bound on the rounding error of NumPy's pairwise sum of n non-negative terms of total s in a dtype
+ * of unit roundoff eps (8-way unrolled blocks of up to 128, then halving), with slack. */
+static double sum_margin(Py_ssize_t n, double eps, double s)
+{
+    double k = n < 8 ? (double)n : (n <= 128 ? (double)n / 8.0 + 8.0 : 24.0 + log2((double)n / 128.0));
+    return 2.0 * (k + 2.0) * eps * (s > 1.0 ? s : 1.0) + 1e-15;
+}
+
+typedef struct {
+    int mode;       /* M_PROBS, M_LOGPROBS, M_LOGITS */
+    double tol;     /* kldiv's normalisation tolerance for this side (its dtype and n) */
+    double eps;     /* unit roundoff of the input dtype (the core's sums are in that dtype) */
+} side_t;
+
+/* Value checks and maximum of one side (one pass). Returns 1 if the row fails or is too close to
+ * call, 0 otherwise; sets *has_nan, *max (log space: max of the non-nan entries) and *odd (an
+ * input that the kernel leaves to the core when checks are off: +inf, an empty log row, a
+ * probability row without positive mass). */
+KLDIV_CLONES
+static int check_side(const double *x, Py_ssize_t n, const side_t *s, int validate, int *has_nan,
+                      double *max_out, int *odd)
+{
+    double chk = 0.0, sum = 0.0, mx = -INFINITY;
+    int neg = 0, nan_ = 0, pinf = 0;
+    if (s->mode == M_PROBS) {
+#pragma omp simd reduction(+ : chk, sum) reduction(| : neg)
+        for (Py_ssize_t j = 0; j < n; j++) {
+            double v = x[j];
+            chk += v * 0.0;
+            neg |= v < 0.0;
+            sum += v > 0.0 ? v : 0.0;
+        }
+        if (!(chk == 0.0)) {
+            for (Py_ssize_t j = 0; j < n; j++) {
+                nan_ |= x[j] != x[j];
+                pinf |= x[j] == INFINITY;
+            }
+        }
+        *has_nan = nan_;
+        *max_out = sum;
+        *odd = pinf || !(sum > 0.0);
+        if (!validate) return 0;
+        if (nan_ || neg || pinf) return 1;
+        return fabs(sum - 1.0) > s->tol - sum_margin(n, s->eps, sum);
+    }
+#pragma omp simd reduction(max : mx) reduction(+ : chk)
+    for (Py_ssize_t j = 0; j < n; j++) {
+        double v = x[j];
+        mx = v > mx ? v : mx;
+        chk += v * 0.0; /* 0 for finite, nan for nan and +-inf */
+    }
+    if (!(chk == 0.0)) {
+        for (Py_ssize_t j = 0; j < n; j++) {
+            nan_ |= x[j] != x[j];
+            pinf |= x[j] == INFINITY;
+        }
+    }
+    *has_nan = nan_;
+    *max_out = mx;
+    *odd = pinf || mx == -INFINITY || !(fabs(mx) < 1e300);
+    if (!validate) return 0;
+    if (nan_ || pinf || mx == -INFINITY) return 1;
+    if (s->mode == M_LOGPROBS) {
+        double z = 0.0;
+#pragma omp simd reduction(+ : z)
+        for (Py_ssize_t j = 0; j < n; j++) z += exp(x[j] - mx);
+        double lse = mx + log(z);
+        /* the core's float32 logsumexp: error of its sum and of adding the maximum */
+        double m = sum_margin(n, s->eps, 1.0) + 4.0 * s->eps * (fabs(mx) + 1.0);
+        if (fabs(lse) > s->tol - m) return 1;
+        if (mx > s->tol * (1.0 - 4.0 * s->eps)) return 1;
+    }
+    return 0;
+}
+
+/* One row. x, y: the row of p and q in double; scr: 3 n doubles. Returns a status (0: done). */
+KLDIV_CLONES
+static int div_row(const double *x, const double *y, Py_ssize_t n, const side_t *sp,
+                   const side_t *sq, double T, int kind, double beta, int validate, double *scr,
+                   double *out)
+{
+    int nan_p, nan_q, odd_p, odd_q, st = 0;
+    double mp, mq;
+    if (check_side(x, n, sp, validate, &nan_p, &mp, &odd_p)) st |= ST_BAD_P;
+    if (check_side(y, n, sq, validate, &nan_q, &mq, &odd_q)) st |= ST_BAD_Q;
+    if (st) return st;
+    if (nan_p || nan_q) { /* only without checks: a diverged model shows as nan */
+        *out = NAN;
+        return 0;
+    }
+    if (odd_p || odd_q) return ST_CORE;
+
+    const int pl = sp->mode != M_PROBS, ql = sq->mode != M_PROBS;
+    const double iT = 1.0 / T;
+    double *del = scr, *ew = scr + n, *fw = scr + 2 * n;
+    const double *E_ = pl ? ew : x, *F_ = ql ? fw : y;
+    /* exact difference of the maxima, for two log-space sides */
+    double ch = 0.0, cl = 0.0;
+    if (pl && ql) two_diff(mq, mp, &ch, &cl);
+
+    /* pass A: weights, log-ratio on S (nan off S), masses on and off S, weighted sums of delta */
+    double E = 0, F = 0, ES = 0, FS = 0, Eo = 0, Fo = 0, A = 0, B = 0;
+    int pesc = 0, qesc = 0, abn = 0;
+    if (!pl && !ql) {
+        /* block by block: the log-ratio in an elementwise loop, then the sums over the block (in
+         * L1) in a second one (GCC vectorises neither when they share one loop). The escapes
+         * follow from the masses off S, a quotient out of the normal range from its extremes. */
+        double rmin = 1.0, rmax = 1.0;
+        for (Py_ssize_t j0 = 0; j0 < n; j0 += BLOCK) {
+            Py_ssize_t j1 = j0 + BLOCK < n ? j0 + BLOCK : n;
+#pragma omp simd
+            for (Py_ssize_t j = j0; j < j1; j++) {
+                double u = x[j], v = y[j];
+                int s = (u > 0.0) & (v > 0.0);
+                double d = log_ratio(s ? u : 1.0, s ? v : 1.0);
+                del[j] = s ? d : NAN;
+            }
+#pragma omp simd reduction(+ : E, F, ES, FS, Eo, Fo, A, B) reduction(min : rmin) reduction(max : rmax)
+            for (Py_ssize_t j = j0; j < j1; j++) {
+                double u = x[j], v = y[j], d = del[j];
+                double e = u > 0.0 ? u : 0.0, f = v > 0.0 ? v : 0.0;
+                int s = d == d;
+                double r = s ? v / u : 1.0;
+                E += e;
+                F += f;
+                ES += s ? e : 0.0;
+                FS += s ? f : 0.0;
+                Eo += v > 0.0 ? 0.0 : e; /* p's mass where q = 0 */
+                Fo += u > 0.0 ? 0.0 : f;
+                A += s ? e * d : 0.0;
+                B += s ? f * d : 0.0;
+                rmin = r < rmin ? r : rmin;
+                rmax = r > rmax ? r : rmax;
+            }
+        }
+        pesc = Eo > 0.0;
+        qesc = Fo > 0.0;
+        abn = !(rmin >= DBL_MIN) || !(rmax <= DBL_MAX);
+    } else {
+        for (Py_ssize_t j = 0; j < n; j++) {
+            double u = x[j], v = y[j];
+            int sx = pl ? u > -INFINITY : u > 0.0, sy = ql ? v > -INFINITY : v > 0.0, s = sx & sy;
+            double e = sx ? (pl ? exp((u - mp) * iT) : u) : 0.0;
+            double f = sy ? (ql ? exp((v - mq) * iT) : v) : 0.0;
+            double d = NAN;
+            if (s) {
+                if (pl && ql) {
+                    double h, l;
+                    two_diff(v, u, &h, &l);
+                    d = ((h - ch) + (l - cl)) * iT;
+                } else if (ql) { /* p probabilities (T = 1), q log space */
+                    d = (v - mq) - log(u);
+                } else if (pl) {
+                    d = log(v) - (u - mp);
+                }
+                abn |= !(fabs(d) <= DBL_MAX);
+            }
+            if (pl) ew[j] = e;
+            if (ql) fw[j] = f;
+            del[j] = d;
+            E += e;
+            F += f;
+            ES += s ? e : 0.0;
+            FS += s ? f : 0.0;
+            Eo += s ? 0.0 : e;
+            Fo += s ? 0.0 : f;
+            A += s ? e * d : 0.0;
+            B += s ? f * d : 0.0;
+            pesc |= sx & !sy;
+            qesc |= sy & !sx;
+        }
+    }
+    if (abn) return ST_CORE;
+
+    if (kind == K_FWD || kind == K_REV) {
+        int rev = kind == K_REV;
+        if (rev ? qesc : pesc) {
+            *out = INFINITY;
+            return 0;
+        }
+        const double W = rev ? FS : ES;  /* the weighting side's mass on S */
+        if (!(W > 0.0)) return ST_CORE;
+        const double mu = (rev ? -B : A) / W;
+        const double *Wt = rev ? F_ : E_, *Ot = rev ? E_ : F_;
+        double L = INFINITY;
+        if (-mu < 700.0) {
+            const double C = exp(-mu);
+            const double sg = rev ? -1.0 : 1.0;
+            double S = 0;
+#pragma omp simd reduction(+ : S)
+            for (Py_ssize_t j = 0; j < n; j++) {
+                double d = del[j];
+                double x_ = sg * d - mu;
+                double w = Wt[j];
+                double small = w * phi_series(x_);
+                double big = Ot[j] * C - w * (1.0 + x_);
+                double t = (x_ < 0.5) & (x_ > -0.5) ? small : big;
+                S += d == d ? t : 0.0;
+            }
+            L = log1p(S / W);
+        }
+        if (!isfinite(L)) {
+            /* a divergence near or beyond e^700 (logits ~1e30 apart): L = log sum_S w_j e^{x_j}
+             * = logsumexp_S(other side's log weight) - log W - mu, with no cancellation to fear */
+            const double *ov = rev ? x : y;
+            const int om = rev ? sp->mode : sq->mode;
+            const double oc = rev ? mp : mq;
+            double top = -INFINITY;
+            for (Py_ssize_t j = 0; j < n; j++) {
+                if (del[j] != del[j]) continue;
+                double lb = om == M_PROBS ? log(ov[j]) : (ov[j] - oc) * iT;
+                top = lb > top ? lb : top;
+            }
+            double z = 0;
+            for (Py_ssize_t j = 0; j < n; j++) {
+                if (del[j] != del[j]) continue;
+                double lb = om == M_PROBS ? log(ov[j]) : (ov[j] - oc) * iT;
+                z += exp(lb - top);
+            }
+            L = (top + log(z)) - log(W) - mu;
+            if (!(L == L)) return ST_CORE;
+        }
+        const double OS = rev ? ES : FS, Ooff = rev ? Eo : Fo;
+        if (!(OS > 0.0)) return ST_CORE;
+        double kl = L + log1p(Ooff / OS);
+        *out = kl > 0.0 ? kl : 0.0;
+        return 0;
+    }
+
+    /* JS and Jeffreys: d_j = delta_j - log(F / E), the log-ratio of the normalised sides */
+    const double lfe = log(F / E);
+    const double iE = 1.0 / E, iF = 1.0 / F;
+    if (kind == K_JEF) {
+        if (pesc || qesc) {
+            *out = INFINITY;
+            return 0;
+        }
+        double S = 0;
+        for (Py_ssize_t j = 0; j < n; j++) {
+            double dd = del[j];
+            if (dd != dd) continue;
+            double d = dd - lfe, pw = E_[j] * iE, qw = F_[j] * iF;
+            S += fabs(d) < 0.5 ? pw * d * expm1(d) : d * (qw - pw);
+        }
+        *out = S > 0.0 ? S : 0.0;
+        return 0;
+    }
+    double tp = 0, tq = 0, pout = 0, qout = 0;
+    for (Py_ssize_t j = 0; j < n; j++) {
+        double dd = del[j];
+        double pw = E_[j] * iE, qw = F_[j] * iF;
+        if (dd != dd) {
+            pout += pw > 0.0 ? pw : 0.0;
+            qout += qw > 0.0 ? qw : 0.0;
+            continue;
+        }
+        double d = dd - lfe;
+        double yy = log_mix(1.0 - beta, d), zz = log_mix(beta, -d);
+        double m = beta * pw + (1.0 - beta) * qw;
+        tp += w_phi(pw, yy, m);
+        tq += w_phi(qw, zz, m);
+    }
+    /* probabilities off the support: x <= 0 gives pw <= 0, counted as 0 */
+    double js = beta * tp + (1.0 - beta) * tq - beta * log(beta) * pout - (1.0 - beta) * log1p(-beta) * qout;
+    *out = js > 0.0 ? js : 0.0;
+    return 0;
+}
+
+/* ---------------------------------------------------------------- Python binding */
+
+static int get_buf(PyObject *obj, Py_buffer *view, int writable, Py_ssize_t need, const char *name)
+{
+    int flags = PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0);
+    if (PyObject_GetBuffer(obj, view, flags) < 0) {
+        PyErr_Format(PyExc_TypeError, "%s: expected a C-contiguous%s buffer", name,
+                     writable ? " writable" : "");
+        return -1;
+    }
+    if (view->len < need) {
+        PyErr_Format(PyExc_ValueError, "%s: buffer has %zd bytes, need %zd", name, view->len, need);
+        PyBuffer_Release(view);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *py_rows(PyObject *self, PyObject *args)
+{
+    PyObject *op, *oq, *oout, *ost;
+    Py_ssize_t n_rows, n;
+    int p64, q64, pmode, qmode, kind, validate;
+    double T, beta, ptol, qtol, peps, qeps;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "OOnniiiiddiiddddOO", &op, &oq, &n_rows, &n, &p64, &q64, &pmode,
+                          &qmode, &T, &beta, &kind, &validate, &ptol, &qtol, &peps, &qeps, &oout,
+                          &ost))
+        return NULL;
+    if (n_rows < 0 || n < 1 || pmode < 0 || pmode > 2 || qmode < 0 || qmode > 2 || kind < 0 ||
+        kind > 3 || !(T > 0.0) || !isfinite(T) || ((pmode == M_PROBS || qmode == M_PROBS) && T != 1.0) ||
+        (kind == K_JS && !(beta > 0.0 && beta < 1.0))) {
+        PyErr_SetString(PyExc_ValueError, "_divrows.rows: invalid arguments");
+        return NULL;
+    }
+    Py_buffer bp, bq, bo, bs;
+    if (get_buf(op, &bp, 0, n_rows * n * (p64 ? 8 : 4), "p") < 0) return NULL;
+    if (get_buf(oq, &bq, 0, n_rows * n * (q64 ? 8 : 4), "q") < 0) {
+        PyBuffer_Release(&bp);
+        return NULL;
+    }
+    if (get_buf(oout, &bo, 1, n_rows * 8, "out") < 0) {
+        PyBuffer_Release(&bp);
+        PyBuffer_Release(&bq);
+        return NULL;
+    }
+    if (get_buf(ost, &bs, 1, n_rows * 4, "status") < 0) {
+        PyBuffer_Release(&bp);
+        PyBuffer_Release(&bq);
+        PyBuffer_Release(&bo);
+        return NULL;
+    }
+    side_t sp = {pmode, ptol, peps}, sq = {qmode, qtol, qeps};
+    int fail = 0;
+    Py_BEGIN_ALLOW_THREADS
+    double *scr = malloc(sizeof(double) * 5 * (size_t)n);
+    if (!scr) {
+        fail = 1;
+    } else {
+        double *wx = scr + 3 * n, *wy = scr + 4 * n;
+        double *out = bo.buf;
+        int32_t *st = bs.buf;
+        for (Py_ssize_t i = 0; i < n_rows; i++) {
+            const double *x, *y;
+            if (p64) {
+                x = (const double *)bp.buf + i * n;
+            } else {
+                const float *s = (const float *)bp.buf + i * n;
+                for (Py_ssize_t j = 0; j < n; j++) wx[j] = s[j];
+                x = wx;
+            }
+            if (q64) {
+                y = (const double *)bq.buf + i * n;
+            } else {
+                const float *s = (const float *)bq.buf + i * n;
+                for (Py_ssize_t j = 0; j < n; j++) wy[j] = s[j];
+                y = wy;
+            }
+            out[i] = NAN;
+            st[i] = div_row(x, y, n, &sp, &sq, T, kind, beta, validate, scr, out + i);
+        }
+        free(scr);
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&bp);
+    PyBuffer_Release(&bq);
+    PyBuffer_Release(&bo);
+    PyBuffer_Release(&bs);
+    if (fail) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"rows", py_rows, METH_VARARGS,
+     "rows(p, q, n_rows, n, p_is_f64, q_is_f64, p_mode, q_mode, temperature, beta, kind, validate, "
+     "p_tol, q_tol, p_eps, q_eps, out, status): per-row divergences of two C-contiguous matrices "
+     "written into out (float64) and status (int32); see kldiv/backends/numpy_fast.py."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef mod = {
+    PyModuleDef_HEAD_INIT, "_divrows",
+    "Per-row divergences of NumPy probabilities, log-probabilities and logits, value checks "
+    "included (kldiv/backends/numpy_fast.py).",
+    -1, methods,
+};
+
+PyMODINIT_FUNC PyInit__divrows(void) { return PyModule_Create(&mod); }
