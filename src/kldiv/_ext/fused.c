@@ -20,8 +20,9 @@
  * computed, so that each element costs two exponentials in all.
  *
  * Three passes per row: (1) the maxima and minima; (2) the exponentials (kept in a per-thread
- * scratch of 3 V values), the normalisers, E_p[d] and q's mass outside S; (3) the series and the
- * gradients. The third pass reads only the scratch, so a gradient may be written over its own
+ * scratch of 3 V values), the normalisers, E_p[d] and q's mass outside S; (3) over the scratch:
+ * the series, then the gradients (q - p from the series where it is used: full relative
+ * accuracy near convergence). The third pass reads only the scratch, so a gradient may be written over its own
  * input (kl_div_inplace). Edges: p_i > 0 = q_i gives +inf with zero gradients (as the core); an
  * all -inf, +inf or nan row, a row whose values span more than the type holds, and a row where
  * a p_i that underflows here meets a log-ratio beyond 2^20 (p_i |d_i| may still matter) are
@@ -197,12 +198,12 @@ KLDIV_INLINE T FN(phi_series)(T u)
     return acc * u * u;
 }
 
-/* Pass 3 over one block: the series and (when wanted) the gradients, from the scratch only.
- * dense: the row has no -inf (every sd[i] is a number). Returns the block's sum of p phi(d'). */
-KLDIV_INLINE T FN(pass3)(Py_ssize_t b0, Py_ssize_t b1, const T *restrict sp,
-                         const T *restrict sq, const T *restrict sd, T *restrict gx,
-                         T *restrict gy, T muT, T ip, T c, T rq, T ipg, const int want_x,
-                         const int want_y, const int dense)
+/* Pass 3a over one block: the series, from the scratch only; returns the block's sum of
+ * p phi(d'). dense: the row has no -inf (every sd[i] is a number). With store, sq[i] becomes
+ * d'_i + phi(d'_i) = expm1(d'_i) where the series is used, for pass 3b. */
+KLDIV_INLINE T FN(pass3a)(Py_ssize_t b0, Py_ssize_t b1, const T *restrict sp, T *restrict sq,
+                          const T *restrict sd, T muT, T ip, T c, const int store,
+                          const int dense)
 {
     T a = 0;
 #pragma omp simd reduction(+ : a)
@@ -215,12 +216,34 @@ KLDIV_INLINE T FN(pass3)(Py_ssize_t b0, Py_ssize_t b1, const T *restrict sp,
         const T ser = FN(phi_series)(small ? dc : (T)0);
         const T term = small ? p * ser : c * sq[i] - p * (1 + dc);
         a += in ? term : (T)0;
-        if (want_y) /* (q_i - p_i) g as (e^b_i Zx/Zy - e^a_i) g/Zx: exactly 0 where p = q */
-            gy[i] = (sq[i] * rq - sp[i]) * ipg;
-        if (want_x)
-            gx[i] = in ? -(sp[i] * ipg) * dc : (T)0; /* -p_i d'_i g */
+        if (store)
+            sq[i] = (in & small) ? dc + ser : sq[i];
     }
     return a;
+}
+
+/* Pass 3b over one block: the gradients, from the scratch only (so a gradient may overwrite
+ * its own input). q_i - p_i = p_i expm1(d'_i - KL) = p_i ((d'_i + phi(d'_i)) E + M) with
+ * E = e^-KL, M = expm1(-KL) where the series was used: near convergence q - p keeps full
+ * relative accuracy (a difference of two softmaxes would keep eps / |d'|); elsewhere
+ * (e^b_i Zx/Zy - e^a_i) / Zx, exactly 0 where p = q. */
+KLDIV_INLINE void FN(pass3b)(Py_ssize_t b0, Py_ssize_t b1, const T *restrict sp,
+                             const T *restrict sq, const T *restrict sd, T *restrict gx,
+                             T *restrict gy, T muT, T rq, T ipg, T E, T M, const int want_x,
+                             const int want_y, const int dense)
+{
+#pragma omp simd
+    for (Py_ssize_t i = b0; i < b1; i++) {
+        const T dv = sd[i];
+        const int in = dense ? 1 : dv == dv;
+        const T dc = (in ? dv : (T)0) - muT;
+        const int small = KFABS(dc) < (T)0.5;
+        const T pg = sp[i] * ipg;
+        if (want_y) /* (q_i - p_i) g */
+            gy[i] = (in & small) ? pg * (sq[i] * E + M) : (sq[i] * rq - sp[i]) * ipg;
+        if (want_x)
+            gx[i] = in ? -pg * dc : (T)0; /* -p_i d'_i g */
+    }
 }
 
 /* One row; returns KL (double), +inf on escape, nan for "recompute me" (gradients untouched).
@@ -351,32 +374,44 @@ KLDIV_CLONES static double FN(kl_row)(const T *x, const T *y, Py_ssize_t V, doub
     const int huge = lc > EXP_FLOOR - 30.0;
     const T c = huge ? (T)0 : (T)exp(lc), ip = (T)(1.0 / Zx), muT = (T)mu;
     const T rq = (T)(Zx / Zy), ipg = (T)(s * inv_t / Zx);
+    const int store = gy != NULL;
     double acc = 0;
     for (Py_ssize_t b0 = 0; b0 < V; b0 += KLDIV_BLOCK) {
         const Py_ssize_t b1 = b0 + KLDIV_BLOCK < V ? b0 + KLDIV_BLOCK : V;
         T a;
-        if (dense) {
-            if (gx && gy)
-                a = FN(pass3)(b0, b1, sp, sq, sd, gx, gy, muT, ip, c, rq, ipg, 1, 1, 1);
-            else if (gy)
-                a = FN(pass3)(b0, b1, sp, sq, sd, gx, gy, muT, ip, c, rq, ipg, 0, 1, 1);
-            else if (gx)
-                a = FN(pass3)(b0, b1, sp, sq, sd, gx, gy, muT, ip, c, rq, ipg, 1, 0, 1);
-            else
-                a = FN(pass3)(b0, b1, sp, sq, sd, gx, gy, muT, ip, c, rq, ipg, 0, 0, 1);
-        } else {
-            if (gx && gy)
-                a = FN(pass3)(b0, b1, sp, sq, sd, gx, gy, muT, ip, c, rq, ipg, 1, 1, 0);
-            else if (gy)
-                a = FN(pass3)(b0, b1, sp, sq, sd, gx, gy, muT, ip, c, rq, ipg, 0, 1, 0);
-            else if (gx)
-                a = FN(pass3)(b0, b1, sp, sq, sd, gx, gy, muT, ip, c, rq, ipg, 1, 0, 0);
-            else
-                a = FN(pass3)(b0, b1, sp, sq, sd, gx, gy, muT, ip, c, rq, ipg, 0, 0, 0);
-        }
+        if (dense)
+            a = store ? FN(pass3a)(b0, b1, sp, sq, sd, muT, ip, c, 1, 1)
+                      : FN(pass3a)(b0, b1, sp, sq, sd, muT, ip, c, 0, 1);
+        else
+            a = store ? FN(pass3a)(b0, b1, sp, sq, sd, muT, ip, c, 1, 0)
+                      : FN(pass3a)(b0, b1, sp, sq, sd, muT, ip, c, 0, 0);
         acc += a;
     }
-    return huge ? lc + log(Zy) : log1p(acc) - log_qS;
+    const double kl = huge ? lc + log(Zy) : log1p(acc) - log_qS;
+    if (gx || gy) {
+        const T E = (T)exp(-kl), M = (T)expm1(-kl);
+        for (Py_ssize_t b0 = 0; b0 < V; b0 += KLDIV_BLOCK) {
+            const Py_ssize_t b1 = b0 + KLDIV_BLOCK < V ? b0 + KLDIV_BLOCK : V;
+#define KLDIV_P3B(wx, wy, dn) FN(pass3b)(b0, b1, sp, sq, sd, gx, gy, muT, rq, ipg, E, M, wx, wy, dn)
+            if (dense) {
+                if (gx && gy)
+                    KLDIV_P3B(1, 1, 1);
+                else if (gy)
+                    KLDIV_P3B(0, 1, 1);
+                else
+                    KLDIV_P3B(1, 0, 1);
+            } else {
+                if (gx && gy)
+                    KLDIV_P3B(1, 1, 0);
+                else if (gy)
+                    KLDIV_P3B(0, 1, 0);
+                else
+                    KLDIV_P3B(1, 0, 0);
+            }
+#undef KLDIV_P3B
+        }
+    }
+    return kl;
 }
 
 /* All rows, OpenMP over rows; returns nonzero when a scratch buffer could not be allocated. */

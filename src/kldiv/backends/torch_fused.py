@@ -248,24 +248,34 @@ def _kl_torch(x, y, temperature, need_x, need_y, scale):
     ser = torch.full_like(z, coefs[-1])
     for k in reversed(coefs[:-1]):
         ser.mul_(z).add_(k)
-    ser.mul_(z).mul_(z).mul_(p_)  # p phi(d') by the series
+    phi = ser.mul_(z).mul_(z)  # phi(d') by the series (0 where not small)
     pe = c * eq  # p e^{d'}
     big = torch.addcmul(pe, p_, 1 + dc, value=-1.0)  # p e^{d'} - p (1 + d')
     if wild:
         big = torch.where(p_ > 0, big, pe)
-    term = torch.where(small, ser, big)
+    term = torch.where(small, phi * p_, big)
     if not dense:
         term = torch.where(inS, term, 0.0)
     acc = term.sum(-1, keepdim=True)
-    del ser, big, z, small, term, pe, dc
-    kl = torch.where(huge, lc + torch.log(Zy), torch.log1p(acc) - log_qS)[:, 0]
-    kl = torch.where(esc, inf, kl)
-    kl = torch.where(bad, math.nan, kl)
-    g = torch.ones_like(kl) if scale is None else scale.to(dt)
+    del big, term, pe, dc
+    kl = torch.where(huge, lc + torch.log(Zy), torch.log1p(acc) - log_qS)
+    g = torch.ones_like(Zx[:, 0]) if scale is None else scale.to(dt)
     g = torch.where(esc | bad, 0.0, g)[:, None]
     gx = gy = None
     if need_y:  # (q - p) g / T
-        gy = eq.div_(Zy).sub_(p_).mul_(g).div_(T)
+        # near convergence q_i - p_i = p_i expm1(d'_i - KL) = p_i ((d' + phi(d')) E + M) with
+        # E = e^-KL, M = expm1(-KL): full relative accuracy where a difference of two
+        # softmaxes keeps only eps / |d'| (the series' entries); elsewhere q - p directly
+        w = torch.where(torch.isnan(kl), 0.0, -kl)  # -inf: E = 0, M = -1 (q - p = -p)
+        qp = eq.div_(Zy).sub_(p_)
+        near = (z.add_(phi)).mul_(torch.exp(w)).add_(torch.expm1(w)).mul_(p_)
+        sel = small if dense else small & inS
+        gy = torch.where(sel, near, qp).mul_(g).div_(T)
+        del qp, near, sel
+    del phi, z, small
+    kl = kl[:, 0]
+    kl = torch.where(esc, inf, kl)
+    kl = torch.where(bad, math.nan, kl)
     if need_x:  # -p d' g / T with d' = Dc / T (finite unless the true value overflows)
         gx = (p_ * Dc).div_(T).mul_(g).div_(-T)
     return kl, gx, gy
