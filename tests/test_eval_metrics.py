@@ -283,3 +283,57 @@ def test_top_indices_against_argsort(v):
         ref = np.argsort(-x[1:], axis=1, kind="stable")[:, :ke]
         assert np.array_equal(got[1:], ref)
         assert len(set(got[0].tolist())) == ke
+
+
+def test_device_path_equals_kernel_path():
+    """The torch path (used for accelerator tensors; forced here on the CPU) gives the same
+    per-row values as the compiled kernel, and the same errors."""
+    torch = pytest.importorskip("torch")
+    from kldiv.eval.metrics import row_values
+
+    a, b, t = logits(n=24, v=48, seed=9, scale=0.5)
+    b[3, 5] = -np.inf  # q = 0 where p > 0: KL = inf on both paths
+    k = row_values(a, b, t)
+    d = row_values(torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(t), _device_path=True)
+    assert d.keys() == k.keys()
+    for key in ("kl", "reverse_kl", "js", "lp_ref", "lp_other"):
+        fin = np.isfinite(k[key])
+        assert np.array_equal(fin, np.isfinite(d[key])) and np.array_equal(k[key][~fin], d[key][~fin])
+        assert d[key][fin] == pytest.approx(k[key][fin], rel=2e-5, abs=1e-9), key
+    for key in ("top_ref", "top_other", "token", "top5_overlap", "top10_overlap"):
+        assert np.array_equal(k[key], d[key]), key
+    mask = np.arange(24) % 2 == 0
+    dm = row_values(torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(t),
+                    mask=torch.from_numpy(mask), _device_path=True)
+    assert np.array_equal(dm["top_ref"], k["top_ref"][mask])
+    a[7, 2] = np.nan
+    with pytest.raises(ValueError, match="reference_logits: row 7 has NaN"):
+        row_values(torch.from_numpy(a), torch.from_numpy(b), _device_path=True)
+    with pytest.raises(ValueError, match="tokens: id"):
+        row_values(torch.from_numpy(b), torch.from_numpy(b), torch.from_numpy(t + 100), _device_path=True)
+
+
+def test_torchmetrics_adapter():
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("torchmetrics")
+    from kldiv.eval import TorchDriftMetric
+
+    a, b, t = logits(n=30, seed=2)
+    ta, tb, tt = torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(t)
+    one = DriftMetric()
+    one.update(a, b, tokens=t)
+    m = TorchDriftMetric()
+    batch = m(ta[:10], tb[:10], tokens=tt[:10])           # forward: this batch's statistics
+    first = DriftMetric()
+    first.update(a[:10], b[:10], tokens=t[:10])
+    assert batch == first.compute()
+    m.update(ta[10:], tb[10:], tokens=tt[10:])
+    assert m.drift.state_dict() == one.state_dict()      # forward accumulated the first batch
+    assert m.compute() == one.compute()
+    other = TorchDriftMetric()
+    other.update(ta[:5], tb[:5], tokens=tt[:5])
+    m.merge_state(other)
+    assert m.drift.n == 35
+    c = m.clone()
+    m.reset()
+    assert m.drift.n == 0 and c.drift.n == 35

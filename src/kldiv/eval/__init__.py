@@ -6,7 +6,8 @@
 - :func:`evaluate` (:mod:`kldiv.eval.runner`): run a reference and candidates (Hugging Face model
   directories or logits files) over a text in llama.cpp's scoring window, in bounded memory;
   returns an :class:`EvalResult` (table, JSON, figure);
-- :func:`paired_bootstrap`: is candidate A really closer than B (resampling whole chunks).
+- :func:`paired_bootstrap`: is candidate A really closer than B (resampling whole chunks);
+- ``TorchDriftMetric`` (:mod:`kldiv.eval.tm`): DriftMetric as a ``torchmetrics.Metric``.
 
 transformers and torch are imported only when a model runs.
 """
@@ -18,4 +19,12 @@ from .result import EvalResult
 from .runner import evaluate, scored_positions
 
 __all__ = ["DriftMetric", "batch_kl", "row_values", "topk_overlap", "evaluate", "EvalResult",
-           "paired_bootstrap", "scored_positions"]
+           "paired_bootstrap", "scored_positions", "TorchDriftMetric"]
+
+
+def __getattr__(name):  # the torchmetrics adapter imports torch and torchmetrics: only on use
+    if name == "TorchDriftMetric":
+        from .tm import TorchDriftMetric
+
+        return TorchDriftMetric
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -42,17 +42,29 @@ def _to_numpy(x, name):
     return a
 
 
+def _on_device(x) -> bool:
+    """A torch tensor on an accelerator (not the CPU)."""
+    dev = getattr(x, "device", None)
+    return hasattr(x, "detach") and dev is not None and getattr(dev, "type", "cpu") != "cpu"
+
+
 def row_values(reference_logits, other_logits, tokens=None, mask=None, *, topk=TOPK, threads=None,
-               names=("reference_logits", "other_logits")) -> dict:
+               names=("reference_logits", "other_logits"), _device_path=None) -> dict:
     """Per-row quantities of two logits arrays of shape (..., V), rows flattened (masked rows dropped).
 
-    Returns a dict of 1-d arrays: ``kl`` = KL(p || q), ``reverse_kl`` = KL(q || p), ``js`` (nats,
-    beta 1/2), ``top_ref``/``top_other`` (first argmax), ``top{k}_overlap`` = |top_k(p) ∩
+    Returns a dict of 1-d NumPy arrays: ``kl`` = KL(p || q), ``reverse_kl`` = KL(q || p), ``js``
+    (nats, beta 1/2), ``top_ref``/``top_other`` (first argmax), ``top{k}_overlap`` = |top_k(p) ∩
     top_k(q)| / k (k capped at V; ties in the k-th place broken arbitrarily), and with tokens
     ``token``, ``lp_ref``/``lp_other`` (log-probabilities of the token).
+
+    NumPy, JAX and CPU torch inputs go through the compiled row kernel of ``kldiv compare``;
+    torch tensors on an accelerator stay there (kldiv's core ``kl_div``/``js_div`` per row, torch's
+    ``topk``), and only the per-row values come back to the host.
     """
     from ..compare import kernel as K
 
+    if _device_path or (_device_path is None and (_on_device(reference_logits) or _on_device(other_logits))):
+        return _row_values_torch(reference_logits, other_logits, tokens, mask, topk, names)
     a = _to_numpy(reference_logits, names[0])
     b = _to_numpy(other_logits, names[1])
     for x, nm in ((a, names[0]), (b, names[1])):
@@ -110,6 +122,86 @@ def row_values(reference_logits, other_logits, tokens=None, mask=None, *, topk=T
     if topk:
         out.update(topk_overlap(a, b, topk))
     return out
+
+
+def _row_values_torch(a, b, tokens, mask, topk, names) -> dict:
+    """:func:`row_values` on torch tensors, computed where they are (GPU): the same quantities."""
+    import torch
+
+    from .. import js_div, kl_div
+
+    dev = a.device if hasattr(a, "device") else b.device
+    a = torch.as_tensor(a, device=dev).detach()
+    b = torch.as_tensor(b, device=dev).detach()
+    for x, nm in ((a, names[0]), (b, names[1])):
+        if not x.is_floating_point():
+            raise TypeError(f"{nm}: expected a floating-point array of logits (..., vocab), got dtype {x.dtype}")
+    if a.shape != b.shape:
+        raise ValueError(f"{names[0]} and {names[1]} must have the same shape, got {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}")
+    v = a.shape[-1]
+    lead = tuple(a.shape[:-1])
+    if a.dtype not in (torch.float32, torch.float64):
+        a = a.float()
+    if b.dtype not in (torch.float32, torch.float64):
+        b = b.float()
+    a = a.reshape(-1, v)
+    b = b.reshape(-1, v)
+    tok = None
+    if tokens is not None:
+        t = torch.as_tensor(tokens, device=dev)
+        if t.is_floating_point() or t.dtype == torch.bool:
+            raise TypeError(f"tokens: expected integer token ids, got dtype {t.dtype}")
+        if tuple(t.shape) != lead:
+            raise ValueError(f"tokens: shape {tuple(t.shape)} does not match the logits' leading shape {lead}")
+        tok = t.reshape(-1).long()
+        bad = (tok < 0) | (tok >= v)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(f"tokens: id {int(tok[i])} at row {i} is outside the vocabulary [0, {v})")
+    rows = None
+    if mask is not None:
+        m = torch.as_tensor(mask, device=dev)
+        if m.dtype != torch.bool:
+            raise TypeError(f"mask: expected a boolean array, got dtype {m.dtype}")
+        if tuple(m.shape) != lead:
+            raise ValueError(f"mask: shape {tuple(m.shape)} does not match the logits' leading shape {lead}")
+        rows = m.reshape(-1).nonzero()[:, 0]
+        a, b = a[rows], b[rows]
+        tok = None if tok is None else tok[rows]
+    # the row checks of the compiled kernel, as one host synchronisation
+    flags = torch.stack([torch.isnan(a).any(1), (a == torch.inf).any(1), (a == -torch.inf).all(1),
+                         torch.isnan(b).any(1), (b == torch.inf).any(1), (b == -torch.inf).all(1)])
+    if bool(flags.any()):
+        f = flags.cpu().numpy()
+        i = int(np.flatnonzero(f.any(0))[0])
+        j = int(np.flatnonzero(f[:, i])[0])
+        row = i if rows is None else int(rows[i])
+        what = ("NaN", "+inf", "no finite")[j % 3]
+        raise ValueError(f"{names[j // 3]}: row {row} has {what} logits")
+    kw = {"p_space": "logits", "q_space": "logits"}
+    out = {"kl": kl_div(a, b, **kw), "reverse_kl": kl_div(b, a, **kw), "js": js_div(a, b, **kw),
+           "top_ref": a.argmax(1), "top_other": b.argmax(1)}
+    if tok is not None:
+        r = torch.arange(a.shape[0], device=dev)
+        out["token"] = tok
+        out["lp_ref"] = a[r, tok].double() - torch.logsumexp(a, 1).double()
+        out["lp_other"] = b[r, tok].double() - torch.logsumexp(b, 1).double()
+    if topk and a.shape[0]:
+        kmax = max(min(int(k), v) for k in topk)
+        ia = torch.topk(a, kmax, dim=1).indices
+        ib = torch.topk(b, kmax, dim=1).indices
+        for k in topk:
+            ke = min(int(k), v)
+            hit = (ia[:, :ke, None] == ib[:, None, :ke]).any(2).sum(1)
+            out[f"top{k}_overlap"] = hit.double() / ke
+    elif topk:
+        out.update({f"top{k}_overlap": torch.zeros(0, dtype=torch.float64) for k in topk})
+    res = {}
+    for key, val in out.items():
+        x = val.detach().cpu().numpy()
+        res[key] = x.astype(np.int64) if key in ("top_ref", "top_other", "token") else x.astype(np.float64)
+    return res
 
 
 def topk_overlap(a, b, ks=TOPK) -> dict:

@@ -8,7 +8,9 @@ llama.cpp KL base file). ``score="all"`` scores positions ``0 .. ctx - 2`` inste
 
 Memory: one batch of ``batch`` chunks is in flight at a time: the reference's logits of that
 batch and one candidate's (never the whole text's), plus the metrics' per-token values for
-exact quantiles (8 bytes per token and quantity up to ``max_exact`` tokens).
+exact quantiles (8 bytes per token and quantity up to ``max_exact`` tokens). On a GPU the
+logits stay on the device and the per-row statistics are computed there (kldiv's core);
+on the CPU they go through the compiled row kernel of ``kldiv compare``.
 """
 from __future__ import annotations
 
@@ -102,7 +104,10 @@ class HFModel:
             out = logits[:, first - off:stop - off, :].float()
             if out.shape[-1] != self.n_vocab:
                 self.n_vocab = int(out.shape[-1])
-            out = out.reshape(-1, out.shape[-1]).cpu().numpy()
+            out = out.reshape(-1, out.shape[-1])
+            if out.device.type == "cpu":
+                out = out.numpy()  # the compiled row kernel's input
+            # on an accelerator the logits stay there: row_values computes on the device
         if self.device != "cpu" and torch.cuda.is_available():
             torch.cuda.synchronize()
         self.forward_seconds += time.perf_counter() - t0
@@ -337,7 +342,7 @@ def evaluate(reference, candidates, *, tokens=None, text=None, ctx=None, chunks=
                 nxt = np.ascontiguousarray(chunk_ids[:, first + 1:stop + 1]).reshape(-1)
                 a = ref.block(fwd, first, stop, c0)
                 if writer is not None:
-                    writer.write(a)
+                    writer.write(a if isinstance(a, np.ndarray) else a.cpu().numpy())
                 floor = ref.token_floor(c0, c1 - c0, per, nxt) if isinstance(ref, FileLogits) else None
                 for i, cand in enumerate(cands):
                     b = cand.block(fwd, first, stop, c0)
