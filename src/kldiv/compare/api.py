@@ -149,28 +149,44 @@ def _warn_if_probabilities(block, src, option):
                       f"{option} probs", UserWarning, stacklevel=4)
 
 
-def _llamacpp_rows(a_raw, r, tok, n):
-    """llama.cpp's per-row statistics from the kernel's results on the cut reference.
+def _llamacpp_cut(a_raw, tok):
+    """The reference block for llama.cpp's statistics: (a, top, top_index_of_empty, lp_tok).
+
+    ``a`` is ``a_raw`` with the log-probabilities <= -16 set to -inf (NaN kept, so that the
+    kernel still reports it); a row with nothing kept becomes a placeholder of zeros (its KL is
+    0, set by :func:`_llamacpp_rows`). ``top`` is each row's largest stored value, ``lp_tok`` the
+    stored value of each row's token (NaN for a token outside the vocabulary).
+    """
+    n, v = a_raw.shape
+    top = a_raw.max(1).astype(np.float64)
+    lp = None
+    if tok is not None:
+        inrange = (tok >= 0) & (tok < v)
+        lp = np.where(inrange, a_raw[np.arange(n), np.where(inrange, tok, 0)].astype(np.float64), np.nan)
+    empty = top <= _LLAMACPP_CUT
+    top_empty = a_raw[empty].argmax(1) if empty.any() else None
+    a = np.where(a_raw <= _LLAMACPP_CUT, a_raw.dtype.type(-np.inf), a_raw)
+    if top_empty is not None:
+        a[empty] = 0
+    return a, top, top_empty, lp
+
+
+def _llamacpp_rows(r, top, top_empty):
+    """llama.cpp's per-token KL from the kernel's results on the cut reference.
 
     The kernel saw ``a`` = the stored log-probabilities with those <= -16 set to -inf, i.e.
     p~ = softmax(a) = e^l / Z over the kept terms, Z = sum_kept e^l. Then
     sum_kept e^l (l - log q) = Z (KL(p~ || q) + log Z), with log Z = max(l) + logz_ref.
     """
     with np.errstate(over="ignore", invalid="ignore"):
-        top = a_raw.max(1).astype(np.float64)
         log_z = top + r.logz_ref
         kl = np.exp(log_z) * (r.kl + log_z)
     kl = np.where(np.isinf(r.kl), r.kl, kl)
-    empty = top <= _LLAMACPP_CUT  # nothing kept: llama.cpp's sum is 0
-    if empty.any():
+    if top_empty is not None:  # nothing kept: llama.cpp's sum is 0
+        empty = top <= _LLAMACPP_CUT
         kl[empty] = 0.0
-        r.top_ref[empty] = a_raw[empty].argmax(1)
-    lp = None
-    if tok is not None:
-        inrange = (tok >= 0) & (tok < a_raw.shape[1])
-        t = np.where(inrange, tok, 0)
-        lp = np.where(inrange, a_raw[np.arange(n), t].astype(np.float64), np.nan)
-    return kl, np.exp(top), lp
+        r.top_ref[empty] = top_empty
+    return kl
 
 
 def _compare(ref, oth, tokens, reverse, js, skip_nan, threads, progress, chunk_rows, force_fallback,
@@ -235,11 +251,9 @@ def _compare(ref, oth, tokens, reverse, js, skip_nan, threads, progress, chunk_r
                                              (b, oth, spaces[1], names.get("other_space", "other_space="))):
                     if space == "logits" and src.format != "llama.cpp-kld":
                         _warn_if_probabilities(blk, src, opt)
-            a_raw = a
-            if llamacpp:
-                a = np.where(a_raw <= _LLAMACPP_CUT, -np.inf, a_raw).astype(a_raw.dtype)
-                a[(a_raw <= _LLAMACPP_CUT).all(1)] = 0.0  # nothing kept: a placeholder row
             tb = None if tok is None else tok[s:e]
+            if llamacpp:
+                a, top, top_empty, lp_tok = _llamacpp_cut(a, tb)
             r = K.row_stats(a, b, tokens=tb, reverse=reverse, js=js,
                             threads=threads, force_fallback=force_fallback)
             bad = np.flatnonzero(r.status)
@@ -251,14 +265,14 @@ def _compare(ref, oth, tokens, reverse, js, skip_nan, threads, progress, chunk_r
                     i = bad[0] if not skip_nan else bad[~nan_only][0]
                     raise ValueError(_status_error(int(r.status[i]), s + int(i), ref, oth, tok_name))
             if llamacpp:
-                r.kl, top_p, lp_tok = _llamacpp_rows(a_raw, r, tb, e - s)
+                r.kl = _llamacpp_rows(r, top, top_empty)
             kl[s:e] = r.kl
             if reverse:
                 rkl[s:e] = r.rkl
             if js:
                 jsv[s:e] = r.js
             same[s:e] = r.top_ref == r.top_other
-            ptop[s:e] = top_p if llamacpp else np.exp(-r.logz_ref)
+            ptop[s:e] = np.exp(top) if llamacpp else np.exp(-r.logz_ref)
             if tok is not None:
                 lpa[s:e] = lp_tok if llamacpp else r.lp_ref_tok
                 lpb[s:e] = r.lp_other_tok
