@@ -1,0 +1,808 @@
+"""The torch fast path of the whole family, at every size: kldiv's "pre" hook for torch tensors.
+
+``kldiv.kl_div`` (and ``reverse_kl``, ``js_div``, ``jeffreys_div``) on torch tensors lands here
+first, with the user's arguments untouched. The common calls (every input space, every
+reduction, mask, weight, temperature, any axis, with or without gradients) are answered by one
+``torch.autograd.Function``:
+
+- its forward pass computes the per-row values without an autograd graph, and, when a gradient
+  will be needed, the first derivatives in the same walk: on CPU float32/float64 for KL, reverse
+  KL and Jeffreys by the C kernel (``kldiv._ext._fused``: three passes per row, OpenMP over rows),
+  rows taken in chunks so that no extra N x V tensor is made for probability inputs; otherwise
+  (other devices, JS) by a few torch operations or the core's own row function;
+- its backward pass hands those gradients over (first order), or, when autograd records the
+  backward pass itself (``create_graph=True``: Hessian-vector products, TRPO's Fisher-vector
+  products) or runs it a second time (``retain_graph=True``), recomputes the analytic gradients
+  from the saved inputs in differentiable torch operations: second (and higher) derivatives are
+  exact at every size. No size threshold changes which derivatives exist.
+
+Value checks cost no extra pass where the kernel runs: it reports every row with a nan, +inf or
+no finite entry (a negative probability becomes a nan logarithm); the normalisation of
+probabilities and log-probabilities is checked on the chunk in hand. Whenever anything is off,
+or the call is unusual (broadcast shapes, weights that need a gradient, extreme temperatures,
+tensor subclasses), the hook answers ``NotImplemented`` and the core runs: it raises its own
+error or computes the value itself. The core defines the semantics; this only goes faster.
+
+Under ``torch.compile`` the same Function is traced (no kernel, no host synchronisation, no
+array-api-compat call, so no graph break and no warning): values and gradients in torch
+operations that Inductor fuses.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .._core import dispatch as _dispatch
+from .._core.validation import normalization_tolerance as _tolerance
+from .._core.validation import validation_enabled as _validation_enabled
+from .._core.divergence import _PHI_COEFS, _SMALL
+
+__all__ = ["divergence", "T_RANGE"]
+
+_SPACES = frozenset(("probs", "log_probs", "logits"))
+_REDUCTIONS = frozenset(("none", "sum", "mean"))
+_KINDS = frozenset(("forward", "reverse", "js", "jeffreys"))
+_FLOATS = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
+_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+#: temperatures this path takes; outside, the core decides (it documents the limits)
+T_RANGE = (1.0 / 64.0, 64.0)
+
+# elements per chunk of rows where inputs are converted (probabilities to logarithms, dtypes):
+# a few chunk-sized temporaries of float64 stay well under a tenth of a 512 x 32000 input
+_CHUNK = 1 << 16
+
+_NINF = -math.inf
+
+
+def _load_kernel():
+    try:
+        from .._ext import _fused
+    except ImportError:  # pragma: no cover - extension not built: torch operations only
+        return None
+    return _fused if hasattr(_fused, "rows") else None
+
+
+_EXT = _load_kernel()
+
+try:
+    _is_compiling = torch.compiler.is_compiling
+except AttributeError:  # pragma: no cover - old torch
+    def _is_compiling():
+        return False
+
+
+# ----------------------------------------------------------------------------------------------
+# the hook
+
+
+def divergence(kind, p, q, *, p_space, q_space, axis, reduction, mask, weight, temperature,
+               t2_scale, validate, beta):
+    """The core's "pre" hook for torch: the value of ``kldiv.<kind>`` or NotImplemented.
+
+    Same arguments and result as the public functions (``kind``: "forward", "reverse", "js",
+    "jeffreys"); NotImplemented sends the call to the core unchanged.
+    """
+    if type(p) not in _TENSOR_TYPES or type(q) not in _TENSOR_TYPES:
+        return NotImplemented
+    if p_space not in _SPACES or q_space not in _SPACES or reduction not in _REDUCTIONS:
+        return NotImplemented
+    if kind not in _KINDS or p.dtype not in _FLOATS or q.dtype not in _FLOATS:
+        return NotImplemented
+    tt = type(temperature)
+    if tt is not float and tt is not int:
+        return NotImplemented
+    T = float(temperature)
+    if not T_RANGE[0] <= T <= T_RANGE[1]:
+        return NotImplemented
+    shape = p.shape
+    nd = len(shape)
+    if q.shape != shape or nd == 0 or type(axis) is not int or not -nd <= axis < nd:
+        return NotImplemented
+    dev = p.device
+    if q.device != dev:
+        return NotImplemented
+    ax = axis % nd
+    V = shape[ax]
+    if V == 0:
+        return NotImplemented
+    n = 1
+    for i, s in enumerate(shape):
+        if i != ax:
+            n *= s
+    if n == 0:
+        return NotImplemented
+    compiling = _is_compiling()
+    check = (not compiling) and _validation_enabled(validate)
+    rows_shape = shape[:ax] + shape[ax + 1:]
+    keep = None  # rows that count (mask and positive weight); None: all
+    w = None
+    if mask is not None:
+        if type(mask) not in _TENSOR_TYPES or mask.dtype != torch.bool or mask.device != dev:
+            return NotImplemented
+        if mask.shape != rows_shape:
+            try:
+                mask = torch.broadcast_to(mask, rows_shape)
+            except RuntimeError:
+                return NotImplemented
+        keep = mask.reshape(n)
+    dt = torch.promote_types(p.dtype, q.dtype)
+    if dt not in (torch.float32, torch.float64):
+        dt = torch.float32
+    if weight is not None:
+        if type(weight) not in _TENSOR_TYPES or weight.dtype not in _FLOATS:
+            return NotImplemented
+        if weight.device != dev or (weight.requires_grad and torch.is_grad_enabled()):
+            return NotImplemented
+        if weight.shape != rows_shape:
+            try:
+                weight = torch.broadcast_to(weight, rows_shape)
+            except RuntimeError:
+                return NotImplemented
+        w = weight.detach().reshape(n).to(dt)
+        if check:
+            # the core checks weights in every unmasked row; a zero weight would let the kernel
+            # skip a row that the core checks: both are left to the core
+            bad = ~(w > 0) | (w == math.inf)
+            if keep is not None:
+                bad = bad & keep
+            if bool(bad.any()):
+                return NotImplemented
+    if kind == "js":
+        beta = float(beta)
+    # per-row factors c: value = sum_r c_r rows_r ("sum", "mean"), or rows_r c_r ("none")
+    c = None
+    if w is not None:
+        pos = w > 0
+        keep = pos if keep is None else (keep & pos)
+        c = torch.where(keep, w, torch.zeros((), dtype=dt, device=dev))
+    elif keep is not None:
+        c = keep.to(dt)
+    if reduction == "mean":
+        if c is None:
+            c_const = 1.0 / n
+        else:
+            den = c.sum()
+            c = torch.where(den > 0, c / torch.where(den > 0, den, torch.ones_like(den)),
+                            torch.zeros_like(c))
+            c_const = 1.0
+    else:
+        c_const = 1.0
+    if t2_scale:
+        c_const *= T * T
+    if ax != nd - 1:
+        pm = torch.movedim(p, ax, -1)
+        qm = torch.movedim(q, ax, -1)
+    else:
+        pm, qm = p, q
+    spec = _Spec(kind, p_space, q_space, T, beta, reduction, dt, ax, n, V, c_const,
+                 tuple(rows_shape))
+    grad_on = torch.is_grad_enabled()
+    need_p = grad_on and p.requires_grad
+    need_q = grad_on and q.requires_grad
+    if compiling:
+        if kind == "js":
+            return NotImplemented
+        # traced: torch operations only (autograd and Inductor take it from here)
+        return _reduce(_rows_traced(spec, pm, qm, keep), c, spec)
+    use_kernel = (
+        _EXT is not None and kind != "js" and dev.type == "cpu"
+        and not (pm.is_neg() or qm.is_neg() or pm.is_conj() or qm.is_conj())
+    )
+    with torch.no_grad():
+        if use_kernel:
+            res = _kernel_rows(spec, pm, qm, c, keep, need_p, need_q, check)
+        else:
+            res = _torch_rows(spec, pm, qm, keep, check)
+    if res is None:
+        return NotImplemented
+    rows, gp, gq = res
+    value = _reduce(rows, c, spec)
+    if not (need_p or need_q):
+        return value
+    box = [value, gp, gq]
+    return _Divergence.apply(p, q, c, keep, spec, box, False, use_kernel)
+
+
+class _Spec:
+    """Everything about a call that is not a tensor (one object: cheap to carry)."""
+
+    __slots__ = ("kind", "p_space", "q_space", "T", "beta", "reduction", "dtype", "axis", "n",
+                 "V", "c_const", "rows_shape")
+
+    def __init__(self, kind, p_space, q_space, T, beta, reduction, dtype, axis, n, V, c_const,
+                 rows_shape):
+        self.kind = kind
+        self.p_space = p_space
+        self.q_space = q_space
+        self.T = T
+        self.beta = beta
+        self.reduction = reduction
+        self.dtype = dtype
+        self.axis = axis
+        self.n = n
+        self.V = V
+        self.c_const = c_const
+        self.rows_shape = rows_shape
+
+
+def _reduce(rows, c, spec):
+    """The reduction of per-row values ``rows`` (n,) by the factors c (None: all ones)."""
+    dt = spec.dtype
+    if c is not None:
+        rows = rows * c.to(rows.dtype)
+    if spec.reduction == "none":
+        out = rows.reshape(spec.rows_shape)
+    else:
+        out = rows.sum()
+    if spec.c_const != 1.0:
+        out = out * spec.c_const
+    return out.to(dt) if out.dtype != dt else out
+
+
+# ----------------------------------------------------------------------------------------------
+# the autograd Function
+
+
+class _Divergence(torch.autograd.Function):
+    """The value (computed before ``apply`` or, under compile, here) with an analytic backward.
+
+    ``box`` carries the precomputed value and first-order gradients (or None); first-order
+    backward hands the gradients over once, every other backward recomputes them in
+    differentiable torch operations from the saved inputs.
+    """
+
+    @staticmethod
+    def forward(ctx, p, q, c, keep, spec, box, traced, kernel):
+        ctx.spec = spec
+        ctx.kernel = kernel
+        ctx.set_materialize_grads(True)
+        if traced:
+            pm, qm = _moved(p, q, spec)
+            rows = _rows_traced(spec, pm, qm, keep)
+            value = _reduce(rows, c, spec)
+            ctx.grads = None
+        else:
+            value = box[0]
+            ctx.grads = (box[1], box[2])
+            box.clear()
+        ctx.save_for_backward(p, q, c, keep)
+        return value
+
+    @staticmethod
+    def backward(ctx, g):
+        spec = ctx.spec
+        grads = ctx.grads
+        ctx.grads = None
+        need_p, need_q = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        first_order = not torch.is_grad_enabled()
+        if first_order and grads is None and ctx.kernel:
+            # a second first-order backward (retain_graph): the same kernel again, so that
+            # repeated backward passes agree to the bit
+            p, q, c, keep = ctx.saved_tensors
+            pm, qm = _moved(p, q, spec)
+            with torch.no_grad():
+                res = _kernel_rows(spec, pm.detach(), qm.detach(), c, keep, need_p, need_q,
+                                   False)
+            if res is not None:
+                grads = (res[1], res[2])
+        if first_order and grads is not None and (
+                (grads[0] is not None or not need_p) and (grads[1] is not None or not need_q)):
+            gp, gq = grads
+            if spec.reduction == "none":
+                gr = g.reshape(spec.n, 1)
+                gp = None if gp is None else _times_rows(gp, gr, spec)
+                gq = None if gq is None else _times_rows(gq, gr, spec)
+            elif g.device.type != "cpu" or float(g) != 1.0:
+                gp = None if gp is None else gp.mul_(g.to(gp.dtype))
+                gq = None if gq is None else gq.mul_(g.to(gq.dtype))
+            return (_unmove(gp, spec) if need_p else None,
+                    _unmove(gq, spec) if need_q else None, None, None, None, None, None, None)
+        p, q, c, keep = ctx.saved_tensors
+        pm, qm = _moved(p, q, spec)
+        s = g.reshape(spec.n) if spec.reduction == "none" else g.reshape(1).expand(spec.n)
+        s = s.to(spec.dtype)
+        if c is not None:
+            s = s * c
+        if spec.c_const != 1.0:
+            s = s * spec.c_const
+        gp, gq = _grads_torch(spec, pm, qm, s, keep, need_p, need_q)
+        gp = None if gp is None else _unmove(gp.reshape(pm.shape).to(p.dtype), spec)
+        gq = None if gq is None else _unmove(gq.reshape(qm.shape).to(q.dtype), spec)
+        return gp, gq, None, None, None, None, None, None
+
+
+def _times_rows(g2, gr, spec):
+    sh = g2.shape
+    return (g2.reshape(spec.n, spec.V) * gr.to(g2.dtype)).reshape(sh)
+
+
+def _moved(p, q, spec):
+    if spec.axis != p.dim() - 1:
+        return torch.movedim(p, spec.axis, -1), torch.movedim(q, spec.axis, -1)
+    return p, q
+
+
+def _unmove(g, spec):
+    """A gradient in the moved layout (..., V) back to the caller's layout."""
+    if g is None:
+        return None
+    if spec.axis != g.dim() - 1:
+        return torch.movedim(g, -1, spec.axis)
+    return g
+
+
+# ----------------------------------------------------------------------------------------------
+# values (and first-order gradients) without a graph: the C kernel
+
+
+def _kernel_dtype(x, y, p_space, q_space, dt):
+    """The kernel's element type: float64 where a probability's logarithm needs it."""
+    if dt == torch.float64:
+        return torch.float64
+    if (p_space == "probs" and x.dtype == torch.float32) or (
+            q_space == "probs" and y.dtype == torch.float32):
+        # the logarithm of a float32 probability, and the gradient through it, keep full
+        # accuracy down to the subnormals only in float64 (and both-probability rows keep the
+        # log-ratio exact as the core's log1p route does)
+        return torch.float64
+    return torch.float32
+
+
+def _kernel_rows(spec, pm, qm, c, keep, need_p, need_q, check):
+    """Rows (float64, (n,)) and gradients of sum_r c_r rows_r by the C kernel, or None.
+
+    None means: a row the kernel leaves alone (nan, +inf, no finite entry, extreme ratios) or a
+    failed check; the caller hands the whole call to the core.
+    """
+    n, V = spec.n, spec.V
+    x = pm.reshape(n, V)
+    y = qm.reshape(n, V)
+    kd = _kernel_dtype(x, y, spec.p_space, spec.q_space, spec.dtype)
+    scale = None if c is None else c.to(torch.float64).contiguous()
+    if spec.c_const != 1.0 and (need_p or need_q):
+        base = torch.ones(n, dtype=torch.float64) if scale is None else scale
+        gscale = base * spec.c_const
+    else:
+        gscale = scale
+    rows = torch.empty(n, dtype=torch.float64)
+    gp = torch.empty((n, V), dtype=pm.dtype) if need_p else None
+    gq = torch.empty((n, V), dtype=qm.dtype) if need_q else None
+    direct = (spec.p_space != "probs" and spec.q_space != "probs" and x.dtype == kd
+              and y.dtype == kd and x.stride(-1) == 1 and y.stride(-1) == 1)
+    kinds = ("forward", "reverse") if spec.kind == "jeffreys" else (spec.kind,)
+    checks = []
+    if direct:
+        tmp_p = tmp_q = None
+        for j, kk in enumerate(kinds):
+            if j and (need_p or need_q):  # Jeffreys: the second half into scratch, then added
+                tmp_p = torch.empty_like(gp) if need_p else None
+                tmp_q = torch.empty_like(gq) if need_q else None
+            r = rows if j == 0 else torch.empty(n, dtype=torch.float64)
+            _run(kk, x, y, spec.T, gscale, r, tmp_p if j else gp, tmp_q if j else gq)
+            if j:
+                rows += r
+                if gp is not None:
+                    gp += tmp_p
+                if gq is not None:
+                    gq += tmp_q
+        if check:
+            tol = []
+            for side, space in ((x, spec.p_space), (y, spec.q_space)):
+                if space == "log_probs":
+                    tol.append(_lse_off_chunked(side, keep, n, V))
+            checks.extend(tol)
+    else:
+        step = max(1, _CHUNK // V)
+        sp_p = spec.p_space == "probs"
+        sp_q = spec.q_space == "probs"
+        tol_p = _tolerance(torch.finfo(x.dtype).eps, V) if check else 0.0
+        tol_q = _tolerance(torch.finfo(y.dtype).eps, V) if check else 0.0
+        for i in range(0, n, step):
+            j1 = min(i + step, n)
+            xc, xl, xbad = _to_log(x[i:j1], spec.p_space, kd, tol_p, check)
+            yc, yl, ybad = _to_log(y[i:j1], spec.q_space, kd, tol_q, check)
+            m = j1 - i
+            gxc = torch.empty((m, V), dtype=kd) if need_p else None
+            gyc = torch.empty((m, V), dtype=kd) if need_q else None
+            sc = None if gscale is None else gscale[i:j1]
+            rc = rows[i:j1]
+            for j, kk in enumerate(kinds):
+                if j == 0:
+                    _run(kk, xl, yl, spec.T, sc, rc, gxc, gyc)
+                else:
+                    r2 = torch.empty(m, dtype=torch.float64)
+                    t_x = torch.empty_like(gxc) if need_p else None
+                    t_y = torch.empty_like(gyc) if need_q else None
+                    _run(kk, xl, yl, spec.T, sc, r2, t_x, t_y)
+                    rc += r2
+                    if t_x is not None:
+                        gxc += t_x
+                    if t_y is not None:
+                        gyc += t_y
+            if gxc is not None:
+                gp[i:j1] = _grad_to_input(gxc, xc, sp_p)
+            if gyc is not None:
+                gq[i:j1] = _grad_to_input(gyc, yc, sp_q)
+            for b in (xbad, ybad):  # failed checks, and rows the kernel cannot take
+                if b is not None:
+                    checks.append(b if keep is None else b & keep[i:j1])
+    checks.append(torch.isnan(rows))  # skipped rows (c_r = 0) are 0, never nan
+    bad = checks[0].any() if len(checks) == 1 else torch.cat([b.reshape(-1) for b in checks]).any()
+    if bool(bad):
+        return None
+    if spec.kind == "jeffreys" and (gp is not None or gq is not None):
+        # one direction finite, the other +inf: the row is +inf, its gradient 0 (the core's)
+        inf_rows = torch.isinf(rows).nonzero().flatten()
+        if inf_rows.numel():
+            for g in (gp, gq):
+                if g is not None:
+                    g.index_fill_(0, inf_rows, 0)
+    if gp is not None:
+        gp = gp.view(pm.shape[:-1] + (V,))
+    if gq is not None:
+        gq = gq.view(qm.shape[:-1] + (V,))
+    return rows, gp, gq
+
+
+def _run(kind, x, y, T, scale, rows, gx, gy):
+    """One kernel call: KL(p || q) ("forward") or KL(q || p) ("reverse") per row of x, y."""
+    if kind == "reverse":
+        x, y, gx, gy = y, x, gy, gx
+    n, V = x.shape
+    _EXT.rows(
+        x.dtype == torch.float64, n, V, x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0),
+        1.0 / T, 0 if scale is None else scale.data_ptr(), rows.data_ptr(),
+        0 if gx is None else gx.data_ptr(), 0 if gx is None else gx.stride(0),
+        0 if gy is None else gy.data_ptr(), 0 if gy is None else gy.stride(0),
+        torch.get_num_threads(),
+    )
+
+
+def _to_log(xc, space, kd, tol, check):
+    """A chunk in the kernel's dtype and log space: (converted input, log input, bad rows)."""
+    xk = xc.to(kd)
+    if space == "probs":
+        bad = (xk.sum(-1) - 1).abs() > tol if check else None
+        lx = torch.log(xk)  # p < 0 and nan give nan: the kernel reports the row
+        if xc.dtype == torch.float64:
+            # the kernel's exponential stops at e^-708: a float64 probability below ~1e-300
+            # would count as 0 there (the core keeps it): such rows go to the core
+            tiny = ((lx < -690.0) & (lx > _NINF)).any(-1)
+            bad = tiny if bad is None else bad | tiny
+        return xk, lx, bad
+    if xk.stride(-1) != 1 or xk.stride(0) != xk.shape[1]:
+        xk = xk.contiguous()
+    bad = None
+    if check and space == "log_probs":
+        bad = torch.logsumexp(xk, -1).abs() > tol
+    return xk, xk, bad
+
+
+def _grad_to_input(gl, xk, is_probs):
+    """The gradient with respect to the input from the one with respect to its logarithm."""
+    if not is_probs:
+        return gl
+    # d/dp = (d/d log p) / p; 0 where p = 0 (the core's one-sided convention)
+    pos = xk > 0
+    return torch.where(pos, gl / torch.where(pos, xk, torch.ones_like(xk)),
+                       torch.zeros_like(gl))
+
+
+def _lse_off_chunked(x, keep, n, V):
+    """Rows of log-probabilities whose logsumexp is off 0 by more than the tolerance."""
+    tol = _tolerance(torch.finfo(x.dtype).eps, V)
+    step = max(1, _CHUNK // V)
+    if step >= n:
+        off = torch.logsumexp(x, -1).abs() > tol
+    else:
+        off = torch.cat([torch.logsumexp(x[i:i + step], -1) for i in range(0, n, step)])
+        off = off.abs() > tol
+    return off if keep is None else off & keep
+
+
+# ----------------------------------------------------------------------------------------------
+# values without a graph and without the kernel
+
+
+def _torch_rows(spec, pm, qm, keep, check):
+    """Rows by torch operations (other devices, JS); None when a check fails or a row is nan."""
+    n, V = spec.n, spec.V
+    x = pm.reshape(n, V)
+    y = qm.reshape(n, V)
+    if check:
+        for side, space in ((x, spec.p_space), (y, spec.q_space)):
+            off = _row_flags(side, space, V)
+            if keep is not None:
+                off = off & keep
+            if bool(off.any()):
+                return None
+    xd, yd = _safe_rows(x.to(spec.dtype), y.to(spec.dtype), keep, spec)
+    if spec.kind == "js":
+        from .._core import divergence as _div
+        from array_api_compat import torch as xp
+
+        rows = _div.divergence_rows("js", xp, xd, yd, spec.p_space, spec.q_space, spec.T,
+                                    spec.beta)
+    else:
+        rows = _rows_kl_family(spec, xd, yd)
+    if keep is not None:
+        rows = torch.where(keep, rows, torch.zeros_like(rows))
+    if bool(torch.isnan(rows).any()):
+        return None
+    return rows, None, None
+
+
+def _rows_traced(spec, pm, qm, keep):
+    """Rows under torch.compile: torch operations only, no checks, no synchronisation."""
+    n, V = spec.n, spec.V
+    x, y = _safe_rows(pm.reshape(n, V).to(spec.dtype), qm.reshape(n, V).to(spec.dtype), keep,
+                      spec)
+    rows = _rows_kl_family(spec, x, y)
+    if keep is not None:
+        rows = torch.where(keep, rows, torch.zeros_like(rows))
+    return rows
+
+
+def _row_flags(x, space, V):
+    """The core's value checks as per-row flags, in one or two reductions."""
+    if space == "probs":
+        lo, hi = torch.aminmax(x, dim=-1)
+        tol = _tolerance(torch.finfo(x.dtype).eps, V)
+        return ~(lo >= 0) | ~(hi < math.inf) | ((x.sum(-1) - 1).abs() > tol)
+    top = x.amax(-1)
+    bad = ~(top < math.inf) | (top == _NINF)
+    if space == "log_probs":
+        tol = _tolerance(torch.finfo(x.dtype).eps, V)
+        bad = bad | (torch.logsumexp(x, -1).abs() > tol)
+    return bad
+
+
+def _safe_rows(x, y, keep, spec):
+    """Masked rows replaced by a uniform row on both sides (they may hold anything)."""
+    if keep is None:
+        return x, y
+    k = keep[:, None]
+    return (torch.where(k, x, _uniform(x, spec.p_space, spec.V)),
+            torch.where(k, y, _uniform(y, spec.q_space, spec.V)))
+
+
+def _uniform(x, space, V):
+    if space == "probs":
+        return torch.full((), 1.0 / V, dtype=x.dtype, device=x.device)
+    if space == "log_probs":
+        return torch.full((), -math.log(V), dtype=x.dtype, device=x.device)
+    return torch.zeros((), dtype=x.dtype, device=x.device)
+
+
+def _log_input(x, space, T):
+    """A side in log space before the temperature: log p for probabilities (-inf at 0)."""
+    if space == "probs":
+        pos = x > 0
+        return torch.where(pos, torch.log(torch.where(pos, x, torch.ones_like(x))),
+                           torch.full_like(x, _NINF))
+    return x
+
+
+def _rows_kl_family(spec, x, y):
+    """KL / reverse / Jeffreys rows of two (n, V) inputs in the compute dtype, torch ops only."""
+    a = _log_input(x, spec.p_space, spec.T)
+    b = _log_input(y, spec.q_space, spec.T)
+    both_probs = spec.p_space == "probs" and spec.q_space == "probs" and spec.T == 1.0
+    if spec.kind == "forward":
+        return _kl_rows(a, b, spec.T, x, y, both_probs)
+    if spec.kind == "reverse":
+        return _kl_rows(b, a, spec.T, y, x, both_probs)
+    return _kl_rows(a, b, spec.T, x, y, both_probs) + _kl_rows(b, a, spec.T, y, x, both_probs)
+
+
+def _log_ratio_raw(a, b, it, x, y, both_probs, inS):
+    """log q_i - log p_i up to a row constant, on the common support (0 elsewhere).
+
+    The difference of the raw inputs first, then the temperature (the core's order); for two
+    probabilities within a factor 2, log1p of the exact relative difference."""
+    zero = torch.zeros((), dtype=a.dtype, device=a.device)
+    if both_probs:
+        one = torch.ones((), dtype=a.dtype, device=a.device)
+        ps = torch.where(inS, x, one)
+        qs = torch.where(inS, y, one)
+        near = (qs >= 0.5 * ps) & (qs <= 2 * ps)
+        pn = torch.where(near, ps, one)
+        qn = torch.where(near, qs, one)
+        d = torch.where(near, torch.log1p((qn - pn) / pn), torch.log(qs) - torch.log(ps))
+        return torch.where(inS, d, zero)
+    d = torch.where(inS, b - torch.where(inS, a, zero), zero)
+    return d * it if it != 1.0 else d
+
+
+def _phi(z):
+    coefs = _PHI_COEFS if z.dtype == torch.float64 else _PHI_COEFS[:9]
+    acc = torch.full_like(z, coefs[-1])
+    for k in reversed(coefs[:-1]):
+        acc = acc * z + k
+    return acc * z * z
+
+
+def _kl_rows(a, b, T, x, y, both_probs):
+    """KL(softmax(a/T) || softmax(b/T)) per row: the kernel's algebra in torch operations.
+
+    KL = log(1 + sum_S p_i phi(d'_i)) - log q(S), d' the p-centred log-ratio on p's support S;
+    past ~57 (float32) or ~678 (float64) KL = lc + log Zq instead (no cancellation there).
+    """
+    it = 1.0 / T
+    dt = a.dtype
+    zero = torch.zeros((), dtype=dt, device=a.device)
+    pa = a > _NINF
+    pb = b > _NINF
+    inS = pa & pb
+    esc = (pa & ~pb).any(-1)
+    ma = a.amax(-1, keepdim=True)
+    mb = b.amax(-1, keepdim=True)
+    ma = torch.where(torch.isfinite(ma), ma, zero)
+    mb = torch.where(torch.isfinite(mb), mb, zero)
+    ea = torch.exp((a - ma) * it)
+    eb = torch.exp((b - mb) * it)
+    d = _log_ratio_raw(a, b, it, x, y, both_probs, inS)
+    Za = ea.sum(-1, keepdim=True)
+    Zb = eb.sum(-1, keepdim=True)
+    mu = (ea * d).sum(-1, keepdim=True) / Za
+    qo = torch.where(pa, zero, eb).sum(-1, keepdim=True) / Zb
+    qS = torch.where(inS, eb, zero).sum(-1, keepdim=True) / Zb
+    log_qS = torch.where(qo < 0.5, torch.log1p(-torch.where(qo < 0.5, qo, zero)), torch.log(qS))
+    lc = mb * it - (ma * it + torch.log(Za)) - mu  # p_i e^{d'_i} = e^{lc} eb_i
+    huge = lc > (57.0 if dt == torch.float32 else 678.0)
+    cc = torch.exp(torch.where(huge, zero, lc))
+    P = ea / Za
+    dc = torch.where(inS, d - mu, zero)
+    small = dc.abs() < _SMALL
+    ser = _phi(torch.where(small, dc, zero))
+    term = torch.where(small, P * ser, cc * eb - P * (1 + dc))
+    acc = torch.where(inS, term, zero).sum(-1, keepdim=True)
+    kl = torch.where(huge, lc + torch.log(Zb), torch.log1p(acc) - log_qS)[:, 0]
+    return torch.where(esc, torch.full_like(kl, math.inf), kl)
+
+
+# ----------------------------------------------------------------------------------------------
+# analytic gradients in differentiable torch operations
+
+
+class _Side:
+    __slots__ = ("S", "W", "lw", "raw", "to_input")
+
+
+def _side(x, space, it):
+    """One side normalised with differentiable operations: support, probabilities, logs."""
+    s = _Side()
+    dt = x.dtype
+    zero = torch.zeros((), dtype=dt, device=x.device)
+    one = torch.ones((), dtype=dt, device=x.device)
+    if space == "probs":
+        S = x > 0
+        xs = torch.where(S, x, one)
+        if it == 1.0:
+            xz = torch.where(S, x, zero)
+            Z = xz.sum(-1, keepdim=True)
+            s.W = xz / Z
+            s.raw = torch.where(S, torch.log(xs), zero)
+            s.lw = torch.where(S, s.raw - torch.log(Z), zero)
+        else:
+            s.raw = torch.where(S, torch.log(xs), zero)
+            z = torch.where(S, s.raw * it, torch.full_like(x, _NINF))
+            s.lw = torch.where(S, z - torch.logsumexp(z, -1, keepdim=True), zero)
+            s.W = torch.where(S, torch.exp(s.lw), zero)
+        s.S = S
+        s.to_input = lambda gl: torch.where(S, gl / xs, zero)
+        return s
+    S = x > _NINF
+    m = x.detach().amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, zero)
+    z = torch.where(S, (x - m) * it, torch.full_like(x, _NINF))
+    s.lw = torch.where(S, z - torch.logsumexp(z, -1, keepdim=True), zero)
+    s.W = torch.where(S, torch.exp(s.lw), zero)
+    s.raw = torch.where(S, x, zero)
+    s.S = S
+    s.to_input = lambda gl: gl
+    return s
+
+
+def _d_raw(A, B, it, both_probs, x, y, C):
+    """log(B_i / A_i) up to a row constant on C (0 elsewhere), as accurate as the inputs allow."""
+    zero = torch.zeros((), dtype=A.raw.dtype, device=A.raw.device)
+    if both_probs:
+        one = torch.ones((), dtype=zero.dtype, device=zero.device)
+        ps = torch.where(C, x, one)
+        qs = torch.where(C, y, one)
+        near = (qs >= 0.5 * ps) & (qs <= 2 * ps)
+        pn = torch.where(near, ps, one)
+        qn = torch.where(near, qs, one)
+        d = torch.where(near, torch.log1p((qn - pn) / pn), torch.log(qs) - torch.log(ps))
+        return torch.where(C, d, zero)
+    d = torch.where(C, B.raw - A.raw, zero)
+    return d * it if it != 1.0 else d
+
+
+def _kl_grads(A, B, it, s, d, C, need_a, need_b):
+    """Gradients (w.r.t. each side's log input) of sum_r s_r KL(A_r || B_r); s zero on inf rows.
+
+    d/d log a = -s/T A (d - E_A d),   d/d log b = s/T (B - A), with B - A = A expm1(log B/A)
+    on the common support (accurate near convergence: log B/A = d' + E_A[log B/A], the mean
+    being -KL, taken at its accurate value with the derivative of its plain formula).
+    """
+    zero = torch.zeros((), dtype=A.W.dtype, device=A.W.device)
+    sc = (s * it)[:, None]
+    mu = (A.W * d).sum(-1, keepdim=True)
+    dc = torch.where(C, d - mu, zero)
+    ga = -sc * A.W * dc if need_a else None
+    gb = None
+    if need_b:
+        # E_A[log B/A] (= -KL where finite), its derivative from the plain formula
+        md = torch.where(C, A.W * (B.lw - A.lw), zero).sum(-1, keepdim=True)
+        ld = dc + md
+        lo = ld < 1
+        t = torch.where(lo, A.W * torch.expm1(torch.where(lo, ld, zero)), B.W - A.W)
+        gb = sc * torch.where(C, t, B.W)  # off A's support B - A = B (0 off B's support too)
+    return ga, gb
+
+
+def _log_mix(c, d):
+    """log(1 - c + c e^d), accurate near d = 0 and safe for large |d|."""
+    zero = torch.zeros((), dtype=d.dtype, device=d.device)
+    lo = d < 1
+    ds = torch.where(lo, d, zero)
+    dl = torch.where(lo, zero + 1, d)
+    return torch.where(lo, torch.log1p(c * torch.expm1(ds)),
+                       math.log(c) + dl + torch.log1p((1 - c) / c * torch.exp(-dl)))
+
+
+def _grads_torch(spec, pm, qm, s, keep, need_p, need_q):
+    """Gradients of sum_r s_r rows_r with respect to p and q, in differentiable operations."""
+    n, V = spec.n, spec.V
+    it = 1.0 / spec.T
+    x = pm.reshape(n, V).to(spec.dtype)
+    y = qm.reshape(n, V).to(spec.dtype)
+    x, y = _safe_rows(x, y, keep, spec)
+    P = _side(x, spec.p_space, it)
+    Q = _side(y, spec.q_space, it)
+    C = P.S & Q.S
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    both_probs = spec.p_space == "probs" and spec.q_space == "probs" and spec.T == 1.0
+    p_esc = (P.S & ~Q.S).any(-1)
+    q_esc = (Q.S & ~P.S).any(-1)
+    kind = spec.kind
+    if kind == "forward":
+        s = torch.where(p_esc, zero, s)
+    elif kind == "reverse":
+        s = torch.where(q_esc, zero, s)
+    elif kind == "jeffreys":
+        s = torch.where(p_esc | q_esc, zero, s)
+    if keep is not None:
+        s = torch.where(keep, s, zero)
+    gp = gq = None
+    if kind in ("forward", "jeffreys"):
+        d = _d_raw(P, Q, it, both_probs, x, y, C)
+        gp, gq = _kl_grads(P, Q, it, s, d, C, need_p, need_q)
+    if kind in ("reverse", "jeffreys"):
+        d = _d_raw(Q, P, it, both_probs, y, x, C)
+        g2q, g2p = _kl_grads(Q, P, it, s, d, C, need_q, need_p)
+        gp = g2p if gp is None else (gp + g2p if g2p is not None else gp)
+        gq = g2q if gq is None else (gq + g2q if g2q is not None else gq)
+    if kind == "js":
+        beta = spec.beta
+        dd = torch.where(C, Q.lw - P.lw, zero)  # log q/p on the common support
+        if need_p:
+            y_ = torch.where(C, _log_mix(1.0 - beta, dd), torch.full_like(dd, math.log(beta)))
+            y_ = torch.where(P.S, y_, zero)  # log(m/p) on p's support
+            ey = (P.W * y_).sum(-1, keepdim=True)
+            gp = -(s * (beta * it))[:, None] * P.W * torch.where(P.S, y_ - ey, zero)
+        if need_q:
+            z_ = torch.where(C, _log_mix(beta, -dd), torch.full_like(dd, math.log1p(-beta)))
+            z_ = torch.where(Q.S, z_, zero)
+            ez = (Q.W * z_).sum(-1, keepdim=True)
+            gq = -(s * ((1.0 - beta) * it))[:, None] * Q.W * torch.where(Q.S, z_ - ez, zero)
+    gp = P.to_input(gp) if (need_p and gp is not None) else None
+    gq = Q.to_input(gq) if (need_q and gq is not None) else None
+    return gp, gq
+
+
+_dispatch.register("torch", "pre", divergence)
