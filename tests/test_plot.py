@@ -110,3 +110,23 @@ def test_importing_kldiv_does_not_import_matplotlib():
             "print('matplotlib' in sys.modules, 'tqdm' in sys.modules, 'safetensors' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False", "False"]
+
+
+def test_plot_compare_degenerate_reports(tmp_path):
+    """Every KL infinite, or KL <= 0 (llama.cpp's sum): still a figure, no log-scale error."""
+    import warnings
+
+    from kldiv.compare import compare
+    from kldiv.plots import plot_compare
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((6, 8)).astype(np.float32)
+    b = a.copy()
+    b[:, 0] = -np.inf  # the other model rules out a token the reference supports: KL = inf
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plot_compare(compare(a, b, tokens=np.zeros(6, int)), tmp_path / "inf.png")
+        r = compare(a, a + 0.1 * rng.standard_normal(a.shape).astype(np.float32))
+        r.kl = -np.abs(r.kl)
+        plot_compare(r, tmp_path / "neg.png")
+    assert is_png(tmp_path / "inf.png") and is_png(tmp_path / "neg.png")

@@ -411,8 +411,9 @@ def plot_compare(report, path=None, *, title=None, close=True):
 
     histogram of per-token KL on a log axis with its cumulative distribution, KL against token
     position, the reference's top-1 probability against KL, and delta p (or the summary).
-    Tokens with KL = 0 exactly are drawn at the smallest positive value / 10 and counted in the
-    legend; infinite KL is counted, not drawn.
+    Tokens with KL = 0 exactly (or below 0: llama.cpp's statistic, see
+    :func:`kldiv.compare.compare`) are drawn at the smallest positive value / 10 and counted in
+    the legend; infinite KL is counted, not drawn.
     """
     plt = _plt()
     kl = np.asarray(report.kl, dtype=np.float64)
@@ -453,7 +454,8 @@ def plot_compare(report, path=None, *, title=None, close=True):
     ax.axvline(m, color="black", linestyle="--", linewidth=1)
     note = f"mean {m:.3g}"
     if n_zero:
-        note += f", {n_zero} exactly 0 (drawn at {floor:.1g})"
+        what = "exactly 0" if not (fin & (kl < 0)).any() else "<= 0 (llama.cpp's sum)"
+        note += f", {n_zero} {what} (drawn at {floor:.1g})"
     if n_inf:
         note += f", {n_inf} infinite (not drawn)"
     ax.set_title(f"Per-token KL: {note}", fontsize=10)
