@@ -428,3 +428,50 @@ def test_forward_only_huge_divergence_and_tokens(fallback):
     assert r.kl.min() >= 149
     np.testing.assert_allclose(r.lp_ref_tok, lsa[[0, 1], tok], rtol=1e-6)
     np.testing.assert_allclose(r.lp_other_tok, lsb[[0, 1], tok], rtol=1e-6)
+
+
+@pytest.mark.parametrize("fallback", PATHS)
+def test_large_magnitude_logits_issue_11(fallback):
+    """Issue 11 item 1: each side centred on its own before differencing. Logits of 1e30 next to
+    ordinary ones, a side constant at -1.5e38 or -1e30, float32 3e38: KL, reverse KL and JS
+    against mpmath (inputs exact), tokens and top-1 unchanged."""
+    rows = [
+        ([1e30, 1e30, -1e30, 0.0], [0.0, 5, 10, 1]),
+        ([3e38, 3e38, 1, 2], [0.0, 1, 2, 3]),
+        ([0.0, 1, 2, 3], [3e38, 3e38, 1, 2]),
+        ([-1.5e38] * 4, [0.0, 1, 2, 3]),
+        ([0.0, 1, 2, 3], [-1e30] * 4),
+        ([3e38, -3e38, 0, 0], [0.99, 0.42, 0, 0]),
+        ([1e5 + 0.5, 1e5, 1e5 - 3, 0.0], [1.0, 2, 3, 4]),
+    ]
+    a = np.array([r[0] for r in rows], np.float32)
+    b = np.array([r[1] for r in rows], np.float32)
+    r = run(a, b, fallback, reverse=True, js=True, tokens=np.zeros(len(rows), np.int32))
+    for i in range(len(rows)):
+        kl, rkl = mp_kl(a[i], b[i]), mp_kl(b[i], a[i])
+        assert r.kl[i] == pytest.approx(kl, rel=1e-6), i
+        assert r.rkl[i] == pytest.approx(rkl, rel=1e-6), i
+        with mpmath.workdps(50):
+            A = [mpmath.mpf(float(x)) for x in a[i]]
+            B = [mpmath.mpf(float(x)) for x in b[i]]
+            la = max(A) + mpmath.log(mpmath.fsum(mpmath.exp(x - max(A)) for x in A))
+            lb = max(B) + mpmath.log(mpmath.fsum(mpmath.exp(x - max(B)) for x in B))
+            p = [mpmath.exp(x - la) for x in A]
+            q = [mpmath.exp(y - lb) for y in B]
+            m = [(x + y) / 2 for x, y in zip(p, q)]
+            js = float(mpmath.fsum(
+                (x * mpmath.log(x / z) if x else 0) / 2 + (y * mpmath.log(y / z) if y else 0) / 2
+                for x, y, z in zip(p, q, m)))
+        assert r.js[i] == pytest.approx(js, rel=1e-6, abs=1e-15), i
+    assert (r.status == 0).all()
+    np.testing.assert_array_equal(r.top_ref, np.argmax(a, 1))
+
+
+@pytest.mark.parametrize("fallback", PATHS)
+def test_js_of_identical_rows_with_minus_inf_is_zero(fallback):
+    """Issue 11 item 7: exactly 0, not ~1e-17."""
+    rng = np.random.default_rng(13)
+    a = rng.standard_normal((4, 300)).astype(np.float32)
+    a[:, ::7] = -np.inf
+    r = run(a, a.copy(), fallback, reverse=True, js=True)
+    assert (r.js == 0).all() and (r.kl == 0).all() and (r.rkl == 0).all()

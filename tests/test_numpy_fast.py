@@ -354,3 +354,46 @@ def test_js_identical_rows_with_minus_inf_exactly_zero():
     assert (np.asarray(kldiv.js_div(a, a, p_space="logits", q_space="logits")) == 0).all()
     assert (K.row_stats(a, a, js=True).js == 0).all()
     assert (K.js_rows(a, a) == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_minus_inf_logits_grid(dtype):
+    """-inf in p only, in q only, in both at the same or at different places, whole rows but one
+    entry; every kind, at T = 1 and T = 0.5, against mpmath."""
+    rng = np.random.default_rng(8)
+    a = rng.normal(0, 2, (6, 9)).astype(dtype)
+    b = (a + rng.normal(0, 0.3, (6, 9))).astype(dtype)
+    a[0, 2] = -np.inf
+    b[1, 3] = -np.inf
+    a[2, 4] = b[2, 4] = -np.inf
+    a[3, 1] = -np.inf
+    b[3, 6] = -np.inf
+    a[4, 1:] = -np.inf
+    b[5, :-1] = -np.inf
+    for T in (1.0, 0.5):
+        for kind, fn in FNS.items():
+            kw = dict(p_space="logits", q_space="logits", temperature=T)
+            got = np.asarray(fn(a, b, **kw), dtype=np.float64)
+            ref = truth(kind, a, b, "logits", "logits", T)
+            fin = np.isfinite(ref)
+            np.testing.assert_array_equal(np.isinf(got), ~fin, err_msg=f"{kind} {T}")
+            np.testing.assert_allclose(got[fin], ref[fin], rtol=rtol_for(dtype) * 5, atol=1e-15,
+                                       err_msg=f"{kind} {T}")
+
+
+@pytest.mark.parametrize("dtype,big", [(np.float64, 1e30), (np.float32, 1e37)])
+def test_shift_of_one_or_both_sides_keeps_the_value(dtype, big):
+    """Property (issue 11): logits shifted by random constants up to 1e30 (float64) or 1e37
+    (float32), on one side or both; the value is the mpmath value of the stored inputs."""
+    rng = np.random.default_rng(9)
+    for trial in range(12):
+        a = rng.normal(0, 3, 7)
+        b = a + rng.normal(0, 10.0 ** rng.uniform(-3, 0.5), 7)
+        mags = 10.0 ** rng.uniform(0, np.log10(big), 2) * rng.choice([-1, 1], 2)
+        which = trial % 3
+        x = (a + (mags[0] if which != 1 else 0)).astype(dtype)[None]
+        y = (b + (mags[1] if which != 0 else 0)).astype(dtype)[None]
+        for kind, fn in FNS.items():
+            got = float(np.asarray(fn(x, y, p_space="logits", q_space="logits"))[0])
+            ref = float(truth(kind, x, y, "logits", "logits")[0])
+            assert got == pytest.approx(ref, rel=1e-5, abs=1e-12), (trial, kind, x, y)
