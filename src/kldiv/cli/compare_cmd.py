@@ -11,8 +11,10 @@ def register(subparsers) -> None:
         description=(
             "Per-token KL(reference || other) between two logits files (.npy, .safetensors or "
             "llama.cpp's --kl-divergence-base file, recognised by content), with llama.cpp's "
-            "statistics: mean KLD ± error, quantiles, same-top share, delta p. Streams in bounded "
-            "memory on all cores."
+            "statistics: mean KLD ± standard error, quantiles, same-top share, delta p. With a "
+            "llama.cpp base file as reference the numbers are llama.cpp's own (its stored "
+            "log-probabilities as they are; --renormalize for kldiv's renormalised KL). Streams "
+            "in bounded memory on all cores."
         ),
     )
     p.add_argument("reference", nargs="?", help="reference logits file (the p side)")
