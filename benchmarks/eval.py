@@ -101,7 +101,7 @@ def main(argv=None):
         child(d, int(c), int(x), int(b))
         return 0
     if args.quick:
-        args.layers, args.hidden, args.ctx, args.chunks = 2, 64, 128, 2
+        args.layers, args.hidden, args.ctx, args.chunks = 2, 64, 64, 1
     vocab = 32000
     with tempfile.TemporaryDirectory(prefix="kldiv-eval-bench-") as d:
         build(d, args.layers, args.hidden, vocab, args.ctx)

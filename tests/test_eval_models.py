@@ -206,6 +206,12 @@ def test_bad_inputs_one_line_errors(models, tmp_path, capsys):
     np.save(tmp_path / "short.npy", np.arange(5))
     np.save(tmp_path / "rows.npy", np.zeros((7, V), np.float32))
     np.save(tmp_path / "v10.npy", np.zeros((4 * 7, 10), np.float32))
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(vocab_size=V, n_positions=CTX, n_embd=16, n_layer=1, n_head=2)).save_pretrained(
+        tmp_path / "gpt2")
+    gpt2 = str(tmp_path / "gpt2")
+    capsys.readouterr()
     cases = [
         ([ref, str(tmp_path / "missing"), "--tokens", tok], "no such model directory or logits file"),
         ([ref, str(tmp_path / "noconfig"), "--tokens", tok], "without config.json"),
@@ -224,7 +230,13 @@ def test_bad_inputs_one_line_errors(models, tmp_path, capsys):
         ([ref, q4, "--tokens", str(tmp_path / "nope.npy")], "nope.npy: no such file"),
         ([ref, q4, "--tokens", tok, "--text", "t.txt"], "not allowed with argument"),
         ([q4, str(tmp_path / "rows.npy"), "--tokens", tok, "--ctx", str(CTX)], "rows.npy: 7 rows"),
+        ([gpt2, gpt2, "--tokens", tok, "--ctx", str(2 * CTX)], f"forward pass failed (the model has {CTX} positions"),
+        ([ref, q4, "--tokens", tok, "--device", "nonsense"], "--device 'nonsense'"),
+        ([ref, q4, "--text", str(models / "tokens.txt"), "--ctx", str(CTX), "--bos", "none"], None),
     ]
     for argv, match in cases:
+        if match is None:  # not an error: a text of ids read as words is all <unk> (id 0)
+            assert main(["eval", *argv, "--no-progress", "--quiet"]) == 0
+            continue
         one_line_error(capsys, ["eval", *argv, "--no-progress", "--quiet"], match)
     assert not (tmp_path / "r.txt").exists()

@@ -40,6 +40,11 @@ def scored_positions(ctx: int, score: str = "half") -> tuple[int, int]:
     raise ValueError(f"score must be 'half' (llama.cpp's window) or 'all', got {score!r}")
 
 
+def _first_line(exc) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def _is_model_dir(path) -> bool:
     return os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json"))
 
@@ -72,16 +77,22 @@ class HFModel:
         self.torch = torch
         self.name = os.fspath(path)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            torch.device(self.device)
+        except (RuntimeError, ValueError) as exc:
+            raise ValueError(f"--device {self.device!r}: {_first_line(exc)}") from None
         import transformers
 
         major_minor = tuple(int(x) for x in transformers.__version__.split(".")[:2])
         dkw = "dtype" if major_minor >= (4, 56) else "torch_dtype"  # renamed in 4.56
         try:
             model = AutoModelForCausalLM.from_pretrained(self.name, **{dkw: getattr(torch, dtype)})
-        except (OSError, ValueError, KeyError) as exc:
-            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ValueError(f"{self.name}: cannot load a causal language model: {msg}") from None
-        self.model = model.to(self.device).eval()
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+            raise ValueError(f"{self.name}: cannot load a causal language model: {_first_line(exc)}") from None
+        try:
+            self.model = model.to(self.device).eval()
+        except (RuntimeError, AssertionError) as exc:
+            raise ValueError(f"{self.name}: cannot move the model to {self.device}: {_first_line(exc)}") from None
         self.n_vocab = int(model.config.vocab_size)
         self.size = disk_size(self.name)
         import inspect
@@ -99,7 +110,12 @@ class HFModel:
         if self._keep and first > 0:
             kw["logits_to_keep"] = ctx - first  # positions first .. ctx - 1 only (the lm head's work halves)
         with torch.inference_mode():
-            logits = self.model(input_ids=x, use_cache=False, **kw).logits
+            try:
+                logits = self.model(input_ids=x, use_cache=False, **kw).logits
+            except (RuntimeError, IndexError, ValueError, TypeError) as exc:  # e.g. ctx beyond the positions
+                limit = getattr(self.model.config, "max_position_embeddings", None)
+                hint = f" (the model has {limit} positions; --ctx is {ctx})" if limit and ctx > limit else ""
+                raise ValueError(f"{self.name}: forward pass failed{hint}: {_first_line(exc)}") from None
             off = ctx - logits.shape[1]
             out = logits[:, first - off:stop - off, :].float()
             if out.shape[-1] != self.n_vocab:
