@@ -9,6 +9,8 @@ import math
 import mpmath
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import kldiv
 from kldiv._core import dispatch
@@ -397,3 +399,39 @@ def test_shift_of_one_or_both_sides_keeps_the_value(dtype, big):
             got = float(np.asarray(fn(x, y, p_space="logits", q_space="logits"))[0])
             ref = float(truth(kind, x, y, "logits", "logits")[0])
             assert got == pytest.approx(ref, rel=1e-5, abs=1e-12), (trial, kind, x, y)
+
+
+def test_float32_subnormal_probabilities():
+    """float32 subnormals (down to 1.4e-45) on either side, in rows with ordinary entries."""
+    p = np.array([[1e-45, 3e-39, 0.5, 0.5], [0.25, 0.25, 0.25, 0.25], [0.5, 0.5, 0, 0]],
+                 np.float32)
+    q = np.array([[0.25, 0.25, 0.25, 0.25], [1e-45, 1e-44, 0.5, 0.5], [0.5, 0.5, 7e-46, 0]],
+                 np.float32)
+    for kind, fn in FNS.items():
+        assert took_fast_path(kind, p, q)
+        got = np.asarray(fn(p, q), dtype=np.float64)
+        ref = truth(kind, p, q)
+        fin = np.isfinite(ref)
+        np.testing.assert_array_equal(np.isinf(got), ~fin)
+        np.testing.assert_allclose(got[fin], ref[fin], rtol=2e-6, atol=1e-44)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.sampled_from([1, 2, 5, 33]),
+       st.sampled_from([np.float32, np.float64]), st.sampled_from(list(FNS)))
+def test_property_equals_core_on_random_rows_with_zeros(seed, v, dtype, kind):
+    rng = np.random.default_rng(seed)
+    p = rng.random((4, v)) ** rng.uniform(1, 6)
+    q = rng.random((4, v)) ** rng.uniform(1, 6)
+    p[rng.random((4, v)) < 0.3] = 0
+    q[rng.random((4, v)) < 0.3] = 0
+    p[:, 0] += 0.1
+    q[:, -1] += 0.1
+    p = (p / p.sum(-1, keepdims=True)).astype(dtype)
+    q = (q / q.sum(-1, keepdims=True)).astype(dtype)
+    got = FNS[kind](p, q)
+    with core_only():
+        ref = FNS[kind](p, q)
+    assert got.dtype == ref.dtype
+    np.testing.assert_allclose(got, ref, rtol=3e-6 if dtype == np.float32 else 1e-12, atol=1e-30)
+    assert (np.asarray(got) >= 0).all()
