@@ -239,3 +239,48 @@ def test_no_traceback_from_the_installed_command(tmp_path):
                               timeout=120)
         assert proc.returncode == 1 and "Traceback" not in proc.stderr
         assert proc.stderr.count("\n") == 1 and bad in proc.stderr
+
+
+def _valid_files(d):
+    from kldiv.io import save_llamacpp_kld, save_safetensors
+
+    x = np.random.default_rng(5).standard_normal((6, 5)).astype(np.float32)
+    np.save(d / "v.npy", x)
+    save_safetensors(d / "v.safetensors", {"logits": x})
+    save_llamacpp_kld(d / "v.kld", x, tokens=np.zeros(16, int), n_ctx=8)
+    return {name: (d / name).read_bytes() for name in ("v.npy", "v.safetensors", "v.kld")}
+
+
+def test_fuzzed_files_give_errors_not_crashes(tmp_path):
+    """Truncations and byte flips of valid files: a ValueError/OSError naming the file, or a
+    file that reads (hypothesis drives the damage)."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from kldiv.compare import compare
+    from kldiv.io import open_logits
+
+    files = _valid_files(tmp_path)
+
+    @settings(max_examples=60, deadline=None, derandomize=True)
+    @given(name=st.sampled_from(sorted(files)), cut=st.integers(0, 400),
+           flips=st.lists(st.tuples(st.integers(0, 120), st.integers(0, 255)), max_size=4))
+    def check(name, cut, flips):
+        data = bytearray(files[name])
+        for pos, val in flips:
+            if pos < len(data):
+                data[pos] = val
+        data = bytes(data[: len(data) - cut]) if cut < len(data) else b""
+        path = tmp_path / ("f_" + name)
+        path.write_bytes(data)
+        try:
+            src = open_logits(path)
+            try:
+                src.read(0, src.n_rows)
+            finally:
+                src.close()
+            compare(path, path, skip_nan=True)
+        except (ValueError, OSError) as exc:
+            assert str(path) in str(exc) or "nothing to compare" in str(exc), str(exc)
+
+    check()

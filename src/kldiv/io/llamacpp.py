@@ -100,8 +100,14 @@ def row_headers(raw):
 
 
 def bad_headers(scale, lo):
-    """Rows whose header no encoder writes: non-finite, negative scale, positive min_log_prob."""
-    return ~(np.isfinite(scale) & (scale >= 0) & np.isfinite(lo) & (lo <= 0))
+    """Rows whose header no encoder writes: non-finite values, a negative scale or one wider
+    than the 16-nat window (17 nats allowed, for rounding at huge logits), a positive
+    min_log_prob, or a largest value ``65535 * scale + min_log_prob`` above 0.1 (it is minus the
+    log of the row's sum, <= 0, up to rounding)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        top = scale.astype(np.float64) * 65535 + lo
+        return ~(np.isfinite(scale) & (scale >= 0) & (scale <= np.float32(17 / 65535))
+                 & np.isfinite(lo) & (lo <= 0) & (top <= 0.1))
 
 
 def decode_rows(raw, n_vocab: int, below_window: str = "drop") -> np.ndarray:
