@@ -157,7 +157,8 @@ def test_all_positions_and_text_with_bos(models, tmp_path):
     ids = np.load(models / "tokens.npy")
     out = tmp_path / "all.json"
     assert main(["eval", str(models / "ref"), str(models / "q4"), "--text", str(models / "text.txt"),
-                 "--ctx", str(CTX), "--all-positions", "--json", str(out), "--no-progress", "--quiet"]) == 0
+                 "--ctx", str(CTX), "--all-positions", "--json", str(out), "--no-progress", "--quiet",
+                 "--save-reference", str(tmp_path / "ref_all.npy")]) == 0
     data = json.loads(out.read_text())
     # the tokenizer adds <s> (id 1) first: text tokens are [1, ids...]; llama.cpp's BOS starts each chunk
     toks = np.concatenate([[1], ids])
@@ -168,6 +169,11 @@ def test_all_positions_and_text_with_bos(models, tmp_path):
     assert data["settings"]["bos"] == 1 and data["settings"]["scored_per_chunk"] == CTX - 1
     assert_same_stats(data["candidates"][0], rep)
     assert len(data["candidates"][0]["kl_by_position"]) == CTX - 1
+    np.testing.assert_allclose(np.load(tmp_path / "ref_all.npy"), a, rtol=1e-5, atol=1e-5)
+    ch = data["candidates"][0]["chunks"]
+    assert ch["tokens"] == [CTX - 1] * N_CHUNKS
+    kl = rep["kl"]["mean"] * rep["n_tokens"]
+    assert sum(ch["kl_sum"]) == pytest.approx(kl, rel=1e-4)
 
 
 def test_progress_bar_reports_tokens_per_second(models, capsys):

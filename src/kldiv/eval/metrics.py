@@ -49,13 +49,15 @@ def _on_device(x) -> bool:
 
 
 def row_values(reference_logits, other_logits, tokens=None, mask=None, *, topk=TOPK, threads=None,
-               names=("reference_logits", "other_logits"), _device_path=None) -> dict:
+               names=("reference_logits", "other_logits"), ref_top=None, _device_path=None) -> dict:
     """Per-row quantities of two logits arrays of shape (..., V), rows flattened (masked rows dropped).
 
     Returns a dict of 1-d NumPy arrays: ``kl`` = KL(p || q), ``reverse_kl`` = KL(q || p), ``js``
     (nats, beta 1/2), ``top_ref``/``top_other`` (first argmax), ``top{k}_overlap`` = |top_k(p) ∩
     top_k(q)| / k (k capped at V; ties in the k-th place broken arbitrarily), and with tokens
-    ``token``, ``lp_ref``/``lp_other`` (log-probabilities of the token).
+    ``token``, ``lp_ref``/``lp_other`` (log-probabilities of the token). ``ref_top``: the
+    reference's :func:`top_indices` for the largest k, when already known (several candidates
+    against one reference batch; rows after masking).
 
     NumPy, JAX and CPU torch inputs go through the compiled row kernel of ``kldiv compare``;
     torch tensors on an accelerator stay there (kldiv's core ``kl_div``/``js_div`` per row, torch's
@@ -120,7 +122,7 @@ def row_values(reference_logits, other_logits, tokens=None, mask=None, *, topk=T
         out["lp_ref"] = r.lp_ref_tok
         out["lp_other"] = r.lp_other_tok
     if topk:
-        out.update(topk_overlap(a, b, topk))
+        out.update(topk_overlap(a, b, topk, ref_top=ref_top))
     return out
 
 
@@ -204,13 +206,16 @@ def _row_values_torch(a, b, tokens, mask, topk, names) -> dict:
     return res
 
 
-def topk_overlap(a, b, ks=TOPK) -> dict:
-    """``{"top{k}_overlap": |top_k(a) ∩ top_k(b)| / k per row}`` for (rows, V) logits."""
+def topk_overlap(a, b, ks=TOPK, *, ref_top=None) -> dict:
+    """``{"top{k}_overlap": |top_k(a) ∩ top_k(b)| / k per row}`` for (rows, V) logits
+    (``ref_top``: ``top_indices(a, max k)`` if already computed)."""
     n, v = a.shape
     if n == 0:
         return {f"top{k}_overlap": np.zeros(0) for k in ks}
     kmax = max(min(int(k), v) for k in ks)
-    ia = top_indices(a, kmax)
+    ia = top_indices(a, kmax) if ref_top is None else np.asarray(ref_top)[:, :kmax]
+    if ia.shape != (n, kmax):
+        raise ValueError(f"ref_top: expected shape {(n, kmax)}, got {ia.shape}")
     ib = top_indices(b, kmax)
     out = {}
     for k in ks:

@@ -16,7 +16,9 @@ class EvalResult:
 
     ``summary()``: a JSON-ready dict with ``settings``, ``timing``, and per candidate the layout
     of :meth:`kldiv.compare.Report.summary` (``kl``, ``reverse_kl``, ``js``, ``same_top``,
-    ``delta_p``, ``perplexity``) plus ``flips``, ``topk_overlap``, ``size_bytes``; with two or
+    ``delta_p``, ``perplexity``) plus ``flips``, ``topk_overlap``, ``size_bytes``,
+    ``kl_by_position`` and ``chunks`` (per-chunk token counts, KL sums, top-1 changes: the
+    bootstrap's input); with two or
     more candidates, ``paired`` holds for each pair a paired bootstrap over chunks of the
     difference in mean KL and in flip rate (:func:`~kldiv.eval.bootstrap.paired_bootstrap`).
     ``table()``: the statistics as text, one column per candidate. ``to_json(path)``, ``plot(path)``.
@@ -63,6 +65,9 @@ class EvalResult:
             s = {"name": name, "size_bytes": size, **m.compute()}
             n_chunks = d.settings["chunks"]
             s["kl_by_position"] = (pos / n_chunks).tolist() if n_chunks else []
+            i = len(cands)
+            s["chunks"] = {"tokens": d.chunk_tokens.tolist(), "kl_sum": d.chunk_kl[i].tolist(),
+                           "top1_changed": d.chunk_flips[i].astype(int).tolist()}
             cands.append(s)
         out = {"reference": d.reference, "settings": dict(d.settings), "timing": dict(d.timing),
                "candidates": cands}

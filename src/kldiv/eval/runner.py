@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .._progress import progress_bar
-from .metrics import DriftMetric, row_values
+from .metrics import DriftMetric, row_values, top_indices
 
 DTYPES = ("float32", "bfloat16", "float16")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
@@ -360,11 +360,17 @@ def evaluate(reference, candidates, *, tokens=None, text=None, ctx=None, chunks=
                 if writer is not None:
                     writer.write(a if isinstance(a, np.ndarray) else a.cpu().numpy())
                 floor = ref.token_floor(c0, c1 - c0, per, nxt) if isinstance(ref, FileLogits) else None
+                t0 = time.perf_counter()
+                ref_top = None  # the reference's top-k, once per batch for all candidates
+                if isinstance(a, np.ndarray) and len(cands) > 1 and topk:
+                    ref_top = top_indices(a, max(min(int(k), v) for k in topk))
+                t_cmp += time.perf_counter() - t0
                 for i, cand in enumerate(cands):
                     b = cand.block(fwd, first, stop, c0)
                     t0 = time.perf_counter()
                     vals = row_values(a, b, nxt, topk=metrics[i].topk, threads=threads,
-                                      names=(ref.name, cand.name))
+                                      names=(ref.name, cand.name),
+                                      ref_top=None if not isinstance(b, np.ndarray) else ref_top)
                     if floor is not None:  # llama.cpp's stored value for a token below the window
                         low = vals["lp_ref"] == -np.inf
                         vals["lp_ref"][low] = floor[low]
