@@ -284,3 +284,18 @@ def test_fuzzed_files_give_errors_not_crashes(tmp_path):
             assert str(path) in str(exc) or "nothing to compare" in str(exc), str(exc)
 
     check()
+
+
+def test_llamacpp_flag_on_logits_is_warned(tmp_path, capsys):
+    x = np.random.default_rng(3).standard_normal((12, 7)).astype(np.float32) + 2
+    np.save(tmp_path / "x.npy", x)
+    assert main(["compare", str(tmp_path / "x.npy"), str(tmp_path / "x.npy"), "--llamacpp",
+                 "--quiet", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("kldiv compare: warning: ") and err.count("\n") == 1
+    assert "x.npy" in err and "log-probabilities" in err
+    lp = x - np.log(np.exp(x.astype(np.float64)).sum(1, keepdims=True))
+    np.save(tmp_path / "lp.npy", lp.astype(np.float32))
+    assert main(["compare", str(tmp_path / "lp.npy"), str(tmp_path / "x.npy"), "--llamacpp",
+                 "--quiet", "--no-progress"]) == 0
+    assert capsys.readouterr().err == ""

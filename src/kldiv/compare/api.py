@@ -149,6 +149,23 @@ def _warn_if_probabilities(block, src, option):
                       f"{option} probs", UserWarning, stacklevel=4)
 
 
+def _warn_if_not_log_probs(block, src):
+    """llama.cpp's statistics take log-probabilities: warn when the reference's rows are not,
+    i.e. when the terms it keeps (log-probability > -16) do not sum to 1 less at most what the
+    others may hold (exp(-16) each)."""
+    with np.errstate(over="ignore", invalid="ignore", under="ignore"):
+        kept = np.where(np.isfinite(block) & (block > _LLAMACPP_CUT), block, -np.inf)
+        m = np.maximum(kept.max(1), _LLAMACPP_CUT)
+        total = np.exp(m) * np.exp(kept - m[:, None]).sum(1, dtype=np.float64)
+        room = (~(block > _LLAMACPP_CUT)).sum(1) * np.exp(_LLAMACPP_CUT)
+        off = (total > 1.01) | (total < 0.99 - room)
+    if off.any():
+        r = int(np.argmax(off))
+        warnings.warn(f"{src.name}: llama.cpp's statistics take log-probabilities, but row {r}'s "
+                      f"probabilities sum to {total[r]:.4g}; leave out --llamacpp for logits",
+                      UserWarning, stacklevel=4)
+
+
 def _llamacpp_cut(a_raw, tok):
     """The reference block for llama.cpp's statistics: (a, top, top_index_of_empty, lp_tok).
 
@@ -253,6 +270,8 @@ def _compare(ref, oth, tokens, reverse, js, skip_nan, threads, progress, chunk_r
                         _warn_if_probabilities(blk, src, opt)
             tb = None if tok is None else tok[s:e]
             if llamacpp:
+                if s == 0 and ref.format != "llama.cpp-kld":
+                    _warn_if_not_log_probs(a, ref)
                 a, top, top_empty, lp_tok = _llamacpp_cut(a, tb)
             r = K.row_stats(a, b, tokens=tb, reverse=reverse, js=js,
                             threads=threads, force_fallback=force_fallback)
@@ -272,7 +291,8 @@ def _compare(ref, oth, tokens, reverse, js, skip_nan, threads, progress, chunk_r
             if js:
                 jsv[s:e] = r.js
             same[s:e] = r.top_ref == r.top_other
-            ptop[s:e] = np.exp(top) if llamacpp else np.exp(-r.logz_ref)
+            with np.errstate(over="ignore"):
+                ptop[s:e] = np.exp(top) if llamacpp else np.exp(-r.logz_ref)
             if tok is not None:
                 lpa[s:e] = lp_tok if llamacpp else r.lp_ref_tok
                 lpb[s:e] = r.lp_other_tok
@@ -301,7 +321,8 @@ def _compare(ref, oth, tokens, reverse, js, skip_nan, threads, progress, chunk_r
     dp = nll_r = nll_o = None
     if tok is not None:
         la, lb = sel(lpa), sel(lpb)
-        dp = np.exp(lb) - np.exp(la)
+        with np.errstate(over="ignore", invalid="ignore"):
+            dp = np.exp(lb) - np.exp(la)
         nll_r, nll_o = -la, -lb
     kernel = "numpy-float64" if numpy_path else "c-float32"
     return Report(
