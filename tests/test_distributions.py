@@ -472,3 +472,173 @@ def test_kl_bad_input():
         D.Normal(np.zeros(2), np.array([1.0, -1.0]))
     with pytest.raises(ValueError, match="event_ndim"):
         D.Normal(np.zeros(2), np.ones(2), event_ndim=2)
+
+
+# --------------------------------------------------------------------------- issue 11 item 10:
+# cancellation, negative values, dispatch and edges of the closed forms (mpmath references)
+
+
+def _mp(x):
+    return mpmath.mpf(float(x))
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_normal_scale_nearly_equal_scales_away_from_one_vs_mpmath(backend):
+    """log(s_p) - log(s_q) cancels for nearly equal scales away from 1 (0.01 and 0.01 + 1e-14
+    gave 13 % relative error): the ratio's log is taken through log1p."""
+    scales, deltas = [1e-3, 0.01, 7.0, 1e4], [1e-14, -3e-12, 1e-9, 1e-5, 0.3, 3.0]
+    sp = np.array([s for s in scales for _ in deltas])
+    sq = np.array([s * (1 + d) for s in scales for d in deltas])
+    sq[1] = 0.01 + 1e-14  # the case of the report, exactly
+    sp[1] = 0.01
+    mq = np.linspace(-1e-9, 1e-9, sp.size)
+    got = _np(D.normal_kl_scale(_to(backend, np.zeros_like(sp)), _to(backend, sp),
+                                _to(backend, mq), _to(backend, sq), axis=()))
+    with mpmath.workdps(60):
+        want = []
+        for a, b, m in zip(sp, sq, mq):
+            rho = _mp(a) / _mp(b)
+            z = _mp(m) / _mp(b)
+            want.append(float((rho**2 - 1) / 2 - mpmath.log(rho) + z * z / 2))
+    np.testing.assert_allclose(got, want, rtol=1e-13, atol=0)
+
+
+def _mp_mvn_kl(mp_, lp, mq, lq):
+    with mpmath.workdps(60):
+        Lp, Lq = mpmath.matrix(lp.tolist()), mpmath.matrix(lq.tolist())
+        Sp, Sq = Lp * Lp.T, Lq * Lq.T
+        k = lp.shape[-1]
+        Sqi = mpmath.inverse(Sq)
+        dm = mpmath.matrix((mq - mp_).tolist())
+        tr = sum((Sqi * Sp)[i, i] for i in range(k))
+        maha = (dm.T * Sqi * dm)[0, 0]
+        logdet = mpmath.log(mpmath.det(Sq)) - mpmath.log(mpmath.det(Sp))
+        return float((tr + maha - k + logdet) / 2)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch", "jax"])
+def test_mvn_never_negative_and_exact_zero_for_identical(backend):
+    """mvn_kl_cholesky(m, L, m, L) gave values down to -8.9e-16; summed from non-negative
+    terms it is >= 0 by construction (and 0 here), and nearly equal pairs match mpmath."""
+    rng = np.random.default_rng(3)
+    for k in (1, 3, 6):
+        L = np.tril(rng.standard_normal((20, k, k))) * 3
+        L[:, np.arange(k), np.arange(k)] = np.abs(L[:, np.arange(k), np.arange(k)]) + 0.05
+        m = rng.standard_normal((20, k)) * 100
+        same = _np(D.mvn_kl_cholesky(_to(backend, m), _to(backend, L), _to(backend, m),
+                                     _to(backend, L)))
+        assert (same >= 0).all() and (same < 1e-25).all(), same
+        # nearly equal pairs: relative perturbations of 1e-6 (KL ~ 1e-12), against mpmath
+        L2 = L * (1 + 1e-6 * np.tril(rng.standard_normal((20, k, k))))
+        m2 = m + 1e-6 * rng.standard_normal((20, k))
+        got = _np(D.mvn_kl_cholesky(_to(backend, m), _to(backend, L), _to(backend, m2),
+                                    _to(backend, L2)))
+        want = np.array([_mp_mvn_kl(m[i], L[i], m2[i], L2[i]) for i in range(5)])
+        assert (got >= 0).all()
+        np.testing.assert_allclose(got[:5], want, rtol=1e-6)
+
+
+def test_mvn_far_pairs_match_torch_distributions():
+    rng = np.random.default_rng(4)
+    k = 4
+    L = [np.tril(rng.standard_normal((k, k))) + 3 * np.eye(k) for _ in range(2)]
+    m = [rng.standard_normal(k) for _ in range(2)]
+    got = float(D.mvn_kl_cholesky(m[0], L[0], m[1], L[1]))
+    tp = td.MultivariateNormal(torch.tensor(m[0]), scale_tril=torch.tensor(L[0]))
+    tq = td.MultivariateNormal(torch.tensor(m[1]), scale_tril=torch.tensor(L[1]))
+    assert abs(got - float(td.kl_divergence(tp, tq))) <= 1e-12 * abs(got)
+    assert abs(got - _mp_mvn_kl(m[0], L[0], m[1], L[1])) <= 1e-13 * abs(got)
+
+
+def test_kl_dispatches_on_the_class_hierarchy():
+    class MyNormal(D.Normal):
+        """A user's subclass: it is a Normal, so the closed form applies."""
+
+    class MyLaplace(D.Laplace):
+        pass
+
+    p = MyNormal(np.array([0.3]), np.array([1.5]))
+    q = D.Normal(np.array([0.0]), np.array([1.0]))
+    r = D.kl(p, q)
+    assert r.method == "closed_form" and r.n_samples == 0
+    f64 = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    want = float(td.kl_divergence(td.Normal(f64(0.3), f64(1.5)), td.Normal(f64(0.0), f64(1.0))))
+    assert abs(float(r.value[0]) - want) < 1e-14
+    assert D.kl(q, p).method == "closed_form"
+    assert D.kl(MyLaplace(np.zeros(2), np.ones(2)), MyLaplace(np.ones(2), np.ones(2))).method \
+        == "closed_form"
+
+
+def test_mismatched_event_ndim_names_event_ndim():
+    p = D.Normal(np.zeros(3), np.ones(3), event_ndim=1)
+    q = D.Normal(np.zeros(3), np.ones(3))
+    with pytest.raises(ValueError, match="event_ndim"):
+        D.kl(p, q)
+    with pytest.raises(ValueError, match="event_ndim"):
+        D.kl(p, D.Laplace(np.zeros(3), np.ones(3)))  # (no closed form: Monte Carlo)
+    with pytest.raises(ValueError, match="event_ndim"):
+        D.monte_carlo_kl(q, p, n_samples=8)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_bernoulli_log_prob_certain_outcome_at_infinite_logits(backend):
+    inf = math.inf
+    b = D.Bernoulli(_to(backend, [inf, -inf, inf, -inf, 2.0, -3.0]))
+    got = _np(b.log_prob(_to(backend, [1.0, 0.0, 0.0, 1.0, 1.0, 0.0])))
+    assert not np.isnan(got).any()
+    want_finite = td.Bernoulli(logits=torch.tensor([2.0, -3.0], dtype=torch.float64)).log_prob(
+        torch.tensor([1.0, 0.0], dtype=torch.float64)).numpy()
+    np.testing.assert_array_equal(got[:4], [0.0, 0.0, -inf, -inf])
+    np.testing.assert_allclose(got[4:], want_finite, rtol=1e-15)
+
+
+def test_bernoulli_log_prob_gradient_finite_torch():
+    logits = torch.tensor([30.0, -30.0, 0.5], dtype=torch.float64, requires_grad=True)
+    D.Bernoulli(logits).log_prob(torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64)).sum() \
+        .backward()
+    # d/da log sigmoid(a) = sigmoid(-a), d/da log sigmoid(-a) = -sigmoid(a), by hand
+    # (torch.distributions is 1e-3 off at a = 30: 1 - sigmoid(30) cancels there)
+    sig = lambda v: 1.0 / (1.0 + math.exp(-v))  # noqa: E731
+    want = torch.tensor([sig(-30.0), -sig(-30.0), sig(-0.5)], dtype=torch.float64)
+    torch.testing.assert_close(logits.grad, want, rtol=1e-14, atol=1e-300)
+
+
+@pytest.mark.parametrize("event_ndim, exc", [(2, ValueError), (-1, ValueError),
+                                             ("1", TypeError), (True, TypeError)])
+def test_bernoulli_validates_event_ndim(event_ndim, exc):
+    with pytest.raises(exc, match="event_ndim"):
+        D.Bernoulli(np.zeros(3), event_ndim=event_ndim)
+    with pytest.raises(exc, match="event_ndim"):
+        D.Normal(np.zeros(3), np.ones(3), event_ndim=event_ndim)
+
+
+def test_bernoulli_refuses_nan_logits():
+    with pytest.raises(ValueError, match="logits"):
+        D.Bernoulli(np.array([0.0, math.nan]))
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch", "jax"])
+def test_laplace_nearly_identical_pairs_vs_mpmath(backend):
+    """The textbook Laplace-Laplace sum cancels for nearly identical pairs; kldiv's form is
+    summed from non-negative pieces there."""
+    rows = []
+    for b in (1e-3, 1.0, 50.0):
+        for ds in (0.0, 1e-12, -1e-8, 1e-4, 0.7, 4.0):
+            for dl in (0.0, 1e-12, 1e-8, 1e-4, 0.3, 5.0):
+                rows.append((0.25, b, 0.25 + dl * b, b * (1 + ds)))
+    lp, sp, lq, sq = (np.array(c) for c in zip(*rows))
+    got = _np(D.kl(D.Laplace(_to(backend, lp), _to(backend, sp)),
+                   D.Laplace(_to(backend, lq), _to(backend, sq))).value)
+    with mpmath.workdps(80):
+        want = []
+        for a, b, c, e in rows:
+            d = abs(_mp(a) - _mp(c))
+            bp, bq = _mp(b), _mp(e)
+            want.append(float(mpmath.log(bq / bp) + d / bq + bp / bq * mpmath.exp(-d / bp) - 1))
+    want = np.array(want)
+    assert (got >= 0).all()
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-300)
+    far = want > 1e-3  # and torch.distributions where its textbook sum is fine
+    tp = td.Laplace(torch.tensor(lp), torch.tensor(sp))
+    tq = td.Laplace(torch.tensor(lq), torch.tensor(sq))
+    np.testing.assert_allclose(got[far], td.kl_divergence(tp, tq).numpy()[far], rtol=1e-12)
