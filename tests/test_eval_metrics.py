@@ -251,7 +251,7 @@ def test_batch_kl():
 
 def test_sync_over_gloo_equals_one_pass(tmp_path):
     """Two processes, each with half the tokens: after sync() both hold one pass over all data."""
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     import torch.distributed as dist
     import torch.multiprocessing as mp
 

@@ -99,7 +99,7 @@ def run(args) -> int:
     bos = _bos(args.bos)
     if args.plot:
         try:
-            import matplotlib  # noqa: F401
+            import matplotlib  # noqa: F401  (fail before the models run, not after)
         except ImportError:
             raise ValueError("--plot needs matplotlib (pip install 'kldiv[plot]')") from None
     from ..eval.result import EvalResult

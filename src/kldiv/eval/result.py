@@ -5,7 +5,6 @@ import itertools
 import json
 import math
 
-import numpy as np
 
 from .._atomic import write_text_atomic
 from .bootstrap import paired_bootstrap
