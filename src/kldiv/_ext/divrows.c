@@ -423,9 +423,12 @@ static int div_row(const double *x, const double *y, Py_ssize_t n, const side_t 
             }
             L = log1p(S / W);
         }
-        if (!isfinite(L)) {
-            /* a divergence near or beyond e^700 (logits ~1e30 apart): L = log sum_S w_j e^{x_j}
-             * = logsumexp_S(other side's log weight) - log W - mu, with no cancellation to fear */
+        const double OS = rev ? ES : FS, Ooff = rev ? Eo : Fo, Otot = rev ? E : F;
+        double off = OS > 0.0 ? log1p(Ooff / OS) : NAN; /* -log (other side's mass on S) */
+        if (!isfinite(L) || !(OS > 0.0)) {
+            /* logits ~1e30 apart: a divergence near or beyond e^700, or the other side's mass on
+             * S below the smallest double. In log space, with no cancellation to fear there:
+             * L = logsumexp_S(other side's log weight) - log W - mu, -log q(S) = log F - that. */
             const double *ov = rev ? x : y;
             const int om = rev ? sp->mode : sq->mode;
             const double oc = rev ? mp : mq;
@@ -441,12 +444,12 @@ static int div_row(const double *x, const double *y, Py_ssize_t n, const side_t 
                 double lb = om == M_PROBS ? log(ov[j]) : (ov[j] - oc) * iT;
                 z += exp(lb - top);
             }
-            L = (top + log(z)) - log(W) - mu;
-            if (!(L == L)) return ST_CORE;
+            const double lse = top + log(z);
+            if (!isfinite(L)) L = lse - log(W) - mu;
+            if (!(OS > 0.0)) off = log(Otot) - lse;
+            if (!(L == L) || !(off == off)) return ST_CORE;
         }
-        const double OS = rev ? ES : FS, Ooff = rev ? Eo : Fo;
-        if (!(OS > 0.0)) return ST_CORE;
-        double kl = L + log1p(Ooff / OS);
+        double kl = L + off;
         *out = kl > 0.0 ? kl : 0.0;
         return 0;
     }
