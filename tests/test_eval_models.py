@@ -140,12 +140,24 @@ def test_eval_equals_compare_on_dumped_logits(models, tmp_path, capsys):
         assert cand["topk_overlap"]["5"]["mean"] == pytest.approx(np.mean(top5), abs=1e-12)
     assert kl_means["bf16"] < kl_means["q4"] < kl_means["drop"]
     assert len(data["paired"]) == 3 and data["settings"]["chunks"] == N_CHUNKS
-    # the saved llama.cpp file is the reference next time (no forward pass), same numbers
+    # the saved llama.cpp file is the reference next time (no forward pass), same numbers: with
+    # kldiv's renormalised KL, and with llama.cpp's own statistics (the default, as kldiv compare)
+    q4_logits = dump(models / "q4", ids, first, stop)
     out2 = tmp_path / "eval2.json"
     assert main(["eval", str(tmp_path / "ref.kld"), str(models / "q4"), "--json", str(out2),
-                 "--no-progress", "--quiet"]) == 0
-    rep = kldiv_compare(str(tmp_path / "ref.kld"), dump(models / "q4", ids, first, stop))
+                 "--no-progress", "--quiet", "--renormalize"]) == 0
+    rep = kldiv_compare(str(tmp_path / "ref.kld"), q4_logits)
     assert_same_stats(json.loads(out2.read_text())["candidates"][0], rep)
+    import inspect
+
+    if "llamacpp" in inspect.signature(compare).parameters:
+        assert main(["eval", str(tmp_path / "ref.kld"), str(models / "q4"), "--json", str(out2),
+                     "--no-progress", "--quiet"]) == 0
+        got = json.loads(out2.read_text())
+        assert got["settings"]["statistics"] == "llama.cpp"
+        rep = compare(str(tmp_path / "ref.kld"), q4_logits, reverse=True, js=True).summary()
+        assert rep["statistics"] == "llama.cpp"
+        assert_same_stats(got["candidates"][0], rep)
     # an .npy reference with the scored rows
     out3 = tmp_path / "eval3.json"
     assert main(["eval", str(tmp_path / "ref.npy"), str(models / "q4"), "--tokens", str(models / "tokens.txt"),

@@ -35,6 +35,9 @@ def register(subparsers) -> None:
     p.add_argument("--bos", default="auto", metavar="auto|none|ID",
                    help="token that starts every chunk, as llama.cpp does (auto: the tokenizer's BOS "
                         "with --text when it adds one; none with --tokens)")
+    p.add_argument("--renormalize", action="store_true",
+                   help="with a llama.cpp KL base file as REFERENCE: kldiv's KL with the reference row "
+                        "renormalised (default: llama.cpp's own statistics, as kldiv compare)")
     p.add_argument("--json", metavar="OUT", help="write every number as JSON (atomically)")
     p.add_argument("--plot", metavar="OUT.png", help="write the figure (PNG, atomically)")
     p.add_argument("--save-reference", metavar="FILE",
@@ -113,7 +116,8 @@ def run(args) -> int:
                        score="all" if args.all_positions else "half", bos=bos,
                        save_reference=args.save_reference,
                        progress=False if args.no_progress else None,
-                       max_exact=args.max_exact, threads=args.threads)
+                       max_exact=args.max_exact, threads=args.threads,
+                       llamacpp=False if args.renormalize else None)
     except (TypeError, RuntimeError, ImportError, KeyError) as exc:  # one line, never a traceback
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(msg) from None

@@ -53,7 +53,9 @@ def row_values(reference_logits, other_logits, tokens=None, mask=None, *, topk=T
     """Per-row quantities of two logits arrays of shape (..., V), rows flattened (masked rows dropped).
 
     Returns a dict of 1-d NumPy arrays: ``kl`` = KL(p || q), ``reverse_kl`` = KL(q || p), ``js``
-    (nats, beta 1/2), ``top_ref``/``top_other`` (first argmax), ``top{k}_overlap`` = |top_k(p) ∩
+    (nats, beta 1/2), ``top_ref``/``top_other`` (first argmax), ``logz_ref`` =
+    log sum exp(a - max a) (the reference's top-1 probability is exp(-logz_ref)),
+    ``top{k}_overlap`` = |top_k(p) ∩
     top_k(q)| / k (k capped at V; ties in the k-th place broken arbitrarily), and with tokens
     ``token``, ``lp_ref``/``lp_other`` (log-probabilities of the token). ``ref_top``: the
     reference's :func:`top_indices` for the largest k, when already known (several candidates
@@ -116,7 +118,8 @@ def row_values(reference_logits, other_logits, tokens=None, mask=None, *, topk=T
                 raise ValueError(f"{names[side]}: row {row} has {what} logits")
         raise ValueError(f"row {row}: invalid input (status {code})")
     out = {"kl": r.kl, "reverse_kl": r.rkl, "js": r.js,
-           "top_ref": r.top_ref.astype(np.int64), "top_other": r.top_other.astype(np.int64)}
+           "top_ref": r.top_ref.astype(np.int64), "top_other": r.top_other.astype(np.int64),
+           "logz_ref": r.logz_ref}
     if tok is not None:
         out["token"] = tok.astype(np.int64)
         out["lp_ref"] = r.lp_ref_tok
@@ -183,7 +186,8 @@ def _row_values_torch(a, b, tokens, mask, topk, names) -> dict:
         raise ValueError(f"{names[j // 3]}: row {row} has {what} logits")
     kw = {"p_space": "logits", "q_space": "logits"}
     out = {"kl": kl_div(a, b, **kw), "reverse_kl": kl_div(b, a, **kw), "js": js_div(a, b, **kw),
-           "top_ref": a.argmax(1), "top_other": b.argmax(1)}
+           "top_ref": a.argmax(1), "top_other": b.argmax(1),
+           "logz_ref": torch.logsumexp(a - a.max(1, keepdim=True).values, 1)}
     if tok is not None:
         r = torch.arange(a.shape[0], device=dev)
         out["token"] = tok

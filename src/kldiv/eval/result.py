@@ -84,7 +84,11 @@ class EvalResult:
         lines = [f"reference:  {s['reference']}",
                  f"tokens:     {cs[0]['n_tokens']} scored in {st['chunks']} chunks of {st['ctx']} "
                  f"({'llama.cpp window: second half of each chunk' if st['score'] == 'half' else 'every position'})"
-                 f", vocabulary {st['n_vocab']}", ""]
+                 f", vocabulary {st['n_vocab']}"]
+        if st.get("statistics") == "llama.cpp":
+            lines.append("KL as llama.cpp computes it: the reference's stored log-probabilities as they are "
+                         "(not renormalised), terms <= -16 left out (--renormalize for kldiv's KL)")
+        lines.append("")
         body = [("", names)]  # (label, one cell per candidate) or a section title (str)
 
         def row(label, vals):

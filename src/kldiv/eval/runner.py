@@ -17,10 +17,12 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 
 from .._progress import progress_bar
+from ..compare.api import _llamacpp_cut, _llamacpp_rows  # llama.cpp's KL rule, defined once there
 from .metrics import DriftMetric, row_values, top_indices
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -231,7 +233,8 @@ class EvalData:
 
 def evaluate(reference, candidates, *, tokens=None, text=None, ctx=None, chunks=None,
              batch: int = 1, dtype: str = "float32", device=None, score: str = "half", bos="auto",
-             save_reference=None, progress=None, topk=(5, 10), max_exact=None, threads=None):
+             save_reference=None, progress=None, topk=(5, 10), max_exact=None, threads=None,
+             llamacpp=None):
     """Score each candidate against the reference on the same tokens; see :mod:`kldiv.eval.runner`.
 
     ``reference``/``candidates``: model directories (Hugging Face causal LMs) or logits files.
@@ -239,6 +242,11 @@ def evaluate(reference, candidates, *, tokens=None, text=None, ctx=None, chunks=
     reference's tokenizer (the first candidate's when the reference is a file). A llama.cpp KL
     base file as reference brings its tokens and ``ctx`` (default ``ctx``: 512, llama.cpp's). ``bos``: "auto" (the tokenizer's BOS
     starts every chunk when it starts the text, as llama.cpp), None, or a token id.
+    ``llamacpp``: with a llama.cpp KL base file as reference (the default decides from its
+    format, as ``kldiv compare``), the forward KL and the reference's token probability are
+    llama.cpp's own (stored log-probabilities as they are, terms <= -16 left out), so that the
+    numbers equal ``kldiv compare``'s and ``llama-perplexity --kl-divergence``'s; False: kldiv's
+    renormalised reference row.
     Returns an :class:`~kldiv.eval.result.EvalResult`.
     """
     from ..io import load_tokens
@@ -310,6 +318,10 @@ def evaluate(reference, candidates, *, tokens=None, text=None, ctx=None, chunks=
             ctx = 512
         if ctx < 3:
             raise ValueError(f"--ctx must be >= 3, got {ctx}")
+        lcpp = isinstance(ref, FileLogits) and ref.src.format == "llama.cpp-kld"
+        if llamacpp and not lcpp:
+            raise ValueError("llama.cpp's statistics need a llama.cpp KL base file as REFERENCE")
+        lcpp = lcpp if llamacpp is None else bool(llamacpp)
         first, stop = scored_positions(ctx, score)
         per = stop - first
         n_avail = ids.size // ctx
@@ -365,13 +377,21 @@ def evaluate(reference, candidates, *, tokens=None, text=None, ctx=None, chunks=
                 if isinstance(a, np.ndarray) and len(cands) > 1 and topk:
                     ref_top = top_indices(a, max(min(int(k), v) for k in topk))
                 t_cmp += time.perf_counter() - t0
+                a_cmp = a
+                if lcpp:  # llama.cpp's reference: stored values, terms <= -16 left out
+                    s0 = c0 * per
+                    a_cmp, top, top_empty, lp_tok = _llamacpp_cut(ref.src.read_stored(s0, s0 + (c1 - c0) * per), nxt)
                 for i, cand in enumerate(cands):
                     b = cand.block(fwd, first, stop, c0)
                     t0 = time.perf_counter()
-                    vals = row_values(a, b, nxt, topk=metrics[i].topk, threads=threads,
+                    vals = row_values(a_cmp, b, nxt, topk=metrics[i].topk, threads=threads,
                                       names=(ref.name, cand.name),
-                                      ref_top=None if not isinstance(b, np.ndarray) else ref_top)
-                    if floor is not None:  # llama.cpp's stored value for a token below the window
+                                      ref_top=None if (not isinstance(b, np.ndarray) or lcpp) else ref_top)
+                    if lcpp:
+                        r = SimpleNamespace(kl=vals["kl"], logz_ref=vals["logz_ref"], top_ref=vals["top_ref"])
+                        vals["kl"] = _llamacpp_rows(r, top, top_empty)
+                        vals["lp_ref"] = lp_tok.copy()
+                    elif floor is not None:  # llama.cpp's stored value for a token below the window
                         low = vals["lp_ref"] == -np.inf
                         vals["lp_ref"][low] = floor[low]
                     if isinstance(cand, FileLogits):
@@ -405,7 +425,7 @@ def evaluate(reference, candidates, *, tokens=None, text=None, ctx=None, chunks=
                   "tokens_per_second": n_chunks * ctx / wall if wall > 0 else None}
         fwd_total = sum(m.forward_seconds for m in (ref, *cands))
         timing["compare_share_of_forward"] = t_cmp / fwd_total if fwd_total > 0 else None
-        settings = {"ctx": ctx, "chunks": n_chunks, "chunks_available": n_avail, "batch": batch,
+        settings = {"statistics": "llama.cpp" if lcpp else "kldiv", "ctx": ctx, "chunks": n_chunks, "chunks_available": n_avail, "batch": batch,
                     "dtype": dtype, "score": score, "scored_per_chunk": per, "first_scored": first,
                     "bos": bos_id, "n_vocab": v, "text_tokens": int(ids.size),
                     "save_reference": None if save_reference is None else os.fspath(save_reference)}
