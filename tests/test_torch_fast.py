@@ -361,3 +361,39 @@ def test_compiles_with_fullgraph_without_warnings():
     (g2,) = torch.autograd.grad(ref, s2)
     torch.testing.assert_close(v.double(), ref, rtol=1e-6, atol=1e-8)
     torch.testing.assert_close(g.double(), g2, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("kind", ["forward", "reverse", "jeffreys"])
+def test_repeated_calls_take_the_everyday_lane_and_still_equal_the_core(kind):
+    """A signature seen before skips option parsing (the lane): same values, gradients, errors."""
+    torch.manual_seed(5)
+    fn = FUNCS[kind]
+    for shape, red, qs in (((6, 9), "mean", "logits"), ((2, 3, 9), "none", "log_probs"),
+                           ((6, 9), "sum", "log_probs")):
+        for dtype in (torch.float32, torch.float64):
+            for _ in range(3):  # the first call records the signature, the others use it
+                a = torch.randn(shape, dtype=dtype)
+                b = to_space(torch.randn(shape, dtype=dtype), qs).requires_grad_()
+                v = fn(a, b, p_space="logits", q_space=qs, reduction=red, t2_scale=True,
+                       temperature=2.0)
+                (g,) = torch.autograd.grad(v.sum(), b)
+                with core_only():
+                    b2 = b.detach().clone().requires_grad_()
+                    ref = fn(a, b2, p_space="logits", q_space=qs, reduction=red, t2_scale=True,
+                             temperature=2.0)
+                    (g2,) = torch.autograd.grad(ref.sum(), b2)
+                tol = dict(rtol=2e-5, atol=1e-7) if dtype == torch.float32 else {}
+                assert v.dtype == ref.dtype and v.shape == ref.shape
+                torch.testing.assert_close(v, ref, **tol)
+                torch.testing.assert_close(g, g2, **tol)
+            bad = b.detach().clone()
+            bad.view(-1)[4] = math.nan
+            with core_only(), pytest.raises(ValueError) as want:
+                fn(a, bad, p_space="logits", q_space=qs, reduction=red)
+            with pytest.raises(ValueError) as got:
+                fn(a, bad, p_space="logits", q_space=qs, reduction=red)
+            assert str(got.value) == str(want.value)
+            if qs == "log_probs":
+                off = b.detach() + 0.01
+                with pytest.raises(ValueError, match="log-probabilities"):
+                    fn(a, off, p_space="logits", q_space=qs, reduction=red)

@@ -84,6 +84,21 @@ def divergence(kind, p, q, *, p_space, q_space, axis, reduction, mask, weight, t
     Same arguments and result as the public functions (``kind``: "forward", "reverse", "js",
     "jeffreys"); NotImplemented sends the call to the core unchanged.
     """
+    if mask is None and weight is None and not _is_compiling():
+        # the everyday call (no mask, no weight, a signature seen before): no option parsing
+        try:
+            key = (kind, p_space, q_space, reduction, temperature, t2_scale, beta, axis,
+                   type(p), type(q), p.dtype, q.dtype, p.shape, q.shape, p.device, q.device)
+            spec = _LANE.get(key)
+        except (TypeError, AttributeError):
+            key = spec = None
+        if spec is not None and p.is_contiguous() and q.is_contiguous() and not (
+                p.is_neg() or q.is_neg()):
+            out = _lane(spec, p, q, validate)
+            if out is not None:
+                return out
+    else:
+        key = None
     if type(p) not in _TENSOR_TYPES or type(q) not in _TENSOR_TYPES:
         return NotImplemented
     if p_space not in _SPACES or q_space not in _SPACES or reduction not in _REDUCTIONS:
@@ -190,6 +205,14 @@ def divergence(kind, p, q, *, p_space, q_space, axis, reduction, mask, weight, t
         _EXT is not None and kind != "js" and dev.type == "cpu"
         and not (pm.is_neg() or qm.is_neg() or pm.is_conj() or qm.is_conj())
     )
+    if (use_kernel and key is not None and ax == nd - 1 and p.dtype == q.dtype
+            and p.dtype in (torch.float32, torch.float64) and p_space != "probs"
+            and q_space != "probs" and kind != "jeffreys"):
+        # remember the signature: the next call with it takes _lane directly
+        if len(_LANE) > 256:
+            _LANE.clear()
+        spec.gscale = torch.full((n,), c_const, dtype=torch.float64)
+        _LANE[key] = spec
     with torch.no_grad():
         if use_kernel:
             res = _kernel_rows(spec, pm, qm, c, keep, need_p, need_q, check)
@@ -205,11 +228,56 @@ def divergence(kind, p, q, *, p_space, q_space, axis, reduction, mask, weight, t
     return _Divergence.apply(p, q, c, keep, spec, box, False, use_kernel)
 
 
+_LANE: dict = {}  # call signature -> _Spec, for the everyday calls (see _lane)
+
+
+def _lane(spec, p, q, validate):
+    """The everyday call: contiguous CPU float32/float64 log-space inputs of one dtype, the
+    category axis last, no mask, no weight, signature already checked. None: take the long way.
+    """
+    n, V = spec.n, spec.V
+    grad_on = torch.is_grad_enabled()
+    need_p = grad_on and p.requires_grad
+    need_q = grad_on and q.requires_grad
+    x = p.detach()
+    y = q.detach()
+    if x.dim() != 2:
+        x = x.view(n, V)
+        y = y.view(n, V)
+    rows = torch.empty(n, dtype=torch.float64)
+    gp = torch.empty(p.shape, dtype=p.dtype) if need_p else None
+    gq = torch.empty(q.shape, dtype=q.dtype) if need_q else None
+    scale = spec.gscale if (need_p or need_q) and spec.c_const != 1.0 else None
+    if p.dim() == 2:
+        _run(spec.kind, x, y, spec.T, scale, rows, gp, gq)
+    else:
+        _run(spec.kind, x, y, spec.T, scale, rows, None if gp is None else gp.view(n, V),
+             None if gq is None else gq.view(n, V))
+    total = float(rows.sum())  # nan: a row the kernel leaves to the core (or a bad input)
+    if total != total:
+        return None
+    if _validation_enabled(validate):
+        for side, space in ((x, spec.p_space), (y, spec.q_space)):
+            if space == "log_probs" and bool(_lse_off_chunked(side, None, n, V).any()):
+                return None
+    dt = spec.dtype
+    if spec.reduction == "none":
+        value = rows.view(spec.rows_shape)
+        if spec.c_const != 1.0:
+            value = value * spec.c_const
+        value = value.to(dt)
+    else:
+        value = torch.scalar_tensor(total * spec.c_const, dtype=dt)
+    if not (need_p or need_q):
+        return value
+    return _LaneFunction.apply(p, q, [value, gp, gq, spec])
+
+
 class _Spec:
     """Everything about a call that is not a tensor (one object: cheap to carry)."""
 
     __slots__ = ("kind", "p_space", "q_space", "T", "beta", "reduction", "dtype", "axis", "n",
-                 "V", "c_const", "rows_shape")
+                 "V", "c_const", "rows_shape", "gscale")
 
     def __init__(self, kind, p_space, q_space, T, beta, reduction, dtype, axis, n, V, c_const,
                  rows_shape):
@@ -225,6 +293,7 @@ class _Spec:
         self.V = V
         self.c_const = c_const
         self.rows_shape = rows_shape
+        self.gscale = None
 
 
 def _reduce(rows, c, spec):
@@ -272,45 +341,72 @@ class _Divergence(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        spec = ctx.spec
         grads = ctx.grads
         ctx.grads = None
-        need_p, need_q = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        first_order = not torch.is_grad_enabled()
-        if first_order and grads is None and ctx.kernel:
-            # a second first-order backward (retain_graph): the same kernel again, so that
-            # repeated backward passes agree to the bit
-            p, q, c, keep = ctx.saved_tensors
-            pm, qm = _moved(p, q, spec)
-            with torch.no_grad():
-                res = _kernel_rows(spec, pm.detach(), qm.detach(), c, keep, need_p, need_q,
-                                   False)
-            if res is not None:
-                grads = (res[1], res[2])
-        if first_order and grads is not None and (
-                (grads[0] is not None or not need_p) and (grads[1] is not None or not need_q)):
-            gp, gq = grads
-            if spec.reduction == "none":
-                gr = g.reshape(spec.n, 1)
-                gp = None if gp is None else _times_rows(gp, gr, spec)
-                gq = None if gq is None else _times_rows(gq, gr, spec)
-            elif g.device.type != "cpu" or float(g) != 1.0:
-                gp = None if gp is None else gp.mul_(g.to(gp.dtype))
-                gq = None if gq is None else gq.mul_(g.to(gq.dtype))
-            return (_unmove(gp, spec) if need_p else None,
-                    _unmove(gq, spec) if need_q else None, None, None, None, None, None, None)
-        p, q, c, keep = ctx.saved_tensors
-        pm, qm = _moved(p, q, spec)
-        s = g.reshape(spec.n) if spec.reduction == "none" else g.reshape(1).expand(spec.n)
-        s = s.to(spec.dtype)
-        if c is not None:
-            s = s * c
-        if spec.c_const != 1.0:
-            s = s * spec.c_const
-        gp, gq = _grads_torch(spec, pm, qm, s, keep, need_p, need_q)
-        gp = None if gp is None else _unmove(gp.reshape(pm.shape).to(p.dtype), spec)
-        gq = None if gq is None else _unmove(gq.reshape(qm.shape).to(q.dtype), spec)
+        gp, gq = _backward(ctx, g, ctx.spec, grads, ctx.kernel)
         return gp, gq, None, None, None, None, None, None
+
+
+class _LaneFunction(torch.autograd.Function):
+    """_Divergence for the everyday call (_lane): fewer arguments, less to save."""
+
+    @staticmethod
+    def forward(ctx, p, q, box):
+        ctx.box = box  # [value, grad_p, grad_q, spec]
+        ctx.save_for_backward(p, q)
+        return box[0]
+
+    @staticmethod
+    def backward(ctx, g):
+        box = ctx.box
+        grads = None if box[1] is None and box[2] is None else (box[1], box[2])
+        box[1] = box[2] = None
+        gp, gq = _backward(ctx, g, box[3], grads, True)
+        return gp, gq, None
+
+
+def _saved(ctx):
+    t = ctx.saved_tensors
+    return t if len(t) == 4 else (t[0], t[1], None, None)
+
+
+def _backward(ctx, g, spec, grads, kernel):
+    """The gradients for both Functions: handed over, recomputed by the kernel, or recomputed
+    in differentiable torch operations (create_graph)."""
+    need_p, need_q = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    first_order = not torch.is_grad_enabled()
+    if first_order and grads is None and kernel:
+        # a second first-order backward (retain_graph): the same kernel again, so that
+        # repeated backward passes agree to the bit
+        p, q, c, keep = _saved(ctx)
+        pm, qm = _moved(p, q, spec)
+        with torch.no_grad():
+            res = _kernel_rows(spec, pm.detach(), qm.detach(), c, keep, need_p, need_q, False)
+        if res is not None:
+            grads = (res[1], res[2])
+    if first_order and grads is not None and (
+            (grads[0] is not None or not need_p) and (grads[1] is not None or not need_q)):
+        gp, gq = grads
+        if spec.reduction == "none":
+            gr = g.reshape(spec.n, 1)
+            gp = None if gp is None else _times_rows(gp, gr, spec)
+            gq = None if gq is None else _times_rows(gq, gr, spec)
+        elif g.device.type != "cpu" or float(g) != 1.0:
+            gp = None if gp is None else gp.mul_(g.to(gp.dtype))
+            gq = None if gq is None else gq.mul_(g.to(gq.dtype))
+        return (_unmove(gp, spec) if need_p else None, _unmove(gq, spec) if need_q else None)
+    p, q, c, keep = _saved(ctx)
+    pm, qm = _moved(p, q, spec)
+    s = g.reshape(spec.n) if spec.reduction == "none" else g.reshape(1).expand(spec.n)
+    s = s.to(spec.dtype)
+    if c is not None:
+        s = s * c
+    if spec.c_const != 1.0:
+        s = s * spec.c_const
+    gp, gq = _grads_torch(spec, pm, qm, s, keep, need_p, need_q)
+    gp = None if gp is None else _unmove(gp.reshape(pm.shape).to(p.dtype), spec)
+    gq = None if gq is None else _unmove(gq.reshape(qm.shape).to(q.dtype), spec)
+    return gp, gq
 
 
 def _times_rows(g2, gr, spec):
