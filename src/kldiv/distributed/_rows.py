@@ -317,7 +317,8 @@ def _log_ratio(a, b, st, t):
     As the core's ``_log_ratio``, entry by entry the more accurate of two routes: the centred
     difference plus its mean, with rounding errors of the size of |delta| + |mu| + |mean_d|, or
     the difference of the two normalised log-probabilities, of the size of their magnitudes
-    (a row where b is astronomically small somewhere a is not drags mu far from 0).
+    plus the rounding of the normalisers (a row where b is astronomically small somewhere a
+    is not drags mu far from 0).
     """
     import torch
 
@@ -328,7 +329,10 @@ def _log_ratio(a, b, st, t):
     dc = _sel(t, delta - mu, 0.0)
     ca = _centred(a, t, st["Ma"], T) - st["la"][:, None]
     cb = _centred(b, t, st["Mb"], T) - st["lb"][:, None]
-    direct = (torch.abs(ca) + torch.abs(cb)) < (torch.abs(delta) + torch.abs(mu) + torch.abs(mean_d))
+    # (errors in units of eps; the direct route also carries the rounding of the two
+    # normalisers' sums, about 1 each even where their logarithms are tiny)
+    err_direct = torch.abs(ca) + torch.abs(cb) + 2.0
+    direct = err_direct < (torch.abs(delta) + torch.abs(mu) + torch.abs(mean_d))
     if t is not None:
         direct = direct & t
     d = torch.where(direct, cb - torch.where(direct, ca, 0.0), dc + mean_d)
