@@ -85,14 +85,29 @@ def _fmt_t(s):
     return f"{s:.2f} s"
 
 
+class _Table:
+    """A Markdown table printed row by row (a long run shows its results as they come)."""
+
+    def __init__(self, head, width=12):
+        self.widths = [max(len(h), width) for h in head]
+        print(self._line(head))
+        print("|" + "|".join("-" * (w + 2) for w in self.widths) + "|", flush=True)
+
+    def _line(self, r):
+        return "| " + " | ".join(str(c).rjust(w) for c, w in zip(r, self.widths)) + " |"
+
+    def add(self, row):
+        print(self._line(row), flush=True)
+
+    def close(self):
+        print(flush=True)
+
+
 def _table(head, rows):
-    widths = [max(len(str(r[i])) for r in [head] + rows) for i in range(len(head))]
-    line = lambda r: "| " + " | ".join(str(c).rjust(w) for c, w in zip(r, widths)) + " |"  # noqa
-    print(line(head))
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    t = _Table(head)
     for r in rows:
-        print(line(r))
-    print(flush=True)
+        t.add(r)
+    t.close()
 
 
 def _shape_str(shape):
@@ -112,7 +127,8 @@ def torch_section(shapes, rounds, target_s):
     torch.manual_seed(0)
     print(f"## torch {torch.__version__}, CPU, {torch.get_num_threads()} threads: "
           "forward + backward, median per call (ratio = kldiv / peer)\n")
-    rows = []
+    table = _Table(["shape", "F.kl_div peer", "x logits call", "x migration row", "x reverse",
+                    "x JS", "x Jeffreys"])
     for shape in shapes:
         n = 1
         for s_ in shape[:-1]:
@@ -169,7 +185,7 @@ def torch_section(shapes, rounds, target_s):
         }
         big = t.numel() >= 4096 * 32000
         med = interleaved(methods, max(3, rounds // 2) if big else rounds, target_s)
-        rows.append([
+        table.add([
             _shape_str(shape), _fmt_t(med["peer KL"]),
             f"{med['KL logits'] / med['peer KL']:.2f}",
             f"{med['KL migration'] / med['peer KL']:.2f}",
@@ -179,8 +195,7 @@ def torch_section(shapes, rounds, target_s):
         ])
         del t, s, s0
         gc.collect()
-    _table(["shape", "F.kl_div peer", "x logits call", "x migration row", "x reverse",
-            "x JS", "x Jeffreys"], rows)
+    table.close()
 
 
 # ----------------------------------------------------------------------------------------------
