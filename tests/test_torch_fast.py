@@ -397,3 +397,20 @@ def test_repeated_calls_take_the_everyday_lane_and_still_equal_the_core(kind):
                 off = b.detach() + 0.01
                 with pytest.raises(ValueError, match="log-probabilities"):
                     fn(a, off, p_space="logits", q_space=qs, reduction=red)
+
+
+def test_float32_probabilities_below_the_float32_exponential_equal_the_core():
+    """The migration row with subnormal probabilities (the float32 kernel's exp stops at e^-87)."""
+    p = torch.tensor([[1e-40, 0.3, 0.7 - 1e-40], [0.0, 0.5, 0.5], [0.2, 0.3, 0.5]])
+    lq = torch.log_softmax(torch.tensor([[0.1, 0.2, 0.3], [1.0, 0.0, 2.0], [0.5, 0.5, 0.0]]), -1)
+    for fn in (kldiv.kl_div, kldiv.reverse_kl):
+        a, b = p.clone().requires_grad_(), lq.clone().requires_grad_()
+        v = fn(a, b, q_space="log_probs", reduction="sum")
+        g = torch.autograd.grad(v, (a, b))
+        with core_only():
+            a2, b2 = p.clone().requires_grad_(), lq.clone().requires_grad_()
+            ref = fn(a2, b2, q_space="log_probs", reduction="sum")
+            gr = torch.autograd.grad(ref, (a2, b2))
+        torch.testing.assert_close(v, ref, rtol=2e-6, atol=0)
+        for x, y in zip(g, gr):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)

@@ -433,20 +433,18 @@ def _unmove(g, spec):
 # values (and first-order gradients) without a graph: the C kernel
 
 
-def _kernel_dtype(x, y, p_space, q_space, dt):
+def _kernel_dtype(x, y, p_space, q_space, dt, force64=False):
     """The kernel's element type: float64 where a probability's logarithm needs it."""
-    if dt == torch.float64:
+    if dt == torch.float64 or force64:
         return torch.float64
-    if (p_space == "probs" and x.dtype == torch.float32) or (
-            q_space == "probs" and y.dtype == torch.float32):
-        # the logarithm of a float32 probability, and the gradient through it, keep full
-        # accuracy down to the subnormals only in float64 (and both-probability rows keep the
-        # log-ratio exact as the core's log1p route does)
+    if p_space == "probs" and q_space == "probs":
+        # two float32 probabilities: float64 logarithms keep the log-ratio of close values as
+        # exact as the core's log1p route does
         return torch.float64
     return torch.float32
 
 
-def _kernel_rows(spec, pm, qm, c, keep, need_p, need_q, check):
+def _kernel_rows(spec, pm, qm, c, keep, need_p, need_q, check, force64=False):
     """Rows (float64, (n,)) and gradients of sum_r c_r rows_r by the C kernel, or None.
 
     None means: a row the kernel leaves alone (nan, +inf, no finite entry, extreme ratios) or a
@@ -455,7 +453,7 @@ def _kernel_rows(spec, pm, qm, c, keep, need_p, need_q, check):
     n, V = spec.n, spec.V
     x = pm.reshape(n, V)
     y = qm.reshape(n, V)
-    kd = _kernel_dtype(x, y, spec.p_space, spec.q_space, spec.dtype)
+    kd = _kernel_dtype(x, y, spec.p_space, spec.q_space, spec.dtype, force64)
     scale = None if c is None else c.to(torch.float64).contiguous()
     if spec.c_const != 1.0 and (need_p or need_q):
         base = torch.ones(n, dtype=torch.float64) if scale is None else scale
@@ -495,13 +493,20 @@ def _kernel_rows(spec, pm, qm, c, keep, need_p, need_q, check):
         sp_q = spec.q_space == "probs"
         tol_p = _tolerance(torch.finfo(x.dtype).eps, V) if check else 0.0
         tol_q = _tolerance(torch.finfo(y.dtype).eps, V) if check else 0.0
+        redo = []
+        # gradients of a log-space side in the kernel's dtype go straight to their place
+        own_p = need_p and not sp_p and gp.dtype == kd
+        own_q = need_q and not sp_q and gq.dtype == kd
         for i in range(0, n, step):
             j1 = min(i + step, n)
-            xc, xl, xbad = _to_log(x[i:j1], spec.p_space, kd, tol_p, check)
-            yc, yl, ybad = _to_log(y[i:j1], spec.q_space, kd, tol_q, check)
+            xc, xl, xbad, xtiny = _to_log(x[i:j1], spec.p_space, kd, tol_p, check)
+            yc, yl, ybad, ytiny = _to_log(y[i:j1], spec.q_space, kd, tol_q, check)
             m = j1 - i
-            gxc = torch.empty((m, V), dtype=kd) if need_p else None
-            gyc = torch.empty((m, V), dtype=kd) if need_q else None
+            gxc = (gp[i:j1] if own_p else torch.empty((m, V), dtype=kd)) if need_p else None
+            gyc = (gq[i:j1] if own_q else torch.empty((m, V), dtype=kd)) if need_q else None
+            for t in (xtiny, ytiny):
+                if t is not None:
+                    redo.append(t)
             sc = None if gscale is None else gscale[i:j1]
             rc = rows[i:j1]
             for j, kk in enumerate(kinds):
@@ -517,13 +522,17 @@ def _kernel_rows(spec, pm, qm, c, keep, need_p, need_q, check):
                         gxc += t_x
                     if t_y is not None:
                         gyc += t_y
-            if gxc is not None:
+            if gxc is not None and not own_p:
                 gp[i:j1] = _grad_to_input(gxc, xc, sp_p)
-            if gyc is not None:
+            if gyc is not None and not own_q:
                 gq[i:j1] = _grad_to_input(gyc, yc, sp_q)
             for b in (xbad, ybad):  # failed checks, and rows the kernel cannot take
                 if b is not None:
                     checks.append(b if keep is None else b & keep[i:j1])
+        if redo and bool(torch.cat(redo).any()):
+            # a float32 probability below the float32 kernel's exponential range: all again
+            # in float64 (rare; the core keeps such probabilities, and so must this path)
+            return _kernel_rows(spec, pm, qm, c, keep, need_p, need_q, check, True)
     checks.append(torch.isnan(rows))  # skipped rows (c_r = 0) are 0, never nan
     bad = checks[0].any() if len(checks) == 1 else torch.cat([b.reshape(-1) for b in checks]).any()
     if bool(bad):
@@ -557,23 +566,29 @@ def _run(kind, x, y, T, scale, rows, gx, gy):
 
 
 def _to_log(xc, space, kd, tol, check):
-    """A chunk in the kernel's dtype and log space: (converted input, log input, bad rows)."""
+    """A chunk in the kernel's dtype and log space.
+
+    Returns (converted input, log input, bad rows, rows the kernel's dtype cannot take)."""
     xk = xc.to(kd)
     if space == "probs":
         bad = (xk.sum(-1) - 1).abs() > tol if check else None
         lx = torch.log(xk)  # p < 0 and nan give nan: the kernel reports the row
+        tiny = None
         if xc.dtype == torch.float64:
             # the kernel's exponential stops at e^-708: a float64 probability below ~1e-300
             # would count as 0 there (the core keeps it): such rows go to the core
-            tiny = ((lx < -690.0) & (lx > _NINF)).any(-1)
-            bad = tiny if bad is None else bad | tiny
-        return xk, lx, bad
+            t = ((lx < -690.0) & (lx > _NINF)).any(-1)
+            bad = t if bad is None else bad | t
+        elif kd == torch.float32:
+            # float32's exponential stops at e^-87 (its subnormals): float64 takes those
+            tiny = ((lx < -87.0) & (lx > _NINF)).any(-1)
+        return xk, lx, bad, tiny
     if xk.stride(-1) != 1 or xk.stride(0) != xk.shape[1]:
         xk = xk.contiguous()
     bad = None
     if check and space == "log_probs":
         bad = torch.logsumexp(xk, -1).abs() > tol
-    return xk, xk, bad
+    return xk, xk, bad, None
 
 
 def _grad_to_input(gl, xk, is_probs):
