@@ -337,3 +337,31 @@ def test_torchmetrics_adapter():
     c = m.clone()
     m.reset()
     assert m.drift.n == 0 and c.drift.n == 35
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(allow_nan=False, allow_infinity=False, width=64), min_size=0, max_size=40),
+       st.integers(0, 40))
+def test_exact_sum_and_moments_any_floats(xs, cut):
+    """Exact sums of any finite doubles (subnormal to 1.8e308), split anywhere, against Fraction."""
+    x = np.array(xs, dtype=np.float64)
+    a, b = ExactSum(), ExactSum()
+    a.add(x[:cut])
+    b.add(x[cut:])
+    a.merge(b)
+    exact = sum((Fraction(v) for v in xs), Fraction(0))
+    assert a.fraction() == exact
+    try:
+        expected = float(exact)  # correctly rounded
+    except OverflowError:
+        expected = math.inf if exact > 0 else -math.inf
+    assert a.value() == expected
+    m = Moments()
+    small = x[np.abs(x) < 1e150]  # squares representable: the variance is exact
+    m.add(small)
+    if small.size:
+        fx = [Fraction(v) for v in small]
+        mu = sum(fx) / len(fx)
+        var = sum((v - mu) ** 2 for v in fx) / len(fx)
+        if all(abs(v) > 1e-140 or v == 0 for v in small):  # squares not subnormal: exact
+            assert m.variance() == float(var)
