@@ -206,8 +206,7 @@ def divergence(kind, p, q, *, p_space, q_space, axis, reduction, mask, weight, t
         and not (pm.is_neg() or qm.is_neg() or pm.is_conj() or qm.is_conj())
     )
     if (use_kernel and key is not None and ax == nd - 1 and p.dtype == q.dtype
-            and p.dtype in (torch.float32, torch.float64) and p_space != "probs"
-            and q_space != "probs" and kind != "jeffreys"):
+            and p.dtype in (torch.float32, torch.float64) and kind != "jeffreys"):
         # remember the signature: the next call with it takes _lane directly
         if len(_LANE) > 256:
             _LANE.clear()
@@ -239,6 +238,17 @@ def _lane(spec, p, q, validate):
     grad_on = torch.is_grad_enabled()
     need_p = grad_on and p.requires_grad
     need_q = grad_on and q.requires_grad
+    if spec.p_space == "probs" or spec.q_space == "probs":
+        with torch.no_grad():
+            res = _kernel_rows(spec, p, q, None, None, need_p, need_q,
+                               _validation_enabled(validate))
+        if res is None:
+            return None
+        rows, gp, gq = res
+        value = _reduce(rows, None, spec)
+        if not (need_p or need_q):
+            return value
+        return _LaneFunction.apply(p, q, [value, gp, gq, spec])
     x = p.detach()
     y = q.detach()
     if x.dim() != 2:
@@ -456,8 +466,12 @@ def _kernel_rows(spec, pm, qm, c, keep, need_p, need_q, check, force64=False):
     kd = _kernel_dtype(x, y, spec.p_space, spec.q_space, spec.dtype, force64)
     scale = None if c is None else c.to(torch.float64).contiguous()
     if spec.c_const != 1.0 and (need_p or need_q):
-        base = torch.ones(n, dtype=torch.float64) if scale is None else scale
-        gscale = base * spec.c_const
+        if scale is None:
+            gscale = spec.gscale
+            if gscale is None:
+                gscale = spec.gscale = torch.full((n,), spec.c_const, dtype=torch.float64)
+        else:
+            gscale = scale * spec.c_const
     else:
         gscale = scale
     rows = torch.empty(n, dtype=torch.float64)
@@ -533,8 +547,9 @@ def _kernel_rows(spec, pm, qm, c, keep, need_p, need_q, check, force64=False):
             # a float32 probability below the float32 kernel's exponential range: all again
             # in float64 (rare; the core keeps such probabilities, and so must this path)
             return _kernel_rows(spec, pm, qm, c, keep, need_p, need_q, check, True)
-    checks.append(torch.isnan(rows))  # skipped rows (c_r = 0) are 0, never nan
-    bad = checks[0].any() if len(checks) == 1 else torch.cat([b.reshape(-1) for b in checks]).any()
+    bad = torch.isnan(rows.sum())  # skipped rows (c_r = 0) are 0, never nan
+    for b in checks:
+        bad = bad | b.any()
     if bool(bad):
         return None
     if spec.kind == "jeffreys" and (gp is not None or gq is not None):
@@ -587,8 +602,16 @@ def _to_log(xc, space, kd, tol, check):
         xk = xk.contiguous()
     bad = None
     if check and space == "log_probs":
-        bad = torch.logsumexp(xk, -1).abs() > tol
+        bad = _log_probs_off(xk, tol)
     return xk, xk, bad, None
+
+
+def _log_probs_off(x, tol):
+    """Rows whose logsumexp is off 0 by more than ``tol`` (the core's check for log-probabilities;
+    with |lse| <= tol the maximum is <= tol too). No max shift is needed at lse ~ 0: rows where
+    exp overflows or underflows as a whole are flagged and the core decides."""
+    s = torch.exp(x).sum(-1)
+    return (s < math.exp(-tol)) | (s > math.exp(tol))
 
 
 def _grad_to_input(gl, xk, is_probs):
@@ -606,10 +629,9 @@ def _lse_off_chunked(x, keep, n, V):
     tol = _tolerance(torch.finfo(x.dtype).eps, V)
     step = max(1, _CHUNK // V)
     if step >= n:
-        off = torch.logsumexp(x, -1).abs() > tol
+        off = _log_probs_off(x, tol)
     else:
-        off = torch.cat([torch.logsumexp(x[i:i + step], -1) for i in range(0, n, step)])
-        off = off.abs() > tol
+        off = torch.cat([_log_probs_off(x[i:i + step], tol) for i in range(0, n, step)])
     return off if keep is None else off & keep
 
 
