@@ -72,10 +72,13 @@ def _rows_c(ext, a, b, modes, temperature, kind, beta, validate, tols, eps, thre
         ext.rows(a[s:e], b[s:e], e - s, n, a64, b64, modes[0], modes[1], temperature, beta, kind,
                  validate, tols[0], tols[1], eps[0], eps[1], out[s:e], status[s:e])
 
+    if a.size < PARALLEL_MIN_ELEMENTS or n_rows < 4:
+        call(0, n_rows)
+        return out, status
     from ..compare.kernel import _pool, cpu_count
 
     workers = cpu_count() if threads is None else int(threads)
-    if workers <= 1 or n_rows < 2 * workers or a.size < PARALLEL_MIN_ELEMENTS:
+    if workers <= 1 or n_rows < 2 * workers:
         call(0, n_rows)
         return out, status
     step = max(1, -(-n_rows // (2 * workers)))
