@@ -436,3 +436,16 @@ def test_property_equals_core_on_random_rows_with_zeros(seed, v, dtype, kind):
     assert got.dtype == ref.dtype
     np.testing.assert_allclose(got, ref, rtol=3e-6 if dtype == np.float32 else 1e-12, atol=1e-30)
     assert (np.asarray(got) >= 0).all()
+
+
+def test_rows_spread_over_threads_are_identical():
+    """Above PARALLEL_MIN_ELEMENTS the rows go to a thread pool: bit-identical to one call."""
+    rng = np.random.default_rng(10)
+    p, q = rows_close(rng, 600, 500, np.float64, lo=-5, hi=0)
+    assert p.size >= NF.PARALLEL_MIN_ELEMENTS
+    args = (NF.extension(), p, q, (0, 0), 1.0, 0, 0.5, 1, (1e-6, 1e-6), (2.2e-16, 2.2e-16))
+    one, st1 = NF._rows_c(*args, threads=1)
+    many, st3 = NF._rows_c(*args, threads=3)
+    np.testing.assert_array_equal(one, many)
+    assert (st1 == 0).all() and (st3 == 0).all()
+    np.testing.assert_array_equal(np.asarray(kldiv.kl_div(p, q)), one)
