@@ -263,16 +263,24 @@ KLDIV_CLONES static double FN(kl_row)(const T *x, const T *y, Py_ssize_t V, doub
     const T it = (T)inv_t;
     const T ninf = (T)-INFINITY, pinf = (T)INFINITY;
     T mx = ninf, my = ninf, lx = pinf, ly = pinf;
-    int nany = 0;
-#pragma omp simd reduction(max : mx, my) reduction(min : lx, ly) reduction(| : nany)
+#pragma omp simd reduction(max : mx, my) reduction(min : lx, ly)
     for (Py_ssize_t i = 0; i < V; i++) {
         const T xv = x[i], yv = y[i];
         mx = xv > mx ? xv : mx;
         my = yv > my ? yv : my;
-        const T xf = xv > ninf ? xv : pinf, yf = yv > ninf ? yv : pinf;
-        lx = xf < lx ? xf : lx;
-        ly = yf < ly ? yf : ly;
-        nany |= (xv == ninf) | (yv == ninf);
+        lx = xv < lx ? xv : lx;
+        ly = yv < ly ? yv : ly;
+    }
+    const int dense = lx > ninf && ly > ninf; /* no -inf anywhere: no support masks needed */
+    if (!dense) { /* the smallest finite values, for the span check below */
+        lx = pinf;
+        ly = pinf;
+#pragma omp simd reduction(min : lx, ly)
+        for (Py_ssize_t i = 0; i < V; i++) {
+            const T xf = x[i] > ninf ? x[i] : pinf, yf = y[i] > ninf ? y[i] : pinf;
+            lx = xf < lx ? xf : lx;
+            ly = yf < ly ? yf : ly;
+        }
     }
     if (!(mx > ninf) || !(my > ninf) || !(mx < pinf) || !(my < pinf))
         return NAN; /* an all -inf row (no distribution) or +inf: the caller decides */
@@ -282,12 +290,11 @@ KLDIV_CLONES static double FN(kl_row)(const T *x, const T *y, Py_ssize_t V, doub
         if (!(hi - lo <= SPAN_MAX))
             return NAN;
     }
-    const int dense = !nany; /* no -inf anywhere: no support masks needed */
     /* C = max x - max y = Ch + Cl exactly (TwoSum) */
     const T Ch = mx - my;
     const T Cb = Ch - mx;
     const T Cl = (mx - (Ch - Cb)) + (-my - Cb);
-    const T CL = (T)D_CLAMP, RA = (T)-(EXP_FLOOR + 250.0), FL = (T)-EXP_FLOOR;
+    const T CL = (T)D_CLAMP;
 
     double Zx = 0, Zy = 0, S1 = 0, ZqS = 0, Zqo = 0;
     int esc = 0, risk = 0;
@@ -298,10 +305,10 @@ KLDIV_CLONES static double FN(kl_row)(const T *x, const T *y, Py_ssize_t V, doub
                 __builtin_prefetch(xn + i, 0, 2);
                 __builtin_prefetch(yn + i, 0, 2);
             }
-        T zx = 0, zy = 0, s1 = 0, zqs = 0, zqo = 0;
-        int e = 0, rk = 0;
+        T zx = 0, zy = 0, s1 = 0, zqs = 0, zqo = 0, rk = 0; /* rk: the largest |d| */
+        int e = 0;
         if (dense) {
-#pragma omp simd reduction(+ : zx, zy, s1) reduction(| : rk)
+#pragma omp simd reduction(+ : zx, zy, s1) reduction(max : rk)
             for (Py_ssize_t i = b0; i < b1; i++) {
                 const T xv = x[i], yv = y[i];
                 const T a = (xv - mx) * it, b = (yv - my) * it;
@@ -311,7 +318,7 @@ KLDIV_CLONES static double FN(kl_row)(const T *x, const T *y, Py_ssize_t V, doub
                 const T dd = ((sv + Ch) + (er + Cl)) * it;
                 const T d = dd > CL ? CL : (dd < -CL ? -CL : dd);
                 const T ad = KFABS(d);
-                rk |= (a > RA) & ((a < FL) | (ad >= CL)) & (ad > (T)D_RISK);
+                rk = ad > rk ? ad : rk;
                 zx += ep;
                 zy += eq;
                 s1 += ep * d;
@@ -321,7 +328,7 @@ KLDIV_CLONES static double FN(kl_row)(const T *x, const T *y, Py_ssize_t V, doub
             }
             zqs = zy;
         } else {
-#pragma omp simd reduction(+ : zx, zy, s1, zqs, zqo) reduction(| : e, rk)
+#pragma omp simd reduction(+ : zx, zy, s1, zqs, zqo) reduction(| : e) reduction(max : rk)
             for (Py_ssize_t i = b0; i < b1; i++) {
                 const T xv = x[i], yv = y[i];
                 const int px = xv > ninf, py = yv > ninf;
@@ -334,7 +341,7 @@ KLDIV_CLONES static double FN(kl_row)(const T *x, const T *y, Py_ssize_t V, doub
                 const T dcl = dd > CL ? CL : (dd < -CL ? -CL : dd);
                 const T d = in ? dcl : (T)0;
                 const T ad = KFABS(d);
-                rk |= in & (a > RA) & ((a < FL) | (ad >= CL)) & (ad > (T)D_RISK);
+                rk = ad > rk ? ad : rk;
                 zx += ep;
                 zy += eq;
                 s1 += ep * d;
@@ -352,7 +359,7 @@ KLDIV_CLONES static double FN(kl_row)(const T *x, const T *y, Py_ssize_t V, doub
         ZqS += zqs;
         Zqo += zqo;
         esc |= e;
-        risk |= rk;
+        risk |= rk > (T)D_RISK;
     }
     if (!isfinite(Zx) || !isfinite(Zy) || !isfinite(S1))
         return NAN; /* nan in the input, or sums beyond the type */
@@ -363,8 +370,15 @@ KLDIV_CLONES static double FN(kl_row)(const T *x, const T *y, Py_ssize_t V, doub
             memset(gy, 0, (size_t)V * sizeof(T));
         return INFINITY;
     }
-    if (risk)
-        return NAN;
+    if (risk) { /* some |d| beyond 2^20: is it at a p_i that underflows here but may matter? */
+        const T RA = (T) - (EXP_FLOOR + 250.0), FL = (T)-EXP_FLOOR, CL = (T)D_CLAMP;
+        for (Py_ssize_t i = 0; i < V; i++) {
+            const T dv = sd[i], ad = KFABS(dv);
+            const T a = (x[i] - mx) * it;
+            if (dv == dv && ad > (T)D_RISK && a > RA && (a < FL || ad >= CL))
+                return NAN;
+        }
+    }
     const double mu = S1 / Zx;
     const double qo = Zqo / Zy;
     const double log_qS = qo < 0.5 ? log1p(-qo) : log(ZqS / Zy);

@@ -31,6 +31,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
+import sys
+import threading
 
 import torch
 
@@ -41,7 +43,7 @@ from .._core.validation import check_option, check_positive_finite
 
 __all__ = [
     "fused_divergence", "divergence_rows_with_grad", "kl_div_inplace", "set_fused", "fused",
-    "fused_enabled", "FUSED_MIN_ELEMENTS",
+    "fused_enabled", "FUSED_MIN_ELEMENTS", "grad_buffer", "release_grad_buffers",
 ]
 
 KINDS = ("forward", "reverse", "js", "jeffreys")
@@ -114,6 +116,87 @@ def _load_extension():
 
 
 _EXT = _load_extension()
+
+
+# ----------------------------------------------------------------------------------------------
+# gradient buffers reused across steps
+
+#: on the CPU, gradients of at least this many bytes come from ``grad_buffer``'s cache
+GRAD_CACHE_MIN_BYTES = 1 << 24
+_GRAD_CACHE: dict = {}  # (dtype, device) -> [flat tensors], at most _GRAD_CACHE_SLOTS each
+_GRAD_CACHE_SLOTS = 2
+_GRAD_LOCK = threading.Lock()
+
+
+def _storage_refs(t):
+    """(C++ references to ``t``'s storage, Python references to its storage object)."""
+    so = t.untyped_storage()
+    return torch._C._storage_Use_Count(so._cdata), sys.getrefcount(so)
+
+
+_TENSOR_ONLY = _storage_refs(torch.empty(1))  # a tensor that nothing else references
+
+
+def _unshared(buf):
+    """Whether nothing but this cache references ``buf``'s memory: no other reference to the
+    tensor itself (a DLPack export), no view or tensor sharing its storage (a ``.grad``, a
+    NumPy export), no Python object of its storage kept by anyone."""
+    if buf._use_count() != 1:
+        return False
+    c, r = _storage_refs(buf)
+    return c <= _TENSOR_ONLY[0] and r <= _TENSOR_ONLY[1]
+
+
+def grad_buffer(shape, dtype, device="cpu"):
+    """An uninitialised tensor of ``shape`` to receive a gradient that is written in full.
+
+    On the CPU, from ``GRAD_CACHE_MIN_BYTES`` (16 MiB) up, the memory of a gradient handed out
+    by an earlier call is reused once nothing references it any more (the training loop has
+    dropped it: ``optimizer.zero_grad()`` sets ``.grad`` to None, or the layer below consumed
+    it): a fresh 500 MB tensor costs as much as the kernel itself, in page faults and in the
+    zeroing the operating system does on first touch. A buffer that anything still references
+    (a view, a ``.grad``, a storage object, an export to NumPy or DLPack) is never handed out;
+    at most two buffers per dtype are kept, and ``release_grad_buffers()`` drops them. Elsewhere
+    (CUDA has its own caching allocator) and for small sizes: ``torch.empty``.
+
+    >>> g = grad_buffer((4096, 8192), torch.float32)
+    >>> ptr = g.data_ptr(); del g                      # dropped by the caller: reusable
+    >>> grad_buffer((4096, 8192), torch.float32).data_ptr() == ptr
+    True
+    >>> h = grad_buffer((4096, 8192), torch.float32)   # still held: a different buffer
+    >>> grad_buffer((4096, 8192), torch.float32).data_ptr() == h.data_ptr()
+    False
+    >>> release_grad_buffers()
+    """
+    device = torch.device(device)
+    n = 1
+    for s in shape:
+        n *= int(s)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if device.type != "cpu" or n * itemsize < GRAD_CACHE_MIN_BYTES:
+        return torch.empty(shape, dtype=dtype, device=device)
+    key = (dtype, device)
+    with _GRAD_LOCK:
+        slots = _GRAD_CACHE.setdefault(key, [])
+        for buf in slots:
+            if n <= buf.numel() <= 2 * n and _unshared(buf):
+                return buf[:n].view(shape)
+        buf = torch.empty(n, dtype=dtype, device=device)
+        if len(slots) >= _GRAD_CACHE_SLOTS:
+            free = [i for i, b in enumerate(slots) if _unshared(b)]
+            slots.pop(free[0] if free else 0)
+        slots.append(buf)
+        return buf.view(shape)
+
+
+def release_grad_buffers():
+    """Drop the gradient buffers that ``grad_buffer`` keeps for reuse (their memory is freed
+    once nothing else references it).
+
+    >>> release_grad_buffers()
+    """
+    with _GRAD_LOCK:
+        _GRAD_CACHE.clear()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -411,11 +494,10 @@ def divergence_rows_with_grad(kind, p, q, *, p_space, q_space, temperature=1.0, 
                        out_p, out_q)
     rows = torch.zeros(n, dtype=dt, device=p.device)
     gp = gq = None
-    contiguous = torch.contiguous_format
     if need_grad_p:
-        gp = out_p if out_p is not None else torch.empty_like(p, memory_format=contiguous)
+        gp = out_p if out_p is not None else grad_buffer(p.shape, p.dtype, p.device)
     if need_grad_q:
-        gq = out_q if out_q is not None else torch.empty_like(q, memory_format=contiguous)
+        gq = out_q if out_q is not None else grad_buffer(q.shape, q.dtype, q.device)
     if grad_scale is not None:
         active = torch.nonzero(grad_scale != 0).flatten()
         idle = torch.nonzero(grad_scale == 0).flatten()
@@ -460,9 +542,9 @@ def _c_rows(kind, p, q, temperature, need_p, need_q, grad_scale, out_p, out_q):
     dt = p.dtype
     gp = gq = None
     if need_p:
-        gp = out_p if out_p is not None else torch.empty((n, V), dtype=dt)
+        gp = out_p if out_p is not None else grad_buffer((n, V), dt)
     if need_q:
-        gq = out_q if out_q is not None else torch.empty((n, V), dtype=dt)
+        gq = out_q if out_q is not None else grad_buffer((n, V), dt)
     rows = torch.empty(n, dtype=torch.float64)
     if n == 0:
         return rows.to(dt), gp, gq
