@@ -1,0 +1,541 @@
+"""Triton kernels for the fused KL family on CUDA tensors (and on CPU tensors in Triton's interpreter).
+
+One program per row computes, for two rows ``x`` (p's logits or log-probabilities) and ``y``
+(q's) at temperature T, the value KL(p || q) of p = softmax(x / T), q = softmax(y / T) and, in the
+same launch, the gradients of ``s_r * KL_r`` (``s_r`` the row's scale: mask, weight, reduction)
+with respect to x and y. The algebra is the C kernel's (``kldiv/_ext/fused.c``), which is the
+core's cancellation-free algebra:
+
+    d_i = ((y_i - x_i) + (max x - max y)) / T      both differences exact (TwoSum)
+    d'_i = d_i - E_p[d]                            the centred log-ratio
+    KL = log(1 + sum_i p_i phi(d'_i)) - log q(S),   phi(u) = e^u - 1 - u (series for |u| < 1/2)
+    dKL/dx_i = -p_i d'_i / T
+    dKL/dy_i = (q_i - p_i) / T = p_i expm1(d'_i - KL) / T     (no difference of two softmaxes)
+
+S is p's support (entries above -inf) and q(S) q's mass on it. Each side is centred on its own
+maximum before any exponential, and the log-ratio is formed from the exact difference of the raw
+inputs plus the exact difference of the maxima, so a huge common offset (masking with -1e30 or
+``finfo.min``, logits of 1e30) swallows nothing. Inputs of float16, bfloat16 and float32 are
+read in their own dtype and computed in float32; block sums are accumulated in float64; the
+gradients are written in the input dtype.
+
+Passes over a row (each one block loop over V, so any V works, odd V included): (1) the maxima
+and the smallest finite values; (2) the exponentials, normalisers, E_p[d] and q's mass off S;
+(3) the series sum (the value); (4) only when a gradient is wanted, the gradients. Rows the
+float32 algebra cannot hold (a span of values beyond float32, a +inf or nan entry, a row with no
+support, an underflowed p_i against a huge log-ratio) get the value nan (and nan gradients):
+the caller hands them to the core (after one host synchronisation, only when value checks are
+on; under ``torch.compile`` or ``validate=False`` the nan is the answer, never a made-up number).
+p_i > 0 = q_i somewhere gives +inf with zero gradients (the core's convention). Rows whose scale
+is 0 (masked) give 0 and zero gradients whatever they hold.
+
+The op is registered with ``torch.library`` (``kldiv::triton_kl_rows``, with a fake
+implementation and an autograd formula), so that ``torch.compile(fullgraph=True)`` traces
+through it without graph breaks. Entry point for the torch hook: :func:`divergence`, which
+answers ``NotImplemented`` for anything it does not take (the torch path then runs).
+
+``KLDIV_BACKEND`` ("auto", the default, or "triton", or "torch") is read on every call:
+"auto" takes this path for CUDA tensors when Triton imports; "triton" also sends CPU tensors
+here when ``TRITON_INTERPRET=1`` is set (the testing mode); "torch" never takes it.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+try:  # pragma: no cover - depends on the environment
+    import triton
+    import triton.language as tl
+except Exception:  # ImportError, or a broken install
+    triton = None
+    tl = None
+
+__all__ = ["available", "wanted", "divergence", "kl_rows"]
+
+_KINDS = ("forward", "reverse", "jeffreys")
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_LOG_SPACES = ("logits", "log_probs")
+#: temperatures this path takes (as the torch fast path); outside, the core decides
+T_RANGE = (1.0 / 64.0, 64.0)
+
+# float32 constants of the C kernel (fused.c): values beyond these leave the row to the core
+_SPAN_MAX = 3.4028235677973366e38  # FLT_MAX (1 + 2^-25)
+_D_CLAMP = 8.5e37  # |log-ratio| held below FLT_MAX / 4
+_D_RISK = 1048576.0  # |d| beyond this at an underflowed p_i: the row goes to the core
+_EXP_FLOOR = 87.0
+
+
+def available() -> bool:
+    """Whether Triton imported (the kernels can run at all)."""
+    return triton is not None
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def wanted(p, q) -> bool:
+    """Whether the torch hook should try this path for ``p`` and ``q`` (read per call).
+
+    ``KLDIV_BACKEND``: "auto" (default): CUDA tensors when Triton imports; "triton": also CPU
+    tensors when ``TRITON_INTERPRET=1``; "torch" (or anything else): never.
+    """
+    if triton is None:
+        return False
+    mode = os.environ.get("KLDIV_BACKEND", "auto").strip().lower() or "auto"
+    if mode not in ("auto", "triton"):
+        return False
+    try:
+        dev = p.device
+        if q.device != dev:
+            return False
+    except AttributeError:
+        return False
+    if dev.type == "cuda":
+        return True
+    return mode == "triton" and dev.type == "cpu" and _interpret()
+
+
+# ----------------------------------------------------------------------------------------------
+# the kernel
+
+if triton is not None:
+
+    @triton.jit
+    def _phi_series(u):
+        # e^u - 1 - u = u^2 (1/2! + u/3! + ... + u^8/10!): below 3e-9 relative for |u| < 1/2
+        acc = 2.755731922398589e-07
+        acc = acc * u + 2.48015873015873e-05
+        acc = acc * u + 1.984126984126984e-04
+        acc = acc * u + 1.388888888888889e-03
+        acc = acc * u + 8.333333333333333e-03
+        acc = acc * u + 4.1666666666666664e-02
+        acc = acc * u + 0.16666666666666666
+        acc = acc * u + 0.5
+        return acc * u * u
+
+    @triton.jit
+    def _entry(X, Y, offs, V, mx, my, Ch, Cl, it):
+        """Inputs of one block in float32, their exponentials and the exact log-ratio d."""
+        inb = offs < V
+        x = tl.load(X + offs, mask=inb, other=float("-inf")).to(tl.float32)
+        y = tl.load(Y + offs, mask=inb, other=float("-inf")).to(tl.float32)
+        px = x > float("-inf")
+        py = y > float("-inf")
+        both = px & py
+        a = (x - mx) * it
+        ep = tl.exp(tl.where(px, a, float("-inf")))
+        eq = tl.exp(tl.where(py, (y - my) * it, float("-inf")))
+        # y - x = sv + er exactly (TwoSum), then + (max x - max y) = Ch + Cl
+        xs = tl.where(both, x, 0.0)
+        ys = tl.where(both, y, 0.0)
+        sv = ys - xs
+        bb = sv - ys
+        er = (ys - (sv - bb)) + (-xs - bb)
+        dd = ((sv + Ch) + (er + Cl)) * it
+        dd = tl.minimum(tl.maximum(dd, -8.5e37), 8.5e37)
+        d = tl.where(both, dd, 0.0)
+        return x, y, px, py, both, a, ep, eq, d
+
+    @triton.jit
+    def _kl_rows_kernel(X, Y, S, ROWS, GX, GY, V, sx, sy, sgx, sgy, inv_t,
+                        WANT_X: tl.constexpr, WANT_Y: tl.constexpr, ACC: tl.constexpr,
+                        BLOCK: tl.constexpr):
+        r = tl.program_id(0).to(tl.int64)
+        X = X + r * sx
+        Y = Y + r * sy
+        it = tl.cast(inv_t, tl.float32)
+        s = tl.load(S + r).to(tl.float64)
+        base = tl.arange(0, BLOCK)
+        ninf = float("-inf")
+        pinf = float("inf")
+        # pass 1: maxima and smallest finite values
+        vmx = tl.full([BLOCK], ninf, tl.float32)
+        vmy = tl.full([BLOCK], ninf, tl.float32)
+        vlx = tl.full([BLOCK], pinf, tl.float32)
+        vly = tl.full([BLOCK], pinf, tl.float32)
+        for b0 in range(0, V, BLOCK):
+            offs = b0 + base
+            inb = offs < V
+            x = tl.load(X + offs, mask=inb, other=ninf).to(tl.float32)
+            y = tl.load(Y + offs, mask=inb, other=ninf).to(tl.float32)
+            vmx = tl.maximum(vmx, x)
+            vmy = tl.maximum(vmy, y)
+            vlx = tl.minimum(vlx, tl.where(x > ninf, x, pinf))
+            vly = tl.minimum(vly, tl.where(y > ninf, y, pinf))
+            # nan: tl.maximum drops it; it is caught by the sums of pass 2
+        mx = tl.max(vmx, 0)
+        my = tl.max(vmy, 0)
+        lx = tl.min(vlx, 0)
+        ly = tl.min(vly, 0)
+        bad = (mx == ninf) | (my == ninf) | (mx == pinf) | (my == pinf)
+        hi = tl.maximum(mx, my).to(tl.float64)
+        lo = tl.minimum(lx, ly).to(tl.float64)
+        bad = bad | ((hi - lo <= 3.4028235677973366e38) == 0)
+        # stand-ins on bad rows keep every operation below finite (the row is nan anyway)
+        mx = tl.where(bad, 0.0, mx)
+        my = tl.where(bad, 0.0, my)
+        # max x - max y = Ch + Cl exactly (TwoSum)
+        Ch = mx - my
+        Cb = Ch - mx
+        Cl = (mx - (Ch - Cb)) + (-my - Cb)
+        # pass 2: normalisers, E_p[d], q's mass on and off S, escapes
+        Zx = tl.zeros([1], tl.float64)
+        Zy = tl.zeros([1], tl.float64)
+        S1 = tl.zeros([1], tl.float64)
+        ZqS = tl.zeros([1], tl.float64)
+        Zqo = tl.zeros([1], tl.float64)
+        esc = tl.zeros([BLOCK], tl.int32)
+        for b0 in range(0, V, BLOCK):
+            offs = b0 + base
+            x, y, px, py, both, a, ep, eq, d = _entry(X, Y, offs, V, mx, my, Ch, Cl, it)
+            Zx += tl.sum(ep, 0).to(tl.float64)
+            Zy += tl.sum(eq, 0).to(tl.float64)
+            S1 += tl.sum(ep * d, 0).to(tl.float64)
+            ZqS += tl.sum(tl.where(both, eq, 0.0), 0).to(tl.float64)
+            Zqo += tl.sum(tl.where(px, 0.0, eq), 0).to(tl.float64)
+            esc = esc | (px & (py == 0)).to(tl.int32)
+            # a nan entry makes x != x: caught below through the sums
+            nanx = (x != x) | (y != y)
+            Zx += tl.sum(tl.where(nanx, float("nan"), 0.0), 0).to(tl.float64)
+        escaped = tl.max(esc, 0) > 0
+        fin = (Zx == Zx) & (Zy == Zy) & (S1 == S1) & (Zx < pinf) & (Zy < pinf) & (
+            tl.abs(S1) < pinf)
+        bad = (bad.to(tl.int32) + (fin == 0).to(tl.int32)) > 0
+        Zx = tl.where(bad, 1.0, Zx)
+        Zy = tl.where(bad, 1.0, Zy)
+        S1 = tl.where(bad, 0.0, S1)
+        ZqS = tl.where(bad, 1.0, ZqS)
+        mu = S1 / Zx
+        qo = Zqo / Zy
+        small_qo = qo < 0.5
+        qo_s = tl.where(small_qo, qo, 0.0)
+        # log1p(-qo) in float64 without libdevice: log(u) - ((u - 1) + qo) / u, u = 1 - qo
+        u = 1.0 - qo_s
+        l1p = tl.log(u) - ((u - 1.0) + qo_s) / u
+        l1p = tl.where(u == 1.0, -qo_s, l1p)
+        log_qS = tl.where(small_qo, l1p, tl.log(tl.where(small_qo, 1.0, ZqS / Zy)))
+        lc = -tl.log(Zx) - mu  # p_i e^{d'_i} = e^{lc} e^{b_i}
+        huge = lc > 57.0
+        c = tl.exp(tl.where(huge, 0.0, lc)).to(tl.float32)
+        c = tl.where(huge, 0.0, c)
+        ip = (1.0 / Zx).to(tl.float32)
+        muT = mu.to(tl.float32)
+        # pass 3: the series (and the check for underflowed weights at huge log-ratios)
+        acc = tl.zeros([1], tl.float64)
+        risk = tl.zeros([BLOCK], tl.int32)
+        for b0 in range(0, V, BLOCK):
+            offs = b0 + base
+            x, y, px, py, both, a, ep, eq, d = _entry(X, Y, offs, V, mx, my, Ch, Cl, it)
+            dc = d - muT
+            p = ep * ip
+            small = tl.abs(dc) < 0.5
+            ser = _phi_series(tl.where(small, dc, 0.0))
+            term = tl.where(small, p * ser, c * eq - p * (1.0 + dc))
+            acc += tl.sum(tl.where(both, term, 0.0), 0).to(tl.float64)
+            ad = tl.abs(d)
+            rk = both & (ad > 1048576.0) & (a > -(87.0 + 250.0)) & ((a < -87.0) | (ad >= 8.5e37))
+            risk = risk | rk.to(tl.int32)
+        bad = bad | (tl.max(risk, 0) > 0)
+        a1 = acc
+        u1 = 1.0 + a1
+        l1 = tl.log(u1) - ((u1 - 1.0) - a1) / u1
+        l1 = tl.where(u1 == 1.0, a1, l1)
+        kl = tl.where(huge, lc + tl.log(Zy), l1 - log_qS)
+        kl = tl.maximum(kl, 0.0)
+        zero_row = s == 0.0
+        val = tl.where(escaped, float("inf"), kl)
+        val = tl.where(bad, float("nan"), val)
+        val = tl.where(zero_row, 0.0, val)
+        tl.store(ROWS + r + tl.arange(0, 1), val)
+        if WANT_X or WANT_Y:
+            # pass 4: the gradients of s KL (q - p from the series where it is used)
+            E = tl.exp(-kl)
+            km = -kl
+            M = tl.where(kl < 1e-3, km * (1.0 + km * (0.5 + km * (1.0 / 6.0 + km / 24.0))),
+                         E - 1.0)
+            Ef = E.to(tl.float32)
+            Mf = M.to(tl.float32)
+            rq = (Zx / Zy).to(tl.float32)
+            ipg = (s * inv_t / Zx).to(tl.float32)
+            zg = escaped | zero_row
+            ng = bad & (zero_row == 0)
+            GXr = GX + r * sgx
+            GYr = GY + r * sgy
+            for b0 in range(0, V, BLOCK):
+                offs = b0 + base
+                inb = offs < V
+                x, y, px, py, both, a, ep, eq, d = _entry(X, Y, offs, V, mx, my, Ch, Cl, it)
+                dc = d - muT
+                small = tl.abs(dc) < 0.5
+                ser = _phi_series(tl.where(small, dc, 0.0))
+                pg = ep * ipg
+                if WANT_Y:
+                    gy = tl.where(both & small, pg * ((dc + ser) * Ef + Mf), (eq * rq - ep) * ipg)
+                    gy = tl.where(zg, 0.0, gy)
+                    gy = tl.where(ng, float("nan"), gy)
+                    if ACC:
+                        gy += tl.load(GYr + offs, mask=inb, other=0.0).to(tl.float32)
+                    tl.store(GYr + offs, gy.to(GY.dtype.element_ty), mask=inb)
+                if WANT_X:
+                    gx = tl.where(both, -pg * dc, 0.0)
+                    gx = tl.where(zg, 0.0, gx)
+                    gx = tl.where(ng, float("nan"), gx)
+                    if ACC:
+                        gx += tl.load(GXr + offs, mask=inb, other=0.0).to(tl.float32)
+                    tl.store(GXr + offs, gx.to(GX.dtype.element_ty), mask=inb)
+
+
+def _block(V):
+    b = 1 << max(4, (int(V) - 1).bit_length())
+    return min(b, 4096 if not _interpret() else 1024)
+
+
+def _launch(x, y, scale, inv_t, rows, gx, gy, acc):
+    """One launch over the rows of (n, V) x, y (unit stride along V)."""
+    n, V = x.shape
+    dummy = rows
+    _kl_rows_kernel[(n,)](
+        x, y, scale, rows, dummy if gx is None else gx, dummy if gy is None else gy, V,
+        x.stride(0), y.stride(0), 0 if gx is None else gx.stride(0),
+        0 if gy is None else gy.stride(0), float(inv_t),
+        WANT_X=gx is not None, WANT_Y=gy is not None, ACC=bool(acc), BLOCK=_block(V),
+        num_warps=4 if V <= 8192 else 8)
+
+
+# ----------------------------------------------------------------------------------------------
+# the op (torch.library): scaled rows and, in the same launch, their gradients
+
+_MODES = {"forward": 0, "reverse": 1, "jeffreys": 2}
+_MODE_KIND = ("forward", "reverse", "jeffreys")
+
+
+def _rows_impl(x, y, scale, inv_t, mode, need_x, need_y):
+    """Rows s_r KL_r (float64, (n,)) of (n, V) inputs and the gradients of their sum."""
+    n, V = x.shape
+    dev = x.device
+    rows = torch.empty(n, dtype=torch.float64, device=dev)
+    gx = torch.empty((n, V), dtype=x.dtype, device=dev) if need_x else None
+    gy = torch.empty((n, V), dtype=y.dtype, device=dev) if need_y else None
+    if n:
+        if mode == 1:
+            _launch(y, x, scale, inv_t, rows, gy, gx, False)
+        else:
+            _launch(x, y, scale, inv_t, rows, gx, gy, False)
+            if mode == 2:
+                rows2 = torch.empty_like(rows)
+                _launch(y, x, scale, inv_t, rows2, gy, gx, True)
+                rows = rows + rows2
+    rows = rows * scale  # 0 on masked rows (the kernel wrote 0 there)
+    return rows, (gx if need_x else x.new_empty((0,))), (gy if need_y else y.new_empty((0,)))
+
+
+_OP = None
+
+
+def _register():
+    """Register ``kldiv::triton_kl_rows`` (once): the kernel, its fake and its autograd."""
+    global _OP
+    if _OP is not None:
+        return _OP
+
+    @torch.library.custom_op("kldiv::triton_kl_rows", mutates_args=())
+    def triton_kl_rows(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, inv_t: float,
+                       mode: int, need_x: bool, need_y: bool
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _rows_impl(x, y, scale, inv_t, mode, need_x, need_y)
+
+    @triton_kl_rows.register_fake
+    def _(x, y, scale, inv_t, mode, need_x, need_y):
+        n, V = x.shape
+        rows = x.new_empty((n,), dtype=torch.float64)
+        gx = x.new_empty((n, V)) if need_x else x.new_empty((0,))
+        gy = y.new_empty((n, V)) if need_y else y.new_empty((0,))
+        return rows, gx, gy
+
+    def setup_context(ctx, inputs, output):
+        x, y, scale, inv_t, mode, need_x, need_y = inputs
+        _, gx, gy = output
+        ctx.inv_t = inv_t
+        ctx.mode = mode
+        ctx.need = (need_x, need_y)
+        ctx.save_for_backward(x, y, scale, gx, gy)
+
+    def backward(ctx, g_rows, _g_gx, _g_gy):
+        x, y, scale, gx, gy = ctx.saved_tensors
+        need_x = ctx.needs_input_grad[0]
+        need_y = ctx.needs_input_grad[1]
+        if torch.is_grad_enabled():
+            # create_graph: the gradient itself is differentiated; recompute it from the
+            # core's differentiable rows (exact higher derivatives, at the core's cost)
+            return _backward_graph(x, y, scale, ctx.inv_t, ctx.mode, g_rows, need_x, need_y)
+        g = g_rows[:, None]
+        dx = (gx * g).to(x.dtype) if (need_x and ctx.need[0]) else None
+        dy = (gy * g).to(y.dtype) if (need_y and ctx.need[1]) else None
+        return dx, dy, None, None, None, None, None
+
+    triton_kl_rows.register_autograd(backward, setup_context=setup_context)
+    _OP = triton_kl_rows
+    return _OP
+
+
+def _backward_graph(x, y, scale, inv_t, mode, g_rows, need_x, need_y):
+    """Gradients in differentiable torch operations (the core's rows), for create_graph."""
+    from array_api_compat import torch as xp
+
+    from .._core.divergence import divergence_rows
+
+    keep = (scale != 0)[:, None]
+    zero = torch.zeros((), dtype=torch.float32, device=x.device)
+    xs = torch.where(keep, x.to(torch.float32), zero)
+    ys = torch.where(keep, y.to(torch.float32), zero)
+    rows = divergence_rows(_MODE_KIND[mode], xp, xs, ys, "logits", "logits", 1.0 / inv_t)
+    rows = torch.where(keep[:, 0], rows.to(scale.dtype) * scale, scale * 0)
+    ins = [t for t, w in ((x, need_x), (y, need_y)) if w]
+    gs = torch.autograd.grad(rows, ins, g_rows, create_graph=True, allow_unused=True)
+    it = iter(gs)
+    dx = next(it) if need_x else None
+    dy = next(it) if need_y else None
+    return dx, dy, None, None, None, None, None
+
+
+def kl_rows(x, y, scale, temperature=1.0, kind="forward"):
+    """Scaled rows ``scale_r * D_r`` (float64) of two (n, V) log-space tensors, differentiable.
+
+    ``D`` is KL(p || q) ("forward"), KL(q || p) ("reverse") or their sum ("jeffreys") of
+    p = softmax(x / T), q = softmax(y / T); the gradients are formed in the same launch as the
+    value. Rows the kernel cannot take are nan (see the module docstring).
+    """
+    if triton is None:
+        raise RuntimeError("kldiv.backends.triton_kernels: triton is not installed "
+                           "(pip install 'kldiv[gpu]')")
+    op = _register()
+    grad_on = torch.is_grad_enabled()
+    need_x = grad_on and x.requires_grad
+    need_y = grad_on and y.requires_grad
+    x2 = x if x.stride(-1) == 1 else x.contiguous()
+    y2 = y if y.stride(-1) == 1 else y.contiguous()
+    rows, _, _ = op(x2, y2, scale, 1.0 / float(temperature), _MODES[kind], need_x, need_y)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# the hook's entry point
+
+
+def _is_compiling():
+    try:
+        return torch.compiler.is_compiling()
+    except AttributeError:  # pragma: no cover - old torch
+        return False
+
+
+def divergence(kind, p, q, *, p_space, q_space, axis, reduction, mask, weight, temperature,
+               t2_scale, validate, beta=0.5):
+    """``kldiv.<kind>`` through the Triton kernel, or NotImplemented (the torch path runs).
+
+    Taken: kinds "forward", "reverse", "jeffreys"; log-space inputs ("logits", "log_probs") of
+    float16, bfloat16 or float32 on one device, same shape; any axis and reduction; a boolean
+    mask and a weight without gradient (per-row scale); temperature in ``T_RANGE``. With value
+    checks on (the default) one host synchronisation decides whether every row was taken (rows
+    with nan, +inf, no support or unnormalised log-probabilities go to the core, which raises
+    its error or computes them); under ``torch.compile`` or ``validate=False`` there is none.
+    """
+    if triton is None or kind not in _MODES:
+        return NotImplemented
+    if not (isinstance(p, torch.Tensor) and isinstance(q, torch.Tensor)):
+        return NotImplemented
+    if type(p) not in (torch.Tensor, torch.nn.Parameter) or type(q) not in (
+            torch.Tensor, torch.nn.Parameter):
+        return NotImplemented
+    if p_space not in _LOG_SPACES or q_space not in _LOG_SPACES:
+        return NotImplemented
+    if reduction not in ("none", "sum", "mean"):
+        return NotImplemented
+    if p.dtype not in _DTYPES or q.dtype not in _DTYPES:
+        return NotImplemented
+    if type(temperature) not in (int, float):
+        return NotImplemented
+    T = float(temperature)
+    if not T_RANGE[0] <= T <= T_RANGE[1]:
+        return NotImplemented
+    shape = p.shape
+    nd = len(shape)
+    if q.shape != shape or nd == 0 or type(axis) is not int or not -nd <= axis < nd:
+        return NotImplemented
+    dev = p.device
+    if q.device != dev or p.is_complex() or q.is_complex():
+        return NotImplemented
+    ax = axis % nd
+    V = shape[ax]
+    rows_shape = shape[:ax] + shape[ax + 1:]
+    n = math.prod(rows_shape)
+    if V == 0 or n == 0:
+        return NotImplemented
+    from .._core.validation import normalization_tolerance, validation_enabled
+
+    compiling = _is_compiling()
+    check = (not compiling) and validation_enabled(validate)
+    keep = None
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.device != dev:
+            return NotImplemented
+        try:
+            keep = torch.broadcast_to(mask, rows_shape).reshape(n)
+        except RuntimeError:
+            return NotImplemented
+    w = None
+    if weight is not None:
+        if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+            return NotImplemented
+        if weight.device != dev or (weight.requires_grad and torch.is_grad_enabled()):
+            return NotImplemented
+        try:
+            w = torch.broadcast_to(weight.detach(), rows_shape).reshape(n).to(torch.float64)
+        except RuntimeError:
+            return NotImplemented
+    # per-row scale: mask, weight, reduction, T^2
+    f64 = torch.float64
+    if w is not None:
+        c = torch.where(w > 0, w, torch.zeros((), dtype=f64, device=dev))
+        if keep is not None:
+            c = torch.where(keep, c, torch.zeros((), dtype=f64, device=dev))
+    elif keep is not None:
+        c = keep.to(f64)
+    else:
+        c = None
+    const = T * T if t2_scale else 1.0
+    if reduction == "mean":
+        if c is None:
+            const = const / n
+        else:
+            den = c.sum()
+            c = torch.where(den > 0, c / torch.where(den > 0, den, torch.ones_like(den)),
+                            torch.zeros_like(c))
+    if c is None:
+        scale = torch.full((n,), const, dtype=f64, device=dev)
+    else:
+        scale = c * const if const != 1.0 else c
+    pm = torch.movedim(p, ax, -1) if ax != nd - 1 else p
+    qm = torch.movedim(q, ax, -1) if ax != nd - 1 else q
+    x = pm.reshape(n, V)
+    y = qm.reshape(n, V)
+    rows = kl_rows(x, y, scale, T, kind)
+    out_dtype = torch.promote_types(torch.promote_types(p.dtype, q.dtype), torch.float32)
+    if check:
+        flags = [torch.isnan(rows)]
+        if w is not None:
+            wb = ~(w > 0) | (w == math.inf)
+            flags.append(wb if keep is None else wb & keep)
+        for side, space in ((x, p_space), (y, q_space)):
+            if space == "log_probs":
+                tol = normalization_tolerance(torch.finfo(side.dtype).eps, V)
+                off = torch.logsumexp(side.detach().to(torch.float32), -1).abs() > tol
+                flags.append(off if keep is None else off & keep)
+        if bool(torch.stack([f.any() for f in flags]).any()):  # the one host synchronisation
+            return NotImplemented
+    if reduction == "none":
+        return rows.reshape(rows_shape).to(out_dtype)
+    return rows.sum().to(out_dtype)
