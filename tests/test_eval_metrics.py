@@ -365,3 +365,15 @@ def test_exact_sum_and_moments_any_floats(xs, cut):
         var = sum((v - mu) ** 2 for v in fx) / len(fx)
         if all(abs(v) > 1e-140 or v == 0 for v in small):  # squares not subnormal: exact
             assert m.variance() == float(var)
+
+
+def test_import_pulls_no_heavy_dependency():
+    """kldiv.eval and its CLI module import torch, transformers, torchmetrics only when used."""
+    import subprocess
+    import sys
+
+    code = ("import sys, kldiv.eval, kldiv.cli.eval_cmd; "
+            "print(sorted(m for m in ('torch', 'transformers', 'torchmetrics', 'matplotlib', 'jax') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
