@@ -33,7 +33,8 @@ def __getattr__(name):  # lazy access to the thin layers on top of the core
         from .compare import compare
 
         return compare
-    if name in ("gluon", "estimators", "distributions", "distributed", "torch", "plots", "metrics", "io"):
+    if name in ("gluon", "estimators", "distributions", "distributed", "torch", "plots", "metrics",
+                "io"):
         import importlib
 
         return importlib.import_module(f".{name}", __name__)
