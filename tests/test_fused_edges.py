@@ -87,8 +87,15 @@ def mp_rows(kind, a, b, T=1.0):
     for x, y in zip(a.double().tolist(), b.double().tolist()):
         if kind == "forward":
             v, gx, gy = mp_kl_row(x, y, T)
-        else:  # KL(q || p): the kernel's x is q
+        elif kind == "reverse":  # KL(q || p): the kernel's x is q
             v, gy, gx = mp_kl_row(y, x, T)
+        else:  # Jeffreys: both; +inf with zero gradient where either is
+            v1, gx1, gy1 = mp_kl_row(x, y, T)
+            v2, gy2, gx2 = mp_kl_row(y, x, T)
+            v = v1 + v2
+            inf = math.isinf(v1) or math.isinf(v2)  # the supports differ
+            gx = [0.0 if inf else s + t for s, t in zip(gx1, gx2)]
+            gy = [0.0 if inf else s + t for s, t in zip(gy1, gy2)]
         vals.append(v)
         ga.append(gx)
         gb.append(gy)
@@ -194,6 +201,12 @@ CASES = {
     "+-3e38 vs moderate": ("forward", [3e38, -3e38], [0.99, 0.42], 1.0, (F32,)),
     "+-3e38 swapped": ("forward", [-3e38, 3e38], [3e38, -3e38], 1.0, (F32,)),
     "-3e38 vs 3e38, V=1": ("forward", [-3e38], [3e38], 1.0, (F32,)),
+    "Jeffreys, 1e30 vs moderate": ("jeffreys", [1e30, 1e30, -1e30], [0.0, 5, 10], 1.0,
+                                   (F32, F64)),
+    "Jeffreys, +-3e38 swapped": ("jeffreys", [3e38, -3e38], [-3e38, 3e38], 1.0, (F32,)),
+    "Jeffreys, finfo.min mask on both": ("jeffreys", [0.0, -3.4028234e38, 1, 2],
+                                         [0.5, -3.4028234e38, 1, 1.5], 0.7, (F32,)),
+    "Jeffreys, -inf on p only": ("jeffreys", [0.0, NINF, 1], [0.0, 2, 1], 1.0, (F64,)),
     # item 4: temperatures near their limits
     "T=1e-300": ("forward", [1.0, 2, 3], [1, 2.5, 3], 1e-300, (F32, F64)),
     "T=5e-324": ("forward", [1.0, 2, 3], [1, 2.5, 3], 5e-324, (F64,)),
