@@ -1117,3 +1117,49 @@ def test_js_with_an_astronomically_small_q_locally(dtype):
                          axis=-1) ** 2
     np.testing.assert_allclose(got.double().numpy(), want, rtol=1e-5 if dtype == torch.float32
                                else 1e-10)
+
+
+def test_property_large_shifts_against_mpmath(monkeypatch, sharded_path):
+    """Property (hypothesis): logits shifted by up to 1e30 (float64) or 1e37 (float32), on one
+    side or both, with -inf entries and temperatures: the value is mpmath's on the shifted
+    inputs (to 1e-10 / 1e-5 relative) and the gradient float64 autograd's, row by row. The
+    sharded algorithm on one process (several row chunks): each side is centred on its own
+    maximum before the two are differenced, whatever the magnitudes."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    monkeypatch.setattr(kd._rows, "_CHUNK_ELEMENTS", 8)
+
+    @settings(max_examples=40, deadline=None, derandomize=True)
+    @given(st.integers(1, 7), st.sampled_from([torch.float64, torch.float32]),
+           st.sampled_from(KINDS), st.sampled_from([1.0, 0.5, 3.0]),
+           st.tuples(st.floats(0, 1), st.floats(0, 1)), st.tuples(st.integers(-1, 1),
+                                                                  st.integers(-1, 1)),
+           st.integers(0, 2**31 - 1))
+    def check(v, dtype, kind, temperature, exps, signs, seed):
+        top = 30 if dtype == torch.float64 else 37
+        rng = np.random.default_rng(seed)
+        x = rng.standard_normal((2, v)) * 3
+        y = rng.standard_normal((2, v)) * 3
+        x[rng.random((2, v)) < 0.2] = -INF
+        y[rng.random((2, v)) < 0.2] = -INF
+        x[:, 0] = np.where(np.isinf(x[:, 0]), 0.5, x[:, 0])  # no row -inf everywhere
+        y[:, -1] = np.where(np.isinf(y[:, -1]), -0.5, y[:, -1])
+        x = x + signs[0] * 10.0 ** (exps[0] * top)
+        y = y + signs[1] * 10.0 ** (exps[1] * top)
+        xt = torch.tensor(x).to(dtype)
+        yt = torch.tensor(y).to(dtype)
+        a, b = xt.clone().requires_grad_(), yt.clone().requires_grad_()
+        got = kd.vocab_parallel_kl_div(a, b, kind=kind, reduction="none",
+                                       temperature=temperature)
+        torch.where(torch.isfinite(got), got, 0.0).sum().backward()
+        want = mp_rows(kind, xt, yt, temperature)
+        what = f"{kind} {dtype} T={temperature} shifts {exps} {signs}"
+        assert_close(got.detach(), want, TOL[dtype], what, atol=1e-14 if dtype ==
+                     torch.float64 else 1e-9, overflow=dtype)
+        rp, rq = reference_grads(kind, xt, yt, temperature=temperature)
+        atol = max(js_grad_atol(kind, dtype), 1e-14)
+        assert_grad_close(a.grad, rp, TOL[dtype], what + " grad p", atol)
+        assert_grad_close(b.grad, rq, TOL[dtype], what + " grad q", atol)
+
+    check()

@@ -75,7 +75,12 @@ def _exp_centred(x, sel, m, temperature):
     return torch.exp(_centred(x, sel, m, temperature))
 
 
-def _delta(a, b, ma, mb, t, temperature):
+# below this difference of the two sides' maxima (raw logits), b - a - (mb - ma) rounds no worse
+# than the TwoSum form (the shift mb - ma is too small to swallow b - a): the cheap form is used
+_TWOSUM_SHIFT = 16.0
+
+
+def _delta(a, b, ma, mb, t, temperature, twosum=True):
     """``((b - mb) - (a - ma)) / T`` on ``t`` (0 elsewhere): the log-ratio up to a row constant,
     each side centred on its own maximum, with the accuracy of ``b - a``.
 
@@ -88,6 +93,11 @@ def _delta(a, b, ma, mb, t, temperature):
     ma0 = _finite0(ma)
     mb0 = _finite0(mb)
     s = b - a
+    if not twosum:  # (every row's shift is small: see _TWOSUM_SHIFT)
+        d = s - (mb0 - ma0)
+        if temperature != 1.0:
+            d = d / temperature
+        return _sel(t, d, 0.0)
     bp = s - b
     e = (b - (s - bp)) - (a + bp)  # s + e == b - a exactly
     c = mb0 - ma0
@@ -165,17 +175,23 @@ def _phase_max(a, b, check, dense, limit):
     if check:
         fa = 2 * (torch.isnan(a) | (a == math.inf)).any(dim=-1).to(f)
         fb = 2 * (torch.isnan(b) | (b == math.inf)).any(dim=-1).to(f)
-    ma = _masked_max(a, sa)
-    mb = _masked_max(b, sb)
+    if limit is not None and t is None and a.shape[-1]:  # dense: one pass gives both
+        mina, ma = torch.aminmax(a, dim=-1)
+        minb, mb = torch.aminmax(b, dim=-1)
+    else:
+        ma = _masked_max(a, sa)
+        mb = _masked_max(b, sb)
+        if limit is not None:
+            mina, minb = _masked_min(a, sa), _masked_min(b, sb)
     if limit is not None:
-        fa = fa + ((ma > limit) | (_masked_min(a, sa) < -limit)).to(f)
-        fb = fb + ((mb > limit) | (_masked_min(b, sb) < -limit)).to(f)
+        fa = fa + ((ma > limit) | (mina < -limit)).to(f)
+        fb = fb + ((mb > limit) | (minb < -limit)).to(f)
     maT = ma if t is None else _masked_max(a, t)
     mbT = mb if t is None else _masked_max(b, t)
     return torch.stack([ma, mb, maT, mbT, a_only, b_only, fa, fb], dim=1)
 
 
-def _phase_sums(a, b, Ma, Mb, MaT, MbT, temperature, dense):
+def _phase_sums(a, b, Ma, Mb, MaT, MbT, temperature, dense, twosum):
     """Local exp-sums, p-weighted centred log-ratio sum and outside masses: (n, 7)."""
     import torch
 
@@ -184,7 +200,7 @@ def _phase_sums(a, b, Ma, Mb, MaT, MbT, temperature, dense):
     eb = _exp_centred(b, sb, Mb, temperature)
     eaT = _exp_on(a, t, ea, Ma, MaT, temperature)  # exp((a - MaT) / T) on T, 0 elsewhere
     ebT = _exp_on(b, t, eb, Mb, MbT, temperature)
-    delta = _delta(a, b, MaT, MbT, t, temperature)
+    delta = _delta(a, b, MaT, MbT, t, temperature, twosum)
     # (where a|T underflows, delta may overflow: 0 * inf must not make a nan)
     S_ad = torch.where(eaT > 0, eaT * delta, 0.0).sum(-1)
     return torch.stack([
@@ -193,7 +209,7 @@ def _phase_sums(a, b, Ma, Mb, MaT, MbT, temperature, dense):
     ], dim=1)
 
 
-def _phase_phi(a, b, MaT0, MbT0, log_saT, mu, big, temperature, dense):
+def _phase_phi(a, b, MaT0, MbT0, log_saT, mu, big, temperature, dense, twosum):
     """Local sum over T of w * phi(d - mu), w = a's distribution restricted to T: (n,).
 
     Rows flagged ``big`` (the log of the sum is > 20, taken in closed form) contribute 0.
@@ -202,7 +218,7 @@ def _phase_phi(a, b, MaT0, MbT0, log_saT, mu, big, temperature, dense):
 
     _, _, t = _supports(a, b, dense)
     wn = torch.exp(_centred(a, t, MaT0, temperature) - log_saT[:, None])  # a | T
-    dc = _delta(a, b, MaT0, MbT0, t, temperature) - mu[:, None]
+    dc = _delta(a, b, MaT0, MbT0, t, temperature, twosum) - mu[:, None]
     # log(wn e^dc) with a cancelled exactly (from b's side alone)
     lwx = _centred(b, t, MbT0, temperature) - (log_saT + mu)[:, None]
     # entries where a | T underflows to 0 contribute wn e^dc = exp(lwx) (the "large" branch)
@@ -231,7 +247,10 @@ def _pair_stats(a, b, temperature, group, check, names):
     limit = _F32_LIMIT * temperature if a.dtype == torch.float32 else None
     mx = torch.cat([_phase_max(a[i:j], b[i:j], check, dense, limit) for i, j in parts])
     mx = _all_reduce(mx, "max", group)
-    flags = mx[:, 6:8].amax(dim=0).tolist() if n else [0.0, 0.0]
+    shift = (_finite0(mx[:, 3]) - _finite0(mx[:, 2])).abs()[:, 0]
+    # one host synchronisation for the flags and the largest shift between the two sides
+    flags = torch.cat([mx[:, 6:8].amax(dim=0), shift.amax()[None]]).tolist() if n else [0.0] * 3
+    twosum = flags[2] > _TWOSUM_SHIFT
     if check:
         for k, name in enumerate(names):
             if flags[k] >= 2:
@@ -243,13 +262,13 @@ def _pair_stats(a, b, temperature, group, check, names):
                 raise ValueError(
                     f"{name}: row {row} is -inf on every shard: that is no distribution"
                 )
-    up = any(f % 2 == 1 for f in flags)  # the same decision on every rank (all-reduced flags)
+    up = any(f % 2 == 1 for f in flags[:2])  # the same on every rank (all-reduced flags)
     if up:
         a, b, mx = a.double(), b.double(), mx.double()
     Ma, Mb, MaT, MbT = mx[:, 0], mx[:, 1], mx[:, 2], mx[:, 3]
     T = temperature
-    sm = torch.cat([_phase_sums(a[i:j], b[i:j], Ma[i:j], Mb[i:j], MaT[i:j], MbT[i:j], T, dense)
-                    for i, j in parts])
+    sm = torch.cat([_phase_sums(a[i:j], b[i:j], Ma[i:j], Mb[i:j], MaT[i:j], MbT[i:j], T, dense,
+                                twosum) for i, j in parts])
     sm = _all_reduce(sm, "sum", group)
     s_a, s_b, s_aT, s_bT, S_ad, s_aout, s_bout = sm.unbind(dim=1)
     la = torch.log(s_a)
@@ -279,7 +298,7 @@ def _pair_stats(a, b, temperature, group, check, names):
     L_closed = log_sbT - log_saT - mu
     big = (L_closed > 20.0) & ~empty_t
     phi = torch.cat([_phase_phi(a[i:j], b[i:j], MaT0[i:j], MbT0[i:j], log_saT[i:j], mu[i:j],
-                                big[i:j], T, dense) for i, j in parts])
+                                big[i:j], T, dense, twosum) for i, j in parts])
     phi = _all_reduce(phi[:, None], "sum", group)[:, 0]
     L = torch.where(big, L_closed, torch.log1p(phi))
     L = torch.where(empty_t, 0.0, L)
@@ -289,7 +308,7 @@ def _pair_stats(a, b, temperature, group, check, names):
     mean_d = torch.where(empty_t, 0.0, log_bT - log_aT - L)
     return dict(Ma=Ma, Mb=Mb, MaT0=MaT0, MbT0=MbT0, la=la, lb=lb, mu=mu, a_out=a_out,
                 b_out=b_out, a_esc=a_esc, b_esc=b_esc, L=L, kl=kl, mean_d=mean_d,
-                log_aT=log_aT, log_bT=log_bT, T=T, dense=dense, up=up)
+                log_aT=log_aT, log_bT=log_bT, T=T, dense=dense, up=up, twosum=twosum)
 
 
 def _slice(st, i, j):
@@ -323,10 +342,12 @@ def _log_ratio(a, b, st, t):
     import torch
 
     T = st["T"]
-    delta = _delta(a, b, st["MaT0"], st["MbT0"], t, T)
+    delta = _delta(a, b, st["MaT0"], st["MbT0"], t, T, st["twosum"])
     mu = st["mu"][:, None]
     mean_d = st["mean_d"][:, None]
     dc = _sel(t, delta - mu, 0.0)
+    if not st.get("direct", True):  # no row is centred far from 0: the centred route is good
+        return _sel(t, dc + mean_d, 0.0), dc
     ca = _centred(a, t, st["Ma"], T) - st["la"][:, None]
     cb = _centred(b, t, st["Mb"], T) - st["lb"][:, None]
     # (errors in units of eps; the direct route also carries the rounding of the two
@@ -368,7 +389,7 @@ def _phase_family(kind, x, y, st, beta):
         term = torch.where(small, pw * ds * torch.expm1(ds), dl * (qw - pw))
         # E_q of the log-ratio (centred on the maxima, not on E_p: a -1e30 logit of q drags
         # E_p far from the values q weighs)
-        delta = _delta(x, y, st["MaT0"], st["MbT0"], t, st["T"])
+        delta = _delta(x, y, st["MaT0"], st["MbT0"], t, st["T"], st["twosum"])
         return torch.stack([_sel(t, term, 0.0).sum(-1),
                             _sel(t, torch.where(qw > 0, qw * delta, 0.0), 0.0).sum(-1)], dim=1)
     m = beta * pw + (1 - beta) * qw  # p e^{log m/p} = q e^{log m/q} = m, exactly
@@ -397,6 +418,8 @@ def _rows_and_stats(kind, x, y, beta, temperature, group, check, names=("p_shard
         return st["kl"].to(dt), st
     if st["up"]:
         x, y = x.double(), y.double()
+    # the direct route of _log_ratio is needed only on rows centred far from 0 (one host check)
+    st["direct"] = bool(((st["mu"].abs() + st["mean_d"].abs()) >= 64.0).any())
     sums = torch.cat([_phase_family(kind, x[i:j], y[i:j], _slice(st, i, j), beta)
                       for i, j in _chunks(*x.shape)])
     sums = _all_reduce(sums, "sum", group)
@@ -456,7 +479,12 @@ def _local_grads_chunk(kind, x, y, rows, st, beta, scale, need):
         sa, sb, t = _supports(a, b, st["dense"])
         pa = _probs(a, sa, st["Ma"], st["la"], T)
         pb = _probs(b, sb, st["Mb"], st["lb"], T)
-        d, dc = _log_ratio(a, b, st, t)
+        dc = _sel(t, _delta(a, b, st["MaT0"], st["MbT0"], t, T, st["twosum"])
+                  - st["mu"][:, None], 0.0)
+        # log(pb / pa) = dc + mean_d, good to eps (|dc| + |mu| + |mean_d|): used for pb - pa
+        # where |log(pb / pa)| < 1 on rows whose centring is moderate (else pb - pa directly)
+        ok = (st["mu"].abs() + st["mean_d"].abs() < 64.0)[:, None]
+        d = torch.where(ok, dc + st["mean_d"][:, None], math.inf)
         gb = _diff(pa, pb, d, t)
         if need_a:  # (the teacher's side, often detached)
             ga = _sel(t, -pa * torch.where(pa > 0, dc, 0.0), 0.0)
@@ -466,7 +494,7 @@ def _local_grads_chunk(kind, x, y, rows, st, beta, scale, need):
     elif kind == "jeffreys":
         t, d, dc, _, _, pw, qw = _js_local(x, y, st, beta)
         qmp = _diff(pw, qw, d, t)
-        delta = _delta(x, y, st["MaT0"], st["MbT0"], t, T)
+        delta = _delta(x, y, st["MaT0"], st["MbT0"], t, T, st["twosum"])
         gx = _sel(t, -pw * torch.where(pw > 0, dc, 0.0), 0.0) - qmp
         gy = qmp + _sel(t, qw * torch.where(qw > 0, delta - st["Eq_delta"][:, None], 0.0), 0.0)
     else:
