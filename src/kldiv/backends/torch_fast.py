@@ -30,6 +30,7 @@ operations that Inductor fuses.
 from __future__ import annotations
 
 import math
+import os as _os
 
 import torch
 
@@ -74,6 +75,26 @@ except AttributeError:  # pragma: no cover - old torch
 
 
 # ----------------------------------------------------------------------------------------------
+# the Triton path (backends/triton_kernels.py, issue 16): CUDA tensors when triton imports, or
+# CPU tensors with KLDIV_BACKEND=triton and TRITON_INTERPRET=1 (both read per call)
+
+
+def _triton_wanted(p, q):
+    dev = getattr(p, "device", None)
+    if dev is None or (dev.type != "cuda" and _os.environ.get("KLDIV_BACKEND") != "triton"):
+        return False
+    from . import triton_kernels
+
+    return triton_kernels.wanted(p, q)
+
+
+def _triton_divergence(kind, p, q, **options):
+    from . import triton_kernels
+
+    return triton_kernels.divergence(kind, p, q, **options)
+
+
+# ----------------------------------------------------------------------------------------------
 # the hook
 
 
@@ -84,6 +105,13 @@ def divergence(kind, p, q, *, p_space, q_space, axis, reduction, mask, weight, t
     Same arguments and result as the public functions (``kind``: "forward", "reverse", "js",
     "jeffreys"); NotImplemented sends the call to the core unchanged.
     """
+    if _triton_wanted(p, q):  # Triton kernels (backends/triton_kernels.py, issue 16)
+        out = _triton_divergence(kind, p, q, p_space=p_space, q_space=q_space, axis=axis,
+                                 reduction=reduction, mask=mask, weight=weight,
+                                 temperature=temperature, t2_scale=t2_scale, validate=validate,
+                                 beta=beta)
+        if out is not NotImplemented:
+            return out
     if mask is None and weight is None and not _is_compiling():
         # the everyday call (no mask, no weight, a signature seen before): no option parsing
         try:

@@ -101,10 +101,12 @@ def wanted(p, q) -> bool:
 # ----------------------------------------------------------------------------------------------
 # the kernel
 
-if triton is not None:
+# The kernel functions are decorated on first use (_build), not at import: Triton decides
+# between compiling and interpreting (TRITON_INTERPRET) when it decorates, and a test session
+# may import this module (doctest collection) before it sets the variable.
+if True:
 
-    @triton.jit
-    def _phi_series(u):
+    def _phi_series_fn(u):
         # e^u - 1 - u = u^2 (1/2! + u/3! + ... + u^8/10!): below 3e-9 relative for |u| < 1/2
         acc = 2.755731922398589e-07
         acc = acc * u + 2.48015873015873e-05
@@ -116,8 +118,7 @@ if triton is not None:
         acc = acc * u + 0.5
         return acc * u * u
 
-    @triton.jit
-    def _entry(X, Y, offs, V, mx, my, Ch, Cl, it):
+    def _entry_fn(X, Y, offs, V, mx, my, Ch, Cl, it):
         """Inputs of one block in float32, their exponentials and the exact log-ratio d."""
         inb = offs < V
         x = tl.load(X + offs, mask=inb, other=float("-inf")).to(tl.float32)
@@ -139,8 +140,7 @@ if triton is not None:
         d = tl.where(both, dd, 0.0)
         return x, y, px, py, both, a, ep, eq, d
 
-    @triton.jit
-    def _kl_rows_kernel(X, Y, S, ROWS, GX, GY, V, sx, sy, sgx, sgy, inv_t,
+    def _kl_rows_kernel_fn(X, Y, S, ROWS, GX, GY, V, sx, sy, sgx, sgy, inv_t,
                         WANT_X: tl.constexpr, WANT_Y: tl.constexpr, ACC: tl.constexpr,
                         BLOCK: tl.constexpr):
         r = tl.program_id(0).to(tl.int64)
@@ -288,6 +288,20 @@ if triton is not None:
                     tl.store(GXr + offs, gx.to(GX.dtype.element_ty), mask=inb)
 
 
+_BUILT = None  # the interpreter setting the kernels were decorated under
+
+
+def _build():
+    """Decorate the kernel functions with triton.jit (again if TRITON_INTERPRET changed)."""
+    global _BUILT, _phi_series, _entry, _kl_rows_kernel
+    mode = _interpret()
+    if _BUILT is not mode:
+        _phi_series = triton.jit(_phi_series_fn)
+        _entry = triton.jit(_entry_fn)
+        _kl_rows_kernel = triton.jit(_kl_rows_kernel_fn)
+        _BUILT = mode
+
+
 def _block(V):
     b = 1 << max(4, (int(V) - 1).bit_length())
     return min(b, 4096 if not _interpret() else 1024)
@@ -296,6 +310,7 @@ def _block(V):
 def _launch(x, y, scale, inv_t, rows, gx, gy, acc):
     """One launch over the rows of (n, V) x, y (unit stride along V)."""
     n, V = x.shape
+    _build()
     dummy = rows
     _kl_rows_kernel[(n,)](
         x, y, scale, rows, dummy if gx is None else gx, dummy if gy is None else gy, V,

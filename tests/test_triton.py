@@ -1,0 +1,251 @@
+"""The Triton kernels (kldiv.backends.triton_kernels) in Triton's interpreter, on CPU tensors.
+
+TRITON_INTERPRET=1 runs the kernels' Python on NumPy, about 0.15 s per row and call, so the
+sizes are small (a handful of rows, V up to ~1100 to cover the block loop). References are
+independent: torch.autograd on the float64 textbook formula for values and gradients of
+ordinary rows, and the core in float64 for edge rows (-inf, escapes, huge offsets).
+"""
+import math
+import os
+
+import pytest
+
+os.environ["TRITON_INTERPRET"] = "1"  # before any kernel is decorated (decorated lazily)
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+
+import kldiv  # noqa: E402
+from kldiv.backends import triton_kernels as tk  # noqa: E402
+
+FNS = {"forward": kldiv.kl_div, "reverse": kldiv.reverse_kl, "jeffreys": kldiv.jeffreys_div}
+L = dict(p_space="logits", q_space="logits")
+
+
+def _naive64(x, y, T, kind):
+    """Rows of the textbook formula in float64 (differentiable)."""
+    lp = torch.log_softmax(x / T, -1)
+    lq = torch.log_softmax(y / T, -1)
+    f = (lp.exp() * (lp - lq)).sum(-1)
+    r = (lq.exp() * (lq - lp)).sum(-1)
+    return {"forward": f, "reverse": r, "jeffreys": f + r}[kind]
+
+
+def _rows_and_grads(x, y, T, kind, scale=None, ones=False):
+    xa = x.detach().clone().requires_grad_(True)
+    ya = y.detach().clone().requires_grad_(True)
+    n = x.shape[0]
+    s = torch.ones(n, dtype=torch.float64) if scale is None else scale
+    rows = tk.kl_rows(xa, ya, s, T, kind)
+    # distinct per-row upstream gradients (or ones: a "sum" reduction's)
+    g = torch.ones(n, dtype=torch.float64) if ones else torch.arange(1, n + 1, dtype=torch.float64)
+    (rows * g).sum().backward()
+    return rows.detach(), xa.grad, ya.grad, g
+
+
+def _ref(x, y, T, kind, g, scale=None):
+    x64 = x.detach().double().requires_grad_(True)
+    y64 = y.detach().double().requires_grad_(True)
+    rows = _naive64(x64, y64, T, kind)
+    if scale is not None:
+        rows = rows * scale
+    (rows * g).sum().backward()
+    # values: the float64 core (the float64 textbook formula itself cancels near KL = 1e-10)
+    val = FNS[kind](x.detach().double(), y.detach().double(), temperature=T, **L)
+    if scale is not None:
+        val = val * scale
+    return val, x64.grad, y64.grad
+
+
+def _rowerr(a, b):
+    a = a.double()
+    return ((a - b).norm(dim=-1) / b.norm(dim=-1).clamp_min(1e-300)).max().item()
+
+
+def _near(V, levels, seed=0, scale=3.0):
+    """Rows whose KL is about each level: q's logits = p's plus noise of size sqrt(2 KL)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(len(levels), V, generator=gen) * scale
+    e = torch.randn(len(levels), V, generator=gen)
+    y = x + e * torch.tensor([math.sqrt(2 * k) for k in levels])[:, None]
+    return x, y
+
+
+@pytest.mark.parametrize("kind", ["forward", "reverse", "jeffreys"])
+def test_values_and_gradients_float32_all_kl_levels(kind):
+    # KL from 1e-2 down to 1e-9, odd V, temperature != 1
+    x, y = _near(37, [1e-2, 1e-5, 1e-7, 1e-9], seed=1)
+    T = 0.7
+    rows, gx, gy, g = _rows_and_grads(x, y, T, kind)
+    r64, gx64, gy64 = _ref(x, y, T, kind, g)
+    assert torch.allclose(rows, r64, rtol=1e-6, atol=0)
+    assert _rowerr(gx, gx64) < 1e-5
+    assert _rowerr(gy, gy64) < 1e-5
+
+
+def test_block_loop_large_odd_V():
+    # V = 2 * 1024 + 77: three blocks of the interpreter's block size, the last one partial
+    x, y = _near(2125, [1e-3, 1e-8], seed=2)
+    rows, gx, gy, g = _rows_and_grads(x, y, 1.0, "forward")
+    r64, gx64, gy64 = _ref(x, y, 1.0, "forward", g)
+    assert torch.allclose(rows, r64, rtol=1e-6, atol=0)
+    assert _rowerr(gx, gx64) < 1e-5 and _rowerr(gy, gy64) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs_accumulate_in_float32(dtype):
+    x, y = _near(53, [1e-2, 1e-4, 1e-6], seed=3, scale=2.0)
+    x, y = x.to(dtype), y.to(dtype)  # the reference sees the same rounded inputs
+    # upstream gradient 1 (a sum or a mean: the row scale is applied before the rounding; a
+    # per-row upstream gradient multiplies the rounded gradient once more)
+    rows, gx, gy, g = _rows_and_grads(x, y, 1.0, "forward", ones=True)
+    assert gx.dtype == dtype and gy.dtype == dtype
+    r64, gx64, gy64 = _ref(x, y, 1.0, "forward", g)
+    ok = r64 > 0
+    assert torch.allclose(rows[ok], r64[ok], rtol=2e-6, atol=1e-12)
+    # only the rounding of the written gradient to the input dtype remains (float16's
+    # subnormals included): at most twice the error of the float64 gradient rounded to it
+    for got, ref in ((gx, gx64), (gy, gy64)):
+        best = _rowerr(ref.to(dtype), ref)
+        assert _rowerr(got, ref) <= 2 * best + torch.finfo(dtype).eps / 4
+
+
+def test_edge_rows_against_float64_core():
+    inf = math.inf
+    f32 = torch.finfo(torch.float32)
+    x = torch.tensor([
+        [0.0, 1.0, -inf, 2.0, 0.5],  # -inf in p: q's mass off p's support
+        [0.0, 1.0, 2.0, 3.0, 4.0],  # -inf in q where p > 0: +inf, zero gradient
+        [-1e30, -1e30, -1e30, -1e30, -1e30],  # masked-style constant row: uniform p
+        [1e30, 1e30, -1e30, 0.0, 1e30],  # huge offset on p's side
+        [f32.min, 0.0, 1.0, f32.min, 2.0],  # finfo.min masking
+        [1.0, 2.0, 3.0, 4.0, 5.0],  # identical rows: exactly 0
+    ])
+    y = torch.tensor([
+        [0.3, 1.0, 0.0, 2.0, -inf],
+        [0.0, 1.0, -inf, 3.0, 4.0],
+        [0.0, 1.0, 2.0, 3.0, 4.0],
+        [0.0, 5.0, 10.0, 1.0, 2.0],
+        [0.0, 1.0, 1.5, 3.0, 2.0],
+        [1.0, 2.0, 3.0, 4.0, 5.0],
+    ])
+    # row 0: p has support on entry 4 where q is -inf: +inf as well (escape)
+    rows, gx, gy, g = _rows_and_grads(x, y, 1.0, "forward")
+    ref = kldiv.kl_div(x.double(), y.double(), **L)
+    assert torch.isinf(rows[0]) and torch.isinf(rows[1])
+    assert torch.isinf(ref[0]) and torch.isinf(ref[1])
+    for r in (0, 1):
+        assert (gx[r] == 0).all() and (gy[r] == 0).all()
+    assert torch.allclose(rows[2:], ref[2:], rtol=1e-6, atol=0)
+    assert rows[5] == 0
+    # gradients of the finite rows against the float64 core's autograd
+    with kldiv.torch.fused(False):
+        x64 = x.double().requires_grad_(True)
+        y64 = y.double().requires_grad_(True)
+        r64 = kldiv.kl_div(x64, y64, **L)
+        (torch.where(torch.isfinite(r64), r64, 0) * g).sum().backward()
+    assert _rowerr(gx[2:], x64.grad[2:]) < 1e-5
+    assert _rowerr(gy[2:5], y64.grad[2:5]) < 1e-5
+    assert (gy[5] == 0).all() and (gx[5] == 0).all()
+
+
+def test_rows_the_kernel_leaves_to_the_core_are_nan():
+    inf = math.inf
+    x = torch.tensor([[-inf, -inf, -inf], [0.0, math.nan, 1.0], [3e38, -3e38, 0.0]])
+    y = torch.tensor([[0.0, 1.0, 2.0], [0.0, 1.0, 2.0], [0.99, 0.42, 0.0]])
+    rows = tk.kl_rows(x, y, torch.ones(3, dtype=torch.float64))
+    assert torch.isnan(rows).all()  # never a made-up finite number
+
+
+def test_masked_rows_scale_zero_whatever_they_hold():
+    x = torch.tensor([[0.0, 1.0, 2.0], [math.nan, -math.inf, math.inf]])
+    y = torch.tensor([[1.0, 0.0, 2.0], [math.inf, math.nan, 0.0]])
+    s = torch.tensor([0.5, 0.0], dtype=torch.float64)
+    rows, gx, gy, g = _rows_and_grads(x, y, 1.0, "forward", scale=s)
+    assert rows[1] == 0 and (gx[1] == 0).all() and (gy[1] == 0).all()
+    r64, gx64, gy64 = _ref(x[:1], y[:1], 1.0, "forward", g[:1], scale=s[:1])
+    assert torch.allclose(rows[:1], r64, rtol=1e-6)
+    assert _rowerr(gx[:1], gx64) < 1e-5 and _rowerr(gy[:1], gy64) < 1e-5
+
+
+def test_second_derivatives_create_graph():
+    x, y = _near(7, [1e-2, 1e-4], seed=5)
+    xa = x.clone().requires_grad_(True)
+    ya = y.clone().requires_grad_(True)
+    rows = tk.kl_rows(xa, ya, torch.ones(2, dtype=torch.float64), 1.0, "forward")
+    (gy,) = torch.autograd.grad(rows.sum(), ya, create_graph=True)
+    v = torch.linspace(-1, 1, 7).expand(2, 7)
+    (hv,) = torch.autograd.grad((gy * v).sum(), ya)
+    y64 = y.double().requires_grad_(True)
+    (g64,) = torch.autograd.grad(_naive64(x.double(), y64, 1.0, "forward").sum(), y64,
+                                 create_graph=True)
+    (hv64,) = torch.autograd.grad((g64 * v.double()).sum(), y64)
+    assert _rowerr(hv, hv64) < 1e-5
+
+
+def test_public_functions_take_the_triton_path(monkeypatch):
+    """KLDIV_BACKEND=triton with TRITON_INTERPRET=1 sends CPU tensors here (read per call)."""
+    calls = []
+    real = tk.kl_rows
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(tk, "kl_rows", counting)
+    monkeypatch.setenv("KLDIV_BACKEND", "triton")
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 2, 9, generator=gen)
+    y = torch.randn(3, 2, 9, generator=gen)
+    mask = torch.tensor([[True, False], [True, True], [False, True]])
+    w = torch.tensor([[1.0, 2.0], [0.5, 1.0], [3.0, 1.0]])
+    for kind, fn in FNS.items():
+        xa = x.clone().requires_grad_(True)
+        ya = y.clone().requires_grad_(True)
+        before = len(calls)
+        v = fn(xa, ya, mask=mask, weight=w, reduction="mean", temperature=2.0, **L)
+        assert len(calls) == before + 1, kind
+        v.backward()
+        x64 = x.double().requires_grad_(True)
+        y64 = y.double().requires_grad_(True)
+        rows = _naive64(x64, y64, 2.0, kind) * (w.double() * mask)
+        ref = rows.sum() / (w.double() * mask).sum()
+        ref.backward()
+        with monkeypatch.context() as m:
+            m.setenv("KLDIV_BACKEND", "torch")
+            ref = fn(x.double(), y.double(), mask=mask, weight=w, reduction="mean",
+                     temperature=2.0, **L)
+        assert v.dtype == torch.float32
+        assert abs(v.item() - ref.item()) <= 1e-6 * ref.item()
+        assert _rowerr(xa.grad.reshape(6, 9), x64.grad.reshape(6, 9)) < 1e-5
+        assert _rowerr(ya.grad.reshape(6, 9), y64.grad.reshape(6, 9)) < 1e-5
+    # a row with no support goes to the core, which raises its error naming p
+    bad = x.clone()
+    bad[0, 0] = -math.inf
+    with pytest.raises(ValueError, match="p"):
+        kldiv.kl_div(bad, y, **L)
+    # "torch" (or "auto" on CPU) never takes this path
+    monkeypatch.setenv("KLDIV_BACKEND", "torch")
+    before = len(calls)
+    kldiv.kl_div(x, y, **L)
+    assert len(calls) == before
+    assert not tk.wanted(x, y)
+
+
+def test_torch_compile_fullgraph():
+    """The op traces (fake implementation, autograd formula) without graph breaks."""
+    x, y = _near(11, [1e-3, 1e-6], seed=9)
+
+    def f(a, b):
+        return tk.kl_rows(a, b, torch.ones(2, dtype=torch.float64), 1.0, "forward").sum()
+
+    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
+    xa = x.clone().requires_grad_(True)
+    ya = y.clone().requires_grad_(True)
+    v = cf(xa, ya)
+    v.backward()
+    x64 = x.double().requires_grad_(True)
+    y64 = y.double().requires_grad_(True)
+    _naive64(x64, y64, 1.0, "forward").sum().backward()
+    r = kldiv.kl_div(x.double(), y.double(), reduction="sum", **L)
+    assert abs(v.item() - r.item()) <= 1e-6 * r.item()
+    assert _rowerr(xa.grad, x64.grad) < 1e-5 and _rowerr(ya.grad, y64.grad) < 1e-5
