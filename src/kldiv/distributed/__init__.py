@@ -18,21 +18,26 @@ JS                    1 MAX + 3 SUM all-reduces                   8 + 7 + 1 + 4 
 ====================  ==========================================  =========================
 
 The MAX carries the row maxima of both sides over their supports and over the common support
-(the global log-normalisers are then ``max + log(SUM of exp(x - max))``) and four 0/1 flags
-(support escapes, invalid values); the first SUM carries the exp-sums, the p-weighted sum of the
+(the global log-normalisers are then ``max + log(SUM of exp((x - max) / T))``) and four flags
+(support escapes, invalid values, float32 logits beyond 2^125 T); the first SUM carries the exp-sums, the p-weighted sum of the
 logit difference and the masses outside the common support; the second SUM carries the sum of
 ``w * phi(centred difference)`` (it needs the global mean of the first); JS and Jeffreys add
 one SUM of their own terms. The backward pass needs no collective at all: every gradient
 (``q - p`` for forward KL w.r.t. the student, ``-p * (centred difference)`` w.r.t. the
 teacher, and their analogues) is local once the row statistics are known.
 ``vocab_parallel_linear_kl_div`` adds one SUM all-reduce of ``grad_hidden`` (``rows x hidden``
-elements), which the math requires since every rank's weight slice contributes to it.
+elements), which the math requires since every rank's weight slice contributes to it (not
+under ``torch.no_grad()``, where no gradient is formed).
 Validation of ``"log_probs"`` inputs adds a MAX (1 element) and a SUM (2 elements) per row and
 side; ``validate=False`` drops it.
 
 The algorithm is the core's accurate one (``kldiv._core.divergence``): the logit difference is
 centred by its global p-weighted mean before ``phi(x) = exp(x) - 1 - x`` is summed, so no large
-normalisers are subtracted and float32 keeps its relative accuracy for nearly equal rows.
+normalisers are subtracted and float32 keeps its relative accuracy for nearly equal rows. Each
+side is centred on its own global maximum (carried by the MAX) before the two are differenced
+(by TwoSum: a side shifted by 1e30 or masked with -1e30 loses nothing), the temperature
+divides last, float32 rows with logits beyond 2^125 T run in float64 (never a nan), and a large
+KL is taken in closed form (no overflow). See docs/distributed.md, "Accuracy and range".
 
 Data parallelism needs no new divergence, only the right denominator: a per-token mean over all
 ranks and gradient-accumulation steps is ``sum of per-token KL / global count of tokens``.
@@ -44,8 +49,14 @@ the single-process core (``kldiv.kl_div`` and family, with its fused kernels), s
 runs on one device at full speed. torch is imported only when these functions are called.
 
 Host synchronisations: one check per call whether the shards hold any -inf (shards without one
-skip every support mask), one per row chunk for the underflow guard of the common-support sums
-and, with validation on, the all-reduced error flags; on GPUs each is a device synchronisation.
+skip every support mask), one per call for the all-reduced flags (errors, the float32 limit, the
+form of the difference), one per row chunk for the underflow guard of the common-support sums,
+and for JS and Jeffreys one per call for the direct log-ratio; on GPUs each is a device
+synchronisation.
+
+Modules: ``_comm`` (the all-reduce and its counter), ``_rows`` (the sharded row statistics and
+local gradients), ``_inputs`` (argument checks), ``vocab_parallel`` (the four divergences),
+``layer`` (the fused output layer), ``data_parallel`` (the global token mean).
 """
 from __future__ import annotations
 
