@@ -144,7 +144,14 @@ static PyObject *py_rows(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "innKnKndKKKnKni", &is_double, &n, &V, &xp, &xs, &yp, &ys,
                           &inv_t, &sp, &rp, &gxp, &gxs, &gyp, &gys, &nthreads))
         return NULL;
-    if (n < 0 || V <= 0 || !xp || !yp || !rp || !(inv_t > 0.0) || !isfinite(inv_t)) {
+    if (!(inv_t > 0.0) || !isfinite(inv_t)) {
+        PyErr_Format(PyExc_ValueError,
+                     "kldiv._ext._fused.rows: inv_t (1 / temperature) must be positive and "
+                     "finite, got %R (callers keep temperatures within [1e-30, 1e30])",
+                     PyTuple_GET_ITEM(args, 7));
+        return NULL;
+    }
+    if (n < 0 || V <= 0 || !xp || !yp || !rp) {
         PyErr_SetString(PyExc_ValueError, "kldiv._ext._fused.rows: invalid arguments");
         return NULL;
     }
