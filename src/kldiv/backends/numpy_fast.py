@@ -25,10 +25,12 @@ True
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 
 from .._core import dispatch
+from .._core.reduction import reduce_rows
 from .._core.validation import REDUCTIONS, normalization_tolerance, validation_enabled
 
 _KINDS = {"forward": 0, "reverse": 1, "js": 2, "jeffreys": 3}
@@ -39,16 +41,16 @@ _EPS = {np.dtype(np.float32): float(np.finfo(np.float32).eps),
 #: below this many elements one call does all rows (thread hand-off costs more than it saves)
 PARALLEL_MIN_ELEMENTS = 1 << 18
 
+_NO_EXT = os.environ.get("KLDIV_NO_EXT", "") not in ("", "0")
 _EXT = None
 _EXT_TRIED = False
 
 
 def extension():
-    """The compiled ``_divrows`` module, or None (not built, or ``KLDIV_NO_EXT=1``)."""
+    """The compiled ``_divrows`` module, or None (not built, or ``KLDIV_NO_EXT=1`` in the
+    environment when this module was imported)."""
     global _EXT, _EXT_TRIED
-    import os
-
-    if os.environ.get("KLDIV_NO_EXT", "") not in ("", "0"):
+    if _NO_EXT:
         return None
     if not _EXT_TRIED:
         _EXT_TRIED = True
@@ -145,7 +147,7 @@ def numpy_pre(kind, p, q, *, p_space, q_space, axis, reduction, mask, weight, te
         p = np.moveaxis(p, ax, -1)
         q = np.moveaxis(q, ax, -1)
     rows_shape = p.shape[:-1]
-    dt = np.result_type(p.dtype, q.dtype)
+    dt = p.dtype if p.dtype == q.dtype else np.result_type(p.dtype, q.dtype)
     try:
         if mask is not None:
             if type(mask) is not np.ndarray or mask.dtype != np.bool_:
@@ -166,15 +168,16 @@ def numpy_pre(kind, p, q, *, p_space, q_space, axis, reduction, mask, weight, te
     tols = (normalization_tolerance(eps[0], n), normalization_tolerance(eps[1], n))
     out, status = _rows_c(ext, a, b, (_MODES[p_space], _MODES[q_space]), temperature, _KINDS[kind],
                           float(beta), int(check), tols, eps)
-    bad = status != 0
-    if mask is not None:
-        bad &= mask.reshape(-1)
-    if bad.any():  # a failed check (the core raises its error) or a row for the core
+    # a failed check (the core raises its error) or a row for the core
+    if (status.any() if mask is None else ((status != 0) & mask.reshape(-1)).any()):
         return NotImplemented
     rows = out.astype(dt, copy=False).reshape(rows_shape)
-    from .._core.reduction import reduce_rows
-
-    res = reduce_rows(_xp(), rows, reduction, mask, weight)
+    if mask is None and weight is None:  # what reduce_rows returns then, without its overhead
+        res = rows if reduction == "none" else rows.sum()
+        if reduction == "mean":
+            res = res / max(rows.size, 1)
+    else:
+        res = reduce_rows(_xp(), rows, reduction, mask, weight)
     if t2_scale:
         res = res * temperature**2
     return res
@@ -220,8 +223,6 @@ def numpy_rows(kind, p, q, *, p_space, q_space, reduction, mask, weight, tempera
     if bad.any():  # rows the kernel does not handle (validation off): the core decides
         return NotImplemented
     rows = np.where(nan_rows, np.nan, rows).astype(np.float32).reshape(shape)
-    from .._core.reduction import reduce_rows
-
     return reduce_rows(np, rows, reduction, mask, weight)
 
 
