@@ -128,7 +128,7 @@ def _redo_huge(a, b, rows, r, reverse, js):
     """Divergences of the rows with logits of 2^16 or more (issue 11 item 1), in double.
 
     Each side is centred on its own maximum before the difference is formed (the kernel of
-    kldiv's NumPy fast path, ``kldiv._ext._divrows``); without it, the float64 fallback below.
+    kldiv's NumPy fast path, ``kldiv._ext._divrows``); without it, kldiv's core in float64.
     """
     if rows.size == 0:
         return
@@ -138,11 +138,12 @@ def _redo_huge(a, b, rows, r, reverse, js):
     kinds = [("forward", "kl")] + ([("reverse", "rkl")] if reverse else []) + ([("js", "js")] if js else [])
     for kind, field in kinds:
         vals = divergence_rows_logits(kind, sub_a, sub_b)
-        if vals is None:  # no compiled kernel: the float64 NumPy formulas
-            fb = _row_stats_numpy(sub_a, sub_b, None, reverse)
-            vals = {"kl": fb.kl, "rkl": fb.rkl, "js": None}[field]
-            if vals is None:
-                vals = js_rows(sub_a, sub_b)
+        if vals is None:  # no compiled kernel (or a row it declines): the core's rows
+            from .._core.divergence import divergence_rows
+
+            with np.errstate(all="ignore"):
+                vals = np.asarray(divergence_rows(kind, np, sub_a.astype(np.float64),
+                                                  sub_b.astype(np.float64), "logits", "logits"))
         getattr(r, field)[rows] = vals
 
 
