@@ -150,11 +150,15 @@ def _is_dense(a, b):
 
 
 def _supports(a, b, dense):
-    """Supports of both sides and their intersection; all None on dense shards."""
+    """Supports of both sides and their intersection; all None on dense shards.
+
+    A nan counts as support, so that it reaches the sums and the maxima (with ``validate=False``
+    a nan in an unmasked row gives a nan, never a plausible number).
+    """
     if dense:
         return None, None, None
-    sa = a > -math.inf
-    sb = b > -math.inf
+    sa = a != -math.inf
+    sb = b != -math.inf
     return sa, sb, sa & sb
 
 
@@ -412,10 +416,10 @@ def _rows_and_stats(kind, x, y, beta, temperature, group, check, names=("p_shard
     dt = x.dtype
     if kind == "reverse":
         st = _pair_stats(y, x, temperature, group, check, names[::-1])
-        return st["kl"].to(dt), st
+        return _nan_rows(st["kl"], st).to(dt), st
     st = _pair_stats(x, y, temperature, group, check, names)
     if kind == "forward":
-        return st["kl"].to(dt), st
+        return _nan_rows(st["kl"], st).to(dt), st
     if st["up"]:
         x, y = x.double(), y.double()
     # the direct route of _log_ratio is needed only on rows centred far from 0 (one host check)
@@ -426,12 +430,19 @@ def _rows_and_stats(kind, x, y, beta, temperature, group, check, names=("p_shard
     if kind == "jeffreys":
         st["Eq_delta"] = sums[:, 1]
         rows = torch.where(st["a_esc"] | st["b_esc"], math.inf, sums[:, 0])
-        return rows.to(dt), st
+        return _nan_rows(rows, st).to(dt), st
     st["S_plm"] = sums[:, 2]  # sum_T p log(m/p)
     st["S_qlm"] = sums[:, 3]  # sum_T q log(m/q)
     rows = (beta * sums[:, 0] + (1 - beta) * sums[:, 1]
             - beta * math.log(beta) * st["a_out"] - (1 - beta) * math.log1p(-beta) * st["b_out"])
-    return rows.to(dt), st
+    return _nan_rows(rows, st).to(dt), st
+
+
+def _nan_rows(rows, st):
+    """nan where either side's maximum is nan (a nan in the row, validation off)."""
+    import torch
+
+    return torch.where(torch.isnan(st["Ma"]) | torch.isnan(st["Mb"]), math.nan, rows)
 
 
 def _local_grads(kind, x, y, rows, st, beta, scale=None, need=(True, True)):
