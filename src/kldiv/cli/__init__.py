@@ -16,6 +16,7 @@ _COMMANDS = {
     "plot": ".plot_cmd",
     "convert": ".convert_cmd",
     "eval": ".eval_cmd",
+    "cache": ".cache_cmd",
 }
 
 
