@@ -322,8 +322,8 @@ static int div_row(const double *x, const double *y, Py_ssize_t n, const side_t 
     if (!pl && !ql) {
         /* block by block: the log-ratio in an elementwise loop, then the sums over the block (in
          * L1) in a second one (GCC vectorises neither when they share one loop). The escapes
-         * follow from the masses off S, a quotient out of the normal range from its extremes. */
-        double rmin = 1.0, rmax = 1.0;
+         * follow from the masses off S, a quotient out of the normal range from |delta|. */
+        double dmax = 0.0;
         for (Py_ssize_t j0 = 0; j0 < n; j0 += BLOCK) {
             Py_ssize_t j1 = j0 + BLOCK < n ? j0 + BLOCK : n;
 #pragma omp simd
@@ -333,12 +333,12 @@ static int div_row(const double *x, const double *y, Py_ssize_t n, const side_t 
                 double d = log_ratio(s ? u : 1.0, s ? v : 1.0);
                 del[j] = s ? d : NAN;
             }
-#pragma omp simd reduction(+ : E, F, ES, FS, Eo, Fo, A, B) reduction(min : rmin) reduction(max : rmax)
+#pragma omp simd reduction(+ : E, F, ES, FS, Eo, Fo, A, B) reduction(max : dmax)
             for (Py_ssize_t j = j0; j < j1; j++) {
                 double u = x[j], v = y[j], d = del[j];
                 double e = u > 0.0 ? u : 0.0, f = v > 0.0 ? v : 0.0;
                 int s = d == d;
-                double r = s ? v / u : 1.0;
+                double ad = s ? fabs(d) : 0.0;
                 E += e;
                 F += f;
                 ES += s ? e : 0.0;
@@ -347,13 +347,14 @@ static int div_row(const double *x, const double *y, Py_ssize_t n, const side_t 
                 Fo += u > 0.0 ? 0.0 : f;
                 A += s ? e * d : 0.0;
                 B += s ? f * d : 0.0;
-                rmin = r < rmin ? r : rmin;
-                rmax = r > rmax ? r : rmax;
+                dmax = ad > dmax ? ad : dmax;
             }
         }
         pesc = Eo > 0.0;
         qesc = Fo > 0.0;
-        abn = !(rmin >= DBL_MIN) || !(rmax <= DBL_MAX);
+        /* a quotient out of the normal range gives |delta| >= 708.39 (its reduction is wrong
+         * there): such rows (float64 probabilities e^708 apart) go to the core */
+        abn = !(dmax < 708.0);
     } else if (pl && ql) {
         /* two log-space sides, the same two loops per block: weights, exact centred differences
          * (nan off S); then the sums. p escapes where its logit is finite and q's is -inf (its
