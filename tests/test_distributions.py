@@ -516,7 +516,7 @@ def _mp_mvn_kl(mp_, lp, mq, lq):
         return float((tr + maha - k + logdet) / 2)
 
 
-@pytest.mark.parametrize("backend", ["numpy", "torch", "jax"])
+@pytest.mark.parametrize("backend", ["numpy", "torch"])  # (JAX: the same xp code, slow here)
 def test_mvn_never_negative_and_exact_zero_for_identical(backend):
     """mvn_kl_cholesky(m, L, m, L) gave values down to -8.9e-16; summed from non-negative
     terms it is >= 0 by construction (and 0 here), and nearly equal pairs match mpmath."""
