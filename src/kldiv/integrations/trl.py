@@ -1,0 +1,169 @@
+r"""kldiv as the loss of TRL's distillation trainers (checked against trl 1.16).
+
+TRL's conventions, kept here: ``beta = 0`` is the forward KL(teacher || student), ``beta = 1`` the
+reverse KL(student || teacher), anything in between the generalised Jensen-Shannon divergence
+``beta KL(t || m) + (1 - beta) KL(s || m)`` with ``m = beta t + (1 - beta) s`` (which is
+``kldiv.js_div(teacher, student, beta=beta)``); ``temperature`` divides both models' logits
+(no ``T**2`` factor); tokens whose label is -100 are left out; with ``num_items_in_batch`` the
+loss is ``sum / num_items_in_batch``.
+
+Usage::
+
+    from trl.experimental.gkd import GKDTrainer
+    from kldiv.integrations.trl import use_kldiv
+
+    use_kldiv(GKDTrainer)          # or use_kldiv(trainer) for one instance
+    # (trl.trainer.distillation_trainer.DistillationTrainer: use_kldiv(DistillationTrainer)
+    #  replaces its chunked loss by kldiv.torch.linear_kl_div)
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+__all__ = ["generalized_jsd_loss", "chunked_divergence_loss", "use_kldiv"]
+
+
+def _divergence(beta):
+    beta = float(beta)
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta: TRL's interpolation coefficient must lie in [0, 1], got {beta!r}")
+    return "forward" if beta == 0.0 else "reverse" if beta == 1.0 else "js"
+
+
+def generalized_jsd_loss(student_logits, teacher_logits, labels=None, beta=0.5, temperature=1.0,
+                         reduction="batchmean", num_items_in_batch=None):
+    """``GKDTrainer.generalized_jsd_loss`` computed by kldiv (same arguments, same value).
+
+    ``student_logits``/``teacher_logits``: (B, T, V); ``labels``: (B, T) with -100 on the
+    positions to leave out. ``reduction``: ``"batchmean"`` (mean over the kept positions),
+    ``"sum"``, ``"mean"`` (over kept positions and the vocabulary, as TRL's elementwise mean),
+    ``"none"`` (the per-position values of the kept positions, flattened).
+
+    >>> import torch
+    >>> s, t = torch.randn(2, 3, 11), torch.randn(2, 3, 11)
+    >>> by_hand = (torch.softmax(t, -1) * (torch.log_softmax(t, -1) - torch.log_softmax(s, -1))).sum(-1).mean()
+    >>> bool(torch.isclose(generalized_jsd_loss(s, t, beta=0.0), by_hand, atol=1e-6))
+    True
+    """
+    import kldiv
+
+    kind = _divergence(beta)
+    kw = dict(p_space="logits", q_space="logits", temperature=float(temperature), reduction="none")
+    if kind == "forward":
+        rows = kldiv.kl_div(teacher_logits, student_logits, **kw)
+    elif kind == "reverse":
+        rows = kldiv.reverse_kl(teacher_logits, student_logits, **kw)
+    else:
+        rows = kldiv.js_div(teacher_logits, student_logits, beta=float(beta), **kw)
+    if labels is not None:
+        keep = labels != -100
+        rows = rows[keep]
+    if num_items_in_batch is not None:
+        n = num_items_in_batch
+        if isinstance(n, torch.Tensor):
+            n = n.to(rows.device)
+        return rows.sum() / n
+    if reduction == "batchmean":
+        return rows.sum() / max(rows.numel(), 1)
+    if reduction == "sum":
+        return rows.sum()
+    if reduction == "mean":  # TRL averages its elementwise (B, T, V) terms
+        return rows.sum() / max(rows.numel() * student_logits.shape[-1], 1)
+    if reduction == "none":
+        return rows
+    raise ValueError(f"reduction: expected 'batchmean', 'sum', 'mean' or 'none', got {reduction!r}")
+
+
+def chunked_divergence_loss(student_hidden_states, teacher_hidden_states, student_lm_head_weight,
+                            teacher_lm_head_weight, completion_mask, beta, num_items_in_batch=None,
+                            student_lm_head_bias=None, teacher_lm_head_bias=None,
+                            student_logit_scale=1.0, teacher_logit_scale=1.0,
+                            student_final_logit_softcapping=None,
+                            teacher_final_logit_softcapping=None, temperature=1.0):
+    """Drop-in for ``trl.trainer.distillation_trainer._chunked_divergence_loss`` (same arguments,
+    same ``(loss, entropy_sum, n_valid)``), with ``kldiv.torch.linear_kl_div`` for the student.
+
+    The student's logits are never materialised (``linear_kl_div`` walks the rows in chunks);
+    the teacher's logits of the kept positions are made once without gradient (the teacher is a
+    constant). ``student_logit_scale`` is folded into the student's weight (exact);
+    a student soft-cap needs a ``linear_kl_div`` with a ``softcap`` option (NotImplementedError
+    otherwise). ``entropy_sum`` (TRL logs it) is computed without gradient, chunk by chunk.
+    """
+    from ..backends.torch_linear import linear_kl_div
+
+    kind = _divergence(beta)
+    valid = completion_mask.reshape(-1) != 0
+    n_valid = valid.sum()
+    h_s = student_hidden_states.reshape(-1, student_hidden_states.size(-1))[valid]
+    h_t = teacher_hidden_states.reshape(-1, teacher_hidden_states.size(-1))[valid]
+    W = student_lm_head_weight
+    b = student_lm_head_bias
+    extra = {}
+    if student_logit_scale is not None and float(student_logit_scale) != 1.0:
+        W = W * float(student_logit_scale)
+        b = None if b is None else b * float(student_logit_scale)
+    if student_final_logit_softcapping is not None:
+        if "softcap" not in inspect.signature(linear_kl_div).parameters:
+            raise NotImplementedError("a student with final_logit_softcapping needs "
+                                      "linear_kl_div(softcap=...), not in this kldiv")
+        extra["softcap"] = float(student_final_logit_softcapping)
+    with torch.no_grad():
+        zt = torch.nn.functional.linear(h_t.to(teacher_lm_head_weight.dtype), teacher_lm_head_weight,
+                                        teacher_lm_head_bias).float()
+        if teacher_logit_scale is not None and float(teacher_logit_scale) != 1.0:
+            zt = zt * float(teacher_logit_scale)
+        if teacher_final_logit_softcapping is not None:
+            c = float(teacher_final_logit_softcapping)
+            zt = c * torch.tanh(zt / c)
+    if h_s.shape[0] == 0:
+        loss = (h_s.sum() + W.sum() * 0.0) * 0.0
+        entropy = torch.zeros((), device=h_s.device)
+    else:
+        loss = linear_kl_div(h_s, W, zt, bias=b, divergence=kind, beta=float(beta) if kind == "js" else 0.5,
+                             temperature=float(temperature), reduction="sum", **extra)
+        with torch.no_grad():
+            entropy = torch.zeros((), dtype=torch.float32, device=h_s.device)
+            for i in range(0, h_s.shape[0], 1024):
+                z = torch.nn.functional.linear(h_s[i:i + 1024].float(), W.float(),
+                                               None if b is None else b.float())
+                if "softcap" in extra:
+                    z = extra["softcap"] * torch.tanh(z / extra["softcap"])
+                lq = torch.log_softmax(z / float(temperature), -1)
+                entropy += -(lq.exp() * lq).nan_to_num().sum()
+    if num_items_in_batch is None:
+        loss = loss / n_valid.clamp(min=1)
+    else:
+        if isinstance(num_items_in_batch, torch.Tensor):
+            num_items_in_batch = num_items_in_batch.to(loss.device)
+        loss = loss / num_items_in_batch
+    return loss, entropy, n_valid
+
+
+def use_kldiv(target):
+    """Make a TRL trainer (class or instance) compute its distillation loss with kldiv.
+
+    ``GKDTrainer`` (``trl.experimental.gkd``) and its subclasses: ``generalized_jsd_loss`` is
+    replaced. ``trl.trainer.distillation_trainer.DistillationTrainer``: its module's
+    ``_chunked_divergence_loss`` is replaced by :func:`chunked_divergence_loss` (that module is
+    shared: every DistillationTrainer then uses kldiv). Returns ``target``.
+    """
+    cls = target if isinstance(target, type) else type(target)
+    if hasattr(cls, "generalized_jsd_loss"):
+        if isinstance(target, type):
+            target.generalized_jsd_loss = staticmethod(generalized_jsd_loss)
+        else:
+            target.generalized_jsd_loss = generalized_jsd_loss
+        return target
+    mod = inspect.getmodule(cls)
+    for klass in cls.__mro__:
+        m = inspect.getmodule(klass)
+        if m is not None and hasattr(m, "_chunked_divergence_loss"):
+            mod = m
+            break
+    if mod is not None and hasattr(mod, "_chunked_divergence_loss"):
+        mod._chunked_divergence_loss = chunked_divergence_loss
+        return target
+    raise TypeError(f"{cls.__name__}: not a TRL distillation trainer kldiv knows (no "
+                    f"generalized_jsd_loss, no _chunked_divergence_loss in its module)")
