@@ -17,7 +17,8 @@ pytest.importorskip("triton")
 import kldiv  # noqa: E402
 from kldiv.backends import triton_kernels as tk  # noqa: E402
 
-FNS = {"forward": kldiv.kl_div, "reverse": kldiv.reverse_kl, "jeffreys": kldiv.jeffreys_div}
+FNS = {"forward": kldiv.kl_div, "reverse": kldiv.reverse_kl, "jeffreys": kldiv.jeffreys_div,
+       "js": kldiv.js_div}
 L = dict(p_space="logits", q_space="logits")
 
 
@@ -25,6 +26,9 @@ def _naive64(x, y, T, kind):
     """Rows of the textbook formula in float64 (differentiable)."""
     lp = torch.log_softmax(x / T, -1)
     lq = torch.log_softmax(y / T, -1)
+    if kind == "js":  # beta = 1/2
+        lm = torch.logsumexp(torch.stack([lp, lq]), 0) - math.log(2)
+        return 0.5 * (lp.exp() * (lp - lm)).sum(-1) + 0.5 * (lq.exp() * (lq - lm)).sum(-1)
     f = (lp.exp() * (lp - lq)).sum(-1)
     r = (lq.exp() * (lq - lp)).sum(-1)
     return {"forward": f, "reverse": r, "jeffreys": f + r}[kind]
@@ -146,6 +150,38 @@ def test_edge_rows_against_float64_core():
     assert _rowerr(gx[2:], x64.grad[2:]) < 1e-5
     assert _rowerr(gy[2:5], y64.grad[2:5]) < 1e-5
     assert (gy[5] == 0).all() and (gx[5] == 0).all()
+
+
+@pytest.mark.parametrize("beta", [0.5, 0.1])
+def test_js_values_and_gradients(beta):
+    """JS (beta) against the float64 core: KL-levels rows and edge rows (q's or p's zeros,
+    a 1e30 offset, disjoint supports: log 2 at beta = 1/2 with zero gradient)."""
+    inf = math.inf
+    x, y = _near(13, [1e-2, 1e-6, 1e-9], seed=4)
+    x = torch.cat([x[:, :5], torch.tensor([[0.0, 1, -inf, 2, 0.5], [0.0, 1, 2, 3, 4],
+                                          [1e30, 1e30, -1e30, 0, 1e30], [0, -inf, -inf, -inf, -inf]])])
+    y = torch.cat([y[:, :5], torch.tensor([[0.3, 1, 0, 2, -inf], [0.0, 1, -inf, 3, 4],
+                                          [0.0, 5, 10, 1, 2], [-inf, 0, 1, 2, 3]])])
+    T = 0.7
+    xa = x.clone().requires_grad_(True)
+    ya = y.clone().requires_grad_(True)
+    rows = tk.kl_rows(xa, ya, torch.ones(7, dtype=torch.float64), T, "js", beta)
+    g = torch.arange(1, 8, dtype=torch.float64)
+    (rows * g).sum().backward()
+    x64 = x.double().requires_grad_(True)
+    y64 = y.double().requires_grad_(True)
+    with kldiv.torch.fused(False):
+        ref = kldiv.js_div(x64, y64, beta=beta, temperature=T, **L)
+    (ref * g).sum().backward()
+    assert torch.allclose(rows, ref.detach(), rtol=1e-6, atol=0)
+    for got, want in ((xa.grad, x64.grad), (ya.grad, y64.grad)):
+        # rows whose exact gradient is 0 (q proportional to p on q's support, disjoint
+        # supports): the float64 core leaves ~1e-18 there, the kernel float32 rounding (below
+        # 1e-5 of the other rows' gradients, ~1e-2)
+        scale = want.norm(dim=-1, keepdim=True)
+        zero_rows = (scale < 1e-12)[:, 0]
+        assert (got[zero_rows].abs() < 1e-7).all()
+        assert _rowerr(got[~zero_rows], want[~zero_rows]) < 1e-5
 
 
 def test_rows_the_kernel_leaves_to_the_core_are_nan():

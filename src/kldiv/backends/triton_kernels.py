@@ -140,14 +140,8 @@ if True:
         d = tl.where(both, dd, 0.0)
         return x, y, px, py, both, a, ep, eq, d
 
-    def _kl_rows_kernel_fn(X, Y, S, ROWS, GX, GY, V, sx, sy, sgx, sgy, inv_t,
-                        WANT_X: tl.constexpr, WANT_Y: tl.constexpr, ACC: tl.constexpr,
-                        BLOCK: tl.constexpr):
-        r = tl.program_id(0).to(tl.int64)
-        X = X + r * sx
-        Y = Y + r * sy
-        it = tl.cast(inv_t, tl.float32)
-        s = tl.load(S + r).to(tl.float64)
+    def _stats_fn(X, Y, V, it, BLOCK: tl.constexpr):
+        """Passes 1 and 2 over a row: maxima, exact offset of the maxima, normalisers, sums."""
         base = tl.arange(0, BLOCK)
         ninf = float("-inf")
         pinf = float("inf")
@@ -187,6 +181,8 @@ if True:
         S1 = tl.zeros([1], tl.float64)
         ZqS = tl.zeros([1], tl.float64)
         Zqo = tl.zeros([1], tl.float64)
+        ZpS = tl.zeros([1], tl.float64)
+        Zpo = tl.zeros([1], tl.float64)
         esc = tl.zeros([BLOCK], tl.int32)
         for b0 in range(0, V, BLOCK):
             offs = b0 + base
@@ -196,6 +192,8 @@ if True:
             S1 += tl.sum(ep * d, 0).to(tl.float64)
             ZqS += tl.sum(tl.where(both, eq, 0.0), 0).to(tl.float64)
             Zqo += tl.sum(tl.where(px, 0.0, eq), 0).to(tl.float64)
+            ZpS += tl.sum(tl.where(both, ep, 0.0), 0).to(tl.float64)
+            Zpo += tl.sum(tl.where(py, 0.0, ep), 0).to(tl.float64)
             esc = esc | (px & (py == 0)).to(tl.int32)
             # a nan entry makes x != x: caught below through the sums
             nanx = (x != x) | (y != y)
@@ -204,6 +202,18 @@ if True:
         fin = (Zx == Zx) & (Zy == Zy) & (S1 == S1) & (Zx < pinf) & (Zy < pinf) & (
             tl.abs(S1) < pinf)
         bad = (bad.to(tl.int32) + (fin == 0).to(tl.int32)) > 0
+        return bad, escaped, mx, my, Ch, Cl, Zx, Zy, S1, ZqS, Zqo, ZpS, Zpo
+
+    def _kl_rows_kernel_fn(X, Y, S, ROWS, GX, GY, V, sx, sy, sgx, sgy, inv_t,
+                        WANT_X: tl.constexpr, WANT_Y: tl.constexpr, ACC: tl.constexpr,
+                        BLOCK: tl.constexpr):
+        r = tl.program_id(0).to(tl.int64)
+        X = X + r * sx
+        Y = Y + r * sy
+        it = tl.cast(inv_t, tl.float32)
+        s = tl.load(S + r).to(tl.float64)
+        bad, escaped, mx, my, Ch, Cl, Zx, Zy, S1, ZqS, Zqo, ZpS, Zpo = _stats(X, Y, V, it, BLOCK)
+        base = tl.arange(0, BLOCK)
         Zx = tl.where(bad, 1.0, Zx)
         Zy = tl.where(bad, 1.0, Zy)
         S1 = tl.where(bad, 0.0, S1)
@@ -288,18 +298,203 @@ if True:
                     tl.store(GXr + offs, gx.to(GX.dtype.element_ty), mask=inb)
 
 
+    # --- the generalised Jensen-Shannon divergence (the core's _rows "js" algebra)
+
+    def _expm1_fn(u):
+        # e^u - 1: u + phi(u) by the series for |u| < 1/2 (no cancellation), else exp(u) - 1
+        small = tl.abs(u) < 0.5
+        return tl.where(small, u + _phi_series(tl.where(small, u, 0.0)), tl.exp(u) - 1.0)
+
+    def _log1p_fn(v):
+        # log(1 + v), v > -1: 2 atanh(v / (2 + v)) by its series for |v| <= 1/2 (full relative
+        # accuracy near 0 without relying on an accurate log near 1), else log(1 + v)
+        small = tl.abs(v) <= 0.5
+        vs = tl.where(small, v, 0.0)
+        t = vs / (2.0 + vs)
+        t2 = t * t
+        acc = 1.0 / 17.0
+        acc = acc * t2 + 1.0 / 15.0
+        acc = acc * t2 + 1.0 / 13.0
+        acc = acc * t2 + 1.0 / 11.0
+        acc = acc * t2 + 1.0 / 9.0
+        acc = acc * t2 + 1.0 / 7.0
+        acc = acc * t2 + 1.0 / 5.0
+        acc = acc * t2 + 1.0 / 3.0
+        acc = acc * t2 + 1.0
+        return tl.where(small, 2.0 * t * acc, tl.log(1.0 + tl.where(small, 0.0, v)))
+
+    def _log_mix_fn(c, d):
+        # log(1 - c + c e^d), 0 < c < 1: accurate near d = 0, safe for large |d|
+        lo = d < 1.0
+        ds = tl.where(lo, d, 0.0)
+        dl = tl.where(lo, 1.0, d)
+        small = _log1p(c * _expm1(ds))
+        large = tl.log(c) + dl + _log1p((1.0 - c) / c * tl.exp(-dl))
+        return tl.where(lo, small, large)
+
+    def _y_hat_fn(yv, lr, ry, c):
+        # log(m/p) - log c: log1p(ry e^lr) where lr <= -1 (exact), else the difference
+        reg = lr <= -1.0
+        return tl.where(reg, _log1p(ry * tl.exp(tl.where(reg, lr, 0.0))), yv - tl.log(c))
+
+    def _js_rows_kernel_fn(X, Y, S, ROWS, GX, GY, V, sx, sy, sgx, sgy, inv_t, beta,
+                           WANT_X: tl.constexpr, WANT_Y: tl.constexpr, BLOCK: tl.constexpr):
+        r = tl.program_id(0).to(tl.int64)
+        X = X + r * sx
+        Y = Y + r * sy
+        it = tl.cast(inv_t, tl.float32)
+        bt = tl.cast(beta, tl.float32)
+        b64 = tl.cast(beta, tl.float64)
+        s = tl.load(S + r).to(tl.float64)
+        bad, escaped, mx, my, Ch, Cl, Zx, Zy, S1, ZqS, Zqo, ZpS, Zpo = _stats(X, Y, V, it, BLOCK)
+        base = tl.arange(0, BLOCK)
+        Zx = tl.where(bad, 1.0, Zx)
+        Zy = tl.where(bad, 1.0, Zy)
+        empty = ZpS == 0.0  # no common support: JS = its maximum
+        S1 = tl.where(bad | empty, 0.0, S1)
+        ZpS = tl.where(bad | empty, 1.0, ZpS)
+        ZqS = tl.where(bad | empty, 1.0, ZqS)
+        # masses off the common support T, and the logs of the masses on it
+        pout = Zpo / Zx
+        qout = Zqo / Zy
+        sp_ = pout < 0.5
+        up = 1.0 - tl.where(sp_, pout, 0.0)
+        lp1 = tl.log(up) - ((up - 1.0) + tl.where(sp_, pout, 0.0)) / up
+        log_pT = tl.where(sp_, lp1, tl.log(tl.where(sp_, 1.0, ZpS / Zx)))
+        sq_ = qout < 0.5
+        uq = 1.0 - tl.where(sq_, qout, 0.0)
+        lq1 = tl.log(uq) - ((uq - 1.0) + tl.where(sq_, qout, 0.0)) / uq
+        log_qT = tl.where(sq_, lq1, tl.log(tl.where(sq_, 1.0, ZqS / Zy)))
+        # p restricted to T: its mean log-ratio, and L = log E[e^{d'}] by the series
+        mu = S1 / ZpS
+        lc = -tl.log(ZpS) - mu
+        huge = lc > 57.0
+        c = tl.where(huge, 0.0, tl.exp(tl.where(huge, 0.0, lc)).to(tl.float32))
+        ipT = (1.0 / ZpS).to(tl.float32)
+        muT = mu.to(tl.float32)
+        acc = tl.zeros([1], tl.float64)
+        for b0 in range(0, V, BLOCK):
+            offs = b0 + base
+            x, y, px, py, both, a, ep, eq, d = _entry(X, Y, offs, V, mx, my, Ch, Cl, it)
+            dc = d - muT
+            p = ep * ipT
+            small = tl.abs(dc) < 0.5
+            ser = _phi_series(tl.where(small, dc, 0.0))
+            term = tl.where(small, p * ser, c * eq - p * (1.0 + dc))
+            acc += tl.sum(tl.where(both, term, 0.0), 0).to(tl.float64)
+        u1 = 1.0 + acc
+        L = tl.where(u1 == 1.0, acc, tl.log(u1) - ((u1 - 1.0) - acc) / u1)
+        L = tl.where(huge, lc + tl.log(ZqS), L)
+        mean_d = (log_qT - log_pT - L).to(tl.float32)  # E_{p on T}[log q/p]
+        # the value, and E_p[log m/p], E_q[log m/q] for the gradients
+        ip = (1.0 / Zx).to(tl.float32)
+        iq = (1.0 / Zy).to(tl.float32)
+        cb = 1.0 - bt
+        tp_s = tl.zeros([1], tl.float64)
+        tq_s = tl.zeros([1], tl.float64)
+        ey_s = tl.zeros([1], tl.float64)
+        ez_s = tl.zeros([1], tl.float64)
+        eyh_s = tl.zeros([1], tl.float64)
+        ezh_s = tl.zeros([1], tl.float64)
+        ry = cb / bt  # log m/p = log beta + log1p(ry q/p)
+        rz = bt / cb  # log m/q = log(1 - beta) + log1p(rz p/q)
+        for b0 in range(0, V, BLOCK):
+            offs = b0 + base
+            x, y, px, py, both, a, ep, eq, d = _entry(X, Y, offs, V, mx, my, Ch, Cl, it)
+            lr = tl.where(both, (d - muT) + mean_d, 0.0)  # log q/p on T
+            p = ep * ip
+            q = eq * iq
+            m = bt * p + cb * q
+            yv = _log_mix(cb, lr)  # log m/p
+            zv = _log_mix(bt, -lr)  # log m/q
+            sy_ = tl.abs(yv) < 0.5
+            sz_ = tl.abs(zv) < 0.5
+            tp = tl.where(sy_, p * _phi_series(tl.where(sy_, yv, 0.0)), m - p * (1.0 + yv))
+            tq = tl.where(sz_, q * _phi_series(tl.where(sz_, zv, 0.0)), m - q * (1.0 + zv))
+            tp_s += tl.sum(tl.where(both, tp, 0.0), 0).to(tl.float64)
+            tq_s += tl.sum(tl.where(both, tq, 0.0), 0).to(tl.float64)
+            ey_s += tl.sum(tl.where(both, p * yv, 0.0), 0).to(tl.float64)
+            ez_s += tl.sum(tl.where(both, q * zv, 0.0), 0).to(tl.float64)
+            # the same means relative to log beta (log(1 - beta)): exact where q << p (p << q)
+            yh = _y_hat(yv, lr, ry, bt)
+            zh = _y_hat(zv, -lr, rz, cb)
+            eyh_s += tl.sum(tl.where(both, p * yh, 0.0), 0).to(tl.float64)
+            ezh_s += tl.sum(tl.where(both, q * zh, 0.0), 0).to(tl.float64)
+        lb = tl.log(b64)
+        l1b = tl.log(1.0 - b64)
+        js = b64 * tp_s + (1.0 - b64) * tq_s - b64 * lb * pout - (1.0 - b64) * l1b * qout
+        js = tl.maximum(js, 0.0)
+        zero_row = s == 0.0
+        val = tl.where(bad, float("nan"), js)
+        val = tl.where(zero_row, 0.0, val)
+        tl.store(ROWS + r + tl.arange(0, 1), val)
+        if WANT_X or WANT_Y:
+            # y - E_p[y] in two forms: directly, or as (y - log beta) - (E_p[y] - log beta)
+            # where y is near log beta (q_i << p_i): no cancellation in either
+            Ey = (ey_s + pout * lb).to(tl.float32)
+            Ez = (ez_s + qout * l1b).to(tl.float32)
+            EyH = eyh_s.to(tl.float32)
+            EzH = ezh_s.to(tl.float32)
+            gpx = (s * b64 * inv_t).to(tl.float32)
+            gpy = (s * (1.0 - b64) * inv_t).to(tl.float32)
+            ng = bad & (zero_row == 0)
+            GXr = GX + r * sgx
+            GYr = GY + r * sgy
+            for b0 in range(0, V, BLOCK):
+                offs = b0 + base
+                inb = offs < V
+                x, y, px, py, both, a, ep, eq, d = _entry(X, Y, offs, V, mx, my, Ch, Cl, it)
+                lr = tl.where(both, (d - muT) + mean_d, 0.0)
+                if WANT_X:
+                    p = ep * ip
+                    yv = _log_mix(cb, lr)
+                    yc = tl.where(lr <= -1.0, _y_hat(yv, lr, ry, bt) - EyH, yv - Ey)
+                    yc = tl.where(both, yc, -EyH)  # p_i > 0 = q_i: y = log beta
+                    gx = tl.where(px, -gpx * p * yc, 0.0)
+                    gx = tl.where(zero_row, 0.0, gx)
+                    gx = tl.where(ng, float("nan"), gx)
+                    tl.store(GXr + offs, gx.to(GX.dtype.element_ty), mask=inb)
+                if WANT_Y:
+                    q = eq * iq
+                    zv = _log_mix(bt, -lr)
+                    zc = tl.where(lr >= 1.0, _y_hat(zv, -lr, rz, cb) - EzH, zv - Ez)
+                    zc = tl.where(both, zc, -EzH)
+                    gy = tl.where(py, -gpy * q * zc, 0.0)
+                    gy = tl.where(zero_row, 0.0, gy)
+                    gy = tl.where(ng, float("nan"), gy)
+                    tl.store(GYr + offs, gy.to(GY.dtype.element_ty), mask=inb)
+
+
 _BUILT = None  # the interpreter setting the kernels were decorated under
 
 
 def _build():
     """Decorate the kernel functions with triton.jit (again if TRITON_INTERPRET changed)."""
-    global _BUILT, _phi_series, _entry, _kl_rows_kernel
+    global _BUILT, _phi_series, _entry, _stats, _kl_rows_kernel, _expm1, _log1p, _log_mix
+    global _js_rows_kernel, _y_hat
     mode = _interpret()
     if _BUILT is not mode:
         _phi_series = triton.jit(_phi_series_fn)
+        _expm1 = triton.jit(_expm1_fn)
+        _log1p = triton.jit(_log1p_fn)
+        _log_mix = triton.jit(_log_mix_fn)
+        _y_hat = triton.jit(_y_hat_fn)
         _entry = triton.jit(_entry_fn)
+        _stats = triton.jit(_stats_fn)
+        _js_rows_kernel = triton.jit(_js_rows_kernel_fn)
         _kl_rows_kernel = triton.jit(_kl_rows_kernel_fn)
         _BUILT = mode
+
+
+def _launch_js(x, y, scale, inv_t, beta, rows, gx, gy):
+    n, V = x.shape
+    _build()
+    _js_rows_kernel[(n,)](
+        x, y, scale, rows, rows if gx is None else gx, rows if gy is None else gy, V,
+        x.stride(0), y.stride(0), 0 if gx is None else gx.stride(0),
+        0 if gy is None else gy.stride(0), float(inv_t), float(beta),
+        WANT_X=gx is not None, WANT_Y=gy is not None, BLOCK=_block(V),
+        num_warps=4 if V <= 8192 else 8)
 
 
 def _block(V):
@@ -323,11 +518,11 @@ def _launch(x, y, scale, inv_t, rows, gx, gy, acc):
 # ----------------------------------------------------------------------------------------------
 # the op (torch.library): scaled rows and, in the same launch, their gradients
 
-_MODES = {"forward": 0, "reverse": 1, "jeffreys": 2}
-_MODE_KIND = ("forward", "reverse", "jeffreys")
+_MODES = {"forward": 0, "reverse": 1, "jeffreys": 2, "js": 3}
+_MODE_KIND = ("forward", "reverse", "jeffreys", "js")
 
 
-def _rows_impl(x, y, scale, inv_t, mode, need_x, need_y):
+def _rows_impl(x, y, scale, inv_t, mode, beta, need_x, need_y):
     """Rows s_r KL_r (float64, (n,)) of (n, V) inputs and the gradients of their sum."""
     n, V = x.shape
     dev = x.device
@@ -335,7 +530,9 @@ def _rows_impl(x, y, scale, inv_t, mode, need_x, need_y):
     gx = torch.empty((n, V), dtype=x.dtype, device=dev) if need_x else None
     gy = torch.empty((n, V), dtype=y.dtype, device=dev) if need_y else None
     if n:
-        if mode == 1:
+        if mode == 3:
+            _launch_js(x, y, scale, inv_t, beta, rows, gx, gy)
+        elif mode == 1:
             _launch(y, x, scale, inv_t, rows, gy, gx, False)
         else:
             _launch(x, y, scale, inv_t, rows, gx, gy, False)
@@ -358,12 +555,12 @@ def _register():
 
     @torch.library.custom_op("kldiv::triton_kl_rows", mutates_args=())
     def triton_kl_rows(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, inv_t: float,
-                       mode: int, need_x: bool, need_y: bool
+                       mode: int, beta: float, need_x: bool, need_y: bool
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _rows_impl(x, y, scale, inv_t, mode, need_x, need_y)
+        return _rows_impl(x, y, scale, inv_t, mode, beta, need_x, need_y)
 
     @triton_kl_rows.register_fake
-    def _(x, y, scale, inv_t, mode, need_x, need_y):
+    def _(x, y, scale, inv_t, mode, beta, need_x, need_y):
         n, V = x.shape
         rows = x.new_empty((n,), dtype=torch.float64)
         gx = x.new_empty((n, V)) if need_x else x.new_empty((0,))
@@ -371,10 +568,11 @@ def _register():
         return rows, gx, gy
 
     def setup_context(ctx, inputs, output):
-        x, y, scale, inv_t, mode, need_x, need_y = inputs
+        x, y, scale, inv_t, mode, beta, need_x, need_y = inputs
         _, gx, gy = output
         ctx.inv_t = inv_t
         ctx.mode = mode
+        ctx.beta = beta
         ctx.need = (need_x, need_y)
         ctx.save_for_backward(x, y, scale, gx, gy)
 
@@ -385,18 +583,19 @@ def _register():
         if torch.is_grad_enabled():
             # create_graph: the gradient itself is differentiated; recompute it from the
             # core's differentiable rows (exact higher derivatives, at the core's cost)
-            return _backward_graph(x, y, scale, ctx.inv_t, ctx.mode, g_rows, need_x, need_y)
+            return _backward_graph(x, y, scale, ctx.inv_t, ctx.mode, ctx.beta, g_rows, need_x,
+                                   need_y)
         g = g_rows[:, None]
         dx = (gx * g).to(x.dtype) if (need_x and ctx.need[0]) else None
         dy = (gy * g).to(y.dtype) if (need_y and ctx.need[1]) else None
-        return dx, dy, None, None, None, None, None
+        return dx, dy, None, None, None, None, None, None
 
     triton_kl_rows.register_autograd(backward, setup_context=setup_context)
     _OP = triton_kl_rows
     return _OP
 
 
-def _backward_graph(x, y, scale, inv_t, mode, g_rows, need_x, need_y):
+def _backward_graph(x, y, scale, inv_t, mode, beta, g_rows, need_x, need_y):
     """Gradients in differentiable torch operations (the core's rows), for create_graph."""
     from array_api_compat import torch as xp
 
@@ -406,21 +605,22 @@ def _backward_graph(x, y, scale, inv_t, mode, g_rows, need_x, need_y):
     zero = torch.zeros((), dtype=torch.float32, device=x.device)
     xs = torch.where(keep, x.to(torch.float32), zero)
     ys = torch.where(keep, y.to(torch.float32), zero)
-    rows = divergence_rows(_MODE_KIND[mode], xp, xs, ys, "logits", "logits", 1.0 / inv_t)
+    rows = divergence_rows(_MODE_KIND[mode], xp, xs, ys, "logits", "logits", 1.0 / inv_t, beta)
     rows = torch.where(keep[:, 0], rows.to(scale.dtype) * scale, scale * 0)
     ins = [t for t, w in ((x, need_x), (y, need_y)) if w]
     gs = torch.autograd.grad(rows, ins, g_rows, create_graph=True, allow_unused=True)
     it = iter(gs)
     dx = next(it) if need_x else None
     dy = next(it) if need_y else None
-    return dx, dy, None, None, None, None, None
+    return dx, dy, None, None, None, None, None, None
 
 
-def kl_rows(x, y, scale, temperature=1.0, kind="forward"):
+def kl_rows(x, y, scale, temperature=1.0, kind="forward", beta=0.5):
     """Scaled rows ``scale_r * D_r`` (float64) of two (n, V) log-space tensors, differentiable.
 
-    ``D`` is KL(p || q) ("forward"), KL(q || p) ("reverse") or their sum ("jeffreys") of
-    p = softmax(x / T), q = softmax(y / T); the gradients are formed in the same launch as the
+    ``D`` is KL(p || q) ("forward"), KL(q || p) ("reverse"), their sum ("jeffreys") or the
+    generalised Jensen-Shannon divergence ``beta KL(p || m) + (1 - beta) KL(q || m)``,
+    ``m = beta p + (1 - beta) q`` ("js", 0 < beta < 1) of p = softmax(x / T), q = softmax(y / T); the gradients are formed in the same launch as the
     value. Rows the kernel cannot take are nan (see the module docstring).
     """
     if triton is None:
@@ -432,7 +632,8 @@ def kl_rows(x, y, scale, temperature=1.0, kind="forward"):
     need_y = grad_on and y.requires_grad
     x2 = x if x.stride(-1) == 1 else x.contiguous()
     y2 = y if y.stride(-1) == 1 else y.contiguous()
-    rows, _, _ = op(x2, y2, scale, 1.0 / float(temperature), _MODES[kind], need_x, need_y)
+    rows, _, _ = op(x2, y2, scale, 1.0 / float(temperature), _MODES[kind], float(beta), need_x,
+                    need_y)
     return rows
 
 
@@ -460,6 +661,9 @@ def divergence(kind, p, q, *, p_space, q_space, axis, reduction, mask, weight, t
     """
     if triton is None or kind not in _MODES:
         return NotImplemented
+    if kind == "js":
+        if type(beta) not in (int, float) or not 0.0 < float(beta) < 1.0:
+            return NotImplemented
     if not (isinstance(p, torch.Tensor) and isinstance(q, torch.Tensor)):
         return NotImplemented
     if type(p) not in (torch.Tensor, torch.nn.Parameter) or type(q) not in (
@@ -537,7 +741,7 @@ def divergence(kind, p, q, *, p_space, q_space, axis, reduction, mask, weight, t
     qm = torch.movedim(q, ax, -1) if ax != nd - 1 else q
     x = pm.reshape(n, V)
     y = qm.reshape(n, V)
-    rows = kl_rows(x, y, scale, T, kind)
+    rows = kl_rows(x, y, scale, T, kind, beta if kind == "js" else 0.5)
     out_dtype = torch.promote_types(torch.promote_types(p.dtype, q.dtype), torch.float32)
     if check:
         flags = [torch.isnan(rows)]
