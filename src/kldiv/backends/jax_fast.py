@@ -25,12 +25,12 @@ eager checks cannot run. Instead, with validation on (the default), every row th
 check (nan, +inf, a row that is -inf everywhere, negative probabilities, rows not summing to 1,
 log-probabilities not normalised, a negative or non-finite weight) makes its result **nan**
 (``reduction="none"``: that row; "sum"/"mean": the result). A plausible finite number is never
-returned for invalid input. The same checks are emitted as ``jax.experimental.checkify``
-checks with the eager path's messages, so that ``checkify.checkify(loss)`` (or :func:`checked`)
-turns them into errors. ``validate=False`` removes them from the graph.
+returned for invalid input. Under :func:`checked` (``jax.experimental.checkify``) the same checks
+raise errors with the eager path's messages. ``validate=False`` removes them from the graph.
 """
 from __future__ import annotations
 
+import contextvars
 import functools
 import math
 
@@ -49,7 +49,8 @@ from .._core.reduction import broadcast_rows, reduce_rows
 
 __all__ = ["kl_rows", "checked", "jax_divergence"]
 
-# 1/n! for n = 2..17: phi(x) = sum_{n>=2} x^n / n!; float32 keeps n <= 10 (< 3e-9 relative)
+# 1/n! for n = 2..17: phi(x) = sum_{n>=2} x^n / n!; float32 keeps n <= 8 (truncation below
+# 2e-8 relative for |x| < 1/2), float64 all (below 1e-17)
 _PHI_COEFS = [1.0 / math.factorial(n) for n in range(2, 18)]
 _SMALL = 0.5  # |x| below which phi and expm1-based differences use the series / expm1 route
 _HUGE = 20.0  # log of the largest p_i e^{d'_i} for which E_p[phi(d')] is summed directly
@@ -64,7 +65,7 @@ _T_RANGE = (1e-3, 1e3)  # temperatures handled by kl_rows; outside, the core's r
 
 
 def _phi_series(x):
-    coefs = _PHI_COEFS if jnp.finfo(x.dtype).bits > 32 else _PHI_COEFS[:9]
+    coefs = _PHI_COEFS if jnp.finfo(x.dtype).bits > 32 else _PHI_COEFS[:7]
     acc = coefs[-1]
     for c in reversed(coefs[:-1]):
         acc = acc * x + c
@@ -98,7 +99,7 @@ def _entries(a, b, temperature, ma, mb):
     b0 = jnp.where(sq, b, zero)
     # the raw difference (exact for close logits), or each side centred on its own maximum (exact
     # when one side is shifted by up to 1e30); the row constant between the two drops out
-    d = jnp.where(far, (b0 - mb) - (a0 - ma), b0 - a0)
+    d = (b0 - jnp.where(far, mb, zero)) - (a0 - jnp.where(far, ma, zero))
     x = a - ma
     y = b - jnp.where(far, mb, ma)
     if temperature != 1.0:  # after the difference: (b - a) / T keeps the accuracy of b - a
@@ -141,10 +142,10 @@ def _kl_parts(a, b, temperature):
     # p_i e^{d'_i - c} on T, q's mass likewise off T, 0 off q; when huge, y - (lse + mu + c) is
     # y - y_top (mu may be ~1e30 there: no sum that cancels it)
     e = jnp.exp(y - jnp.where(huge, y_top, lse + mu))
-    # where p_i = 0 (a category of q only) the large branch gives e, q's mass there
+    # where p_i = 0 (a category of q only) the large branch gives e, q's mass there. (No safe
+    # values for the branch that a where drops: this function is never differentiated.)
     small = sp & (jnp.abs(dc) < _SMALL)
-    ds = jnp.where(small, dc, zero)
-    term = jnp.where(huge, e, jnp.where(small, p * _phi_series(ds), e - p * (1 + dc)))
+    term = jnp.where(huge, e, jnp.where(small, p * _phi_series(dc), e - p * (1 + dc)))
     total = jnp.sum(term, axis=-1)
     # huge rows: total >= 1 (its largest term is e^0), and KL = c + log(total)
     log_total = jnp.log1p(total - jnp.where(huge[..., 0], 1, 0).astype(a.dtype))
@@ -233,9 +234,16 @@ def _row_text(flags, _unused=None):
     return "row (" + ", ".join(["{}"] * flags.ndim) + ")", tuple(idx)
 
 
+#: on while :func:`checked` traces its function: the checks are then emitted as checkify checks
+_MESSAGES = contextvars.ContextVar("kldiv_jax_checkify", default=False)
+
+
 def _report(flags, message, value=None):
     """A checkify check per eager message: ``message`` holds ``{row}`` where the row goes and
-    ``{value}`` where the first flagged row's entry of ``value`` (a row-shaped array) goes."""
+    ``{value}`` where the first flagged row's entry of ``value`` (a row-shaped array) goes.
+    Only under :func:`checked` (elsewhere the message arguments would cost compile time)."""
+    if not _MESSAGES.get():
+        return
     text, args = _row_text(flags, None)
     extra = ()
     if value is not None:
@@ -278,12 +286,12 @@ def _invalid_rows(x, name, space, eps, mask, top=None, lse=None):
         top = jnp.max(x, axis=-1)  # nan propagates
     not_finite = flagged(~(top < jnp.inf))
     empty = flagged(top == -jnp.inf)
-    # the nan / +inf distinction only feeds the checkify messages (dropped from the graph
-    # otherwise)
-    nan_rows = flagged(jnp.any(jnp.isnan(x), axis=-1))
-    _report(nan_rows, f"{name}: contains nan at {{row}}")
-    _report(not_finite & ~nan_rows, f"{name}: contains +inf at {{row}} ({name}_space={space!r})")
-    _report(empty, f"{name}: {{row}} is -inf everywhere: that is no distribution")
+    if _MESSAGES.get():  # the nan / +inf distinction only feeds the checkify messages
+        nan_rows = flagged(jnp.any(jnp.isnan(x), axis=-1))
+        _report(nan_rows, f"{name}: contains nan at {{row}}")
+        _report(not_finite & ~nan_rows,
+                f"{name}: contains +inf at {{row}} ({name}_space={space!r})")
+        _report(empty, f"{name}: {{row}} is -inf everywhere: that is no distribution")
     bad = not_finite | empty
     if space == "log_probs":
         if lse is None:
@@ -336,7 +344,8 @@ def _compute(p, q, mask, weight, *, kind, p_space, q_space, reduction, temperatu
             bad = b if bad is None else bad | b
         if weight is not None:
             wbad = ~jnp.isfinite(weight) | (weight < 0)
-            checkify.debug_check(~jnp.any(wbad), "weight: must be finite and >= 0")
+            if _MESSAGES.get():
+                checkify.debug_check(~jnp.any(wbad), "weight: must be finite and >= 0")
             bad = bad | wbad
         nan = jnp.asarray(jnp.nan, rows.dtype)
         if mask is None and weight is None:  # nan rows propagate through the sum by themselves
@@ -350,7 +359,8 @@ def _compute(p, q, mask, weight, *, kind, p_space, q_space, reduction, temperatu
 
 
 @functools.lru_cache(maxsize=256)
-def _compiled(kind, p_space, q_space, reduction, temperature, beta, scale, check):
+def _compiled(kind, p_space, q_space, reduction, temperature, beta, scale, check, messages):
+    del messages  # a key only: _MESSAGES changes the traced graph
     fn = functools.partial(_compute, kind=kind, p_space=p_space, q_space=q_space,
                            reduction=reduction, temperature=temperature, beta=beta, scale=scale,
                            check=check)
@@ -379,7 +389,7 @@ def jax_divergence(kind, p, q, *, p_space, q_space, axis, reduction, mask, weigh
             raise ValueError("weight: must be finite and >= 0")
     scale = temperature**2 if t2_scale else 1.0
     fn = _compiled(kind, p_space, q_space, reduction, float(temperature), float(beta),
-                   float(scale), bool(enabled and traced))
+                   float(scale), bool(enabled and traced), _MESSAGES.get())
     return fn(P, Q, mask, weight)
 
 
@@ -393,10 +403,12 @@ dispatch.register("jax", "pre", jax_divergence)
 def checked(fn):
     """``fn`` with kldiv's value checks turned into errors under ``jax.jit``, via checkify.
 
-    Returns ``checkify.checkify(fn, errors=checkify.user_checks)``: a function returning
-    ``(err, out)``; ``err.throw()`` raises ``checkify.JaxRuntimeError`` with the eager path's
-    message (for example ``"p: probabilities must be finite and >= 0; row 1 is not ..."``) when
-    an input row is invalid, and does nothing otherwise. Jit the result, not ``fn``.
+    Returns ``checkify.checkify`` of ``fn`` (user checks), with kldiv's value checks emitted as
+    checkify checks while ``fn`` is traced: a function returning ``(err, out)``;
+    ``err.throw()`` raises ``checkify.JaxRuntimeError`` with the eager path's message (for
+    example ``"p: probabilities must be finite and >= 0; row 1 is not ..."``) when an input row
+    is invalid, and does nothing otherwise. Jit the result, not ``fn``. (Without ``checked``,
+    invalid rows give nan and no checkify checks are emitted: they would cost compile time.)
 
     >>> import jax, jax.numpy as jnp, kldiv
     >>> from kldiv.backends.jax_fast import checked
@@ -405,4 +417,12 @@ def checked(fn):
     >>> print(err.get())  # doctest: +ELLIPSIS
     q: probabilities must be finite and >= 0; row 0 is not ...
     """
-    return checkify.checkify(fn, errors=checkify.user_checks)
+    @functools.wraps(fn)
+    def with_messages(*args, **kwargs):
+        token = _MESSAGES.set(True)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _MESSAGES.reset(token)
+
+    return checkify.checkify(with_messages, errors=checkify.user_checks)
