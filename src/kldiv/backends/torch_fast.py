@@ -772,9 +772,27 @@ def _log_ratio_raw(a, b, it, x, y, both_probs, inS):
         pn = torch.where(near, ps, one)
         qn = torch.where(near, qs, one)
         d = torch.where(near, torch.log1p((qn - pn) / pn), torch.log(qs) - torch.log(ps))
-        return torch.where(inS, d, zero)
-    d = torch.where(inS, b - torch.where(inS, a, zero), zero)
-    return d * it if it != 1.0 else d
+        return torch.where(inS, d, zero), zero, zero
+    d, ma, mb = _raw_difference(a, b, inS)
+    return (d * it if it != 1.0 else d), ma, mb
+
+
+def _raw_difference(a, b, inS):
+    """b_i - a_i on the common support up to a row constant (0 elsewhere), by the more accurate
+    of two routes per entry: the raw difference minus the difference of the maxima (exact for
+    close inputs), or the difference of the sides each centred on its own maximum (a logit of
+    1e30 or -1e30 on one side must not swallow the other side's digits)."""
+    zero = torch.zeros((), dtype=a.dtype, device=a.device)
+    a_s = torch.where(inS, a, zero)
+    b_s = torch.where(inS, b, zero)
+    ma = torch.where(inS, a_s, torch.full_like(a_s, _NINF)).amax(-1, keepdim=True).detach()
+    mb = torch.where(inS, b_s, torch.full_like(b_s, _NINF)).amax(-1, keepdim=True).detach()
+    ma = torch.where(torch.isfinite(ma), ma, zero)
+    mb = torch.where(torch.isfinite(mb), mb, zero)
+    raw = (b_s - a_s) - (mb - ma)
+    cen = (b_s - mb) - (a_s - ma)
+    use_raw = ((b_s - a_s).abs() + (mb - ma).abs()) <= ((a_s - ma).abs() + (b_s - mb).abs())
+    return torch.where(inS, torch.where(use_raw, raw, cen), zero), ma, mb
 
 
 def _phi(z):
@@ -804,14 +822,16 @@ def _kl_rows(a, b, T, x, y, both_probs):
     mb = torch.where(torch.isfinite(mb), mb, zero)
     ea = torch.exp((a - ma) * it)
     eb = torch.exp((b - mb) * it)
-    d = _log_ratio_raw(a, b, it, x, y, both_probs, inS)
+    # d = (b - a) / T - (mb_S - ma_S) / T on the common support S (maxima over S)
+    d, ma_S, mb_S = _log_ratio_raw(a, b, it, x, y, both_probs, inS)
     Za = ea.sum(-1, keepdim=True)
     Zb = eb.sum(-1, keepdim=True)
     mu = (ea * d).sum(-1, keepdim=True) / Za
     qo = torch.where(pa, zero, eb).sum(-1, keepdim=True) / Zb
     qS = torch.where(inS, eb, zero).sum(-1, keepdim=True) / Zb
     log_qS = torch.where(qo < 0.5, torch.log1p(-torch.where(qo < 0.5, qo, zero)), torch.log(qS))
-    lc = mb * it - (ma * it + torch.log(Za)) - mu  # p_i e^{d'_i} = e^{lc} eb_i
+    # p_i e^{d'_i} = e^{lc} eb_i; the maxima's difference taken before anything large
+    lc = ((mb - mb_S) - (ma - ma_S)) * it - torch.log(Za) - mu
     huge = lc > (57.0 if dt == torch.float32 else 678.0)
     cc = torch.exp(torch.where(huge, zero, lc))
     P = ea / Za
@@ -879,7 +899,7 @@ def _d_raw(A, B, it, both_probs, x, y, C):
         qn = torch.where(near, qs, one)
         d = torch.where(near, torch.log1p((qn - pn) / pn), torch.log(qs) - torch.log(ps))
         return torch.where(C, d, zero)
-    d = torch.where(C, B.raw - A.raw, zero)
+    d = _raw_difference(A.raw, B.raw, C)[0]
     return d * it if it != 1.0 else d
 
 
@@ -900,7 +920,9 @@ def _kl_grads(A, B, it, s, d, C, need_a, need_b):
         # E_A[log B/A] (= -KL where finite), its derivative from the plain formula
         md = torch.where(C, A.W * (B.lw - A.lw), zero).sum(-1, keepdim=True)
         ld = dc + md
-        lo = ld < 1
+        # near convergence only (KL < 1/2); farther, B - A has no cancellation to fear and the
+        # mean may be huge (a logit of -1e30 where A is not 0)
+        lo = (ld < 1) & (md > -0.5)
         t = torch.where(lo, A.W * torch.expm1(torch.where(lo, ld, zero)), B.W - A.W)
         gb = sc * torch.where(C, t, B.W)  # off A's support B - A = B (0 off B's support too)
     return ga, gb
