@@ -29,6 +29,13 @@ on; under ``torch.compile`` or ``validate=False`` the nan is the answer, never a
 p_i > 0 = q_i somewhere gives +inf with zero gradients (the core's convention). Rows whose scale
 is 0 (masked) give 0 and zero gradients whatever they hold.
 
+The generalised Jensen-Shannon divergence (``kind="js"``, 0 < beta < 1) has its own kernel with
+the core's JS algebra on top of the same first passes: log q/p on the common support T from the
+centred series (d' + E_{p|T}[log q/p]), y = log m/p and z = log m/q by log1p/expm1 forms, the
+terms p phi(y) as m - p (1 + y) away from 0, and the gradients -beta/T p (y - E_p[y]) (and the
+same for q) with y - E_p[y] taken relative to log beta where q << p: five passes per row.
+Jeffreys runs the KL kernel in both directions, the second accumulating into the gradients.
+
 The op is registered with ``torch.library`` (``kldiv::triton_kl_rows``, with a fake
 implementation and an autograd formula), so that ``torch.compile(fullgraph=True)`` traces
 through it without graph breaks. Entry point for the torch hook: :func:`divergence`, which
@@ -522,6 +529,14 @@ _MODES = {"forward": 0, "reverse": 1, "jeffreys": 2, "js": 3}
 _MODE_KIND = ("forward", "reverse", "jeffreys", "js")
 
 
+class _NullContext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
 def _rows_impl(x, y, scale, inv_t, mode, beta, need_x, need_y):
     """Rows s_r KL_r (float64, (n,)) of (n, V) inputs and the gradients of their sum."""
     n, V = x.shape
@@ -530,16 +545,19 @@ def _rows_impl(x, y, scale, inv_t, mode, beta, need_x, need_y):
     gx = torch.empty((n, V), dtype=x.dtype, device=dev) if need_x else None
     gy = torch.empty((n, V), dtype=y.dtype, device=dev) if need_y else None
     if n:
-        if mode == 3:
-            _launch_js(x, y, scale, inv_t, beta, rows, gx, gy)
-        elif mode == 1:
-            _launch(y, x, scale, inv_t, rows, gy, gx, False)
-        else:
-            _launch(x, y, scale, inv_t, rows, gx, gy, False)
-            if mode == 2:
-                rows2 = torch.empty_like(rows)
-                _launch(y, x, scale, inv_t, rows2, gy, gx, True)
-                rows = rows + rows2
+        # Triton launches on the current CUDA device: make it the inputs' one
+        guard = torch.cuda.device(dev) if dev.type == "cuda" else _NullContext()
+        with guard:
+            if mode == 3:
+                _launch_js(x, y, scale, inv_t, beta, rows, gx, gy)
+            elif mode == 1:
+                _launch(y, x, scale, inv_t, rows, gy, gx, False)
+            else:
+                _launch(x, y, scale, inv_t, rows, gx, gy, False)
+                if mode == 2:
+                    rows2 = torch.empty_like(rows)
+                    _launch(y, x, scale, inv_t, rows2, gy, gx, True)
+                    rows = rows + rows2
     rows = rows * scale  # 0 on masked rows (the kernel wrote 0 there)
     return rows, (gx if need_x else x.new_empty((0,))), (gy if need_y else y.new_empty((0,)))
 
@@ -652,7 +670,7 @@ def divergence(kind, p, q, *, p_space, q_space, axis, reduction, mask, weight, t
                t2_scale, validate, beta=0.5):
     """``kldiv.<kind>`` through the Triton kernel, or NotImplemented (the torch path runs).
 
-    Taken: kinds "forward", "reverse", "jeffreys"; log-space inputs ("logits", "log_probs") of
+    Taken: kinds "forward", "reverse", "jeffreys", "js" (0 < beta < 1); log-space inputs ("logits", "log_probs") of
     float16, bfloat16 or float32 on one device, same shape; any axis and reduction; a boolean
     mask and a weight without gradient (per-row scale); temperature in ``T_RANGE``. With value
     checks on (the default) one host synchronisation decides whether every row was taken (rows
