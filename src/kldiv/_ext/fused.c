@@ -12,9 +12,11 @@
  *     KL = log(1 + sum_i p_i phi(d'_i)) - log q(S),   phi(u) = e^u - 1 - u >= 0,
  *
  * S being p's support and q(S) q's mass on it. Each side is first centred on its own maximum
- * (a_i = (x_i - max x)/T, b_i = (y_i - max y)/T) and d_i is formed as ((y_i - x_i) + (max x -
- * max y))/T with both differences exact (TwoSum): a huge common offset of one side (masking with
- * -1e30 or finfo.min, logits of 1e30) cannot swallow the other side's values. phi is evaluated
+ * (a_i = (x_i - max x)/T, b_i = (y_i - max y)/T) and the log-ratio is formed relative to its value
+ * at an entry r where x is largest, ((y_i - x_i) - (y_r - x_r))/T, with both differences exact
+ * (TwoSum): a huge common offset of one side (masking with -1e30 or finfo.min, logits of 1e30)
+ * cannot swallow the other side's values, nor a huge distance between the two sides' maxima
+ * (KL of 1e30) the part of the log-ratio that varies where p lives. phi is evaluated
  * by its Taylor series for |u| < 0.5 and as p_i e^{d'_i} - p_i (1 + d'_i) otherwise, where
  * p_i e^{d'_i} equals e^{b_i} * e^{-log Zx - E_p[d]}: a row constant times a value already
  * computed, so that each element costs two exponentials in all.
@@ -297,10 +299,19 @@ KLDIV_CLONES static double FN(kl_row)(const T *x, const T *y, Py_ssize_t V, doub
         if (!(hi - lo <= SPAN_MAX))
             return NAN;
     }
-    /* C = max x - max y = Ch + Cl exactly (TwoSum) */
-    const T Ch = mx - my;
-    const T Cb = Ch - mx;
-    const T Cl = (mx - (Ch - Cb)) + (-my - Cb);
+    /* the log-ratio is taken relative to its value at a reference entry r where x is largest:
+     * t_i = (y_i - x_i) - (y_r - x_r), from exact differences (TwoSum), so that neither side's
+     * magnitude (logits of 1e30, masks of -1e30 or finfo.min, a common offset) nor the distance
+     * between the two maxima swallows what varies where p lives; D_r = y_r - max y puts it back
+     * in the row constants (in double) */
+    Py_ssize_t ref = 0;
+    while (ref < V - 1 && !(x[ref] == mx))
+        ref++;
+    const T yr = y[ref] > ninf ? y[ref] : mx; /* y_r = -inf: the row escapes (+inf) */
+    const T d0h = yr - mx;
+    const T d0b = d0h - yr;
+    const T d0l = (yr - (d0h - d0b)) + (-mx - d0b);
+    const double Dref = ((double)yr - (double)my) * inv_t;
     const T CL = (T)D_CLAMP;
 
     double Zx = 0, Zy = 0, S1 = 0, ZqS = 0, Zqo = 0;
@@ -322,7 +333,7 @@ KLDIV_CLONES static double FN(kl_row)(const T *x, const T *y, Py_ssize_t V, doub
                 const T ep = KEXP(a), eq = KEXP(b);
                 const T sv = yv - xv, bb = sv - yv;
                 const T er = (yv - (sv - bb)) + (-xv - bb); /* y - x = sv + er exactly */
-                const T dd = ((sv + Ch) + (er + Cl)) * it;
+                const T dd = ((sv - d0h) + (er - d0l)) * it;
                 const T d = dd > CL ? CL : (dd < -CL ? -CL : dd);
                 const T ad = KFABS(d);
                 rk = ad > rk ? ad : rk;
@@ -344,7 +355,7 @@ KLDIV_CLONES static double FN(kl_row)(const T *x, const T *y, Py_ssize_t V, doub
                 const T ep = KEXP(a), eq = KEXP(b);
                 const T sv = yv - xv, bb = sv - yv;
                 const T er = (yv - (sv - bb)) + (-xv - bb);
-                const T dd = ((sv + Ch) + (er + Cl)) * it;
+                const T dd = ((sv - d0h) + (er - d0l)) * it;
                 const T dcl = dd > CL ? CL : (dd < -CL ? -CL : dd);
                 const T d = in ? dcl : (T)0;
                 const T ad = KFABS(d);
@@ -386,10 +397,10 @@ KLDIV_CLONES static double FN(kl_row)(const T *x, const T *y, Py_ssize_t V, doub
                 return NAN;
         }
     }
-    const double mu = S1 / Zx;
+    const double mu = S1 / Zx; /* E_p[t] / T; E_p[d] = mu + Dref */
     const double qo = Zqo / Zy;
     const double log_qS = qo < 0.5 ? log1p(-qo) : log(ZqS / Zy);
-    const double lc = -log(Zx) - mu; /* p_i e^{d'_i} = e^{lc} * sq[i] */
+    const double lc = -log(Zx) - mu - Dref; /* p_i e^{d'_i} = e^{lc} * sq[i] */
     /* KL >= lc: past this bound the series brings nothing (its terms would underflow or
      * overflow T) and KL = log Zy - log Zx - E_p[d] = lc + log Zy has no cancellation */
     const int huge = lc > EXP_FLOOR - 30.0;

@@ -301,15 +301,20 @@ def _kl_torch(x, y, temperature, need_x, need_y, scale):
     my = torch.where(torch.isfinite(my), my, 0.0)
     a = (x - mx) / T  # <= 0; -inf off p's support
     b = (y - my) / T
-    # the raw log-ratio D = (y - x) + (mx - my) (d = D / T), both differences exact:
-    # s + e = y - x and Ch + Cl = mx - my (TwoSum); |D| <= the span, finite in the dtype
+    # the raw log-ratio relative to its value at an entry r where x is largest:
+    # D_i = (y_i - x_i) - (y_r - x_r) (d = (D + Dref) / T with Dref = y_r - max y), from exact
+    # differences (TwoSum): neither side's magnitude nor the distance between the maxima
+    # swallows what varies where p lives
+    yr = y.gather(-1, x.argmax(-1, keepdim=True))
+    yr = torch.where(yr > ninf, yr, mx)  # y_r = -inf: the row escapes (+inf) anyway
+    d0h = yr - mx
+    d0b = d0h - yr
+    d0l = (yr - (d0h - d0b)) + (-mx - d0b)
+    Dref = yr - my
     s = y - x
     bb = s - y
     e = (y - (s - bb)) + (-x - bb)
-    Ch = mx - my
-    Cb = Ch - mx
-    Cl = (mx - (Ch - Cb)) + (-my - Cb)
-    D = (s + Ch) + (e + Cl)
+    D = (s - d0h) + (e - d0l)
     del s, bb, e
     if not dense:
         D = torch.where(inS, D, 0.0)
@@ -338,7 +343,7 @@ def _kl_torch(x, y, temperature, need_x, need_y, scale):
         qS = torch.where(inS, eq, 0.0).sum(-1, keepdim=True) / Zy
         use = qo < 0.5
         log_qS = torch.where(use, torch.log1p(-torch.where(use, qo, 0.0)), torch.log(qS))
-    lc = -torch.log(Zx) - muR / T  # p_i e^{d'_i} = e^{lc} e^{b_i}
+    lc = -torch.log(Zx) - (muR + Dref) / T  # p_i e^{d'_i} = e^{lc} e^{b_i}
     huge = lc > floor - 30.0
     c = torch.exp(torch.where(huge, 0.0, lc))
     Dc = D.sub_(muR)  # centred, raw units: finite
@@ -381,6 +386,8 @@ def _kl_torch(x, y, temperature, need_x, need_y, scale):
     kl = torch.where(bad, math.nan, kl)
     if need_x:  # -p d' g / T with d' = Dc / T (finite unless the true value overflows)
         gx = (p_ * Dc).div_(T).mul_(g).div_(-T)
+        if wild:  # p_i = 0 against an infinite d'_i: 0
+            gx = torch.where(p_ > 0, gx, 0.0)
     return kl, gx, gy
 
 
