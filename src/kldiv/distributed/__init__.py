@@ -14,7 +14,7 @@ divergence            collectives                                 payload elemen
 ====================  ==========================================  =========================
 forward, reverse KL   1 MAX + 2 SUM all-reduces                   8 + 7 + 1 = 16
 Jeffreys              1 MAX + 3 SUM all-reduces                   8 + 7 + 1 + 2 = 18
-JS                    1 MAX + 3 SUM all-reduces                   8 + 7 + 1 + 4 = 20
+JS                    1 MAX + 3 SUM all-reduces                   8 + 7 + 1 + 6 = 22
 ====================  ==========================================  =========================
 
 The MAX carries the row maxima of both sides over their supports and over the common support

@@ -399,8 +399,34 @@ def _phase_family(kind, x, y, st, beta):
     m = beta * pw + (1 - beta) * qw  # p e^{log m/p} = q e^{log m/q} = m, exactly
     tp = _sel(t, _w_phi(_xp(), pw, lm_p, w_exp=m), 0.0)
     tq = _sel(t, _w_phi(_xp(), qw, lm_q, w_exp=m), 0.0)
+    wp, wq = _js_w(d, pw, qw, beta)
     return torch.stack([tp.sum(-1), tq.sum(-1), _sel(t, pw * lm_p, 0.0).sum(-1),
-                        _sel(t, qw * lm_q, 0.0).sum(-1)], dim=1)
+                        _sel(t, qw * lm_q, 0.0).sum(-1), _sel(t, pw * wp, 0.0).sum(-1),
+                        _sel(t, qw * wq, 0.0).sum(-1)], dim=1)
+
+
+def _log1p_cexp(c, d):
+    """log(1 + c e^d) for c > 0, safe and accurate for every d."""
+    import torch
+
+    lo = d < 1.0
+    ds = torch.where(lo, d, 0.0)
+    dl = torch.where(lo, 1.0, d)
+    return torch.where(lo, torch.log1p(c * torch.exp(ds)),
+                       math.log(c) + dl + torch.log1p(torch.exp(-dl) / c))
+
+
+def _js_w(d, pw, qw, beta):
+    """log(m / (beta p)) = log1p((1-beta)/beta e^d) and log(m / ((1-beta) q)) on T.
+
+    They differ from log(m/p) and log(m/q) by constants; where the supports barely overlap
+    (JS near its bound) they are small where log(m/p) is near log(beta), so the gradient's
+    centred differences taken from them do not cancel (see _local_grads_chunk)."""
+    import torch
+
+    wp = torch.where(pw > 0, _log1p_cexp((1 - beta) / beta, d), 0.0)
+    wq = torch.where(qw > 0, _log1p_cexp(beta / (1 - beta), -d), 0.0)
+    return wp, wq
 
 
 def _rows_and_stats(kind, x, y, beta, temperature, group, check, names=("p_shard", "q_shard")):
@@ -433,6 +459,8 @@ def _rows_and_stats(kind, x, y, beta, temperature, group, check, names=("p_shard
         return _nan_rows(rows, st).to(dt), st
     st["S_plm"] = sums[:, 2]  # sum_T p log(m/p)
     st["S_qlm"] = sums[:, 3]  # sum_T q log(m/q)
+    st["S_pw"] = sums[:, 4]  # sum_T p log(m / (beta p))
+    st["S_qw"] = sums[:, 5]  # sum_T q log(m / ((1-beta) q))
     rows = (beta * sums[:, 0] + (1 - beta) * sums[:, 1]
             - beta * math.log(beta) * st["a_out"] - (1 - beta) * math.log1p(-beta) * st["b_out"])
     return _nan_rows(rows, st).to(dt), st
@@ -509,15 +537,27 @@ def _local_grads_chunk(kind, x, y, rows, st, beta, scale, need):
         gx = _sel(t, -pw * torch.where(pw > 0, dc, 0.0), 0.0) - qmp
         gy = qmp + _sel(t, qw * torch.where(qw > 0, delta - st["Eq_delta"][:, None], 0.0), 0.0)
     else:
-        t, _, _, lm_p, lm_q, pw, qw = _js_local(x, y, st, beta)
+        t, d, _, lm_p, lm_q, pw, qw = _js_local(x, y, st, beta)
         # log(p/m) - KL(p||m) with KL(p||m) = c_p p_out - S_plm, c_p = -log(beta) = log(p/m)
         # off T; off T the difference is c_p (1 - p_out) + S_plm, with 1 - p_out = p(T) taken
         # from its accurate logarithm (no cancellation when p(T) is tiny; 0 when T is empty)
         cp, cq = -math.log(beta), -math.log1p(-beta)
-        on_p = -lm_p - (cp * st["a_out"] - st["S_plm"])[:, None]
-        on_q = -lm_q - (cq * st["b_out"] - st["S_qlm"])[:, None]
+        E_lm_p = (st["S_plm"] - cp * st["a_out"])[:, None]  # E_p[log(m/p)] = -KL(p||m)
+        E_lm_q = (st["S_qlm"] - cq * st["b_out"])[:, None]
+        on_p = -lm_p + E_lm_p
+        on_q = -lm_q + E_lm_q
         off_p = (cp * torch.exp(st["log_aT"]) + st["S_plm"])[:, None]
         off_q = (cq * torch.exp(st["log_bT"]) + st["S_qlm"])[:, None]
+        # the same differences from w = log(m / (beta p)) (w = 0 off T): S_w - w on T and S_w
+        # off T; per row, the form whose mean is the smaller (no cancellation near JS's bound)
+        wp, wq = _js_w(d, pw, qw, beta)
+        S_pw, S_qw = st["S_pw"][:, None], st["S_qw"][:, None]
+        use_p = S_pw.abs() < E_lm_p.abs()
+        use_q = S_qw.abs() < E_lm_q.abs()
+        on_p = torch.where(use_p, S_pw - wp, on_p)
+        on_q = torch.where(use_q, S_qw - wq, on_q)
+        off_p = torch.where(use_p, S_pw, off_p)
+        off_q = torch.where(use_q, S_qw, off_q)
         gx = beta * pw * _sel(t, on_p, off_p)
         gy = (1 - beta) * qw * _sel(t, on_q, off_q)
     fin = torch.isfinite(rows)
