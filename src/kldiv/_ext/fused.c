@@ -103,6 +103,7 @@ static const double kphi[16] = {
 #define SPAN_MAX 3.4028235677973366e38 /* FLT_MAX (1 + 2^-25): below it, x - y rounds finite */
 #define D_CLAMP 8.5e37  /* |log-ratio| held below FLT_MAX / 4: no inf or nan in the passes */
 #define D_RISK 1048576.0 /* larger |d| at an underflowed p_i: the row goes to float64 */
+#define KL_REL 0x1p-30  /* ... unless p_i |d_i| summed stays below KL_REL * KL */
 #include "fused.c" /* this file, once per element type */
 #undef T
 #undef SFX
@@ -113,6 +114,7 @@ static const double kphi[16] = {
 #undef SPAN_MAX
 #undef D_CLAMP
 #undef D_RISK
+#undef KL_REL
 
 #define T double
 #define SFX _d
@@ -123,6 +125,7 @@ static const double kphi[16] = {
 #define SPAN_MAX 1.7976931348623157e308
 #define D_CLAMP 4.4e307
 #define D_RISK 1048576.0
+#define KL_REL 0x1p-60
 #include "fused.c" /* this file, once per element type */
 #undef T
 #undef SFX
@@ -133,6 +136,7 @@ static const double kphi[16] = {
 #undef SPAN_MAX
 #undef D_CLAMP
 #undef D_RISK
+#undef KL_REL
 
 #undef KLDIV_FUSED_TEMPLATE
 
@@ -388,16 +392,27 @@ KLDIV_CLONES static double FN(kl_row)(const T *x, const T *y, Py_ssize_t V, doub
             memset(gy, 0, (size_t)V * sizeof(T));
         return INFINITY;
     }
-    if (risk) { /* some |d| beyond 2^20: is it at a p_i that underflows here but may matter? */
+    const double mu = S1 / Zx; /* E_p[t] / T; E_p[d] = mu + Dref */
+    if (risk) { /* some |d| beyond 2^20: does it meet a p_i that underflows here? */
         const T RA = (T) - (EXP_FLOOR + 250.0), FL = (T)-EXP_FLOOR, CL = (T)D_CLAMP;
+        double B = 0; /* bound on the neglected sum of p_i |d_i| (times Zx) */
         for (Py_ssize_t i = 0; i < V; i++) {
             const T dv = sd[i], ad = KFABS(dv);
+            if (!(dv == dv) || !(ad > (T)D_RISK))
+                continue;
             const T a = (x[i] - mx) * it;
-            if (dv == dv && ad > (T)D_RISK && a > RA && (a < FL || ad >= CL))
-                return NAN;
+            if (a >= FL) {
+                if (ad >= CL) /* clamped where p_i counts */
+                    return NAN;
+            } else if (a > RA) {
+                B += exp((double)a + log((double)ad));
+            }
         }
+        /* KL = log Zy - log Zx - E_p[d]: what was neglected must not show at T's precision */
+        const double kest = log(Zy) - log(Zx) - mu - Dref;
+        if (B / Zx > KL_REL * (kest > 0 ? kest : 0.0))
+            return NAN;
     }
-    const double mu = S1 / Zx; /* E_p[t] / T; E_p[d] = mu + Dref */
     const double qo = Zqo / Zy;
     const double log_qS = qo < 0.5 ? log1p(-qo) : log(ZqS / Zy);
     const double lc = -log(Zx) - mu - Dref; /* p_i e^{d'_i} = e^{lc} * sq[i] */

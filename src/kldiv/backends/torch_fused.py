@@ -322,19 +322,25 @@ def _kl_torch(x, y, temperature, need_x, need_y, scale):
     eq = torch.exp(b)
     # wild rows: log-ratios beyond 2**20 (T tiny, or values of 1e30): guards against 0 * inf
     wild = bool((D.abs().amax() / T) > _RISK_D) if D.numel() else False
-    risk = None
+    B = None
     if wild:
-        # an entry whose p_i underflows here (but not by far) against a huge log-ratio:
-        # p_i |d_i| may matter, the row goes to float64 (or, in float64, to the core)
-        r = (a > -(floor + 250.0)) & (a < -floor) & (D.abs() / T > _RISK_D)
-        risk = (r & inS).any(-1)
+        # entries whose p_i underflows here (but not by far) against a huge log-ratio: a bound
+        # on the neglected sum of p_i |d_i| (times Zx), checked against the KL below
+        ad = D.abs() / T
+        r = (a > -(floor + 250.0)) & (a < -floor) & (ad > _RISK_D) & inS
+        B = torch.where(r, torch.exp(torch.where(r, a + torch.log(ad), 0.0)), 0.0)
+        B = B.sum(-1, keepdim=True)
+        del ad, r
     Zx = ep.sum(-1, keepdim=True)
     Zy = eq.sum(-1, keepdim=True)
     p_ = ep.div_(Zx)
     muR = (p_ * D).sum(-1, keepdim=True)  # E_p[D], raw units: a convex combination, finite
     bad = bad | ~(torch.isfinite(Zx) & torch.isfinite(Zy) & torch.isfinite(muR))[:, 0]
     esc = (px & ~py).any(-1) & ~bad
-    if risk is not None:
+    if B is not None:  # what was neglected must not show at the dtype's precision
+        kest = (torch.log(Zy) - torch.log(Zx) - (muR + Dref) / T).clamp_min(0.0)
+        rel = 2.0**-30 if dt == torch.float32 else 2.0**-60
+        risk = (B / Zx > rel * kest)[:, 0]
         bad = bad | (risk & ~esc)
     if dense:
         log_qS = torch.zeros_like(Zy)
