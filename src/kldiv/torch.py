@@ -25,4 +25,5 @@ from ._torch_modules import (  # noqa: F401  (issue 15, nn.Module losses)
 )
 
 __all__ = ["linear_kl_div", "kl_div_inplace", "set_fused", "fused", "fused_enabled",
-           "FUSED_MIN_ELEMENTS", "release_grad_buffers", "KLDivLoss", "ReverseKLLoss", "JSDivLoss", "LinearKLDivLoss"]
+           "FUSED_MIN_ELEMENTS", "release_grad_buffers", "KLDivLoss", "ReverseKLLoss",
+           "JSDivLoss", "LinearKLDivLoss"]

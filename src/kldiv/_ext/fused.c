@@ -24,8 +24,8 @@
  * Three passes per row: (1) the maxima and minima; (2) the exponentials (kept in a per-thread
  * scratch of 3 V values), the normalisers, E_p[d] and q's mass outside S; (3) over the scratch:
  * the series, then the gradients (q - p from the series where it is used: full relative
- * accuracy near convergence). The third pass reads only the scratch, so a gradient may be written over its own
- * input (kl_div_inplace). Edges: p_i > 0 = q_i gives +inf with zero gradients (as the core); an
+ * accuracy near convergence). The third pass reads only the scratch, so a gradient may be
+ * written over its own input (kl_div_inplace). Edges: p_i > 0 = q_i gives +inf with zero gradients (as the core); an
  * all -inf, +inf or nan row, a row whose values span more than the type holds, and a row where
  * a p_i that underflows here meets a log-ratio beyond 2^20 (p_i |d_i| may still matter) are
  * reported as nan before any gradient of that row is written: Python recomputes them (float64,
