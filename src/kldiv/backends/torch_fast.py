@@ -51,8 +51,14 @@ _TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 T_RANGE = (1.0 / 64.0, 64.0)
 
 # elements per chunk of rows where inputs are converted (probabilities to logarithms, dtypes):
-# a few chunk-sized temporaries of float64 stay well under a tenth of a 512 x 32000 input
+# at least _CHUNK, at most 1/_CHUNK_PARTS of the input (fewer Python steps on large inputs), so
+# that the chunk's few temporaries stay under a tenth of one input tensor from 512 x 32000 up
 _CHUNK = 1 << 16
+_CHUNK_PARTS = 48
+
+
+def _chunk_rows(n, V):
+    return max(1, max(_CHUNK, (n * V) // _CHUNK_PARTS) // V)
 
 _NINF = -math.inf
 
@@ -530,7 +536,7 @@ def _kernel_rows(spec, pm, qm, c, keep, need_p, need_q, check, force64=False):
                     tol.append(_lse_off_chunked(side, keep, n, V))
             checks.extend(tol)
     else:
-        step = max(1, _CHUNK // V)
+        step = _chunk_rows(n, V)
         sp_p = spec.p_space == "probs"
         sp_q = spec.q_space == "probs"
         tol_p = _tolerance(torch.finfo(x.dtype).eps, V) if check else 0.0
@@ -655,7 +661,7 @@ def _grad_to_input(gl, xk, is_probs):
 def _lse_off_chunked(x, keep, n, V):
     """Rows of log-probabilities whose logsumexp is off 0 by more than the tolerance."""
     tol = _tolerance(torch.finfo(x.dtype).eps, V)
-    step = max(1, _CHUNK // V)
+    step = _chunk_rows(n, V)
     if step >= n:
         off = _log_probs_off(x, tol)
     else:
