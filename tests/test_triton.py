@@ -158,10 +158,12 @@ def test_js_values_and_gradients(beta):
     a 1e30 offset, disjoint supports: log 2 at beta = 1/2 with zero gradient)."""
     inf = math.inf
     x, y = _near(13, [1e-2, 1e-6, 1e-9], seed=4)
-    x = torch.cat([x[:, :5], torch.tensor([[0.0, 1, -inf, 2, 0.5], [0.0, 1, 2, 3, 4],
-                                          [1e30, 1e30, -1e30, 0, 1e30], [0, -inf, -inf, -inf, -inf]])])
-    y = torch.cat([y[:, :5], torch.tensor([[0.3, 1, 0, 2, -inf], [0.0, 1, -inf, 3, 4],
-                                          [0.0, 5, 10, 1, 2], [-inf, 0, 1, 2, 3]])])
+    x = torch.cat([x[:, :5], torch.tensor([
+        [0.0, 1, -inf, 2, 0.5], [0.0, 1, 2, 3, 4], [1e30, 1e30, -1e30, 0, 1e30],
+        [0, -inf, -inf, -inf, -inf]])])
+    y = torch.cat([y[:, :5], torch.tensor([
+        [0.3, 1, 0, 2, -inf], [0.0, 1, -inf, 3, 4], [0.0, 5, 10, 1, 2],
+        [-inf, 0, 1, 2, 3]])])
     T = 0.7
     xa = x.clone().requires_grad_(True)
     ya = y.clone().requires_grad_(True)

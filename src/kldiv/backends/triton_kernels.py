@@ -1,4 +1,4 @@
-"""Triton kernels for the fused KL family on CUDA tensors (and on CPU tensors in Triton's interpreter).
+"""Triton kernels for the fused KL family on CUDA tensors (CPU tensors in Triton's interpreter).
 
 One program per row computes, for two rows ``x`` (p's logits or log-probabilities) and ``y``
 (q's) at temperature T, the value KL(p || q) of p = softmax(x / T), q = softmax(y / T) and, in the
@@ -19,7 +19,8 @@ inputs plus the exact difference of the maxima, so a huge common offset (masking
 read in their own dtype and computed in float32; block sums are accumulated in float64; the
 gradients are written in the input dtype.
 
-Passes over a row (each one block loop over V, so any V works, odd V included): (1) the maxima
+Passes over a row (a row of up to 8192 entries is read once and kept in registers; longer rows
+are loops over blocks of 4096, re-read in each pass, so any V works, odd V included): (1) the maxima
 and the smallest finite values; (2) the exponentials, normalisers, E_p[d] and q's mass off S;
 (3) the series sum (the value); (4) only when a gradient is wanted, the gradients. Rows the
 float32 algebra cannot hold (a span of values beyond float32, a +inf or nan entry, a row with no
@@ -125,11 +126,20 @@ if True:
         acc = acc * u + 0.5
         return acc * u * u
 
-    def _entry_fn(X, Y, offs, V, mx, my, Ch, Cl, it):
+    def _ld_fn(X, Y, offs, V, x0, y0, SINGLE: tl.constexpr):
+        # a block of both inputs in float32 (-inf past V); SINGLE: the row was read once, whole
+        if SINGLE:
+            x = x0
+            y = y0
+        else:
+            inb = offs < V
+            x = tl.load(X + offs, mask=inb, other=float("-inf")).to(tl.float32)
+            y = tl.load(Y + offs, mask=inb, other=float("-inf")).to(tl.float32)
+        return x, y
+
+    def _entry_fn(X, Y, offs, V, mx, my, Ch, Cl, it, x0, y0, SINGLE: tl.constexpr):
         """Inputs of one block in float32, their exponentials and the exact log-ratio d."""
-        inb = offs < V
-        x = tl.load(X + offs, mask=inb, other=float("-inf")).to(tl.float32)
-        y = tl.load(Y + offs, mask=inb, other=float("-inf")).to(tl.float32)
+        x, y = _ld(X, Y, offs, V, x0, y0, SINGLE)
         px = x > float("-inf")
         py = y > float("-inf")
         both = px & py
@@ -147,7 +157,19 @@ if True:
         d = tl.where(both, dd, 0.0)
         return x, y, px, py, both, a, ep, eq, d
 
-    def _stats_fn(X, Y, V, it, BLOCK: tl.constexpr):
+    def _ld0_fn(X, Y, V, BLOCK: tl.constexpr, SINGLE: tl.constexpr):
+        # the whole row, read once, when it fits one block (every pass then works from it)
+        if SINGLE:
+            offs = tl.arange(0, BLOCK)
+            inb = offs < V
+            x0 = tl.load(X + offs, mask=inb, other=float("-inf")).to(tl.float32)
+            y0 = tl.load(Y + offs, mask=inb, other=float("-inf")).to(tl.float32)
+        else:
+            x0 = 0.0
+            y0 = 0.0
+        return x0, y0
+
+    def _stats_fn(X, Y, V, it, x0, y0, BLOCK: tl.constexpr, SINGLE: tl.constexpr):
         """Passes 1 and 2 over a row: maxima, exact offset of the maxima, normalisers, sums."""
         base = tl.arange(0, BLOCK)
         ninf = float("-inf")
@@ -159,9 +181,7 @@ if True:
         vly = tl.full([BLOCK], pinf, tl.float32)
         for b0 in range(0, V, BLOCK):
             offs = b0 + base
-            inb = offs < V
-            x = tl.load(X + offs, mask=inb, other=ninf).to(tl.float32)
-            y = tl.load(Y + offs, mask=inb, other=ninf).to(tl.float32)
+            x, y = _ld(X, Y, offs, V, x0, y0, SINGLE)
             vmx = tl.maximum(vmx, x)
             vmy = tl.maximum(vmy, y)
             vlx = tl.minimum(vlx, tl.where(x > ninf, x, pinf))
@@ -193,7 +213,8 @@ if True:
         esc = tl.zeros([BLOCK], tl.int32)
         for b0 in range(0, V, BLOCK):
             offs = b0 + base
-            x, y, px, py, both, a, ep, eq, d = _entry(X, Y, offs, V, mx, my, Ch, Cl, it)
+            x, y, px, py, both, a, ep, eq, d = _entry(X, Y, offs, V, mx, my, Ch, Cl, it,
+                                                       x0, y0, SINGLE)
             Zx += tl.sum(ep, 0).to(tl.float64)
             Zy += tl.sum(eq, 0).to(tl.float64)
             S1 += tl.sum(ep * d, 0).to(tl.float64)
@@ -213,13 +234,15 @@ if True:
 
     def _kl_rows_kernel_fn(X, Y, S, ROWS, GX, GY, V, sx, sy, sgx, sgy, inv_t,
                         WANT_X: tl.constexpr, WANT_Y: tl.constexpr, ACC: tl.constexpr,
-                        BLOCK: tl.constexpr):
+                        BLOCK: tl.constexpr, SINGLE: tl.constexpr):
         r = tl.program_id(0).to(tl.int64)
         X = X + r * sx
         Y = Y + r * sy
+        x0, y0 = _ld0(X, Y, V, BLOCK, SINGLE)
         it = tl.cast(inv_t, tl.float32)
         s = tl.load(S + r).to(tl.float64)
-        bad, escaped, mx, my, Ch, Cl, Zx, Zy, S1, ZqS, Zqo, ZpS, Zpo = _stats(X, Y, V, it, BLOCK)
+        st = _stats(X, Y, V, it, x0, y0, BLOCK, SINGLE)
+        bad, escaped, mx, my, Ch, Cl, Zx, Zy, S1, ZqS, Zqo, ZpS, Zpo = st
         base = tl.arange(0, BLOCK)
         Zx = tl.where(bad, 1.0, Zx)
         Zy = tl.where(bad, 1.0, Zy)
@@ -245,7 +268,8 @@ if True:
         risk = tl.zeros([BLOCK], tl.int32)
         for b0 in range(0, V, BLOCK):
             offs = b0 + base
-            x, y, px, py, both, a, ep, eq, d = _entry(X, Y, offs, V, mx, my, Ch, Cl, it)
+            x, y, px, py, both, a, ep, eq, d = _entry(X, Y, offs, V, mx, my, Ch, Cl, it,
+                                                       x0, y0, SINGLE)
             dc = d - muT
             p = ep * ip
             small = tl.abs(dc) < 0.5
@@ -284,7 +308,8 @@ if True:
             for b0 in range(0, V, BLOCK):
                 offs = b0 + base
                 inb = offs < V
-                x, y, px, py, both, a, ep, eq, d = _entry(X, Y, offs, V, mx, my, Ch, Cl, it)
+                x, y, px, py, both, a, ep, eq, d = _entry(X, Y, offs, V, mx, my, Ch, Cl, it,
+                                                       x0, y0, SINGLE)
                 dc = d - muT
                 small = tl.abs(dc) < 0.5
                 ser = _phi_series(tl.where(small, dc, 0.0))
@@ -345,15 +370,18 @@ if True:
         return tl.where(reg, _log1p(ry * tl.exp(tl.where(reg, lr, 0.0))), yv - tl.log(c))
 
     def _js_rows_kernel_fn(X, Y, S, ROWS, GX, GY, V, sx, sy, sgx, sgy, inv_t, beta,
-                           WANT_X: tl.constexpr, WANT_Y: tl.constexpr, BLOCK: tl.constexpr):
+                           WANT_X: tl.constexpr, WANT_Y: tl.constexpr, BLOCK: tl.constexpr,
+                           SINGLE: tl.constexpr):
         r = tl.program_id(0).to(tl.int64)
         X = X + r * sx
         Y = Y + r * sy
+        x0, y0 = _ld0(X, Y, V, BLOCK, SINGLE)
         it = tl.cast(inv_t, tl.float32)
         bt = tl.cast(beta, tl.float32)
         b64 = tl.cast(beta, tl.float64)
         s = tl.load(S + r).to(tl.float64)
-        bad, escaped, mx, my, Ch, Cl, Zx, Zy, S1, ZqS, Zqo, ZpS, Zpo = _stats(X, Y, V, it, BLOCK)
+        st = _stats(X, Y, V, it, x0, y0, BLOCK, SINGLE)
+        bad, escaped, mx, my, Ch, Cl, Zx, Zy, S1, ZqS, Zqo, ZpS, Zpo = st
         base = tl.arange(0, BLOCK)
         Zx = tl.where(bad, 1.0, Zx)
         Zy = tl.where(bad, 1.0, Zy)
@@ -382,7 +410,8 @@ if True:
         acc = tl.zeros([1], tl.float64)
         for b0 in range(0, V, BLOCK):
             offs = b0 + base
-            x, y, px, py, both, a, ep, eq, d = _entry(X, Y, offs, V, mx, my, Ch, Cl, it)
+            x, y, px, py, both, a, ep, eq, d = _entry(X, Y, offs, V, mx, my, Ch, Cl, it,
+                                                       x0, y0, SINGLE)
             dc = d - muT
             p = ep * ipT
             small = tl.abs(dc) < 0.5
@@ -407,7 +436,8 @@ if True:
         rz = bt / cb  # log m/q = log(1 - beta) + log1p(rz p/q)
         for b0 in range(0, V, BLOCK):
             offs = b0 + base
-            x, y, px, py, both, a, ep, eq, d = _entry(X, Y, offs, V, mx, my, Ch, Cl, it)
+            x, y, px, py, both, a, ep, eq, d = _entry(X, Y, offs, V, mx, my, Ch, Cl, it,
+                                                       x0, y0, SINGLE)
             lr = tl.where(both, (d - muT) + mean_d, 0.0)  # log q/p on T
             p = ep * ip
             q = eq * iq
@@ -450,7 +480,8 @@ if True:
             for b0 in range(0, V, BLOCK):
                 offs = b0 + base
                 inb = offs < V
-                x, y, px, py, both, a, ep, eq, d = _entry(X, Y, offs, V, mx, my, Ch, Cl, it)
+                x, y, px, py, both, a, ep, eq, d = _entry(X, Y, offs, V, mx, my, Ch, Cl, it,
+                                                       x0, y0, SINGLE)
                 lr = tl.where(both, (d - muT) + mean_d, 0.0)
                 if WANT_X:
                     p = ep * ip
@@ -478,7 +509,7 @@ _BUILT = None  # the interpreter setting the kernels were decorated under
 def _build():
     """Decorate the kernel functions with triton.jit (again if TRITON_INTERPRET changed)."""
     global _BUILT, _phi_series, _entry, _stats, _kl_rows_kernel, _expm1, _log1p, _log_mix
-    global _js_rows_kernel, _y_hat
+    global _js_rows_kernel, _y_hat, _ld, _ld0
     mode = _interpret()
     if _BUILT is not mode:
         _phi_series = triton.jit(_phi_series_fn)
@@ -487,6 +518,8 @@ def _build():
         _log_mix = triton.jit(_log_mix_fn)
         _y_hat = triton.jit(_y_hat_fn)
         _entry = triton.jit(_entry_fn)
+        _ld = triton.jit(_ld_fn)
+        _ld0 = triton.jit(_ld0_fn)
         _stats = triton.jit(_stats_fn)
         _js_rows_kernel = triton.jit(_js_rows_kernel_fn)
         _kl_rows_kernel = triton.jit(_kl_rows_kernel_fn)
@@ -501,12 +534,17 @@ def _launch_js(x, y, scale, inv_t, beta, rows, gx, gy):
         x.stride(0), y.stride(0), 0 if gx is None else gx.stride(0),
         0 if gy is None else gy.stride(0), float(inv_t), float(beta),
         WANT_X=gx is not None, WANT_Y=gy is not None, BLOCK=_block(V),
-        num_warps=4 if V <= 8192 else 8)
+        SINGLE=V <= _block(V),
+        num_warps=4 if _block(V) <= 2048 else 8)
 
 
 def _block(V):
+    """Block size: the whole row (read once) up to 8192 entries, else loops of 4096 (1024 in
+    the interpreter, so that its tests exercise both the single-block and the looping code)."""
     b = 1 << max(4, (int(V) - 1).bit_length())
-    return min(b, 4096 if not _interpret() else 1024)
+    if _interpret():
+        return min(b, 1024)
+    return b if b <= 8192 else 4096
 
 
 def _launch(x, y, scale, inv_t, rows, gx, gy, acc):
@@ -519,7 +557,8 @@ def _launch(x, y, scale, inv_t, rows, gx, gy, acc):
         x.stride(0), y.stride(0), 0 if gx is None else gx.stride(0),
         0 if gy is None else gy.stride(0), float(inv_t),
         WANT_X=gx is not None, WANT_Y=gy is not None, ACC=bool(acc), BLOCK=_block(V),
-        num_warps=4 if V <= 8192 else 8)
+        SINGLE=V <= _block(V),
+        num_warps=4 if _block(V) <= 2048 else 8)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -638,7 +677,8 @@ def kl_rows(x, y, scale, temperature=1.0, kind="forward", beta=0.5):
 
     ``D`` is KL(p || q) ("forward"), KL(q || p) ("reverse"), their sum ("jeffreys") or the
     generalised Jensen-Shannon divergence ``beta KL(p || m) + (1 - beta) KL(q || m)``,
-    ``m = beta p + (1 - beta) q`` ("js", 0 < beta < 1) of p = softmax(x / T), q = softmax(y / T); the gradients are formed in the same launch as the
+    ``m = beta p + (1 - beta) q`` ("js", 0 < beta < 1) of p = softmax(x / T),
+    q = softmax(y / T); the gradients are formed in the same launch as the
     value. Rows the kernel cannot take are nan (see the module docstring).
     """
     if triton is None:
@@ -670,7 +710,8 @@ def divergence(kind, p, q, *, p_space, q_space, axis, reduction, mask, weight, t
                t2_scale, validate, beta=0.5):
     """``kldiv.<kind>`` through the Triton kernel, or NotImplemented (the torch path runs).
 
-    Taken: kinds "forward", "reverse", "jeffreys", "js" (0 < beta < 1); log-space inputs ("logits", "log_probs") of
+    Taken: kinds "forward", "reverse", "jeffreys", "js" (0 < beta < 1); log-space inputs
+    ("logits", "log_probs") of
     float16, bfloat16 or float32 on one device, same shape; any axis and reduction; a boolean
     mask and a weight without gradient (per-row scale); temperature in ``T_RANGE``. With value
     checks on (the default) one host synchronisation decides whether every row was taken (rows
