@@ -12,16 +12,16 @@ Communication per row, forward pass (payload elements of the compute dtype, floa
 ====================  ==========================================  =========================
 divergence            collectives                                 payload elements per row
 ====================  ==========================================  =========================
-forward, reverse KL   1 MAX + 2 SUM all-reduces                   8 + 7 + 1 = 16
-Jeffreys              1 MAX + 3 SUM all-reduces                   8 + 7 + 1 + 2 = 18
-JS                    1 MAX + 3 SUM all-reduces                   8 + 7 + 1 + 6 = 22
+forward, reverse KL   1 MAX + 2 SUM all-reduces                   8 + 9 + 1 = 18
+Jeffreys              1 MAX + 3 SUM all-reduces                   8 + 9 + 1 + 2 = 20
+JS                    1 MAX + 3 SUM all-reduces                   8 + 9 + 1 + 6 = 24
 ====================  ==========================================  =========================
 
 The MAX carries the row maxima of both sides over their supports and over the common support
 (the global log-normalisers are then ``max + log(SUM of exp((x - max) / T))``) and four flags
 (support escapes, invalid values, float32 logits beyond 2^125 T); the first SUM carries the
-exp-sums, the p-weighted sum of the centred logit difference and the masses outside the common
-support; the second SUM carries the sum of
+exp-sums, the p-weighted sum of the centred logit difference (the entry at p's maximum apart
+from the rest, with the rest's mass) and the masses outside the common support; the second SUM carries the sum of
 ``w * phi(centred difference)`` (it needs the global mean of the first); JS and Jeffreys add
 one SUM of their own terms. The backward pass needs no collective at all: every gradient
 (``q - p`` for forward KL w.r.t. the student, ``-p * (centred difference)`` w.r.t. the

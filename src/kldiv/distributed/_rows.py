@@ -196,7 +196,7 @@ def _phase_max(a, b, check, dense, limit):
 
 
 def _phase_sums(a, b, Ma, Mb, MaT, MbT, temperature, dense, twosum):
-    """Local exp-sums, p-weighted centred log-ratio sum and outside masses: (n, 7)."""
+    """Local exp-sums, p-weighted centred log-ratio sums and outside masses: (n, 9)."""
     import torch
 
     sa, sb, t = _supports(a, b, dense)
@@ -205,12 +205,23 @@ def _phase_sums(a, b, Ma, Mb, MaT, MbT, temperature, dense, twosum):
     eaT = _exp_on(a, t, ea, Ma, MaT, temperature)  # exp((a - MaT) / T) on T, 0 elsewhere
     ebT = _exp_on(b, t, eb, Mb, MbT, temperature)
     delta = _delta(a, b, MaT, MbT, t, temperature, twosum)
+    # the entries at a's maximum over T (weight exactly 1) apart from the rest: a saturated a
+    # (one-hot to within eps) keeps the rest's small sums, which its gradient is made of
+    top = _top(a, MaT, t)
+    rest = torch.where(top, 0.0, eaT)
     # (where a|T underflows, delta may overflow: 0 * inf must not make a nan)
-    S_ad = torch.where(eaT > 0, eaT * delta, 0.0).sum(-1)
+    S_rest = torch.where(rest > 0, rest * delta, 0.0).sum(-1)
+    D_top = torch.where(top, delta, 0.0).sum(-1)
     return torch.stack([
-        ea.sum(-1), eb.sum(-1), eaT.sum(-1), ebT.sum(-1), S_ad,
-        _outside_sum(t, ea), _outside_sum(t, eb),
+        ea.sum(-1), eb.sum(-1), eaT.sum(-1), ebT.sum(-1), D_top, S_rest,
+        _outside_sum(t, ea), _outside_sum(t, eb), rest.sum(-1),
     ], dim=1)
+
+
+def _top(a, MaT, t):
+    """The entries of T where a attains its maximum over T."""
+    top = a == _finite0(MaT)
+    return top if t is None else top & t
 
 
 def _phase_phi(a, b, MaT0, MbT0, log_saT, mu, big, temperature, dense, twosum):
@@ -241,7 +252,7 @@ def _pair_stats(a, b, temperature, group, check, names):
     outside T), ``a_esc``, ``b_esc`` (a side has mass where the other has none), ``L``, ``kl`` =
     KL(a || b), ``mean_d`` (E_{a|T}[log b/a]), ``log_aT``, ``log_bT`` (-inf where T is empty);
     and ``T``, ``dense``, ``up`` (computed in float64). Three collectives: MAX of (N, 8), SUM
-    of (N, 7), SUM of (N, 1); the passes over the data run in row chunks between them.
+    of (N, 9), SUM of (N, 1); the passes over the data run in row chunks between them.
     """
     import torch
 
@@ -274,7 +285,8 @@ def _pair_stats(a, b, temperature, group, check, names):
     sm = torch.cat([_phase_sums(a[i:j], b[i:j], Ma[i:j], Mb[i:j], MaT[i:j], MbT[i:j], T, dense,
                                 twosum) for i, j in parts])
     sm = _all_reduce(sm, "sum", group)
-    s_a, s_b, s_aT, s_bT, S_ad, s_aout, s_bout = sm.unbind(dim=1)
+    s_a, s_b, s_aT, s_bT, D_top, S_rest, s_aout, s_bout, s_rest = sm.unbind(dim=1)
+    n_top = torch.round(s_aT - s_rest)  # the number of entries at the maximum (usually 1)
     la = torch.log(s_a)
     lb = torch.log(s_b)
     empty_t = ~(s_aT > 0)  # (T holds the maximum of a over T: s_aT >= 1 unless T is empty)
@@ -282,7 +294,7 @@ def _pair_stats(a, b, temperature, group, check, names):
     s_bT1 = torch.where(empty_t, 1.0, s_bT)
     MaT0 = torch.where(empty_t, 0.0, MaT)
     MbT0 = torch.where(empty_t, 0.0, MbT)
-    mu = S_ad / s_aT1
+    mu = (D_top + S_rest) / s_aT1
     a_out = s_aout / s_a
     b_out = s_bout / s_b
     log_saT = torch.log(s_aT1)
@@ -311,6 +323,7 @@ def _pair_stats(a, b, temperature, group, check, names):
     kl = torch.where(a_esc, math.inf, L - torch.where(a_esc, 0.0, log_bT))
     mean_d = torch.where(empty_t, 0.0, log_bT - log_aT - L)
     return dict(Ma=Ma, Mb=Mb, MaT0=MaT0, MbT0=MbT0, la=la, lb=lb, mu=mu, a_out=a_out,
+                n_top=n_top, D_top=D_top, S_rest=S_rest, s_rest=s_rest, s_aT=s_aT1,
                 b_out=b_out, a_esc=a_esc, b_esc=b_esc, L=L, kl=kl, mean_d=mean_d,
                 log_aT=log_aT, log_bT=log_bT, T=T, dense=dense, up=up, twosum=twosum)
 
@@ -325,6 +338,21 @@ def _outside_sum(t, e):
     if t is None:
         return torch.zeros(e.shape[0], dtype=e.dtype, device=e.device)
     return torch.where(t, 0.0, e).sum(-1)
+
+
+def _dc_grad(a, b, st, t):
+    """The centred log-ratio ``delta - mu`` for the gradients, exact in spirit at a's maximum:
+    there it is ``((n delta - D_top) + delta s_rest - S_rest) / s_aT``, small sums only, where
+    ``delta - mu`` would cancel for a saturated a (one-hot to within eps)."""
+    import torch
+
+    delta = _delta(a, b, st["MaT0"], st["MbT0"], t, st["T"], st["twosum"])
+    dc = delta - st["mu"][:, None]
+    top = _top(a, st["MaT0"], t)
+    n, s_rest = st["n_top"][:, None], st["s_rest"][:, None]
+    dtop = ((n * delta - st["D_top"][:, None]) + delta * s_rest - st["S_rest"][:, None]) \
+        / st["s_aT"][:, None]
+    return _sel(t, torch.where(top, dtop, dc), 0.0)
 
 
 def _probs(x, sel, m, lse, temperature):
@@ -518,8 +546,7 @@ def _local_grads_chunk(kind, x, y, rows, st, beta, scale, need):
         sa, sb, t = _supports(a, b, st["dense"])
         pa = _probs(a, sa, st["Ma"], st["la"], T)
         pb = _probs(b, sb, st["Mb"], st["lb"], T)
-        dc = _sel(t, _delta(a, b, st["MaT0"], st["MbT0"], t, T, st["twosum"])
-                  - st["mu"][:, None], 0.0)
+        dc = _dc_grad(a, b, st, t)
         # log(pb / pa) = dc + mean_d, good to eps (|dc| + |mu| + |mean_d|): used for pb - pa
         # where |log(pb / pa)| < 1 on rows whose centring is moderate (else pb - pa directly)
         ok = (st["mu"].abs() + st["mean_d"].abs() < 64.0)[:, None]
@@ -531,7 +558,8 @@ def _local_grads_chunk(kind, x, y, rows, st, beta, scale, need):
             ga = torch.zeros_like(gb)
         gx, gy = (ga, gb) if kind == "forward" else (gb, ga)
     elif kind == "jeffreys":
-        t, d, dc, _, _, pw, qw = _js_local(x, y, st, beta)
+        t, d, _, _, _, pw, qw = _js_local(x, y, st, beta)
+        dc = _dc_grad(x, y, st, t)
         qmp = _diff(pw, qw, d, t)
         delta = _delta(x, y, st["MaT0"], st["MbT0"], t, T, st["twosum"])
         gx = _sel(t, -pw * torch.where(pw > 0, dc, 0.0), 0.0) - qmp
