@@ -21,9 +21,9 @@ The MAX carries the row maxima of both sides over their supports and over the co
 (the global log-normalisers are then ``max + log(SUM of exp((x - max) / T))``) and four flags
 (support escapes, invalid values, float32 logits beyond 2^125 T); the first SUM carries the
 exp-sums, the p-weighted sum of the centred logit difference (the entry at p's maximum apart
-from the rest, with the rest's mass) and the masses outside the common support; the second SUM carries the sum of
-``w * phi(centred difference)`` (it needs the global mean of the first); JS and Jeffreys add
-one SUM of their own terms. The backward pass needs no collective at all: every gradient
+from the rest, with the rest's mass) and the masses outside the common support; the second
+SUM carries the sum of ``w * phi(centred difference)`` (it needs the global mean of the
+first); JS and Jeffreys add one SUM of their own terms. The backward pass needs no collective at all: every gradient
 (``q - p`` for forward KL w.r.t. the student, ``-p * (centred difference)`` w.r.t. the
 teacher, and their analogues) is local once the row statistics are known.
 ``vocab_parallel_linear_kl_div`` adds one SUM all-reduce of ``grad_hidden`` (``rows x hidden``
