@@ -261,6 +261,17 @@ def test_public_functions_take_the_triton_path(monkeypatch):
     bad[0, 0] = -math.inf
     with pytest.raises(ValueError, match="p"):
         kldiv.kl_div(bad, y, **L)
+    # log-probabilities: bfloat16 values against the float64 core; unnormalised ones go to the
+    # core, whose error names p
+    lp = torch.log_softmax(x[:, 0], -1).to(torch.bfloat16)
+    lq = torch.log_softmax(y[:, 0], -1).to(torch.bfloat16)
+    before = len(calls)
+    v = kldiv.kl_div(lp, lq, p_space="log_probs", q_space="log_probs")
+    assert len(calls) == before + 1 and v.dtype == torch.float32
+    ref = kldiv.kl_div(lp.double(), lq.double(), **L)  # the same rounded inputs, renormalised
+    assert torch.allclose(v.double(), ref, rtol=2e-6, atol=0)
+    with pytest.raises(ValueError, match="p: log-probabilities"):
+        kldiv.kl_div(lp.float() + 0.1, lq.float(), p_space="log_probs", q_space="log_probs")
     # "torch" (or "auto" on CPU) never takes this path
     monkeypatch.setenv("KLDIV_BACKEND", "torch")
     before = len(calls)

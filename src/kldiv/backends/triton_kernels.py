@@ -807,10 +807,14 @@ def divergence(kind, p, q, *, p_space, q_space, axis, reduction, mask, weight, t
         if w is not None:
             wb = ~(w > 0) | (w == math.inf)
             flags.append(wb if keep is None else wb & keep)
+        step = max(1, (1 << 22) // V)  # rows per chunk: no temporary beyond ~16 MB
         for side, space in ((x, p_space), (y, q_space)):
             if space == "log_probs":
                 tol = normalization_tolerance(torch.finfo(side.dtype).eps, V)
-                off = torch.logsumexp(side.detach().to(torch.float32), -1).abs() > tol
+                sd = side.detach()
+                lse = torch.cat([torch.logsumexp(sd[i:i + step], -1).float()
+                                 for i in range(0, n, step)])
+                off = lse.abs() > tol
                 flags.append(off if keep is None else off & keep)
         if bool(torch.stack([f.any() for f in flags]).any()):  # the one host synchronisation
             return NotImplemented
