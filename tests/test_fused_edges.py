@@ -447,3 +447,36 @@ def test_gradient_near_convergence_float32(kind, impl):
             r = r.astype(np.float64)
             err = np.sqrt(np.sum((g.double().numpy() - r) ** 2, -1) / np.sum(r ** 2, -1))
             assert err.max() <= 1e-5, (route, err)
+
+
+# ----------------------------------------------------------------------------------------------
+# property: a shift of either side by any amount leaves the value right (issue 11 "done when")
+
+
+def test_property_shifted_logits_against_mpmath():
+    hyp = pytest.importorskip("hypothesis")
+    st = pytest.importorskip("hypothesis.strategies")
+
+    @hyp.settings(max_examples=40, deadline=None, derandomize=True)
+    @hyp.given(
+        kind=st.sampled_from(["forward", "reverse", "jeffreys"]), V=st.integers(1, 8),
+        f32=st.booleans(), ea=st.floats(-2, 37), eb=st.floats(-2, 37),
+        sa=st.sampled_from([-1.0, 0.0, 1.0]), sb=st.sampled_from([-1.0, 0.0, 1.0]),
+        T=st.sampled_from([0.3, 1.0, 2.5]), seed=st.integers(0, 2**31), c_kernel=st.booleans(),
+    )
+    def check_one(kind, V, f32, ea, eb, sa, sb, T, seed, c_kernel):
+        dt = F32 if f32 else F64
+        rng = np.random.default_rng(seed)
+        a = rng.standard_normal((1, V)) * 2 + sa * 10.0 ** min(ea, 37 if f32 else 30)
+        b = a + rng.standard_normal((1, V)) * 0.5 + sb * 10.0 ** min(eb, 37 if f32 else 30)
+        at, bt = torch.tensor(a, dtype=dt), torch.tensor(b, dtype=dt)
+        with tf._extension(c_kernel):
+            got, ga, gb = run("rows", kind, at, bt, T)
+        want, wa, wb = mp_rows(kind, at, bt, T)
+        _value_close(got, want, 2e-6 if f32 else 1e-12)
+        assert bool((got >= 0).all())
+        floor = 8 * torch.finfo(dt).eps / T
+        _rel_row_close(ga, wa, 1e-5 if f32 else 1e-10, floor)
+        _rel_row_close(gb, wb, 1e-5 if f32 else 1e-10, floor)
+
+    check_one()
