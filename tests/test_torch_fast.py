@@ -425,3 +425,18 @@ def test_float32_probabilities_below_the_float32_exponential_equal_the_core():
         torch.testing.assert_close(v, ref, rtol=2e-6, atol=0)
         for x, y in zip(g, gr):
             torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_large_shifts_of_either_side_match_the_textbook_formula(kind, impl):
+    """Logits shifted by up to 1e12 (float64; 1e3 in float32), one side up and the other down:
+    the log-ratio is formed without the shift swallowing the digits that matter."""
+    rng = np.random.default_rng(9)
+    for dtype, shift, rtol in ((torch.float64, 1e12, 1e-9), (torch.float32, 1e3, 1e-5)):
+        a = torch.as_tensor(rng.standard_normal((3, 12)), dtype=dtype)
+        b = torch.as_tensor(rng.standard_normal((3, 12)), dtype=dtype) + 0.5
+        a, b = a + shift, b - shift  # the inputs as given (rounded), and the truth from them
+        got = FUNCS[kind](a, b, p_space="logits", q_space="logits")
+        ref = torch.stack([naive_row(kind, a[r].double(), b[r].double(), "logits", "logits")
+                           for r in range(3)])
+        torch.testing.assert_close(got.double(), ref, rtol=rtol, atol=1e-12)
