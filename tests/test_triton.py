@@ -205,6 +205,19 @@ def test_masked_rows_scale_zero_whatever_they_hold():
     assert _rowerr(gx[:1], gx64) < 1e-5 and _rowerr(gy[:1], gy64) < 1e-5
 
 
+def test_retain_graph_second_backward():
+    """backward twice (retain_graph): the same gradients each time."""
+    x, y = _near(6, [1e-2, 1e-5], seed=6)
+    xa = x.clone().requires_grad_(True)
+    ya = y.clone().requires_grad_(True)
+    rows = tk.kl_rows(xa, ya, torch.ones(2, dtype=torch.float64), 1.0, "forward")
+    loss = (rows * torch.tensor([2.0, 3.0], dtype=torch.float64)).sum()
+    loss.backward(retain_graph=True)
+    g1 = (xa.grad.clone(), ya.grad.clone())
+    loss.backward()
+    assert torch.equal(xa.grad, 2 * g1[0]) and torch.equal(ya.grad, 2 * g1[1])
+
+
 def test_second_derivatives_create_graph():
     x, y = _near(7, [1e-2, 1e-4], seed=5)
     xa = x.clone().requires_grad_(True)

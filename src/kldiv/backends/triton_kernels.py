@@ -631,10 +631,12 @@ def _register():
         ctx.mode = mode
         ctx.beta = beta
         ctx.need = (need_x, need_y)
-        ctx.save_for_backward(x, y, scale, gx, gy)
+        ctx.save_for_backward(x, y, scale)
+        ctx.grads = [gx, gy]  # handed over (scaled in place) by the first backward
 
     def backward(ctx, g_rows, _g_gx, _g_gy):
-        x, y, scale, gx, gy = ctx.saved_tensors
+        x, y, scale = ctx.saved_tensors
+        gx, gy = ctx.grads
         need_x = ctx.needs_input_grad[0]
         need_y = ctx.needs_input_grad[1]
         if torch.is_grad_enabled():
@@ -642,9 +644,18 @@ def _register():
             # core's differentiable rows (exact higher derivatives, at the core's cost)
             return _backward_graph(x, y, scale, ctx.inv_t, ctx.mode, ctx.beta, g_rows, need_x,
                                    need_y)
-        g = g_rows[:, None]
-        dx = (gx * g).to(x.dtype) if (need_x and ctx.need[0]) else None
-        dy = (gy * g).to(y.dtype) if (need_y and ctx.need[1]) else None
+        if getattr(ctx, "consumed", False):
+            # a second backward (retain_graph): the saved gradients were scaled in place by
+            # the first one; launch the kernel again for fresh ones
+            _, gx, gy = _rows_impl(x, y, scale, ctx.inv_t, ctx.mode, ctx.beta, ctx.need[0],
+                                   ctx.need[1])
+        ctx.consumed = True
+        ctx.grads = [None, None]
+        # scaled in place (float32 arithmetic, one rounding to the input dtype): no N x V
+        # temporary, and no host synchronisation to test whether g is 1
+        g = g_rows.to(torch.float32)[:, None]
+        dx = torch.mul(gx, g, out=gx) if (need_x and ctx.need[0]) else None
+        dy = torch.mul(gy, g, out=gy) if (need_y and ctx.need[1]) else None
         return dx, dy, None, None, None, None, None, None
 
     triton_kl_rows.register_autograd(backward, setup_context=setup_context)
