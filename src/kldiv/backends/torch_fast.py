@@ -577,7 +577,7 @@ def _kernel_rows(spec, pm, qm, c, keep, need_p, need_q, check, force64=False):
             for b in (xbad, ybad):  # failed checks, and rows the kernel cannot take
                 if b is not None:
                     checks.append(b if keep is None else b & keep[i:j1])
-        if redo and bool(torch.cat(redo).any()):
+        if redo and _has_tiny_probabilities(redo, x, y, spec):
             # a float32 probability below the float32 kernel's exponential range: all again
             # in float64 (rare; the core keeps such probabilities, and so must this path)
             return _kernel_rows(spec, pm, qm, c, keep, need_p, need_q, check, True)
@@ -598,6 +598,21 @@ def _kernel_rows(spec, pm, qm, c, keep, need_p, need_q, check, force64=False):
     if gq is not None:
         gq = gq.view(qm.shape[:-1] + (V,))
     return rows, gp, gq
+
+
+def _has_tiny_probabilities(flags, x, y, spec):
+    """Whether a candidate row (a row whose log has an entry below -87: zeros included) of a
+    probability side holds a probability in (0, e^-87)."""
+    cand = torch.cat(flags) if len(flags) > 1 else flags[0]
+    if not bool(cand.any()):
+        return False
+    rows = cand.nonzero().flatten()
+    for side, space in ((x, spec.p_space), (y, spec.q_space)):
+        if space == "probs":
+            r = side.index_select(0, rows)
+            if bool(((r > 0) & (r < 1.7e-38)).any()):
+                return True
+    return False
 
 
 def _run(kind, x, y, T, scale, rows, gx, gy):
@@ -629,8 +644,9 @@ def _to_log(xc, space, kd, tol, check):
             t = ((lx < -690.0) & (lx > _NINF)).any(-1)
             bad = t if bad is None else bad | t
         elif kd == torch.float32:
-            # float32's exponential stops at e^-87 (its subnormals): float64 takes those
-            tiny = ((lx < -87.0) & (lx > _NINF)).any(-1)
+            # float32's exponential stops at e^-87 (its subnormals): float64 takes those. One
+            # reduction finds the candidates (zeros too); the caller looks closer at those only
+            tiny = lx.amin(-1) < -87.0
         return xk, lx, bad, tiny
     if xk.stride(-1) != 1 or xk.stride(0) != xk.shape[1]:
         xk = xk.contiguous()
