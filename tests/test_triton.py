@@ -74,6 +74,11 @@ def _near(V, levels, seed=0, scale=3.0):
     return x, y
 
 
+def test_op_registered_at_import():
+    # a first call inside torch.compile must find the op: Dynamo cannot trace its registration
+    assert tk._OP is not None and hasattr(torch.ops.kldiv, "triton_kl_rows")
+
+
 @pytest.mark.parametrize("kind", ["forward", "reverse", "jeffreys"])
 def test_values_and_gradients_float32_all_kl_levels(kind):
     # KL from 1e-2 down to 1e-9, odd V, temperature != 1

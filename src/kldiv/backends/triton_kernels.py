@@ -832,3 +832,9 @@ def divergence(kind, p, q, *, p_space, q_space, axis, reduction, mask, weight, t
     if reduction == "none":
         return rows.reshape(rows_shape).to(out_dtype)
     return rows.sum().to(out_dtype)
+
+
+if triton is not None:
+    # registered at import, not on first use: a first call inside torch.compile must find the
+    # op (Dynamo does not trace torch.library's registration)
+    _register()
