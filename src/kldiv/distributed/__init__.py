@@ -13,7 +13,7 @@ Communication per row, forward pass (payload elements of the compute dtype, floa
 divergence            collectives                                 payload elements per row
 ====================  ==========================================  =========================
 forward, reverse KL   1 MAX + 2 SUM all-reduces                   8 + 9 + 1 = 18
-Jeffreys              1 MAX + 3 SUM all-reduces                   8 + 9 + 1 + 2 = 20
+Jeffreys              1 MAX + 3 SUM all-reduces                   8 + 9 + 1 + 5 = 23
 JS                    1 MAX + 3 SUM all-reduces                   8 + 9 + 1 + 6 = 24
 ====================  ==========================================  =========================
 
@@ -23,9 +23,10 @@ The MAX carries the row maxima of both sides over their supports and over the co
 exp-sums, the p-weighted sum of the centred logit difference (the entry at p's maximum apart
 from the rest, with the rest's mass) and the masses outside the common support; the second
 SUM carries the sum of ``w * phi(centred difference)`` (it needs the global mean of the
-first); JS and Jeffreys add one SUM of their own terms. The backward pass needs no collective at all: every gradient
-(``q - p`` for forward KL w.r.t. the student, ``-p * (centred difference)`` w.r.t. the
-teacher, and their analogues) is local once the row statistics are known.
+first); JS and Jeffreys add one SUM of their own terms. The backward pass needs no collective
+at all: every gradient (``q - p`` for forward KL w.r.t. the student, ``-p * (centred
+difference)`` w.r.t. the teacher, and their analogues) is local once the row statistics are
+known.
 ``vocab_parallel_linear_kl_div`` adds one SUM all-reduce of ``grad_hidden`` (``rows x hidden``
 elements), which the math requires since every rank's weight slice contributes to it (not
 under ``torch.no_grad()``, where no gradient is formed).

@@ -422,8 +422,14 @@ def _phase_family(kind, x, y, st, beta):
         # E_q of the log-ratio (centred on the maxima, not on E_p: a -1e30 logit of q drags
         # E_p far from the values q weighs)
         delta = _delta(x, y, st["MaT0"], st["MbT0"], t, st["T"], st["twosum"])
+        # ... with the entries at q's maximum apart (a saturated q, as for p in _phase_sums)
+        top = _top(y, st["MbT0"], t)
+        rest = _sel(t, torch.where(top, 0.0, qw), 0.0)
+        qtop = torch.where(top, qw, 0.0)
         return torch.stack([_sel(t, term, 0.0).sum(-1),
-                            _sel(t, torch.where(qw > 0, qw * delta, 0.0), 0.0).sum(-1)], dim=1)
+                            torch.where(qtop > 0, qtop * delta, 0.0).sum(-1),
+                            torch.where(rest > 0, rest * delta, 0.0).sum(-1),
+                            rest.sum(-1), qtop.sum(-1)], dim=1)
     m = beta * pw + (1 - beta) * qw  # p e^{log m/p} = q e^{log m/q} = m, exactly
     tp = _sel(t, _w_phi(_xp(), pw, lm_p, w_exp=m), 0.0)
     tq = _sel(t, _w_phi(_xp(), qw, lm_q, w_exp=m), 0.0)
@@ -482,7 +488,7 @@ def _rows_and_stats(kind, x, y, beta, temperature, group, check, names=("p_shard
                       for i, j in _chunks(*x.shape)])
     sums = _all_reduce(sums, "sum", group)
     if kind == "jeffreys":
-        st["Eq_delta"] = sums[:, 1]
+        st["q_Stop"], st["q_Srest"], st["q_rest"], st["q_top"] = sums[:, 1:5].unbind(dim=1)
         rows = torch.where(st["a_esc"] | st["b_esc"], math.inf, sums[:, 0])
         return _nan_rows(rows, st).to(dt), st
     st["S_plm"] = sums[:, 2]  # sum_T p log(m/p)
@@ -562,8 +568,16 @@ def _local_grads_chunk(kind, x, y, rows, st, beta, scale, need):
         dc = _dc_grad(x, y, st, t)
         qmp = _diff(pw, qw, d, t)
         delta = _delta(x, y, st["MaT0"], st["MbT0"], t, T, st["twosum"])
+        # delta - E_q[delta]; at q's maximum from the small sums over the other entries:
+        # (q_top delta - S_top) + delta q_rest - S_rest (q_top, S_top: q's mass at its maximum
+        # and its delta-weighted sum; q_top delta - S_top is exactly 0 for a single maximum)
+        S_top, S_rest = st["q_Stop"][:, None], st["q_Srest"][:, None]
+        q_rest, q_top = st["q_rest"][:, None], st["q_top"][:, None]
+        centred = delta - (S_top + S_rest)
+        at_top = (q_top * delta - S_top) + delta * q_rest - S_rest
+        centred = torch.where(_top(y, st["MbT0"], t), at_top, centred)
         gx = _sel(t, -pw * torch.where(pw > 0, dc, 0.0), 0.0) - qmp
-        gy = qmp + _sel(t, qw * torch.where(qw > 0, delta - st["Eq_delta"][:, None], 0.0), 0.0)
+        gy = qmp + _sel(t, qw * torch.where(qw > 0, centred, 0.0), 0.0)
     else:
         t, d, _, lm_p, lm_q, pw, qw = _js_local(x, y, st, beta)
         # log(p/m) - KL(p||m) with KL(p||m) = c_p p_out - S_plm, c_p = -log(beta) = log(p/m)

@@ -176,7 +176,7 @@ def vocab_parallel_jeffreys_div(p_shard, q_shard, *, p_space="logits", q_space="
                                 t2_scale=False, group=None, validate=None):
     """Jeffreys divergence KL(p || q) + KL(q || p) of sharded rows: ``kldiv.jeffreys_div``.
 
-    +inf unless both sides have the same support. One SUM all-reduce (2 elements per row) more
+    +inf unless both sides have the same support. One SUM all-reduce (5 elements per row) more
     than ``vocab_parallel_kl_div``.
 
     >>> import math, torch, kldiv.distributed as kd
