@@ -23,9 +23,18 @@ Usage::
 from __future__ import annotations
 
 import torch
-from transformers import Trainer
 
 from .._torch_modules import LinearKLDivLoss
+
+try:
+    from transformers import Trainer
+except ImportError as _exc:  # transformers not installed: the class says so when used
+    _MISSING = _exc
+
+    class Trainer:  # noqa: D101 - placeholder
+        def __init__(self, *args, **kwargs):
+            raise ImportError(f"kldiv.integrations.hf needs transformers (pip install "
+                              f"'kldiv[distill]'): {_MISSING}")
 
 __all__ = ["DistillationTrainer", "linear_distillation_loss"]
 
