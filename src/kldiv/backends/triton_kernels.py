@@ -60,7 +60,7 @@ except Exception:  # ImportError, or a broken install
     triton = None
     tl = None
 
-__all__ = ["available", "wanted", "divergence", "kl_rows"]
+__all__ = ["available", "cpu_ready", "wanted", "divergence", "kl_rows"]
 
 _KINDS = ("forward", "reverse", "jeffreys")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -84,6 +84,17 @@ def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def cpu_ready() -> bool:
+    """Whether Triton's interpreter can run the kernels on CPU tensors in this process.
+
+    ``TRITON_INTERPRET=1`` must be set before ``triton`` is first imported (Triton decorates its
+    own library functions then): set it at process start.
+    """
+    if triton is None or not _interpret():
+        return False
+    return type(getattr(tl, "sum", None)).__name__ == "InterpretedFunction"
+
+
 def wanted(p, q) -> bool:
     """Whether the torch hook should try this path for ``p`` and ``q`` (read per call).
 
@@ -103,7 +114,7 @@ def wanted(p, q) -> bool:
         return False
     if dev.type == "cuda":
         return True
-    return mode == "triton" and dev.type == "cpu" and _interpret()
+    return mode == "triton" and dev.type == "cpu" and cpu_ready()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -691,6 +702,19 @@ def kl_rows(x, y, scale, temperature=1.0, kind="forward", beta=0.5):
     ``m = beta p + (1 - beta) q`` ("js", 0 < beta < 1) of p = softmax(x / T),
     q = softmax(y / T); the gradients are formed in the same launch as the
     value. Rows the kernel cannot take are nan (see the module docstring).
+
+    On CPU tensors this runs in Triton's interpreter (``TRITON_INTERPRET=1``):
+
+    >>> import os, torch, kldiv
+    >>> from kldiv.backends import triton_kernels as tk
+    >>> old = os.environ.get("TRITON_INTERPRET", "0"); os.environ["TRITON_INTERPRET"] = "1"
+    >>> x = torch.tensor([[0.0, 1.0, 2.0]]); y = torch.tensor([[0.0, 1.0, 3.0]])
+    >>> one = torch.ones(1, dtype=torch.float64)
+    >>> kl = tk.kl_rows(x, y, one) if tk.cpu_ready() else kldiv.kl_div(  # without triton
+    ...     x.double(), y.double(), p_space="logits", q_space="logits")
+    >>> print(f"{float(kl[0]):.7f}")
+    0.0969991
+    >>> os.environ["TRITON_INTERPRET"] = old
     """
     if triton is None:
         raise RuntimeError("kldiv.backends.triton_kernels: triton is not installed "
