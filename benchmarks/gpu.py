@@ -4,6 +4,8 @@ against torch eager, torch.compile and Liger-Kernel (when installed), side by si
     python benchmarks/gpu.py            # the issue's sizes (needs a CUDA GPU with ~80 GB)
     python benchmarks/gpu.py --quick    # small sizes, a smoke run
     python benchmarks/gpu.py --json out.json
+    python benchmarks/gpu.py --device cpu   # a smoke run of this script's code on the CPU
+                                            # (tiny sizes, no memory figures; not a benchmark)
 
 Rows: kl_div at 16384 x 131072 and 8192 x 128256 (float32 and bfloat16), js_div at
 8192 x 128256 (bfloat16), linear_kl_div at 8192 tokens x hidden 4096 x 128256 (bfloat16).
@@ -34,7 +36,14 @@ def _liger():
     return lt
 
 
+DEV = "cuda"
+
+
 def _sizes(quick):
+    if DEV == "cpu":
+        return [("kl_div", 64, 1000, torch.float32), ("kl_div", 64, 1000, torch.bfloat16),
+                ("js_div", 64, 1000, torch.bfloat16),
+                ("linear_kl_div", (64, 32, 1000), None, torch.bfloat16)]
     if quick:
         return [("kl_div", 1024, 32000, torch.float32), ("kl_div", 1024, 32000, torch.bfloat16),
                 ("js_div", 512, 32000, torch.bfloat16),
@@ -49,14 +58,19 @@ def _sizes(quick):
 # the methods: each returns a function f(teacher, student) -> scalar loss (mean over rows)
 
 
+def _up(x):
+    """At least float32 (float64 stays float64: the reference)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _eager_kl(t, s):
-    return F.kl_div(F.log_softmax(s.float(), -1), F.log_softmax(t.float(), -1),
+    return F.kl_div(F.log_softmax(_up(s), -1), F.log_softmax(_up(t), -1),
                     reduction="batchmean", log_target=True)
 
 
 def _eager_js(t, s, beta=0.5):
-    lp = F.log_softmax(t.float(), -1)
-    lq = F.log_softmax(s.float(), -1)
+    lp = F.log_softmax(_up(t), -1)
+    lq = F.log_softmax(_up(s), -1)
     lm = torch.logsumexp(torch.stack([lp + math.log(beta), lq + math.log1p(-beta)]), 0)
     return (beta * (lp.exp() * (lp - lm)).sum(-1)
             + (1 - beta) * (lq.exp() * (lq - lm)).sum(-1)).mean()
@@ -95,6 +109,12 @@ def _methods(kind):
 
 
 def _time(fn, reps):
+    if DEV == "cpu":
+        import time
+
+        t0 = time.perf_counter()
+        fn()
+        return 1e3 * (time.perf_counter() - t0)
     start = torch.cuda.Event(enable_timing=True)
     end = torch.cuda.Event(enable_timing=True)
     start.record()
@@ -102,6 +122,24 @@ def _time(fn, reps):
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end)
+
+
+def _sync():
+    if DEV != "cpu":
+        torch.cuda.synchronize()
+
+
+def _mem():
+    return torch.cuda.memory_allocated() if DEV != "cpu" else 0
+
+
+def _reset_peak():
+    if DEV != "cpu":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak():
+    return torch.cuda.max_memory_allocated() if DEV != "cpu" else float("nan")
 
 
 def _row_error(g, g64):
@@ -112,7 +150,7 @@ def _row_error(g, g64):
 
 
 def _bench_rows(kind, n, V, dtype, reps, check_rows):
-    dev = "cuda"
+    dev = DEV
     gen = torch.Generator(device=dev).manual_seed(0)
     t = torch.randn(n, V, device=dev, generator=gen, dtype=torch.float32) * 2
     # a student close to the teacher (KL ~ 1e-4 per row): where precision matters
@@ -133,9 +171,9 @@ def _bench_rows(kind, n, V, dtype, reps, check_rows):
     for r in range(reps + 1):  # round 0: warm-up (compilation), not timed
         for name, f in methods.items():
             sg = s.detach().clone().requires_grad_(True)
-            torch.cuda.synchronize()
-            base = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
+            _sync()
+            base = _mem()
+            _reset_peak()
 
             def step():
                 f(t, sg).backward()
@@ -147,7 +185,7 @@ def _bench_rows(kind, n, V, dtype, reps, check_rows):
                 continue
             if r:
                 times[name].append(ms)
-                peaks[name] = (torch.cuda.max_memory_allocated() - base) / 2**30
+                peaks[name] = (_peak() - base) / 2**30
                 errs[name] = _row_error(sg.grad[:check_rows], g64)
     for name in methods:
         if times[name]:
@@ -159,7 +197,7 @@ def _bench_rows(kind, n, V, dtype, reps, check_rows):
 def _bench_linear(n, H, V, dtype, reps, check_rows):
     import kldiv.torch as kt
 
-    dev = "cuda"
+    dev = DEV
     gen = torch.Generator(device=dev).manual_seed(0)
     h = (torch.randn(n, H, device=dev, generator=gen) / math.sqrt(H)).to(dtype)
     W = (torch.randn(V, H, device=dev, generator=gen)).to(dtype)
@@ -187,9 +225,9 @@ def _bench_linear(n, H, V, dtype, reps, check_rows):
         for name, f in methods.items():
             hh = h.detach().clone().requires_grad_(True)
             WW = W.detach().clone().requires_grad_(True)
-            torch.cuda.synchronize()
-            base = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
+            _sync()
+            base = _mem()
+            _reset_peak()
             try:
                 ms = _time(lambda: f(hh, WW).backward(), 1)
             except Exception as e:
@@ -197,7 +235,7 @@ def _bench_linear(n, H, V, dtype, reps, check_rows):
                 continue
             if r:
                 times[name].append(ms)
-                out[name] = {"peak_gib": (torch.cuda.max_memory_allocated() - base) / 2**30,
+                out[name] = {"peak_gib": (_peak() - base) / 2**30,
                              "grad_err": _row_error(hh.grad[:check_rows], g64)}
     for name in methods:
         if times[name] and "error" not in out.get(name, {}):
@@ -212,12 +250,16 @@ def main(argv=None):
     ap.add_argument("--check-rows", type=int, default=64,
                     help="rows checked against the float64 reference")
     ap.add_argument("--json", default=None, help="also write the results to this file")
+    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
+                    help="cpu: a smoke run of the script at tiny sizes (no GPU figures)")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
+    global DEV
+    DEV = args.device
+    if DEV == "cuda" and not torch.cuda.is_available():
         print("benchmarks/gpu.py: no CUDA device; GPU speed is unmeasured here", file=sys.stderr)
         return 2
     reps = args.reps or (3 if args.quick else 7)
-    dev = torch.cuda.get_device_name()
+    dev = torch.cuda.get_device_name() if DEV == "cuda" else "cpu (smoke run, not a benchmark)"
     lt = _liger()
     print(f"device: {dev}; torch {torch.__version__}; liger-kernel "
           f"{'installed' if lt is not None else 'not installed'}")
@@ -238,7 +280,8 @@ def main(argv=None):
                 print(f"  {name:<14} {r['error']}")
             else:
                 print(f"  {name:<14} {r['ms']:9.2f} {r['peak_gib']:9.2f} {r['grad_err']:10.2e}")
-        torch.cuda.empty_cache()
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
     if args.json:
         import os
         import tempfile
