@@ -28,35 +28,48 @@ def _mp_row(x):
     return [mpmath.mpf(float(v)) for v in np.asarray(x, dtype=np.float64).ravel()]
 
 
-def _dps(*rows, log_space=False):
+#: cap on the digits added for a row's dynamic range: masses more than 10^-RANGE_CAP below the
+#: largest one cannot change a float64 result (its smallest subnormal is 5e-324)
+RANGE_CAP = 400
+
+
+def _dps(*rows, log_space=False, temperature=1.0):
     """Working digits: ``DPS`` plus the dynamic range of the distributions, so that a row sum
     such as 1 + 5e-324 is exact and tiny masses are not lost next to a mass of almost 1.
 
     For probabilities the range is max/min of the positive entries; for log-space inputs it is
-    exp(max - min) of the finite entries (logits 200 apart mean masses 1e-87 apart).
+    exp(max - min) of the finite entries divided by T (logits 200 apart mean masses 1e-87
+    apart), capped at ``RANGE_CAP`` digits, plus the digits of the largest magnitude |x / T|
+    (a logit of 1e30 needs 30 digits before its fraction starts), so that huge logits and
+    huge shifts are taken exactly too.
     """
-    extra = 0
+    extra = 0  # range digits (doubled below)
+    mag = 0  # digits of the largest magnitude
+    t = float(temperature)
     for x in rows:
         x = np.asarray(x, dtype=np.float64)
         if log_space:
             f = x[np.isfinite(x)]
             if f.size:
-                extra = max(extra, int((f.max() - f.min()) / np.log(10)) + 1)
+                rng = (float(f.max()) - float(f.min())) / t  # float: no overflow warning
+                extra = max(extra, min(RANGE_CAP, int(rng / np.log(10)) + 1))
+                big = float(np.max(np.abs(f))) / t
+                mag = max(mag, int(np.log10(max(big, 1.0))) + 1)
             continue
         a = np.abs(x)
         a = a[np.isfinite(a) & (a > 0)]
         if a.size:
-            extra = max(extra, int(np.log10(a.max()) - np.log10(a.min())) + 1)
-    return DPS + 2 * extra
+            rng = int(np.log10(a.max()) - np.log10(a.min())) + 1
+            extra = max(extra, min(RANGE_CAP, int(rng / min(t, 1.0)) + 1))
+    return DPS + 2 * extra + mag
 
 
 def _dps_for(p, q=None, p_space="probs", q_space="probs", temperature=1.0):
-    """Digits for a pair of rows in their spaces; a temperature below 1 widens the range."""
-    d = _dps(p, log_space=p_space != "probs")
+    """Digits for a pair of rows in their spaces (the temperature included)."""
+    d = _dps(p, log_space=p_space != "probs", temperature=temperature)
     if q is not None:
-        d = max(d, _dps(q, log_space=q_space != "probs"))
-    t = float(temperature)
-    return d if t >= 1.0 else DPS + int((d - DPS) / t) + 1
+        d = max(d, _dps(q, log_space=q_space != "probs", temperature=temperature))
+    return d
 
 
 def distribution(x, space="probs", temperature=1.0):

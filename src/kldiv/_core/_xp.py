@@ -6,12 +6,13 @@ never imported unless the caller's array already comes from it.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import numpy as np
 from array_api_compat import array_namespace, device, is_jax_array, is_torch_array
 
-__all__ = ["namespace", "logsumexp", "const", "is_concrete", "to_numpy", "device"]
+__all__ = ["namespace", "logsumexp", "const", "stop_gradient", "quiet", "is_concrete", "to_numpy", "device"]
 
 
 def namespace(*arrays, **named_arrays):
@@ -38,6 +39,37 @@ def namespace(*arrays, **named_arrays):
 def const(xp, value, like):
     """A 0-d array holding ``value`` with the dtype and device of ``like``."""
     return xp.asarray(value, dtype=like.dtype, device=device(like))
+
+
+def stop_gradient(x):
+    """``x`` as a constant for automatic differentiation (torch ``detach``, JAX
+    ``lax.stop_gradient``); arrays without autodiff are returned as they are.
+
+    The core uses it for shifts that cancel exactly in the math (a row's maximum): their gradient
+    would only add rounding noise, and no backward pass needs to run through them.
+    """
+    if is_torch_array(x):
+        return x.detach()
+    if is_jax_array(x):
+        import jax
+
+        return jax.lax.stop_gradient(x)
+    return x
+
+
+_NO_CONTEXT = contextlib.nullcontext()
+
+
+def quiet(x):
+    """A context in which NumPy raises no floating-point warnings for ``x``'s computations.
+
+    The core forms inf, 0 * inf and overflows on purpose in branches that a ``where`` then
+    discards (and clamps huge values itself); NumPy would warn about each. Other libraries do
+    not warn: a no-op context for them.
+    """
+    if isinstance(x, np.ndarray) or isinstance(x, np.generic):
+        return np.errstate(all="ignore")
+    return _NO_CONTEXT
 
 
 def logsumexp(xp, x, axis=-1):

@@ -15,6 +15,20 @@ where ``q(T)`` is q's mass on p's support (``-log q(T) >= 0`` is the mass that q
 p is zero). Every term is non-negative, phi is evaluated by its Taylor series near 0, and float32
 inputs give about 1e-6 relative error down to KL = 1e-9 (``benchmarks/accuracy.py``).
 
+Large magnitudes. The value does not change when a constant is added to one side's logits,
+however large (a row of -1e30, a whole row offset by 1e4): each side is centred on its own row
+maximum before the two are compared, and where the two maxima differ by more than 8 (after the
+temperature) the log-ratio is the difference of the centred inputs. Where they are closer it is
+the difference of the raw inputs, which is exact for close logits; that route keeps the 1e-6
+above. Across a large offset the log-ratio carries the rounding of the centring, about
+eps * |x - max x| per entry: full float32 accuracy for ordinary KL values, less for nearly
+identical distributions (about 1e-4 relative at KL = 1e-9). Entries more than finfo.max below
+their row's maximum (only float32 rows holding both +-2e38, or x / T beyond the range) are
+clamped to finfo.max below it; the probabilities there are 0 either way, and a divergence that
+needs the log-ratio beyond the range there is a lower bound, or +inf once it reaches finfo.max.
+No finite input gives a nan or a negative value. A nan in an unmasked row (``validate=False``)
+makes that row's value nan.
+
 Edges (scipy.special.rel_entr's table, per category): p_i = 0 contributes 0 whatever q_i is
 (q_i = 0 and both logits -inf included); p_i > 0 = q_i makes KL(p || q) = +inf. Gradients are
 finite wherever the value is finite: every branch that a ``where`` discards is first fed safe
@@ -27,7 +41,7 @@ from dataclasses import dataclass
 
 from . import dispatch as _dispatch
 from . import validation as V
-from ._xp import const, logsumexp, namespace
+from ._xp import const, logsumexp, namespace, quiet, stop_gradient
 from .reduction import broadcast_rows, reduce_rows
 
 # 1/n! for n = 2..17: phi(x) = sum_{n>=2} x^n / n!, truncation < 1e-20 relative for |x| < 0.5
@@ -43,13 +57,16 @@ _SMALL = 0.5
 class _Side:
     """One distribution per row, categories on the last axis, in a form the core can use."""
 
-    x: object  # the input after temperature: probabilities or log-space values
+    x: object  # the input (compute dtype)
     space: str  # "probs" or "log" (log_probs and logits are the same to the math)
-    support: object  # bool: p_i > 0
-    lw: object  # normalised log-probabilities, safe (0) off the support
+    support: object  # bool: p_i > 0 (decided from the input itself, never from a rounded value)
+    lw: object  # normalised log-probabilities; finite everywhere (>= -finfo.max off the support)
     w: object  # normalised probabilities, exactly 0 off the support
-    raw_log: object  # log of the input up to a row constant, before the temperature; 0 off support
-    norm: object  # per-row log normaliser (last axis kept): lw = raw_log / temperature - norm
+    raw: object  # the log-space input before the temperature (log p for probabilities)
+    c: object  # raw centred on the row maximum m and clamped to [-finfo.max, 0]: raw - m
+    ct: object  # c / temperature (clamped likewise): lw = ct - norm
+    m: object  # the row maximum of raw (last axis kept, a constant for autodiff); None: 0
+    norm: object  # per-row log normaliser (last axis kept)
     temperature: float = 1.0
 
 
@@ -76,35 +93,43 @@ def _compute_dtype(xp, *arrays):
 
 
 def _make_side(xp, x, space, temperature):
-    """Normalise one side; ``space`` is the user's p_space/q_space."""
-    log_space = space != "probs" or temperature != 1.0
-    if not log_space:
-        support = x > 0
-        one = const(xp, 1.0, x)
-        x_safe = xp.where(support, x, one)
-        z = xp.sum(xp.where(support, x, xp.zeros_like(x)), axis=-1, keepdims=True)
-        w = xp.where(support, x_safe / z, xp.zeros_like(x))
-        raw_log = xp.where(support, xp.log(x_safe), xp.zeros_like(x))
-        log_z = xp.log(z)
-        lw = xp.where(support, raw_log - log_z, xp.zeros_like(x))
-        return _Side(x, "probs", support, lw, w, raw_log, log_z)
-    if space == "probs":  # probabilities with a temperature: p^(1/T), renormalised
-        support = x > 0
-        xs = xp.where(support, x, const(xp, 1.0, x))
-        x = xp.where(support, xp.log(xs), const(xp, -math.inf, x))
-    raw = x
-    if temperature != 1.0:
-        x = x / temperature
-    support = x > -math.inf
+    """Normalise one side; ``space`` is the user's p_space/q_space.
+
+    Log-space inputs are centred on their own row maximum before anything else (a logit row of
+    constant -1e30 is the uniform distribution, and its difference with the other side must not
+    be formed at 1e30). An entry more than finfo.max below its row maximum (float32 logits of
+    +-3e38) is clamped to -finfo.max: its probability is 0 either way, and it stays in the
+    support, which is decided from the input. A nan anywhere in a row makes the row's maximum
+    nan and so the row's result nan (with ``validate=False``; never a plausible number).
+    """
     zero = xp.zeros_like(x)
-    x_safe = xp.where(support, x, zero)
-    raw_safe = x_safe if temperature == 1.0 else xp.where(support, raw, zero)
-    # normaliser over the support only; the -inf entries are replaced so that no gradient
-    # of the log-sum-exp reaches them through exp(-inf - lse)
-    lse = logsumexp(xp, xp.where(support, x, const(xp, -math.inf, x)), axis=-1)
-    lw = xp.where(support, x_safe - lse, zero)
-    w = xp.where(support, xp.exp(lw), zero)
-    return _Side(x, "log", support, lw, w, raw_safe, lse, temperature)
+    one = const(xp, 1.0, x)
+    if space == "probs" and temperature == 1.0:
+        nonpos = x <= 0  # not `x > 0`: a nan stays in the support and the row sum, and propagates
+        support = ~nonpos
+        x_safe = xp.where(nonpos, one, x)
+        z = xp.sum(xp.where(nonpos, zero, x), axis=-1, keepdims=True)
+        w = xp.where(support, x_safe / z, zero)
+        raw = xp.where(support, xp.log(x_safe), zero)
+        log_z = xp.log(z)
+        lw = xp.where(support, raw - log_z, zero)
+        return _Side(x, "probs", support, lw, w, raw, raw, raw, None, log_z)
+    if space == "probs":  # probabilities with a temperature: p^(1/T), renormalised
+        nonpos = x <= 0
+        x = xp.where(nonpos, const(xp, -math.inf, x), xp.log(xp.where(nonpos, one, x)))
+    big = const(xp, -xp.finfo(x.dtype).max, x)
+    support = x != -math.inf  # a nan counts (and propagates): validate=False never hides one
+    m = stop_gradient(xp.max(x, axis=-1, keepdims=True))
+    c = xp.maximum(x - m, big)  # -inf entries become -finfo.max: exp gives 0, no inf - inf
+    ct = c
+    if temperature != 1.0:
+        ct = c / temperature
+        if temperature < 1.0:
+            ct = xp.maximum(ct, big)
+    e = xp.exp(ct)  # the row maximum gives exp(0) = 1: no overflow, the sum is in [1, V]
+    s = xp.sum(e, axis=-1, keepdims=True)
+    norm = xp.log(s)
+    return _Side(x, "log", support, ct - norm, e / s, x, c, ct, m, norm, temperature)
 
 
 def _prepare(p, q, p_space, q_space, axis, temperature, mask, weight, validate, names=("p", "q")):
@@ -117,16 +142,20 @@ def _prepare(p, q, p_space, q_space, axis, temperature, mask, weight, validate, 
     xp = namespace(p=p, q=q, mask=mask, weight=weight)
     V.check_floating(xp, names[0], p)
     V.check_floating(xp, names[1], q)
-    ax = V.check_axis(axis, max(p.ndim, q.ndim))
-    if p.ndim != q.ndim:
-        raise ValueError(
-            f"{names[0]} and {names[1]}: shapes {tuple(p.shape)} and {tuple(q.shape)} differ in "
-            "number of dimensions"
-        )
+    ndim = max(p.ndim, q.ndim)
+    ax = V.check_axis(axis, ndim)
+    if p.ndim != q.ndim:  # NumPy broadcasting: the shorter shape gets leading 1s
+        p = xp.reshape(p, (1,) * (ndim - p.ndim) + tuple(p.shape))
+        q = xp.reshape(q, (1,) * (ndim - q.ndim) + tuple(q.shape))
     if p.shape[ax] != q.shape[ax]:
         raise ValueError(
             f"{names[0]} and {names[1]}: {p.shape[ax]} and {q.shape[ax]} categories along axis "
             f"{axis}; both distributions must have the same number of categories"
+        )
+    if p.shape[ax] == 0:
+        raise ValueError(
+            f"{names[0]}: the category axis (axis {axis}) is empty: a distribution needs at "
+            "least one category"
         )
     if tuple(p.shape) != tuple(q.shape):
         try:
@@ -215,17 +244,17 @@ def _w_phi(xp, w, x, *, log_w_exp=None, w_exp=None):
     return xp.where(small, w * _phi_series(xp, xs), big)
 
 
-def _log_of_mass(xp, outside, lw, inside):
+def _log_of_mass(xp, outside, lw, inside, empty):
     """log of a side's mass on ``inside``, given its mass ``outside`` (accurate at both ends)."""
     neg_inf = const(xp, -math.inf, lw)
     use_log1p = outside < 0.5
     o = xp.where(use_log1p, outside, xp.zeros_like(outside))
     via_log1p = xp.log1p(-o)
-    # log-sum-exp of the normalised log-probabilities over `inside`; rows with nothing inside are
-    # fed zeros so that no nan gradient comes back from an all -inf row
-    empty = ~xp.any(inside, axis=-1, keepdims=True)
+    # log-sum-exp of the normalised log-probabilities over `inside`; rows with nothing inside,
+    # and rows that take the log1p route, are fed zeros (double where: no nan gradient comes
+    # back from an all -inf row or from a branch that is not used)
     sel = xp.where(inside, lw, neg_inf)
-    sel = xp.where(empty, xp.zeros_like(sel), sel)
+    sel = xp.where(empty | use_log1p[..., None], xp.zeros_like(sel), sel)
     via_lse = logsumexp(xp, sel, axis=-1)[..., 0]
     return xp.where(use_log1p, via_log1p, via_lse)
 
@@ -239,6 +268,39 @@ class _Pair:
     p_escapes: object  # row has p_i > 0 = q_i
     q_escapes: object  # row has q_i > 0 = p_i
     kl: object  # KL(p || q), +inf where p escapes
+    nan_rows: object  # 0, or nan on rows with a nan input
+
+
+# Rows whose maxima (over x / T) differ by at most this take the difference of the raw inputs:
+# exact for close logits (Sterbenz), which centring each side first would round.
+_RAW_OFFSET = 8.0
+
+
+def _log_delta(xp, P: _Side, Q: _Side, T):
+    """log(q_i / p_i) on T up to a row constant, and that constant's known part.
+
+    Two routes, chosen per row. Where the two rows' maxima are close (within ``_RAW_OFFSET``
+    after the temperature) the raw difference ``(x_q - x_p) / T`` is exact for close logits;
+    elsewhere each side is first centred on its own maximum (``c_q - c_p``), so that an offset
+    between the sides (a row of -1e30, logits 1e4 apart) never enters a difference. Returns
+    ``delta`` (0 off T, within +-finfo.max) and ``k``, the row offset by which the raw route
+    exceeds the centred one ((m_q - m_p) / T, 0 on centred rows).
+    """
+    zero = xp.zeros_like(P.c)
+    t = P.temperature
+    big = xp.finfo(P.c.dtype).max
+    mp = P.m if P.m is not None else xp.zeros_like(Q.m)
+    mq = Q.m if Q.m is not None else xp.zeros_like(P.m)
+    k = mq - mp
+    # the raw route never overflows while both maxima stay below finfo.max * eps / 4
+    raw_ok = (xp.abs(k) <= _RAW_OFFSET * t) & (xp.maximum(mp, mq) <= big * xp.finfo(P.c.dtype).eps / 4)
+    delta = xp.where(raw_ok, Q.raw - P.raw, Q.c - P.c)
+    if t != 1.0:
+        k = k / t
+        delta = delta / t  # the difference first, then the temperature: keeps its accuracy
+        if t < 1.0:
+            delta = xp.clip(delta, -big, big)
+    return xp.where(T, delta, zero), xp.where(raw_ok, k, xp.zeros_like(k))
 
 
 def _pair(xp, P: _Side, Q: _Side, need_d: bool = False) -> _Pair:
@@ -249,8 +311,8 @@ def _pair(xp, P: _Side, Q: _Side, need_d: bool = False) -> _Pair:
     """
     T = P.support & Q.support
     zero = xp.zeros_like(P.w)
-    one = const(xp, 1.0, P.w)
     if P.space == "probs" and Q.space == "probs":
+        one = const(xp, 1.0, P.w)
         ps = xp.where(T, P.x, one)
         qs = xp.where(T, Q.x, one)
         # within a factor 2 the difference q - p is exact (Sterbenz) and log1p of the quotient
@@ -260,43 +322,47 @@ def _pair(xp, P: _Side, Q: _Side, need_d: bool = False) -> _Pair:
         pn = xp.where(near, ps, one)
         qn = xp.where(near, qs, one)
         delta = xp.where(near, xp.log1p((qn - pn) / pn), xp.log(qs) - xp.log(ps))
+        k = None
     else:
-        # the difference of the raw inputs first, then the temperature: (b - a) / T keeps the
-        # relative accuracy of b - a, b / T - a / T does not
-        delta = xp.where(T, Q.raw_log - P.raw_log, zero)
-        if P.temperature != 1.0:
-            delta = delta / P.temperature
+        delta, k = _log_delta(xp, P, Q, T)
     p_out = xp.sum(xp.where(T, zero, P.w), axis=-1)
     q_out = xp.sum(xp.where(T, zero, Q.w), axis=-1)
-    log_pT = _log_of_mass(xp, p_out, P.lw, T)
-    log_qT = _log_of_mass(xp, q_out, Q.lw, T)
+    empty = ~xp.any(T, axis=-1, keepdims=True)
+    log_pT = _log_of_mass(xp, p_out, P.lw, T, empty)
+    log_qT = _log_of_mass(xp, q_out, Q.lw, T, empty)
     # p restricted to T and renormalised, in log space: p's mass on T may underflow to 0 while
     # its log-probabilities there are finite
-    empty = ~xp.any(T, axis=-1, keepdims=True)
     lpT = xp.where(empty, xp.zeros_like(log_pT[..., None]), log_pT[..., None])
-    lwn = xp.where(T, P.lw - lpT, zero)
-    wn = xp.where(T, xp.exp(lwn), zero)
+    # (selected again after the exponential: an entry whose weight underflows to 0 passes no
+    # gradient back, as its product with a huge log-ratio would overflow there: inf * 0)
+    e = xp.exp(xp.where(T, P.lw - lpT, const(xp, -math.inf, zero)))
+    wn = xp.where(e > 0, e, zero)
     # one more exact-in-spirit renormalisation: the weights must sum to 1 to the last bit for the
     # centring below to cancel a common offset of the log-ratio
     s = xp.sum(wn, axis=-1, keepdims=True)
     s = xp.where(empty, xp.ones_like(s), s)
     wn = wn / s
-    lwn = xp.where(T, lwn - xp.log(s), zero)
     mu = xp.sum(wn * delta, axis=-1, keepdims=True)
-    dc = xp.where(T, delta - mu, zero)  # centred log-ratio d'
-    # log(wn_i e^{d'_i}) = lwn + d', formed from q's side: lwn + delta = Q.raw_log / T - P.norm
-    # - lpT - log s exactly, and the raw p cancels. Adding lwn to d' numerically would not do
-    # where p has a huge finite negative logit (-1e30: both terms ~1e30, their sum noise).
-    q_raw = Q.raw_log if P.temperature == 1.0 else Q.raw_log / P.temperature
-    lwx = xp.where(T, q_raw - (P.norm + lpT + xp.log(s) + mu), zero)
+    # centred log-ratio d' (on T). Clamped to the float range: |delta - mu| can exceed it only
+    # where p_i or q_i is 0 numerically, and an inf there would meet a zero weight (0 * inf)
+    fmax = xp.finfo(delta.dtype).max
+    dc = xp.clip(delta - mu, -fmax, fmax)
+    # log(wn_i e^{d'_i}) = lwn + d', formed from q's side: lwn + delta = Q.ct + k - P.norm - lpT
+    # - log s exactly, and p cancels. Adding lwn to d' numerically would not do where p has a
+    # huge finite negative logit (-1e30: both terms ~1e30, their sum noise).
+    offset = P.norm + lpT + xp.log(s) + mu
+    if k is not None:
+        offset = offset - k
+    lwx = xp.where(T, Q.ct - offset, zero)
     # L = log E_p[exp(d')] = log1p(E_p[phi(d')]). When some p_i exp(d'_i) is huge (logits far
     # apart: KL in the tens), E_p[phi] would overflow although L is modest: such rows take the
     # log-sum-exp of log p_i + d'_i instead (no cancellation to fear there, L > 20).
-    top = xp.max(xp.where(T, lwx, const(xp, -math.inf, dc)), axis=-1, keepdims=True)
+    neg_inf = const(xp, -math.inf, dc)
+    top = xp.max(xp.where(T, lwx, neg_inf), axis=-1, keepdims=True)
     huge = top > 20.0
     dc_small = xp.where(huge, zero, dc)
     L_small = xp.log1p(xp.sum(xp.where(T, _w_phi(xp, wn, dc_small, log_w_exp=lwx), zero), axis=-1))
-    lt = xp.where(T & huge, lwx, const(xp, -math.inf, dc))
+    lt = xp.where(T & huge, lwx, neg_inf)
     lt = xp.where(huge, lt, zero)
     L_large = logsumexp(xp, lt, axis=-1)[..., 0]
     L = xp.where(huge[..., 0], L_large, L_small)
@@ -305,8 +371,14 @@ def _pair(xp, P: _Side, Q: _Side, need_d: bool = False) -> _Pair:
     p_escapes = xp.any(P.support & ~Q.support, axis=-1)
     q_escapes = xp.any(Q.support & ~P.support, axis=-1)
     inf = const(xp, math.inf, L)
-    kl = xp.where(p_escapes, inf, L - xp.where(p_escapes, xp.zeros_like(log_qT), log_qT))
-    return _Pair(T, d, p_out, q_out, p_escapes, q_escapes, kl)
+    # a value that reached finfo.max went through a clamp (log-ratios beyond the float range):
+    # the true value is at least that large, so it overflows, as IEEE arithmetic would
+    kl = L - xp.where(p_escapes, xp.zeros_like(log_qT), log_qT)
+    kl = xp.where(p_escapes | (kl >= xp.finfo(L.dtype).max), inf, kl)
+    # 0 on every row, nan on a row with a nan (its normaliser is nan): an escape's +inf must
+    # not hide it
+    nan_rows = 0 * (P.norm + Q.norm)[..., 0]
+    return _Pair(T, d, p_out, q_out, p_escapes, q_escapes, kl + nan_rows, nan_rows)
 
 
 def _log_ratio(xp, P, Q, T, delta, mu, dc, mean_d):
@@ -351,8 +423,8 @@ def _rows(kind, xp, P, Q, beta):
         # p e^d = q on the common support (d = log q/p): the large branch needs no exponential
         term = xp.where(small, P.w * ds * xp.expm1(ds), dl * (Q.w - P.w))
         val = xp.sum(xp.where(pr.common, term, zero), axis=-1)
-        bad = pr.p_escapes | pr.q_escapes
-        return xp.where(bad, const(xp, math.inf, val), val)
+        bad = pr.p_escapes | pr.q_escapes | (val >= xp.finfo(val.dtype).max)  # as in _pair
+        return xp.where(bad, const(xp, math.inf, val), val) + pr.nan_rows
     if kind == "js":
         y = _log_mix(xp, 1.0 - beta, pr.d)  # log(m/p) on T
         z = _log_mix(xp, beta, -pr.d)  # log(m/q) on T
@@ -367,8 +439,9 @@ def _rows(kind, xp, P, Q, beta):
 def divergence_rows(kind, xp, p, q, p_space, q_space, temperature=1.0, beta=0.5):
     """Per-row divergence of validated inputs (categories last, compute dtype, masked rows
     already replaced): the one entry point for the fast paths' reference computations."""
-    return _rows(kind, xp, _make_side(xp, p, p_space, temperature),
-                 _make_side(xp, q, q_space, temperature), beta)
+    with quiet(p):
+        return _rows(kind, xp, _make_side(xp, p, p_space, temperature),
+                     _make_side(xp, q, q_space, temperature), beta)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -406,7 +479,9 @@ def _divergence(kind, p, q, *, p_space, q_space, axis, reduction, mask, weight, 
 _COMMON_DOC = """
     Args:
       p: the reference distribution (target, teacher), any shape; categories along ``axis``.
-      q: the approximating distribution (model, student), same shape (or broadcastable).
+      q: the approximating distribution (model, student), same shape or broadcastable with
+        ``p`` as in NumPy (a missing leading axis counts as 1); the category axis itself is
+        never broadcast: both sides must have the same number of categories (at least one).
       p_space, q_space: what each argument holds: ``"probs"`` (non-negative, rows sum to 1),
         ``"log_probs"`` (rows with logsumexp 0) or ``"logits"`` (any real scores, -inf allowed;
         normalised by a log-softmax along ``axis``). Chosen independently for each side.
@@ -419,9 +494,12 @@ _COMMON_DOC = """
         are not counted by "mean", and are not checked (they may hold anything).
       weight: optional non-negative weights of the row shape (broadcastable).
       temperature: divides log-space inputs (probabilities are raised to 1/T and renormalised).
+        Supported range: 1e-6 <= temperature <= 1e6 (``kldiv._core.validation.TEMPERATURE_RANGE``);
+        outside it a ValueError is raised. A string or bool is refused with a TypeError.
       t2_scale: multiply the result by ``temperature**2`` (the usual distillation factor).
       validate: value checks (signs, finiteness, normalisation within
-        ``kldiv.normalization_tolerance``); None follows ``kldiv.set_validation``.
+        ``kldiv.normalization_tolerance``); None follows ``kldiv.set_validation``. Without
+        them, a nan in an unmasked row still gives nan for that row, never a number.
 
     Probabilities are renormalised along ``axis`` before use, so that float rounding in the row
     sums (up to the tolerance above) cannot masquerade as divergence. Half-precision inputs are
@@ -488,12 +566,7 @@ reverse_kl.__doc__ = r"""Reverse KL, KL(q || p), with the arguments in the same 
 
 def js_div(p, q, *, beta=0.5, p_space="probs", q_space="probs", axis=-1, reduction="none",
            mask=None, weight=None, temperature=1.0, t2_scale=False, validate=None):
-    b = float(beta)
-    if not 0.0 < b < 1.0:
-        raise ValueError(
-            f"beta: must lie strictly between 0 and 1, got {beta!r} (beta -> 0 or 1 makes the "
-            "divergence vanish; use kl_div or reverse_kl for the KL limits)"
-        )
+    b = V.check_beta(beta)
     return _divergence("js", p, q, p_space=p_space, q_space=q_space, axis=axis,
                        reduction=reduction, mask=mask, weight=weight, temperature=temperature,
                        t2_scale=t2_scale, validate=validate, beta=b)
@@ -555,11 +628,12 @@ def kl_terms(p, q, *, p_space="probs", q_space="probs", axis=-1, temperature=1.0
         p, q, p_space, q_space, axis, temperature, None, None, validate
     )
     P, Q = _finish(xp, P, Q, None, p_space, q_space)
-    Ps = _make_side(xp, P, p_space, temperature)
-    Qs = _make_side(xp, Q, q_space, temperature)
-    zero = xp.zeros_like(Ps.w)
-    both = Ps.support & Qs.support
-    t = xp.where(both, Ps.w * (Ps.lw - xp.where(both, Qs.lw, zero)), zero)
-    t = xp.where(Ps.support & ~Qs.support, const(xp, math.inf, t), t)
+    with quiet(P):
+        Ps = _make_side(xp, P, p_space, temperature)
+        Qs = _make_side(xp, Q, q_space, temperature)
+        zero = xp.zeros_like(Ps.w)
+        both = Ps.support & Qs.support
+        t = xp.where(both, Ps.w * (Ps.lw - xp.where(both, Qs.lw, zero)), zero)
+        t = xp.where(Ps.support & ~Qs.support, const(xp, math.inf, t), t)
     ax = V.check_axis(axis, t.ndim)
     return xp.moveaxis(t, -1, ax)

@@ -19,26 +19,44 @@ from ._xp import is_concrete, to_numpy
 SPACES = ("probs", "log_probs", "logits")
 REDUCTIONS = ("none", "sum", "mean")
 
-_ENABLED = contextvars.ContextVar("kldiv_validation", default=True)
+#: the process-wide default (``set_validation``), shared by every thread
+_DEFAULT = [True]
+#: an override for the current thread / async context (``validation``); None: the default
+_OVERRIDE = contextvars.ContextVar("kldiv_validation", default=None)
+
+#: the supported temperatures, both ends included (``check_temperature``)
+TEMPERATURE_RANGE = (1e-6, 1e6)
 
 
 def set_validation(enabled: bool) -> None:
-    """Turn value checks on or off globally (shape, dtype and option checks always run)."""
-    _ENABLED.set(bool(enabled))
+    """Turn value checks on or off for the whole process, every thread included.
+
+    Shape, dtype and option checks always run. Inside a ``with kldiv.validation(...)`` block
+    the block's setting wins (in that thread or async context only); ``validate=`` of a call
+    wins over both.
+    """
+    _DEFAULT[0] = bool(enabled)
 
 
 @contextlib.contextmanager
 def validation(enabled: bool):
-    """Context manager: ``with kldiv.validation(False): ...`` skips value checks inside."""
-    token = _ENABLED.set(bool(enabled))
+    """Context manager: ``with kldiv.validation(False): ...`` skips value checks inside.
+
+    It applies to the current thread (or async context, a ``contextvars`` variable) only, and
+    wins over ``set_validation`` there until the block ends.
+    """
+    token = _OVERRIDE.set(bool(enabled))
     try:
         yield
     finally:
-        _ENABLED.reset(token)
+        _OVERRIDE.reset(token)
 
 
 def validation_enabled(validate: bool | None) -> bool:
-    return _ENABLED.get() if validate is None else bool(validate)
+    if validate is not None:
+        return bool(validate)
+    v = _OVERRIDE.get()
+    return _DEFAULT[0] if v is None else v
 
 
 def check_option(name: str, value, allowed) -> None:
@@ -53,9 +71,10 @@ def check_option(name: str, value, allowed) -> None:
 
 def check_floating(xp, name: str, x) -> None:
     if not xp.isdtype(x.dtype, "real floating"):
+        how = "x.float()" if type(x).__module__.partition(".")[0] == "torch" else "x.astype(float)"
         raise TypeError(
             f"{name}: expected a real floating-point array, got dtype {x.dtype}; "
-            f"convert it first (for example x.astype(float))"
+            f"convert it first (for example {how})"
         )
 
 
@@ -69,14 +88,52 @@ def check_axis(axis, ndim: int, name: str = "axis") -> int:
     return int(axis) % ndim
 
 
-def check_positive_finite(name: str, value) -> float:
+def _as_number(name: str, value, what: str) -> float:
+    """``value`` as a float; strings and booleans are refused, not converted."""
+    if isinstance(value, (str, bytes, bool, np.bool_)):
+        raise TypeError(f"{name}: expected {what}, got {type(value).__name__} {value!r}")
     try:
-        v = float(value)
+        return float(value)
     except (TypeError, ValueError):
-        raise TypeError(f"{name}: expected a positive number, got {value!r}") from None
+        raise TypeError(f"{name}: expected {what}, got {value!r}") from None
+
+
+def check_positive_finite(name: str, value) -> float:
+    if name == "temperature":  # one rule for the temperature on every path
+        return check_temperature(value)
+    v = _as_number(name, value, "a positive number")
     if not (math.isfinite(v) and v > 0):
         raise ValueError(f"{name}: expected a positive finite number, got {value!r}")
     return v
+
+
+def check_temperature(value) -> float:
+    """The temperature as a float, refused outside ``TEMPERATURE_RANGE`` (1e-6 to 1e6).
+
+    Within the range every divergence is computed to its documented accuracy, in float32 too
+    (x / T of any finite float32 logit is handled; a temperature below about 1e-38 would not
+    even be representable in float32). Strings and booleans are refused with a TypeError.
+    """
+    v = _as_number("temperature", value, "a positive number")
+    lo, hi = TEMPERATURE_RANGE
+    if not (math.isfinite(v) and v > 0):
+        raise ValueError(f"temperature: expected a positive finite number, got {value!r}")
+    if not lo <= v <= hi:
+        raise ValueError(
+            f"temperature: {value!r} is outside the supported range [{lo:g}, {hi:g}]"
+        )
+    return v
+
+
+def check_beta(value) -> float:
+    """The Jensen-Shannon mixture weight as a float strictly between 0 and 1."""
+    b = _as_number("beta", value, "a number strictly between 0 and 1")
+    if not 0.0 < b < 1.0:
+        raise ValueError(
+            f"beta: must lie strictly between 0 and 1, got {value!r} (beta -> 0 or 1 makes the "
+            "divergence vanish; use kl_div or reverse_kl for the KL limits)"
+        )
+    return b
 
 
 def normalization_tolerance(dtype_eps: float, n: int) -> float:
@@ -122,9 +179,13 @@ def check_values(xp, name: str, x, space: str, eps: float, logsumexp, rows=None)
             if bool(xp.any(flagged(xp.any(xp.isnan(x), axis=-1)))):
                 raise ValueError(f"{name}: contains nan at "
                                  f"{_first_bad_row(flagged(xp.any(xp.isnan(x), axis=-1)))}")
+            swap = ""
+            if name == "p" and bool(xp.any(flagged(xp.max(x, axis=-1) <= 0))):
+                swap = ("; the arguments may be swapped: kldiv takes the reference p first "
+                        "(torch's F.kl_div takes the log-probabilities first)")
             raise ValueError(
                 f"{name}: probabilities must be finite and >= 0; {_first_bad_row(bad)} is not "
-                f"(pass {name}_space='logits' for unnormalised scores)"
+                f"(pass {name}_space='logits' for unnormalised scores{swap})"
             )
         s = xp.sum(x, axis=-1)
         off = flagged(xp.abs(s - 1) > tol)
