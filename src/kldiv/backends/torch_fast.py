@@ -240,7 +240,7 @@ def divergence(kind, p, q, *, p_space, q_space, axis, reduction, mask, weight, t
         and not (pm.is_neg() or qm.is_neg() or pm.is_conj() or qm.is_conj())
     )
     if (use_kernel and key is not None and ax == nd - 1 and p.dtype == q.dtype
-            and p.dtype in (torch.float32, torch.float64) and kind != "jeffreys"):
+            and p.dtype in (torch.float32, torch.float64)):
         # remember the signature: the next call with it takes _lane directly
         if len(_LANE) > 256:
             _LANE.clear()
@@ -272,7 +272,7 @@ def _lane(spec, p, q, validate):
     grad_on = torch.is_grad_enabled()
     need_p = grad_on and p.requires_grad
     need_q = grad_on and q.requires_grad
-    if spec.p_space == "probs" or spec.q_space == "probs":
+    if spec.p_space == "probs" or spec.q_space == "probs" or spec.kind == "jeffreys":
         with torch.no_grad():
             res = _kernel_rows(spec, p, q, None, None, need_p, need_q,
                                _validation_enabled(validate))
