@@ -195,6 +195,21 @@ def test_js_values_and_gradients(beta):
         assert _rowerr(got[~zero_rows], want[~zero_rows]) < 1e-5
 
 
+@pytest.mark.parametrize("flip", [False, True])
+def test_jeffreys_infinite_row_has_zero_gradient(flip):
+    """One direction +inf (either one): the row is +inf and its gradient 0 (the core's)."""
+    inf = math.inf
+    x = torch.tensor([[0.0, 1.0, 2.0], [0.0, 1.0, 2.0]])
+    y = torch.tensor([[0.0, -inf, 1.0], [0.5, 1.0, 1.5]])
+    if flip:
+        x, y = y, x
+    rows, gx, gy, g = _rows_and_grads(x, y, 1.0, "jeffreys")
+    assert torch.isinf(rows[0]) and (gx[0] == 0).all() and (gy[0] == 0).all()
+    r64, gx64, gy64 = _ref(x[1:], y[1:], 1.0, "jeffreys", g[1:])
+    assert torch.allclose(rows[1:], r64, rtol=1e-6)
+    assert _rowerr(gx[1:], gx64) < 1e-5 and _rowerr(gy[1:], gy64) < 1e-5
+
+
 def test_rows_the_kernel_leaves_to_the_core_are_nan():
     inf = math.inf
     x = torch.tensor([[-inf, -inf, -inf], [0.0, math.nan, 1.0], [3e38, -3e38, 0.0]])

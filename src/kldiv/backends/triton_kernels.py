@@ -243,7 +243,7 @@ if True:
         bad = (bad.to(tl.int32) + (fin == 0).to(tl.int32)) > 0
         return bad, escaped, mx, my, Ch, Cl, Zx, Zy, S1, ZqS, Zqo, ZpS, Zpo
 
-    def _kl_rows_kernel_fn(X, Y, S, ROWS, GX, GY, V, sx, sy, sgx, sgy, inv_t,
+    def _kl_rows_kernel_fn(X, Y, S, ROWS, PREV, GX, GY, V, sx, sy, sgx, sgy, inv_t,
                         WANT_X: tl.constexpr, WANT_Y: tl.constexpr, ACC: tl.constexpr,
                         BLOCK: tl.constexpr, SINGLE: tl.constexpr):
         r = tl.program_id(0).to(tl.int64)
@@ -313,6 +313,9 @@ if True:
             rq = (Zx / Zy).to(tl.float32)
             ipg = (s * inv_t / Zx).to(tl.float32)
             zg = escaped | zero_row
+            if ACC:
+                # Jeffreys' second direction: a row already +inf (p escapes) has gradient 0
+                zg = zg | (tl.load(PREV + r + tl.arange(0, 1)) == float("inf"))
             ng = bad & (zero_row == 0)
             GXr = GX + r * sgx
             GYr = GY + r * sgy
@@ -327,17 +330,17 @@ if True:
                 pg = ep * ipg
                 if WANT_Y:
                     gy = tl.where(both & small, pg * ((dc + ser) * Ef + Mf), (eq * rq - ep) * ipg)
-                    gy = tl.where(zg, 0.0, gy)
-                    gy = tl.where(ng, float("nan"), gy)
                     if ACC:
                         gy += tl.load(GYr + offs, mask=inb, other=0.0).to(tl.float32)
+                    gy = tl.where(zg, 0.0, gy)
+                    gy = tl.where(ng, float("nan"), gy)
                     tl.store(GYr + offs, gy.to(GY.dtype.element_ty), mask=inb)
                 if WANT_X:
                     gx = tl.where(both, -pg * dc, 0.0)
-                    gx = tl.where(zg, 0.0, gx)
-                    gx = tl.where(ng, float("nan"), gx)
                     if ACC:
                         gx += tl.load(GXr + offs, mask=inb, other=0.0).to(tl.float32)
+                    gx = tl.where(zg, 0.0, gx)
+                    gx = tl.where(ng, float("nan"), gx)
                     tl.store(GXr + offs, gx.to(GX.dtype.element_ty), mask=inb)
 
 
@@ -558,13 +561,15 @@ def _block(V):
     return b if b <= 8192 else 4096
 
 
-def _launch(x, y, scale, inv_t, rows, gx, gy, acc):
-    """One launch over the rows of (n, V) x, y (unit stride along V)."""
+def _launch(x, y, scale, inv_t, rows, gx, gy, acc, prev=None):
+    """One launch over the rows of (n, V) x, y (unit stride along V); acc: add the gradients
+    to gx, gy (zero on rows where ``prev``, the first direction's rows, is +inf)."""
     n, V = x.shape
     _build()
     dummy = rows
     _kl_rows_kernel[(n,)](
-        x, y, scale, rows, dummy if gx is None else gx, dummy if gy is None else gy, V,
+        x, y, scale, rows, rows if prev is None else prev, dummy if gx is None else gx,
+        dummy if gy is None else gy, V,
         x.stride(0), y.stride(0), 0 if gx is None else gx.stride(0),
         0 if gy is None else gy.stride(0), float(inv_t),
         WANT_X=gx is not None, WANT_Y=gy is not None, ACC=bool(acc), BLOCK=_block(V),
@@ -606,7 +611,7 @@ def _rows_impl(x, y, scale, inv_t, mode, beta, need_x, need_y):
                 _launch(x, y, scale, inv_t, rows, gx, gy, False)
                 if mode == 2:
                     rows2 = torch.empty_like(rows)
-                    _launch(y, x, scale, inv_t, rows2, gy, gx, True)
+                    _launch(y, x, scale, inv_t, rows2, gy, gx, True, rows)
                     rows = rows + rows2
     rows = rows * scale  # 0 on masked rows (the kernel wrote 0 there)
     return rows, (gx if need_x else x.new_empty((0,))), (gy if need_y else y.new_empty((0,)))
