@@ -215,3 +215,28 @@ def test_distributed_wrappers_gloo(wrap, tmp_path):
 def test_js_module_bound():
     out = kt.JSDivLoss(reduction="sum")(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]]))
     assert abs(float(out) - math.log(2)) < 1e-6
+
+
+def test_first_call_inside_torch_compile_fullgraph(tmp_path):
+    """A fresh process whose very first kldiv call is traced by torch.compile(fullgraph=True):
+    the torch fast path must already be loaded (Dynamo cannot trace an import)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "first_call.py"
+    script.write_text(
+        "import warnings, torch, kldiv\n"
+        "def f(t, s):\n"
+        "    return kldiv.kl_div(t, s, p_space='logits', q_space='logits', reduction='mean')\n"
+        "t = torch.randn(8, 5); s = torch.randn(8, 5, requires_grad=True)\n"
+        "with warnings.catch_warnings():\n"
+        "    warnings.simplefilter('error', UserWarning)\n"
+        "    out = torch.compile(f, fullgraph=True, backend='aot_eager')(t, s)\n"
+        "out.backward()\n"
+        "p, q = torch.softmax(t.double(), -1), torch.softmax(s.detach().double(), -1)\n"
+        "ref = (p * (p / q).log()).sum(-1).mean()\n"
+        "assert abs(float(out.detach()) - float(ref)) < 1e-6, (out, ref)\n"
+        "print('ok')\n")
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]

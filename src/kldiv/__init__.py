@@ -19,6 +19,17 @@ from . import backends as _backends
 
 _dispatch.set_loader(_backends.load)  # fast paths load on an array library's first use
 
+
+def _preload_backends():
+    import sys
+
+    for lib in ("torch", "jax"):  # already imported by the caller: load their fast paths now
+        if lib in sys.modules:
+            _dispatch.preload(lib)
+
+
+_preload_backends()
+
 __version__ = "0.1.0"
 
 __all__ = [

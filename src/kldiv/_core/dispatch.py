@@ -20,7 +20,7 @@ A handler must agree with the core on every input the core accepts (values, dtyp
 """
 from __future__ import annotations
 
-__all__ = ["register", "set_loader", "handler", "library_of"]
+__all__ = ["register", "set_loader", "preload", "handler", "library_of"]
 
 _HANDLERS: dict[tuple[str, str], object] = {}
 _LOADED: set[str] = set()
@@ -53,13 +53,24 @@ def set_loader(fn) -> None:
     _loader = fn
 
 
+def preload(library: str) -> None:
+    """Load ``library``'s backend now (once), not on its first call.
+
+    The package does this at import for the libraries already imported: a first call made
+    inside a ``torch.compile`` trace must not have to import a module (Dynamo cannot trace
+    an import).
+    """
+    if library not in _LOADED:
+        _LOADED.add(library)
+        if _loader is not None:
+            _loader(library)
+
+
 def handler(hook: str, p, q):
     """The ``hook`` handler for arrays ``p`` and ``q`` of one library, or None."""
     lib = library_of(p)
     if library_of(q) != lib:
         return None
     if lib not in _LOADED:
-        _LOADED.add(lib)
-        if _loader is not None:
-            _loader(lib)
+        preload(lib)
     return _HANDLERS.get((lib, hook))
