@@ -99,14 +99,23 @@ def _entries(a, b, temperature, ma, mb):
     b0 = jnp.where(sq, b, zero)
     # the raw difference (exact for close logits), or each side centred on its own maximum (exact
     # when one side is shifted by up to 1e30); the row constant between the two drops out
-    d = (b0 - jnp.where(far, mb, zero)) - (a0 - jnp.where(far, ma, zero))
+    # Logits near the float limit: a centred side may overflow to -inf (probability 0, as it
+    # should), and the difference is clamped at finfo.max instead of giving inf - inf
+    fmax = float(jnp.finfo(a.dtype).max)
+    xa = a0 - jnp.where(far, ma, zero)
+    xb = b0 - jnp.where(far, mb, zero)
+    d = jnp.maximum(xb, -fmax) - jnp.maximum(xa, -fmax)
+    # where that overflowed the log-ratio is not representable: kl_rows gives nan there (the
+    # eager path leaves such rows, logits beyond finfo.max / 8, to the core)
+    overflow = jnp.isinf(xa) | jnp.isinf(xb) | jnp.isinf(d)
     x = a - ma
     y = b - jnp.where(far, mb, ma)
     if temperature != 1.0:  # after the difference: (b - a) / T keeps the accuracy of b - a
         x = x / temperature
         d = d / temperature
         y = y / temperature
-    return sp, sq, x, d, y, far
+    d = jnp.clip(d, -fmax, fmax)
+    return sp, sq, x, d, y, far, overflow
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
@@ -122,7 +131,7 @@ def _kl_parts(a, b, temperature):
     )
     ma = jnp.where(jnp.isfinite(ma_raw), ma_raw, 0)[..., None]
     mb = jnp.where(jnp.isfinite(mb_raw), mb_raw, 0)[..., None]
-    sp, sq, x, d, y, far = _entries(a, b, temperature, ma, mb)
+    sp, sq, x, d, y, far, overflow = _entries(a, b, temperature, ma, mb)
     # pass 2: p's normaliser and the p-weighted mean of the log-ratio (two plain sums: XLA's CPU
     # backend runs a variadic sum much slower than two sums)
     ex = jnp.exp(x)
@@ -146,6 +155,7 @@ def _kl_parts(a, b, temperature):
     # values for the branch that a where drops: this function is never differentiated.)
     small = sp & (jnp.abs(dc) < _SMALL)
     term = jnp.where(huge, e, jnp.where(small, p * _phi_series(dc), e - p * (1 + dc)))
+    term = jnp.where(overflow & (p > 0), jnp.asarray(jnp.nan, a.dtype), term)
     total = jnp.sum(term, axis=-1)
     # huge rows: total >= 1 (its largest term is e^0), and KL = c + log(total)
     log_total = jnp.log1p(total - jnp.where(huge[..., 0], 1, 0).astype(a.dtype))
@@ -162,7 +172,7 @@ def _kl_parts_jvp(temperature, primals, tangents):
     kl, ma_raw, mb_raw, lse, mu, norm_q = out = _kl_parts(a, b, temperature)
     ma = jnp.where(jnp.isfinite(ma_raw), ma_raw, 0)[..., None]
     mb = jnp.where(jnp.isfinite(mb_raw), mb_raw, 0)[..., None]
-    sp, sq, x, d, y, far = _entries(a, b, temperature, ma, mb)
+    sp, sq, x, d, y, far, _ = _entries(a, b, temperature, ma, mb)
     zero = jnp.zeros((), a.dtype)
     lse_, mu_ = lse[..., None], mu[..., None]
     p = jnp.exp(x - lse_)  # 0 off p's support
@@ -388,6 +398,11 @@ def jax_divergence(kind, p, q, *, p_space, q_space, axis, reduction, mask, weigh
         if enabled and not traced and bool(jnp.any(~jnp.isfinite(weight) | (weight < 0))):
             raise ValueError("weight: must be finite and >= 0")
     scale = temperature**2 if t2_scale else 1.0
+    if not traced and p_space != "probs" and q_space != "probs":
+        # logits near the float limit (their differences may overflow): the core's rows
+        limit = float(jnp.finfo(_compute_dtype(xp, P, Q)).max) / 8
+        if any(float(jnp.max(jnp.where(jnp.isfinite(x), jnp.abs(x), 0))) > limit for x in (P, Q)):
+            return NotImplemented
     fn = _compiled(kind, p_space, q_space, reduction, float(temperature), float(beta),
                    float(scale), bool(enabled and traced), _MESSAGES.get())
     return fn(P, Q, mask, weight)
