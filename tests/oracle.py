@@ -52,7 +52,8 @@ def _dps(*rows, log_space=False, temperature=1.0):
             f = x[np.isfinite(x)]
             if f.size:
                 rng = (float(f.max()) - float(f.min())) / t  # float: no overflow warning
-                extra = max(extra, min(RANGE_CAP, int(rng / np.log(10)) + 1))
+                rng_digits = rng / np.log(10) + 1 if np.isfinite(rng) else RANGE_CAP
+                extra = max(extra, int(min(RANGE_CAP, rng_digits)))
                 big = float(np.max(np.abs(f))) / t
                 mag = max(mag, int(np.log10(max(big, 1.0))) + 1)
             continue

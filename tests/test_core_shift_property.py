@@ -77,7 +77,7 @@ def test_shifted_logits_match_the_oracle(rows, name):
     assert not math.isnan(got), (name, x, y)
     assert got >= 0, (name, x, y, got)
     fmax = float(np.finfo(dtype).max)
-    if math.isinf(ref) or ref > fmax:
+    if math.isinf(ref) or ref >= fmax * (1 - 1e-6):  # values at finfo.max are reported as inf
         assert got == math.inf or got >= 0.5 * fmax, (name, x, y, got, ref)
         return
     eps = float(np.finfo(dtype).eps)
