@@ -449,3 +449,11 @@ def test_rows_spread_over_threads_are_identical():
     np.testing.assert_array_equal(one, many)
     assert (st1 == 0).all() and (st3 == 0).all()
     np.testing.assert_array_equal(np.asarray(kldiv.kl_div(p, q)), one)
+
+
+@pytest.mark.parametrize("T", [1e-300, 5e-324, 1e-7, 2e6, float("inf"), float("nan")])
+def test_temperature_outside_range_refused_as_by_the_core(T):
+    a = np.array([[1.0, 2.0, 3.0]], dtype=np.float32)
+    b = np.array([[1.0, 2.5, 3.0]], dtype=np.float32)
+    with pytest.raises(ValueError, match="temperature"):
+        kldiv.kl_div(a, b, p_space="logits", q_space="logits", temperature=T)

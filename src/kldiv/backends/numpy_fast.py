@@ -24,14 +24,18 @@ True
 """
 from __future__ import annotations
 
-import math
 import os
 
 import numpy as np
 
 from .._core import dispatch
 from .._core.reduction import reduce_rows
-from .._core.validation import REDUCTIONS, normalization_tolerance, validation_enabled
+from .._core.validation import (
+    REDUCTIONS,
+    TEMPERATURE_RANGE,
+    normalization_tolerance,
+    validation_enabled,
+)
 
 _KINDS = {"forward": 0, "reverse": 1, "js": 2, "jeffreys": 3}
 _MODES = {"probs": 0, "log_probs": 1, "logits": 2}
@@ -122,7 +126,8 @@ def numpy_pre(kind, p, q, *, p_space, q_space, axis, reduction, mask, weight, te
     if kind not in _KINDS or not _plain_number(temperature) or not _plain_number(beta):
         return NotImplemented
     temperature = float(temperature)
-    if not (math.isfinite(temperature) and temperature > 0):
+    lo, hi = TEMPERATURE_RANGE
+    if not lo <= temperature <= hi:  # nan, inf and out-of-range: the core raises its error
         return NotImplemented
     if temperature != 1.0 and (p_space == "probs" or q_space == "probs"):
         return NotImplemented
