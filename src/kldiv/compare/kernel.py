@@ -132,12 +132,10 @@ def _redo_huge(a, b, rows, r, reverse, js):
     """
     if rows.size == 0:
         return
-    from ..backends.numpy_fast import divergence_rows_logits
-
     sub_a, sub_b = np.ascontiguousarray(a[rows]), np.ascontiguousarray(b[rows])
     kinds = [("forward", "kl")] + ([("reverse", "rkl")] if reverse else []) + ([("js", "js")] if js else [])
     for kind, field in kinds:
-        vals = divergence_rows_logits(kind, sub_a, sub_b)
+        vals = _divrows_logits(kind, sub_a, sub_b)
         if vals is None:  # no compiled kernel (or a row it declines): the core's rows
             from .._core.divergence import divergence_rows
 
@@ -145,6 +143,29 @@ def _redo_huge(a, b, rows, r, reverse, js):
                 vals = np.asarray(divergence_rows(kind, np, sub_a.astype(np.float64),
                                                   sub_b.astype(np.float64), "logits", "logits"))
         getattr(r, field)[rows] = vals
+
+
+_DIVROWS_KINDS = {"forward": 0, "reverse": 1, "js": 2}
+
+
+def _divrows_logits(kind, a, b):
+    """Per-row ``kind`` divergence (float64, JS with beta 1/2) of two C-contiguous logits blocks
+    through the compiled ``kldiv._ext._divrows`` without value checks; None when the kernel is
+    missing, switched off (``KLDIV_NO_EXT=1``) or declines a row. Called directly here (not
+    through kldiv's NumPy backend, which imports this module: no import circle)."""
+    if os.environ.get("KLDIV_NO_EXT", "") not in ("", "0") or a.shape[0] == 0:
+        return None
+    try:
+        from .._ext import _divrows
+    except ImportError:
+        return None
+    n_rows, n = a.shape
+    out = np.empty(n_rows, np.float64)
+    status = np.empty(n_rows, np.int32)
+    _divrows.rows(a, b, n_rows, n, int(a.dtype == np.float64), int(b.dtype == np.float64), 2, 2,
+                  1.0, 0.5, _DIVROWS_KINDS[kind], 0, 1.0, 1.0, float(np.finfo(a.dtype).eps),
+                  float(np.finfo(b.dtype).eps), out, status)
+    return None if status.any() else out
 
 
 def _js_valid_rows(a, b, status):
