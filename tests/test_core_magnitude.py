@@ -285,9 +285,10 @@ def _hessians(lib, f, a, b):
     import jax.numpy as jnp
 
     ja, jb = jnp.asarray(a), jnp.asarray(b)
-    ga = jax.grad(lambda x: f(x, jb))(ja)
-    ha = jax.hessian(lambda x: f(x, jb))(ja)
-    hb = jax.hessian(lambda y: f(ja, y))(jb)
+    # under jit: one compilation instead of thousands of eager dispatches (the test's cost)
+    ga = jax.jit(jax.grad(lambda x: f(x, jb)))(ja)
+    ha = jax.jit(jax.hessian(lambda x: f(x, jb)))(ja)
+    hb = jax.jit(jax.hessian(lambda y: f(ja, y)))(jb)
     return np.asarray(ga), np.asarray(ha), np.asarray(hb)
 
 

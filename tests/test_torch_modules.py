@@ -168,19 +168,17 @@ def _worker(rank, world, port, wrap, out_path):
             loss.backward()
             grads = {k: p.grad.full_tensor().detach().clone()
                      for k, p in model.named_parameters()}
-        else:  # the fused output layer inside DDP
-            from torch.nn.parallel import DistributedDataParallel
-
-            wrapped = DistributedDataParallel(model)
-            hidden = torch.tanh(wrapped.module.body(x[sl]))
-            loss = kt.LinearKLDivLoss()(hidden, wrapped.module.head.weight, teacher[sl])
+        else:  # the fused output layer, data-parallel by hand (the layer takes the weight)
+            hidden = torch.tanh(model.body(x[sl]))
+            loss = kt.LinearKLDivLoss()(hidden, model.head.weight, teacher[sl])
             loss.backward()
-            for p in model.parameters():  # manual all-reduce (the layer bypasses DDP's hooks)
+            for p in model.parameters():  # the all-reduce DDP would do
                 dist.all_reduce(p.grad)
                 p.grad /= world
             grads = {k: p.grad.detach().clone() for k, p in model.named_parameters()}
         if rank == 0:
             torch.save(grads, out_path)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

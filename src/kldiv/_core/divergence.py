@@ -375,6 +375,8 @@ def _pair(xp, P: _Side, Q: _Side, need_d: bool = False) -> _Pair:
     # the true value is at least that large, so it overflows, as IEEE arithmetic would
     kl = L - xp.where(p_escapes, xp.zeros_like(log_qT), log_qT)
     kl = xp.where(p_escapes | (kl >= xp.finfo(L.dtype).max), inf, kl)
+    # KL >= 0: a rounding residue below 0 (1e-54 for shifted identical rows) is the exact 0
+    kl = xp.where(kl < 0, xp.zeros_like(kl), kl)
     # 0 on every row, nan on a row with a nan (its normaliser is nan): an escape's +inf must
     # not hide it
     nan_rows = 0 * (P.norm + Q.norm)[..., 0]

@@ -479,7 +479,27 @@ def _use_c(kind, p, q, out_p, out_q, temperature):
     return p.dtype == q.dtype and all(t.dtype == p.dtype for t in ts)
 
 
-def divergence_rows_with_grad(kind, p, q, *, p_space, q_space, temperature=1.0, beta=0.5,
+def divergence_rows_with_grad(kind, p, q, **kw):
+    """Per-row divergence of a 2-D chunk and the gradients (see :func:`_divergence_rows_with_grad`).
+
+    Rows where either side has no support at all (every entry -inf: not a distribution, which
+    only ``validate=False`` lets through) come back as nan with nan gradients, as in the core.
+    """
+    rows, gp, gq = _divergence_rows_with_grad(kind, p, q, **kw)
+    inf_rows = torch.nonzero(torch.isinf(rows)).flatten()  # escapes: rare, looked at closely
+    if inf_rows.numel():
+        sp, sq = p.index_select(0, inf_rows), q.index_select(0, inf_rows)
+        empty = ~((sp > -math.inf).any(-1) & (sq > -math.inf).any(-1))
+        if bool(empty.any()):
+            bad = inf_rows[empty]
+            rows = rows.index_fill(0, bad, math.nan)
+            for g in (gp, gq):
+                if g is not None:
+                    g.index_fill_(0, bad, math.nan)
+    return rows, gp, gq
+
+
+def _divergence_rows_with_grad(kind, p, q, *, p_space, q_space, temperature=1.0, beta=0.5,
                               need_grad_p=False, need_grad_q=True, grad_scale=None,
                               out_p=None, out_q=None):
     """Per-row divergence of a 2-D chunk and the gradients of ``sum_r grad_scale[r] * rows[r]``.
