@@ -129,3 +129,26 @@ def test_kept_gradient_is_never_overwritten():
     kldiv.kl_div(t.flip(-1), s, reduction="sum", **L).backward()
     assert s.grad.data_ptr() != kept.data_ptr()
     assert torch.equal(kept, first)
+
+
+def test_default_kl_div_reuses_a_dropped_gradient_and_never_a_held_one():
+    """kldiv.kl_div's torch path (backends/torch_fast) takes its gradients from grad_buffer."""
+    import torch.nn.functional as F
+
+    import kldiv
+
+    t = torch.randn(256, 32000)
+    s = torch.randn(256, 32000, requires_grad=True)
+    ref = (F.softmax(s.detach().double(), -1) - F.softmax(t.double(), -1)) / 256
+    ptrs = []
+    for _ in range(3):  # a training loop that drops .grad (zero_grad(set_to_none=True))
+        s.grad = None
+        kldiv.kl_div(t, s, p_space="logits", q_space="logits", reduction="mean").backward()
+        ptrs.append(s.grad.data_ptr())
+        assert float((s.grad.double() - ref).abs().max()) <= 1e-6 * float(ref.abs().max())
+    assert len(set(ptrs)) == 1
+    held = s.grad  # still referenced: the next step must get other memory
+    s.grad = None
+    kldiv.kl_div(t, s, p_space="logits", q_space="logits", reduction="mean").backward()
+    assert held.data_ptr() != s.grad.data_ptr()
+    assert float((held.double() - ref).abs().max()) <= 1e-6 * float(ref.abs().max())

@@ -38,6 +38,7 @@ from .._core import dispatch as _dispatch
 from .._core.validation import normalization_tolerance as _tolerance
 from .._core.validation import validation_enabled as _validation_enabled
 from .._core.divergence import _PHI_COEFS, _SMALL
+from .torch_fused import grad_buffer as _grad_buffer
 
 __all__ = ["divergence", "T_RANGE"]
 
@@ -289,8 +290,10 @@ def _lane(spec, p, q, validate):
         x = x.view(n, V)
         y = y.view(n, V)
     rows = torch.empty(n, dtype=torch.float64)
-    gp = torch.empty(p.shape, dtype=p.dtype) if need_p else None
-    gq = torch.empty(q.shape, dtype=q.dtype) if need_q else None
+    # large gradients reuse the memory of an earlier step's once nothing references it (no
+    # page faults and zeroing of a fresh 500 MB tensor per step: torch_fused.grad_buffer)
+    gp = _grad_buffer(p.shape, p.dtype) if need_p else None
+    gq = _grad_buffer(q.shape, q.dtype) if need_q else None
     scale = spec.gscale if (need_p or need_q) and spec.c_const != 1.0 else None
     if p.dim() == 2:
         _run(spec.kind, x, y, spec.T, scale, rows, gp, gq)
@@ -509,8 +512,8 @@ def _kernel_rows(spec, pm, qm, c, keep, need_p, need_q, check, force64=False):
     else:
         gscale = scale
     rows = torch.empty(n, dtype=torch.float64)
-    gp = torch.empty((n, V), dtype=pm.dtype) if need_p else None
-    gq = torch.empty((n, V), dtype=qm.dtype) if need_q else None
+    gp = _grad_buffer((n, V), pm.dtype) if need_p else None
+    gq = _grad_buffer((n, V), qm.dtype) if need_q else None
     direct = (spec.p_space != "probs" and spec.q_space != "probs" and x.dtype == kd
               and y.dtype == kd and x.stride(-1) == 1 and y.stride(-1) == 1)
     kinds = ("forward", "reverse") if spec.kind == "jeffreys" else (spec.kind,)
