@@ -391,3 +391,271 @@ def test_matches_numpy_scipy_on_one_row():
     z = (hid @ W.T + b).numpy()
     expected = rel_entr(softmax(t.numpy(), -1), softmax(z, -1)).sum()
     np.testing.assert_allclose(float(linear_kl_div(hid, W, t, bias=b)), expected, rtol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------
+# softcap, logit_scale, vocab_size (issue 15 item 2): against torch autograd on the float64
+# naive formula with the model's transform written out on the materialised logits
+
+
+class _Tanh64(torch.autograd.Function):
+    """tanh whose derivative is 1 / cosh(u)^2: torch's own backward forms 1 - tanh(u)^2, which
+    in float64 is one ulp (2e-16) for every |u| above ~18 (the true value is 4 e^{-2|u|}), a
+    wrong reference for saturated logits."""
+
+    @staticmethod
+    def forward(ctx, u):
+        ctx.save_for_backward(u)
+        return torch.tanh(u)
+
+    @staticmethod
+    def backward(ctx, g):
+        (u,) = ctx.saved_tensors
+        return g / torch.cosh(u) ** 2
+
+
+def _capped(z, cap, scale):
+    """The model's forward, written out: cap * tanh(scale * z / cap); -inf stays -inf."""
+    s = 1.0 if scale is None else scale
+    if cap is None:
+        return z * s
+    u = s * z / cap
+    finite = z != -math.inf
+    return torch.where(finite, cap * _Tanh64.apply(torch.where(finite, u, 0.0)), z)
+
+
+def naive_cap(kind, hid, W, b, t, *, cap=(None, None), scale=(None, None), vocab=None,
+              space="logits", beta=0.5, T=1.0, keep=None):
+    """Rows (float64, autograd) of the naive formula with the caps and the vocabulary cut."""
+    V = W.shape[0] if vocab is None else vocab
+    z = hid.to(F64) @ W.to(F64)[:V].T
+    if b is not None:
+        z = z + b.to(F64)[:V]
+    naive_cap.logits = z  # the raw logits (for the float32 floor of weight's rows)
+    z = _capped(z, cap[1], scale[1])
+    tt = t.to(F64)[:, :V]
+    if space == "logits":
+        tt = _capped(tt, cap[0], scale[0])
+    lq = torch.log_softmax(z / T, -1)
+    lp = torch.log_softmax(tt / T, -1)
+    p, q = lp.exp(), lq.exp()
+    if kind == "forward":
+        rows = torch.where(p > 0, p * (lp - lq), torch.zeros_like(p)).sum(-1)
+    elif kind == "reverse":
+        rows = (q * (lq - lp)).sum(-1)
+    else:
+        lm = torch.logaddexp(math.log(beta) + lp, math.log1p(-beta) + lq)
+        rows = (beta * torch.where(p > 0, p * (lp - lm), torch.zeros_like(p)).sum(-1)
+                + (1 - beta) * (q * (lq - lm)).sum(-1))
+    if keep is not None:
+        rows = torch.where(keep, rows, torch.zeros_like(rows))
+        return rows.sum() / keep.sum()
+    return rows.mean()
+
+
+def row_rel(got, ref, floor=None):
+    """Largest normwise relative error over the rows (rows whose reference is 0 must be 0);
+    ``floor``: per-row lower bounds of the scale."""
+    got, ref = got.detach().to(F64), ref.detach().to(F64)
+    nr = ref.norm(dim=-1)
+    if floor is not None:
+        nr = torch.maximum(nr, floor)
+    err = (got - ref).norm(dim=-1)
+    zero = nr == 0
+    assert bool((err[zero] == 0).all()), "rows with a zero reference gradient are not zero"
+    return float((err[~zero] / nr[~zero]).max()) if bool((~zero).any()) else 0.0
+
+
+def check_against_naive(dtype, hid, W, b, t, tol, **kw):
+    ref_kw = dict(kw)
+    lk = {}
+    for k in ("softcap", "logit_scale"):
+        v = ref_kw.pop(k, None)
+        lk[k] = v
+    space = kw.get("target_space", "logits")
+    teacher_logits = space == "logits"
+
+    def pair(v):
+        if v is None:
+            return (None, None)
+        if isinstance(v, tuple):
+            return v
+        return (v if teacher_logits else None, v)
+
+    h1, W1, b1 = leaves(dtype, hid, W, b)
+    loss = linear_kl_div(h1, W1, t, bias=b1, **kw)
+    h2, W2, b2 = leaves(F64, hid.to(F64), W.to(F64), None if b is None else b.to(F64))
+    ref = naive_cap(kw.get("divergence", "forward"), h2, W2, b2, t, cap=pair(lk["softcap"]),
+                    scale=pair(lk["logit_scale"]), vocab=kw.get("vocab_size"), space=space,
+                    beta=kw.get("beta", 0.5), T=kw.get("temperature", 1.0))
+    assert_close(loss, ref, tol, "loss")
+    # a row of weight's gradient is sum_r g_rj h_r over the tokens: where those terms cancel,
+    # float32 accumulation (any matmul's) errs relative to sum_r |g_rj| |h_r|, not to the sum;
+    # in float32 that sum (times 0.1) is the floor of the per-row scale
+    floor = None
+    if dtype == torch.float32:
+        (gz,) = torch.autograd.grad(ref, naive_cap.logits, retain_graph=True)
+        floor = 0.1 * (gz.abs().T @ h2.detach().abs()).norm(dim=-1)
+        floor = torch.cat([floor, floor.new_zeros(W.shape[0] - floor.shape[0])])
+    got = grads_of(loss, [h1, W1, b1])
+    want = grads_of(ref, [h2, W2, b2])
+    for name, g, r in zip("hWb", got, want):
+        if name == "b":
+            assert_close(g, r, tol, name)
+        else:  # per row: of hidden (per token) and of weight (per vocabulary entry)
+            e = row_rel(g, r, None if name == "h" else floor)
+            assert e <= tol, f"{name}: per-row relative error {e:.3g} > {tol:g}"
+    return loss, got
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("kind", ["forward", "reverse", "js"])
+def test_softcap_and_logit_scale_against_naive(dtype, kind):
+    hid, W, b, t = make(23, 12, 41, dtype, seed=30, scale=6.0)  # logits up to ~20: tanh bends
+    check_against_naive(dtype, hid, W, b, t * 4, TOL[dtype], divergence=kind, softcap=7.5,
+                        logit_scale=0.8, temperature=0.7, chunk_size=6, beta=0.3)
+
+
+@pytest.mark.parametrize("opts", [
+    dict(softcap=(None, 5.0)),                       # student capped, teacher as given
+    dict(softcap=(3.0, None)),                       # teacher capped only
+    dict(softcap=(3.0, 9.0), logit_scale=(2.0, 0.5)),
+    dict(logit_scale=0.25),                          # both sides scaled, no cap
+    dict(logit_scale=(None, 3.0), temperature=2.5),
+])
+def test_softcap_pairs_per_side(opts):
+    hid, W, b, t = make(13, 8, 29, F64, seed=31, scale=4.0)
+    check_against_naive(F64, hid, W, b, t * 3, 1e-9, chunk_size=5, **opts)
+
+
+def test_softcap_number_skips_a_log_probs_teacher_and_pair_refuses_it():
+    hid, W, b, t = make(9, 6, 17, F64, seed=32, scale=5.0)
+    lp = torch.log_softmax(t * 3, -1)
+    # a number applies to the logits-space side only: the student
+    check_against_naive(F64, hid, W, b, lp, 1e-9, target_space="log_probs", softcap=4.0)
+    with pytest.raises(ValueError, match="softcap: the teacher is given as log-probabilities"):
+        linear_kl_div(hid, W, lp, target_space="log_probs", softcap=(4.0, 4.0))
+    idx, tlp = topk_teacher(9, 17, 4, seed=33)
+    with pytest.raises(ValueError, match="logit_scale"):
+        linear_kl_div(hid, W, (idx, tlp), logit_scale=(2.0, None))
+
+
+def test_softcap_huge_hidden_saturates_with_exact_gradients():
+    # hidden states 1e3 times too large: most logits sit deep in tanh's saturation (derivative
+    # ~e^-2|u|, 0 in float32 beyond |u| ~ 44), a few near 0; values and per-row gradients
+    hid, W, b, t = make(11, 8, 37, torch.float32, seed=34)
+    hid = hid * 1e3
+    hid[3] = hid[3] * 1e6  # one row of 1e9: every logit saturated, its gradient ~0
+    check_against_naive(torch.float32, hid, W, b, t, 1e-5, softcap=30.0, chunk_size=4)
+    hid64 = hid.to(F64)
+    check_against_naive(F64, hid64, W.to(F64), b.to(F64), t.to(F64), 1e-9, softcap=30.0,
+                        divergence="reverse", chunk_size=4)
+
+
+@pytest.mark.parametrize("kind", ["forward", "js"])
+def test_softcap_masked_teacher_logits_stay_masked(kind):
+    hid, W, b, t = make(10, 6, 19, torch.float32, seed=35, scale=3.0)
+    t = t * 10
+    t[:, ::3] = -math.inf  # masked categories: no mass whatever the cap
+    t[4, 2:] = -math.inf  # one category left (column 1)
+    _, got = check_against_naive(torch.float32, hid, W, b, t, 1e-5, divergence=kind,
+                                 softcap=20.0, temperature=3.0, chunk_size=3)
+    assert all(bool(torch.isfinite(g).all()) for g in got)
+
+
+def test_softcap_with_temperature_near_limits_and_float32_shift():
+    hid, W, b, t = make(7, 6, 23, torch.float32, seed=36, scale=4.0)
+    t = t + 3e37  # a huge common offset on the teacher: tanh maps it to +cap, uniform teacher
+    check_against_naive(torch.float32, hid, W, b, t, 1e-5, softcap=(None, 15.0),
+                        temperature=1e-3, chunk_size=7)
+    hid, W, b, t = make(7, 6, 23, torch.float32, seed=37, scale=4.0)
+    check_against_naive(torch.float32, hid, W, b, t, 1e-5, softcap=15.0, temperature=1e3)
+
+
+@pytest.mark.parametrize("space", ["logits", "log_probs"])
+def test_vocab_size_mismatched_widths(space):
+    # the student's layer has 47 rows (padded), the teacher 43 columns; they share 40
+    hid, W, b, t = make(15, 8, 47, F64, seed=38)
+    t = torch.randn(15, 43, generator=torch.Generator().manual_seed(39), dtype=F64) * 2
+    if space == "log_probs":
+        t = torch.log_softmax(t, -1)  # mass beyond 40: renormalised on the kept columns
+    for kind in ("forward", "reverse", "js"):
+        loss, (gh, gW, gb) = check_against_naive(F64, hid, W, b, t, 1e-9, divergence=kind,
+                                                 vocab_size=40, target_space=space,
+                                                 chunk_size=4, softcap=6.0)
+        assert bool((gW[40:] == 0).all()) and bool((gb[40:] == 0).all())
+
+
+def test_vocab_size_is_not_zero_padding():
+    # Qwen-style: teacher 11 columns, student 13; the padded-zero-logit mistake gives the two
+    # padding columns real mass (e^0 each): a different, wrong number
+    hid, W, b, _ = make(6, 5, 13, F64, seed=40)
+    t = torch.randn(6, 11, generator=torch.Generator().manual_seed(41), dtype=F64) * 3 - 4
+    loss = linear_kl_div(hid, W[:11], t, bias=b[:11])  # the truth: the shared vocabulary
+    cut = linear_kl_div(hid, W, t, bias=b, vocab_size=11)
+    assert_close(cut, loss, 1e-12, "vocab_size")
+    padded = torch.cat([t, torch.zeros(6, 2, dtype=F64)], -1)
+    mistake = linear_kl_div(hid, W, padded, bias=b)
+    assert abs(float(mistake) - float(loss)) > 1e-2
+    with pytest.raises(ValueError, match="vocab_size"):
+        linear_kl_div(hid, W, t, bias=b)  # widths differ, no vocab_size: refused, named
+
+
+def test_vocab_size_with_topk_and_float32_weight_rows():
+    hid, W, b, _ = make(12, 6, 30, torch.float32, seed=42)
+    idx, lp = topk_teacher(12, 25, 5, seed=43)  # indices below 25
+    h1, W1, b1 = leaves(torch.float32, hid, W, b)
+    loss = linear_kl_div(h1, W1, (idx, lp), bias=b1, vocab_size=25, softcap=(None, 4.0),
+                         chunk_size=5)
+    h2, W2, b2 = leaves(F64, hid.to(F64), W.to(F64), b.to(F64))
+    z = 4.0 * torch.tanh((h2 @ W2[:25].T + b2[:25]) / 4.0)
+    lq = torch.log_softmax(z, -1)
+    p = lp.to(F64).exp()
+    qk = torch.gather(lq, -1, idx).exp()
+    p_rest = (1 - p.sum(-1)).clamp_min(0)
+    q_rest = 1 - qk.sum(-1)
+    rows = (p * (p.log() - qk.log())).sum(-1) + torch.where(
+        p_rest > 0, p_rest * (p_rest.log() - q_rest.log()), torch.zeros_like(p_rest))
+    ref = rows.mean()
+    assert_close(loss, ref, 1e-5, "loss")
+    got, want = grads_of(loss, [h1, W1, b1]), grads_of(ref, [h2, W2, b2])
+    for name, g, r in zip("hWb", got, want):
+        assert row_rel(g if g.dim() == 2 else g[None], r if r.dim() == 2 else r[None]) <= 1e-5
+    assert bool((got[1][25:] == 0).all())
+    with pytest.raises(ValueError, match=r"in \[0, 20\)"):
+        linear_kl_div(hid, W, (idx, lp), vocab_size=20)
+
+
+def test_ignore_index_with_softcap_and_vocab_size():
+    hid, W, b, t = make(16, 6, 21, F64, seed=44)
+    labels = torch.arange(16) % 5
+    labels[::3] = -100
+    keep = labels != -100
+    h1, W1, b1 = leaves(F64, hid, W, b)
+    t2 = t * 3
+    t2[~keep] = math.nan  # skipped rows are never read
+    loss = linear_kl_div(h1, W1, t2[:, :19], bias=b1, labels=labels, vocab_size=19,
+                         softcap=5.0, chunk_size=4)
+    h2, W2, b2 = leaves(F64, hid, W, b)
+    ref = naive_cap("forward", h2, W2, b2, (t * 3)[:, :19], cap=(5.0, 5.0), vocab=19, keep=keep)
+    assert_close(loss, ref, 1e-9, "loss")
+    for name, g, r in zip("hWb", grads_of(loss, [h1, W1, b1]), grads_of(ref, [h2, W2, b2])):
+        assert_close(g, r, 1e-9, name)
+
+
+def test_option_errors_name_the_argument():
+    hid, W, b, t = make(6, 4, 5, F64, seed=45)
+    for bad, exc in ((0.0, ValueError), (-1.0, ValueError), (math.inf, ValueError),
+                     (math.nan, ValueError), ("3", TypeError), (True, TypeError),
+                     ((1.0, 2.0, 3.0), ValueError)):
+        for name in ("softcap", "logit_scale"):
+            with pytest.raises(exc, match=name):
+                linear_kl_div(hid, W, t, **{name: bad})
+    with pytest.raises(ValueError, match="vocab_size"):
+        linear_kl_div(hid, W, t, vocab_size=6)
+    with pytest.raises(ValueError, match="vocab_size"):
+        linear_kl_div(hid, W, t, vocab_size=0)
+    with pytest.raises(TypeError, match="vocab_size"):
+        linear_kl_div(hid, W, t, vocab_size=4.0)
+    with pytest.raises(ValueError, match="vocab_size"):  # more than the teacher's columns
+        linear_kl_div(hid, torch.cat([W, W]), t, vocab_size=7)

@@ -72,6 +72,19 @@ def _rows_function():
     return torch_fused.divergence_rows_with_grad, getattr(torch_fused, "_CHUNK_ELEMENTS", 1 << 19)
 
 
+def _rows_function_for(device):
+    """The row function for tensors on ``device``: the Triton kernel where
+    ``kldiv.backends.triton_kernels`` takes the device (CUDA tensors when Triton imports; CPU
+    tensors in its interpreter with ``KLDIV_BACKEND=triton``), else torch_fused's."""
+    try:
+        from . import triton_kernels as tk
+    except ImportError:  # pragma: no cover
+        tk = None
+    if tk is not None and tk.wanted_device(device):
+        return tk.divergence_rows_with_grad
+    return _rows_function()[0]
+
+
 def _row_function_has_kernel(kind, device, dtype):
     """Whether the row function will use its C kernel (no temporaries of the chunk's size)."""
     try:
@@ -88,7 +101,7 @@ _CORE_TEMPORARIES = {"forward": 48, "reverse": 48, "js": 100}
 
 
 def auto_chunk_size(n_rows, vocab, hidden_size, *, divergence="forward", dtype=torch.float32,
-                    topk=None, device="cpu"):
+                    topk=None, device="cpu", softcap=False):
     """Rows per chunk so that the extra memory stays near ``MEMORY_FRACTION`` of the logits.
 
     The budget is ``MEMORY_FRACTION * n_rows * vocab * 4`` bytes (a fraction of one float32
@@ -98,12 +111,15 @@ def auto_chunk_size(n_rows, vocab, hidden_size, *, divergence="forward", dtype=t
     internal chunk (2**19 elements) in its pure-torch path, about 50-100 C x V tensors for the
     core under autograd (the stand-in); with a top-k target the divergence works on K + 1 columns
     only and the buckets are made in place in the logits. At least ``MIN_CHUNK_ROWS`` rows (matmul
-    speed), at most ``n_rows``.
+    speed), at most ``n_rows``. ``softcap``: the student's logits are soft-capped (the cap's
+    derivative is one more C x V tensor).
     """
     item = 8 if dtype == torch.float64 else 4
     budget = MEMORY_FRACTION * n_rows * vocab * 4
     _, inner = _rows_function()
     per_row = vocab * item + 3 * hidden_size * item
+    if softcap:  # the cap's derivative: a second C x V tensor
+        per_row += vocab * item
     width = vocab if not topk else topk + 1
     fixed = 0
     if inner is None:  # stand-in: temporaries scale with the chunk
@@ -147,16 +163,22 @@ def _bad_rows_message(bad, rows):
     return f"row {first}{more}"
 
 
-def _check_dense_chunk(t, space, rows, eps):
-    """Value checks of a chunk of the dense teacher; ``rows``: the global row numbers."""
+def _check_dense_chunk(t, space, rows, eps, cut=False):
+    """Value checks of a chunk of the dense teacher; ``rows``: the global row numbers.
+
+    ``cut``: the columns were cut at ``vocab_size``; log-probabilities then need a mass of at
+    most 1 on the kept columns (not exactly 1)."""
     top = t.amax(-1)  # one pass: nan propagates, +inf and all--inf rows are not finite
     if bool(torch.isfinite(top).all()):
         if space == "log_probs":
             tol = normalization_tolerance(eps, t.shape[-1])
-            off = (torch.logsumexp(t, -1).abs() > tol) | (top > tol)
+            lse = torch.logsumexp(t, -1)
+            off = ((lse > tol) if cut else (lse.abs() > tol)) | (top > tol)
             if bool(off.any()):
+                what = ("<= 0 with probabilities summing to at most 1 on the first vocab_size "
+                        "columns" if cut else "<= 0 with logsumexp 0")
                 raise ValueError(
-                    f"target: log-probabilities must be <= 0 with logsumexp 0 within {tol:.1e}; "
+                    f"target: log-probabilities must be {what} within {tol:.1e}; "
                     f"{_bad_rows_message(off, rows)} is not (pass target_space='logits')"
                 )
         return
@@ -214,6 +236,70 @@ def _log1mexp(s):
     a = torch.where(near, s, torch.full_like(s, -1.0))
     b = torch.where(near, torch.full_like(s, -1.0), s)
     return torch.where(near, torch.log(-torch.expm1(a)), torch.log1p(-torch.exp(b)))
+
+
+def _side_option(name, value, teacher_logits, positive=True):
+    """``softcap`` / ``logit_scale`` as (teacher's, student's): None skips a side.
+
+    A number applies to every logits-space side (the student always; the teacher when it is a
+    dense tensor of logits); a pair ``(teacher_value, student_value)`` sets each side, either
+    may be None. A value for a teacher given as log-probabilities (or top-k) is refused."""
+    def one(v, who):
+        if v is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise TypeError(f"{name}: expected a positive number, None or a pair "
+                            f"(teacher, student) of those, got {v!r}{who}")
+        v = float(v)
+        if not (math.isfinite(v) and v > 0.0):
+            raise ValueError(f"{name}: must be a positive finite number, got {v!r}{who}")
+        return v
+
+    if value is None:
+        return None, None
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"{name}: a pair (teacher_value, student_value) has 2 entries, "
+                             f"got {len(value)}")
+        t, st = one(value[0], " for the teacher"), one(value[1], " for the student")
+        if t is not None and not teacher_logits:
+            raise ValueError(
+                f"{name}: the teacher is given as log-probabilities (target_space='log_probs' "
+                f"or a top-k pair), not logits; pass ({name}=(None, {st!r})) or the teacher's logits"
+            )
+        return t, st
+    v = one(value, "")
+    return (v if teacher_logits else None), v
+
+
+def _cap_teacher(t, cap, scale):
+    """``cap * tanh(scale * t / cap)`` (or ``scale * t``), out of place; -inf entries (masked
+    categories) stay -inf."""
+    if cap is None:
+        return t * scale if scale is not None else t
+    s = 1.0 if scale is None else scale
+    out = torch.tanh(t * (s / cap)).mul_(cap)
+    return torch.where(t == -math.inf, t, out)
+
+
+def _cap_student(z, cap, scale):
+    """``z <- cap * tanh(scale * z / cap)`` (or ``scale * z``) in place, returning dz'/dz.
+
+    The derivative is ``scale * sech(u)^2`` with ``u = scale * z / cap``, computed as
+    ``1 / cosh(u)^2`` from u itself (no ``1 - tanh^2`` cancellation where tanh is near +-1;
+    0 where cosh overflows); a number (``scale``) without a cap; None for the identity."""
+    if cap is None:
+        if scale is None or scale == 1.0:
+            return None
+        z.mul_(scale)
+        return scale
+    s = 1.0 if scale is None else scale
+    z.mul_(s / cap)
+    d = torch.cosh(z).square_().reciprocal_()
+    if s != 1.0:
+        d.mul_(s)
+    z.tanh_().mul_(cap)
+    return d
 
 
 # ----------------------------------------------------------------------------------------------
@@ -321,8 +407,10 @@ def _topk_teacher_buckets(lp, V, cdt):
 
 def _run(hidden, weight, bias, plan):
     """Loss and gradients (hidden, weight, bias), chunk by chunk."""
-    rows_fn, _ = _rows_function()
-    cdt, n, V = plan.cdt, plan.n, plan.V
+    rows_fn = _rows_function_for(hidden.device)
+    base_fn = _rows_function()[0]
+    cdt, n, V = plan.cdt, plan.n, plan.V  # V: the columns kept (vocab_size)
+    V_all = weight.shape[0]
     dev = hidden.device
     h2 = hidden.reshape(n, -1)
     H = h2.shape[1]
@@ -333,14 +421,20 @@ def _run(hidden, weight, bias, plan):
     gh_full = torch.zeros(n, H, dtype=hidden.dtype, device=dev) if need_h else None
     gw_acc = None
     if need_w:
-        gw_acc = torch.zeros(V, H, dtype=cdt if weight.dtype != cdt else weight.dtype, device=dev)
-    gb_acc = torch.zeros(V, dtype=cdt, device=dev) if need_b else None
+        gw_full = torch.zeros(V_all, H, dtype=cdt if weight.dtype != cdt else weight.dtype,
+                              device=dev)
+        gw_acc = gw_full[:V]  # rows at or beyond vocab_size get no gradient
+    gb_full = torch.zeros(V_all, dtype=cdt, device=dev) if need_b else None
+    gb_acc = None if gb_full is None else gb_full[:V]
     total = torch.zeros((), dtype=cdt, device=dev)
     scale = plan.scale_mean / n_keep if plan.reduction == "mean" and n_keep else plan.scale_mean
     C = plan.chunk
     vblock = max(1, (C * V) // max(H, 1))
-    bias_c = None if bias is None else bias.detach()
-    w = weight.detach()
+    bias_c = None if bias is None else bias.detach()[:V]
+    w = weight.detach()[:V]
+    t_cap, s_cap = plan.softcap
+    t_scale, s_scale = plan.logit_scale
+    t_apply = t_cap is not None or (t_scale is not None and t_scale != 1.0)
     for i in range(0, n_keep, C):
         if keep_idx is None:
             sl = slice(i, min(i + C, n))
@@ -352,16 +446,39 @@ def _run(hidden, weight, bias, plan):
         c = h.shape[0]
         h = h.to(cdt)
         z = _logits(h, w, bias_c, cdt, vblock)
+        dz = _cap_student(z, s_cap, s_scale)  # z is now the model's (capped, scaled) logits
         s = torch.full((c,), scale, dtype=cdt, device=dev)
         if plan.topk is None:
             t = plan.target[sl] if rows_g is None else plan.target.index_select(0, rows_g)
+            if t.shape[-1] != V:
+                t = t[:, :V]
             if plan.validate:
                 _check_dense_chunk(t, plan.target_space, rows_g if rows_g is not None
-                                   else torch.arange(i, i + c), plan.eps)
-            rows, _, g = rows_fn(plan.kind, t.to(cdt), z, p_space=plan.target_space,
+                                   else torch.arange(i, i + c), plan.eps, cut=plan.cut)
+            t = t.to(cdt)
+            if t_apply:
+                t = _cap_teacher(t, t_cap, t_scale)
+            t = t.contiguous()
+            rows, _, g = rows_fn(plan.kind, t, z, p_space=plan.rows_space,
                                  q_space="logits", temperature=plan.temperature, beta=plan.beta,
                                  need_grad_p=False, need_grad_q=need_any, grad_scale=s,
                                  out_q=z if need_any else None)
+            if rows_fn is not base_fn and plan.validate:
+                # rows the Triton kernel could not hold are nan (its gradient too, written
+                # over the logits): made again from h and computed by the torch row function
+                bad = torch.nonzero(torch.isnan(rows) & (s != 0)).flatten()
+                if bad.numel():
+                    zb = _logits(h.index_select(0, bad), w, bias_c, cdt, vblock)
+                    _cap_student(zb, s_cap, s_scale)
+                    rb, _, gb = base_fn(plan.kind, t.index_select(0, bad), zb,
+                                        p_space=plan.rows_space, q_space="logits",
+                                        temperature=plan.temperature, beta=plan.beta,
+                                        need_grad_p=False, need_grad_q=need_any,
+                                        grad_scale=s.index_select(0, bad),
+                                        out_q=zb if need_any else None)
+                    rows = rows.index_copy(0, bad, rb.to(rows.dtype))
+                    if need_any:
+                        g.index_copy_(0, bad, gb.to(g.dtype))
         else:
             ti, tl = plan.topk
             if rows_g is None:
@@ -374,10 +491,24 @@ def _run(hidden, weight, bias, plan):
             rows, _, g_b = rows_fn(plan.kind, p_b, student.log_q, p_space="log_probs",
                                    q_space="log_probs", temperature=1.0, beta=plan.beta,
                                    need_grad_p=False, need_grad_q=need_any, grad_scale=s)
+            if rows_fn is not base_fn and plan.validate:
+                bad = torch.nonzero(torch.isnan(rows) & (s != 0)).flatten()
+                if bad.numel():  # as above (the bucket log-probs were not overwritten)
+                    rb, _, gb = base_fn(plan.kind, p_b.index_select(0, bad),
+                                        student.log_q.index_select(0, bad),
+                                        p_space="log_probs", q_space="log_probs",
+                                        temperature=1.0, beta=plan.beta, need_grad_p=False,
+                                        need_grad_q=need_any, grad_scale=s.index_select(0, bad))
+                    rows = rows.index_copy(0, bad, rb.to(rows.dtype))
+                    if need_any:
+                        g_b = g_b.index_copy(0, bad, gb.to(g_b.dtype))
             if need_any:
                 g = student.grad(g_b)
             del student
         total = total + rows.sum() * scale if c else total
+        if need_any and dz is not None:
+            g.mul_(dz)  # through the cap and the scale: d loss / d raw logits
+        dz = None
         if need_any:
             direct = need_h and rows_g is None and gh_full.dtype == cdt
             gh = _backprop_chunk(g, h, w, cdt, vblock, gw_acc, need_w,
@@ -390,8 +521,8 @@ def _run(hidden, weight, bias, plan):
                 else:
                     gh_full.index_copy_(0, rows_g, gh.to(gh_full.dtype))
         z = g = None  # g is z's buffer: free it before the next chunk's logits exist
-    gw = None if gw_acc is None else gw_acc.to(weight.dtype)
-    gb = None if gb_acc is None else gb_acc.to(bias.dtype)
+    gw = None if gw_acc is None else gw_full.to(weight.dtype)
+    gb = None if gb_acc is None else gb_full.to(bias.dtype)
     gh = None if gh_full is None else gh_full.view(hidden.shape)
     return total, gh, gw, gb
 
@@ -429,8 +560,8 @@ class _LinearDivergence(torch.autograd.Function):
 
 def linear_kl_div(hidden, weight, target, *, bias=None, target_space="logits",
                   divergence="forward", beta=0.5, temperature=1.0, t2_scale=False,
-                  reduction="mean", mask=None, labels=None, ignore_index=-100, chunk_size=None,
-                  validate=None):
+                  reduction="mean", mask=None, labels=None, ignore_index=-100, softcap=None,
+                  logit_scale=None, vocab_size=None, chunk_size=None, validate=None):
     r"""Divergence between a teacher and the student ``hidden @ weight.T + bias``, chunk by chunk.
 
     .. math:: \mathrm{loss} = \operatorname{reduce}_r\, D\big(p_r \,\|\, \mathrm{softmax}(
@@ -479,6 +610,23 @@ def linear_kl_div(hidden, weight, target, *, bias=None, target_space="logits",
         divergence, zero gradient) and not counted by the mean.
       labels: optional integer tensor of the rows shape; rows whose label equals
         ``ignore_index`` are skipped like masked rows (label-aligned inputs).
+      ignore_index: the label value of skipped rows (default -100, as PyTorch's losses).
+      softcap: logit soft-capping as the model's forward applies it (Gemma-2's
+        ``final_logit_softcapping``): the logits become ``softcap * tanh(logit_scale * z /
+        softcap)``, with the gradients through it (into hidden, weight and bias). A number
+        applies to every logits-space side: the student always, the teacher when ``target``
+        holds logits; a pair ``(teacher_value, student_value)`` sets each side (None skips
+        one). Teacher entries of -inf (masked categories) stay -inf. Applied before the
+        temperature.
+      logit_scale: a positive factor on the logits (``logit_scale * z``, or inside the cap as
+        above); number or pair as ``softcap``.
+      vocab_size: the vocabulary both sides share: columns at or beyond it are excluded on
+        both sides (the student's extra rows of ``weight``/``bias`` get no gradient; the
+        teacher's extra columns are never read), so the teacher and the student may have
+        different widths (Qwen's 151936 and 152064). Both widths must be at least
+        ``vocab_size``. The excluded columns carry no probability: this is not the same as
+        padding the narrower side with zero logits, which gives the padding real mass. None
+        (default): both widths must be equal.
       chunk_size: rows per chunk; None picks it from N, V and H (:func:`auto_chunk_size`).
       validate: check values (teacher nan/+inf/normalisation, finite hidden and weight, top-k
         indices in range and distinct); None follows ``kldiv.set_validation``. The dense
@@ -526,10 +674,20 @@ def linear_kl_div(hidden, weight, target, *, bias=None, target_space="logits",
     V, H = weight.shape
     if bias is not None and tuple(bias.shape) != (V,):
         raise ValueError(f"bias: expected shape ({V},), got {tuple(bias.shape)}")
+    if vocab_size is not None:
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
+            raise TypeError(f"vocab_size: expected a positive int or None, got {vocab_size!r}")
+        if not 1 <= vocab_size <= V:
+            raise ValueError(
+                f"vocab_size: must lie in [1, {V}] (the student's vocabulary, weight.shape[0]), "
+                f"got {vocab_size}"
+            )
+        V = vocab_size
     rows_shape = tuple(hidden.shape[:-1])
     n = math.prod(rows_shape)
     plan = _Plan()
     plan.n, plan.V, plan.kind, plan.beta = n, V, divergence, beta
+    plan.cut = False
     plan.temperature, plan.reduction, plan.target_space = temperature, reduction, target_space
     plan.scale_mean = temperature**2 if t2_scale else 1.0
     plan.validate = validation_enabled(validate)
@@ -552,7 +710,18 @@ def linear_kl_div(hidden, weight, target, *, bias=None, target_space="logits",
     elif isinstance(target, torch.Tensor):
         if not target.dtype.is_floating_point:
             raise TypeError(f"target: expected a floating-point tensor, got dtype {target.dtype}")
-        plan.target = _flat_rows(target.detach(), rows_shape, n, "target", V)
+        Vt = target.shape[-1] if target.dim() else 0
+        if vocab_size is None and Vt != V:
+            raise ValueError(
+                f"target: the teacher has {Vt} columns and the student {V} (weight.shape[0]); "
+                f"pass vocab_size=N to compare the first N columns of both"
+            )
+        if vocab_size is not None and Vt < V:
+            raise ValueError(
+                f"vocab_size: {V} is more than the teacher's {Vt} columns (target.shape[-1])"
+            )
+        plan.target = _flat_rows(target.detach(), rows_shape, n, "target", Vt)
+        plan.cut = target_space == "log_probs" and Vt > V
         plan.topk = None
         floats.append(target.dtype)
         topk_k = None
@@ -563,6 +732,12 @@ def linear_kl_div(hidden, weight, target, *, bias=None, target_space="logits",
         )
     cdt = torch.float64 if torch.float64 in floats else torch.float32
     plan.cdt = cdt
+    teacher_logits = plan.topk is None and target_space == "logits"
+    plan.softcap = _side_option("softcap", softcap, teacher_logits)
+    plan.logit_scale = _side_option("logit_scale", logit_scale, teacher_logits)
+    # log-probabilities cut at vocab_size are renormalised on the kept columns (the row
+    # function's "logits" space does exactly that; "log_probs" would be the same math)
+    plan.rows_space = "logits" if (plan.cut or teacher_logits) else target_space
     plan.eps = torch.finfo(plan.target.dtype if plan.topk is None else plan.topk[1].dtype).eps
 
     keep = None
@@ -593,7 +768,8 @@ def linear_kl_div(hidden, weight, target, *, bias=None, target_space="logits",
 
     if chunk_size is None:
         chunk_size = auto_chunk_size(n, V, H, divergence=divergence, dtype=cdt, topk=topk_k,
-                                     device=hidden.device)
+                                     device=hidden.device,
+                                     softcap=plan.softcap[1] is not None)
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size: expected a positive int or None, got {chunk_size!r}")
     plan.chunk = int(chunk_size)

@@ -60,11 +60,13 @@ except Exception:  # ImportError, or a broken install
     triton = None
     tl = None
 
-__all__ = ["available", "cpu_ready", "wanted", "divergence", "kl_rows"]
+__all__ = ["available", "cpu_ready", "wanted", "wanted_device", "divergence", "kl_rows",
+           "divergence_rows_with_grad"]
 
 _KINDS = ("forward", "reverse", "jeffreys")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG_SPACES = ("logits", "log_probs")
+_P_SPACES = ("logits", "log_probs", "probs")
 #: temperatures this path takes (as the torch fast path); outside, the core decides
 T_RANGE = (1.0 / 64.0, 64.0)
 
@@ -112,6 +114,19 @@ def wanted(p, q) -> bool:
             return False
     except AttributeError:
         return False
+    if dev.type == "cuda":
+        return True
+    return mode == "triton" and dev.type == "cpu" and cpu_ready()
+
+
+def wanted_device(device) -> bool:
+    """:func:`wanted` for tensors on ``device`` (``linear_kl_div``'s chunks)."""
+    if triton is None:
+        return False
+    mode = os.environ.get("KLDIV_BACKEND", "auto").strip().lower() or "auto"
+    if mode not in ("auto", "triton"):
+        return False
+    dev = torch.device(device)
     if dev.type == "cuda":
         return True
     return mode == "triton" and dev.type == "cpu" and cpu_ready()
@@ -540,7 +555,9 @@ def _build():
         _BUILT = mode
 
 
-def _launch_js(x, y, scale, inv_t, beta, rows, gx, gy):
+def _launch_js(x, y, scale, inv_t, beta, rows, gx, gy, x_prob=False):
+    if x_prob:
+        raise NotImplementedError("probability inputs")
     n, V = x.shape
     _build()
     _js_rows_kernel[(n,)](
@@ -561,9 +578,11 @@ def _block(V):
     return b if b <= 8192 else 4096
 
 
-def _launch(x, y, scale, inv_t, rows, gx, gy, acc, prev=None):
+def _launch(x, y, scale, inv_t, rows, gx, gy, acc, prev=None, x_prob=False, y_prob=False):
     """One launch over the rows of (n, V) x, y (unit stride along V); acc: add the gradients
     to gx, gy (zero on rows where ``prev``, the first direction's rows, is +inf)."""
+    if x_prob or y_prob:
+        raise NotImplementedError("probability inputs")
     n, V = x.shape
     _build()
     dummy = rows
@@ -615,6 +634,63 @@ def _rows_impl(x, y, scale, inv_t, mode, beta, need_x, need_y):
                     rows = rows + rows2
     rows = rows * scale  # 0 on masked rows (the kernel wrote 0 there)
     return rows, (gx if need_x else x.new_empty((0,))), (gy if need_y else y.new_empty((0,)))
+
+
+def divergence_rows_with_grad(kind, p, q, *, p_space, q_space, temperature=1.0, beta=0.5,
+                              need_grad_p=False, need_grad_q=True, grad_scale=None, out_q=None,
+                              **kw):
+    """``torch_fused.divergence_rows_with_grad``'s contract through the kernel (one launch).
+
+    For ``linear_kl_div``'s chunks on the Triton path: rows (unscaled, 0 where ``grad_scale``
+    is 0) in float32 and the gradient of ``sum_r grad_scale[r] * rows[r]`` with respect to
+    ``q``, written into ``out_q`` when given (which may be ``q`` itself: each block is read
+    before its gradient is written). What the kernel does not take (float64, a gradient with
+    respect to ``p``, a temperature outside ``T_RANGE``, kind "jeffreys") goes to
+    ``torch_fused``. Rows the kernel cannot hold come back nan, gradients included (``q``
+    itself, when overwritten): the caller recomputes them (``linear_kl_div`` does when value
+    checks are on).
+    """
+    T = float(temperature)
+    ok = (triton is not None and kind in ("forward", "reverse", "js") and not need_grad_p
+          and p.dtype in _DTYPES and q.dtype in _DTYPES and p_space in _P_SPACES
+          and q_space in _LOG_SPACES and T_RANGE[0] <= T <= T_RANGE[1] and p.dim() == 2
+          and p.shape == q.shape and p.device == q.device
+          and (kind != "js" or 0.0 < float(beta) < 1.0))
+    if not ok:
+        from . import torch_fused
+
+        return torch_fused.divergence_rows_with_grad(
+            kind, p, q, p_space=p_space, q_space=q_space, temperature=temperature, beta=beta,
+            need_grad_p=need_grad_p, need_grad_q=need_grad_q, grad_scale=grad_scale,
+            out_q=out_q, **kw)
+    n, V = q.shape
+    dev = q.device
+    x = p if p.stride(-1) == 1 else p.contiguous()
+    y = q if q.stride(-1) == 1 else q.contiguous()
+    if grad_scale is None:
+        scale = torch.ones(n, dtype=torch.float64, device=dev)
+    else:
+        scale = grad_scale.to(torch.float64)
+    rows = torch.empty(n, dtype=torch.float64, device=dev)
+    g = None
+    if need_grad_q:
+        direct = (out_q is not None and out_q.dtype == q.dtype and out_q.shape == q.shape
+                  and out_q.stride(-1) == 1)
+        g = out_q if direct else torch.empty((n, V), dtype=q.dtype, device=dev)
+    prob = p_space == "probs"
+    if n:
+        guard = torch.cuda.device(dev) if dev.type == "cuda" else _NullContext()
+        with guard:
+            if kind == "js":
+                _launch_js(x, y, scale, 1.0 / T, float(beta), rows, None, g, x_prob=prob)
+            elif kind == "reverse":
+                _launch(y, x, scale, 1.0 / T, rows, g, None, False, y_prob=prob)
+            else:
+                _launch(x, y, scale, 1.0 / T, rows, None, g, False, x_prob=prob)
+    if g is not None and out_q is not None and g is not out_q:
+        out_q.copy_(g)
+        g = out_q
+    return rows.to(torch.float32), None, g
 
 
 _OP = None
