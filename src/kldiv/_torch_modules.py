@@ -8,9 +8,12 @@ arguments in the functional call's order, the reference (teacher) first:
 ==================  =========================================  ===============================
 module              forward(...)                               computes
 ==================  =========================================  ===============================
-``KLDivLoss``       ``(p, q, *, mask=None, weight=None)``      ``kldiv.kl_div(p, q, **options)``
-``ReverseKLLoss``   ``(p, q, *, mask=None, weight=None)``      ``kldiv.reverse_kl(p, q, ...)``
-``JSDivLoss``       ``(p, q, *, mask=None, weight=None)``      ``kldiv.js_div(p, q, ...)``
+``KLDivLoss``       ``(p, q, *, mask=None, weight=None,        ``kldiv.kl_div(p, q, **options)``
+                    labels=None)``
+``ReverseKLLoss``   ``(p, q, *, mask=None, weight=None,        ``kldiv.reverse_kl(p, q, ...)``
+                    labels=None)``
+``JSDivLoss``       ``(p, q, *, mask=None, weight=None,        ``kldiv.js_div(p, q, ...)``
+                    labels=None)``
 ``LinearKLDivLoss`` ``(hidden, weight, target, *, bias=None,   ``kldiv.torch.linear_kl_div``
                     mask=None, labels=None)``
 ==================  =========================================  ===============================
@@ -25,28 +28,42 @@ from __future__ import annotations
 import torch
 
 from ._core import divergence as _div
+from ._core import options as _opt
 from ._core.validation import check_option
 
 __all__ = ["KLDivLoss", "ReverseKLLoss", "JSDivLoss", "LinearKLDivLoss"]
 
-_OPTIONS = ("p_space", "q_space", "axis", "reduction", "temperature", "t2_scale", "validate")
+_OPTIONS = ("p_space", "q_space", "axis", "reduction", "temperature", "t2_scale", "validate",
+            "softcap", "logit_scale", "vocab_size", "ignore_index")
 
 
 class _DivergenceLoss(torch.nn.Module):
     _fn = None  # the functional call
 
     def __init__(self, *, p_space="probs", q_space="probs", axis=-1, reduction="mean",
-                 temperature=1.0, t2_scale=False, validate=None, **extra):
+                 temperature=1.0, t2_scale=False, validate=None, softcap=None,
+                 logit_scale=None, vocab_size=None, ignore_index=None, **extra):
         super().__init__()
         check_option("reduction", reduction, ("none", "sum", "mean"))
         for name, value in (("p_space", p_space), ("q_space", q_space)):
             check_option(name, value, ("probs", "log_probs", "logits"))
+        # the model-side options are checked now (a bad value fails at construction)
+        _opt.check_per_side("softcap", softcap, p_space, q_space)
+        _opt.check_per_side("logit_scale", logit_scale, p_space, q_space)
+        _opt.check_vocab_size(vocab_size)
+        if ignore_index is not None:
+            _opt.check_ignore_index(ignore_index, True)
+        model = dict(softcap=softcap, logit_scale=logit_scale, vocab_size=vocab_size,
+                     ignore_index=ignore_index)
         self.options = dict(p_space=p_space, q_space=q_space, axis=axis, reduction=reduction,
                             temperature=temperature, t2_scale=t2_scale, validate=validate,
-                            **extra)
+                            **{k: v for k, v in model.items() if v is not None}, **extra)
 
-    def forward(self, p, q, *, mask=None, weight=None):
-        return type(self)._fn(p, q, mask=mask, weight=weight, **self.options)
+    def forward(self, p, q, *, mask=None, weight=None, labels=None):
+        opts = self.options
+        if labels is None and "ignore_index" in opts:  # ignore_index applies with labels only
+            opts = {k: v for k, v in opts.items() if k != "ignore_index"}
+        return type(self)._fn(p, q, mask=mask, weight=weight, labels=labels, **opts)
 
     def extra_repr(self):
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
@@ -58,8 +75,11 @@ class KLDivLoss(_DivergenceLoss):
     .. math:: \mathrm{KL}(p \,\|\, q) = \sum_i p_i \log \frac{p_i}{q_i}
 
     Options (constructor keywords, as in ``kldiv.kl_div``): ``p_space``, ``q_space``, ``axis``,
-    ``reduction`` (default ``"mean"`` here), ``temperature``, ``t2_scale``, ``validate``.
-    ``forward(p, q, *, mask=None, weight=None)``: the reference (teacher) first.
+    ``reduction`` (default ``"mean"`` here), ``temperature``, ``t2_scale``, ``validate``, and
+    the model-side options ``softcap``, ``logit_scale``, ``vocab_size``, ``ignore_index``
+    (see ``kldiv.kl_div``; ``ignore_index`` applies to the ``labels`` given to ``forward``,
+    -100 by default). ``forward(p, q, *, mask=None, weight=None, labels=None)``: the
+    reference (teacher) first.
 
     >>> import torch, kldiv.torch
     >>> loss_fn = kldiv.torch.KLDivLoss(p_space="logits", q_space="logits", temperature=2.0)

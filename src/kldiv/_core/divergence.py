@@ -40,6 +40,7 @@ import math
 from dataclasses import dataclass
 
 from . import dispatch as _dispatch
+from . import options as _options
 from . import validation as V
 from ._xp import const, logsumexp, namespace, quiet, stop_gradient
 from .reduction import broadcast_rows, reduce_rows
@@ -451,7 +452,16 @@ def divergence_rows(kind, xp, p, q, p_space, q_space, temperature=1.0, beta=0.5)
 
 
 def _divergence(kind, p, q, *, p_space, q_space, axis, reduction, mask, weight, temperature,
-                t2_scale, validate, beta=0.5):
+                t2_scale, validate, beta=0.5, softcap=None, logit_scale=None, vocab_size=None,
+                labels=None, ignore_index=None):
+    if (softcap is not None or logit_scale is not None or vocab_size is not None
+            or labels is not None or ignore_index is not None):
+        # the model-side options (kldiv._core.options) transform the inputs before anything
+        # else: the fast paths and the core see only the transformed arrays
+        p, q, p_space, q_space, mask = _options.apply_options(
+            p, q, p_space=p_space, q_space=q_space, axis=axis, mask=mask, softcap=softcap,
+            logit_scale=logit_scale, vocab_size=vocab_size, labels=labels,
+            ignore_index=ignore_index, validate=validate)
     pre = _dispatch.handler("pre", p, q)
     if pre is not None:
         out = pre(kind, p, q, p_space=p_space, q_space=q_space, axis=axis, reduction=reduction,
@@ -502,6 +512,21 @@ _COMMON_DOC = """
       validate: value checks (signs, finiteness, normalisation within
         ``kldiv.normalization_tolerance``); None follows ``kldiv.set_validation``. Without
         them, a nan in an unmasked row still gives nan for that row, never a number.
+      softcap, logit_scale: the model's final-logit transform, applied to logits-space sides
+        as its forward pass does: ``softcap * tanh(logit_scale * x / softcap)`` (Gemma-2
+        soft-capping; ``logit_scale * x`` without ``softcap``), before the temperature
+        divides. A number applies to every ``"logits"`` side; a pair ``(p_value, q_value)``
+        to each side (None: that side untouched); a value for a probabilities or
+        log-probabilities side is refused. -inf (masked categories) stays -inf. softcap must
+        be positive and finite, logit_scale finite and nonzero. Gradients flow through.
+      vocab_size: keep only the first ``vocab_size`` categories of both sides (whose widths
+        may then differ: 151936 against 152064), each side renormalised over them. A
+        log-probabilities side is cut and renormalised like logits; a probabilities side must
+        hold no mass beyond the cut (checked with validation on). This is not padding the
+        smaller side with zero logits, which gives the padding real probability mass.
+      labels, ignore_index: rows whose label equals ``ignore_index`` (default -100, torch's
+        convention) are masked exactly as by ``mask`` (and together with it). ``labels`` is an
+        integer array of the row shape (broadcastable).
 
     Probabilities are renormalised along ``axis`` before use, so that float rounding in the row
     sums (up to the tolerance above) cannot masquerade as divergence. Half-precision inputs are
@@ -510,10 +535,13 @@ _COMMON_DOC = """
 
 
 def kl_div(p, q, *, p_space="probs", q_space="probs", axis=-1, reduction="none", mask=None,
-           weight=None, temperature=1.0, t2_scale=False, validate=None):
+           weight=None, temperature=1.0, t2_scale=False, validate=None, softcap=None,
+           logit_scale=None, vocab_size=None, labels=None, ignore_index=None):
     return _divergence("forward", p, q, p_space=p_space, q_space=q_space, axis=axis,
                        reduction=reduction, mask=mask, weight=weight, temperature=temperature,
-                       t2_scale=t2_scale, validate=validate)
+                       t2_scale=t2_scale, validate=validate, softcap=softcap,
+                       logit_scale=logit_scale, vocab_size=vocab_size, labels=labels,
+                       ignore_index=ignore_index)
 
 
 kl_div.__doc__ = r"""Kullback-Leibler divergence KL(p || q) = sum_i p_i log(p_i / q_i) along ``axis``.
@@ -545,10 +573,13 @@ kl_div.__doc__ = r"""Kullback-Leibler divergence KL(p || q) = sum_i p_i log(p_i 
 
 
 def reverse_kl(p, q, *, p_space="probs", q_space="probs", axis=-1, reduction="none", mask=None,
-               weight=None, temperature=1.0, t2_scale=False, validate=None):
+               weight=None, temperature=1.0, t2_scale=False, validate=None, softcap=None,
+               logit_scale=None, vocab_size=None, labels=None, ignore_index=None):
     return _divergence("reverse", p, q, p_space=p_space, q_space=q_space, axis=axis,
                        reduction=reduction, mask=mask, weight=weight, temperature=temperature,
-                       t2_scale=t2_scale, validate=validate)
+                       t2_scale=t2_scale, validate=validate, softcap=softcap,
+                       logit_scale=logit_scale, vocab_size=vocab_size, labels=labels,
+                       ignore_index=ignore_index)
 
 
 reverse_kl.__doc__ = r"""Reverse KL, KL(q || p), with the arguments in the same places as ``kl_div``.
@@ -567,11 +598,14 @@ reverse_kl.__doc__ = r"""Reverse KL, KL(q || p), with the arguments in the same 
 
 
 def js_div(p, q, *, beta=0.5, p_space="probs", q_space="probs", axis=-1, reduction="none",
-           mask=None, weight=None, temperature=1.0, t2_scale=False, validate=None):
+           mask=None, weight=None, temperature=1.0, t2_scale=False, validate=None, softcap=None,
+           logit_scale=None, vocab_size=None, labels=None, ignore_index=None):
     b = V.check_beta(beta)
     return _divergence("js", p, q, p_space=p_space, q_space=q_space, axis=axis,
                        reduction=reduction, mask=mask, weight=weight, temperature=temperature,
-                       t2_scale=t2_scale, validate=validate, beta=b)
+                       t2_scale=t2_scale, validate=validate, beta=b, softcap=softcap,
+                       logit_scale=logit_scale, vocab_size=vocab_size, labels=labels,
+                       ignore_index=ignore_index)
 
 
 js_div.__doc__ = r"""Generalised Jensen-Shannon divergence with mixture weight ``beta``.
@@ -594,10 +628,14 @@ js_div.__doc__ = r"""Generalised Jensen-Shannon divergence with mixture weight `
 
 
 def jeffreys_div(p, q, *, p_space="probs", q_space="probs", axis=-1, reduction="none",
-                 mask=None, weight=None, temperature=1.0, t2_scale=False, validate=None):
+                 mask=None, weight=None, temperature=1.0, t2_scale=False, validate=None,
+                 softcap=None, logit_scale=None, vocab_size=None, labels=None,
+                 ignore_index=None):
     return _divergence("jeffreys", p, q, p_space=p_space, q_space=q_space, axis=axis,
                        reduction=reduction, mask=mask, weight=weight, temperature=temperature,
-                       t2_scale=t2_scale, validate=validate)
+                       t2_scale=t2_scale, validate=validate, softcap=softcap,
+                       logit_scale=logit_scale, vocab_size=vocab_size, labels=labels,
+                       ignore_index=ignore_index)
 
 
 jeffreys_div.__doc__ = r"""Jeffreys (symmetrised) divergence KL(p || q) + KL(q || p).
