@@ -522,6 +522,7 @@ def test_softcap_and_logit_scale_against_naive(dtype, kind):
     dict(softcap=(3.0, 9.0), logit_scale=(2.0, 0.5)),
     dict(logit_scale=0.25),                          # both sides scaled, no cap
     dict(logit_scale=(None, 3.0), temperature=2.5),
+    dict(logit_scale=-0.5, softcap=4.0),            # a negative scale (allowed, as the core)
 ])
 def test_softcap_pairs_per_side(opts):
     hid, W, b, t = make(13, 8, 29, F64, seed=31, scale=4.0)
@@ -645,12 +646,13 @@ def test_ignore_index_with_softcap_and_vocab_size():
 
 def test_option_errors_name_the_argument():
     hid, W, b, t = make(6, 4, 5, F64, seed=45)
-    for bad, exc in ((0.0, ValueError), (-1.0, ValueError), (math.inf, ValueError),
-                     (math.nan, ValueError), ("3", TypeError), (True, TypeError),
-                     ((1.0, 2.0, 3.0), ValueError)):
+    for bad, exc in ((0.0, ValueError), (math.inf, ValueError), (math.nan, ValueError),
+                     ("3", TypeError), (True, TypeError), ((1.0, 2.0, 3.0), ValueError)):
         for name in ("softcap", "logit_scale"):
             with pytest.raises(exc, match=name):
                 linear_kl_div(hid, W, t, **{name: bad})
+    with pytest.raises(ValueError, match="softcap: must be positive"):
+        linear_kl_div(hid, W, t, softcap=-1.0)
     with pytest.raises(ValueError, match="vocab_size"):
         linear_kl_div(hid, W, t, vocab_size=6)
     with pytest.raises(ValueError, match="vocab_size"):

@@ -248,11 +248,12 @@ def _side_option(name, value, teacher_logits, positive=True):
         if v is None:
             return None
         if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise TypeError(f"{name}: expected a positive number, None or a pair "
-                            f"(teacher, student) of those, got {v!r}{who}")
+            raise TypeError(f"{name}: expected a number, None or a pair (teacher, student) of "
+                            f"those, got {v!r}{who}")
         v = float(v)
-        if not (math.isfinite(v) and v > 0.0):
-            raise ValueError(f"{name}: must be a positive finite number, got {v!r}{who}")
+        if not math.isfinite(v) or v == 0.0 or (positive and v < 0.0):
+            need = "positive and finite" if positive else "finite and nonzero"
+            raise ValueError(f"{name}: must be {need}, got {v!r}{who}")
         return v
 
     if value is None:
@@ -276,9 +277,10 @@ def _cap_teacher(t, cap, scale):
     """``cap * tanh(scale * t / cap)`` (or ``scale * t``), out of place; -inf entries (masked
     categories) stay -inf."""
     if cap is None:
-        return t * scale if scale is not None else t
-    s = 1.0 if scale is None else scale
-    out = torch.tanh(t * (s / cap)).mul_(cap)
+        out = t * scale if scale is not None else t
+    else:
+        s = 1.0 if scale is None else scale
+        out = torch.tanh(t * (s / cap)).mul_(cap)
     return torch.where(t == -math.inf, t, out)
 
 
@@ -618,8 +620,8 @@ def linear_kl_div(hidden, weight, target, *, bias=None, target_space="logits",
         holds logits; a pair ``(teacher_value, student_value)`` sets each side (None skips
         one). Teacher entries of -inf (masked categories) stay -inf. Applied before the
         temperature.
-      logit_scale: a positive factor on the logits (``logit_scale * z``, or inside the cap as
-        above); number or pair as ``softcap``.
+      logit_scale: a finite nonzero factor on the logits (``logit_scale * z``, or inside the
+        cap as above); number or pair as ``softcap``. softcap must be positive and finite.
       vocab_size: the vocabulary both sides share: columns at or beyond it are excluded on
         both sides (the student's extra rows of ``weight``/``bias`` get no gradient; the
         teacher's extra columns are never read), so the teacher and the student may have
@@ -734,7 +736,7 @@ def linear_kl_div(hidden, weight, target, *, bias=None, target_space="logits",
     plan.cdt = cdt
     teacher_logits = plan.topk is None and target_space == "logits"
     plan.softcap = _side_option("softcap", softcap, teacher_logits)
-    plan.logit_scale = _side_option("logit_scale", logit_scale, teacher_logits)
+    plan.logit_scale = _side_option("logit_scale", logit_scale, teacher_logits, positive=False)
     # log-probabilities cut at vocab_size are renormalised on the kept columns (the row
     # function's "logits" space does exactly that; "log_probs" would be the same math)
     plan.rows_space = "logits" if (plan.cut or teacher_logits) else target_space
