@@ -85,6 +85,67 @@ KLDIV_INLINE double kexp_d(double x)
     return x < -708.0 ? 0.0 : e * s;
 }
 
+/* log(x) for float: subnormals included (scaled by 2^24 first), 0 gives -inf, x < 0 and nan give
+ * nan, +inf gives +inf; about 1 ulp (atanh series of the mantissa reduced to [sqrt 1/2, sqrt 2));
+ * branch-free, so that the compiler vectorises it. */
+KLDIV_INLINE float klog_f(float x)
+{
+    const int sub = x < 1.17549435e-38f;
+    const float xs = sub ? x * 16777216.0f : x;
+    int32_t bits;
+    memcpy(&bits, &xs, sizeof bits);
+    const int32_t mb = (bits & 0x007fffff) | 0x3f800000;
+    float f;
+    memcpy(&f, &mb, sizeof f);
+    const int big = f > 1.41421356f;
+    f = big ? f * 0.5f : f;
+    const float ef = (float)(((bits >> 23) & 0xff) - 127) + (big ? 1.0f : 0.0f) -
+                     (sub ? 24.0f : 0.0f);
+    const float s = (f - 1.0f) / (f + 1.0f), s2 = s * s;
+    float pl = 1.0f / 9.0f;
+    pl = pl * s2 + 1.0f / 7.0f;
+    pl = pl * s2 + 0.2f;
+    pl = pl * s2 + 1.0f / 3.0f;
+    const float lf = 2.0f * s + 2.0f * s * s2 * pl;
+    float r = ef * 0.693359375f + (ef * -2.12194440e-4f + lf);
+    r = x > 0.0f ? r : (x == 0.0f ? -INFINITY : NAN);
+    return x < INFINITY ? r : x;
+}
+
+/* log(x) for double, the same way (2^54 for subnormals, series to s^21). */
+KLDIV_INLINE double klog_d(double x)
+{
+    const int sub = x < 2.2250738585072014e-308;
+    const double xs = sub ? x * 18014398509481984.0 : x;
+    int64_t bits;
+    memcpy(&bits, &xs, sizeof bits);
+    const int64_t mb = (bits & INT64_C(0x000fffffffffffff)) | INT64_C(0x3ff0000000000000);
+    double f;
+    memcpy(&f, &mb, sizeof f);
+    const int big = f > 1.4142135623730951;
+    f = big ? f * 0.5 : f;
+    /* the exponent as a double without an int64 conversion (none in AVX2): 2^52 + e */
+    const int64_t eb = ((bits >> 52) & 0x7ff) | INT64_C(0x4330000000000000);
+    double et;
+    memcpy(&et, &eb, sizeof et);
+    const double ef = (et - 4503599627371519.0) + (big ? 1.0 : 0.0) - (sub ? 54.0 : 0.0);
+    const double s = (f - 1.0) / (f + 1.0), s2 = s * s;
+    double pl = 1.0 / 21.0;
+    pl = pl * s2 + 1.0 / 19.0;
+    pl = pl * s2 + 1.0 / 17.0;
+    pl = pl * s2 + 1.0 / 15.0;
+    pl = pl * s2 + 1.0 / 13.0;
+    pl = pl * s2 + 1.0 / 11.0;
+    pl = pl * s2 + 1.0 / 9.0;
+    pl = pl * s2 + 1.0 / 7.0;
+    pl = pl * s2 + 1.0 / 5.0;
+    pl = pl * s2 + 1.0 / 3.0;
+    const double lf = 2.0 * s + 2.0 * s * s2 * pl;
+    double r = ef * 6.93147180369123816490e-01 + (ef * 1.90821492927058770002e-10 + lf);
+    r = x > 0.0 ? r : (x == 0.0 ? -INFINITY : NAN);
+    return x < INFINITY ? r : x;
+}
+
 /* 1/n!, n = 17 .. 2: phi(u) = u^2 * sum_n u^(n-2)/n! */
 static const double kphi[16] = {
     1.0 / 355687428096000.0, 1.0 / 20922789888000.0, 1.0 / 1307674368000.0,
@@ -97,6 +158,7 @@ static const double kphi[16] = {
 #define T float
 #define SFX _f
 #define KEXP kexp_f
+#define KLOG klog_f
 #define KFABS fabsf
 #define NPHI 7          /* terms up to u^8: truncation below 5e-8 relative for |u| < 0.5 */
 #define EXP_FLOOR 87.0  /* kexp_f returns 0 below -EXP_FLOOR */
@@ -108,6 +170,7 @@ static const double kphi[16] = {
 #undef T
 #undef SFX
 #undef KEXP
+#undef KLOG
 #undef KFABS
 #undef NPHI
 #undef EXP_FLOOR
@@ -119,6 +182,7 @@ static const double kphi[16] = {
 #define T double
 #define SFX _d
 #define KEXP kexp_d
+#define KLOG klog_d
 #define KFABS fabs
 #define NPHI 16
 #define EXP_FLOOR 708.0
@@ -130,6 +194,7 @@ static const double kphi[16] = {
 #undef T
 #undef SFX
 #undef KEXP
+#undef KLOG
 #undef KFABS
 #undef NPHI
 #undef EXP_FLOOR
@@ -139,6 +204,54 @@ static const double kphi[16] = {
 #undef KL_REL
 
 #undef KLDIV_FUSED_TEMPLATE
+
+static PyObject *call_run(int is_double, int kind, Py_ssize_t n, Py_ssize_t V,
+                          unsigned long long xp, Py_ssize_t xs, unsigned long long yp,
+                          Py_ssize_t ys, double inv_t, double beta, int flags,
+                          unsigned long long sp, unsigned long long rp, unsigned long long gxp,
+                          Py_ssize_t gxs, unsigned long long gyp, Py_ssize_t gys,
+                          unsigned long long stp, int nthreads)
+{
+    if (!(inv_t > 0.0) || !isfinite(inv_t)) {
+        PyErr_Format(PyExc_ValueError,
+                     "kldiv._ext._fused: inv_t (1 / temperature) must be positive and finite, "
+                     "got %g (callers keep temperatures within [1e-30, 1e30])", inv_t);
+        return NULL;
+    }
+    if (flags < 0 || flags > 3 || (flags && inv_t != 1.0)) {
+        PyErr_Format(PyExc_ValueError,
+                     "kldiv._ext._fused: flags (probability sides) must be 0..3 and need "
+                     "temperature 1, got flags=%d, inv_t=%g", flags, inv_t);
+        return NULL;
+    }
+    if (kind && !(beta > 0.0 && beta < 1.0)) {
+        PyErr_Format(PyExc_ValueError, "kldiv._ext._fused: beta must lie in (0, 1), got %g",
+                     beta);
+        return NULL;
+    }
+    if (n < 0 || V <= 0 || !xp || !yp || !rp || kind < 0 || kind > 1) {
+        PyErr_SetString(PyExc_ValueError, "kldiv._ext._fused.rows: invalid arguments");
+        return NULL;
+    }
+    if (nthreads < 1)
+        nthreads = 1;
+    int err = 0;
+    Py_BEGIN_ALLOW_THREADS
+    if (is_double)
+        err = run_d(kind, (const double *)(uintptr_t)xp, xs, (const double *)(uintptr_t)yp, ys,
+                    n, V, inv_t, beta, flags, (const double *)(uintptr_t)sp,
+                    (double *)(uintptr_t)rp, (double *)(uintptr_t)gxp, gxs,
+                    (double *)(uintptr_t)gyp, gys, (double *)(uintptr_t)stp, nthreads);
+    else
+        err = run_f(kind, (const float *)(uintptr_t)xp, xs, (const float *)(uintptr_t)yp, ys, n,
+                    V, inv_t, beta, flags, (const double *)(uintptr_t)sp,
+                    (double *)(uintptr_t)rp, (float *)(uintptr_t)gxp, gxs,
+                    (float *)(uintptr_t)gyp, gys, (double *)(uintptr_t)stp, nthreads);
+    Py_END_ALLOW_THREADS
+    if (err)
+        return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
 
 static PyObject *py_rows(PyObject *self, PyObject *args)
 {
@@ -150,33 +263,23 @@ static PyObject *py_rows(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "innKnKndKKKnKni", &is_double, &n, &V, &xp, &xs, &yp, &ys,
                           &inv_t, &sp, &rp, &gxp, &gxs, &gyp, &gys, &nthreads))
         return NULL;
-    if (!(inv_t > 0.0) || !isfinite(inv_t)) {
-        PyErr_Format(PyExc_ValueError,
-                     "kldiv._ext._fused.rows: inv_t (1 / temperature) must be positive and "
-                     "finite, got %R (callers keep temperatures within [1e-30, 1e30])",
-                     PyTuple_GET_ITEM(args, 7));
+    return call_run(is_double, 0, n, V, xp, xs, yp, ys, inv_t, 0.5, 0, sp, rp, gxp, gxs, gyp,
+                    gys, 0, nthreads);
+}
+
+static PyObject *py_rows_ex(PyObject *self, PyObject *args)
+{
+    int is_double, kind, flags, nthreads;
+    Py_ssize_t n, V, xs, ys, gxs, gys;
+    unsigned long long xp, yp, sp, rp, gxp, gyp, stp;
+    double inv_t, beta;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "iinnKnKnddiKKKnKnKi", &is_double, &kind, &n, &V, &xp, &xs, &yp,
+                          &ys, &inv_t, &beta, &flags, &sp, &rp, &gxp, &gxs, &gyp, &gys, &stp,
+                          &nthreads))
         return NULL;
-    }
-    if (n < 0 || V <= 0 || !xp || !yp || !rp) {
-        PyErr_SetString(PyExc_ValueError, "kldiv._ext._fused.rows: invalid arguments");
-        return NULL;
-    }
-    if (nthreads < 1)
-        nthreads = 1;
-    int err = 0;
-    Py_BEGIN_ALLOW_THREADS
-    if (is_double)
-        err = run_d((const double *)(uintptr_t)xp, xs, (const double *)(uintptr_t)yp, ys, n, V,
-                    inv_t, (const double *)(uintptr_t)sp, (double *)(uintptr_t)rp,
-                    (double *)(uintptr_t)gxp, gxs, (double *)(uintptr_t)gyp, gys, nthreads);
-    else
-        err = run_f((const float *)(uintptr_t)xp, xs, (const float *)(uintptr_t)yp, ys, n, V,
-                    inv_t, (const double *)(uintptr_t)sp, (double *)(uintptr_t)rp,
-                    (float *)(uintptr_t)gxp, gxs, (float *)(uintptr_t)gyp, gys, nthreads);
-    Py_END_ALLOW_THREADS
-    if (err)
-        return PyErr_NoMemory();
-    Py_RETURN_NONE;
+    return call_run(is_double, kind, n, V, xp, xs, yp, ys, inv_t, beta, flags, sp, rp, gxp, gxs,
+                    gyp, gys, stp, nthreads);
 }
 
 static PyMethodDef methods[] = {
@@ -188,6 +291,15 @@ static PyMethodDef methods[] = {
      "Rows with scale 0 are skipped (value 0, gradient 0). Pointers are raw addresses of\n"
      "row-major arrays with unit stride along V; strides are in elements. nan marks a row\n"
      "that the caller must recompute (its gradients are untouched)."},
+    {"rows_ex", py_rows_ex, METH_VARARGS,
+     "rows_ex(is_double, kind, n, V, x_ptr, x_stride, y_ptr, y_stride, inv_t, beta, flags,\n"
+     "        scale_ptr, rows_ptr, gx_ptr, gx_stride, gy_ptr, gy_stride, stats_ptr, nthreads)\n\n"
+     "rows() for more kinds and input spaces. kind 0: KL(p || q); 1: JS_beta(p, q) (support\n"
+     "mismatch allowed). flags: 1 = x holds probabilities, 2 = y does (temperature 1 only;\n"
+     "their gradients are with respect to the probabilities). stats_ptr (0: none; temperature\n"
+     "1): an (n, 2) float64 array receiving each row's raw normalisers (sum p for\n"
+     "probabilities, logsumexp for log-space inputs; masked rows: 1 and 0), for the value\n"
+     "checks."},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef mod = {PyModuleDef_HEAD_INIT, "_fused",
@@ -209,6 +321,26 @@ KLDIV_INLINE T FN(phi_series)(T u)
     for (int k = 16 - NPHI + 1; k < 16; k++)
         acc = acc * u + (T)kphi[k];
     return acc * u * u;
+}
+
+/* log1p(u) for u >= -1 (the classic log(1 + u) + correction: about 1 ulp) */
+KLDIV_INLINE T FN(klog1p)(T u)
+{
+    const T w = 1 + u, wm = w - 1;
+    return KLOG(w) + (w > 0 ? (u - wm) / w : (T)0);
+}
+
+/* log(1 - c + c e^d) for 0 < c < 1 (the core's _log_mix): accurate near d = 0 (log1p of
+ * c expm1(d), expm1 by the series below 1/2), safe for large |d| */
+KLDIV_INLINE T FN(log_mix)(T c, T lc, T rc, T d)
+{
+    const int lo = d < 1;
+    const T ds = lo ? d : (T)0, dl = lo ? (T)1 : d;
+    const int sm = KFABS(ds) < (T)0.5;
+    const T em1 = sm ? ds + FN(phi_series)(sm ? ds : (T)0) : KEXP(ds) - 1;
+    const T small = FN(klog1p)(c * em1);
+    const T large = lc + dl + FN(klog1p)(rc * KEXP(-dl)); /* rc = (1 - c) / c */
+    return lo ? small : large;
 }
 
 /* Pass 3a over one block: the series, from the scratch only; returns the block's sum of
@@ -239,11 +371,14 @@ KLDIV_INLINE T FN(pass3a)(Py_ssize_t b0, Py_ssize_t b1, const T *restrict sp, T 
  * its own input). q_i - p_i = p_i expm1(d'_i - KL) = p_i ((d'_i + phi(d'_i)) E + M) with
  * E = e^-KL, M = expm1(-KL) where the series was used: near convergence q - p keeps full
  * relative accuracy (a difference of two softmaxes would keep eps / |d'|); elsewhere
- * (e^b_i Zx/Zy - e^a_i) / Zx, exactly 0 where p = q. */
+ * (e^b_i Zx/Zy - e^a_i) / Zx, exactly 0 where p = q. Probability inputs (xp, yp) get the
+ * gradient with respect to the probability itself: the log-space one divided by p_i (0 where
+ * p_i = 0); with sp[i] = p_i / max p that is -d'_i g / max p for x. */
 KLDIV_INLINE void FN(pass3b)(Py_ssize_t b0, Py_ssize_t b1, const T *restrict sp,
                              const T *restrict sq, const T *restrict sd, T *restrict gx,
                              T *restrict gy, T muT, T rq, T ipg, T E, T M, const int want_x,
-                             const int want_y, const int dense)
+                             const int want_y, const int dense, const int xp, const int yp,
+                             T ipgx, T iymax, T ipgy)
 {
 #pragma omp simd
     for (Py_ssize_t i = b0; i < b1; i++) {
@@ -252,26 +387,100 @@ KLDIV_INLINE void FN(pass3b)(Py_ssize_t b0, Py_ssize_t b1, const T *restrict sp,
         const T dc = (in ? dv : (T)0) - muT;
         const int small = KFABS(dc) < (T)0.5;
         const T pg = sp[i] * ipg;
-        if (want_y) /* (q_i - p_i) g */
-            gy[i] = (in & small) ? pg * (sq[i] * E + M) : (sq[i] * rq - sp[i]) * ipg;
+        if (want_y) { /* (q_i - p_i) g */
+            const T gl = (in & small) ? pg * (sq[i] * E + M) : (sq[i] * rq - sp[i]) * ipg;
+            if (yp) { /* / q_i: where the series ran, sq[i] = expm1(d'_i) and
+                       * (q_i - p_i) / q_i = expm1(d_i) / e^{d_i}; elsewhere sq[i] = q_i / max q */
+                const T qv = sq[i] > 0 ? sq[i] : (T)1;
+                const T em = (in & small) ? sq[i] : (T)0;
+                const T ser = ipgy * (em * E + M) / ((1 + em) * E);
+                gy[i] = (in & small) ? ser : (sq[i] > 0 ? gl / qv * iymax : (T)0);
+            } else {
+                gy[i] = gl;
+            }
+        }
         if (want_x)
-            gx[i] = in ? -pg * dc : (T)0; /* -p_i d'_i g */
+            gx[i] = in ? (xp ? -ipgx * dc : -pg * dc) : (T)0; /* -p_i d'_i g */
     }
 }
 
-/* One row; returns KL (double), +inf on escape, nan for "recompute me" (gradients untouched).
- *
- * Each side is centred on its own maximum before anything else: a_i = (x_i - max x) / T and
- * b_i = (y_i - max y) / T (both <= 0), and the log-ratio D_i = b_i - a_i is formed as
- * (y_i - x_i) + (max x - max y) with both differences exact (TwoSum), so that neither a common
- * offset of one side (1e4, 1e30, finfo.min) nor the other side's magnitude swallows it. Rows the
- * element type cannot hold without overflow (a span of values beyond the type's maximum), and
- * rows where an entry whose weight p_i underflows here meets a huge log-ratio (p_i |d_i| may
- * then matter: a teacher's e^-90 against a student's finfo.min), are left to the caller's
- * float64 path: nan is returned before any gradient is written. */
-KLDIV_CLONES static double FN(kl_row)(const T *x, const T *y, Py_ssize_t V, double inv_t,
-                                      double s, T *gx, T *gy, T *restrict sp, T *restrict sq,
-                                      T *restrict sd, const T *xn, const T *yn)
+/* What passes 1 and 2 leave for the rest of a row. */
+typedef struct {
+    double Zx, Zy, S1, ZqS, Zqo, Zxo, ZxS, Dref;
+    double xmax, ymax; /* probability sides: the row maximum (sp[i] = x_i / xmax) */
+    int dense, esc, risk;
+} FN(rowsum_t);
+
+/* the log-space value of entry i of a side: the input, or log p for probabilities */
+#define KLDIV_LV(v, isp) ((isp) ? KLOG(v) : (v))
+
+/* Pass 2 over one block: exponentials into the scratch, the block's sums. xp, yp: the sides
+ * hold probabilities (T = 1: sp[i] = p_i / max p exactly, no exponential; the log-ratio of two
+ * probabilities within a factor 2 is log1p of their exact relative difference, as the core's). */
+KLDIV_INLINE void FN(pass2)(Py_ssize_t b0, Py_ssize_t b1, const T *restrict x,
+                            const T *restrict y, T *restrict sp, T *restrict sq, T *restrict sd,
+                            T mx, T my, T it, T ixm, T iym, T d0h, T d0l, const int dense,
+                            const int xp, const int yp, double *out)
+{
+    const T ninf = (T)-INFINITY, CL = (T)D_CLAMP;
+    T zx = 0, zy = 0, s1 = 0, zqs = 0, zqo = 0, zxo = 0, zxs = 0, rk = 0; /* rk: largest |d| */
+    int e = 0;
+#pragma omp simd reduction(+ : zx, zy, s1, zqs, zqo, zxo, zxs) reduction(| : e) \
+    reduction(max : rk)
+    for (Py_ssize_t i = b0; i < b1; i++) {
+        const T xr = x[i], yr = y[i];
+        const T xv = KLDIV_LV(xr, xp), yv = KLDIV_LV(yr, yp);
+        const int px = dense ? 1 : xv > ninf, py = dense ? 1 : yv > ninf;
+        const int in = px & py;
+        const T ep = xp ? xr * ixm : KEXP((xv - mx) * it);
+        const T eq = yp ? yr * iym : KEXP((yv - my) * it);
+        T dd;
+        if (xp && yp) {
+            const T ps = in ? xr : (T)1, qs = in ? yr : (T)1;
+            const int near = (qs >= (T)0.5 * ps) & (qs <= (T)2 * ps);
+            const T pn = near ? ps : (T)1, qn = near ? qs : (T)1;
+            const T l1 = FN(klog1p)((qn - pn) / pn);
+            dd = near ? l1 : yv - xv;
+        } else {
+            const T sv = yv - xv, bb = sv - yv;
+            const T er = (yv - (sv - bb)) + (-xv - bb); /* y - x = sv + er exactly */
+            dd = ((sv - d0h) + (er - d0l)) * it;
+        }
+        const T dcl = dd > CL ? CL : (dd < -CL ? -CL : dd);
+        const T d = in ? dcl : (T)0;
+        const T ad = KFABS(d);
+        rk = ad > rk ? ad : rk;
+        zx += ep;
+        zy += eq;
+        s1 += ep * d;
+        if (!dense) {
+            zqs += in ? eq : (T)0;
+            zqo += px ? (T)0 : eq;
+            zxo += py ? (T)0 : ep;
+            zxs += in ? ep : (T)0;
+            e |= px & !py;
+        }
+        sp[i] = ep;
+        sq[i] = eq;
+        sd[i] = in ? d : (T)NAN;
+    }
+    out[0] += zx;
+    out[1] += zy;
+    out[2] += s1;
+    out[3] += dense ? zy : zqs;
+    out[4] += zqo;
+    out[5] += zxo;
+    out[6] = e || out[6] != 0.0 ? 1.0 : 0.0;
+    out[7] = rk > (T)D_RISK || out[7] != 0.0 ? 1.0 : 0.0;
+    out[8] += dense ? zx : zxs;
+}
+
+/* Passes 1 and 2 of a row (shared by every kind); 0, or 1 for "recompute me" (nan row). The
+ * statistics st[0], st[1] (when st is not NULL; T = 1 only) are each side's raw normaliser:
+ * sum p for probabilities, logsumexp for log-space inputs: the value checks, in this walk. */
+static int FN(prep)(const T *x, const T *y, Py_ssize_t V, double inv_t, int xp, int yp,
+                    T *restrict sp, T *restrict sq, T *restrict sd, const T *xn, const T *yn,
+                    FN(rowsum_t) *rs, double *st)
 {
     const T it = (T)inv_t;
     const T ninf = (T)-INFINITY, pinf = (T)INFINITY;
@@ -284,42 +493,64 @@ KLDIV_CLONES static double FN(kl_row)(const T *x, const T *y, Py_ssize_t V, doub
         lx = xv < lx ? xv : lx;
         ly = yv < ly ? yv : ly;
     }
-    const int dense = lx > ninf && ly > ninf; /* no -inf anywhere: no support masks needed */
-    if (!dense) { /* the smallest finite values, for the span check below */
-        lx = pinf;
-        ly = pinf;
-#pragma omp simd reduction(min : lx, ly)
+    /* probabilities: negative entries make no distribution; the core says which */
+    if ((xp && lx < 0) || (yp && ly < 0))
+        return 1;
+    const T zlo_x = xp ? (T)0 : ninf, zlo_y = yp ? (T)0 : ninf;
+    const int dense = lx > zlo_x && ly > zlo_y; /* no zero probability or -inf logit */
+    const double xmax = (double)mx, ymax = (double)my;
+    if (xp) { /* log-space maxima and (for the span check) a lower bound of the logarithms */
+        mx = KLOG(mx);
+        lx = (T)-800.0;
+    }
+    if (yp) {
+        my = KLOG(my);
+        ly = (T)-800.0;
+    }
+    if (!dense && !(xp && yp)) { /* the smallest finite values, for the span check below */
+        T lx2 = pinf, ly2 = pinf;
+#pragma omp simd reduction(min : lx2, ly2)
         for (Py_ssize_t i = 0; i < V; i++) {
             const T xf = x[i] > ninf ? x[i] : pinf, yf = y[i] > ninf ? y[i] : pinf;
-            lx = xf < lx ? xf : lx;
-            ly = yf < ly ? yf : ly;
+            lx2 = xf < lx2 ? xf : lx2;
+            ly2 = yf < ly2 ? yf : ly2;
         }
+        if (!xp)
+            lx = lx2;
+        if (!yp)
+            ly = ly2;
     }
     if (!(mx > ninf) || !(my > ninf) || !(mx < pinf) || !(my < pinf))
-        return NAN; /* an all -inf row (no distribution) or +inf: the caller decides */
-    {           /* every difference below is bounded by this span: no overflow when it fits */
+        return 1; /* an all -inf (or all-zero) row (no distribution) or +inf: the caller decides */
+    {             /* every difference below is bounded by this span: no overflow when it fits */
         const double hi = mx > my ? (double)mx : (double)my;
         const double lo = lx < ly ? (double)lx : (double)ly;
         if (!(hi - lo <= SPAN_MAX))
-            return NAN;
+            return 1;
     }
     /* the log-ratio is taken relative to its value at a reference entry r where x is largest:
      * t_i = (y_i - x_i) - (y_r - x_r), from exact differences (TwoSum), so that neither side's
      * magnitude (logits of 1e30, masks of -1e30 or finfo.min, a common offset) nor the distance
      * between the two maxima swallows what varies where p lives; D_r = y_r - max y puts it back
-     * in the row constants (in double) */
-    Py_ssize_t ref = 0;
-    while (ref < V - 1 && !(x[ref] == mx))
-        ref++;
-    const T yr = y[ref] > ninf ? y[ref] : mx; /* y_r = -inf: the row escapes (+inf) */
-    const T d0h = yr - mx;
-    const T d0b = d0h - yr;
-    const T d0l = (yr - (d0h - d0b)) + (-mx - d0b);
-    const double Dref = ((double)yr - (double)my) * inv_t;
-    const T CL = (T)D_CLAMP;
-
-    double Zx = 0, Zy = 0, S1 = 0, ZqS = 0, Zqo = 0;
-    int esc = 0, risk = 0;
+     * in the row constants (in double). Two probabilities: t_i = log(q_i / p_i) itself. */
+    T d0h = 0, d0l = 0;
+    double Dref;
+    if (xp && yp) {
+        Dref = (double)mx - (double)my;
+    } else {
+        Py_ssize_t ref = 0;
+        const T xref = xp ? (T)xmax : mx;
+        while (ref < V - 1 && !(x[ref] == xref))
+            ref++;
+        const T yref = KLDIV_LV(y[ref], yp);
+        const T yr = yref > ninf ? yref : mx; /* y_r = -inf: the row escapes (+inf) */
+        d0h = yr - mx;
+        const T d0b = d0h - yr;
+        d0l = (yr - (d0h - d0b)) + (-mx - d0b);
+        Dref = ((double)yr - (double)my) * inv_t;
+    }
+    const T ixm = xp ? (T)(1.0 / xmax) : (T)0, iym = yp ? (T)(1.0 / ymax) : (T)0;
+    double acc[9] = {0, 0, 0, 0, 0, 0, 0, 0, 0};
     for (Py_ssize_t b0 = 0; b0 < V; b0 += KLDIV_BLOCK) {
         const Py_ssize_t b1 = b0 + KLDIV_BLOCK < V ? b0 + KLDIV_BLOCK : V;
         if (xn) /* the next row: fetched from memory while this block computes exponentials */
@@ -327,65 +558,73 @@ KLDIV_CLONES static double FN(kl_row)(const T *x, const T *y, Py_ssize_t V, doub
                 __builtin_prefetch(xn + i, 0, 2);
                 __builtin_prefetch(yn + i, 0, 2);
             }
-        T zx = 0, zy = 0, s1 = 0, zqs = 0, zqo = 0, rk = 0; /* rk: the largest |d| */
-        int e = 0;
+#define KLDIV_P2(dn, a, b)                                                                     \
+    FN(pass2)(b0, b1, x, y, sp, sq, sd, mx, my, it, ixm, iym, d0h, d0l, dn, a, b, acc)
         if (dense) {
-#pragma omp simd reduction(+ : zx, zy, s1) reduction(max : rk)
-            for (Py_ssize_t i = b0; i < b1; i++) {
-                const T xv = x[i], yv = y[i];
-                const T a = (xv - mx) * it, b = (yv - my) * it;
-                const T ep = KEXP(a), eq = KEXP(b);
-                const T sv = yv - xv, bb = sv - yv;
-                const T er = (yv - (sv - bb)) + (-xv - bb); /* y - x = sv + er exactly */
-                const T dd = ((sv - d0h) + (er - d0l)) * it;
-                const T d = dd > CL ? CL : (dd < -CL ? -CL : dd);
-                const T ad = KFABS(d);
-                rk = ad > rk ? ad : rk;
-                zx += ep;
-                zy += eq;
-                s1 += ep * d;
-                sp[i] = ep;
-                sq[i] = eq;
-                sd[i] = d;
-            }
-            zqs = zy;
+            if (!xp && !yp)
+                KLDIV_P2(1, 0, 0);
+            else if (xp && yp)
+                KLDIV_P2(1, 1, 1);
+            else if (xp)
+                KLDIV_P2(1, 1, 0);
+            else
+                KLDIV_P2(1, 0, 1);
         } else {
-#pragma omp simd reduction(+ : zx, zy, s1, zqs, zqo) reduction(| : e) reduction(max : rk)
-            for (Py_ssize_t i = b0; i < b1; i++) {
-                const T xv = x[i], yv = y[i];
-                const int px = xv > ninf, py = yv > ninf;
-                const int in = px & py;
-                const T a = (xv - mx) * it, b = (yv - my) * it;
-                const T ep = KEXP(a), eq = KEXP(b);
-                const T sv = yv - xv, bb = sv - yv;
-                const T er = (yv - (sv - bb)) + (-xv - bb);
-                const T dd = ((sv - d0h) + (er - d0l)) * it;
-                const T dcl = dd > CL ? CL : (dd < -CL ? -CL : dd);
-                const T d = in ? dcl : (T)0;
-                const T ad = KFABS(d);
-                rk = ad > rk ? ad : rk;
-                zx += ep;
-                zy += eq;
-                s1 += ep * d;
-                zqs += in ? eq : (T)0;
-                zqo += px ? (T)0 : eq;
-                e |= px & !py;
-                sp[i] = ep;
-                sq[i] = eq;
-                sd[i] = in ? d : (T)NAN;
-            }
+            if (!xp && !yp)
+                KLDIV_P2(0, 0, 0);
+            else if (xp && yp)
+                KLDIV_P2(0, 1, 1);
+            else if (xp)
+                KLDIV_P2(0, 1, 0);
+            else
+                KLDIV_P2(0, 0, 1);
         }
-        Zx += zx;
-        Zy += zy;
-        S1 += s1;
-        ZqS += zqs;
-        Zqo += zqo;
-        esc |= e;
-        risk |= rk > (T)D_RISK;
+#undef KLDIV_P2
     }
-    if (!isfinite(Zx) || !isfinite(Zy) || !isfinite(S1))
-        return NAN; /* nan in the input, or sums beyond the type */
-    if (esc) {      /* p_i > 0 = q_i: KL = +inf, zero gradient (the core's convention) */
+    rs->Zx = acc[0];
+    rs->Zy = acc[1];
+    rs->S1 = acc[2];
+    rs->ZqS = acc[3];
+    rs->Zqo = acc[4];
+    rs->Zxo = acc[5];
+    rs->ZxS = acc[8];
+    rs->esc = acc[6] != 0.0;
+    rs->risk = acc[7] != 0.0;
+    rs->dense = dense;
+    rs->Dref = Dref;
+    rs->xmax = xmax;
+    rs->ymax = ymax;
+    if (st) { /* raw normalisers (T = 1): sum p, or max + log sum e^(x - max) */
+        st[0] = xp ? rs->Zx * xmax : (double)mx + log(rs->Zx);
+        st[1] = yp ? rs->Zy * ymax : (double)my + log(rs->Zy);
+    }
+    if (!isfinite(rs->Zx) || !isfinite(rs->Zy) || !isfinite(rs->S1))
+        return 1; /* nan in the input, or sums beyond the type */
+    return 0;
+}
+
+/* One KL row; returns KL (double), +inf on escape, nan for "recompute me" (gradients untouched).
+ *
+ * Each side is centred on its own maximum before anything else: a_i = (x_i - max x) / T and
+ * b_i = (y_i - max y) / T (both <= 0), and the log-ratio D_i = b_i - a_i is formed as
+ * (y_i - x_i) + (max x - max y) with both differences exact (TwoSum), so that neither a common
+ * offset of one side (1e4, 1e30, finfo.min) nor the other side's magnitude swallows it. Rows the
+ * element type cannot hold without overflow (a span of values beyond the type's maximum), and
+ * rows where an entry whose weight p_i underflows here meets a huge log-ratio (p_i |d_i| may
+ * then matter: a teacher's e^-90 against a student's finfo.min), are left to the caller's
+ * float64 path: nan is returned before any gradient is written. */
+KLDIV_CLONES static double FN(kl_row)(const T *x, const T *y, Py_ssize_t V, double inv_t,
+                                      double s, T *gx, T *gy, T *restrict sp, T *restrict sq,
+                                      T *restrict sd, const T *xn, const T *yn, int xp, int yp,
+                                      double *st)
+{
+    const T it = (T)inv_t;
+    FN(rowsum_t) rs;
+    if (FN(prep)(x, y, V, inv_t, xp, yp, sp, sq, sd, xn, yn, &rs, st))
+        return NAN;
+    const double Zx = rs.Zx, Zy = rs.Zy, S1 = rs.S1, ZqS = rs.ZqS, Zqo = rs.Zqo, Dref = rs.Dref;
+    const int dense = rs.dense;
+    if (rs.esc) { /* p_i > 0 = q_i: KL = +inf, zero gradient (the core's convention) */
         if (gx)
             memset(gx, 0, (size_t)V * sizeof(T));
         if (gy)
@@ -393,15 +632,20 @@ KLDIV_CLONES static double FN(kl_row)(const T *x, const T *y, Py_ssize_t V, doub
         return INFINITY;
     }
     const double mu = S1 / Zx; /* E_p[t] / T; E_p[d] = mu + Dref */
-    if (risk) { /* some |d| beyond 2^20: does it meet a p_i that underflows here? */
+    if (rs.risk) { /* some |d| beyond 2^20: does it meet a p_i that underflows here? */
         const T RA = (T) - (EXP_FLOOR + 250.0), FL = (T)-EXP_FLOOR, CL = (T)D_CLAMP;
+        const T mxl = xp ? KLOG((T)rs.xmax) : (T)0;
+        T mx = (T)-INFINITY;
+        if (!xp)
+            for (Py_ssize_t i = 0; i < V; i++)
+                mx = x[i] > mx ? x[i] : mx;
         double B = 0; /* bound on the neglected sum of p_i |d_i| (times Zx) */
         for (Py_ssize_t i = 0; i < V; i++) {
             const T dv = sd[i], ad = KFABS(dv);
             if (!(dv == dv) || !(ad > (T)D_RISK))
                 continue;
-            const T a = (x[i] - mx) * it;
-            if (a >= FL) {
+            const T a = xp ? KLOG(x[i]) - mxl : (x[i] - mx) * it;
+            if (a >= FL || xp) { /* probabilities never underflow here (sp = p / max p) */
                 if (ad >= CL) /* clamped where p_i counts */
                     return NAN;
             } else if (a > RA) {
@@ -421,6 +665,8 @@ KLDIV_CLONES static double FN(kl_row)(const T *x, const T *y, Py_ssize_t V, doub
     const int huge = lc > EXP_FLOOR - 30.0;
     const T c = huge ? (T)0 : (T)exp(lc), ip = (T)(1.0 / Zx), muT = (T)mu;
     const T rq = (T)(Zx / Zy), ipg = (T)(s * inv_t / Zx);
+    const T ipgx = (T)(s * inv_t / (Zx * rs.xmax)), iymax = (T)(1.0 / rs.ymax);
+    const T ipgy = (T)(s * inv_t / (Zy * rs.ymax));
     const int store = gy != NULL;
     double acc = 0;
     for (Py_ssize_t b0 = 0; b0 < V; b0 += KLDIV_BLOCK) {
@@ -437,23 +683,30 @@ KLDIV_CLONES static double FN(kl_row)(const T *x, const T *y, Py_ssize_t V, doub
     const double kl = huge ? lc + log(Zy) : log1p(acc) - log_qS;
     if (gx || gy) {
         const T E = (T)exp(-kl), M = (T)expm1(-kl);
+        const int wx = gx != NULL, wy = gy != NULL;
         for (Py_ssize_t b0 = 0; b0 < V; b0 += KLDIV_BLOCK) {
             const Py_ssize_t b1 = b0 + KLDIV_BLOCK < V ? b0 + KLDIV_BLOCK : V;
-#define KLDIV_P3B(wx, wy, dn) FN(pass3b)(b0, b1, sp, sq, sd, gx, gy, muT, rq, ipg, E, M, wx, wy, dn)
-            if (dense) {
-                if (gx && gy)
-                    KLDIV_P3B(1, 1, 1);
-                else if (gy)
-                    KLDIV_P3B(0, 1, 1);
-                else
-                    KLDIV_P3B(1, 0, 1);
-            } else {
-                if (gx && gy)
-                    KLDIV_P3B(1, 1, 0);
-                else if (gy)
-                    KLDIV_P3B(0, 1, 0);
-                else
-                    KLDIV_P3B(1, 0, 0);
+#define KLDIV_P3B(wx, wy, dn, a, b)                                                            \
+    FN(pass3b)(b0, b1, sp, sq, sd, gx, gy, muT, rq, ipg, E, M, wx, wy, dn, a, b, ipgx, iymax,  \
+               ipgy)
+            if (!xp && !yp) {
+                if (dense) {
+                    if (wx && wy)
+                        KLDIV_P3B(1, 1, 1, 0, 0);
+                    else if (wy)
+                        KLDIV_P3B(0, 1, 1, 0, 0);
+                    else
+                        KLDIV_P3B(1, 0, 1, 0, 0);
+                } else {
+                    if (wx && wy)
+                        KLDIV_P3B(1, 1, 0, 0, 0);
+                    else if (wy)
+                        KLDIV_P3B(0, 1, 0, 0, 0);
+                    else
+                        KLDIV_P3B(1, 0, 0, 0, 0);
+                }
+            } else { /* probability sides: one general variant (flags at run time) */
+                KLDIV_P3B(wx, wy, dense, xp, yp);
             }
 #undef KLDIV_P3B
         }
@@ -461,13 +714,153 @@ KLDIV_CLONES static double FN(kl_row)(const T *x, const T *y, Py_ssize_t V, doub
     return kl;
 }
 
-/* All rows, OpenMP over rows; returns nonzero when a scratch buffer could not be allocated. */
-static int FN(run)(const T *x, Py_ssize_t xs, const T *y, Py_ssize_t ys, Py_ssize_t n,
-                   Py_ssize_t V, double inv_t, const double *scale, double *rows, T *gx,
-                   Py_ssize_t gxs, T *gy, Py_ssize_t gys, int nthreads)
+/* Pass J over one block (JS): the divergence terms from the scratch, and the log-ratios to the
+ * mixture, y_i = log(m_i / p_i) (into sd) and z_i = log(m_i / q_i) (into sz), for the gradient
+ * pass; returns sum beta p phi(y) + (1 - beta) q phi(z) over the common support, and adds
+ * sum p y, sum q z to ey, ez. */
+KLDIV_INLINE T FN(passj)(Py_ssize_t b0, Py_ssize_t b1, const T *restrict sp,
+                         const T *restrict sq, T *restrict sd, T *restrict sz, T muT, T md,
+                         T ipx, T ipy, T be, T c1, T lbe, T lc1, T rbe, T rc1, double *ey,
+                         double *ez, const int dense)
+{
+    const T CL = (T)D_CLAMP;
+    T a = 0, sy = 0, szz = 0;
+#pragma omp simd reduction(+ : a, sy, szz)
+    for (Py_ssize_t i = b0; i < b1; i++) {
+        const T dv = sd[i];
+        const int in = dense ? 1 : dv == dv;
+        const T pv = sp[i] * ipx, qv = sq[i] * ipy;
+        const T dr = (in ? dv : (T)0) - muT + md; /* log(q_i / p_i) */
+        const T d = dr > CL ? CL : (dr < -CL ? -CL : dr);
+        const T yv = FN(log_mix)(c1, lc1, rc1, d);  /* log(m / p) */
+        const T zv = FN(log_mix)(be, lbe, rbe, -d); /* log(m / q) */
+        const T m = be * pv + c1 * qv;
+        const int sy_ = KFABS(yv) < (T)0.5, sz_ = KFABS(zv) < (T)0.5;
+        const T tp = sy_ ? pv * FN(phi_series)(sy_ ? yv : (T)0) : m - pv * (1 + yv);
+        const T tq = sz_ ? qv * FN(phi_series)(sz_ ? zv : (T)0) : m - qv * (1 + zv);
+        a += in ? be * tp + c1 * tq : (T)0;
+        const T yy = in ? yv : lbe, zz = in ? zv : lc1; /* off the support: m = beta p, ... */
+        sy += pv * yy;
+        szz += qv * zz;
+        sd[i] = yy;
+        sz[i] = zz;
+    }
+    *ey += sy;
+    *ez += szz;
+    return a;
+}
+
+/* Pass J' over one block: the JS gradients, from the scratch only.
+ * dJS/dx_i = -(beta / T) p_i (y_i - E_p[y]), dJS/dy_i = -((1 - beta) / T) q_i (z_i - E_q[z]);
+ * probability inputs: divided by p_i (q_i), 0 where it is 0. */
+KLDIV_INLINE void FN(passjg)(Py_ssize_t b0, Py_ssize_t b1, const T *restrict sp,
+                             const T *restrict sq, const T *restrict sd, const T *restrict sz,
+                             T *restrict gx, T *restrict gy, T gxc, T gyc, T ey, T ez,
+                             const int want_x, const int want_y, const int xp, const int yp)
+{
+#pragma omp simd
+    for (Py_ssize_t i = b0; i < b1; i++) {
+        if (want_x) {
+            const T w = xp ? (sp[i] > 0 ? (T)1 : (T)0) : sp[i];
+            gx[i] = -gxc * w * (sd[i] - ey);
+        }
+        if (want_y) {
+            const T w = yp ? (sq[i] > 0 ? (T)1 : (T)0) : sq[i];
+            gy[i] = -gyc * w * (sz[i] - ez);
+        }
+    }
+}
+
+/* One JS_beta row: beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q, and its
+ * gradients; nan for "recompute me". Support mismatch is allowed (finite). The log-ratio
+ * d = log(q/p) on the common support S is the centred one of the KL passes plus its mean
+ * E_{p_S}[d] = log q(S) - log p(S) - KL(p_S || q_S) taken from the accurate KL algebra (not as a
+ * difference of normalisers): near convergence d keeps full relative accuracy. Then, as in the
+ * core, JS = beta sum_S p phi(y) + (1 - beta) sum_S q phi(z) - beta log(beta) p(off S)
+ * - (1 - beta) log(1 - beta) q(off S): non-negative terms only. */
+KLDIV_CLONES static double FN(js_row)(const T *x, const T *y, Py_ssize_t V, double inv_t,
+                                      double s, double beta, T *gx, T *gy, T *restrict sp,
+                                      T *restrict sq, T *restrict sd, T *restrict sz,
+                                      const T *xn, const T *yn, int xp, int yp, double *st)
+{
+    FN(rowsum_t) rs;
+    if (FN(prep)(x, y, V, inv_t, xp, yp, sp, sq, sd, xn, yn, &rs, st))
+        return NAN;
+    const int dense = rs.dense;
+    const double Zx = rs.Zx, Zy = rs.Zy, ZxS = rs.ZxS, ZqS = rs.ZqS;
+    const double po = rs.Zxo / Zx, qo = rs.Zqo / Zy;
+    double mu = 0, meanD = 0;
+    if (ZxS > 0 && ZqS > 0) { /* the accurate mean log-ratio on S */
+        mu = rs.S1 / ZxS;
+        const double lc = -log(ZxS) - mu - rs.Dref;
+        const int huge = lc > EXP_FLOOR - 30.0;
+        const T c = huge ? (T)0 : (T)exp(lc), ip = (T)(1.0 / ZxS), muT = (T)mu;
+        double L;
+        if (huge) {
+            L = lc + log(ZqS);
+        } else {
+            double acc = 0;
+            for (Py_ssize_t b0 = 0; b0 < V; b0 += KLDIV_BLOCK) {
+                const Py_ssize_t b1 = b0 + KLDIV_BLOCK < V ? b0 + KLDIV_BLOCK : V;
+                acc += dense ? FN(pass3a)(b0, b1, sp, sq, sd, muT, ip, c, 0, 1)
+                             : FN(pass3a)(b0, b1, sp, sq, sd, muT, ip, c, 0, 0);
+            }
+            L = log1p(acc);
+        }
+        const double lqS = qo < 0.5 ? log1p(-qo) : log(ZqS / Zy);
+        const double lpS = po < 0.5 ? log1p(-po) : log(ZxS / Zx);
+        meanD = lqS - lpS - L;
+    }
+    const T be = (T)beta, c1 = (T)(1.0 - beta), lbe = (T)log(beta), lc1 = (T)log1p(-beta);
+    const T rbe = (T)((1.0 - beta) / beta), rc1 = (T)(beta / (1.0 - beta));
+    /* d_i = (t_i - mu) + E_{p_S}[d] (centred), or t_i + Dref + log Zx - log Zy (direct) where
+     * that has the smaller constants: a q_i of e^-1e30 where p is not drags mu to ~1e29 and the
+     * centred value of every other entry to noise (the core's _log_ratio chooses alike) */
+    const double Kd = rs.Dref + log(Zx) - log(Zy);
+    const int direct = fabs(mu) + fabs(meanD) > fabs(rs.Dref) + fabs(log(Zx)) + fabs(log(Zy));
+    const double a1 = direct ? -Kd : mu, a2 = direct ? 0.0 : meanD;
+    const T ipx = (T)(1.0 / Zx), ipy = (T)(1.0 / Zy), muT = (T)a1;
+    const T md = (T)(a2 > D_CLAMP ? D_CLAMP : (a2 < -D_CLAMP ? -D_CLAMP : a2));
+    double acc = 0, ey = 0, ez = 0;
+    for (Py_ssize_t b0 = 0; b0 < V; b0 += KLDIV_BLOCK) {
+        const Py_ssize_t b1 = b0 + KLDIV_BLOCK < V ? b0 + KLDIV_BLOCK : V;
+        acc += dense ? FN(passj)(b0, b1, sp, sq, sd, sz, muT, md, ipx, ipy, be, c1, lbe, lc1,
+                                 rbe, rc1, &ey, &ez, 1)
+                     : FN(passj)(b0, b1, sp, sq, sd, sz, muT, md, ipx, ipy, be, c1, lbe, lc1,
+                                 rbe, rc1, &ey, &ez, 0);
+    }
+    const double js = acc - beta * log(beta) * po - (1.0 - beta) * log1p(-beta) * qo;
+    if (gx || gy) {
+        /* probability sides: p_i / x_i = 1 / (Zx max p) */
+        const double fx = xp ? 1.0 / (Zx * rs.xmax) : 1.0 / Zx;
+        const double fy = yp ? 1.0 / (Zy * rs.ymax) : 1.0 / Zy;
+        const T gxc = (T)(beta * s * inv_t * fx), gyc = (T)((1.0 - beta) * s * inv_t * fy);
+        const T eyT = (T)ey, ezT = (T)ez;
+        const int wx = gx != NULL, wy = gy != NULL;
+        for (Py_ssize_t b0 = 0; b0 < V; b0 += KLDIV_BLOCK) {
+            const Py_ssize_t b1 = b0 + KLDIV_BLOCK < V ? b0 + KLDIV_BLOCK : V;
+            if (!xp && !yp && wx && wy)
+                FN(passjg)(b0, b1, sp, sq, sd, sz, gx, gy, gxc, gyc, eyT, ezT, 1, 1, 0, 0);
+            else if (!xp && !yp && wy)
+                FN(passjg)(b0, b1, sp, sq, sd, sz, gx, gy, gxc, gyc, eyT, ezT, 0, 1, 0, 0);
+            else
+                FN(passjg)(b0, b1, sp, sq, sd, sz, gx, gy, gxc, gyc, eyT, ezT, wx, wy, xp, yp);
+        }
+    }
+    return js;
+}
+
+/* All rows, OpenMP over rows; returns nonzero when a scratch buffer could not be allocated.
+ * kind 0: KL(p || q), 1: JS_beta. flags: 1 = x holds probabilities, 2 = y does (T = 1).
+ * stats: (n, 2) raw normalisers of each row (see prep), or NULL. */
+static int FN(run)(int kind, const T *x, Py_ssize_t xs, const T *y, Py_ssize_t ys, Py_ssize_t n,
+                   Py_ssize_t V, double inv_t, double beta, int flags, const double *scale,
+                   double *rows, T *gx, Py_ssize_t gxs, T *gy, Py_ssize_t gys, double *stats,
+                   int nthreads)
 {
     int err = 0;
-    const size_t bytes = ((3 * (size_t)V * sizeof(T) + 63) / 64) * 64;
+    const int xp = flags & 1, yp = (flags >> 1) & 1;
+    const size_t bytes = (((kind ? 4 : 3) * (size_t)V * sizeof(T) + 63) / 64) * 64;
     if (nthreads > n)
         nthreads = n > 0 ? (int)n : 1;
 #pragma omp parallel num_threads(nthreads)
@@ -482,8 +875,13 @@ static int FN(run)(const T *x, Py_ssize_t xs, const T *y, Py_ssize_t ys, Py_ssiz
             const double s = scale ? scale[r] : 1.0;
             T *gxr = gx ? gx + r * gxs : NULL;
             T *gyr = gy ? gy + r * gys : NULL;
+            double *st = stats ? stats + 2 * r : NULL;
             if (s == 0.0) { /* masked row: costs a memset of its gradients */
                 rows[r] = 0.0;
+                if (st) { /* not checked (the core does not check masked rows) */
+                    st[0] = xp ? 1.0 : 0.0;
+                    st[1] = yp ? 1.0 : 0.0;
+                }
                 if (gxr)
                     memset(gxr, 0, (size_t)V * sizeof(T));
                 if (gyr)
@@ -495,9 +893,13 @@ static int FN(run)(const T *x, Py_ssize_t xs, const T *y, Py_ssize_t ys, Py_ssiz
                 continue;
             }
             const int more = r + 1 < n;
-            rows[r] = FN(kl_row)(x + r * xs, y + r * ys, V, inv_t, s, gxr, gyr, buf, buf + V,
-                                 buf + 2 * V, more ? x + (r + 1) * xs : NULL,
-                                 more ? y + (r + 1) * ys : NULL);
+            const T *xn = more ? x + (r + 1) * xs : NULL, *yn = more ? y + (r + 1) * ys : NULL;
+            if (kind)
+                rows[r] = FN(js_row)(x + r * xs, y + r * ys, V, inv_t, s, beta, gxr, gyr, buf,
+                                     buf + V, buf + 2 * V, buf + 3 * V, xn, yn, xp, yp, st);
+            else
+                rows[r] = FN(kl_row)(x + r * xs, y + r * ys, V, inv_t, s, gxr, gyr, buf,
+                                     buf + V, buf + 2 * V, xn, yn, xp, yp, st);
         }
         free(buf);
     }
@@ -507,5 +909,6 @@ static int FN(run)(const T *x, Py_ssize_t xs, const T *y, Py_ssize_t ys, Py_ssiz
 #undef FN
 #undef KCAT
 #undef KCAT_
+#undef KLDIV_LV
 
 #endif /* KLDIV_FUSED_TEMPLATE */

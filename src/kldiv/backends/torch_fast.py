@@ -237,7 +237,7 @@ def divergence(kind, p, q, *, p_space, q_space, axis, reduction, mask, weight, t
         # traced: torch operations only (autograd and Inductor take it from here)
         return _reduce(_rows_traced(spec, pm, qm, keep), c, spec)
     use_kernel = (
-        _EXT is not None and kind != "js" and dev.type == "cpu"
+        _EXT is not None and hasattr(_EXT, "rows_ex") and dev.type == "cpu"
         and not (pm.is_neg() or qm.is_neg() or pm.is_conj() or qm.is_conj())
     )
     if (use_kernel and key is not None and ax == nd - 1 and p.dtype == q.dtype
@@ -254,7 +254,7 @@ def divergence(kind, p, q, *, p_space, q_space, axis, reduction, mask, weight, t
             res = _torch_rows(spec, pm, qm, keep, check)
     if res is None:
         return NotImplemented
-    rows, gp, gq = res
+    rows, gp, gq = res[:3]
     value = _reduce(rows, c, spec)
     if not (need_p or need_q):
         return value
@@ -266,55 +266,23 @@ _LANE: dict = {}  # call signature -> _Spec, for the everyday calls (see _lane)
 
 
 def _lane(spec, p, q, validate):
-    """The everyday call: contiguous CPU float32/float64 log-space inputs of one dtype, the
-    category axis last, no mask, no weight, signature already checked. None: take the long way.
-    """
-    n, V = spec.n, spec.V
+    """The everyday call: contiguous CPU float32/float64 inputs of one dtype, the category axis
+    last, no mask, no weight, signature already checked. None: take the long way."""
     grad_on = torch.is_grad_enabled()
     need_p = grad_on and p.requires_grad
     need_q = grad_on and q.requires_grad
-    if spec.p_space == "probs" or spec.q_space == "probs" or spec.kind == "jeffreys":
-        with torch.no_grad():
-            res = _kernel_rows(spec, p, q, None, None, need_p, need_q,
-                               _validation_enabled(validate))
-        if res is None:
-            return None
-        rows, gp, gq = res
-        value = _reduce(rows, None, spec)
-        if not (need_p or need_q):
-            return value
-        return _LaneFunction.apply(p, q, [value, gp, gq, spec])
-    x = p.detach()
-    y = q.detach()
-    if x.dim() != 2:
-        x = x.view(n, V)
-        y = y.view(n, V)
-    rows = torch.empty(n, dtype=torch.float64)
-    # large gradients reuse the memory of an earlier step's once nothing references it (no
-    # page faults and zeroing of a fresh 500 MB tensor per step: torch_fused.grad_buffer)
-    gp = _grad_buffer(p.shape, p.dtype) if need_p else None
-    gq = _grad_buffer(q.shape, q.dtype) if need_q else None
-    scale = spec.gscale if (need_p or need_q) and spec.c_const != 1.0 else None
-    if p.dim() == 2:
-        _run(spec.kind, x, y, spec.T, scale, rows, gp, gq)
-    else:
-        _run(spec.kind, x, y, spec.T, scale, rows, None if gp is None else gp.view(n, V),
-             None if gq is None else gq.view(n, V))
-    total = float(rows.sum())  # nan: a row the kernel leaves to the core (or a bad input)
-    if total != total:
+    res = _kernel_rows(spec, p.detach(), q.detach(), None, None, need_p, need_q,
+                       _validation_enabled(validate))
+    if res is None:
         return None
-    if _validation_enabled(validate):
-        for side, space in ((x, spec.p_space), (y, spec.q_space)):
-            if space == "log_probs" and bool(_lse_off_chunked(side, None, n, V).any()):
-                return None
-    dt = spec.dtype
+    rows, gp, gq, total = res
     if spec.reduction == "none":
         value = rows.view(spec.rows_shape)
         if spec.c_const != 1.0:
             value = value * spec.c_const
-        value = value.to(dt)
+        value = value.to(spec.dtype)
     else:
-        value = torch.scalar_tensor(total * spec.c_const, dtype=dt)
+        value = torch.scalar_tensor(total * spec.c_const, dtype=spec.dtype)
     if not (need_p or need_q):
         return value
     return _LaneFunction.apply(p, q, [value, gp, gq, spec])
@@ -480,27 +448,37 @@ def _unmove(g, spec):
 # values (and first-order gradients) without a graph: the C kernel
 
 
-def _kernel_dtype(x, y, p_space, q_space, dt, force64=False):
+def _kernel_dtype(x, y, p_space, q_space, dt, force64=False, T=1.0):
     """The kernel's element type: float64 where a probability's logarithm needs it."""
     if dt == torch.float64 or force64:
         return torch.float64
-    if p_space == "probs" and q_space == "probs":
-        # two float32 probabilities: float64 logarithms keep the log-ratio of close values as
-        # exact as the core's log1p route does
+    if p_space == "probs" and q_space == "probs" and T != 1.0:
+        # two float32 probabilities at a temperature go in as logarithms: float64 ones keep the
+        # log-ratio of close values as exact as the core's route does (at T = 1 the kernel takes
+        # the probabilities themselves and forms log1p of their relative difference)
         return torch.float64
     return torch.float32
 
 
 def _kernel_rows(spec, pm, qm, c, keep, need_p, need_q, check, force64=False):
-    """Rows (float64, (n,)) and gradients of sum_r c_r rows_r by the C kernel, or None.
+    """Rows (float64, (n,)), gradients of sum_r c_r rows_r, and the rows' sum, by the C kernel.
 
     None means: a row the kernel leaves alone (nan, +inf, no finite entry, extreme ratios) or a
     failed check; the caller hands the whole call to the core.
+
+    One loop over chunks of rows. A side goes to the kernel as it is (no pass of its own) when
+    it has the kernel's dtype and unit stride; probabilities too at temperature 1 (the kernel
+    takes them directly, and its gradient is with respect to them). Otherwise a chunk at a time
+    is converted (dtype, layout; probabilities at a temperature to logarithms), so that no extra
+    N x V tensor is made. At temperature 1 the value checks come from the kernel's own walk
+    (each row's sum of probabilities or logsumexp, see ``_fused.rows_ex``).
     """
     n, V = spec.n, spec.V
     x = pm.reshape(n, V)
     y = qm.reshape(n, V)
-    kd = _kernel_dtype(x, y, spec.p_space, spec.q_space, spec.dtype, force64)
+    T = spec.T
+    t1 = T == 1.0
+    kd = _kernel_dtype(x, y, spec.p_space, spec.q_space, spec.dtype, force64, T)
     scale = None if c is None else c.to(torch.float64).contiguous()
     if spec.c_const != 1.0 and (need_p or need_q):
         if scale is None:
@@ -514,93 +492,127 @@ def _kernel_rows(spec, pm, qm, c, keep, need_p, need_q, check, force64=False):
     rows = torch.empty(n, dtype=torch.float64)
     gp = _grad_buffer((n, V), pm.dtype) if need_p else None
     gq = _grad_buffer((n, V), qm.dtype) if need_q else None
-    direct = (spec.p_space != "probs" and spec.q_space != "probs" and x.dtype == kd
-              and y.dtype == kd and x.stride(-1) == 1 and y.stride(-1) == 1)
+    sp_p = spec.p_space == "probs"
+    sp_q = spec.q_space == "probs"
+    flags = (1 if sp_p and t1 else 0) | (2 if sp_q and t1 else 0)
+    # converted: a side that needs a pass before the kernel (log p at a temperature, dtype,
+    # layout); logged: one fed as log p (its gradient comes back with respect to log p)
+    log_p = sp_p and not t1
+    log_q = sp_q and not t1
+    conv_p = log_p or x.dtype != kd or x.stride(-1) != 1
+    conv_q = log_q or y.dtype != kd or y.stride(-1) != 1
+    stats = torch.empty((n, 2), dtype=torch.float64) if (check and t1) else None
+    step = _chunk_rows(n, V) if (conv_p or conv_q) else n
+    own_p = need_p and not log_p and gp.dtype == kd
+    own_q = need_q and not log_q and gq.dtype == kd
+    tol_p = _tolerance(torch.finfo(x.dtype).eps, V) if check else 0.0
+    tol_q = _tolerance(torch.finfo(y.dtype).eps, V) if check else 0.0
     kinds = ("forward", "reverse") if spec.kind == "jeffreys" else (spec.kind,)
     checks = []
-    if direct:
-        tmp_p = tmp_q = None
+    redo = []
+    for i in range(0, n, step):
+        j1 = min(i + step, n)
+        m = j1 - i
+        xs, ys = (x, y) if step == n else (x[i:j1], y[i:j1])
+        if conv_p:
+            xc, xl, xbad, xtiny = _to_log(xs, spec.p_space, kd, tol_p, check and not t1, log_p)
+        else:
+            xc = xl = xs
+            xbad = xtiny = None
+        if conv_q:
+            yc, yl, ybad, ytiny = _to_log(ys, spec.q_space, kd, tol_q, check and not t1, log_q)
+        else:
+            yc = yl = ys
+            ybad = ytiny = None
+        gxc = gyc = None
+        if need_p:
+            gxc = (gp if step == n else gp[i:j1]) if own_p else torch.empty((m, V), dtype=kd)
+        if need_q:
+            gyc = (gq if step == n else gq[i:j1]) if own_q else torch.empty((m, V), dtype=kd)
+        sc = None if gscale is None else (gscale if step == n else gscale[i:j1])
+        rc = rows if step == n else rows[i:j1]
+        stc = None if stats is None else (stats if step == n else stats[i:j1])
         for j, kk in enumerate(kinds):
-            if j and (need_p or need_q):  # Jeffreys: the second half into scratch, then added
-                tmp_p = torch.empty_like(gp) if need_p else None
-                tmp_q = torch.empty_like(gq) if need_q else None
-            r = rows if j == 0 else torch.empty(n, dtype=torch.float64)
-            _run(kk, x, y, spec.T, gscale, r, tmp_p if j else gp, tmp_q if j else gq)
-            if j:
-                rows += r
-                if gp is not None:
-                    gp += tmp_p
-                if gq is not None:
-                    gq += tmp_q
-        if check:
-            tol = []
-            for side, space in ((x, spec.p_space), (y, spec.q_space)):
-                if space == "log_probs":
-                    tol.append(_lse_off_chunked(side, keep, n, V))
-            checks.extend(tol)
-    else:
-        step = _chunk_rows(n, V)
-        sp_p = spec.p_space == "probs"
-        sp_q = spec.q_space == "probs"
-        tol_p = _tolerance(torch.finfo(x.dtype).eps, V) if check else 0.0
-        tol_q = _tolerance(torch.finfo(y.dtype).eps, V) if check else 0.0
-        redo = []
-        # gradients of a log-space side in the kernel's dtype go straight to their place
-        own_p = need_p and not sp_p and gp.dtype == kd
-        own_q = need_q and not sp_q and gq.dtype == kd
-        for i in range(0, n, step):
-            j1 = min(i + step, n)
-            xc, xl, xbad, xtiny = _to_log(x[i:j1], spec.p_space, kd, tol_p, check)
-            yc, yl, ybad, ytiny = _to_log(y[i:j1], spec.q_space, kd, tol_q, check)
-            m = j1 - i
-            gxc = (gp[i:j1] if own_p else torch.empty((m, V), dtype=kd)) if need_p else None
-            gyc = (gq[i:j1] if own_q else torch.empty((m, V), dtype=kd)) if need_q else None
-            for t in (xtiny, ytiny):
-                if t is not None:
-                    redo.append(t)
-            sc = None if gscale is None else gscale[i:j1]
-            rc = rows[i:j1]
-            for j, kk in enumerate(kinds):
-                if j == 0:
-                    _run(kk, xl, yl, spec.T, sc, rc, gxc, gyc)
-                else:
-                    r2 = torch.empty(m, dtype=torch.float64)
-                    t_x = torch.empty_like(gxc) if need_p else None
-                    t_y = torch.empty_like(gyc) if need_q else None
-                    _run(kk, xl, yl, spec.T, sc, r2, t_x, t_y)
-                    rc += r2
-                    if t_x is not None:
-                        gxc += t_x
-                    if t_y is not None:
-                        gyc += t_y
-            if gxc is not None and not own_p:
-                gp[i:j1] = _grad_to_input(gxc, xc, sp_p)
-            if gyc is not None and not own_q:
-                gq[i:j1] = _grad_to_input(gyc, yc, sp_q)
-            for b in (xbad, ybad):  # failed checks, and rows the kernel cannot take
-                if b is not None:
-                    checks.append(b if keep is None else b & keep[i:j1])
-        if redo and _has_tiny_probabilities(redo, x, y, spec):
-            # a float32 probability below the float32 kernel's exponential range: all again
-            # in float64 (rare; the core keeps such probabilities, and so must this path)
-            return _kernel_rows(spec, pm, qm, c, keep, need_p, need_q, check, True)
-    bad = torch.isnan(rows.sum())  # skipped rows (c_r = 0) are 0, never nan
-    for b in checks:
-        bad = bad | b.any()
-    if bool(bad):
+            if j == 0:
+                _run(kk, xl, yl, T, sc, rc, gxc, gyc, spec.beta, flags, stc)
+                continue
+            # Jeffreys: the reverse half into scratch, then added
+            r2 = torch.empty(m, dtype=torch.float64)
+            t_x = torch.empty_like(gxc) if need_p else None
+            t_y = torch.empty_like(gyc) if need_q else None
+            _run(kk, xl, yl, T, sc, r2, t_x, t_y, spec.beta, flags, None)
+            rc += r2
+            if t_x is not None:
+                gxc += t_x
+            if t_y is not None:
+                gyc += t_y
+        if gxc is not None and not own_p:
+            gp[i:j1] = _grad_to_input(gxc, xc, log_p)
+        if gyc is not None and not own_q:
+            gq[i:j1] = _grad_to_input(gyc, yc, log_q)
+        for t in (xtiny, ytiny):
+            if t is not None:
+                redo.append(t)
+        for b in (xbad, ybad):  # failed checks, and rows the kernel cannot take
+            if b is not None:
+                checks.append(b if keep is None else b & keep[i:j1])
+    if check and not t1:  # log-probabilities that went in as they are: their check
+        for side, space, conv in ((x, spec.p_space, conv_p), (y, spec.q_space, conv_q)):
+            if space == "log_probs" and not conv:
+                checks.append(_lse_off_chunked(side, keep, n, V))
+    if redo and _has_tiny_probabilities(redo, x, y, spec):
+        # a float32 probability below the float32 kernel's exponential range: all again in
+        # float64 (rare; the core keeps such probabilities, and so must this path)
+        return _kernel_rows(spec, pm, qm, c, keep, need_p, need_q, check, True)
+    total = float(rows.sum())  # nan: a row the kernel leaves to the core (skipped rows are 0)
+    if total != total:
         return None
-    if spec.kind == "jeffreys" and (gp is not None or gq is not None):
+    if stats is not None and _stats_off(stats, x, y, spec, tol_p, tol_q, keep):
+        return None
+    for b in checks:
+        if bool(b.any()):
+            return None
+    if spec.kind == "jeffreys" and (gp is not None or gq is not None) and total == math.inf:
         # one direction finite, the other +inf: the row is +inf, its gradient 0 (the core's)
         inf_rows = torch.isinf(rows).nonzero().flatten()
-        if inf_rows.numel():
-            for g in (gp, gq):
-                if g is not None:
-                    g.index_fill_(0, inf_rows, 0)
-    if gp is not None:
+        for g in (gp, gq):
+            if g is not None:
+                g.index_fill_(0, inf_rows, 0)
+    if gp is not None and pm.dim() != 2:
         gp = gp.view(pm.shape[:-1] + (V,))
-    if gq is not None:
+    if gq is not None and qm.dim() != 2:
         gq = gq.view(qm.shape[:-1] + (V,))
-    return rows, gp, gq
+    return rows, gp, gq, total
+
+
+def _stats_off(stats, x, y, spec, tol_p, tol_q, keep):
+    """The core's normalisation checks from the kernel's row statistics (temperature 1).
+
+    A row whose statistic lies beyond half the tolerance is checked again exactly as the core
+    does (its own sum or logsumexp of the input), so that the border between accepted and
+    refused is the core's to the last bit; any such row off: True (the core raises)."""
+    sides = []
+    if spec.p_space != "logits":
+        sides.append((0, x, spec.p_space, tol_p))
+    if spec.q_space != "logits":
+        sides.append((1, y, spec.q_space, tol_q))
+    for col, side, space, tol in sides:
+        st = stats[:, col]
+        dev = (st - 1.0).abs() if space == "probs" else st.abs()
+        near = dev > 0.5 * tol
+        if keep is not None:
+            near = near & keep
+        if not bool(near.any()):
+            continue
+        idx = near.nonzero().flatten()
+        r = side.index_select(0, idx)
+        if space == "probs":
+            off = (r.sum(-1) - 1).abs() > tol
+        else:
+            off = torch.logsumexp(r, -1).abs() > tol
+        if bool(off.any()):
+            return True
+    return False
 
 
 def _has_tiny_probabilities(flags, x, y, spec):
@@ -618,26 +630,39 @@ def _has_tiny_probabilities(flags, x, y, spec):
     return False
 
 
-def _run(kind, x, y, T, scale, rows, gx, gy):
-    """One kernel call: KL(p || q) ("forward") or KL(q || p) ("reverse") per row of x, y."""
+_KIND_CODE = {"forward": 0, "reverse": 0, "js": 1}
+
+
+def _run(kind, x, y, T, scale, rows, gx, gy, beta=0.5, flags=0, stats=None):
+    """One kernel call: KL(p || q) ("forward"), KL(q || p) ("reverse") or JS_beta ("js") per
+    row of x, y; flags: 1 = x holds probabilities, 2 = y does; stats: (n, 2) row normalisers."""
     if kind == "reverse":
         x, y, gx, gy = y, x, gy, gx
+        flags = ((flags & 1) << 1) | ((flags >> 1) & 1)
+        if stats is not None:  # the kernel writes x's then y's: swapped back below
+            st = torch.empty_like(stats)
     n, V = x.shape
-    _EXT.rows(
-        x.dtype == torch.float64, n, V, x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0),
-        1.0 / T, 0 if scale is None else scale.data_ptr(), rows.data_ptr(),
+    _EXT.rows_ex(
+        x.dtype == torch.float64, _KIND_CODE[kind], n, V, x.data_ptr(), x.stride(0),
+        y.data_ptr(), y.stride(0), 1.0 / T, beta, flags,
+        0 if scale is None else scale.data_ptr(), rows.data_ptr(),
         0 if gx is None else gx.data_ptr(), 0 if gx is None else gx.stride(0),
         0 if gy is None else gy.data_ptr(), 0 if gy is None else gy.stride(0),
+        0 if stats is None else (st if kind == "reverse" else stats).data_ptr(),
         torch.get_num_threads(),
     )
+    if kind == "reverse" and stats is not None:
+        stats[:, 0] = st[:, 1]
+        stats[:, 1] = st[:, 0]
 
 
-def _to_log(xc, space, kd, tol, check):
-    """A chunk in the kernel's dtype and log space.
+def _to_log(xc, space, kd, tol, check, as_log):
+    """A chunk in the kernel's dtype and layout, as logarithms where ``as_log`` (probabilities at
+    a temperature).
 
-    Returns (converted input, log input, bad rows, rows the kernel's dtype cannot take)."""
+    Returns (converted input, kernel input, bad rows, rows the kernel's dtype cannot take)."""
     xk = xc.to(kd)
-    if space == "probs":
+    if as_log:
         bad = (xk.sum(-1) - 1).abs() > tol if check else None
         lx = torch.log(xk)  # p < 0 and nan give nan: the kernel reports the row
         tiny = None
@@ -654,7 +679,9 @@ def _to_log(xc, space, kd, tol, check):
     if xk.stride(-1) != 1 or xk.stride(0) != xk.shape[1]:
         xk = xk.contiguous()
     bad = None
-    if check and space == "log_probs":
+    if check and space == "probs":
+        bad = (xk.sum(-1) - 1).abs() > tol
+    elif check and space == "log_probs":
         bad = _log_probs_off(xk, tol)
     return xk, xk, bad, None
 
