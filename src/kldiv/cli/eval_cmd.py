@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import sys
 
+from . import _common as C
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -16,8 +18,7 @@ def register(subparsers) -> None:
             "their difference. One batch of logits in memory at a time."
         ),
     )
-    p.add_argument("reference", help="reference model directory, or a logits file (.npy, .safetensors, "
-                                     "llama.cpp KL base)")
+    C.add_reference(p, "reference model directory, or a logits file (.npy, .safetensors, llama.cpp KL base)")
     p.add_argument("candidates", nargs="+", metavar="CANDIDATE", help="candidate model directories or logits files")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--text", metavar="FILE", help="text file, tokenized with the reference's tokenizer")
@@ -35,11 +36,11 @@ def register(subparsers) -> None:
     p.add_argument("--bos", default="auto", metavar="auto|none|ID",
                    help="token that starts every chunk, as llama.cpp does (auto: the tokenizer's BOS "
                         "with --text when it adds one; none with --tokens)")
-    p.add_argument("--renormalize", action="store_true",
-                   help="with a llama.cpp KL base file as REFERENCE: kldiv's KL with the reference row "
-                        "renormalised (default: llama.cpp's own statistics, as kldiv compare)")
-    p.add_argument("--json", metavar="OUT", help="write every number as JSON (atomically)")
-    p.add_argument("--plot", metavar="OUT.png", help="write the figure (PNG, atomically)")
+    C.add_renormalize(p, help_text="with a llama.cpp KL base file as REFERENCE: kldiv's KL with the "
+                                   "reference row renormalised (default: llama.cpp's own statistics, as "
+                                   "kldiv compare)")
+    C.add_outputs(p, json_help="write every number as JSON (atomically)",
+                  plot_help="write the figure (PNG, atomically)")
     p.add_argument("--save-reference", metavar="FILE",
                    help="write the reference's scored logits (.kld/.bin/.dat: llama.cpp's KL base format; "
                         ".npy; .safetensors)")
@@ -48,28 +49,19 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     p.add_argument("--max-exact", type=int, default=None, metavar="N",
                    help="tokens kept for exact quantiles (default 1048576; beyond: a 0.1%% sketch)")
-    p.add_argument("--threads", type=int, default=None, help="kernel threads (default: all cores)")
-    p.add_argument("--no-progress", action="store_true", help="never show a progress bar")
-    p.add_argument("--quiet", action="store_true", help="do not print the table")
+    C.add_run_options(p)
     p.set_defaults(func=run)
 
 
 def _check(args) -> None:
-    for name in ("ctx", "chunks", "batch", "resamples", "threads"):
-        v = getattr(args, name)
-        if v is not None and v < 1:
-            raise ValueError(f"--{name} must be >= 1, got {v}")
+    C.positive(args, "ctx", "chunks", "batch", "resamples", "threads")
     if args.ctx is not None and args.ctx < 3:
         raise ValueError(f"--ctx must be >= 3, got {args.ctx}")
     if not 0 < args.confidence < 1:
         raise ValueError(f"--confidence must be in (0, 1), got {args.confidence}")
     if args.max_exact is not None and args.max_exact < 0:
         raise ValueError(f"--max-exact must be >= 0, got {args.max_exact}")
-    for opt, path in (("--json", args.json), ("--plot", args.plot)):
-        if path is not None and not path.strip():
-            raise ValueError(f"{opt}: empty file name")
-    if args.plot and not args.plot.lower().endswith(".png"):
-        raise ValueError(f"--plot {args.plot}: the figure is a PNG; name it *.png")
+    C.check_outputs(args, png_only=True)
 
 
 def _bos(value):
@@ -97,9 +89,21 @@ def _quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
 
 
+_CACHE_UNSUPPORTED = (
+    ("plot", "--plot", "the figures draw per-token KL values, which a top-k cache only bounds"),
+    ("save_reference", "--save-reference", "there are no dense reference logits to save"),
+    ("renormalize", "--renormalize", "applies to a llama.cpp KL base file"),
+)
+
+
 def run(args) -> int:
     _check(args)
     bos = _bos(args.bos)
+    from ..eval.sparse import is_cache_dir
+
+    cache = is_cache_dir(args.reference)
+    if cache:
+        C.cache_refusals(args, _CACHE_UNSUPPORTED)
     if args.plot:
         try:
             import matplotlib  # noqa: F401  (fail before the models run, not after)
@@ -115,12 +119,16 @@ def run(args) -> int:
                        chunks=args.chunks, batch=args.batch, dtype=args.dtype, device=args.device,
                        score="all" if args.all_positions else "half", bos=bos,
                        save_reference=args.save_reference,
-                       progress=False if args.no_progress else None,
+                       progress=C.progress(args),
                        max_exact=args.max_exact, threads=args.threads,
                        llamacpp=False if args.renormalize else None)
     except (TypeError, RuntimeError, ImportError, KeyError) as exc:  # one line, never a traceback
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(msg) from None
+    if cache:
+        C.print_cache_result(res, args)
+        sys.stdout.flush()
+        return 0
     res = EvalResult(res.data, n_resamples=args.resamples, confidence=args.confidence, seed=args.seed)
     if not args.quiet:
         print(res.table())

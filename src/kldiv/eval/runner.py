@@ -176,12 +176,18 @@ class FileLogits:
 
 
 def open_model(path, *, side, dtype="float32", device=None):
-    """An :class:`HFModel` for a model directory (or hub id), a :class:`FileLogits` for a file."""
+    """An :class:`HFModel` for a model directory (or hub id), a :class:`FileLogits` for a file
+    (an already opened :class:`HFModel` / :class:`FileLogits` is returned as it is)."""
+    if isinstance(path, (HFModel, FileLogits)):
+        return path
     p = os.fspath(path)
     if os.path.isfile(p):
         return FileLogits(p, side=side)
     if _is_model_dir(p):
         return HFModel(p, dtype=dtype, device=device)
+    if os.path.isdir(p) and os.path.isfile(os.path.join(p, "cache.json")):
+        raise ValueError(f"{p}: a sparse teacher cache can be the REFERENCE only (it has no dense "
+                         f"logits to score against another reference)")
     if os.path.isdir(p):
         raise ValueError(f"{p}: a directory without config.json (not a Hugging Face model directory)")
     if os.path.exists(p):
@@ -247,15 +253,38 @@ def evaluate(reference, candidates, *, tokens=None, text=None, ctx=None, chunks=
     llama.cpp's own (stored log-probabilities as they are, terms <= -16 left out), so that the
     numbers equal ``kldiv compare``'s and ``llama-perplexity --kl-divergence``'s; False: kldiv's
     renormalised reference row.
+    ``reference`` may also be a sparse teacher cache directory (``kldiv cache``): then the
+    candidates run on its tokens and the result is a :class:`~kldiv.eval.sparse.CacheResult`
+    (certified KL bounds and the statistics a top-k reference determines; see
+    :mod:`kldiv.eval.sparse`).
     Returns an :class:`~kldiv.eval.result.EvalResult`.
     """
     from ..io import load_tokens
     from .result import EvalResult
+    from .sparse import CacheReference, evaluate_cache, is_cache_dir
 
     if isinstance(candidates, (str, os.PathLike)):
         candidates = [candidates]
     if not candidates:
         raise ValueError("need at least one CANDIDATE")
+    if isinstance(reference, CacheReference) or is_cache_dir(reference):
+        # a sparse teacher cache (kldiv cache): certified KL bounds and what a top-k reference
+        # determines (kldiv.eval.sparse); returns a CacheResult
+        if save_reference is not None:
+            raise ValueError(f"--save-reference: {os.fspath(getattr(reference, 'path', reference))} is a "
+                             f"sparse teacher cache; it has no dense logits to save")
+        if llamacpp:
+            raise ValueError("llama.cpp's statistics need a llama.cpp KL base file as REFERENCE, "
+                             "not a teacher cache")
+        if batch < 1:
+            raise ValueError(f"--batch must be >= 1, got {batch}")
+        if chunks is not None and chunks < 1:
+            raise ValueError(f"--chunks must be >= 1, got {chunks}")
+        if tokens is not None and text is not None:
+            raise ValueError("give either --text or --tokens, not both")
+        return evaluate_cache(reference, candidates, tokens=tokens, text=text, ctx=ctx, chunks=chunks,
+                              batch=batch, dtype=dtype, device=device, score=score, bos=bos,
+                              progress=progress, topk=topk, max_exact=max_exact, open_model=open_model)
     if batch < 1:
         raise ValueError(f"--batch must be >= 1, got {batch}")
     if chunks is not None and chunks < 1:
@@ -265,15 +294,20 @@ def evaluate(reference, candidates, *, tokens=None, text=None, ctx=None, chunks=
     if tokens is not None and text is not None:
         raise ValueError("give either --text or --tokens, not both")
 
-    opened = []
+    opened = []  # closed at the end: the models opened here (not those passed in opened)
     try:
         ref = open_model(reference, side="reference", dtype=dtype, device=device)
-        opened.append(ref)
+        if ref is not reference:
+            opened.append(ref)
         cands = []
         for c in candidates:
             m = open_model(c, side="other", dtype=dtype, device=device)
-            opened.append(m)
+            if m is not c:
+                opened.append(m)
             cands.append(m)
+
+        for m in (ref, *cands):  # a model passed in opened may have run before
+            m.forward_seconds = 0.0
 
         # --- tokens and window --------------------------------------------------------------
         bos_id = None
