@@ -367,3 +367,122 @@ def test_torch_compile_fullgraph_through_kl_div(monkeypatch):
     r = kldiv.kl_div(x.double(), y.double(), reduction="mean", **L)
     assert abs(v.item() - r.item()) <= 1e-6 * r.item()
     assert _rowerr(ya.grad, y64.grad) < 1e-5 and _rowerr(xa.grad, x64.grad) < 1e-5
+
+
+# ----------------------------------------------------------------------------------------------
+# one pass for the statistics (online maxima), probabilities, linear_kl_div through the kernel
+
+
+def _core_rows_grads(x, y, T, kind, g, xs="logits", ys="logits"):
+    """The float64 core's rows and (autograd) gradients with respect to y: the reference."""
+    y64 = y.detach().double().requires_grad_(True)
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("KLDIV_BACKEND", "torch")
+        rows = FNS[kind](x.detach().double(), y64, p_space=xs, q_space=ys, temperature=T)
+        (rows * g).sum().backward()
+    return rows.detach(), y64.grad
+
+
+def test_online_maxima_long_rows_adversarial():
+    # V = 2 * 1024 + 77 (three interpreter blocks, the last partial); each row raises its
+    # maxima in a later block than the first, where the earlier sums must be rescaled and the
+    # log-ratio's offset shifted exactly
+    V, B = 2125, 1024
+    gen = torch.Generator().manual_seed(11)
+    f32 = torch.finfo(torch.float32)
+    x = torch.randn(5, V, generator=gen) * 2
+    y = x + torch.randn(5, V, generator=gen) * 1e-3  # KL ~ 5e-7
+    x[0, :B] = -1e30  # masked first block on p's side, finfo.min on q's: nothing is swallowed
+    y[0, :B] = f32.min
+    x[1] = x[1] + torch.linspace(0, 40, V)  # the maximum moves in every block
+    y[1] = y[1] + torch.linspace(0, 40, V)
+    x[2, 2 * B:] += 3e37  # a huge offset of p's side in the last block only (p lives there)
+    x[3, :B] = -math.inf  # -inf in p's first block: q's mass off p's support
+    y[4, 2 * B + 5] = y[4].max() + 60.0  # q's maximum jumps late, far above (KL ~ 60)
+    g = torch.arange(1, 6, dtype=torch.float64)
+    ya = y.clone().requires_grad_(True)
+    rows = tk.kl_rows(x, ya, torch.ones(5, dtype=torch.float64))
+    (rows * g).sum().backward()
+    ref, gref = _core_rows_grads(x, y, 1.0, "forward", g)
+    assert torch.allclose(rows, ref, rtol=1e-6, atol=0), (rows, ref)
+    assert _rowerr(ya.grad, gref) < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["forward", "reverse", "js"])
+def test_probability_teacher_through_the_kernel(kind, monkeypatch):
+    # teacher probabilities (zeros included) against student logits, KL from 1e-2 to 1e-9,
+    # a temperature, V odd; the logarithm of each probability is taken in float64 (hi + lo)
+    monkeypatch.setenv("KLDIV_BACKEND", "triton")
+    calls = []
+    real = tk.kl_rows
+    monkeypatch.setattr(tk, "kl_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x, y = _near(37, [1e-2, 1e-5, 1e-7, 1e-9], seed=12)
+    p = torch.softmax(x.double(), -1)
+    p[0, ::7] = 0.0
+    p = (p / p.sum(-1, keepdim=True)).float()
+    ya = y.clone().requires_grad_(True)
+    g = torch.arange(1, 5, dtype=torch.float64)
+    v = FNS[kind](p, ya, p_space="probs", q_space="logits", temperature=0.8)
+    assert len(calls) == 1
+    (v * g).sum().backward()
+    ref, gref = _core_rows_grads(p, y, 0.8, kind, g, xs="probs")
+    fin = torch.isfinite(ref)
+    assert bool((torch.isinf(v) == torch.isinf(ref)).all())
+    assert torch.allclose(v.double()[fin], ref[fin], rtol=1e-6, atol=0)
+    assert _rowerr(ya.grad[fin], gref[fin]) < 1e-5
+    # V = 1: every divergence is 0, gradient 0
+    one = FNS[kind](torch.ones(3, 1), torch.randn(3, 1), p_space="probs", q_space="logits")
+    assert bool((one == 0).all())
+    # unnormalised or negative probabilities go to the core, whose error names p
+    with pytest.raises(ValueError, match="p"):
+        FNS[kind](p * 1.5, y, p_space="probs", q_space="logits")
+
+
+def _linear_naive64(kind, hid, W, b, t, cap, T, beta=0.5):
+    z = hid.double() @ W.double().T + b.double()
+    z = cap * torch.tanh(z / cap)
+    tt = torch.where(t == -math.inf, t.double(), cap * torch.tanh(t.double() / cap))
+    lq = torch.log_softmax(z / T, -1)
+    lp = torch.log_softmax(tt / T, -1)
+    p, q = lp.exp(), lq.exp()
+    if kind == "forward":
+        rows = torch.where(p > 0, p * (lp - lq), 0.0).sum(-1)
+    elif kind == "reverse":
+        rows = (q * (lq - lp)).sum(-1)
+    else:
+        lm = torch.logaddexp(math.log(beta) + lp, math.log1p(-beta) + lq)
+        rows = (beta * torch.where(p > 0, p * (lp - lm), 0.0).sum(-1)
+                + (1 - beta) * (q * (lq - lm)).sum(-1))
+    return rows.mean()
+
+
+@pytest.mark.parametrize("kind", ["forward", "reverse", "js"])
+def test_linear_kl_div_through_the_kernel(kind, monkeypatch):
+    """linear_kl_div's chunks through the kernel (its gradient written over the chunk's
+    logits), with softcap and masked teacher entries, against autograd on the float64 naive
+    formula (tanh's derivative there is 1 - tanh^2, exact enough at these |u| < 3)."""
+    from kldiv.torch import linear_kl_div
+    from kldiv.backends import torch_linear
+
+    monkeypatch.setenv("KLDIV_BACKEND", "triton")
+    assert torch_linear._rows_function_for(torch.device("cpu")) is tk.divergence_rows_with_grad
+    gen = torch.Generator().manual_seed(13)
+    hid = torch.randn(5, 6, generator=gen)
+    W = torch.randn(37, 6, generator=gen)
+    b = torch.randn(37, generator=gen) * 0.5
+    t = torch.randn(5, 37, generator=gen) * 8
+    if kind != "reverse":  # (the reverse KL is +inf where the teacher has a zero)
+        t[:, ::4] = -math.inf
+    h1, W1, b1 = (a.clone().requires_grad_(True) for a in (hid, W, b))
+    loss = linear_kl_div(h1, W1, t, bias=b1, divergence=kind, softcap=12.0, temperature=0.7,
+                         chunk_size=3, beta=0.3)
+    h2, W2, b2 = (a.double().requires_grad_(True) for a in (hid, W, b))
+    ref = _linear_naive64(kind, h2, W2, b2, t, 12.0, 0.7, beta=0.3)
+    assert abs(loss.item() - ref.item()) <= 1e-6 * ref.item()
+    got = torch.autograd.grad(loss, [h1, W1, b1])
+    want = torch.autograd.grad(ref, [h2, W2, b2])
+    assert _rowerr(got[0], want[0]) < 1e-5  # per token
+    # per vocabulary entry (a weight row sums a few tokens' tiny entries: the JS kernel's
+    # entries where log m/p is near its mean are float32-limited, ~4e-5 elementwise)
+    assert _rowerr(got[1], want[1]) < (1e-5 if kind != "js" else 1e-4)
+    assert _rowerr(got[2][None], want[2][None]) < 1e-5

@@ -152,20 +152,50 @@ if True:
         acc = acc * u + 0.5
         return acc * u * u
 
-    def _ld_fn(X, Y, offs, V, x0, y0, SINGLE: tl.constexpr):
-        # a block of both inputs in float32 (-inf past V); SINGLE: the row was read once, whole
+    def _ld1_fn(P, offs, V, PROB: tl.constexpr):
+        # one side of a block in float32 (-inf past V) and, for probabilities, the low part of
+        # its logarithm: log p = hi + lo (hi the float32 rounding of the float64 log, lo the
+        # rest), so that the exact log-ratio below sees log p to float64 accuracy
+        inb = offs < V
+        if PROB:
+            raw = tl.load(P + offs, mask=inb, other=0.0).to(tl.float64)
+            l64 = tl.log(raw)  # log 0 = -inf: no support
+            hi = l64.to(tl.float32)
+            lo = tl.where(hi > float("-inf"), (l64 - hi.to(tl.float64)).to(tl.float32), 0.0)
+        else:
+            hi = tl.load(P + offs, mask=inb, other=float("-inf")).to(tl.float32)
+            lo = tl.zeros_like(hi)
+        return hi, lo
+
+    def _ld_fn(X, Y, offs, V, x0, y0, xl0, yl0, SINGLE: tl.constexpr, XP: tl.constexpr,
+               YP: tl.constexpr):
+        # a block of both inputs; SINGLE: the row was read once, whole (x0, y0, xl0, yl0)
         if SINGLE:
             x = x0
             y = y0
+            xl = xl0
+            yl = yl0
         else:
-            inb = offs < V
-            x = tl.load(X + offs, mask=inb, other=float("-inf")).to(tl.float32)
-            y = tl.load(Y + offs, mask=inb, other=float("-inf")).to(tl.float32)
-        return x, y
+            x, xl = _ld1(X, offs, V, XP)
+            y, yl = _ld1(Y, offs, V, YP)
+        return x, y, xl, yl
 
-    def _entry_fn(X, Y, offs, V, mx, my, Ch, Cl, it, x0, y0, SINGLE: tl.constexpr):
-        """Inputs of one block in float32, their exponentials and the exact log-ratio d."""
-        x, y = _ld(X, Y, offs, V, x0, y0, SINGLE)
+    def _ld0_fn(X, Y, V, BLOCK: tl.constexpr, SINGLE: tl.constexpr, XP: tl.constexpr,
+                YP: tl.constexpr):
+        # the whole row, read once, when it fits one block (every pass then works from it)
+        if SINGLE:
+            offs = tl.arange(0, BLOCK)
+            x0, xl0 = _ld1(X, offs, V, XP)
+            y0, yl0 = _ld1(Y, offs, V, YP)
+        else:
+            x0 = 0.0
+            y0 = 0.0
+            xl0 = 0.0
+            yl0 = 0.0
+        return x0, y0, xl0, yl0
+
+    def _entry_fn(x, y, xl, yl, mx, my, Ch, Cl, it):
+        """A loaded block's exponentials and the exact log-ratio d (relative to mx, my)."""
         px = x > float("-inf")
         py = y > float("-inf")
         both = px & py
@@ -178,57 +208,33 @@ if True:
         sv = ys - xs
         bb = sv - ys
         er = (ys - (sv - bb)) + (-xs - bb)
+        er = er + tl.where(both, yl - xl, 0.0)  # the low parts of logs of probabilities
         dd = ((sv + Ch) + (er + Cl)) * it
         dd = tl.minimum(tl.maximum(dd, -8.5e37), 8.5e37)
         d = tl.where(both, dd, 0.0)
-        return x, y, px, py, both, a, ep, eq, d
+        return px, py, both, a, ep, eq, d
 
-    def _ld0_fn(X, Y, V, BLOCK: tl.constexpr, SINGLE: tl.constexpr):
-        # the whole row, read once, when it fits one block (every pass then works from it)
-        if SINGLE:
-            offs = tl.arange(0, BLOCK)
-            inb = offs < V
-            x0 = tl.load(X + offs, mask=inb, other=float("-inf")).to(tl.float32)
-            y0 = tl.load(Y + offs, mask=inb, other=float("-inf")).to(tl.float32)
-        else:
-            x0 = 0.0
-            y0 = 0.0
-        return x0, y0
+    def _stats_fn(X, Y, V, it, x0, y0, xl0, yl0, BLOCK: tl.constexpr, SINGLE: tl.constexpr,
+                  XP: tl.constexpr, YP: tl.constexpr):
+        """One pass over a row: maxima, exact offset of the maxima, normalisers, sums.
 
-    def _stats_fn(X, Y, V, it, x0, y0, BLOCK: tl.constexpr, SINGLE: tl.constexpr):
-        """Passes 1 and 2 over a row: maxima, exact offset of the maxima, normalisers, sums."""
+        Online: each block is read once; the sums so far are relative to the maxima seen so
+        far and are rescaled when a block raises them (the normalisers by exp(old - new), the
+        sum of p d by the shift of d, which moves with max x - max y: S1 += shift * Zx). The
+        exact TwoSum log-ratio of every entry is formed against the maxima current at its
+        block; the passes after this one use the final maxima."""
         base = tl.arange(0, BLOCK)
         ninf = float("-inf")
         pinf = float("inf")
-        # pass 1: maxima and smallest finite values
-        vmx = tl.full([BLOCK], ninf, tl.float32)
-        vmy = tl.full([BLOCK], ninf, tl.float32)
-        vlx = tl.full([BLOCK], pinf, tl.float32)
-        vly = tl.full([BLOCK], pinf, tl.float32)
-        for b0 in range(0, V, BLOCK):
-            offs = b0 + base
-            x, y = _ld(X, Y, offs, V, x0, y0, SINGLE)
-            vmx = tl.maximum(vmx, x)
-            vmy = tl.maximum(vmy, y)
-            vlx = tl.minimum(vlx, tl.where(x > ninf, x, pinf))
-            vly = tl.minimum(vly, tl.where(y > ninf, y, pinf))
-            # nan: tl.maximum drops it; it is caught by the sums of pass 2
-        mx = tl.max(vmx, 0)
-        my = tl.max(vmy, 0)
-        lx = tl.min(vlx, 0)
-        ly = tl.min(vly, 0)
-        bad = (mx == ninf) | (my == ninf) | (mx == pinf) | (my == pinf)
-        hi = tl.maximum(mx, my).to(tl.float64)
-        lo = tl.minimum(lx, ly).to(tl.float64)
-        bad = bad | ((hi - lo <= 3.4028235677973366e38) == 0)
-        # stand-ins on bad rows keep every operation below finite (the row is nan anyway)
-        mx = tl.where(bad, 0.0, mx)
-        my = tl.where(bad, 0.0, my)
-        # max x - max y = Ch + Cl exactly (TwoSum)
-        Ch = mx - my
-        Cb = Ch - mx
-        Cl = (mx - (Ch - Cb)) + (-my - Cb)
-        # pass 2: normalisers, E_p[d], q's mass on and off S, escapes
+        it64 = it.to(tl.float64)
+        mx = tl.full([1], ninf, tl.float32)
+        my = tl.full([1], ninf, tl.float32)
+        mxs = tl.zeros([1], tl.float32)  # finite stand-ins of the maxima, used in the sums
+        mys = tl.zeros([1], tl.float32)
+        Ch = tl.zeros([1], tl.float32)
+        Cl = tl.zeros([1], tl.float32)
+        lx = tl.full([1], pinf, tl.float32)
+        ly = tl.full([1], pinf, tl.float32)
         Zx = tl.zeros([1], tl.float64)
         Zy = tl.zeros([1], tl.float64)
         S1 = tl.zeros([1], tl.float64)
@@ -237,10 +243,40 @@ if True:
         ZpS = tl.zeros([1], tl.float64)
         Zpo = tl.zeros([1], tl.float64)
         esc = tl.zeros([BLOCK], tl.int32)
+        nans = tl.zeros([BLOCK], tl.int32)
         for b0 in range(0, V, BLOCK):
             offs = b0 + base
-            x, y, px, py, both, a, ep, eq, d = _entry(X, Y, offs, V, mx, my, Ch, Cl, it,
-                                                       x0, y0, SINGLE)
+            x, y, xl, yl = _ld(X, Y, offs, V, x0, y0, xl0, yl0, SINGLE, XP, YP)
+            nmx = tl.maximum(mx, tl.max(x, 0))
+            nmy = tl.maximum(my, tl.max(y, 0))
+            lx = tl.minimum(lx, tl.min(tl.where(x > ninf, x, pinf), 0))
+            ly = tl.minimum(ly, tl.min(tl.where(y > ninf, y, pinf), 0))
+            # stand-ins keep every operation finite (no finite entry yet: the sums are 0;
+            # +inf or nan: the row is nan anyway)
+            nmxs = tl.where((nmx > ninf) & (nmx < pinf), nmx, 0.0)
+            nmys = tl.where((nmy > ninf) & (nmy < pinf), nmy, 0.0)
+            nCh = nmxs - nmys
+            Cb = nCh - nmxs
+            nCl = (nmxs - (nCh - Cb)) + (-nmys - Cb)
+            # rescale the sums so far to the new maxima (exponents <= 0 for finite maxima)
+            fx = tl.exp(tl.minimum((mxs.to(tl.float64) - nmxs.to(tl.float64)) * it64, 0.0))
+            fy = tl.exp(tl.minimum((mys.to(tl.float64) - nmys.to(tl.float64)) * it64, 0.0))
+            shift = ((nCh.to(tl.float64) - Ch.to(tl.float64))
+                     + (nCl.to(tl.float64) - Cl.to(tl.float64))) * it64
+            S1 = (S1 + shift * ZpS) * fx
+            Zx = Zx * fx
+            ZpS = ZpS * fx
+            Zpo = Zpo * fx
+            Zy = Zy * fy
+            ZqS = ZqS * fy
+            Zqo = Zqo * fy
+            mx = nmx
+            my = nmy
+            mxs = nmxs
+            mys = nmys
+            Ch = nCh
+            Cl = nCl
+            px, py, both, a, ep, eq, d = _entry(x, y, xl, yl, mxs, mys, Ch, Cl, it)
             Zx += tl.sum(ep, 0).to(tl.float64)
             Zy += tl.sum(eq, 0).to(tl.float64)
             S1 += tl.sum(ep * d, 0).to(tl.float64)
@@ -249,25 +285,52 @@ if True:
             ZpS += tl.sum(tl.where(both, ep, 0.0), 0).to(tl.float64)
             Zpo += tl.sum(tl.where(py, 0.0, ep), 0).to(tl.float64)
             esc = esc | (px & (py == 0)).to(tl.int32)
-            # a nan entry makes x != x: caught below through the sums
-            nanx = (x != x) | (y != y)
-            Zx += tl.sum(tl.where(nanx, float("nan"), 0.0), 0).to(tl.float64)
+            nans = nans | ((x != x) | (y != y)).to(tl.int32)
         escaped = tl.max(esc, 0) > 0
+        bad = (mx == ninf) | (my == ninf) | (mx == pinf) | (my == pinf) | (mx != mx) | (
+            my != my) | (tl.max(nans, 0) > 0)
+        hi = tl.maximum(mx, my).to(tl.float64)
+        lo = tl.minimum(lx, ly).to(tl.float64)
+        bad = bad | ((hi - lo <= 3.4028235677973366e38) == 0)
         fin = (Zx == Zx) & (Zy == Zy) & (S1 == S1) & (Zx < pinf) & (Zy < pinf) & (
             tl.abs(S1) < pinf)
         bad = (bad.to(tl.int32) + (fin == 0).to(tl.int32)) > 0
-        return bad, escaped, mx, my, Ch, Cl, Zx, Zy, S1, ZqS, Zqo, ZpS, Zpo
+        return bad, escaped, mxs, mys, Ch, Cl, Zx, Zy, S1, ZqS, Zqo, ZpS, Zpo
+
+    def _series_fn(X, Y, V, mx, my, Ch, Cl, it, x0, y0, xl0, yl0, muT, ip, c,
+                   BLOCK: tl.constexpr, SINGLE: tl.constexpr, XP: tl.constexpr,
+                   YP: tl.constexpr):
+        """One pass: sum over the common support of p phi(d - mu) (p = e^a * ip; p e^{d - mu}
+        = c e^b where the series is not used), and whether an underflowed p meets a huge d."""
+        base = tl.arange(0, BLOCK)
+        acc = tl.zeros([1], tl.float64)
+        risk = tl.zeros([BLOCK], tl.int32)
+        for b0 in range(0, V, BLOCK):
+            offs = b0 + base
+            x, y, xl, yl = _ld(X, Y, offs, V, x0, y0, xl0, yl0, SINGLE, XP, YP)
+            px, py, both, a, ep, eq, d = _entry(x, y, xl, yl, mx, my, Ch, Cl, it)
+            dc = d - muT
+            p = ep * ip
+            small = tl.abs(dc) < 0.5
+            ser = _phi_series(tl.where(small, dc, 0.0))
+            term = tl.where(small, p * ser, c * eq - p * (1.0 + dc))
+            acc += tl.sum(tl.where(both, term, 0.0), 0).to(tl.float64)
+            ad = tl.abs(d)
+            rk = both & (ad > 1048576.0) & (a > -(87.0 + 250.0)) & ((a < -87.0) | (ad >= 8.5e37))
+            risk = risk | rk.to(tl.int32)
+        return acc, tl.max(risk, 0) > 0
 
     def _kl_rows_kernel_fn(X, Y, S, ROWS, PREV, GX, GY, V, sx, sy, sgx, sgy, inv_t,
-                        WANT_X: tl.constexpr, WANT_Y: tl.constexpr, ACC: tl.constexpr,
-                        BLOCK: tl.constexpr, SINGLE: tl.constexpr):
+                           WANT_X: tl.constexpr, WANT_Y: tl.constexpr, ACC: tl.constexpr,
+                           BLOCK: tl.constexpr, SINGLE: tl.constexpr, XP: tl.constexpr,
+                           YP: tl.constexpr):
         r = tl.program_id(0).to(tl.int64)
         X = X + r * sx
         Y = Y + r * sy
-        x0, y0 = _ld0(X, Y, V, BLOCK, SINGLE)
+        x0, y0, xl0, yl0 = _ld0(X, Y, V, BLOCK, SINGLE, XP, YP)
         it = tl.cast(inv_t, tl.float32)
         s = tl.load(S + r).to(tl.float64)
-        st = _stats(X, Y, V, it, x0, y0, BLOCK, SINGLE)
+        st = _stats(X, Y, V, it, x0, y0, xl0, yl0, BLOCK, SINGLE, XP, YP)
         bad, escaped, mx, my, Ch, Cl, Zx, Zy, S1, ZqS, Zqo, ZpS, Zpo = st
         base = tl.arange(0, BLOCK)
         Zx = tl.where(bad, 1.0, Zx)
@@ -289,23 +352,10 @@ if True:
         c = tl.where(huge, 0.0, c)
         ip = (1.0 / Zx).to(tl.float32)
         muT = mu.to(tl.float32)
-        # pass 3: the series (and the check for underflowed weights at huge log-ratios)
-        acc = tl.zeros([1], tl.float64)
-        risk = tl.zeros([BLOCK], tl.int32)
-        for b0 in range(0, V, BLOCK):
-            offs = b0 + base
-            x, y, px, py, both, a, ep, eq, d = _entry(X, Y, offs, V, mx, my, Ch, Cl, it,
-                                                       x0, y0, SINGLE)
-            dc = d - muT
-            p = ep * ip
-            small = tl.abs(dc) < 0.5
-            ser = _phi_series(tl.where(small, dc, 0.0))
-            term = tl.where(small, p * ser, c * eq - p * (1.0 + dc))
-            acc += tl.sum(tl.where(both, term, 0.0), 0).to(tl.float64)
-            ad = tl.abs(d)
-            rk = both & (ad > 1048576.0) & (a > -(87.0 + 250.0)) & ((a < -87.0) | (ad >= 8.5e37))
-            risk = risk | rk.to(tl.int32)
-        bad = bad | (tl.max(risk, 0) > 0)
+        # pass 2: the series (and the check for underflowed weights at huge log-ratios)
+        acc, risky = _series(X, Y, V, mx, my, Ch, Cl, it, x0, y0, xl0, yl0, muT, ip, c, BLOCK,
+                             SINGLE, XP, YP)
+        bad = bad | risky
         a1 = acc
         u1 = 1.0 + a1
         l1 = tl.log(u1) - ((u1 - 1.0) - a1) / u1
@@ -318,7 +368,7 @@ if True:
         val = tl.where(zero_row, 0.0, val)
         tl.store(ROWS + r + tl.arange(0, 1), val)
         if WANT_X or WANT_Y:
-            # pass 4: the gradients of s KL (q - p from the series where it is used)
+            # pass 3: the gradients of s KL (q - p from the series where it is used)
             E = tl.exp(-kl)
             km = -kl
             M = tl.where(kl < 1e-3, km * (1.0 + km * (0.5 + km * (1.0 / 6.0 + km / 24.0))),
@@ -337,8 +387,8 @@ if True:
             for b0 in range(0, V, BLOCK):
                 offs = b0 + base
                 inb = offs < V
-                x, y, px, py, both, a, ep, eq, d = _entry(X, Y, offs, V, mx, my, Ch, Cl, it,
-                                                       x0, y0, SINGLE)
+                x, y, xl, yl = _ld(X, Y, offs, V, x0, y0, xl0, yl0, SINGLE, XP, YP)
+                px, py, both, a, ep, eq, d = _entry(x, y, xl, yl, mx, my, Ch, Cl, it)
                 dc = d - muT
                 small = tl.abs(dc) < 0.5
                 ser = _phi_series(tl.where(small, dc, 0.0))
@@ -400,16 +450,16 @@ if True:
 
     def _js_rows_kernel_fn(X, Y, S, ROWS, GX, GY, V, sx, sy, sgx, sgy, inv_t, beta,
                            WANT_X: tl.constexpr, WANT_Y: tl.constexpr, BLOCK: tl.constexpr,
-                           SINGLE: tl.constexpr):
+                           SINGLE: tl.constexpr, XP: tl.constexpr, YP: tl.constexpr):
         r = tl.program_id(0).to(tl.int64)
         X = X + r * sx
         Y = Y + r * sy
-        x0, y0 = _ld0(X, Y, V, BLOCK, SINGLE)
+        x0, y0, xl0, yl0 = _ld0(X, Y, V, BLOCK, SINGLE, XP, YP)
         it = tl.cast(inv_t, tl.float32)
         bt = tl.cast(beta, tl.float32)
         b64 = tl.cast(beta, tl.float64)
         s = tl.load(S + r).to(tl.float64)
-        st = _stats(X, Y, V, it, x0, y0, BLOCK, SINGLE)
+        st = _stats(X, Y, V, it, x0, y0, xl0, yl0, BLOCK, SINGLE, XP, YP)
         bad, escaped, mx, my, Ch, Cl, Zx, Zy, S1, ZqS, Zqo, ZpS, Zpo = st
         base = tl.arange(0, BLOCK)
         Zx = tl.where(bad, 1.0, Zx)
@@ -436,17 +486,8 @@ if True:
         c = tl.where(huge, 0.0, tl.exp(tl.where(huge, 0.0, lc)).to(tl.float32))
         ipT = (1.0 / ZpS).to(tl.float32)
         muT = mu.to(tl.float32)
-        acc = tl.zeros([1], tl.float64)
-        for b0 in range(0, V, BLOCK):
-            offs = b0 + base
-            x, y, px, py, both, a, ep, eq, d = _entry(X, Y, offs, V, mx, my, Ch, Cl, it,
-                                                       x0, y0, SINGLE)
-            dc = d - muT
-            p = ep * ipT
-            small = tl.abs(dc) < 0.5
-            ser = _phi_series(tl.where(small, dc, 0.0))
-            term = tl.where(small, p * ser, c * eq - p * (1.0 + dc))
-            acc += tl.sum(tl.where(both, term, 0.0), 0).to(tl.float64)
+        acc, _ = _series(X, Y, V, mx, my, Ch, Cl, it, x0, y0, xl0, yl0, muT, ipT, c, BLOCK,
+                         SINGLE, XP, YP)
         u1 = 1.0 + acc
         L = tl.where(u1 == 1.0, acc, tl.log(u1) - ((u1 - 1.0) - acc) / u1)
         L = tl.where(huge, lc + tl.log(ZqS), L)
@@ -465,8 +506,8 @@ if True:
         rz = bt / cb  # log m/q = log(1 - beta) + log1p(rz p/q)
         for b0 in range(0, V, BLOCK):
             offs = b0 + base
-            x, y, px, py, both, a, ep, eq, d = _entry(X, Y, offs, V, mx, my, Ch, Cl, it,
-                                                       x0, y0, SINGLE)
+            x, y, xl, yl = _ld(X, Y, offs, V, x0, y0, xl0, yl0, SINGLE, XP, YP)
+            px, py, both, a, ep, eq, d = _entry(x, y, xl, yl, mx, my, Ch, Cl, it)
             lr = tl.where(both, (d - muT) + mean_d, 0.0)  # log q/p on T
             p = ep * ip
             q = eq * iq
@@ -509,8 +550,8 @@ if True:
             for b0 in range(0, V, BLOCK):
                 offs = b0 + base
                 inb = offs < V
-                x, y, px, py, both, a, ep, eq, d = _entry(X, Y, offs, V, mx, my, Ch, Cl, it,
-                                                       x0, y0, SINGLE)
+                x, y, xl, yl = _ld(X, Y, offs, V, x0, y0, xl0, yl0, SINGLE, XP, YP)
+                px, py, both, a, ep, eq, d = _entry(x, y, xl, yl, mx, my, Ch, Cl, it)
                 lr = tl.where(both, (d - muT) + mean_d, 0.0)
                 if WANT_X:
                     p = ep * ip
@@ -538,7 +579,7 @@ _BUILT = None  # the interpreter setting the kernels were decorated under
 def _build():
     """Decorate the kernel functions with triton.jit (again if TRITON_INTERPRET changed)."""
     global _BUILT, _phi_series, _entry, _stats, _kl_rows_kernel, _expm1, _log1p, _log_mix
-    global _js_rows_kernel, _y_hat, _ld, _ld0
+    global _js_rows_kernel, _y_hat, _ld, _ld0, _ld1, _series
     mode = _interpret()
     if _BUILT is not mode:
         _phi_series = triton.jit(_phi_series_fn)
@@ -549,15 +590,15 @@ def _build():
         _entry = triton.jit(_entry_fn)
         _ld = triton.jit(_ld_fn)
         _ld0 = triton.jit(_ld0_fn)
+        _ld1 = triton.jit(_ld1_fn)
+        _series = triton.jit(_series_fn)
         _stats = triton.jit(_stats_fn)
         _js_rows_kernel = triton.jit(_js_rows_kernel_fn)
         _kl_rows_kernel = triton.jit(_kl_rows_kernel_fn)
         _BUILT = mode
 
 
-def _launch_js(x, y, scale, inv_t, beta, rows, gx, gy, x_prob=False):
-    if x_prob:
-        raise NotImplementedError("probability inputs")
+def _launch_js(x, y, scale, inv_t, beta, rows, gx, gy, x_prob=False, y_prob=False):
     n, V = x.shape
     _build()
     _js_rows_kernel[(n,)](
@@ -565,7 +606,7 @@ def _launch_js(x, y, scale, inv_t, beta, rows, gx, gy, x_prob=False):
         x.stride(0), y.stride(0), 0 if gx is None else gx.stride(0),
         0 if gy is None else gy.stride(0), float(inv_t), float(beta),
         WANT_X=gx is not None, WANT_Y=gy is not None, BLOCK=_block(V),
-        SINGLE=V <= _block(V),
+        SINGLE=V <= _block(V), XP=bool(x_prob), YP=bool(y_prob),
         num_warps=4 if _block(V) <= 2048 else 8)
 
 
@@ -581,8 +622,6 @@ def _block(V):
 def _launch(x, y, scale, inv_t, rows, gx, gy, acc, prev=None, x_prob=False, y_prob=False):
     """One launch over the rows of (n, V) x, y (unit stride along V); acc: add the gradients
     to gx, gy (zero on rows where ``prev``, the first direction's rows, is +inf)."""
-    if x_prob or y_prob:
-        raise NotImplementedError("probability inputs")
     n, V = x.shape
     _build()
     dummy = rows
@@ -592,7 +631,7 @@ def _launch(x, y, scale, inv_t, rows, gx, gy, acc, prev=None, x_prob=False, y_pr
         x.stride(0), y.stride(0), 0 if gx is None else gx.stride(0),
         0 if gy is None else gy.stride(0), float(inv_t),
         WANT_X=gx is not None, WANT_Y=gy is not None, ACC=bool(acc), BLOCK=_block(V),
-        SINGLE=V <= _block(V),
+        SINGLE=V <= _block(V), XP=bool(x_prob), YP=bool(y_prob),
         num_warps=4 if _block(V) <= 2048 else 8)
 
 
@@ -612,6 +651,9 @@ class _NullContext:
 
 
 def _rows_impl(x, y, scale, inv_t, mode, beta, need_x, need_y):
+    # mode: the kind (0-3) + 4 * (x holds probabilities) + 8 * (y holds probabilities)
+    xp_, yp_ = bool(mode & 4), bool(mode & 8)
+    mode = mode & 3
     """Rows s_r KL_r (float64, (n,)) of (n, V) inputs and the gradients of their sum."""
     n, V = x.shape
     dev = x.device
@@ -623,14 +665,15 @@ def _rows_impl(x, y, scale, inv_t, mode, beta, need_x, need_y):
         guard = torch.cuda.device(dev) if dev.type == "cuda" else _NullContext()
         with guard:
             if mode == 3:
-                _launch_js(x, y, scale, inv_t, beta, rows, gx, gy)
+                _launch_js(x, y, scale, inv_t, beta, rows, gx, gy, x_prob=xp_, y_prob=yp_)
             elif mode == 1:
-                _launch(y, x, scale, inv_t, rows, gy, gx, False)
+                _launch(y, x, scale, inv_t, rows, gy, gx, False, x_prob=yp_, y_prob=xp_)
             else:
-                _launch(x, y, scale, inv_t, rows, gx, gy, False)
+                _launch(x, y, scale, inv_t, rows, gx, gy, False, x_prob=xp_, y_prob=yp_)
                 if mode == 2:
                     rows2 = torch.empty_like(rows)
-                    _launch(y, x, scale, inv_t, rows2, gy, gx, True, rows)
+                    _launch(y, x, scale, inv_t, rows2, gy, gx, True, rows, x_prob=yp_,
+                            y_prob=xp_)
                     rows = rows + rows2
     rows = rows * scale  # 0 on masked rows (the kernel wrote 0 there)
     return rows, (gx if need_x else x.new_empty((0,))), (gy if need_y else y.new_empty((0,)))
@@ -765,7 +808,12 @@ def _backward_graph(x, y, scale, inv_t, mode, beta, g_rows, need_x, need_y):
     zero = torch.zeros((), dtype=torch.float32, device=x.device)
     xs = torch.where(keep, x.to(torch.float32), zero)
     ys = torch.where(keep, y.to(torch.float32), zero)
-    rows = divergence_rows(_MODE_KIND[mode], xp, xs, ys, "logits", "logits", 1.0 / inv_t, beta)
+    sp = ("probs" if mode & 4 else "logits", "probs" if mode & 8 else "logits")
+    if mode & 4:  # masked rows: a uniform stand-in that is a valid distribution
+        xs = torch.where(keep, xs, torch.ones((), dtype=torch.float32, device=x.device))
+    if mode & 8:
+        ys = torch.where(keep, ys, torch.ones((), dtype=torch.float32, device=x.device))
+    rows = divergence_rows(_MODE_KIND[mode & 3], xp, xs, ys, sp[0], sp[1], 1.0 / inv_t, beta)
     rows = torch.where(keep[:, 0], rows.to(scale.dtype) * scale, scale * 0)
     ins = [t for t, w in ((x, need_x), (y, need_y)) if w]
     gs = torch.autograd.grad(rows, ins, g_rows, create_graph=True, allow_unused=True)
@@ -775,7 +823,8 @@ def _backward_graph(x, y, scale, inv_t, mode, beta, g_rows, need_x, need_y):
     return dx, dy, None, None, None, None, None, None
 
 
-def kl_rows(x, y, scale, temperature=1.0, kind="forward", beta=0.5):
+def kl_rows(x, y, scale, temperature=1.0, kind="forward", beta=0.5, x_space="logits",
+            y_space="logits"):
     """Scaled rows ``scale_r * D_r`` (float64) of two (n, V) log-space tensors, differentiable.
 
     ``D`` is KL(p || q) ("forward"), KL(q || p) ("reverse"), their sum ("jeffreys") or the
@@ -806,8 +855,8 @@ def kl_rows(x, y, scale, temperature=1.0, kind="forward", beta=0.5):
     need_y = grad_on and y.requires_grad
     x2 = x if x.stride(-1) == 1 else x.contiguous()
     y2 = y if y.stride(-1) == 1 else y.contiguous()
-    rows, _, _ = op(x2, y2, scale, 1.0 / float(temperature), _MODES[kind], float(beta), need_x,
-                    need_y)
+    mode = _MODES[kind] + (4 if x_space == "probs" else 0) + (8 if y_space == "probs" else 0)
+    rows, _, _ = op(x2, y2, scale, 1.0 / float(temperature), mode, float(beta), need_x, need_y)
     return rows
 
 
@@ -844,8 +893,11 @@ def divergence(kind, p, q, *, p_space, q_space, axis, reduction, mask, weight, t
     if type(p) not in (torch.Tensor, torch.nn.Parameter) or type(q) not in (
             torch.Tensor, torch.nn.Parameter):
         return NotImplemented
-    if p_space not in _LOG_SPACES or q_space not in _LOG_SPACES:
+    if p_space not in _P_SPACES or q_space not in _P_SPACES:
         return NotImplemented
+    if torch.is_grad_enabled() and ((p_space == "probs" and p.requires_grad) or (
+            q_space == "probs" and q.requires_grad)):
+        return NotImplemented  # gradients with respect to probabilities: the torch path
     if reduction not in ("none", "sum", "mean"):
         return NotImplemented
     if p.dtype not in _DTYPES or q.dtype not in _DTYPES:
@@ -916,7 +968,7 @@ def divergence(kind, p, q, *, p_space, q_space, axis, reduction, mask, weight, t
     qm = torch.movedim(q, ax, -1) if ax != nd - 1 else q
     x = pm.reshape(n, V)
     y = qm.reshape(n, V)
-    rows = kl_rows(x, y, scale, T, kind, beta if kind == "js" else 0.5)
+    rows = kl_rows(x, y, scale, T, kind, beta if kind == "js" else 0.5, p_space, q_space)
     out_dtype = torch.promote_types(torch.promote_types(p.dtype, q.dtype), torch.float32)
     if check:
         flags = [torch.isnan(rows)]
@@ -931,6 +983,14 @@ def divergence(kind, p, q, *, p_space, q_space, axis, reduction, mask, weight, t
                 lse = torch.cat([torch.logsumexp(sd[i:i + step], -1).float()
                                  for i in range(0, n, step)])
                 off = lse.abs() > tol
+                flags.append(off if keep is None else off & keep)
+            elif space == "probs":
+                # non-negative, rows summing to 1 within the tolerance (the kernel renormalises,
+                # as the core does); anything else goes to the core, which names the problem
+                tol = normalization_tolerance(torch.finfo(side.dtype).eps, V)
+                sd = side.detach()
+                off = torch.cat([((sd[i:i + step].float().sum(-1) - 1.0).abs() > tol)
+                                 | (sd[i:i + step] < 0).any(-1) for i in range(0, n, step)])
                 flags.append(off if keep is None else off & keep)
         if bool(torch.stack([f.any() for f in flags]).any()):  # the one host synchronisation
             return NotImplemented
