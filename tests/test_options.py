@@ -205,9 +205,8 @@ def test_minus_inf_stays_masked():
     xs[[0, 1, 3]] = capped(xs[[0, 1, 3]])
     want0 = oracle.kl(xs, np.r_[capped(y[0].numpy())], p_space="logits", q_space="logits")
     np.testing.assert_allclose(float(got[0].detach()), float(want0), rtol=1e-13)
-    assert float(got[1]) == inf  # p > 0 = q at the masked column of q
-    got.sum().backward() if torch.isfinite(got.sum()) else kldiv.kl_div(
-        a[:1], b[:1], softcap=2.0, logit_scale=-1.5, reduction="sum", **LOGITS).backward()
+    assert float(got[1].detach()) == inf  # p > 0 = q at the masked column of q
+    got[0].backward()  # (row 1 is +inf: its gradient is 0, as the core's convention)
     assert torch.isfinite(a.grad).all() and torch.isfinite(b.grad).all()
     assert float(a.grad[0, 2]) == 0.0 and float(b.grad[0, 2]) != 0.0
     # the same convention with logit_scale alone (a negative scale must not make -inf +inf)
@@ -413,3 +412,168 @@ def test_modules():
     with pytest.raises(ValueError, match="softcap: applies to logits-space"):
         kt.KLDivLoss(softcap=2.0)  # both sides probabilities
     assert "softcap=3.0" in repr(loss)
+
+
+# ----------------------------------------------------------------------------------------------
+# the distributed family on 2 gloo ranks (one launch, forked workers; see test_distributed.py)
+
+DV = 11
+DCUT = 6  # rank 0 holds columns 0..5, rank 1 columns 6..10
+
+
+def _dist_data():
+    g = torch.Generator().manual_seed(21)
+    x = torch.randn(4, DV, generator=g, dtype=torch.float64) * 5
+    y = torch.randn(4, DV, generator=g, dtype=torch.float64) * 5
+    x[0, 2] = y[0, 2] = -math.inf  # a masked category on both sides: every kind is finite
+    y[3, 8] = 1e30  # in the cut-off padding of case "in1": must not matter
+    labels = torch.tensor([5, -100, 2, 7])
+    h = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    w = torch.randn(DV, 3, generator=g, dtype=torch.float64)
+    cot = torch.randn(4, generator=g, dtype=torch.float64)
+    return x, y, labels, h, w, cot
+
+
+# (vocab_size, vocab_start given?) per case: the cut inside rank 1's shard, inside rank 0's
+# (rank 1 keeps nothing), and the explicit Megatron start index
+_DCASES = {"in1": (9, False), "in0": (4, False), "start": (8, True)}
+_DOPTS = dict(softcap=(4.0, 3.0), logit_scale=(None, 0.8), temperature=1.7)
+
+
+def _dist_worker(rank, world, init_file, out_dir):
+    import os
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    try:
+        import kldiv.distributed as kd
+
+        x, y, labels, h, w, cot = _dist_data()
+        lo, hi = (0, DCUT) if rank == 0 else (DCUT, DV)
+        out = {}
+        for name, (vs, give_start) in _DCASES.items():
+            for kind in KINDS:
+                a = x[:, lo:hi].clone().requires_grad_()
+                b = y[:, lo:hi].clone().requires_grad_()
+                rows = kd.vocab_parallel_kl_div(
+                    a, b, kind=kind, beta=0.3, reduction="none", vocab_size=vs,
+                    vocab_start=lo if give_start else None, labels=labels, **_DOPTS)
+                ga, gb = torch.autograd.grad((rows * cot).sum(), (a, b))
+                out[name, kind] = (rows.detach(), ga, gb)
+        hh, ww = h.clone().requires_grad_(), w[lo:hi].clone().requires_grad_()
+        t = x[:, lo:hi].clone().requires_grad_()
+        loss = kd.vocab_parallel_linear_kl_div(hh, ww, t, reduction="sum", vocab_size=9,
+                                               labels=labels, chunk_size=3, **_DOPTS)
+        out["linear"] = (loss.detach(), *torch.autograd.grad(loss, (hh, ww, t)))
+        try:
+            kd.vocab_parallel_kl_div(x[:, lo:hi], y[:, lo:hi], vocab_size=DV + 1)
+        except ValueError as exc:
+            out["error"] = str(exc)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    tmp = os.path.join(out_dir, f".rank{rank}.pt.tmp")
+    torch.save(out, tmp)
+    os.replace(tmp, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def _dist_forked(rank, world, init_file, out_dir):
+    import os
+
+    try:
+        _dist_worker(rank, world, init_file, out_dir)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        os._exit(1)
+    os._exit(0)
+
+
+@pytest.fixture(scope="module")
+def dist_results():
+    import multiprocessing as mp
+    import os
+    import tempfile
+    import warnings
+
+    if "fork" not in mp.get_all_start_methods():  # pragma: no cover
+        pytest.skip("needs fork (the gloo launch of test_distributed.py covers the rest)")
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    with tempfile.TemporaryDirectory() as d:
+        init = os.path.join(d, "init")
+        ctx = mp.get_context("fork")
+        procs = [ctx.Process(target=_dist_forked, args=(r, 2, init, d)) for r in range(2)]
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called")
+            for p in procs:
+                p.start()
+        try:
+            for p in procs:
+                p.join(120)
+        finally:
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
+                    p.join()
+        assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+        return [torch.load(os.path.join(d, f"rank{r}.pt")) for r in range(2)]
+
+
+def _masked_naive(kind, a, b, vs, labels, cot):
+    """The reference: cut, capped, naive rows (the -inf entry: p_i = 0, handled by hand)."""
+    masked = torch.isneginf(a[:, :vs])  # a masked category stays masked under the cap
+    pa = torch.where(masked, a[:, :vs], gemma(a[:, :vs], 4.0))
+    qb = torch.where(torch.isneginf(b[:, :vs]), b[:, :vs], gemma(b[:, :vs], 3.0, 0.8))
+    lp = torch.log_softmax(pa / 1.7, -1)
+    lq = torch.log_softmax(qb / 1.7, -1)
+    p, q = lp.exp(), lq.exp()
+    z = torch.zeros_like(p)
+    xlogy = lambda u, lu, lv: torch.where(u > 0, u * (torch.where(u > 0, lu - lv, z)), z)
+    if kind == "forward":
+        r = xlogy(p, lp, lq).sum(-1)
+    elif kind == "reverse":
+        r = xlogy(q, lq, lp).sum(-1)
+    elif kind == "jeffreys":
+        r = xlogy(p, lp, lq).sum(-1) + xlogy(q, lq, lp).sum(-1)
+    else:
+        m = 0.3 * p + 0.7 * q
+        lm = torch.log(torch.where(m > 0, m, torch.ones_like(m)))
+        r = 0.3 * xlogy(p, lp, lm).sum(-1) + 0.7 * xlogy(q, lq, lm).sum(-1)
+    return torch.where(labels != -100, r, torch.zeros_like(r))
+
+
+@pytest.mark.parametrize("case", list(_DCASES))
+def test_distributed_options(dist_results, case):
+    x, y, labels, h, w, cot = _dist_data()
+    vs = _DCASES[case][0]
+    for kind in KINDS:
+        a = x.clone().requires_grad_()
+        b = y.clone().requires_grad_()
+        want = _masked_naive(kind, a, b, vs, labels, cot)
+        wa, wb = torch.autograd.grad((want * cot).sum(), (a, b))
+        for rank, res in enumerate(dist_results):
+            rows, ga, gb = res[case, kind]
+            lo, hi = (0, DCUT) if rank == 0 else (DCUT, DV)
+            assert_rows(rows[None], want.detach()[None], 1e-12, f"{case} {kind} rank {rank}")
+            assert_rows(ga, wa[:, lo:hi], 1e-10, f"{case} {kind} grad p rank {rank}")
+            assert_rows(gb, wb[:, lo:hi], 1e-10, f"{case} {kind} grad q rank {rank}")
+
+
+def test_distributed_linear_and_errors(dist_results):
+    x, y, labels, h, w, cot = _dist_data()
+    hh, ww, t = (v.clone().requires_grad_() for v in (h, w, x))
+    want = _masked_naive("forward", t, hh @ ww.T, 9, labels, cot).sum()
+    wh, wwt, wt = torch.autograd.grad(want, (hh, ww, t))
+    for rank, res in enumerate(dist_results):
+        loss, gh, gw, gt = res["linear"]
+        lo, hi = (0, DCUT) if rank == 0 else (DCUT, DV)
+        assert abs(float(loss - want.detach())) <= 1e-12 * abs(float(want.detach()))
+        assert_rows(gh, wh, 1e-10, "grad hidden")
+        assert_rows(gw, wwt[lo:hi], 1e-10, "grad weight shard")
+        assert_rows(gt, wt[:, lo:hi], 1e-10, "grad target shard")
+        assert "vocab_size: 12 is more than the 11 categories of the full vocabulary" in \
+            res["error"]

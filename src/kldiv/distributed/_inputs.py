@@ -103,3 +103,85 @@ def _check_log_probs(raw, name, group, keep=None):
                 f"the full vocabulary (all shards); row {row} has logsumexp "
                 f"{float(lse[row]):.6g} (pass the logits with space 'logits' instead)"
             )
+
+
+def _shard_layout(width, group, device):
+    """(first global column of this shard, full vocabulary width): one SUM all-reduce of the
+    group's shard widths, the shards taken in the order of the ranks of ``group``."""
+    import torch
+
+    from ._comm import _world
+
+    world = _world(group)
+    if world == 1:
+        return 0, width
+    import torch.distributed as dist
+
+    widths = torch.zeros(world, dtype=torch.int64, device=device)
+    widths[dist.get_rank(group)] = width
+    widths = _all_reduce(widths, "sum", group).tolist()
+    rank = dist.get_rank(group)
+    return int(sum(widths[:rank])), int(sum(widths))
+
+
+def _apply_options(p, q, *, p_space, q_space, mask, softcap, logit_scale, vocab_size, labels,
+                   ignore_index, vocab_start, group, names=("p_shard", "q_shard")):
+    """The model-side options of ``kldiv.kl_div`` on vocabulary shards (the same semantics:
+    ``kldiv._core.options``). ``vocab_size`` counts global columns: this shard keeps those of
+    its columns that lie below it, from ``vocab_start`` (default: the widths of the lower ranks
+    of ``group``, one all-reduce). Returns ``(p, q, p_space, q_space, mask)``."""
+    import torch
+
+    from .._core import options as O
+    from ._rows import _xp
+
+    sc = O.check_per_side("softcap", softcap, p_space, q_space)
+    ls = O.check_per_side("logit_scale", logit_scale, p_space, q_space)
+    vocab_size = O.check_vocab_size(vocab_size)
+    ignore_index = O.check_ignore_index(ignore_index, labels)
+    if vocab_start is not None:
+        if vocab_size is None:
+            raise ValueError("vocab_start: given without vocab_size")
+        if isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0:
+            raise ValueError(f"vocab_start: expected an int >= 0, got {vocab_start!r}")
+    _check_tensor(names[0], p)
+    _check_tensor(names[1], q)
+    if p.shape != q.shape:  # (before any cut: both shards must share the slicing)
+        raise ValueError(
+            f"{names[0]} and {names[1]}: shapes {tuple(p.shape)} and {tuple(q.shape)} differ; "
+            "both shards must hold the same rows and the same slice of the categories (last "
+            "axis); for vocabularies of different sizes, shard both at the larger (padded) "
+            "width and pass vocab_size"
+        )
+    if labels is not None:
+        if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point or \
+                labels.dtype == torch.bool or labels.is_complex():
+            got = getattr(labels, "dtype", type(labels).__name__)
+            raise TypeError(f"labels: expected an integer tensor, got {got}")
+        rows_shape = tuple(p.shape[:-1])
+        keep = broadcast_rows(torch, labels.to(p.device), rows_shape, "labels") != ignore_index
+        if mask is not None:
+            keep = keep & _check_mask(mask, rows_shape, p.device)
+        mask = keep
+    if vocab_size is not None:
+        width = p.shape[-1]
+        if vocab_start is None:
+            start, total = _shard_layout(width, group, p.device)
+            if vocab_size > total:
+                raise ValueError(
+                    f"vocab_size: {vocab_size} is more than the {total} categories of the full "
+                    "vocabulary (all shards)"
+                )
+        else:
+            start = vocab_start
+        keep_cols = max(0, min(width, vocab_size - start))
+        if keep_cols < width:
+            p, q = p[..., :keep_cols], q[..., :keep_cols]
+            p_space = "logits" if p_space == "log_probs" else p_space
+            q_space = "logits" if q_space == "log_probs" else q_space
+    xp = _xp()
+    if sc[0] is not None or ls[0] is not None:
+        p = O.cap(xp, O._promote(xp, p), sc[0], ls[0])
+    if sc[1] is not None or ls[1] is not None:
+        q = O.cap(xp, O._promote(xp, q), sc[1], ls[1])
+    return p, q, p_space, q_space, mask

@@ -16,7 +16,7 @@ def _linear_function_class():
         @staticmethod
         def forward(ctx, hidden, weight_shard, bias_shard, target, row_mask, row_weight, kind,
                     beta, temperature, reduction, chunk_size, group, check, target_space,
-                    grad_on):
+                    grad_on, student_cap):
             n, h = hidden.shape
             dt = _compute_dtype(hidden, target)
             # under torch.no_grad() (evaluation) no gradient is formed and grad_hidden is not
@@ -54,6 +54,9 @@ def _linear_function_class():
                     if bias_shard is not None:
                         logits = logits + bias_shard
                     y = logits.to(dt)
+                    dcap = None
+                    if student_cap is not None:  # the student's softcap / logit_scale
+                        y, dcap = _cap_and_slope(y, *student_cap)
                     x = target[lo:hi].to(dt)
                     if row_mask is not None:
                         m = row_mask[lo:hi, None]
@@ -69,6 +72,8 @@ def _linear_function_class():
                         gx, gy = _local_grads(kind, x, y, rows, st, beta,
                                               scale=scale[lo:hi],
                                               need=(need_t, True))
+                        if dcap is not None:  # chain rule through the cap (elementwise)
+                            gy = gy * dcap
                         if need_h:
                             gh[lo:hi] = gy @ w_dt
                         if need_w:
@@ -97,7 +102,8 @@ def _linear_function_class():
             grads = []
             for i, (t, dt) in enumerate(zip(ctx.saved_tensors, ctx.dtypes)):
                 grads.append((t * g).to(dt) if ctx.needs_input_grad[i] else None)
-            return (*grads, None, None, None, None, None, None, None, None, None, None, None)
+            return (*grads, None, None, None, None, None, None, None, None, None, None, None,
+                    None)
 
     return _VocabParallelLinear
 
@@ -105,10 +111,23 @@ def _linear_function_class():
 _LFN = None
 
 
+def _cap_and_slope(y, softcap, logit_scale):
+    """The student's capped logits and their derivative d(cap(y))/dy (y finite: a matmul)."""
+    import torch
+
+    s = 1.0 if logit_scale is None else logit_scale
+    if softcap is None:
+        return y * s, torch.full_like(y, s)
+    t = torch.tanh(y * (s / softcap))
+    return softcap * t, s * (1.0 - t * t)
+
+
 def vocab_parallel_linear_kl_div(hidden, weight_shard, target_shard, *, bias_shard=None,
                                  target_space="logits", reduction="mean", mask=None,
                                  weight=None, temperature=1.0, t2_scale=False, kind="forward",
-                                 beta=0.5, chunk_size=1024, group=None, validate=None):
+                                 beta=0.5, chunk_size=1024, group=None, validate=None,
+                                 softcap=None, logit_scale=None, vocab_size=None, labels=None,
+                                 ignore_index=None, vocab_start=None):
     r"""Divergence between teacher logits and a vocabulary-parallel output layer, fused.
 
     The student's logits slice is ``hidden @ weight_shard.T (+ bias_shard)``, computed
@@ -131,6 +150,13 @@ def vocab_parallel_linear_kl_div(hidden, weight_shard, target_shard, *, bias_sha
       reduction: ``"sum"`` or ``"mean"`` (``"none"`` is not available in the fused form).
       chunk_size: rows per chunk (each chunk costs the collectives of one
         ``vocab_parallel_kl_div`` call on that many rows).
+      softcap, logit_scale: as ``kldiv.kl_div``, the target the p side and the student's
+        logits the q side: a number applies to both (to the target only when it is logits), a
+        pair ``(target_value, student_value)`` to each. The student's cap is applied inside
+        the fused loop (its gradient by the chain rule, elementwise).
+      vocab_size, vocab_start: the global columns at or beyond ``vocab_size`` are left out
+        (rows of ``weight_shard`` and ``bias_shard``, columns of ``target_shard``).
+      labels, ignore_index: rows whose label is ``ignore_index`` (default -100) are masked.
       Other arguments as ``vocab_parallel_kl_div``.
 
     >>> import torch, kldiv, kldiv.distributed as kd
@@ -169,6 +195,13 @@ def vocab_parallel_linear_kl_div(hidden, weight_shard, target_shard, *, bias_sha
                          f"{tuple(bias_shard.shape)}")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size: expected a positive int, got {chunk_size!r}")
+    student_cap = None
+    if (softcap is not None or logit_scale is not None or vocab_size is not None
+            or labels is not None or ignore_index is not None or vocab_start is not None):
+        (target_shard, target_space, weight_shard, bias_shard, mask,
+         student_cap) = _layer_options(
+            hidden, weight_shard, bias_shard, target_shard, target_space, mask, softcap,
+            logit_scale, vocab_size, labels, ignore_index, vocab_start, group)
     rows_shape = tuple(hidden.shape[:-1])
     n = 1
     for s in rows_shape:
@@ -188,7 +221,34 @@ def vocab_parallel_linear_kl_div(hidden, weight_shard, target_shard, *, bias_sha
     out = _LFN.apply(hidden.reshape(n, hidden.shape[-1]), weight_shard, bias_shard,
                      target_shard.reshape(n, weight_shard.shape[0]), mask, weight, kind,
                      float(beta), temperature, reduction, chunk_size, group, check, target_space,
-                     torch.is_grad_enabled())
+                     torch.is_grad_enabled(), student_cap)
     if t2_scale:
         out = out * temperature**2
     return out
+
+
+def _layer_options(hidden, weight_shard, bias_shard, target_shard, target_space, mask, softcap,
+                   logit_scale, vocab_size, labels, ignore_index, vocab_start, group):
+    """The model-side options of the fused layer: the target transformed here (autograd), the
+    vocabulary cut on the weight's rows and the target's columns, labels made a mask; the
+    student's cap is returned for the fused loop."""
+    from .._core import options as O
+    from ._inputs import _apply_options
+
+    sc = O.check_per_side("softcap", softcap, target_space, "logits", ("target", "student"))
+    ls = O.check_per_side("logit_scale", logit_scale, target_space, "logits",
+                          ("target", "student"))
+    # the target side through the shards' options (the student's logits do not exist yet: a
+    # stand-in of the target's shape carries the vocabulary cut and is dropped)
+    stand_in = target_shard.detach()
+    target_shard, kept, target_space, _, mask = _apply_options(
+        target_shard, stand_in, p_space=target_space, q_space="logits", mask=mask,
+        softcap=(sc[0], None), logit_scale=(ls[0], None), vocab_size=vocab_size, labels=labels,
+        ignore_index=ignore_index, vocab_start=vocab_start, group=group,
+        names=("target_shard", "target_shard"))
+    width = kept.shape[-1]
+    if width < weight_shard.shape[0]:
+        weight_shard = weight_shard[:width]
+        bias_shard = None if bias_shard is None else bias_shard[:width]
+    student = None if sc[1] is None and ls[1] is None else (sc[1], ls[1])
+    return target_shard, target_space, weight_shard, bias_shard, mask, student

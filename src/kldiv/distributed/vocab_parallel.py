@@ -5,8 +5,8 @@ from .._core.validation import (REDUCTIONS, check_option, check_positive_finite,
                                 validation_enabled)
 from .._core.reduction import reduce_rows
 from ._comm import _world
-from ._inputs import (_LOG_SPACES, _check_log_probs, _check_mask, _check_tensor,
-                      _check_weight_values, _prepare_shards)
+from ._inputs import (_LOG_SPACES, _apply_options, _check_log_probs, _check_mask,
+                      _check_tensor, _check_weight_values, _prepare_shards)
 from ._rows import _KINDS, _rows_fn, _xp
 
 #: with one rank, hand the call to the single-process core (set False to test the sharded path)
@@ -32,7 +32,9 @@ def _local_core(kind, p, q, *, beta, **kw):
 
 
 def _vocab_parallel(kind, p_shard, q_shard, *, p_space, q_space, reduction, mask, weight,
-                    temperature, t2_scale, group, beta, validate):
+                    temperature, t2_scale, group, beta, validate, softcap=None,
+                    logit_scale=None, vocab_size=None, labels=None, ignore_index=None,
+                    vocab_start=None):
     check_option("reduction", reduction, REDUCTIONS)
     check_option("kind", kind, _KINDS)
     check_option("p_space", p_space, _LOG_SPACES)
@@ -40,6 +42,13 @@ def _vocab_parallel(kind, p_shard, q_shard, *, p_space, q_space, reduction, mask
     temperature = check_positive_finite("temperature", temperature)
     if kind == "js" and not 0.0 < float(beta) < 1.0:
         raise ValueError(f"beta: must lie strictly between 0 and 1, got {beta!r}")
+    if (softcap is not None or logit_scale is not None or vocab_size is not None
+            or labels is not None or ignore_index is not None or vocab_start is not None):
+        # the model-side options transform the shards first (kldiv._core.options' semantics)
+        p_shard, q_shard, p_space, q_space, mask = _apply_options(
+            p_shard, q_shard, p_space=p_space, q_space=q_space, mask=mask, softcap=softcap,
+            logit_scale=logit_scale, vocab_size=vocab_size, labels=labels,
+            ignore_index=ignore_index, vocab_start=vocab_start, group=group)
     if (_DELEGATE_LOCAL and _world(group) == 1
             and not (mask is not None and "log_probs" in (p_space, q_space))):
         # one rank holds the whole vocabulary: the core (and its fused kernels) computes it
@@ -66,6 +75,11 @@ def _vocab_parallel(kind, p_shard, q_shard, *, p_space, q_space, reduction, mask
     return out
 
 
+def _opts(softcap, logit_scale, vocab_size, labels, ignore_index, vocab_start):
+    return dict(softcap=softcap, logit_scale=logit_scale, vocab_size=vocab_size, labels=labels,
+                ignore_index=ignore_index, vocab_start=vocab_start)
+
+
 _SHARD_DOC = """
     Args:
       p_shard: this rank's slice of the reference (teacher) along the last axis, shape
@@ -85,6 +99,15 @@ _SHARD_DOC = """
       validate: value checks (nan/+inf in any shard, rows -inf on every shard, log-probability
         normalisation); None follows ``kldiv.set_validation``. The checks are decided from
         all-reduced flags, so every rank raises the same ValueError (no rank is left waiting).
+      softcap, logit_scale, labels, ignore_index: as ``kldiv.kl_div`` (applied to each shard:
+        the transform is elementwise; ``labels`` are the same on every rank).
+      vocab_size: keep only the global columns below ``vocab_size`` (as ``kldiv.kl_div``):
+        each shard keeps its columns below it, the rest (padding) is left out of both sides.
+        Both models' shards must share one slicing: shard a smaller vocabulary at the larger
+        (padded) width, with anything in the padding.
+      vocab_start: this shard's first global column (Megatron's ``vocab_start_index``), used
+        with ``vocab_size``; by default the widths of the lower ranks of ``group`` (one
+        all-reduce of ``world`` integers), i.e. shards in rank order.
 
     Returns:
       The same value on every rank of the group, equal to the single-process function on the
@@ -94,11 +117,14 @@ _SHARD_DOC = """
 
 def vocab_parallel_kl_div(p_shard, q_shard, *, p_space="logits", q_space="logits",
                           reduction="mean", mask=None, weight=None, temperature=1.0,
-                          t2_scale=False, group=None, kind="forward", beta=0.5, validate=None):
+                          t2_scale=False, group=None, kind="forward", beta=0.5, validate=None,
+                          softcap=None, logit_scale=None, vocab_size=None, labels=None,
+                          ignore_index=None, vocab_start=None):
     return _vocab_parallel(kind, p_shard, q_shard, p_space=p_space, q_space=q_space,
                            reduction=reduction, mask=mask, weight=weight,
                            temperature=temperature, t2_scale=t2_scale, group=group, beta=beta,
-                           validate=validate)
+                           validate=validate, **_opts(softcap, logit_scale, vocab_size, labels,
+                                                     ignore_index, vocab_start))
 
 
 vocab_parallel_kl_div.__doc__ = r"""Vocab-parallel KL(p || q); equals ``kldiv.kl_div`` unsharded.
@@ -133,7 +159,9 @@ vocab_parallel_kl_div.__doc__ = r"""Vocab-parallel KL(p || q); equals ``kldiv.kl
 
 def vocab_parallel_reverse_kl(p_shard, q_shard, *, p_space="logits", q_space="logits",
                               reduction="mean", mask=None, weight=None, temperature=1.0,
-                              t2_scale=False, group=None, validate=None):
+                              t2_scale=False, group=None, validate=None, softcap=None,
+                              logit_scale=None, vocab_size=None, labels=None, ignore_index=None,
+                              vocab_start=None):
     """Reverse KL, KL(q || p), of vocabulary-sharded rows, equal to ``kldiv.reverse_kl`` unsharded.
 
     Same arguments and conventions as ``vocab_parallel_kl_div`` (p the teacher first, q the
@@ -148,12 +176,15 @@ def vocab_parallel_reverse_kl(p_shard, q_shard, *, p_space="logits", q_space="lo
     return _vocab_parallel("reverse", p_shard, q_shard, p_space=p_space, q_space=q_space,
                            reduction=reduction, mask=mask, weight=weight,
                            temperature=temperature, t2_scale=t2_scale, group=group, beta=0.5,
-                           validate=validate)
+                           validate=validate, **_opts(softcap, logit_scale, vocab_size, labels,
+                                                     ignore_index, vocab_start))
 
 
 def vocab_parallel_js_div(p_shard, q_shard, *, beta=0.5, p_space="logits", q_space="logits",
                           reduction="mean", mask=None, weight=None, temperature=1.0,
-                          t2_scale=False, group=None, validate=None):
+                          t2_scale=False, group=None, validate=None, softcap=None,
+                          logit_scale=None, vocab_size=None, labels=None, ignore_index=None,
+                          vocab_start=None):
     """Jensen-Shannon divergence of sharded rows: ``kldiv.js_div`` on the gathered rows.
 
     ``beta * KL(p || m) + (1 - beta) * KL(q || m)`` with ``m = beta p + (1 - beta) q``; always
@@ -168,12 +199,15 @@ def vocab_parallel_js_div(p_shard, q_shard, *, beta=0.5, p_space="logits", q_spa
     return _vocab_parallel("js", p_shard, q_shard, p_space=p_space, q_space=q_space,
                            reduction=reduction, mask=mask, weight=weight,
                            temperature=temperature, t2_scale=t2_scale, group=group, beta=beta,
-                           validate=validate)
+                           validate=validate, **_opts(softcap, logit_scale, vocab_size, labels,
+                                                     ignore_index, vocab_start))
 
 
 def vocab_parallel_jeffreys_div(p_shard, q_shard, *, p_space="logits", q_space="logits",
                                 reduction="mean", mask=None, weight=None, temperature=1.0,
-                                t2_scale=False, group=None, validate=None):
+                                t2_scale=False, group=None, validate=None, softcap=None,
+                                logit_scale=None, vocab_size=None, labels=None, ignore_index=None,
+                                vocab_start=None):
     """Jeffreys divergence KL(p || q) + KL(q || p) of sharded rows: ``kldiv.jeffreys_div``.
 
     +inf unless both sides have the same support. One SUM all-reduce (5 elements per row) more
@@ -188,4 +222,5 @@ def vocab_parallel_jeffreys_div(p_shard, q_shard, *, p_space="logits", q_space="
     return _vocab_parallel("jeffreys", p_shard, q_shard, p_space=p_space, q_space=q_space,
                            reduction=reduction, mask=mask, weight=weight,
                            temperature=temperature, t2_scale=t2_scale, group=group, beta=0.5,
-                           validate=validate)
+                           validate=validate, **_opts(softcap, logit_scale, vocab_size, labels,
+                                                     ignore_index, vocab_start))
