@@ -577,3 +577,30 @@ def test_distributed_linear_and_errors(dist_results):
         assert_rows(gt, wt[:, lo:hi], 1e-10, "grad target shard")
         assert "vocab_size: 12 is more than the 11 categories of the full vocabulary" in \
             res["error"]
+
+
+# ----------------------------------------------------------------------------------------------
+# TRL's distillation loss with soft-capped models (both sides), against TRL's own code
+
+
+def test_trl_chunked_loss_with_softcaps():
+    dt = pytest.importorskip("trl.trainer.distillation_trainer")
+    from kldiv.integrations.trl import chunked_divergence_loss
+
+    g = torch.Generator().manual_seed(22)
+    hs = torch.randn(2, 5, 6, generator=g, requires_grad=True)
+    ht = torch.randn(2, 5, 7, generator=g)
+    Ws = (torch.randn(17, 6, generator=g) * 3).requires_grad_()
+    Wt = torch.randn(17, 7, generator=g) * 3
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[0, 3:] = 0
+    kw = dict(student_logit_scale=0.7, teacher_logit_scale=1.3,
+              student_final_logit_softcapping=4.0, teacher_final_logit_softcapping=5.0,
+              temperature=2.0)
+    for beta in (0.0, 0.4, 1.0):
+        ref, ref_ent, _ = dt._chunked_divergence_loss(hs, ht, Ws, Wt, mask, beta, **kw)
+        got, ent, _ = chunked_divergence_loss(hs, ht, Ws, Wt, mask, beta, **kw)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ent, ref_ent, rtol=1e-5, atol=1e-5)
+        for a, b in zip(torch.autograd.grad(got, (hs, Ws)), torch.autograd.grad(ref, (hs, Ws))):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

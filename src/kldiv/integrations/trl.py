@@ -87,9 +87,10 @@ def chunked_divergence_loss(student_hidden_states, teacher_hidden_states, studen
 
     The student's logits are never materialised (``linear_kl_div`` walks the rows in chunks);
     the teacher's logits of the kept positions are made once without gradient (the teacher is a
-    constant). ``student_logit_scale`` is folded into the student's weight (exact);
-    a student soft-cap needs a ``linear_kl_div`` with a ``softcap`` option (NotImplementedError
-    otherwise). ``entropy_sum`` (TRL logs it) is computed without gradient, chunk by chunk.
+    constant). The logit scales and soft-caps of both models are ``linear_kl_div``'s per-side
+    ``logit_scale`` and ``softcap`` options (applied as the models' forward passes do, before
+    the temperature; the student's with its gradient). ``entropy_sum`` (TRL logs it) is
+    computed without gradient, chunk by chunk.
     """
     from ..backends.torch_linear import linear_kl_div
 
@@ -100,23 +101,20 @@ def chunked_divergence_loss(student_hidden_states, teacher_hidden_states, studen
     h_t = teacher_hidden_states.reshape(-1, teacher_hidden_states.size(-1))[valid]
     W = student_lm_head_weight
     b = student_lm_head_bias
+    # the models' final-logit transforms as linear_kl_div's per-side options, (teacher,
+    # student): softcap * tanh(logit_scale * z / softcap), before the temperature
+    scales = (_or_none(teacher_logit_scale, 1.0), _or_none(student_logit_scale, 1.0))
+    caps = (_or_none(teacher_final_logit_softcapping), _or_none(student_final_logit_softcapping))
     extra = {}
-    if student_logit_scale is not None and float(student_logit_scale) != 1.0:
-        W = W * float(student_logit_scale)
-        b = None if b is None else b * float(student_logit_scale)
-    if student_final_logit_softcapping is not None:
-        if "softcap" not in inspect.signature(linear_kl_div).parameters:
-            raise NotImplementedError("a student with final_logit_softcapping needs "
-                                      "linear_kl_div(softcap=...), not in this kldiv")
-        extra["softcap"] = float(student_final_logit_softcapping)
+    if caps != (None, None) or scales != (None, None):
+        if "softcap" not in inspect.signature(linear_kl_div).parameters:  # pragma: no cover
+            raise NotImplementedError("final_logit_softcapping / logit_scale need "
+                                      "linear_kl_div(softcap=..., logit_scale=...), not in "
+                                      "this kldiv")
+        extra = dict(softcap=caps, logit_scale=scales)
     with torch.no_grad():
         zt = torch.nn.functional.linear(h_t.to(teacher_lm_head_weight.dtype), teacher_lm_head_weight,
                                         teacher_lm_head_bias).float()
-        if teacher_logit_scale is not None and float(teacher_logit_scale) != 1.0:
-            zt = zt * float(teacher_logit_scale)
-        if teacher_final_logit_softcapping is not None:
-            c = float(teacher_final_logit_softcapping)
-            zt = c * torch.tanh(zt / c)
     if h_s.shape[0] == 0:
         loss = (h_s.sum() + W.sum() * 0.0) * 0.0
         entropy = torch.zeros((), device=h_s.device)
@@ -128,8 +126,7 @@ def chunked_divergence_loss(student_hidden_states, teacher_hidden_states, studen
             for i in range(0, h_s.shape[0], 1024):
                 z = torch.nn.functional.linear(h_s[i:i + 1024].float(), W.float(),
                                                None if b is None else b.float())
-                if "softcap" in extra:
-                    z = extra["softcap"] * torch.tanh(z / extra["softcap"])
+                z = _cap(z, caps[1], scales[1])
                 lq = torch.log_softmax(z / float(temperature), -1)
                 entropy += -(lq.exp() * lq).nan_to_num().sum()
     if num_items_in_batch is None:
@@ -139,6 +136,23 @@ def chunked_divergence_loss(student_hidden_states, teacher_hidden_states, studen
             num_items_in_batch = num_items_in_batch.to(loss.device)
         loss = loss / num_items_in_batch
     return loss, entropy, n_valid
+
+
+def _or_none(value, neutral=None):
+    """A model's option as a float, None when absent (or equal to the neutral value)."""
+    if value is None:
+        return None
+    v = float(value)
+    return None if neutral is not None and v == neutral else v
+
+
+def _cap(z, softcap, logit_scale):
+    """The model's final-logit transform (kldiv's definition, ``kldiv._core.options.cap``)."""
+    from array_api_compat import torch as xp
+
+    from .._core.options import cap
+
+    return cap(xp, z, softcap, logit_scale)
 
 
 def use_kldiv(target):
