@@ -283,6 +283,27 @@ def test_top_indices_against_argsort(v):
         ref = np.argsort(-x[1:], axis=1, kind="stable")[:, :ke]
         assert np.array_equal(got[1:], ref)
         assert len(set(got[0].tolist())) == ke
+        # non-contiguous inputs (a column slice, Fortran order) give the same indices
+        assert np.array_equal(top_indices(np.asfortranarray(x), k)[1:], ref)
+        wide = np.repeat(x, 2, axis=1)[:, ::2]
+        assert np.array_equal(top_indices(wide, k)[1:], ref)
+
+
+@pytest.mark.parametrize("v", [1000, 4099, 32000])
+def test_top_indices_with_ties_are_a_valid_top_k(v):
+    """Rows with many ties (few distinct values): the values taken equal the k largest values."""
+    from kldiv.eval.metrics import top_indices
+
+    rng = np.random.default_rng(v)
+    x = rng.integers(-4, 3, (16, v)).astype(np.float32)
+    x[3] = -np.inf
+    x[3, [7, v - 1]] = 1.0
+    for k in (1, 5, 10):
+        got = top_indices(x, k)
+        assert all(len(set(r.tolist())) == k for r in got)
+        taken = np.take_along_axis(x, got, axis=1)
+        assert np.array_equal(taken, -np.sort(-x, axis=1)[:, :k])
+        assert (taken[:, 1:] <= taken[:, :-1]).all()  # largest first
 
 
 def test_device_path_equals_kernel_path():
