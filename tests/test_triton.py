@@ -486,3 +486,16 @@ def test_linear_kl_div_through_the_kernel(kind, monkeypatch):
     # entries where log m/p is near its mean are float32-limited, ~4e-5 elementwise)
     assert _rowerr(got[1], want[1]) < (1e-5 if kind != "js" else 1e-4)
     assert _rowerr(got[2][None], want[2][None]) < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["reverse", "js"])
+def test_online_series_long_rows_all_kl_levels(kind):
+    # the series sum built in the same pass as the maxima, over three blocks whose maxima and
+    # means differ (a trend along the row): values 1e-6, gradients 1e-5 per row, KL to 1e-9
+    x, y = _near(2125, [1e-2, 1e-6, 1e-9], seed=14)
+    trend = torch.linspace(-6, 6, 2125)
+    x, y = x + trend, y + trend
+    rows, gx, gy, g = _rows_and_grads(x, y, 1.3, kind)
+    r64, gx64, gy64 = _ref(x, y, 1.3, kind, g)
+    assert torch.allclose(rows, r64, rtol=1e-6, atol=0), (rows, r64)
+    assert _rowerr(gx, gx64) < 1e-5 and _rowerr(gy, gy64) < 1e-5

@@ -214,15 +214,44 @@ if True:
         d = tl.where(both, dd, 0.0)
         return px, py, both, a, ep, eq, d
 
-    def _stats_fn(X, Y, V, it, x0, y0, xl0, yl0, BLOCK: tl.constexpr, SINGLE: tl.constexpr,
-                  XP: tl.constexpr, YP: tl.constexpr):
-        """One pass over a row: maxima, exact offset of the maxima, normalisers, sums.
+    def _phi64_fn(u):
+        # e^u - 1 - u in float64: series to u^17 for |u| < 1/2 (below 1e-19 relative)
+        small = tl.abs(u) < 0.5
+        us = tl.where(small, u, 0.0)
+        acc = 1.0 / 355687428096000.0
+        acc = acc * us + 1.0 / 20922789888000.0
+        acc = acc * us + 1.0 / 1307674368000.0
+        acc = acc * us + 1.0 / 87178291200.0
+        acc = acc * us + 1.0 / 6227020800.0
+        acc = acc * us + 1.0 / 479001600.0
+        acc = acc * us + 1.0 / 39916800.0
+        acc = acc * us + 1.0 / 3628800.0
+        acc = acc * us + 1.0 / 362880.0
+        acc = acc * us + 1.0 / 40320.0
+        acc = acc * us + 1.0 / 5040.0
+        acc = acc * us + 1.0 / 720.0
+        acc = acc * us + 1.0 / 120.0
+        acc = acc * us + 1.0 / 24.0
+        acc = acc * us + 1.0 / 6.0
+        acc = acc * us + 0.5
+        ul = tl.where(small, 0.0, u)
+        return tl.where(small, acc * us * us, tl.exp(ul) - 1.0 - ul)
 
-        Online: each block is read once; the sums so far are relative to the maxima seen so
-        far and are rescaled when a block raises them (the normalisers by exp(old - new), the
-        sum of p d by the shift of d, which moves with max x - max y: S1 += shift * Zx). The
-        exact TwoSum log-ratio of every entry is formed against the maxima current at its
-        block; the passes after this one use the final maxima."""
+    def _stats_fn(X, Y, V, it, x0, y0, xl0, yl0, BLOCK: tl.constexpr, SINGLE: tl.constexpr,
+                  XP: tl.constexpr, YP: tl.constexpr, JSM: tl.constexpr):
+        """One pass over a row: maxima, exact offset of the maxima, normalisers, sums, and the
+        series A = sum_S e^a phi(d - m) around the mean m of d (the value's sum).
+
+        Online: each block is read once; the sums so far are relative to the maxima and the
+        mean seen so far. When a block raises the maxima the sums are rescaled (normalisers by
+        exp(old - new); d moves with max x - max y, so S1 += shift * Zs and m += shift, which
+        leaves d - m and A as they were). Before the block's series terms are added, m moves to
+        the running mean including the block and A follows exactly:
+        sum w phi(u - delta) = e^-delta sum w phi(u) + phi(-delta) sum w + expm1(-delta) sum w u
+        (float64; delta is the change of a running mean, small near convergence: no
+        cancellation where it matters). With one block (rows up to the block size) m is the
+        final mean from the start and this is the multi-pass algorithm. JSM: the mean is over
+        p restricted to the common support (JS), else over p (KL)."""
         base = tl.arange(0, BLOCK)
         ninf = float("-inf")
         pinf = float("inf")
@@ -242,8 +271,20 @@ if True:
         Zqo = tl.zeros([1], tl.float64)
         ZpS = tl.zeros([1], tl.float64)
         Zpo = tl.zeros([1], tl.float64)
+        # A = As - Lin + e^-m B. "Small" entries (|d - m| < 1/2 when added): As = sum e^a
+        # phi(u), with Ls = sum e^a, Us = sum e^a u, Bs = sum e^b kept to move them; "large"
+        # entries: Lin = sum e^a (1 + u), PL = sum e^a, B = sum e^b (u = d - m)
+        As = tl.zeros([1], tl.float64)
+        Ls = tl.zeros([1], tl.float64)
+        Us = tl.zeros([1], tl.float64)
+        Bs = tl.zeros([1], tl.float64)
+        Lin = tl.zeros([1], tl.float64)
+        PL = tl.zeros([1], tl.float64)
+        B = tl.zeros([1], tl.float64)
+        m = tl.zeros([1], tl.float64)  # the series' base (a float32 value, or one shifted)
         esc = tl.zeros([BLOCK], tl.int32)
         nans = tl.zeros([BLOCK], tl.int32)
+        risk = tl.zeros([BLOCK], tl.int32)
         for b0 in range(0, V, BLOCK):
             offs = b0 + base
             x, y, xl, yl = _ld(X, Y, offs, V, x0, y0, xl0, yl0, SINGLE, XP, YP)
@@ -264,6 +305,14 @@ if True:
             shift = ((nCh.to(tl.float64) - Ch.to(tl.float64))
                      + (nCl.to(tl.float64) - Cl.to(tl.float64))) * it64
             S1 = (S1 + shift * ZpS) * fx
+            m = m + shift  # e^-m B: B scales with q's side, e^-shift fy = fx
+            As = As * fx
+            Ls = Ls * fx
+            Us = Us * fx
+            Lin = Lin * fx
+            PL = PL * fx
+            Bs = Bs * fy
+            B = B * fy
             Zx = Zx * fx
             ZpS = ZpS * fx
             Zpo = Zpo * fx
@@ -277,16 +326,61 @@ if True:
             Ch = nCh
             Cl = nCl
             px, py, both, a, ep, eq, d = _entry(x, y, xl, yl, mxs, mys, Ch, Cl, it)
-            Zx += tl.sum(ep, 0).to(tl.float64)
+            bZx = tl.sum(ep, 0).to(tl.float64)
+            bS1 = tl.sum(ep * d, 0).to(tl.float64)
+            bZpS = tl.sum(tl.where(both, ep, 0.0), 0).to(tl.float64)
+            # the running mean with this block (rounded to float32: the base the terms use)
+            if JSM:
+                Zn = ZpS + bZpS
+            else:
+                Zn = Zx + bZx
+            mn = ((S1 + bS1) / tl.where(Zn > 0.0, Zn, 1.0)).to(tl.float32)
+            mn64 = tl.where(Zn > 0.0, mn.to(tl.float64), m)
+            dl = mn64 - m
+            # move the base: u -> u - dl. Large entries: Lin -= dl PL (e^-m B is unchanged:
+            # e^-dl e^-m = e^-m_new). Small ones, for |dl| <= 1: the identity above; further,
+            # they become large ones (their terms no longer near 0: no cancellation)
+            far = tl.abs(dl) > 1.0
+            dls = tl.where(far, 0.0, dl)
+            ph = _phi64(-dls)
+            As_r = tl.exp(-dls) * As + ph * Ls + (ph - dls) * Us
+            Lin = Lin - dl * PL + tl.where(far, Ls * (1.0 - dl) + Us, 0.0)
+            PL = PL + tl.where(far, Ls, 0.0)
+            B = B + tl.where(far, Bs, 0.0)
+            Us = tl.where(far, 0.0, Us - dl * Ls)
+            As = tl.where(far, 0.0, As_r)
+            Ls = tl.where(far, 0.0, Ls)
+            Bs = tl.where(far, 0.0, Bs)
+            m = mn64
+            mT = m.to(tl.float32)
+            # the block's series terms: e^a phi(d - m), as e^b e^-m - e^a (1 + d - m) away
+            # from 0 (e^a e^(d - m) = e^b e^-m; e^-m applied once, at the end)
+            dc = d - mT
+            small = tl.abs(dc) < 0.5
+            ser = _phi_series(tl.where(small, dc, 0.0))
+            sm = both & small
+            lg = both & (small == 0)
+            As += tl.sum(tl.where(sm, ep * ser, 0.0), 0).to(tl.float64)
+            Ls += tl.sum(tl.where(sm, ep, 0.0), 0).to(tl.float64)
+            Us += tl.sum(tl.where(sm, ep * dc, 0.0), 0).to(tl.float64)
+            Bs += tl.sum(tl.where(sm, eq, 0.0), 0).to(tl.float64)
+            Lin += tl.sum(tl.where(lg, ep * (1.0 + dc), 0.0), 0).to(tl.float64)
+            PL += tl.sum(tl.where(lg, ep, 0.0), 0).to(tl.float64)
+            B += tl.sum(tl.where(lg, eq, 0.0), 0).to(tl.float64)
+            ad = tl.abs(d)
+            rk = both & (ad > 1048576.0) & (a > -(87.0 + 250.0)) & ((a < -87.0) | (ad >= 8.5e37))
+            risk = risk | rk.to(tl.int32)
+            Zx += bZx
+            S1 += bS1
+            ZpS += bZpS
             Zy += tl.sum(eq, 0).to(tl.float64)
-            S1 += tl.sum(ep * d, 0).to(tl.float64)
             ZqS += tl.sum(tl.where(both, eq, 0.0), 0).to(tl.float64)
             Zqo += tl.sum(tl.where(px, 0.0, eq), 0).to(tl.float64)
-            ZpS += tl.sum(tl.where(both, ep, 0.0), 0).to(tl.float64)
             Zpo += tl.sum(tl.where(py, 0.0, ep), 0).to(tl.float64)
             esc = esc | (px & (py == 0)).to(tl.int32)
             nans = nans | ((x != x) | (y != y)).to(tl.int32)
         escaped = tl.max(esc, 0) > 0
+        rmax = tl.max(risk, 0)
         bad = (mx == ninf) | (my == ninf) | (mx == pinf) | (my == pinf) | (mx != mx) | (
             my != my) | (tl.max(nans, 0) > 0)
         hi = tl.maximum(mx, my).to(tl.float64)
@@ -295,30 +389,10 @@ if True:
         fin = (Zx == Zx) & (Zy == Zy) & (S1 == S1) & (Zx < pinf) & (Zy < pinf) & (
             tl.abs(S1) < pinf)
         bad = (bad.to(tl.int32) + (fin == 0).to(tl.int32)) > 0
-        return bad, escaped, mxs, mys, Ch, Cl, Zx, Zy, S1, ZqS, Zqo, ZpS, Zpo
-
-    def _series_fn(X, Y, V, mx, my, Ch, Cl, it, x0, y0, xl0, yl0, muT, ip, c,
-                   BLOCK: tl.constexpr, SINGLE: tl.constexpr, XP: tl.constexpr,
-                   YP: tl.constexpr):
-        """One pass: sum over the common support of p phi(d - mu) (p = e^a * ip; p e^{d - mu}
-        = c e^b where the series is not used), and whether an underflowed p meets a huge d."""
-        base = tl.arange(0, BLOCK)
-        acc = tl.zeros([1], tl.float64)
-        risk = tl.zeros([BLOCK], tl.int32)
-        for b0 in range(0, V, BLOCK):
-            offs = b0 + base
-            x, y, xl, yl = _ld(X, Y, offs, V, x0, y0, xl0, yl0, SINGLE, XP, YP)
-            px, py, both, a, ep, eq, d = _entry(x, y, xl, yl, mx, my, Ch, Cl, it)
-            dc = d - muT
-            p = ep * ip
-            small = tl.abs(dc) < 0.5
-            ser = _phi_series(tl.where(small, dc, 0.0))
-            term = tl.where(small, p * ser, c * eq - p * (1.0 + dc))
-            acc += tl.sum(tl.where(both, term, 0.0), 0).to(tl.float64)
-            ad = tl.abs(d)
-            rk = both & (ad > 1048576.0) & (a > -(87.0 + 250.0)) & ((a < -87.0) | (ad >= 8.5e37))
-            risk = risk | rk.to(tl.int32)
-        return acc, tl.max(risk, 0) > 0
+        risky = rmax > 0  # an underflowed p_i against a huge log-ratio
+        # e^-m overflows only where KL is beyond ~700: those rows take the direct formula
+        A = (As - Lin) + tl.where(B > 0.0, tl.exp(tl.minimum(-m, 700.0)) * B, 0.0)
+        return bad, escaped, mxs, mys, Ch, Cl, Zx, Zy, S1, ZqS, Zqo, ZpS, Zpo, A, m, risky
 
     def _kl_rows_kernel_fn(X, Y, S, ROWS, PREV, GX, GY, V, sx, sy, sgx, sgy, inv_t,
                            WANT_X: tl.constexpr, WANT_Y: tl.constexpr, ACC: tl.constexpr,
@@ -330,8 +404,9 @@ if True:
         x0, y0, xl0, yl0 = _ld0(X, Y, V, BLOCK, SINGLE, XP, YP)
         it = tl.cast(inv_t, tl.float32)
         s = tl.load(S + r).to(tl.float64)
-        st = _stats(X, Y, V, it, x0, y0, xl0, yl0, BLOCK, SINGLE, XP, YP)
-        bad, escaped, mx, my, Ch, Cl, Zx, Zy, S1, ZqS, Zqo, ZpS, Zpo = st
+        # pass 1: statistics and the series
+        st = _stats(X, Y, V, it, x0, y0, xl0, yl0, BLOCK, SINGLE, XP, YP, False)
+        bad, escaped, mx, my, Ch, Cl, Zx, Zy, S1, ZqS, Zqo, ZpS, Zpo, A, m, risky = st
         base = tl.arange(0, BLOCK)
         Zx = tl.where(bad, 1.0, Zx)
         Zy = tl.where(bad, 1.0, Zy)
@@ -346,16 +421,11 @@ if True:
         l1p = tl.log(u) - ((u - 1.0) + qo_s) / u
         l1p = tl.where(u == 1.0, -qo_s, l1p)
         log_qS = tl.where(small_qo, l1p, tl.log(tl.where(small_qo, 1.0, ZqS / Zy)))
-        lc = -tl.log(Zx) - mu  # p_i e^{d'_i} = e^{lc} e^{b_i}
+        lc = -tl.log(Zx) - mu  # KL beyond ~57: the direct formula (no cancellation there)
         huge = lc > 57.0
-        c = tl.exp(tl.where(huge, 0.0, lc)).to(tl.float32)
-        c = tl.where(huge, 0.0, c)
-        ip = (1.0 / Zx).to(tl.float32)
-        muT = mu.to(tl.float32)
-        # pass 2: the series (and the check for underflowed weights at huge log-ratios)
-        acc, risky = _series(X, Y, V, mx, my, Ch, Cl, it, x0, y0, xl0, yl0, muT, ip, c, BLOCK,
-                             SINGLE, XP, YP)
+        muT = m.to(tl.float32)  # the series' base: mu rounded to float32
         bad = bad | risky
+        acc = tl.where(bad | huge, 0.0, A / Zx)
         a1 = acc
         u1 = 1.0 + a1
         l1 = tl.log(u1) - ((u1 - 1.0) - a1) / u1
@@ -459,8 +529,9 @@ if True:
         bt = tl.cast(beta, tl.float32)
         b64 = tl.cast(beta, tl.float64)
         s = tl.load(S + r).to(tl.float64)
-        st = _stats(X, Y, V, it, x0, y0, xl0, yl0, BLOCK, SINGLE, XP, YP)
-        bad, escaped, mx, my, Ch, Cl, Zx, Zy, S1, ZqS, Zqo, ZpS, Zpo = st
+        # pass 1: statistics and the series (the mean over p restricted to T)
+        st = _stats(X, Y, V, it, x0, y0, xl0, yl0, BLOCK, SINGLE, XP, YP, True)
+        bad, escaped, mx, my, Ch, Cl, Zx, Zy, S1, ZqS, Zqo, ZpS, Zpo, A, m, _ = st
         base = tl.arange(0, BLOCK)
         Zx = tl.where(bad, 1.0, Zx)
         Zy = tl.where(bad, 1.0, Zy)
@@ -483,11 +554,8 @@ if True:
         mu = S1 / ZpS
         lc = -tl.log(ZpS) - mu
         huge = lc > 57.0
-        c = tl.where(huge, 0.0, tl.exp(tl.where(huge, 0.0, lc)).to(tl.float32))
-        ipT = (1.0 / ZpS).to(tl.float32)
-        muT = mu.to(tl.float32)
-        acc, _ = _series(X, Y, V, mx, my, Ch, Cl, it, x0, y0, xl0, yl0, muT, ipT, c, BLOCK,
-                         SINGLE, XP, YP)
+        muT = tl.where(bad | empty, 0.0, m).to(tl.float32)  # the series' base (mu in float32)
+        acc = tl.where(bad | huge | empty, 0.0, A / ZpS)
         u1 = 1.0 + acc
         L = tl.where(u1 == 1.0, acc, tl.log(u1) - ((u1 - 1.0) - acc) / u1)
         L = tl.where(huge, lc + tl.log(ZqS), L)
@@ -579,7 +647,7 @@ _BUILT = None  # the interpreter setting the kernels were decorated under
 def _build():
     """Decorate the kernel functions with triton.jit (again if TRITON_INTERPRET changed)."""
     global _BUILT, _phi_series, _entry, _stats, _kl_rows_kernel, _expm1, _log1p, _log_mix
-    global _js_rows_kernel, _y_hat, _ld, _ld0, _ld1, _series
+    global _js_rows_kernel, _y_hat, _ld, _ld0, _ld1, _phi64
     mode = _interpret()
     if _BUILT is not mode:
         _phi_series = triton.jit(_phi_series_fn)
@@ -591,7 +659,7 @@ def _build():
         _ld = triton.jit(_ld_fn)
         _ld0 = triton.jit(_ld0_fn)
         _ld1 = triton.jit(_ld1_fn)
-        _series = triton.jit(_series_fn)
+        _phi64 = triton.jit(_phi64_fn)
         _stats = triton.jit(_stats_fn)
         _js_rows_kernel = triton.jit(_js_rows_kernel_fn)
         _kl_rows_kernel = triton.jit(_kl_rows_kernel_fn)
