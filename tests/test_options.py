@@ -397,6 +397,7 @@ def test_bad_options():
     _err(TypeError, "ignore_index: expected an int", ignore_index=1.5, labels=torch.tensor([1, 2]))
     _err(TypeError, "labels: expected an integer array", labels=torch.tensor([1.0, 2.0]))
     _err(ValueError, "labels: shape", labels=torch.tensor([1, 2, 3]))
+    _err(TypeError, "labels: numpy", labels=np.array([1, 2]))
     # a scalar option applies to the logits side only: no error with a probabilities side
     x, y = data(n=2, v=4)
     p = torch.softmax(x, -1)
@@ -593,6 +594,34 @@ def test_distributed_options(dist_results, case):
             assert_rows(rows[None], want.detach()[None], 1e-12, f"{case} {kind} rank {rank}")
             assert_rows(ga, wa[:, lo:hi], 1e-10, f"{case} {kind} grad p rank {rank}")
             assert_rows(gb, wb[:, lo:hi], 1e-10, f"{case} {kind} grad q rank {rank}")
+
+
+def test_distributed_one_process_and_errors():
+    """Without a process group: the same values as the core; the shard checks name the
+    argument."""
+    import kldiv.distributed as kd
+
+    x, y, labels, h, w, cot = _dist_data()
+    for kind in KINDS:
+        got = kd.vocab_parallel_kl_div(x, y, kind=kind, beta=0.3, vocab_size=9, labels=labels,
+                                       reduction="none", **_DOPTS)
+        want = _masked_naive(kind, x, y, 9, labels, cot)
+        assert_rows(got[None], want[None], 1e-12, kind)
+    with pytest.raises(ValueError, match="vocab_start: given without vocab_size"):
+        kd.vocab_parallel_kl_div(x, y, vocab_start=3)
+    with pytest.raises(ValueError, match="vocab_start: expected an int >= 0"):
+        kd.vocab_parallel_kl_div(x, y, vocab_size=4, vocab_start=-1)
+    with pytest.raises(TypeError, match="labels: expected an integer tensor"):
+        kd.vocab_parallel_kl_div(x, y, labels=labels.double())
+    with pytest.raises(ValueError, match="shard both at the larger"):
+        kd.vocab_parallel_kl_div(x, y[:, :9], vocab_size=9)
+    with pytest.raises(ValueError, match=r"softcap \(p side\)"):
+        kd.vocab_parallel_js_div(x, y, softcap=(-1.0, None))
+    with pytest.raises(ValueError, match="vocab_size: 12 is more than the 11 categories"):
+        kd.vocab_parallel_reverse_kl(x, y, vocab_size=12)
+    with pytest.raises(ValueError, match="softcap: applies to logits"):
+        kd.vocab_parallel_linear_kl_div(h, w, torch.log_softmax(x, -1), target_space="log_probs",
+                                        softcap=(2.0, 3.0))
 
 
 def test_distributed_linear_and_errors(dist_results):

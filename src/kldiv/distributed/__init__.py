@@ -56,6 +56,12 @@ form of the difference), one per row chunk for the underflow guard of the common
 and for JS and Jeffreys one per call for the direct log-ratio; on GPUs each is a device
 synchronisation.
 
+The model-side options of ``kldiv.kl_div`` (``softcap``, ``logit_scale``, ``vocab_size``,
+``labels`` with ``ignore_index``) are taken with the same meaning: the transform is elementwise,
+so each rank applies it to its shard; ``vocab_size`` counts global columns from each shard's
+first column (``vocab_start``, by default the widths of the lower ranks: one all-reduce of
+``world`` integers), and a shard may keep none of its columns.
+
 Modules: ``_comm`` (the all-reduce and its counter), ``_rows`` (the sharded row statistics and
 local gradients), ``_inputs`` (argument checks), ``vocab_parallel`` (the four divergences),
 ``layer`` (the fused output layer), ``data_parallel`` (the global token mean).
