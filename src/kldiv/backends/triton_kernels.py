@@ -406,7 +406,7 @@ if True:
         s = tl.load(S + r).to(tl.float64)
         # pass 1: statistics and the series
         st = _stats(X, Y, V, it, x0, y0, xl0, yl0, BLOCK, SINGLE, XP, YP, False)
-        bad, escaped, mx, my, Ch, Cl, Zx, Zy, S1, ZqS, Zqo, ZpS, Zpo, A, m, risky = st
+        bad, escaped, mx, my, Ch, Cl, Zx, Zy, S1, ZqS, Zqo, ZpS, Zpo, A, mb, risky = st
         base = tl.arange(0, BLOCK)
         Zx = tl.where(bad, 1.0, Zx)
         Zy = tl.where(bad, 1.0, Zy)
@@ -423,7 +423,7 @@ if True:
         log_qS = tl.where(small_qo, l1p, tl.log(tl.where(small_qo, 1.0, ZqS / Zy)))
         lc = -tl.log(Zx) - mu  # KL beyond ~57: the direct formula (no cancellation there)
         huge = lc > 57.0
-        muT = m.to(tl.float32)  # the series' base: mu rounded to float32
+        muT = mb.to(tl.float32)  # the series' base: mu rounded to float32
         bad = bad | risky
         acc = tl.where(bad | huge, 0.0, A / Zx)
         a1 = acc
@@ -531,7 +531,7 @@ if True:
         s = tl.load(S + r).to(tl.float64)
         # pass 1: statistics and the series (the mean over p restricted to T)
         st = _stats(X, Y, V, it, x0, y0, xl0, yl0, BLOCK, SINGLE, XP, YP, True)
-        bad, escaped, mx, my, Ch, Cl, Zx, Zy, S1, ZqS, Zqo, ZpS, Zpo, A, m, _ = st
+        bad, escaped, mx, my, Ch, Cl, Zx, Zy, S1, ZqS, Zqo, ZpS, Zpo, A, mb, _ = st
         base = tl.arange(0, BLOCK)
         Zx = tl.where(bad, 1.0, Zx)
         Zy = tl.where(bad, 1.0, Zy)
@@ -554,7 +554,7 @@ if True:
         mu = S1 / ZpS
         lc = -tl.log(ZpS) - mu
         huge = lc > 57.0
-        muT = tl.where(bad | empty, 0.0, m).to(tl.float32)  # the series' base (mu in float32)
+        muT = tl.where(bad | empty, 0.0, mb).to(tl.float32)  # the series' base (mu in float32)
         acc = tl.where(bad | huge | empty, 0.0, A / ZpS)
         u1 = 1.0 + acc
         L = tl.where(u1 == 1.0, acc, tl.log(u1) - ((u1 - 1.0) - acc) / u1)
