@@ -54,6 +54,7 @@ def setup(tmp_path_factory):
     LlamaForCausalLM(LlamaConfig(**{**cfg1.to_dict(), "vocab_size": V + 3})).save_pretrained(root / "cand_v100")
     ids = np.random.default_rng(0).integers(1, V, N_CHUNKS * CTX)
     np.save(root / "tokens.npy", ids)
+    (root / "text.txt").write_text(" ".join(f"w{i - 1}" for i in ids))
     for name, extra in (("cache", []), ("cache_t2", ["--temperature", "2"])):
         argv = ["cache", str(root / "teacher"), "--tokens", str(root / "tokens.npy"), "--top-k", str(K),
                 "--tail-samples", str(M), "--ctx", str(CTX), "--shard-chunks", "3", "--out",
@@ -128,6 +129,11 @@ def test_eval_with_cache_reference_brackets_dense_kl(setup, tmp_path, capsys, wi
     in_top = (torch.topk(t, K).indices == nxt[:, None]).any(-1).double().mean().item()
     assert c["next_token_in_ref_topk"]["share"] == pytest.approx(in_top, abs=1e-12)
     assert "ppl_ref" not in c.get("perplexity", {}) and "delta_p" not in c and "reverse_kl" not in c
+    if window == "half":  # --text is tokenized with the cache's recorded tokenizer and checked
+        out2 = tmp_path / "e2.json"
+        assert main(["eval", str(root / "cache"), str(root / "cand"), "--text", str(root / "text.txt"),
+                     "--json", str(out2), "--no-progress", "--quiet"]) == 0
+        assert _cands(out2)[0]["kl_lower"] == c["kl_lower"]
 
 
 def test_compare_with_cache_reference_and_temperature(setup, tmp_path, capsys):

@@ -176,6 +176,11 @@ def check_tokenizer(cache: CacheReference, model_dir) -> None:
                          f"vocabularies differ)")
 
 
+def _has_tokenizer(path) -> bool:
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    return os.path.isdir(path) and any(os.path.isfile(os.path.join(path, n)) for n in names)
+
+
 def sparse_row_values(fields: dict, logits, tokens=None, *, temperature=None, topk=TOPK,
                       name="candidate") -> dict:
     """Per-row quantities of a cached reference and dense candidate logits (rows, V).
@@ -450,7 +455,7 @@ class CacheResult:
         frac = ""
         if "next_token_in_ref_topk" in cs[0]:
             out = 1 - cs[0]["next_token_in_ref_topk"]["share"]
-            frac = f" ({100 * out:.1f} % of the next tokens here lie outside the top-{K})"
+            frac = f"; here {100 * out:.1f} % of the next tokens lie outside the top-{K}"
         lines.append(f"- {NOT_COMPUTABLE['ppl_ref']}{frac};")
         lines.append(f"- {NOT_COMPUTABLE['reverse_kl']};")
         lines.append(f"- {NOT_COMPUTABLE['kl_exact']}.")
@@ -590,11 +595,14 @@ def evaluate_cache(reference, candidates, *, tokens=None, text=None, ctx=None, c
             raise ValueError(f"{ref.path}: ctx = {ctx}; scoring needs chunks of 3 or more positions")
         ids = ref.input_ids()
         given = None
-        if text is not None:
-            tk = next((m.name for m in cands if isinstance(m, HFModel)), None)
-            if tk is None:
-                raise ValueError("--text needs a candidate model directory with a tokenizer; give --tokens")
-            given, _ = tokenize_text(text, tk)
+        if text is not None:  # the cache's own tokenizer when its directory is here, else a candidate's
+            rec = (ref.tokenizer or {}).get("name_or_path")
+            dirs = ([rec] if rec and _has_tokenizer(rec) else []) + [
+                m.name for m in cands if isinstance(m, HFModel) and _has_tokenizer(m.name)]
+            if not dirs:
+                raise ValueError("--text needs the cache's tokenizer directory or a candidate with tokenizer "
+                                 "files; give --tokens (or nothing: the cache holds its input_ids)")
+            given, _ = tokenize_text(text, dirs[0])
         elif isinstance(tokens, (str, os.PathLike)):
             given = load_tokens(tokens).astype(np.int64)
         elif tokens is not None:
