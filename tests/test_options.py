@@ -398,6 +398,9 @@ def test_bad_options():
     _err(TypeError, "labels: expected an integer array", labels=torch.tensor([1.0, 2.0]))
     _err(ValueError, "labels: shape", labels=torch.tensor([1, 2, 3]))
     _err(TypeError, "labels: numpy", labels=np.array([1, 2]))
+    _err(TypeError, "labels: expected an integer array of the row shape, got list", labels=[1, 2])
+    _err(TypeError, "logit_scale: a tensor that requires grad",
+         logit_scale=torch.tensor(2.0, requires_grad=True))
     # a scalar option applies to the logits side only: no error with a probabilities side
     x, y = data(n=2, v=4)
     p = torch.softmax(x, -1)

@@ -48,6 +48,9 @@ def _check_value(name, value, side):
     if value is None:
         return None
     label = name if side is None else f"{name} ({side} side)"
+    if getattr(value, "requires_grad", False):
+        raise TypeError(f"{label}: a tensor that requires grad would lose its gradient here; "
+                        "pass a number, or apply a learned scale to the logits yourself")
     v = V._as_number(label, value, _WHAT[name])
     if name == "softcap" and not (math.isfinite(v) and v > 0):
         raise ValueError(f"{label}: expected a positive finite number, got {value!r}")
@@ -209,6 +212,9 @@ def apply_options(p, q, *, p_space, q_space, axis, mask, softcap=None, logit_sca
     vocab_size = check_vocab_size(vocab_size)
     ignore_index = check_ignore_index(ignore_index, labels)
     p, q = _array(p, names[0]), _array(q, names[1])
+    if labels is not None and not is_array_api_obj(labels):
+        raise TypeError(f"labels: expected an integer array of the row shape, got "
+                        f"{type(labels).__name__}")
     # labels from another array library: named in the error (not reported later as the mask)
     xp = namespace(**{names[0]: p, names[1]: q, "labels": labels})
     V.check_floating(xp, names[0], p)
@@ -218,9 +224,6 @@ def apply_options(p, q, *, p_space, q_space, axis, mask, softcap=None, logit_sca
     if ax_p is None or ax_q is None:  # the divergence reports the axis or the scalar
         return p, q, p_space, q_space, mask
     if labels is not None:
-        if not is_array_api_obj(labels):
-            raise TypeError(f"labels: expected an integer array of the row shape, got "
-                            f"{type(labels).__name__}")
         if not xp.isdtype(labels.dtype, "integral"):
             raise TypeError(f"labels: expected an integer array, got dtype {labels.dtype}")
         rows_shape = _rows_shape(p, q, ax_p, ax_q)
