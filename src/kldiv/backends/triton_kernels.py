@@ -20,21 +20,26 @@ read in their own dtype and computed in float32; block sums are accumulated in f
 gradients are written in the input dtype.
 
 Passes over a row (a row of up to 8192 entries is read once and kept in registers; longer rows
-are loops over blocks of 4096, re-read in each pass, so any V works, odd V included): (1) the maxima
-and the smallest finite values; (2) the exponentials, normalisers, E_p[d] and q's mass off S;
-(3) the series sum (the value); (4) only when a gradient is wanted, the gradients. Rows the
+are loops over blocks of 4096, so any V works, odd V included): (1) one online pass for the
+maxima, the normalisers, E_p[d], q's mass off S and the series sum (the value): each block is
+read once, the sums so far are rescaled when a block raises a maximum (the log-ratio's offset
+moves by the exact change of max x - max y) and the series' base follows the running mean of d
+by an exact identity; (2) only when a gradient is wanted, the gradients. Rows the
 float32 algebra cannot hold (a span of values beyond float32, a +inf or nan entry, a row with no
 support, an underflowed p_i against a huge log-ratio) get the value nan (and nan gradients):
 the caller hands them to the core (after one host synchronisation, only when value checks are
 on; under ``torch.compile`` or ``validate=False`` the nan is the answer, never a made-up number).
 p_i > 0 = q_i somewhere gives +inf with zero gradients (the core's convention). Rows whose scale
-is 0 (masked) give 0 and zero gradients whatever they hold.
+is 0 (masked) give 0 and zero gradients whatever they hold. Probabilities (``p_space`` or
+``q_space`` "probs", no gradient with respect to them) are read as their logarithm, taken in
+float64 and split into a float32 value and its remainder, both entering the exact log-ratio.
 
 The generalised Jensen-Shannon divergence (``kind="js"``, 0 < beta < 1) has its own kernel with
 the core's JS algebra on top of the same first passes: log q/p on the common support T from the
 centred series (d' + E_{p|T}[log q/p]), y = log m/p and z = log m/q by log1p/expm1 forms, the
 terms p phi(y) as m - p (1 + y) away from 0, and the gradients -beta/T p (y - E_p[y]) (and the
-same for q) with y - E_p[y] taken relative to log beta where q << p: five passes per row.
+same for q) with y - E_p[y] taken relative to log beta where q << p: three passes per row
+(statistics and series; the value and the means for the gradients; the gradients).
 Jeffreys runs the KL kernel in both directions, the second accumulating into the gradients.
 
 The op is registered with ``torch.library`` (``kldiv::triton_kl_rows``, with a fake
@@ -243,14 +248,18 @@ if True:
         series A = sum_S e^a phi(d - m) around the mean m of d (the value's sum).
 
         Online: each block is read once; the sums so far are relative to the maxima and the
-        mean seen so far. When a block raises the maxima the sums are rescaled (normalisers by
-        exp(old - new); d moves with max x - max y, so S1 += shift * Zs and m += shift, which
-        leaves d - m and A as they were). Before the block's series terms are added, m moves to
-        the running mean including the block and A follows exactly:
+        mean seen so far. When a block raises the maxima the sums are rescaled (those of p's
+        side by exp(old - new), those of q's side likewise; d moves with max x - max y, so
+        S1 += shift * Zs and m += shift, which leaves u = d - m as it was). Before the block's
+        series terms are added, m moves to the running mean including the block: entries added
+        near the base (|u| < 1/2) keep A_s = sum e^a phi(u) through the exact identity
         sum w phi(u - delta) = e^-delta sum w phi(u) + phi(-delta) sum w + expm1(-delta) sum w u
-        (float64; delta is the change of a running mean, small near convergence: no
-        cancellation where it matters). With one block (rows up to the block size) m is the
-        final mean from the start and this is the multi-pass algorithm. JSM: the mean is over
+        (float64) while |delta| <= 1, and become "far" entries beyond; far entries are kept as
+        e^-m sum e^b - sum e^a (1 + u) (their terms are not near 0: no cancellation), with
+        e^-m applied once at the end (its q-side sum scales with q's maximum, so a p-side
+        maximum that jumps by 1e30 loses none of q's mass). Near convergence delta is tiny.
+        With one block (rows up to the block size) m is the final mean from the start and this
+        is the multi-pass algorithm. JSM: the mean is over
         p restricted to the common support (JS), else over p (KL)."""
         base = tl.arange(0, BLOCK)
         ninf = float("-inf")
@@ -943,8 +952,8 @@ def divergence(kind, p, q, *, p_space, q_space, axis, reduction, mask, weight, t
                t2_scale, validate, beta=0.5):
     """``kldiv.<kind>`` through the Triton kernel, or NotImplemented (the torch path runs).
 
-    Taken: kinds "forward", "reverse", "jeffreys", "js" (0 < beta < 1); log-space inputs
-    ("logits", "log_probs") of
+    Taken: kinds "forward", "reverse", "jeffreys", "js" (0 < beta < 1); inputs in any space
+    ("logits", "log_probs", "probs"; no gradient with respect to probabilities) of
     float16, bfloat16 or float32 on one device, same shape; any axis and reduction; a boolean
     mask and a weight without gradient (per-row scale); temperature in ``T_RANGE``. With value
     checks on (the default) one host synchronisation decides whether every row was taken (rows
