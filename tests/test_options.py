@@ -448,6 +448,23 @@ def test_modules():
     with pytest.raises(ValueError, match="softcap: applies to logits-space"):
         kt.KLDivLoss(softcap=2.0)  # both sides probabilities
     assert "softcap=3.0" in repr(loss)
+    # the fused output layer: the student's cap inside, vocabulary cut on the weight
+    h = torch.randn(4, 3, generator=torch.Generator().manual_seed(19), dtype=torch.float64)
+    W = torch.randn(10, 3, generator=torch.Generator().manual_seed(20), dtype=torch.float64)
+    lin = kt.LinearKLDivLoss(softcap=(None, 2.0), logit_scale=1.5, vocab_size=8)
+    hh, WW = h.clone().requires_grad_(), W.clone().requires_grad_()
+    got = lin(hh, WW, x, labels=labels)
+    gh, gw = torch.autograd.grad(got, (hh, WW))
+    hh, WW = h.clone().requires_grad_(), W.clone().requires_grad_()
+    keep = labels != -100
+    want = naive_rows("forward", gemma(x[:, :8], None, 1.5),
+                      gemma(hh @ WW[:8].T, 2.0, 1.5))[keep].mean()
+    wh, ww = torch.autograd.grad(want, (hh, WW))
+    assert abs(float((got - want).detach())) <= 1e-12
+    assert_rows(gh, wh, 1e-10, "grad hidden")
+    assert_rows(gw, ww, 1e-10, "grad weight")
+    with pytest.raises(ValueError, match=r"softcap: applies to logits .* target_space"):
+        kt.LinearKLDivLoss(target_space="log_probs", softcap=(2.0, None))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -145,7 +145,8 @@ class LinearKLDivLoss(torch.nn.Module):
     The student's logits are never materialised in full (see ``linear_kl_div``). Options
     (constructor keywords): ``target_space``, ``divergence`` ("forward", "reverse", "js"),
     ``beta``, ``temperature``, ``t2_scale``, ``reduction`` (default ``"mean"``),
-    ``ignore_index``, ``chunk_size``, ``validate``.
+    ``ignore_index``, ``chunk_size``, ``validate``, ``softcap``, ``logit_scale`` (a number, or
+    a pair ``(teacher, student)``) and ``vocab_size``, as ``linear_kl_div``.
     ``forward(hidden, weight, target, *, bias=None, mask=None, labels=None)``: ``weight`` and
     ``bias`` are the output layer's (``lm_head.weight``), ``target`` the teacher (logits or
     log-probs (N, V), or a top-k pair ``(indices, log_probs)``).
@@ -162,16 +163,23 @@ class LinearKLDivLoss(torch.nn.Module):
 
     def __init__(self, *, target_space="logits", divergence="forward", beta=0.5,
                  temperature=1.0, t2_scale=False, reduction="mean", ignore_index=-100,
-                 chunk_size=None, validate=None):
+                 chunk_size=None, validate=None, softcap=None, logit_scale=None,
+                 vocab_size=None):
         super().__init__()
         check_option("reduction", reduction, ("sum", "mean"))
         check_option("divergence", divergence, ("forward", "reverse", "js"))
         check_option("target_space", target_space, ("logits", "log_probs"))
         if divergence == "js":
             beta = _check_beta(beta)
+        names = ("target", "student")  # linear_kl_div's pairs: (teacher = target, student)
+        _opt.check_per_side("softcap", softcap, target_space, "logits", names)
+        _opt.check_per_side("logit_scale", logit_scale, target_space, "logits", names)
+        _opt.check_vocab_size(vocab_size)
+        model = dict(softcap=softcap, logit_scale=logit_scale, vocab_size=vocab_size)
         self.options = dict(target_space=target_space, divergence=divergence, beta=beta,
                             temperature=temperature, t2_scale=t2_scale, reduction=reduction,
-                            ignore_index=ignore_index, chunk_size=chunk_size, validate=validate)
+                            ignore_index=ignore_index, chunk_size=chunk_size, validate=validate,
+                            **{k: v for k, v in model.items() if v is not None})
 
     def forward(self, hidden, weight, target, *, bias=None, mask=None, labels=None):
         from .backends.torch_linear import linear_kl_div
