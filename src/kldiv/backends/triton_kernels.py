@@ -242,6 +242,16 @@ if True:
         ul = tl.where(small, 0.0, u)
         return tl.where(small, acc * us * us, tl.exp(ul) - 1.0 - ul)
 
+    def _log_mass_fn(off, on_sum, total):
+        # log of the mass on a support, 1 - off (off: the mass off it): log1p(-off) in float64
+        # without libdevice, log(u) - ((u - 1) + off) / u with u = 1 - off, for off < 1/2;
+        # else log(on_sum / total)
+        small = off < 0.5
+        o = tl.where(small, off, 0.0)
+        u = 1.0 - o
+        l1p = tl.where(u == 1.0, -o, tl.log(u) - ((u - 1.0) + o) / u)
+        return tl.where(small, l1p, tl.log(tl.where(small, 1.0, on_sum / total)))
+
     def _stats_fn(X, Y, V, it, x0, y0, xl0, yl0, BLOCK: tl.constexpr, SINGLE: tl.constexpr,
                   XP: tl.constexpr, YP: tl.constexpr, JSM: tl.constexpr):
         """One pass over a row: maxima, exact offset of the maxima, normalisers, sums, and the
@@ -423,13 +433,7 @@ if True:
         ZqS = tl.where(bad, 1.0, ZqS)
         mu = S1 / Zx
         qo = Zqo / Zy
-        small_qo = qo < 0.5
-        qo_s = tl.where(small_qo, qo, 0.0)
-        # log1p(-qo) in float64 without libdevice: log(u) - ((u - 1) + qo) / u, u = 1 - qo
-        u = 1.0 - qo_s
-        l1p = tl.log(u) - ((u - 1.0) + qo_s) / u
-        l1p = tl.where(u == 1.0, -qo_s, l1p)
-        log_qS = tl.where(small_qo, l1p, tl.log(tl.where(small_qo, 1.0, ZqS / Zy)))
+        log_qS = _log_mass(qo, ZqS, Zy)
         lc = -tl.log(Zx) - mu  # KL beyond ~57: the direct formula (no cancellation there)
         huge = lc > 57.0
         muT = mb.to(tl.float32)  # the series' base: mu rounded to float32
@@ -551,14 +555,8 @@ if True:
         # masses off the common support T, and the logs of the masses on it
         pout = Zpo / Zx
         qout = Zqo / Zy
-        sp_ = pout < 0.5
-        up = 1.0 - tl.where(sp_, pout, 0.0)
-        lp1 = tl.log(up) - ((up - 1.0) + tl.where(sp_, pout, 0.0)) / up
-        log_pT = tl.where(sp_, lp1, tl.log(tl.where(sp_, 1.0, ZpS / Zx)))
-        sq_ = qout < 0.5
-        uq = 1.0 - tl.where(sq_, qout, 0.0)
-        lq1 = tl.log(uq) - ((uq - 1.0) + tl.where(sq_, qout, 0.0)) / uq
-        log_qT = tl.where(sq_, lq1, tl.log(tl.where(sq_, 1.0, ZqS / Zy)))
+        log_pT = _log_mass(pout, ZpS, Zx)
+        log_qT = _log_mass(qout, ZqS, Zy)
         # p restricted to T: its mean log-ratio, and L = log E[e^{d'}] by the series
         mu = S1 / ZpS
         lc = -tl.log(ZpS) - mu
@@ -656,7 +654,7 @@ _BUILT = None  # the interpreter setting the kernels were decorated under
 def _build():
     """Decorate the kernel functions with triton.jit (again if TRITON_INTERPRET changed)."""
     global _BUILT, _phi_series, _entry, _stats, _kl_rows_kernel, _expm1, _log1p, _log_mix
-    global _js_rows_kernel, _y_hat, _ld, _ld0, _ld1, _phi64
+    global _js_rows_kernel, _y_hat, _ld, _ld0, _ld1, _phi64, _log_mass
     mode = _interpret()
     if _BUILT is not mode:
         _phi_series = triton.jit(_phi_series_fn)
@@ -669,6 +667,7 @@ def _build():
         _ld0 = triton.jit(_ld0_fn)
         _ld1 = triton.jit(_ld1_fn)
         _phi64 = triton.jit(_phi64_fn)
+        _log_mass = triton.jit(_log_mass_fn)
         _stats = triton.jit(_stats_fn)
         _js_rows_kernel = triton.jit(_js_rows_kernel_fn)
         _kl_rows_kernel = triton.jit(_kl_rows_kernel_fn)
