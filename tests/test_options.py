@@ -337,6 +337,8 @@ def test_labels_equal_mask(xp, reduction):
     got = kldiv.kl_div(xp.asarray(x), xp.asarray(y), labels=xp.asarray(labels),
                        weight=xp.asarray(w), reduction=reduction, **LOGITS)
     np.testing.assert_array_equal(to_numpy(got), to_numpy(want))
+    if xp.name == "jax":  # (each new option set compiles on JAX: the rest is backend-agnostic)
+        return
     # another ignore_index, and together with mask
     labels2 = np.where(mask, labels, 7)
     m2 = np.array([True, True, False])
