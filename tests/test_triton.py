@@ -534,3 +534,62 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     if r.returncode and "ptxas" in r.stderr and "not found" in r.stderr.lower():
         pytest.skip("no ptxas in this Triton install")
     assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-3000:]
+
+
+def test_linear_kl_div_kernel_long_rows_in_place_and_topk(monkeypatch):
+    """Long rows (two interpreter blocks): the gradient overwrites the chunk's logits block by
+    block; and a top-k teacher (its K + 1 bucket log-probabilities through the kernel)."""
+    from kldiv.torch import linear_kl_div
+
+    monkeypatch.setenv("KLDIV_BACKEND", "triton")
+    gen = torch.Generator().manual_seed(15)
+    hid = torch.randn(2, 5, generator=gen)
+    W = torch.randn(1100, 5, generator=gen)
+    t = torch.randn(2, 1100, generator=gen) * 3
+    h1, W1 = hid.clone().requires_grad_(True), W.clone().requires_grad_(True)
+    loss = linear_kl_div(h1, W1, t, softcap=(None, 9.0), chunk_size=2)
+    h2, W2 = hid.double().requires_grad_(True), W.double().requires_grad_(True)
+    z = 9.0 * torch.tanh((h2 @ W2.T) / 9.0)
+    lp, lq = torch.log_softmax(t.double(), -1), torch.log_softmax(z, -1)
+    ref = (lp.exp() * (lp - lq)).sum(-1).mean()
+    assert abs(loss.item() - ref.item()) <= 1e-6 * ref.item()
+    got, want = torch.autograd.grad(loss, [h1, W1]), torch.autograd.grad(ref, [h2, W2])
+    assert _rowerr(got[0], want[0]) < 1e-5
+    assert _rowerr(got[1].T, want[1].T) < 1e-5  # per hidden unit (the weight's columns)
+    # top-k teacher: K = 3 of V = 20, against the K + 1 bucket formula by hand
+    idx = torch.tensor([[0, 5, 7], [3, 1, 19]])
+    tlp = torch.log(torch.tensor([[0.5, 0.2, 0.1], [0.6, 0.3, 0.05]]))
+    W3 = W[:20].clone().requires_grad_(True)
+    loss = linear_kl_div(hid, W3, (idx, tlp))
+    W4 = W[:20].double().requires_grad_(True)
+    lq = torch.log_softmax(hid.double() @ W4.T, -1)
+    p = tlp.double().exp()
+    qk = torch.gather(lq, -1, idx).exp()
+    pr, qr = 1 - p.sum(-1), 1 - qk.sum(-1)
+    ref = ((p * (p / qk).log()).sum(-1) + pr * (pr / qr).log()).mean()
+    assert abs(loss.item() - ref.item()) <= 1e-6 * ref.item()
+    (g,), (r,) = torch.autograd.grad(loss, [W3]), torch.autograd.grad(ref, [W4])
+    assert _rowerr(g.T, r.T) < 1e-5
+
+
+def test_single_category_rows(monkeypatch):
+    # V = 1: every divergence is exactly 0 with zero gradients, whatever the logits (1e30,
+    # finfo.min); a row spanning finfo.min .. finfo.max is beyond the kernel's float32 algebra
+    # (nan from the kernel; through kldiv the core computes it: 0); -inf on one side alone is
+    # no distribution (nan, for the core to name)
+    dtype = torch.bfloat16  # (its finfo.max is float32's, rounded)
+    f = torch.finfo(dtype)
+    x = torch.tensor([[0.0], [1e30], [f.min]]).to(dtype)
+    y = torch.tensor([[5.0], [-1e30], [f.max]]).to(dtype)
+    ok = torch.tensor([True, True, False])
+    monkeypatch.setenv("KLDIV_BACKEND", "triton")
+    for kind in ("forward", "reverse", "jeffreys", "js"):
+        rows, gx, gy, _ = _rows_and_grads(x, y, 1.0, kind)
+        assert bool((rows[ok] == 0).all()) and bool(torch.isnan(rows[~ok]).all()), (kind, rows)
+        assert bool((gx[ok] == 0).all()) and bool((gy[ok] == 0).all())
+        if kind in ("forward", "js"):  # (the interpreter is slow: two kinds suffice here)
+            v = FNS[kind](x, y, **L)
+            assert bool((v == 0).all()), (kind, v)
+    rows = tk.kl_rows(torch.tensor([[-math.inf]]), torch.tensor([[0.0]]),
+                      torch.ones(1, dtype=torch.float64))
+    assert bool(torch.isnan(rows).all())
