@@ -134,6 +134,15 @@ def test_eval_with_cache_reference_brackets_dense_kl(setup, tmp_path, capsys, wi
         assert main(["eval", str(root / "cache"), str(root / "cand"), "--text", str(root / "text.txt"),
                      "--json", str(out2), "--no-progress", "--quiet"]) == 0
         assert _cands(out2)[0]["kl_lower"] == c["kl_lower"]
+        # a candidate given as a logits file of the scored rows gives the same numbers
+        np.save(tmp_path / "scored.npy", setup["cand"][:, first:stop].reshape(-1, V).float().numpy())
+        out3 = tmp_path / "e3.json"
+        assert main(["eval", str(root / "cache"), str(tmp_path / "scored.npy"), "--json", str(out3),
+                     "--no-progress", "--quiet"]) == 0
+        c3 = _cands(out3)[0]
+        for key in ("kl_lower", "kl_upper"):
+            assert c3[key]["mean"] == pytest.approx(c[key]["mean"], rel=1e-6)
+        assert c3["same_top"] == c["same_top"]
 
 
 def test_compare_with_cache_reference_and_temperature(setup, tmp_path, capsys):
