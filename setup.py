@@ -26,7 +26,7 @@ ext_modules = [
     Extension(
         "kldiv._ext._rowstats",
         sources=["src/kldiv/_ext/rowstats.c"],
-        depends=["src/kldiv/_ext/kl_simd.h"],
+        depends=["src/kldiv/_ext/kl_simd.h", "src/kldiv/_ext/kl_rows.h"],
         extra_compile_args=COMMON + OPENMP,
         extra_link_args=OPENMP,
         optional=True,
@@ -36,7 +36,7 @@ ext_modules = [
     Extension(
         "kldiv._ext._divrows",
         sources=["src/kldiv/_ext/divrows.c"],
-        depends=["src/kldiv/_ext/kl_simd.h"],
+        depends=["src/kldiv/_ext/kl_simd.h", "src/kldiv/_ext/kl_rows.h"],
         extra_compile_args=COMMON + OPENMP,
         extra_link_args=OPENMP,
         optional=True,

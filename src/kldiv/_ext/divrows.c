@@ -45,7 +45,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "kl_simd.h" /* KLDIV_CLONES, FMA contraction */
+#include "kl_rows.h" /* KLDIV_CLONES, FMA contraction, TwoSum, kl_get_buf */
 
 #define BLOCK 2048
 
@@ -167,15 +167,6 @@ static inline double phi_series(double x)
     return s * x * x;
 }
 
-/* Exact a - b as hi + lo (TwoSum; no overflow for the magnitudes the caller lets through). */
-static inline void two_diff(double a, double b, double *hi, double *lo)
-{
-    double s = a - b;
-    double bb = s - a;
-    *lo = (a - (s - bb)) + (-b - bb);
-    *hi = s;
-}
-
 /* log(1 - c + c e^d) for 0 < c < 1 (the core's _log_mix): accurate near d = 0, safe for large |d|. */
 static inline double log_mix(double c, double d)
 {
@@ -265,28 +256,34 @@ static int check_side(const double *x, Py_ssize_t n, const side_t *s, int valida
     return 0;
 }
 
-/* The sums of pass A for one probability side and one log-space side (PL: p is the log one). */
-#define MIXED_SUMS(PL) \
+/* The sums of pass A over one block [j0, j1), given del (the log-ratio on S, nan off S) and the
+ * weights: PL / QL say whether p / q is in log space (weights in ew / fw, support where the value
+ * is > -inf) or probabilities (the value itself, support where > 0). Sums: the masses E, F, on S
+ * (ES, FS) and off the other's support (Eo, Fo), the weighted sums A, B of delta; maxima: the
+ * support marks (log value, or +1 for a probability) where p / q escapes the other's support
+ * (pxm, qxm, -inf if nowhere) and |delta| on S (dmax). One macro for the four combinations, each
+ * expanded with constant PL, QL (GCC vectorises none with the sides chosen inside the loop). */
+#define PASS_A_SUMS(PL, QL) \
 _Pragma("omp simd reduction(+ : E, F, ES, FS, Eo, Fo, A, B) reduction(max : pxm, qxm, dmax)") \
             for (Py_ssize_t j = j0; j < j1; j++) { \
-                double d = del[j]; \
-                double e = PL ? ew[j] : (x[j] > 0.0 ? x[j] : 0.0); \
-                double f = !PL ? fw[j] : (y[j] > 0.0 ? y[j] : 0.0); \
-                /* supports as "finite" marks: log side value, or +1 / -inf for probabilities */ \
-                double su = PL ? x[j] : (x[j] > 0.0 ? 1.0 : -INFINITY); \
-                double sv = !PL ? y[j] : (y[j] > 0.0 ? 1.0 : -INFINITY); \
+                double u = x[j], v = y[j], d = del[j]; \
+                int sx = PL ? u > -INFINITY : u > 0.0, sy = QL ? v > -INFINITY : v > 0.0; \
+                double e = PL ? ew[j] : (sx ? u : 0.0), f = QL ? fw[j] : (sy ? v : 0.0); \
                 int s = d == d; \
                 E += e; \
                 F += f; \
                 ES += s ? e : 0.0; \
                 FS += s ? f : 0.0; \
-                Eo += sv > -INFINITY ? 0.0 : e; \
-                Fo += su > -INFINITY ? 0.0 : f; \
+                Eo += sy ? 0.0 : e; \
+                Fo += sx ? 0.0 : f; \
                 A += s ? e * d : 0.0; \
                 B += s ? f * d : 0.0; \
-                double cu = sv > -INFINITY ? -INFINITY : su, cv = su > -INFINITY ? -INFINITY : sv; \
-                pxm = cu > pxm ? cu : pxm; \
-                qxm = cv > qxm ? cv : qxm; \
+                if (PL || QL) { /* a log side's weight may underflow: marks, not masses */ \
+                    double cu = sy ? -INFINITY : (PL ? u : (sx ? 1.0 : -INFINITY)); \
+                    double cv = sx ? -INFINITY : (QL ? v : (sy ? 1.0 : -INFINITY)); \
+                    pxm = cu > pxm ? cu : pxm; \
+                    qxm = cv > qxm ? cv : qxm; \
+                } \
                 double ad = s ? fabs(d) : 0.0; \
                 dmax = ad > dmax ? ad : dmax; \
             }
@@ -314,16 +311,19 @@ static int div_row(const double *x, const double *y, Py_ssize_t n, const side_t 
     const double *E_ = pl ? ew : x, *F_ = ql ? fw : y;
     /* exact difference of the maxima, for two log-space sides */
     double ch = 0.0, cl = 0.0;
-    if (pl && ql) two_diff(mq, mp, &ch, &cl);
+    if (pl && ql) ch = kl_two_diff(mq, mp, &cl); /* TwoSum: no overflow for what passes */
 
-    /* pass A: weights, log-ratio on S (nan off S), masses on and off S, weighted sums of delta */
+    /* pass A, block by block: the log-ratio delta on S (nan off S) and the log-space weights in
+     * an elementwise loop, then the sums over the block (in L1) in a second one (GCC vectorises
+     * neither when they share one loop). The log-ratio:
+     *   two probabilities: log(v / u) (log1p of the relative difference when they are close);
+     *   two log-space sides: the exact (TwoSum) difference of the raw values minus that of the
+     *     maxima, over T;
+     *   one of each (T = 1, py_rows refuses other temperatures with probabilities):
+     *     (log-space value - its max) - log(probability), signed for the side. */
     double E = 0, F = 0, ES = 0, FS = 0, Eo = 0, Fo = 0, A = 0, B = 0;
-    int pesc = 0, qesc = 0, abn = 0;
+    double pxm = -INFINITY, qxm = -INFINITY, dmax = 0.0;
     if (!pl && !ql) {
-        /* block by block: the log-ratio in an elementwise loop, then the sums over the block (in
-         * L1) in a second one (GCC vectorises neither when they share one loop). The escapes
-         * follow from the masses off S, a quotient out of the normal range from |delta|. */
-        double dmax = 0.0;
         for (Py_ssize_t j0 = 0; j0 < n; j0 += BLOCK) {
             Py_ssize_t j1 = j0 + BLOCK < n ? j0 + BLOCK : n;
 #pragma omp simd
@@ -333,76 +333,27 @@ static int div_row(const double *x, const double *y, Py_ssize_t n, const side_t 
                 double d = log_ratio(s ? u : 1.0, s ? v : 1.0);
                 del[j] = s ? d : NAN;
             }
-#pragma omp simd reduction(+ : E, F, ES, FS, Eo, Fo, A, B) reduction(max : dmax)
-            for (Py_ssize_t j = j0; j < j1; j++) {
-                double u = x[j], v = y[j], d = del[j];
-                double e = u > 0.0 ? u : 0.0, f = v > 0.0 ? v : 0.0;
-                int s = d == d;
-                double ad = s ? fabs(d) : 0.0;
-                E += e;
-                F += f;
-                ES += s ? e : 0.0;
-                FS += s ? f : 0.0;
-                Eo += v > 0.0 ? 0.0 : e; /* p's mass where q = 0 */
-                Fo += u > 0.0 ? 0.0 : f;
-                A += s ? e * d : 0.0;
-                B += s ? f * d : 0.0;
-                dmax = ad > dmax ? ad : dmax;
-            }
+            PASS_A_SUMS(0, 0)
         }
-        pesc = Eo > 0.0;
-        qesc = Fo > 0.0;
-        /* a quotient out of the normal range gives |delta| >= 708.39 (its reduction is wrong
-         * there): such rows (float64 probabilities e^708 apart) go to the core */
-        abn = !(dmax < 708.0);
     } else if (pl && ql) {
-        /* two log-space sides, the same two loops per block: weights, exact centred differences
-         * (nan off S); then the sums. p escapes where its logit is finite and q's is -inf (its
-         * weight may underflow to 0 there): a max of the logits found there. */
-        double pxm = -INFINITY, qxm = -INFINITY, dmax = 0.0;
         for (Py_ssize_t j0 = 0; j0 < n; j0 += BLOCK) {
             Py_ssize_t j1 = j0 + BLOCK < n ? j0 + BLOCK : n;
 #pragma omp simd
             for (Py_ssize_t j = j0; j < j1; j++) {
                 double u = x[j], v = y[j];
-                double h = v - u;
-                double bb = h - v;
-                double l = (v - (h - bb)) + (-u - bb);
+                double l, h = kl_two_diff(v, u, &l);
                 double d = ((h - ch) + (l - cl)) * iT;
                 int s = (u > -INFINITY) & (v > -INFINITY);
                 ew[j] = exp_neg((u - mp) * iT);
                 fw[j] = exp_neg((v - mq) * iT);
                 del[j] = s ? d : NAN;
             }
-#pragma omp simd reduction(+ : E, F, ES, FS, Eo, Fo, A, B) reduction(max : pxm, qxm, dmax)
-            for (Py_ssize_t j = j0; j < j1; j++) {
-                double u = x[j], v = y[j], d = del[j], e = ew[j], f = fw[j];
-                int s = d == d;
-                E += e;
-                F += f;
-                ES += s ? e : 0.0;
-                FS += s ? f : 0.0;
-                Eo += v > -INFINITY ? 0.0 : e;
-                Fo += u > -INFINITY ? 0.0 : f;
-                A += s ? e * d : 0.0;
-                B += s ? f * d : 0.0;
-                double cu = v > -INFINITY ? -INFINITY : u, cv = u > -INFINITY ? -INFINITY : v;
-                pxm = cu > pxm ? cu : pxm;
-                qxm = cv > qxm ? cv : qxm;
-                double ad = s ? fabs(d) : 0.0;
-                dmax = ad > dmax ? ad : dmax;
-            }
+            PASS_A_SUMS(1, 1)
         }
-        pesc = pxm > -INFINITY;
-        qesc = qxm > -INFINITY;
-        abn = !(dmax <= DBL_MAX);
-    } else if (T == 1.0) {
-        /* one side probabilities, the other log space (T = 1): the same two loops per block;
-         * delta = (log-space value - its max) - log(probability) */
+    } else {
         const double *lv = pl ? x : y, *pv = pl ? y : x;
         const double lm = pl ? mp : mq, sgn = pl ? -1.0 : 1.0;
         double *lw = pl ? ew : fw;
-        double pxm = -INFINITY, qxm = -INFINITY, dmax = 0.0;
         for (Py_ssize_t j0 = 0; j0 < n; j0 += BLOCK) {
             Py_ssize_t j1 = j0 + BLOCK < n ? j0 + BLOCK : n;
 #pragma omp simd
@@ -413,50 +364,20 @@ static int div_row(const double *x, const double *y, Py_ssize_t n, const side_t 
                 lw[j] = exp_neg(c);
                 del[j] = s ? d : NAN;
             }
-            if (pl) { /* (two copies: GCC vectorises neither with the side chosen inside) */
-                MIXED_SUMS(1)
+            if (pl) {
+                PASS_A_SUMS(1, 0)
             } else {
-                MIXED_SUMS(0)
+                PASS_A_SUMS(0, 1)
             }
-        }
-        pesc = pxm > -INFINITY;
-        qesc = qxm > -INFINITY;
-        abn = !(dmax <= DBL_MAX);
-    } else {
-        for (Py_ssize_t j = 0; j < n; j++) {
-            double u = x[j], v = y[j];
-            int sx = pl ? u > -INFINITY : u > 0.0, sy = ql ? v > -INFINITY : v > 0.0, s = sx & sy;
-            double e = sx ? (pl ? exp((u - mp) * iT) : u) : 0.0;
-            double f = sy ? (ql ? exp((v - mq) * iT) : v) : 0.0;
-            double d = NAN;
-            if (s) {
-                if (pl && ql) {
-                    double h, l;
-                    two_diff(v, u, &h, &l);
-                    d = ((h - ch) + (l - cl)) * iT;
-                } else if (ql) { /* p probabilities (T = 1), q log space */
-                    d = (v - mq) - log(u);
-                } else if (pl) {
-                    d = log(v) - (u - mp);
-                }
-                abn |= !(fabs(d) <= DBL_MAX);
-            }
-            if (pl) ew[j] = e;
-            if (ql) fw[j] = f;
-            del[j] = d;
-            E += e;
-            F += f;
-            ES += s ? e : 0.0;
-            FS += s ? f : 0.0;
-            Eo += s ? 0.0 : e;
-            Fo += s ? 0.0 : f;
-            A += s ? e * d : 0.0;
-            B += s ? f * d : 0.0;
-            pesc |= sx & !sy;
-            qesc |= sy & !sx;
         }
     }
-    if (abn) return ST_CORE;
+    /* p escapes where its value is on its support and q's is not (its weight may underflow to 0
+     * there, so a max of the marks, not a mass, says it). A quotient of two probabilities out of
+     * the normal range gives |delta| >= 708.39 (its reduction is wrong there): such rows (float64
+     * probabilities e^708 apart) go to the core, as do overflowing differences. */
+    const int pesc = pl || ql ? pxm > -INFINITY : Eo > 0.0;
+    const int qesc = pl || ql ? qxm > -INFINITY : Fo > 0.0;
+    if (!pl && !ql ? !(dmax < 708.0) : !(dmax <= DBL_MAX)) return ST_CORE;
 
     if (kind == K_FWD || kind == K_REV) {
         int rev = kind == K_REV;
@@ -557,22 +478,6 @@ static int div_row(const double *x, const double *y, Py_ssize_t n, const side_t 
 
 /* ---------------------------------------------------------------- Python binding */
 
-static int get_buf(PyObject *obj, Py_buffer *view, int writable, Py_ssize_t need, const char *name)
-{
-    int flags = PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0);
-    if (PyObject_GetBuffer(obj, view, flags) < 0) {
-        PyErr_Format(PyExc_TypeError, "%s: expected a C-contiguous%s buffer", name,
-                     writable ? " writable" : "");
-        return -1;
-    }
-    if (view->len < need) {
-        PyErr_Format(PyExc_ValueError, "%s: buffer has %zd bytes, need %zd", name, view->len, need);
-        PyBuffer_Release(view);
-        return -1;
-    }
-    return 0;
-}
-
 static PyObject *py_rows(PyObject *self, PyObject *args)
 {
     PyObject *op, *oq, *oout, *ost;
@@ -591,17 +496,17 @@ static PyObject *py_rows(PyObject *self, PyObject *args)
         return NULL;
     }
     Py_buffer bp, bq, bo, bs;
-    if (get_buf(op, &bp, 0, n_rows * n * (p64 ? 8 : 4), "p") < 0) return NULL;
-    if (get_buf(oq, &bq, 0, n_rows * n * (q64 ? 8 : 4), "q") < 0) {
+    if (kl_get_buf(op, &bp, 0, n_rows * n * (p64 ? 8 : 4), "p") < 0) return NULL;
+    if (kl_get_buf(oq, &bq, 0, n_rows * n * (q64 ? 8 : 4), "q") < 0) {
         PyBuffer_Release(&bp);
         return NULL;
     }
-    if (get_buf(oout, &bo, 1, n_rows * 8, "out") < 0) {
+    if (kl_get_buf(oout, &bo, 1, n_rows * 8, "out") < 0) {
         PyBuffer_Release(&bp);
         PyBuffer_Release(&bq);
         return NULL;
     }
-    if (get_buf(ost, &bs, 1, n_rows * 4, "status") < 0) {
+    if (kl_get_buf(ost, &bs, 1, n_rows * 4, "status") < 0) {
         PyBuffer_Release(&bp);
         PyBuffer_Release(&bq);
         PyBuffer_Release(&bo);

@@ -47,7 +47,7 @@
 #include <omp.h>
 #endif
 
-#include "kl_simd.h" /* KLDIV_CLONES, FMA contraction, kl_expf_core */
+#include "kl_rows.h" /* KLDIV_CLONES, FMA contraction, kl_expf_core, TwoSum, kl_get_buf */
 
 #define BLOCK 2048
 
@@ -158,9 +158,7 @@ static inline float log1p_01(float v)
  * handled by the support terms (the sums below skip them through the NaN). */
 static inline float two_sum_diff(float a, float b, float d0h, float d0l)
 {
-    float s = b - a;
-    float bb = s - b;
-    float err = (b - (s - bb)) + (-a - bb);
+    float err, s = kl_two_difff(b, a, &err);
     return (s - d0h) + (err - d0l);
 }
 
@@ -512,22 +510,6 @@ static double row_direct(const float *a, const float *b, Py_ssize_t n, double ma
 
 /* ---------------------------------------------------------------- Python binding */
 
-static int get_buf(PyObject *obj, Py_buffer *view, int writable, Py_ssize_t need, const char *name)
-{
-    int flags = PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0);
-    if (PyObject_GetBuffer(obj, view, flags) < 0) {
-        PyErr_Format(PyExc_TypeError, "%s: expected a C-contiguous%s buffer", name,
-                     writable ? " writable" : "");
-        return -1;
-    }
-    if (view->len < need) {
-        PyErr_Format(PyExc_ValueError, "%s: buffer has %zd bytes, need %zd", name, view->len, need);
-        PyBuffer_Release(view);
-        return -1;
-    }
-    return 0;
-}
-
 static PyObject *py_rowstats(PyObject *self, PyObject *args)
 {
     PyObject *oa, *ob, *otok, *okl, *orkl, *otopa, *otopb, *ologza, *olpa, *olpb, *ost, *ojs = Py_None;
@@ -547,7 +529,7 @@ static PyObject *py_rowstats(PyObject *self, PyObject *args)
     Py_ssize_t nf = n_rows * n_vocab * (Py_ssize_t)sizeof(float);
     Py_ssize_t n8 = n_rows * 8, n4 = n_rows * 4;
 #define GET(obj, view, wr, need, name)                         \
-    if (get_buf(obj, view, wr, need, name) < 0) goto fail;     \
+    if (kl_get_buf(obj, view, wr, need, name) < 0) goto fail;     \
     got++;
     GET(oa, &ba, 0, nf, "a");
     GET(ob, &bb, 0, nf, "b");
