@@ -459,6 +459,9 @@ class CacheResult:
         lines.append(f"- {NOT_COMPUTABLE['ppl_ref']}{frac};")
         lines.append(f"- {NOT_COMPUTABLE['reverse_kl']};")
         lines.append(f"- {NOT_COMPUTABLE['kl_exact']}.")
+        if len(cs) > 1:
+            lines.append("- the paired bootstrap between candidates: it resamples per-token KL values, "
+                         "which the cache only bounds.")
         dropped = cs[0].get("topk_overlap_not_computable")
         if dropped:
             lines.append(f"- top-{', '.join(map(str, dropped))} overlap: k exceeds the cache's K = {K}.")
