@@ -436,6 +436,10 @@ def test_probability_teacher_through_the_kernel(kind, monkeypatch):
     # unnormalised or negative probabilities go to the core, whose error names p
     with pytest.raises(ValueError, match="p"):
         FNS[kind](p * 1.5, y, p_space="probs", q_space="logits")
+    # a gradient with respect to the probabilities: the torch path (no kernel call)
+    before = len(calls)
+    FNS[kind](p.clone().requires_grad_(True), y, p_space="probs", q_space="logits")
+    assert len(calls) == before
 
 
 def _linear_naive64(kind, hid, W, b, t, cap, T, beta=0.5):
