@@ -169,7 +169,7 @@ if True:
             lo = tl.where(hi > float("-inf"), (l64 - hi.to(tl.float64)).to(tl.float32), 0.0)
         else:
             hi = tl.load(P + offs, mask=inb, other=float("-inf")).to(tl.float32)
-            lo = tl.zeros_like(hi)
+            lo = 0.0  # a scalar: no second block of registers held across the passes
         return hi, lo
 
     def _ld_fn(X, Y, offs, V, x0, y0, xl0, yl0, SINGLE: tl.constexpr, XP: tl.constexpr,
