@@ -378,6 +378,9 @@ static int div_row(const double *x, const double *y, Py_ssize_t n, const side_t 
     const int pesc = pl || ql ? pxm > -INFINITY : Eo > 0.0;
     const int qesc = pl || ql ? qxm > -INFINITY : Fo > 0.0;
     if (!pl && !ql ? !(dmax < 708.0) : !(dmax <= DBL_MAX)) return ST_CORE;
+    /* the weighted sums of delta overflow where logits ~finfo.max apart meet weights summing to
+     * more than 1 (a KL just below DBL_MAX would come out +inf): the core, exact there */
+    if (!(fabs(A) <= DBL_MAX) || !(fabs(B) <= DBL_MAX)) return ST_CORE;
 
     if (kind == K_FWD || kind == K_REV) {
         int rev = kind == K_REV;

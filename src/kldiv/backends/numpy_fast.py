@@ -176,7 +176,8 @@ def numpy_pre(kind, p, q, *, p_space, q_space, axis, reduction, mask, weight, te
     # a failed check (the core raises its error) or a row for the core
     if (status.any() if mask is None else ((status != 0) & mask.reshape(-1)).any()):
         return NotImplemented
-    rows = out.astype(dt, copy=False).reshape(rows_shape)
+    with np.errstate(over="ignore"):  # a value beyond float32's range is +inf there, quietly
+        rows = out.astype(dt, copy=False).reshape(rows_shape)
     if mask is None and weight is None:  # what reduce_rows returns then, without its overhead
         res = rows if reduction == "none" else rows.sum()
         if reduction == "mean":
