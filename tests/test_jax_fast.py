@@ -265,6 +265,94 @@ def test_kl_rows_vmap_and_jit_equal_eager():
     np.testing.assert_allclose(np.asarray(mapped), eager, rtol=1e-14)
 
 
+def _extreme_batch(dtype):
+    """The edge batch plus rows at the float limit: finfo.min masking in q where p has mass
+    (KL ~ 1e37 in float32), in both, logits of +-3e38 / +-1e38, an escape (p > 0 = q)."""
+    a, b = _edge_batch(dtype)
+    lo = float(np.finfo(dtype).min)
+    top = 3e38 if dtype == "float32" else 1e307
+    ea = np.array([[0, 1, 2, 3], [0, 1, 2, 3], [top, top, 1, 2], [0, 1, lo, 2], [lo, 0, 1, 2],
+                   [top / 3, -top / 3, 0, 5], [0, 1, 2, 3]])
+    eb = np.array([[0, 1, lo, 3], [0, 1, -top / 3, 3], [0, 1, 2, 3], [0, 1, 2, 3],
+                   [lo, 0, 1, 2.5], [0, 1, 2, 3], [0, 1, 2, -np.inf]])
+    pad = np.full((ea.shape[0], a.shape[1] - 4), -np.inf)
+    a = np.concatenate([a, np.concatenate([ea, pad], 1)]).astype(dtype)
+    b = np.concatenate([b, np.concatenate([eb, pad], 1)]).astype(dtype)
+    return a, b
+
+
+def _rownorm(x):
+    """Euclidean norm per row without overflow (rows of gradients ~1e307)."""
+    m = np.max(np.abs(x), axis=-1, keepdims=True)
+    m = np.where(m > 0, m, 1.0)
+    return m[..., 0] * np.linalg.norm(x / m, axis=-1)
+
+
+def _analytic_grads(a, b, temperature):
+    """dKL/da = -p (d - E_p[d]) / T and dKL/db = (q - p) / T per row, d = log q - log p, from
+    the float64 (extended precision) log-softmax of the exact inputs; rows with p > 0 = q
+    somewhere (KL = +inf) are nan."""
+    with np.errstate(invalid="ignore"):  # the escape rows, made nan below
+        a = np.asarray(a, np.longdouble) / temperature
+        b = np.asarray(b, np.longdouble) / temperature
+        la = a - np.max(a, -1, keepdims=True)
+        la = la - np.log(np.sum(np.exp(la), -1, keepdims=True))
+        lb = b - np.max(b, -1, keepdims=True)
+        lb = lb - np.log(np.sum(np.exp(lb), -1, keepdims=True))
+        p, q = np.exp(la), np.exp(lb)
+        supp = np.isfinite(la)
+        d = np.where(supp, lb - np.where(supp, la, 0), 0)
+        mu = np.sum(np.where(supp, p * d, 0), -1, keepdims=True)
+        ga = np.where(supp, -p * (d - mu), 0) / temperature
+        gb = (q - p) / temperature
+        inf = np.any(supp & ~np.isfinite(lb), -1)
+        ga[inf], gb[inf] = np.nan, np.nan
+        return ga.astype(np.float64), gb.astype(np.float64)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_extreme_rows_values_equal_core_and_gradients_analytic_per_row(dtype):
+    """Under jit (no eager detour to the core): values equal the core's rows (+inf where the
+    core says +inf); gradients per row equal the analytic gradient of the exact inputs, and are
+    0 on rows with KL = +inf. Against the core's autodiff gradient where that is exact (rows of
+    ordinary magnitude; at finfo.min masking the core's clamp makes its autodiff inexact)."""
+    a, b = _extreme_batch(dtype)
+    ja, jb = jnp.asarray(a), jnp.asarray(b)
+    T = 1.0
+    fast = np.asarray(_jit_rows(ja, jb))
+    core = _core_rows("forward", ja, jb)
+    np.testing.assert_array_equal(np.isinf(fast), np.isinf(core))
+    fin = np.isfinite(core)
+    rtol = 2e-6 if dtype == "float32" else 1e-11
+    np.testing.assert_allclose(fast[fin], core[fin], rtol=rtol, atol=0)
+    ga, gb = _jit_grads(ja, jb)
+    ga, gb = np.asarray(ga, np.float64), np.asarray(gb, np.float64)
+    assert np.all(np.isfinite(ga)) and np.all(np.isfinite(gb))
+    np.testing.assert_array_equal(ga[~fin], 0.0)
+    np.testing.assert_array_equal(gb[~fin], 0.0)
+    ra, rb = _analytic_grads(a, b, T)
+    scale = np.hypot(_rownorm(ra[fin]), _rownorm(rb[fin]))
+    scale = np.maximum(scale, 1e-300)  # rows that collapse to identical inputs: gradient 0
+    tol = 2e-6 if dtype == "float32" else 1e-12
+    for got, ref in ((ga[fin], ra[fin]), (gb[fin], rb[fin])):
+        err = _rownorm(got - ref) / scale
+        assert np.all(err < tol), err
+    # the core's autodiff on the rows of ordinary magnitude (the edge batch's finite rows)
+    n = _edge_batch(dtype)[0].shape[0]
+    ca, cb = _jit_core_grads(ja[:n], jb[:n])
+    f = fin[:n]
+    for got, ref in ((ga[:n][f], ca), (gb[:n][f], cb)):
+        ref = np.asarray(ref, np.float64)[f]
+        err = _rownorm(got - ref) / scale[:f.sum()]
+        assert np.all(err < 2 * tol), err
+
+
+_jit_grads = jax.jit(jax.grad(lambda a, b: jnp.sum(jax_fast.kl_rows(a, b)), argnums=(0, 1)))
+_jit_core_grads = jax.jit(jax.grad(
+    lambda a, b: jnp.sum(divergence_rows("forward", jax_fast._xp(), a, b, "logits", "logits")),
+    argnums=(0, 1)))
+
+
 # ----------------------------------------------------------------------------------------------
 # property: the fast path equals the core
 

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 from jax.experimental import checkify
 
 from .._core import dispatch
@@ -53,7 +54,9 @@ __all__ = ["kl_rows", "checked", "jax_divergence"]
 # 2e-8 relative for |x| < 1/2), float64 all (below 1e-17)
 _PHI_COEFS = [1.0 / math.factorial(n) for n in range(2, 18)]
 _SMALL = 0.5  # |x| below which phi and expm1-based differences use the series / expm1 route
-_HUGE = 20.0  # log of the largest p_i e^{d'_i} for which E_p[phi(d')] is summed directly
+# above this, max_i log(zx p_i e^{d'_i}) is huge (KL in the tens or more): the row sums
+# e^{y_i - y_top} instead of the series (no overflow: the terms stay below e^60 times V)
+_HUGE_G = 60.0
 # row maxima farther apart than this: the log-ratio is formed from each side centred on its own
 # maximum (exact for shifts up to 1e30), otherwise as the raw difference (exact for close logits)
 _FAR = 64.0
@@ -72,137 +75,197 @@ def _phi_series(x):
     return acc * x * x
 
 
-def _row_reduce(ops, inits, combine):
-    """One variadic reduction over the last axis: XLA computes all of ``ops`` in one pass."""
-    ops = tuple(ops)
-    inits = tuple(jnp.asarray(v, o.dtype) for v, o in zip(inits, ops))
-    return lax.reduce(ops, inits, lambda u, v: tuple(combine(x, y) for x, y in zip(u, v)),
-                      (ops[0].ndim - 1,))
+# The graph is written in lax primitives: jnp.where / clip / max wrap each call in a nested
+# jit, which costs lowering time in every user's compilation, and XLA's CPU backend hands the
+# plain arithmetic (sub, max, exp, mul, reductions) to its fast YNNPACK kernels, while a compare
+# or select keeps a loop in LLVM code: the per-entry selects are kept to the few that accuracy
+# needs (the series near 0, escapes), everything else is row-level.
 
 
-def _entries(a, b, temperature, ma, mb):
-    """Per-entry quantities of KL(p || q) for p = softmax(a / T), q = softmax(b / T).
+def _full(x, value):
+    return lax.full_like(x, value)
 
-    ``ma``, ``mb``: the row maxima (last axis kept), finite. Returns the supports, x = (a - ma) / T
-    (p's logits centred on their maximum), the log-ratio d up to a row constant (finite
-    everywhere: -inf entries count as 0 in it; where p_i = 0 it is multiplied by 0) and y with
-    x + d = y in exact arithmetic (q's logits in the same frame), so that log(p_i e^{d'_i}) is
-    formed from y without adding a huge log p to a huge d. No entry is nan or inf except x and y
-    (-inf off the supports), so every derivative is finite, second order included.
+
+def _sel(pred, on_true, on_false):
+    """``where`` without the nested jit of ``jnp.where`` (operands broadcast, same dtype)."""
+    shape = jnp.broadcast_shapes(jnp.shape(pred), jnp.shape(on_true), jnp.shape(on_false))
+    return lax.select(*(x if jnp.shape(x) == shape else jnp.broadcast_to(x, shape)
+                        for x in (pred, on_true, on_false)))
+
+
+def _rowmax(x):
+    return lax.reduce_max(x, (x.ndim - 1,))  # nan propagates
+
+
+def _maxima(a, b):
+    """Both sides' row maxima. Small inputs: one reduction over the two stacked (one kernel
+    launch instead of two, the bulk of the time there); large ones: two (no stacked copy)."""
+    if a.size <= _STACK_MAX:
+        m = _rowmax(lax.concatenate([a[None], b[None]], 0))
+        return m[0], m[1]
+    return _rowmax(a), _rowmax(b)
+
+
+_STACK_MAX = 1 << 16
+
+
+def _rowsum(x):
+    return lax.reduce_sum(x, (x.ndim - 1,))
+
+
+def _frame(ma_raw, mb_raw, temperature):
+    """Row constants: where each side's logits are taken from, per row (last axis kept).
+
+    Returns ``ma`` (p's maximum, 0 where not finite), ``sa``, ``sb`` (what is subtracted from
+    a and b before their difference: both 0 where the maxima are close and moderate, so that
+    the raw difference, exact for close logits, is the log-ratio; the maxima elsewhere, so that
+    an offset between the sides never enters a difference), ``yc`` (q's logits are ``b - yc``
+    in p's frame) and ``y_top`` (the largest of them, after the temperature).
     """
-    ninf = -jnp.inf
-    sp = a > ninf
-    sq = b > ninf
-    zero = jnp.zeros((), a.dtype)
-    far = jnp.abs(ma - mb) > _FAR
-    a0 = jnp.where(sp, a, zero)
-    b0 = jnp.where(sq, b, zero)
-    # the raw difference (exact for close logits), or each side centred on its own maximum (exact
-    # when one side is shifted by up to 1e30); the row constant between the two drops out
-    # Logits near the float limit: a centred side may overflow to -inf (probability 0, as it
-    # should), and the difference is clamped at finfo.max instead of giving inf - inf
+    fi = jnp.finfo(ma_raw.dtype)
+    zero = jnp.zeros((), ma_raw.dtype)
+    ma = _sel(lax.is_finite(ma_raw), ma_raw, zero)[..., None]
+    mb = _sel(lax.is_finite(mb_raw), mb_raw, zero)[..., None]
+    # far: maxima more than _FAR apart, or so large that the raw difference could overflow
+    far = (lax.abs(ma - mb) > _FAR) | (lax.max(lax.abs(ma), lax.abs(mb))
+                                        > float(fi.max) * float(fi.eps) / 4)
+    sa = _sel(far, ma, zero)
+    sb = _sel(far, mb, zero)
+    yc = _sel(far, mb, ma)
+    y_top = _sel(far, zero, mb - ma)
+    if temperature != 1.0:
+        y_top = y_top / temperature
+    return ma, sa, sb, yc, y_top
+
+
+def _entries(a, b, temperature, ma, sa, sb, yc):
+    """Per entry: x = (a - ma) / T (p's logits centred; -inf off p's support), the log-ratio
+    d up to a row constant (finite everywhere: -inf entries are taken at -finfo.max, and an
+    entry where p is 0 contributes nothing through it) and y = (b - yc) / T with x + d = y in
+    exact arithmetic (q's logits in p's frame; -inf off q's support), so that log(p_i e^{d'_i})
+    is formed from y without adding a huge log p to a huge d."""
     fmax = float(jnp.finfo(a.dtype).max)
-    xa = a0 - jnp.where(far, ma, zero)
-    xb = b0 - jnp.where(far, mb, zero)
-    d = jnp.maximum(xb, -fmax) - jnp.maximum(xa, -fmax)
-    # where that overflowed the log-ratio is not representable: kl_rows gives nan there (the
-    # eager path leaves such rows, logits beyond finfo.max / 8, to the core)
-    overflow = jnp.isinf(xa) | jnp.isinf(xb) | jnp.isinf(d)
+    lo = jnp.asarray(-fmax, a.dtype)
     x = a - ma
-    y = b - jnp.where(far, mb, ma)
+    d = lax.max(b - sb, lo) - lax.max(a - sa, lo)
+    y = b - yc
     if temperature != 1.0:  # after the difference: (b - a) / T keeps the accuracy of b - a
         x = x / temperature
         d = d / temperature
         y = y / temperature
-    d = jnp.clip(d, -fmax, fmax)
-    return sp, sq, x, d, y, far, overflow
+    # within the float range (logits near finfo.max: a lower bound there, as in the core)
+    d = lax.clamp(lo, d, jnp.asarray(fmax, a.dtype))
+    return x, d, y
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
 def _kl_parts(a, b, temperature):
-    """(KL, ma, mb, lse, mu, norm_q) per row: the value in three fused passes, and the row
-    constants that the derivative uses (the raw maxima, p's log normaliser in the centred frame,
-    mu = E_p[d], q's log normaliser in the frame of y)."""
-    ninf = jnp.asarray(-jnp.inf, a.dtype)
-    # pass 1: the row maxima (nan propagates) and whether p has mass where q has none
-    ma_raw, mb_raw, escapes = _row_reduce(
-        (a, b, (a > ninf) & (b == ninf)), (ninf, ninf, False),
-        lambda x, y: lax.max(x, y) if x.dtype != jnp.bool_ else x | y,
-    )
-    ma = jnp.where(jnp.isfinite(ma_raw), ma_raw, 0)[..., None]
-    mb = jnp.where(jnp.isfinite(mb_raw), mb_raw, 0)[..., None]
-    sp, sq, x, d, y, far, overflow = _entries(a, b, temperature, ma, mb)
-    # pass 2: p's normaliser and the p-weighted mean of the log-ratio (two plain sums: XLA's CPU
-    # backend runs a variadic sum much slower than two sums)
-    ex = jnp.exp(x)
-    zx = jnp.sum(ex, axis=-1, keepdims=True)
-    lse = jnp.log(zx)
-    mu = jnp.sum(ex * d, axis=-1, keepdims=True) / zx
-    # pass 3, one sum: e^KL = E_p[e^{d'}] + (q's mass off T) e^{KL} = 1 + E_p[phi(d')] + s_out,
-    # all terms >= 0, so KL = log1p(sum); where some p_i e^{d'_i} is huge (KL in the tens or
-    # more) the same sum of p_i e^{d'_i - c} over q's support gives KL = c + log(sum) instead
-    zero = jnp.zeros((), a.dtype)
-    y_top = jnp.where(far, zero, mb - ma) / temperature  # max of y
-    top = y_top - (lse + mu)  # max of log(p_i e^{d'_i})
-    huge = top > _HUGE
-    c = jnp.where(huge, top, zero)
-    dc = d - mu
-    p = jnp.exp(x - lse)
-    # p_i e^{d'_i - c} on T, q's mass likewise off T, 0 off q; when huge, y - (lse + mu + c) is
-    # y - y_top (mu may be ~1e30 there: no sum that cancels it)
-    e = jnp.exp(y - jnp.where(huge, y_top, lse + mu))
-    # where p_i = 0 (a category of q only) the large branch gives e, q's mass there. (No safe
-    # values for the branch that a where drops: this function is never differentiated.)
-    small = sp & (jnp.abs(dc) < _SMALL)
-    term = jnp.where(huge, e, jnp.where(small, p * _phi_series(dc), e - p * (1 + dc)))
-    term = jnp.where(overflow & (p > 0), jnp.asarray(jnp.nan, a.dtype), term)
-    total = jnp.sum(term, axis=-1)
-    # huge rows: total >= 1 (its largest term is e^0), and KL = c + log(total)
-    log_total = jnp.log1p(total - jnp.where(huge[..., 0], 1, 0).astype(a.dtype))
-    kl = jnp.where(escapes, jnp.asarray(jnp.inf, a.dtype), c[..., 0] + log_total)
-    # q's log normaliser in the frame of y (log q_i = y_i - norm_q), for the derivative
-    norm_q = jnp.where(huge[..., 0], y_top[..., 0] + log_total, (lse + mu)[..., 0] + kl)
-    return kl, ma_raw, mb_raw, lse[..., 0], mu[..., 0], norm_q
+    """(KL, ma, mb, zx, sxd, zq) per row: the value in three passes over the data (the row
+    maxima; p's normaliser and the p-weighted sum of the log-ratio; one sum of non-negative
+    terms), and the row sums that the derivative uses: ``zx = sum e^x`` (p_i = e^{x_i} / zx),
+    ``sxd = sum e^x d`` (mu = E_p[d] = sxd / zx) and ``zq``, q's normaliser in the frame of
+    ``y - base`` (q_i = e^{y_i - base} / zq). No logarithm or exponential of a row value
+    before the last pass: on XLA's CPU backend each one would be a kernel launch of its own,
+    the bulk of the time at small sizes."""
+    dt = a.dtype
+    fmax = float(jnp.finfo(dt).max)
+    zero = jnp.zeros((), dt)
+    # pass 1: the row maxima (nan propagates)
+    ma_raw, mb_raw = _maxima(a, b)
+    ma, sa, sb, yc, y_top = _frame(ma_raw, mb_raw, temperature)
+    x, d, y = _entries(a, b, temperature, ma, sa, sb, yc)
+    # pass 2: p's normaliser and the p-weighted sum of the log-ratio
+    ex = lax.exp(x)
+    zx = _rowsum(ex)
+    sxd = _rowsum(ex * d)
+    # pass 3, one sum: e^KL = E_p[e^{d'}] = 1 + E_p[phi(d')] + (q's mass off p's support)
+    # e^{KL}, d' = d - mu, all terms >= 0, so KL = log1p(sum), the sum formed as zx times it
+    # (terms e^{x_i} phi(d'_i), and e^{y_i - mu} where p_i = 0). Where some p_i e^{d'_i} is
+    # huge (KL in the tens or more) the sum of e^{y_i - y_top} gives KL = c + log(sum / zx)
+    # instead, c = y_top - mu (mu may be ~1e30 there: no sum that cancels it)
+    mu, zx_ = sxd[..., None] / zx[..., None], zx[..., None]
+    huge, base, small_at = _route(y_top, mu, dt)
+    dc = lax.clamp(jnp.asarray(-fmax, dt), d - mu, jnp.asarray(fmax, dt))
+    e = lax.exp(y - base)  # zx p_i e^{d'_i}; where p_i = 0, zx times q's mass there
+    one = _sel(huge, zero, jnp.ones((), dt))  # 0 on huge rows: no phi in their sum
+    term = _sel(lax.abs(dc) < small_at, ex * _phi_series(dc), e - one * (ex * (1 + dc)))
+    # p_i > 0 = q_i (a logit of -inf in q only): the row escapes, KL = +inf
+    escape = (a > -jnp.inf) & (b == -jnp.inf)
+    term = _sel(escape, jnp.asarray(jnp.inf, dt), term)
+    total = _rowsum(term)
+    huge = huge[..., 0]
+    kl = _sel(huge, (y_top - mu)[..., 0] + lax.log(total / zx), lax.log1p(total / zx))
+    # KL >= 0 (a rounding residue below 0 is the exact 0, a nan stays); a value that reached
+    # finfo.max went through a clamp: it overflows, as IEEE arithmetic would (the core's rules)
+    kl = _sel(kl >= fmax, jnp.asarray(jnp.inf, dt), _sel(kl < 0, zero, kl))
+    zq = _sel(huge, total, zx + total)  # sum of e^{y_i - base}: q's normaliser in that frame
+    return kl, ma_raw, mb_raw, zx, sxd, zq
 
 
-@_kl_parts.defjvp
+def _route(y_top, mu, dt):
+    """Row flags: huge (the sum of e^{y - y_top} route), the frame ``base`` of e^{y - base},
+    and the bound of |d'| below which the series is used (none on huge rows)."""
+    huge = y_top - mu > _HUGE_G
+    base = _sel(huge, y_top, mu)
+    small_at = _sel(huge, jnp.asarray(-1.0, dt), jnp.asarray(_SMALL, dt))
+    return huge, base, small_at
+
+
+def _is_zero(t):
+    return isinstance(t, SymbolicZero)
+
+
 def _kl_parts_jvp(temperature, primals, tangents):
+    """The analytic derivative, in differentiable operations (``jax.hessian`` is exact): the row
+    sums come from ``_kl_parts`` itself, whose own derivative is this rule."""
     a, b = primals
     da, db = tangents
-    kl, ma_raw, mb_raw, lse, mu, norm_q = out = _kl_parts(a, b, temperature)
-    ma = jnp.where(jnp.isfinite(ma_raw), ma_raw, 0)[..., None]
-    mb = jnp.where(jnp.isfinite(mb_raw), mb_raw, 0)[..., None]
-    sp, sq, x, d, y, far, _ = _entries(a, b, temperature, ma, mb)
-    zero = jnp.zeros((), a.dtype)
-    lse_, mu_ = lse[..., None], mu[..., None]
-    p = jnp.exp(x - lse_)  # 0 off p's support
-    dc = d - mu_
-    escapes = jnp.isinf(kl)[..., None] & (kl > 0)[..., None]
-    k = jnp.where(escapes, zero, kl[..., None])
-    huge = jnp.where(far, zero, mb - ma) / temperature - (lse_ + mu_) > _HUGE
-    # dKL/da = -p d' / T;  dKL/db = (q - p) / T, as p * expm1(log q/p) near p = q (no
-    # cancellation) and directly elsewhere (q_i = exp(y_i - lse - mu - KL))
-    ga = jnp.where(escapes, zero, -p * dc)
-    u = dc - k
-    near = sp & ~huge & (jnp.abs(u) < _SMALL)
-    us = jnp.where(near, u, zero)
-    log_q = jnp.where(sq & ~escapes, y - norm_q[..., None], -jnp.inf)
-    gb = jnp.where(near, p * jnp.expm1(us), jnp.exp(log_q) - p)
-    gb = jnp.where(escapes, zero, gb)
-    dx = da
-    dd = jnp.where(sq, db, zero) - jnp.where(sp, da, zero)
-    if temperature != 1.0:
-        ga, gb = ga / temperature, gb / temperature
-        dx, dd = dx / temperature, dd / temperature
-    dkl = jnp.sum(ga * da, axis=-1) + jnp.sum(gb * db, axis=-1)
-    dlse = jnp.sum(p * dx, axis=-1)  # d log sum exp(x)
-    dmu = jnp.sum(p * dd, axis=-1) + jnp.sum(p * dc * dx, axis=-1)  # d E_p[d]
-    dy = jnp.where(sq, db, zero)
-    if temperature != 1.0:
-        dy = dy / temperature
-    dnorm_q = jnp.sum(jnp.exp(log_q) * dy, axis=-1)  # d log sum exp(y)
+    kl, ma_raw, mb_raw, zx, sxd, zq = out = _kl_parts(a, b, temperature)
+    dt = a.dtype
+    fmax = float(jnp.finfo(dt).max)
+    zero = jnp.zeros((), dt)
+    ma, sa, sb, yc, y_top = _frame(ma_raw, mb_raw, temperature)
+    x, d, y = _entries(a, b, temperature, ma, sa, sb, yc)
+    zx_, kl_ = zx[..., None], kl[..., None]
+    mu = sxd[..., None] / zx_
+    huge, base, _ = _route(y_top, mu, dt)
+    # the value's own expressions (XLA computes them once)
+    ex = lax.exp(x)
+    p = ex / zx_  # 0 off p's support
+    dc = lax.clamp(jnp.asarray(-fmax, dt), d - mu, jnp.asarray(fmax, dt))
+    # rows with KL = +inf (escapes, overflow): gradient 0, as the core gives
+    inf_row = kl_ == jnp.inf
+    inv = 1.0 / temperature
+    zeros_row = jnp.zeros_like(kl)
+    dkl = dzx = dsxd = sqdy = zeros_row
+    if not _is_zero(da):
+        # dKL/da = -p d' / T
+        dx = da * inv
+        exdx = ex * dx
+        dkl = dkl - _rowsum(_sel(inf_row, zero, p * dc) * dx)
+        dzx = _rowsum(exdx)
+        dsxd = _rowsum(exdx * (d - 1))  # d = (b - a) / T up to a constant: the part through a
+    if not _is_zero(db):
+        # dKL/db = (q - p) / T, as p expm1(log q/p) near p = q (no cancellation; not on huge
+        # rows, where log q/p = d' - KL is a difference of two ~1e30) and directly elsewhere
+        u = dc - kl_
+        near = lax.abs(u) < _sel(huge, jnp.asarray(-1.0, dt), jnp.asarray(_SMALL, dt))
+        us = _sel(near, u, zero)
+        q = lax.exp(y - base) / zq[..., None]
+        gb = _sel(near, p * lax.expm1(us), q - p)
+        gb = _sel(inf_row, zero, gb)
+        dy = db * inv
+        dkl = dkl + _rowsum(gb * dy)
+        dsxd = dsxd + _rowsum(ex * dy)
+        sqdy = _rowsum(q * dy)
+    # mu = sxd / zx; zq = sum e^{y - base} with base = mu (base = y_top, a constant, on huge rows)
+    dmu = (dsxd - mu[..., 0] * dzx) / zx
+    dzq = zq * (sqdy - _sel(huge[..., 0], zeros_row, dmu))
     zeros = jnp.zeros_like(ma_raw)
-    return out, (dkl, zeros, zeros, dlse, dmu, dnorm_q)
+    return out, (dkl, zeros, zeros, dzx, dsxd, dzq)
+
+
+_kl_parts.defjvp(_kl_parts_jvp, symbolic_zeros=True)
 
 
 def kl_rows(a, b, temperature=1.0):
@@ -337,13 +400,13 @@ def _compute(p, q, mask, weight, *, kind, p_space, q_space, reduction, temperatu
     stats = {}
     if fast:
         first, second = (p, q) if kind == "forward" else (q, p)
-        rows, m1, m2, lse1, _, _ = _kl_parts(first, second, temperature)
+        rows, m1, m2, zx, _, _ = _kl_parts(first, second, temperature)
         if mask is None:  # the checks reuse the row maxima (and the normaliser at T = 1)
             names = ("p", "q") if kind == "forward" else ("q", "p")
             stats[names[0]] = dict(top=m1)
             stats[names[1]] = dict(top=m2)
-            if temperature == 1.0:
-                stats[names[0]]["lse"] = jnp.where(jnp.isfinite(m1), m1, 0) + lse1
+            if temperature == 1.0 and (p_space if kind == "forward" else q_space) == "log_probs":
+                stats[names[0]]["lse"] = jnp.where(jnp.isfinite(m1), m1, 0) + jnp.log(zx)
     else:
         rows = divergence_rows(kind, xp, p, q, p_space, q_space, temperature, beta)
     if check:  # the eager checks as nan rows (and checkify checks); tolerance of the input dtype
