@@ -40,7 +40,8 @@ def core_only():
 
 
 def took_fast(v):
-    return v.grad_fn is not None and "_Divergence" in type(v.grad_fn).__name__
+    name = type(v.grad_fn).__name__ if v.grad_fn is not None else ""
+    return "_Divergence" in name or "_LaneFunction" in name
 
 
 def to_space(x, space):
@@ -440,3 +441,293 @@ def test_large_shifts_of_either_side_match_the_textbook_formula(kind, impl):
         ref = torch.stack([naive_row(kind, a[r].double(), b[r].double(), "logits", "logits")
                            for r in range(3)])
         torch.testing.assert_close(got.double(), ref, rtol=rtol, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------
+# the C kernel's JS kind and its probability inputs (issue 12): differential tests over
+# adversarial rows, against the core with the hook taken out and the float64 textbook formula
+
+
+def _adversarial_rows(dt, ps, qs, rng):
+    """(a, b): rows that stress each route of the kernel, in the given spaces and dtype."""
+    V = 12
+    x = torch.as_tensor(rng.standard_normal((12, V)) * 2)
+    y = torch.as_tensor(rng.standard_normal((12, V)) * 2)
+    y[1] = x[1] + torch.as_tensor(rng.standard_normal(V)) * 1e-4  # near convergence
+    y[2] = x[2] + torch.as_tensor(rng.standard_normal(V)) * 1e-2
+    a, b = to_space(x, ps).to(dt), to_space(y, qs).to(dt)
+    big = 1e30 if dt == torch.float64 else 1e37
+    fmin = torch.finfo(dt).min
+    for side, space in ((a, ps), (b, qs)):
+        tiny = 1e-310 if dt == torch.float64 else 1e-40  # subnormal
+        if space == "logits":
+            side[3] += big  # a huge common offset
+            side[4, 2] = -math.inf
+            side[5, 3] = -1e30  # masking by a huge finite logit
+            side[6, 4] = fmin
+            side[7, :3] = -math.inf
+        elif space == "probs":
+            side[4, 2] = 0.0
+            side[5, 3] = tiny
+            side[6, 4] = tiny * 1e6
+            side[7, :3] = 0.0
+        else:  # log-probabilities: -inf entries, renormalised
+            side[4, 2] = -math.inf
+            side[7, :3] = -math.inf
+    if qs == "logits" and ps == "logits":
+        b[8] = a[8] + 1e4  # the same distribution, shifted
+    if ps == "probs":
+        a[:] = a / a.sum(-1, keepdim=True)
+    if qs == "probs":
+        b[:] = b / b.sum(-1, keepdim=True)
+    for side, space in ((a, ps), (b, qs)):
+        if space == "log_probs":
+            side[:] = torch.log_softmax(side.double(), -1).to(dt)
+    return a, b
+
+
+def _per_row_error(got, want):
+    """Normwise relative error per row (entries where the reference is not finite left out)."""
+    ok = torch.isfinite(want)
+    got = torch.where(ok, got.double(), 0.0)
+    want = torch.where(ok, want.double(), 0.0)
+    top = want.abs().amax(-1, keepdim=True)  # scaled first: gradients of 1e30 have norms too
+    top = torch.where(top > 0, top, 1.0)
+    got, want = got / top, want / top
+    den = want.norm(dim=-1)
+    num = (got - want).norm(dim=-1)
+    return torch.where(den > 0, num / torch.where(den > 0, den, 1.0), num)
+
+
+def _naive_rows(kind, a, b, ps, qs, T, beta):
+    vals, gas, gbs = [], [], []
+    for r in range(a.shape[0]):
+        x = a[r].double().clone().requires_grad_()
+        y = b[r].double().clone().requires_grad_()
+        v = naive_row(kind, x, y, ps, qs, T, beta)
+        gx, gy = torch.autograd.grad(v, (x, y), allow_unused=True)
+        vals.append(v.detach())
+        gas.append(torch.zeros_like(x) if gx is None else gx)
+        gbs.append(torch.zeros_like(y) if gy is None else gy)
+    return torch.stack(vals), torch.stack(gas), torch.stack(gbs)
+
+
+def _value_and_grads(fn, a, b, **kw):
+    a1, b1 = a.clone().requires_grad_(), b.clone().requires_grad_()
+    v = fn(a1, b1, reduction="none", **kw)
+    ga, gb = torch.autograd.grad(v.sum(), (a1, b1))
+    return v, ga, gb
+
+
+@pytest.mark.parametrize("dt", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind,spaces,T", [
+    ("js", ("logits", "logits"), 1.0), ("js", ("logits", "logits"), 0.5),
+    ("js", ("logits", "log_probs"), 2.0), ("js", ("probs", "log_probs"), 1.0),
+    ("js", ("probs", "probs"), 1.0), ("js", ("log_probs", "probs"), 1.0),
+    ("forward", ("probs", "log_probs"), 1.0), ("forward", ("probs", "probs"), 1.0),
+    ("forward", ("log_probs", "probs"), 1.0), ("forward", ("probs", "logits"), 1.0),
+    ("reverse", ("probs", "log_probs"), 1.0), ("jeffreys", ("probs", "probs"), 1.0),
+])
+def test_kernel_js_and_probability_inputs_on_adversarial_rows(dt, kind, spaces, T):
+    """Values and per-row gradients on shifted, masked (-inf, -1e30, finfo.min), subnormal,
+    zero and near-convergent rows: the fast path is at least as close to the truth as the core.
+
+    The truth: the textbook formula in float64 by torch.autograd (where it is finite), else the
+    core in float64 on the same inputs. Where the two paths differ, the fast path's error must
+    be within 3x the core's error or below float rounding (1e-6 / 1e-12 relative)."""
+    ps, qs = spaces
+    rng = np.random.default_rng([KINDS.index(kind), SPACE_PAIRS.index(spaces)
+                                 if spaces in SPACE_PAIRS else 9, int(T * 10)])
+    a0, b0 = _adversarial_rows(dt, ps, qs, rng)
+    keep = [r for r in range(a0.shape[0]) if r != 6]
+    # without row 6 (finfo.min in float32 logits) the kernel takes every row; a row it cannot
+    # take sends the whole call to the core (float64 there), which is what row 6 checks
+    for a, b, fast in ((a0[keep], b0[keep], True), (a0, b0, False)):
+        _check_adversarial(kind, a, b, ps, qs, T, dt, fast)
+
+
+def _check_adversarial(kind, a, b, ps, qs, T, dt, fast):
+    fn = FUNCS[kind]
+    kw = dict(p_space=ps, q_space=qs, temperature=T, validate=False)
+    v, ga, gb = _value_and_grads(fn, a, b, **kw)
+    if fast:
+        assert took_fast(v)
+    with core_only():
+        vc, gac, gbc = _value_and_grads(fn, a, b, **kw)
+        v64, ga64, gb64 = _value_and_grads(fn, a.double(), b.double(), **kw)
+    vn, gan, gbn = _naive_rows(kind, a, b, ps, qs, T, 0.5)
+    use_naive = torch.isfinite(vn) & (vn.abs() < 1e25)
+    truth = torch.where(use_naive, vn, v64)
+    ga_t = torch.where(use_naive[:, None] & torch.isfinite(gan), gan, ga64)
+    gb_t = torch.where(use_naive[:, None] & torch.isfinite(gbn), gbn, gb64)
+    tol_v, tol_g = (1e-6, 1e-5) if dt == torch.float32 else (1e-12, 1e-10)
+
+    def rel(x):
+        x = x.double()
+        same = x == truth  # +inf where the truth is +inf
+        return torch.where(same, 0.0, (x - truth).abs() / truth.abs().clamp_min(1e-300))
+
+    err_v, err_vc = rel(v), rel(vc)
+    assert bool((err_v <= torch.clamp(3 * err_vc, min=tol_v)).all()), (err_v, err_vc)
+    for g, gc, gt, x, space in ((ga, gac, ga_t, a, ps), (gb, gbc, gb_t, b, qs)):
+        if space == "probs":
+            # at probabilities below 1e-100 the core and the textbook formula are both off by
+            # beta/z in the JS gradient (a finite difference in 320-digit mpmath sides with the
+            # kernel: test_kernel_js_gradient_at_a_tiny_probability_matches_mpmath)
+            gt = torch.where((x > 0) & (x < 1e-100), math.nan, gt)
+        e, ec = _per_row_error(g, gt), _per_row_error(gc, gt)
+        # (a row where both give a non-finite gradient against a finite truth: the same call,
+        # the kernel having left it to the core)
+        same = torch.isnan(e) & torch.isnan(ec)
+        assert bool(((e <= torch.clamp(3 * ec, min=tol_g)) | same).all()), (e, ec)
+
+
+@pytest.mark.parametrize("level", [1e-3, 1e-6, 1e-9])
+@pytest.mark.parametrize("spaces", [("logits", "logits"), ("probs", "log_probs")])
+def test_kernel_js_near_convergence_matches_mpmath(level, spaces):
+    """float32 JS (beta 0.5 and 0.2) at JS ~ 1e-3 .. 1e-9: value 1e-5 relative against 40-digit
+    mpmath on the same float32 inputs (logits; probabilities: within 3x the core's error);
+    gradients 1e-5 per row against float64 autograd."""
+    mpmath = pytest.importorskip("mpmath")
+    ps, qs = spaces
+    rng = np.random.default_rng(int(-math.log10(level)))
+    n, V = 3, 50
+    x = torch.as_tensor(rng.standard_normal((n, V)) * 2)
+    y = x + torch.as_tensor(rng.standard_normal((n, V))) * math.sqrt(8 * level)
+    a = to_space(x, ps).float()
+    b = to_space(y, qs).float()
+    for beta in (0.5, 0.2):
+        a1, b1 = a.clone().requires_grad_(), b.clone().requires_grad_()
+        v = kldiv.js_div(a1, b1, beta=beta, p_space=ps, q_space=qs)
+        assert took_fast(v)
+        ga, gb = torch.autograd.grad(v.sum(), (a1, b1))
+        _, gan, gbn = _naive_rows("js", a, b, ps, qs, 1.0, beta)
+        with mpmath.workdps(40):
+            for r in range(n):
+                lp = [mpmath.mpf(float(t)) for t in a[r].double()]
+                lq = [mpmath.mpf(float(t)) for t in b[r].double()]
+                if ps == "probs":
+                    lp = [mpmath.log(t) for t in lp]
+                zp = mpmath.fsum(mpmath.exp(t) for t in lp)
+                zq = mpmath.fsum(mpmath.exp(t) for t in lq)
+                P = [mpmath.exp(t) / zp for t in lp]
+                Q = [mpmath.exp(t) / zq for t in lq]
+                js = mpmath.fsum(
+                    beta * pi * mpmath.log(pi / (beta * pi + (1 - beta) * qi))
+                    + (1 - beta) * qi * mpmath.log(qi / (beta * pi + (1 - beta) * qi))
+                    for pi, qi in zip(P, Q))
+                # logits: 1e-5; a float32 probability's logarithm carries eps |log p| of its
+                # own: there within 3x the core's error (or 1e-5)
+                err = abs(float(v[r].detach()) - float(js))
+                lim = 1e-5 * float(js)
+                if ps == "probs":
+                    with core_only():
+                        vc = kldiv.js_div(a, b, beta=beta, p_space=ps, q_space=qs)
+                    lim = max(lim, 3 * abs(float(vc[r]) - float(js)))
+                assert err <= lim, (r, beta, err, lim)
+        lim = 1e-5
+        if ps == "probs":
+            with core_only():
+                _, gac, gbc = _value_and_grads(kldiv.js_div, a, b, beta=beta, p_space=ps,
+                                               q_space=qs)
+            lim = max(lim, 3 * float(_per_row_error(gac, gan).max()),
+                      3 * float(_per_row_error(gbc, gbn).max()))
+        assert float(_per_row_error(ga, gan).max()) < lim
+        assert float(_per_row_error(gb, gbn).max()) < lim
+
+
+@pytest.mark.parametrize("space", ["probs", "log_probs"])
+def test_kernel_value_checks_keep_the_core_border(space):
+    """The kernel's own row statistics decide the normalisation check: a row off by 0.9 of the
+    tolerance passes, one off by 1.1 raises the core's error (same type, same message)."""
+    rng = np.random.default_rng(5)
+    V = 40
+    tol = kldiv.normalization_tolerance(torch.finfo(torch.float32).eps, V)
+    base = torch.softmax(torch.as_tensor(rng.standard_normal((4, V))), -1)
+    s = torch.randn(4, V, requires_grad=True)
+    for f, ok in ((0.9, True), (1.1, False)):
+        p = base.clone()
+        p[2] *= 1 + f * tol  # sum 1 + f tol
+        p = p.float() if space == "probs" else torch.log(p).float()
+        call = dict(p_space=space, q_space="logits", reduction="mean")
+        for kind in ("forward", "js"):
+            fn = FUNCS[kind]
+            with core_only():
+                try:
+                    ref, err = fn(p, s.detach(), **call), None
+                except ValueError as e:
+                    ref, err = None, str(e)
+            assert (err is None) == ok, (f, kind, err)
+            if ok:
+                got = fn(p, s, **call)
+                assert took_fast(got)
+                torch.testing.assert_close(got.detach(), ref, rtol=1e-6, atol=0)
+            else:
+                with pytest.raises(ValueError) as info:
+                    fn(p, s, **call)
+                assert str(info.value) == err
+
+
+@pytest.mark.parametrize("kind", ["js", "forward"])
+def test_kernel_js_and_probabilities_other_layouts_and_sizes(kind):
+    """V = 1, a large V, odd strides, the category axis first and half-precision inputs: the
+    same values and gradients as the core."""
+    rng = np.random.default_rng(8)
+    fn = FUNCS[kind]
+    big = torch.as_tensor(rng.standard_normal((2, 3 * 20000)), dtype=torch.float32)
+    cases = [
+        (torch.ones(3, 1), torch.zeros(3, 1), "probs", "log_probs", {}),  # V = 1
+        (torch.softmax(big[:, ::3] * 3, -1), torch.log_softmax(big[:, 1::3] * 3, -1),
+         "probs", "log_probs", {}),  # large V, stride 3
+        (torch.softmax(big[:, :50].t() * 2, 0), big[:, 50:100].t(), "probs", "logits",
+         dict(axis=0)),
+        (torch.softmax(big[:, :64], -1).half(), torch.log_softmax(big[:, 64:128], -1).bfloat16(),
+         "probs", "log_probs", {}),
+        (big[:, :300].half(), big[:, 300:600].half(), "logits", "logits", dict(temperature=2.0)),
+    ]
+    for a, b, ps, qs, kw in cases:
+        call = dict(p_space=ps, q_space=qs, **kw)
+        v, ga, gb = _value_and_grads(fn, a, b, **call)
+        assert took_fast(v)
+        with core_only():
+            vc, gac, gbc = _value_and_grads(fn, a, b, **call)
+            # the truth: the core in float64 on the same inputs
+            v64, ga64, gb64 = _value_and_grads(fn, a.double(), b.double(), validate=False,
+                                               **call)
+        assert v.dtype == vc.dtype and v.shape == vc.shape
+        torch.testing.assert_close(v, vc, rtol=2e-6, atol=1e-9)
+        for g, gc, gt in ((ga, gac, ga64), (gb, gbc, gb64)):
+            assert g.dtype == gc.dtype
+            if kw.get("axis") == 0:
+                g, gc, gt = g.t(), gc.t(), gt.t()
+            e, ec = _per_row_error(g.double(), gt), _per_row_error(gc.double(), gt)
+            assert bool((e <= torch.clamp(3 * ec, min=1e-5)).all()), (ps, qs, kw, e, ec)
+
+
+def test_kernel_js_gradient_at_a_tiny_probability_matches_mpmath():
+    """d JS / d p_i at p_i = 1e-200 (probabilities, renormalised) against a central difference
+    in 320-digit mpmath: 1e-9 relative."""
+    mpmath = pytest.importorskip("mpmath")
+    p = torch.tensor([[0.3, 0.2, 0.4, 1e-200]], dtype=torch.float64, requires_grad=True)
+    lq = torch.log(torch.full((1, 4), 0.25, dtype=torch.float64))
+    v = kldiv.js_div(p, lq, p_space="probs", q_space="log_probs", reduction="sum",
+                     validate=False)  # (p sums to 0.9: renormalised)
+    assert took_fast(v)
+    (g,) = torch.autograd.grad(v, p)
+    with mpmath.workdps(320):
+        def js(pp):
+            z = mpmath.fsum(pp)
+            out = 0
+            for pi, qi in zip(pp, [mpmath.mpf(0.25)] * 4):
+                pi = pi / z
+                m = (pi + qi) / 2
+                out += (pi * mpmath.log(pi / m) + qi * mpmath.log(qi / m)) / 2
+            return out
+        base = [mpmath.mpf(t) for t in ("0.3", "0.2", "0.4", "1e-200")]
+        h = mpmath.mpf("1e-204")
+        for i, step in ((3, h), (0, mpmath.mpf("1e-60"))):
+            up, dn = list(base), list(base)
+            up[i] += step
+            dn[i] -= step
+            fd = float((js(up) - js(dn)) / (2 * step))
+            assert abs(float(g[0, i]) - fd) <= 1e-9 * abs(fd), (i, float(g[0, i]), fd)

@@ -32,6 +32,22 @@
  * or nan for nan input). Rows with KL beyond ~57 (float) or ~678 (double), where the constant
  * above leaves T's range, take KL = log Zy - log Zx - E_p[d] instead: no cancellation there.
  *
+ * JS_beta (kind 1 of rows_ex): passes 1 and 2 as above, the accurate mean log-ratio on the common
+ * support from the KL algebra, then one pass forms d_i = log(q_i / p_i) (by the more accurate of
+ * the centred route and the per-side one, as the core's _log_ratio), y = log(m/p) and
+ * z = log(m/q) (log1p / expm1 forms, in double) and the non-negative terms beta p phi(y) +
+ * (1 - beta) q phi(z), and a last one the gradients -(beta/T) p (y - E_p y) and
+ * -((1 - beta)/T) q (z - E_q z). Support mismatch is allowed (mass off the common support adds
+ * -beta log(beta) p(off) and its mirror term); log-ratios clamped to the type's range send the
+ * row to the caller.
+ *
+ * Probability inputs (flags of rows_ex, temperature 1): the kernel takes p itself, e^{a_i} =
+ * p_i / max p exactly (no exponential, no underflow of small probabilities), log p_i by a
+ * vectorised logarithm (subnormals included), and for two probabilities within a factor 2 the
+ * log-ratio log1p((q - p) / p) as the core's. The gradient returned is with respect to the
+ * probabilities (0 where p_i = 0). With a stats array it also returns each row's raw normaliser
+ * (sum p, or logsumexp of a log-space side) for the value checks: no extra pass over the data.
+ *
  * Portable build: no -march=native. The row function is compiled for x86-64-v4 (AVX-512),
  * x86-64-v3 (AVX2 + FMA) and the baseline (GCC target_clones, chosen at load time). exp is a
  * polynomial that the compiler vectorises (no libm call in the hot loops). OpenMP over rows,
@@ -155,17 +171,18 @@ static const double kphi[16] = {
 
 #define KLDIV_FUSED_TEMPLATE
 
-#define T float
-#define SFX _f
-#define KEXP kexp_f
-#define KLOG klog_f
-#define KFABS fabsf
-#define NPHI 7          /* terms up to u^8: truncation below 5e-8 relative for |u| < 0.5 */
-#define EXP_FLOOR 87.0  /* kexp_f returns 0 below -EXP_FLOOR */
-#define SPAN_MAX 3.4028235677973366e38 /* FLT_MAX (1 + 2^-25): below it, x - y rounds finite */
-#define D_CLAMP 8.5e37  /* |log-ratio| held below FLT_MAX / 4: no inf or nan in the passes */
-#define D_RISK 1048576.0 /* larger |d| at an underflowed p_i: the row goes to float64 */
-#define KL_REL 0x1p-30  /* ... unless p_i |d_i| summed stays below KL_REL * KL */
+/* double first: the float kernel's JS passes use the double helpers */
+#define T double
+#define SFX _d
+#define KEXP kexp_d
+#define KLOG klog_d
+#define KFABS fabs
+#define NPHI 16
+#define EXP_FLOOR 708.0
+#define SPAN_MAX 1.7976931348623157e308
+#define D_CLAMP 4.4e307
+#define D_RISK 1048576.0
+#define KL_REL 0x1p-60
 #include "fused.c" /* this file, once per element type */
 #undef T
 #undef SFX
@@ -179,17 +196,17 @@ static const double kphi[16] = {
 #undef D_RISK
 #undef KL_REL
 
-#define T double
-#define SFX _d
-#define KEXP kexp_d
-#define KLOG klog_d
-#define KFABS fabs
-#define NPHI 16
-#define EXP_FLOOR 708.0
-#define SPAN_MAX 1.7976931348623157e308
-#define D_CLAMP 4.4e307
-#define D_RISK 1048576.0
-#define KL_REL 0x1p-60
+#define T float
+#define SFX _f
+#define KEXP kexp_f
+#define KLOG klog_f
+#define KFABS fabsf
+#define NPHI 7          /* terms up to u^8: truncation below 5e-8 relative for |u| < 0.5 */
+#define EXP_FLOOR 87.0  /* kexp_f returns 0 below -EXP_FLOOR */
+#define SPAN_MAX 3.4028235677973366e38 /* FLT_MAX (1 + 2^-25): below it, x - y rounds finite */
+#define D_CLAMP 8.5e37  /* |log-ratio| held below FLT_MAX / 4: no inf or nan in the passes */
+#define D_RISK 1048576.0 /* larger |d| at an underflowed p_i: the row goes to float64 */
+#define KL_REL 0x1p-30  /* ... unless p_i |d_i| summed stays below KL_REL * KL */
 #include "fused.c" /* this file, once per element type */
 #undef T
 #undef SFX
@@ -420,7 +437,8 @@ typedef struct {
 KLDIV_INLINE void FN(pass2)(Py_ssize_t b0, Py_ssize_t b1, const T *restrict x,
                             const T *restrict y, T *restrict sp, T *restrict sq, T *restrict sd,
                             T mx, T my, T it, T ixm, T iym, T d0h, T d0l, const int dense,
-                            const int xp, const int yp, double *out)
+                            const int xp, const int yp, double *out, double *restrict sa,
+                            double *restrict sb, const int ab)
 {
     const T ninf = (T)-INFINITY, CL = (T)D_CLAMP;
     T zx = 0, zy = 0, s1 = 0, zqs = 0, zqo = 0, zxo = 0, zxs = 0, rk = 0; /* rk: largest |d| */
@@ -432,8 +450,13 @@ KLDIV_INLINE void FN(pass2)(Py_ssize_t b0, Py_ssize_t b1, const T *restrict x,
         const T xv = KLDIV_LV(xr, xp), yv = KLDIV_LV(yr, yp);
         const int px = dense ? 1 : xv > ninf, py = dense ? 1 : yv > ninf;
         const int in = px & py;
-        const T ep = xp ? xr * ixm : KEXP((xv - mx) * it);
-        const T eq = yp ? yr * iym : KEXP((yv - my) * it);
+        const T av = (xv - mx) * it, bv = (yv - my) * it; /* each side centred on its max */
+        const T ep = xp ? xr * ixm : KEXP(av);
+        const T eq = yp ? yr * iym : KEXP(bv);
+        if (ab) { /* JS: kept for its choice of log-ratio route (see js_row) */
+            sa[i] = (double)av;
+            sb[i] = (double)bv;
+        }
         T dd;
         if (xp && yp) {
             const T ps = in ? xr : (T)1, qs = in ? yr : (T)1;
@@ -480,7 +503,7 @@ KLDIV_INLINE void FN(pass2)(Py_ssize_t b0, Py_ssize_t b1, const T *restrict x,
  * sum p for probabilities, logsumexp for log-space inputs: the value checks, in this walk. */
 static int FN(prep)(const T *x, const T *y, Py_ssize_t V, double inv_t, int xp, int yp,
                     T *restrict sp, T *restrict sq, T *restrict sd, const T *xn, const T *yn,
-                    FN(rowsum_t) *rs, double *st)
+                    FN(rowsum_t) *rs, double *st, double *sa, double *sb)
 {
     const T it = (T)inv_t;
     const T ninf = (T)-INFINITY, pinf = (T)INFINITY;
@@ -559,7 +582,14 @@ static int FN(prep)(const T *x, const T *y, Py_ssize_t V, double inv_t, int xp, 
                 __builtin_prefetch(yn + i, 0, 2);
             }
 #define KLDIV_P2(dn, a, b)                                                                     \
-    FN(pass2)(b0, b1, x, y, sp, sq, sd, mx, my, it, ixm, iym, d0h, d0l, dn, a, b, acc)
+    do {                                                                                       \
+        if (sa)                                                                                \
+            FN(pass2)(b0, b1, x, y, sp, sq, sd, mx, my, it, ixm, iym, d0h, d0l, dn, a, b, acc, \
+                      sa, sb, 1);                                                              \
+        else                                                                                   \
+            FN(pass2)(b0, b1, x, y, sp, sq, sd, mx, my, it, ixm, iym, d0h, d0l, dn, a, b, acc, \
+                      NULL, NULL, 0);                                                          \
+    } while (0)
         if (dense) {
             if (!xp && !yp)
                 KLDIV_P2(1, 0, 0);
@@ -620,7 +650,7 @@ KLDIV_CLONES static double FN(kl_row)(const T *x, const T *y, Py_ssize_t V, doub
 {
     const T it = (T)inv_t;
     FN(rowsum_t) rs;
-    if (FN(prep)(x, y, V, inv_t, xp, yp, sp, sq, sd, xn, yn, &rs, st))
+    if (FN(prep)(x, y, V, inv_t, xp, yp, sp, sq, sd, xn, yn, &rs, st, NULL, NULL))
         return NAN;
     const double Zx = rs.Zx, Zy = rs.Zy, S1 = rs.S1, ZqS = rs.ZqS, Zqo = rs.Zqo, Dref = rs.Dref;
     const int dense = rs.dense;
@@ -715,38 +745,43 @@ KLDIV_CLONES static double FN(kl_row)(const T *x, const T *y, Py_ssize_t V, doub
 }
 
 /* Pass J over one block (JS): the divergence terms from the scratch, and the log-ratios to the
- * mixture, y_i = log(m_i / p_i) (into sd) and z_i = log(m_i / q_i) (into sz), for the gradient
- * pass; returns sum beta p phi(y) + (1 - beta) q phi(z) over the common support, and adds
- * sum p y, sum q z to ey, ez. */
-KLDIV_INLINE T FN(passj)(Py_ssize_t b0, Py_ssize_t b1, const T *restrict sp,
-                         const T *restrict sq, T *restrict sd, T *restrict sz, T muT, T md,
-                         T ipx, T ipy, T be, T c1, T lbe, T lc1, T rbe, T rc1, double *ey,
-                         double *ez, const int dense)
+ * mixture, y_i = log(m_i / p_i) and z_i = log(m_i / q_i), into sy, sz (double: the gradient
+ * subtracts their means, and a float y would lose digits there); returns sum beta p phi(y) +
+ * (1 - beta) q phi(z) over the common support, and adds sum p y, sum q z to ey, ez. In double
+ * for both element types (the double kernel's helpers). */
+KLDIV_INLINE double FN(passj)(Py_ssize_t b0, Py_ssize_t b1, const T *restrict sp,
+                              const T *restrict sq, const T *restrict sd, double *restrict sy,
+                              double *restrict sz, double mu, double md, double amu,
+                              double lZx, double lZy, double ipx, double ipy,
+                              double be, double c1, double lbe, double lc1, double rbe,
+                              double rc1, double *ey, double *ez, const int dense)
 {
-    const T CL = (T)D_CLAMP;
-    T a = 0, sy = 0, szz = 0;
-#pragma omp simd reduction(+ : a, sy, szz)
+    double a = 0, ay = 0, az = 0;
+#pragma omp simd reduction(+ : a, ay, az)
     for (Py_ssize_t i = b0; i < b1; i++) {
         const T dv = sd[i];
         const int in = dense ? 1 : dv == dv;
-        const T pv = sp[i] * ipx, qv = sq[i] * ipy;
-        const T dr = (in ? dv : (T)0) - muT + md; /* log(q_i / p_i) */
-        const T d = dr > CL ? CL : (dr < -CL ? -CL : dr);
-        const T yv = FN(log_mix)(c1, lc1, rc1, d);  /* log(m / p) */
-        const T zv = FN(log_mix)(be, lbe, rbe, -d); /* log(m / q) */
-        const T m = be * pv + c1 * qv;
-        const int sy_ = KFABS(yv) < (T)0.5, sz_ = KFABS(zv) < (T)0.5;
-        const T tp = sy_ ? pv * FN(phi_series)(sy_ ? yv : (T)0) : m - pv * (1 + yv);
-        const T tq = sz_ ? qv * FN(phi_series)(sz_ ? zv : (T)0) : m - qv * (1 + zv);
-        a += in ? be * tp + c1 * tq : (T)0;
-        const T yy = in ? yv : lbe, zz = in ? zv : lc1; /* off the support: m = beta p, ... */
-        sy += pv * yy;
-        szz += qv * zz;
-        sd[i] = yy;
+        const double pv = (double)sp[i] * ipx, qv = (double)sq[i] * ipy;
+        const double t = in ? (double)dv : 0.0, av = sy[i], bv = sz[i]; /* a_i, b_i */
+        const double dc = (t - mu) + md, dn = (bv - av) + (lZx - lZy); /* log(q_i / p_i) */
+        const int cen = fabs(av - lZx) + fabs(bv - lZy) < fabs(t) + amu;
+        const double dr = cen ? dn : dc;
+        const double d = dr > 1e300 ? 1e300 : (dr < -1e300 ? -1e300 : dr);
+        const double yv = log_mix_d(c1, lc1, rc1, d);  /* log(m / p) */
+        const double zv = log_mix_d(be, lbe, rbe, -d); /* log(m / q) */
+        const double m = be * pv + c1 * qv;
+        const int sy_ = fabs(yv) < 0.5, sz_ = fabs(zv) < 0.5;
+        const double tp = sy_ ? pv * phi_series_d(sy_ ? yv : 0.0) : m - pv * (1 + yv);
+        const double tq = sz_ ? qv * phi_series_d(sz_ ? zv : 0.0) : m - qv * (1 + zv);
+        a += in ? be * tp + c1 * tq : 0.0;
+        const double yy = in ? yv : lbe, zz = in ? zv : lc1; /* off the support: m = beta p */
+        ay += pv * yy;
+        az += qv * zz;
+        sy[i] = yy;
         sz[i] = zz;
     }
-    *ey += sy;
-    *ez += szz;
+    *ey += ay;
+    *ez += az;
     return a;
 }
 
@@ -754,19 +789,20 @@ KLDIV_INLINE T FN(passj)(Py_ssize_t b0, Py_ssize_t b1, const T *restrict sp,
  * dJS/dx_i = -(beta / T) p_i (y_i - E_p[y]), dJS/dy_i = -((1 - beta) / T) q_i (z_i - E_q[z]);
  * probability inputs: divided by p_i (q_i), 0 where it is 0. */
 KLDIV_INLINE void FN(passjg)(Py_ssize_t b0, Py_ssize_t b1, const T *restrict sp,
-                             const T *restrict sq, const T *restrict sd, const T *restrict sz,
-                             T *restrict gx, T *restrict gy, T gxc, T gyc, T ey, T ez,
-                             const int want_x, const int want_y, const int xp, const int yp)
+                             const T *restrict sq, const double *restrict sy,
+                             const double *restrict sz, T *restrict gx, T *restrict gy, T gxc,
+                             T gyc, double ey, double ez, const int want_x, const int want_y,
+                             const int xp, const int yp)
 {
 #pragma omp simd
     for (Py_ssize_t i = b0; i < b1; i++) {
         if (want_x) {
             const T w = xp ? (sp[i] > 0 ? (T)1 : (T)0) : sp[i];
-            gx[i] = -gxc * w * (sd[i] - ey);
+            gx[i] = -gxc * w * (T)(sy[i] - ey);
         }
         if (want_y) {
             const T w = yp ? (sq[i] > 0 ? (T)1 : (T)0) : sq[i];
-            gy[i] = -gyc * w * (sz[i] - ez);
+            gy[i] = -gyc * w * (T)(sz[i] - ez);
         }
     }
 }
@@ -780,13 +816,20 @@ KLDIV_INLINE void FN(passjg)(Py_ssize_t b0, Py_ssize_t b1, const T *restrict sp,
  * - (1 - beta) log(1 - beta) q(off S): non-negative terms only. */
 KLDIV_CLONES static double FN(js_row)(const T *x, const T *y, Py_ssize_t V, double inv_t,
                                       double s, double beta, T *gx, T *gy, T *restrict sp,
-                                      T *restrict sq, T *restrict sd, T *restrict sz,
+                                      T *restrict sq, T *restrict sd, double *restrict sy,
+                                      double *restrict sz,
                                       const T *xn, const T *yn, int xp, int yp, double *st)
 {
     FN(rowsum_t) rs;
-    if (FN(prep)(x, y, V, inv_t, xp, yp, sp, sq, sd, xn, yn, &rs, st))
+    if (FN(prep)(x, y, V, inv_t, xp, yp, sp, sq, sd, xn, yn, &rs, st, sy, sz))
         return NAN;
     const int dense = rs.dense;
+    if (rs.risk) { /* a log-ratio clamped to the type's range: its sign may be lost (a logit of
+                    * finfo.min on both sides); the caller's float64 path decides */
+        for (Py_ssize_t i = 0; i < V; i++)
+            if (KFABS(sd[i]) >= (T)D_CLAMP)
+                return NAN;
+    }
     const double Zx = rs.Zx, Zy = rs.Zy, ZxS = rs.ZxS, ZqS = rs.ZqS;
     const double po = rs.Zxo / Zx, qo = rs.Zqo / Zy;
     double mu = 0, meanD = 0;
@@ -811,23 +854,22 @@ KLDIV_CLONES static double FN(js_row)(const T *x, const T *y, Py_ssize_t V, doub
         const double lpS = po < 0.5 ? log1p(-po) : log(ZxS / Zx);
         meanD = lqS - lpS - L;
     }
-    const T be = (T)beta, c1 = (T)(1.0 - beta), lbe = (T)log(beta), lc1 = (T)log1p(-beta);
-    const T rbe = (T)((1.0 - beta) / beta), rc1 = (T)(beta / (1.0 - beta));
-    /* d_i = (t_i - mu) + E_{p_S}[d] (centred), or t_i + Dref + log Zx - log Zy (direct) where
-     * that has the smaller constants: a q_i of e^-1e30 where p is not drags mu to ~1e29 and the
-     * centred value of every other entry to noise (the core's _log_ratio chooses alike) */
-    const double Kd = rs.Dref + log(Zx) - log(Zy);
-    const int direct = fabs(mu) + fabs(meanD) > fabs(rs.Dref) + fabs(log(Zx)) + fabs(log(Zy));
-    const double a1 = direct ? -Kd : mu, a2 = direct ? 0.0 : meanD;
-    const T ipx = (T)(1.0 / Zx), ipy = (T)(1.0 / Zy), muT = (T)a1;
-    const T md = (T)(a2 > D_CLAMP ? D_CLAMP : (a2 < -D_CLAMP ? -D_CLAMP : a2));
+    const double be = beta, c1 = 1.0 - beta, lbe = log(beta), lc1 = log1p(-beta);
+    const double rbe = (1.0 - beta) / beta, rc1 = beta / (1.0 - beta);
+    /* d_i = log(q_i / p_i) per entry by the more accurate of two routes (the core's
+     * _log_ratio): (t_i - mu) + E_{p_S}[d], exact near convergence, or (b_i - a_i) + log Zx
+     * - log Zy from the sides centred on their own maxima, where the first one's constants are
+     * huge (a q_r of e^-1e30 where p is largest drags mu to ~1e29 and the centred value of every
+     * other entry to noise) */
+    const double lZx = log(Zx), lZy = log(Zy), amu = fabs(mu) + fabs(meanD);
+    const double ipx = 1.0 / Zx, ipy = 1.0 / Zy;
     double acc = 0, ey = 0, ez = 0;
     for (Py_ssize_t b0 = 0; b0 < V; b0 += KLDIV_BLOCK) {
         const Py_ssize_t b1 = b0 + KLDIV_BLOCK < V ? b0 + KLDIV_BLOCK : V;
-        acc += dense ? FN(passj)(b0, b1, sp, sq, sd, sz, muT, md, ipx, ipy, be, c1, lbe, lc1,
-                                 rbe, rc1, &ey, &ez, 1)
-                     : FN(passj)(b0, b1, sp, sq, sd, sz, muT, md, ipx, ipy, be, c1, lbe, lc1,
-                                 rbe, rc1, &ey, &ez, 0);
+        acc += dense ? FN(passj)(b0, b1, sp, sq, sd, sy, sz, mu, meanD, amu, lZx, lZy, ipx,
+                                 ipy, be, c1, lbe, lc1, rbe, rc1, &ey, &ez, 1)
+                     : FN(passj)(b0, b1, sp, sq, sd, sy, sz, mu, meanD, amu, lZx, lZy, ipx,
+                                 ipy, be, c1, lbe, lc1, rbe, rc1, &ey, &ez, 0);
     }
     const double js = acc - beta * log(beta) * po - (1.0 - beta) * log1p(-beta) * qo;
     if (gx || gy) {
@@ -835,16 +877,15 @@ KLDIV_CLONES static double FN(js_row)(const T *x, const T *y, Py_ssize_t V, doub
         const double fx = xp ? 1.0 / (Zx * rs.xmax) : 1.0 / Zx;
         const double fy = yp ? 1.0 / (Zy * rs.ymax) : 1.0 / Zy;
         const T gxc = (T)(beta * s * inv_t * fx), gyc = (T)((1.0 - beta) * s * inv_t * fy);
-        const T eyT = (T)ey, ezT = (T)ez;
         const int wx = gx != NULL, wy = gy != NULL;
         for (Py_ssize_t b0 = 0; b0 < V; b0 += KLDIV_BLOCK) {
             const Py_ssize_t b1 = b0 + KLDIV_BLOCK < V ? b0 + KLDIV_BLOCK : V;
             if (!xp && !yp && wx && wy)
-                FN(passjg)(b0, b1, sp, sq, sd, sz, gx, gy, gxc, gyc, eyT, ezT, 1, 1, 0, 0);
+                FN(passjg)(b0, b1, sp, sq, sy, sz, gx, gy, gxc, gyc, ey, ez, 1, 1, 0, 0);
             else if (!xp && !yp && wy)
-                FN(passjg)(b0, b1, sp, sq, sd, sz, gx, gy, gxc, gyc, eyT, ezT, 0, 1, 0, 0);
+                FN(passjg)(b0, b1, sp, sq, sy, sz, gx, gy, gxc, gyc, ey, ez, 0, 1, 0, 0);
             else
-                FN(passjg)(b0, b1, sp, sq, sd, sz, gx, gy, gxc, gyc, eyT, ezT, wx, wy, xp, yp);
+                FN(passjg)(b0, b1, sp, sq, sy, sz, gx, gy, gxc, gyc, ey, ez, wx, wy, xp, yp);
         }
     }
     return js;
@@ -860,7 +901,9 @@ static int FN(run)(int kind, const T *x, Py_ssize_t xs, const T *y, Py_ssize_t y
 {
     int err = 0;
     const int xp = flags & 1, yp = (flags >> 1) & 1;
-    const size_t bytes = (((kind ? 4 : 3) * (size_t)V * sizeof(T) + 63) / 64) * 64;
+    /* scratch: three arrays of T, and for JS two of double (64-byte aligned) */
+    const size_t off = ((3 * (size_t)V * sizeof(T) + 63) / 64) * 64;
+    const size_t bytes = off + (kind ? ((2 * (size_t)V * sizeof(double) + 63) / 64) * 64 : 0);
     if (nthreads > n)
         nthreads = n > 0 ? (int)n : 1;
 #pragma omp parallel num_threads(nthreads)
@@ -896,7 +939,8 @@ static int FN(run)(int kind, const T *x, Py_ssize_t xs, const T *y, Py_ssize_t y
             const T *xn = more ? x + (r + 1) * xs : NULL, *yn = more ? y + (r + 1) * ys : NULL;
             if (kind)
                 rows[r] = FN(js_row)(x + r * xs, y + r * ys, V, inv_t, s, beta, gxr, gyr, buf,
-                                     buf + V, buf + 2 * V, buf + 3 * V, xn, yn, xp, yp, st);
+                                     buf + V, buf + 2 * V, (double *)((char *)buf + off),
+                                     (double *)((char *)buf + off) + V, xn, yn, xp, yp, st);
             else
                 rows[r] = FN(kl_row)(x + r * xs, y + r * ys, V, inv_t, s, gxr, gyr, buf,
                                      buf + V, buf + 2 * V, xn, yn, xp, yp, st);

@@ -6,10 +6,13 @@ reduction, mask, weight, temperature, any axis, with or without gradients) are a
 ``torch.autograd.Function``:
 
 - its forward pass computes the per-row values without an autograd graph, and, when a gradient
-  will be needed, the first derivatives in the same walk: on CPU float32/float64 for KL, reverse
-  KL and Jeffreys by the C kernel (``kldiv._ext._fused``: three passes per row, OpenMP over rows),
-  rows taken in chunks so that no extra N x V tensor is made for probability inputs; otherwise
-  (other devices, JS) by a few torch operations or the core's own row function;
+  will be needed, the first derivatives in the same walk: on CPU float32/float64 for the whole
+  family by the C kernel (``kldiv._ext._fused.rows_ex``: three passes per row for KL, four for
+  JS, OpenMP over rows). Probabilities at temperature 1 go in as they are (the kernel takes
+  their logarithms itself and returns the gradient with respect to them); inputs of another
+  dtype or layout, and probabilities at a temperature, are converted a chunk of rows at a time,
+  so that no extra N x V tensor is made. Other devices: a few torch operations or the core's
+  own row function;
 - its backward pass hands those gradients over (first order), or, when autograd records the
   backward pass itself (``create_graph=True``: Hessian-vector products, TRPO's Fisher-vector
   products) or runs it a second time (``retain_graph=True``), recomputes the analytic gradients
@@ -17,8 +20,9 @@ reduction, mask, weight, temperature, any axis, with or without gradients) are a
   exact at every size. No size threshold changes which derivatives exist.
 
 Value checks cost no extra pass where the kernel runs: it reports every row with a nan, +inf or
-no finite entry (a negative probability becomes a nan logarithm); the normalisation of
-probabilities and log-probabilities is checked on the chunk in hand. Whenever anything is off,
+no finite entry (or a negative probability), and at temperature 1 it returns each row's sum of
+probabilities or logsumexp from the same walk; rows within half the tolerance of the border are
+checked again exactly as the core checks them (see ``_stats_off``). Whenever anything is off,
 or the call is unusual (broadcast shapes, weights that need a gradient, extreme temperatures,
 tensor subclasses), the hook answers ``NotImplemented`` and the core runs: it raises its own
 error or computes the value itself. The core defines the semantics; this only goes faster.
@@ -106,12 +110,15 @@ def _triton_divergence(kind, p, q, **options):
 
 
 def divergence(kind, p, q, *, p_space, q_space, axis, reduction, mask, weight, temperature,
-               t2_scale, validate, beta):
+               t2_scale, validate, beta, **options):
     """The core's "pre" hook for torch: the value of ``kldiv.<kind>`` or NotImplemented.
 
     Same arguments and result as the public functions (``kind``: "forward", "reverse", "js",
-    "jeffreys"); NotImplemented sends the call to the core unchanged.
+    "jeffreys"); NotImplemented sends the call to the core unchanged. Options this hook does
+    not know (a keyword a later core may pass) send the call to the core unless they are None.
     """
+    if options and any(v is not None for v in options.values()):
+        return NotImplemented
     if _triton_wanted(p, q):  # Triton kernels (backends/triton_kernels.py, issue 16)
         out = _triton_divergence(kind, p, q, p_space=p_space, q_space=q_space, axis=axis,
                                  reduction=reduction, mask=mask, weight=weight,
