@@ -31,7 +31,8 @@
  * fails, or lies so close to the tolerance that the core's own float32/float64 sums could decide
  * otherwise, gets a status bit (ST_BAD_P / ST_BAD_Q) and the caller lets the core raise its error.
  * Without checks a row holding a nan gives nan (issue 11 item 6). Rows outside what this kernel does
- * exactly (a divergence beyond e^700, +inf inputs without checks, overflowing differences,
+ * exactly (a divergence beyond e^700, +inf inputs without checks, overflowing differences or
+ * weighted sums of them,
  * subnormal quotients of float64 probabilities) get ST_CORE: the caller hands the call to the core.
  *
  * The GIL is released; one call is single-threaded (the caller spreads rows over threads).
@@ -378,9 +379,6 @@ static int div_row(const double *x, const double *y, Py_ssize_t n, const side_t 
     const int pesc = pl || ql ? pxm > -INFINITY : Eo > 0.0;
     const int qesc = pl || ql ? qxm > -INFINITY : Fo > 0.0;
     if (!pl && !ql ? !(dmax < 708.0) : !(dmax <= DBL_MAX)) return ST_CORE;
-    /* the weighted sums of delta overflow where logits ~finfo.max apart meet weights summing to
-     * more than 1 (a KL just below DBL_MAX would come out +inf): the core, exact there */
-    if (!(fabs(A) <= DBL_MAX) || !(fabs(B) <= DBL_MAX)) return ST_CORE;
 
     if (kind == K_FWD || kind == K_REV) {
         int rev = kind == K_REV;
@@ -391,6 +389,9 @@ static int div_row(const double *x, const double *y, Py_ssize_t n, const side_t 
         const double W = rev ? FS : ES;  /* the weighting side's mass on S */
         if (!(W > 0.0)) return ST_CORE;
         const double mu = (rev ? -B : A) / W;
+        /* the weighted sum of delta overflows where logits ~finfo.max apart meet weights summing
+         * to more than 1 (a KL just below DBL_MAX would come out +inf): the core, exact there */
+        if (!(fabs(mu) <= DBL_MAX)) return ST_CORE;
         const double *Wt = rev ? F_ : E_, *Ot = rev ? E_ : F_;
         double L = INFINITY;
         if (-mu < 700.0) {
