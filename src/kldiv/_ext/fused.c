@@ -906,7 +906,7 @@ static int FN(run)(int kind, const T *x, Py_ssize_t xs, const T *y, Py_ssize_t y
     const size_t bytes = off + (kind ? ((2 * (size_t)V * sizeof(double) + 63) / 64) * 64 : 0);
     if (nthreads > n)
         nthreads = n > 0 ? (int)n : 1;
-#pragma omp parallel num_threads(nthreads)
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     {
         T *buf = (T *)aligned_alloc(64, bytes);
         if (!buf) {

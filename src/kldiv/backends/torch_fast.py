@@ -42,6 +42,7 @@ from .._core import dispatch as _dispatch
 from .._core.validation import normalization_tolerance as _tolerance
 from .._core.validation import validation_enabled as _validation_enabled
 from .._core.divergence import _PHI_COEFS, _SMALL
+from . import torch_fused as _fused_mod
 from .torch_fused import grad_buffer as _grad_buffer
 
 __all__ = ["divergence", "T_RANGE"]
@@ -299,7 +300,7 @@ class _Spec:
     """Everything about a call that is not a tensor (one object: cheap to carry)."""
 
     __slots__ = ("kind", "p_space", "q_space", "T", "beta", "reduction", "dtype", "axis", "n",
-                 "V", "c_const", "rows_shape", "gscale")
+                 "V", "c_const", "rows_shape", "gscale", "stat_ref", "tols")
 
     def __init__(self, kind, p_space, q_space, T, beta, reduction, dtype, axis, n, V, c_const,
                  rows_shape):
@@ -316,6 +317,8 @@ class _Spec:
         self.c_const = c_const
         self.rows_shape = rows_shape
         self.gscale = None
+        self.stat_ref = None  # (targets, limits, tolerances) of _stats_off
+        self.tols = None  # {(dtype, dtype): (tol_p, tol_q)}
 
 
 def _reduce(rows, c, spec):
@@ -497,8 +500,8 @@ def _kernel_rows(spec, pm, qm, c, keep, need_p, need_q, check, force64=False):
     else:
         gscale = scale
     rows = torch.empty(n, dtype=torch.float64)
-    gp = _grad_buffer((n, V), pm.dtype) if need_p else None
-    gq = _grad_buffer((n, V), qm.dtype) if need_q else None
+    gp = _gbuf(n, V, pm) if need_p else None
+    gq = _gbuf(n, V, qm) if need_q else None
     sp_p = spec.p_space == "probs"
     sp_q = spec.q_space == "probs"
     flags = (1 if sp_p and t1 else 0) | (2 if sp_q and t1 else 0)
@@ -512,8 +515,13 @@ def _kernel_rows(spec, pm, qm, c, keep, need_p, need_q, check, force64=False):
     step = _chunk_rows(n, V) if (conv_p or conv_q) else n
     own_p = need_p and not log_p and gp.dtype == kd
     own_q = need_q and not log_q and gq.dtype == kd
-    tol_p = _tolerance(torch.finfo(x.dtype).eps, V) if check else 0.0
-    tol_q = _tolerance(torch.finfo(y.dtype).eps, V) if check else 0.0
+    tol_p = tol_q = 0.0
+    if check:
+        tk = (x.dtype, y.dtype)
+        if spec.tols is None or spec.tols[0] != tk:
+            spec.tols = (tk, _tolerance(torch.finfo(x.dtype).eps, V),
+                         _tolerance(torch.finfo(y.dtype).eps, V))
+        tol_p, tol_q = spec.tols[1], spec.tols[2]
     kinds = ("forward", "reverse") if spec.kind == "jeffreys" else (spec.kind,)
     checks = []
     redo = []
@@ -592,12 +600,33 @@ def _kernel_rows(spec, pm, qm, c, keep, need_p, need_q, check, force64=False):
     return rows, gp, gq, total
 
 
+def _gbuf(n, V, t):
+    """A gradient buffer: small ones from torch.empty, large ones reused across steps."""
+    if n * V * t.element_size() < _fused_mod.GRAD_CACHE_MIN_BYTES:
+        return torch.empty((n, V), dtype=t.dtype)
+    return _grad_buffer((n, V), t.dtype)
+
+
 def _stats_off(stats, x, y, spec, tol_p, tol_q, keep):
     """The core's normalisation checks from the kernel's row statistics (temperature 1).
 
     A row whose statistic lies beyond half the tolerance is checked again exactly as the core
     does (its own sum or logsumexp of the input), so that the border between accepted and
     refused is the core's to the last bit; any such row off: True (the core raises)."""
+    ref = spec.stat_ref
+    if ref is None or ref[2] != (tol_p, tol_q):
+        # per column: the expected statistic (1: sum of probabilities, 0: logsumexp) and half
+        # the tolerance (logits: no check)
+        tgt = [1.0 if sp == "probs" else 0.0 for sp in (spec.p_space, spec.q_space)]
+        lim = [math.inf if sp == "logits" else 0.5 * tol
+               for sp, tol in ((spec.p_space, tol_p), (spec.q_space, tol_q))]
+        ref = spec.stat_ref = (torch.tensor(tgt, dtype=torch.float64),
+                               torch.tensor(lim, dtype=torch.float64), (tol_p, tol_q))
+    near = (stats - ref[0]).abs() > ref[1]  # nan (a row the kernel left) is not near
+    if keep is not None:
+        near = near & keep[:, None]
+    if not bool(near.any()):
+        return False
     sides = []
     if spec.p_space != "logits":
         sides.append((0, x, spec.p_space, tol_p))
@@ -638,6 +667,7 @@ def _has_tiny_probabilities(flags, x, y, spec):
 
 
 _KIND_CODE = {"forward": 0, "reverse": 0, "js": 1}
+_SERIAL_ELEMENTS = 1 << 15  # below this many elements the kernel runs on one thread
 
 
 def _run(kind, x, y, T, scale, rows, gx, gy, beta=0.5, flags=0, stats=None):
@@ -649,14 +679,16 @@ def _run(kind, x, y, T, scale, rows, gx, gy, beta=0.5, flags=0, stats=None):
         if stats is not None:  # the kernel writes x's then y's: swapped back below
             st = torch.empty_like(stats)
     n, V = x.shape
+    # small calls on one thread: waking a team costs more than the work (and far more on a
+    # loaded machine)
+    threads = 1 if n * V < _SERIAL_ELEMENTS else torch.get_num_threads()
     _EXT.rows_ex(
         x.dtype == torch.float64, _KIND_CODE[kind], n, V, x.data_ptr(), x.stride(0),
         y.data_ptr(), y.stride(0), 1.0 / T, beta, flags,
         0 if scale is None else scale.data_ptr(), rows.data_ptr(),
         0 if gx is None else gx.data_ptr(), 0 if gx is None else gx.stride(0),
         0 if gy is None else gy.data_ptr(), 0 if gy is None else gy.stride(0),
-        0 if stats is None else (st if kind == "reverse" else stats).data_ptr(),
-        torch.get_num_threads(),
+        0 if stats is None else (st if kind == "reverse" else stats).data_ptr(), threads,
     )
     if kind == "reverse" and stats is not None:
         stats[:, 0] = st[:, 1]
