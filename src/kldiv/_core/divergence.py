@@ -16,16 +16,22 @@ p is zero). Every term is non-negative, phi is evaluated by its Taylor series ne
 inputs give about 1e-6 relative error down to KL = 1e-9 (``benchmarks/accuracy.py``).
 
 Large magnitudes. The value does not change when a constant is added to one side's logits,
-however large (a row of -1e30, a whole row offset by 1e4): each side is centred on its own row
-maximum before the two are compared, and where the two maxima differ by more than 8 (after the
-temperature) the log-ratio is the difference of the centred inputs. Where they are closer it is
-the difference of the raw inputs, which is exact for close logits; that route keeps the 1e-6
-above. Across a large offset the log-ratio carries the rounding of the centring, about
-eps * |x - max x| per entry: full float32 accuracy for ordinary KL values, less for nearly
-identical distributions (about 1e-4 relative at KL = 1e-9). Entries more than finfo.max below
-their row's maximum (only float32 rows holding both +-2e38, or x / T beyond the range) are
-clamped to finfo.max below it; the probabilities there are 0 either way, and a divergence that
-needs the log-ratio beyond the range there is a lower bound, or +inf once it reaches finfo.max.
+however large (a row of -1e30 or finfo.min, a whole row offset by 1e4, logits of 3e38): a side
+whose row maximum is 64 or more in magnitude is shifted by it (exact, by Sterbenz' lemma, for
+every entry within 32 nats of the maximum, the only ones that carry mass), and the difference of
+the two sides is formed exactly (TwoSum) and taken relative to its value at p's mode, so that
+neither an offset of one side nor a constant between the two (logits that differ by 0.3 or by
+1e30) rounds the log-ratio: float32 keeps about 1e-6 relative accuracy down to KL = 1e-9 across
+any offset, float64 about 1e-13 (``tests/test_core_numerics_extra.py``). The log-ratio is
+carried in quarters, so rows wider than the float range (float32 rows holding both +-3e38, or
+x / T beyond it) are exact too; a value beyond finfo.max is +inf. Only entries more than
+finfo.max below their own row maximum are clamped there within a side (their probability is 0
+either way).
+Second derivatives: with respect to probabilities down to about 1e-30 (float32; 1e-290 in
+float64) they are finite and accurate (the logarithm of a tiny probability is taken at a scaled
+value, so that autodiff never squares it into 0). Below that, where 1/p nears finfo.max, the
+entries of the Hessian in that probability's row can be inf or nan: reverse-mode autodiff
+carries 1/p itself (1.4e40 for the subnormal 7e-41) before multiplying it by p; use float64 there.
 No finite input gives a nan or a negative value. A nan in an unmasked row (``validate=False``)
 makes that row's value nan.
 
