@@ -99,30 +99,40 @@ def _compute_dtype(xp, *arrays):
 
 
 def _tiny_scale(xp, x):
-    """(scale, small): a power of 2 for the normal entries of ``x`` (> 0) below 2^-50 (float32;
-    2^-500 in float64), 1 elsewhere, so that ``x * scale`` and its square are normal numbers.
+    """(scale, small) for ``x`` (> 0): a power of 2 for the entries below 2^-50 (float32; 2^-500
+    in float64), 1 elsewhere, so that ``x * scale`` and its square are normal numbers; None when
+    no entry is that small (known without tracing: the usual case costs one comparison).
     Autodiff of ``log x`` or ``1 / x`` then divides by the scaled value, and the second
-    derivative (-1/x^2, finite for x = 1e-30 in float32) never forms x^2 = 0 (then -inf, and
-    inf - inf = nan in the entries next to it). Subnormals are left alone: XLA on CPU flushes
-    them to 0 in arithmetic, and their 1/x overflows anyway.
+    derivative (-1/x^2, finite for x = 1e-30 in float32) never forms x^2 = 0 (then inf, and
+    inf - inf = nan in the entries next to it; JAX's forward-over-reverse Hessian meets it).
     """
-    wide = xp.finfo(x.dtype).bits > 32
-    e = 600 if wide else 100
-    small = (x < 2.0 ** -(e // 2)) & (x >= xp.finfo(x.dtype).smallest_normal)
-    return xp.where(small, const(xp, 2.0**e, x), const(xp, 1.0, x)), small, e, wide
+    from ._xp import is_concrete
+
+    e = 600 if xp.finfo(x.dtype).bits > 32 else 100
+    small = x < 2.0 ** -(e // 2)
+    if is_concrete(x) and not bool(xp.any(small)):
+        return None
+    return xp.where(small, const(xp, 2.0**e, x), const(xp, 1.0, x)), small, e
 
 
 def _log_pos(xp, x):
-    """log x for x > 0, with finite first and second derivatives wherever the true ones are
-    finite (``_tiny_scale``); the value is log x to within an ulp or so."""
+    """log x for x > 0 (>= -finfo.max), with finite first and second derivatives wherever the
+    true ones are finite (``_tiny_scale``); the value is log x to within an ulp or so."""
+    tiny = _tiny_scale(xp, x)
+    if tiny is None:
+        return xp.log(x)
     import struct
-    sc, small, e, wide = _tiny_scale(xp, x)
+
+    sc, small, e = tiny
     c = e * math.log(2.0)
-    c_hi = c if wide else struct.unpack("f", struct.pack("f", c))[0]  # e ln 2 as a pair
-    c_lo = c - c_hi
+    c_hi = c if xp.finfo(x.dtype).bits > 32 else struct.unpack("f", struct.pack("f", c))[0]
+    c_lo = c - c_hi  # e ln 2 as a pair: the offset adds no rounding
     zero = xp.zeros_like(x)
-    return (xp.log(x * sc) - xp.where(small, const(xp, c_hi, x), zero)) - xp.where(
+    r = (xp.log(x * sc) - xp.where(small, const(xp, c_hi, x), zero)) - xp.where(
         small, const(xp, c_lo, x), zero)
+    # (>= -finfo.max: XLA on CPU flushes a subnormal to 0 in arithmetic, after a comparison that
+    # kept it in the support; the log-ratio must not meet -inf there, nor inf - inf)
+    return xp.maximum(r, const(xp, -xp.finfo(x.dtype).max, x))
 
 
 def _make_side(xp, x, space, temperature):
@@ -143,9 +153,7 @@ def _make_side(xp, x, space, temperature):
         x_safe = xp.where(nonpos, one, x)
         z = xp.sum(xp.where(nonpos, zero, x), axis=-1, keepdims=True)
         w = xp.where(support, x_safe / z, zero)
-        # (>= -finfo.max: XLA on CPU flushes a subnormal to 0 in the logarithm, -inf, after a
-        # comparison that kept it in the support; the log-ratio must not meet inf - inf)
-        raw = xp.where(support, xp.maximum(_log_pos(xp, x_safe), const(xp, -xp.finfo(x.dtype).max, x)), zero)
+        raw = xp.where(support, _log_pos(xp, x_safe), zero)
         log_z = xp.log(z)
         lw = xp.where(support, raw - log_z, zero)
         return _Side(x, "probs", support, lw, w, raw, raw, raw, None, log_z)
@@ -407,9 +415,10 @@ def _pair(xp, P: _Side, Q: _Side, need_d: bool = False) -> _Pair:
         near = (qs >= 0.5 * ps) & (qs <= 2 * ps)
         pn = xp.where(near, ps, one)
         qn = xp.where(near, qs, one)
-        sc = _tiny_scale(xp, pn)[0]  # (q - p) / p of tiny p: a finite second derivative
-        pn = pn * sc
-        qn = qn * sc
+        tiny = _tiny_scale(xp, pn)  # (q - p) / p of tiny p: a finite second derivative
+        if tiny is not None:
+            pn = pn * tiny[0]
+            qn = qn * tiny[0]
         delta = xp.where(near, xp.log1p((qn - pn) / pn), Q.raw - P.raw) * 0.25
         k = None
     else:
