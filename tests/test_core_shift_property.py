@@ -4,9 +4,9 @@ float64 and 1e37 in float32, does not change the divergence beyond the documente
 The reference is the mpmath oracle on the exact shifted inputs (a shift that rounds the logits
 changes the distributions, and the oracle sees exactly what kldiv sees). Rows may hold -inf and
 -1e30 / finfo.min "masked" entries. For every function: no nan, never negative, and equal to the
-reference within the documented accuracy (module docstring of ``kldiv._core.divergence``:
-about eps times the logit range per entry across a large offset). The fast paths are switched
-off: this is the core's property.
+reference to about 1e-6 relative (float32) and 1e-12 (float64), rows wider than the float range
+included (module docstring of ``kldiv._core.divergence``). The fast paths are switched off:
+this is the core's property.
 """
 from __future__ import annotations
 
@@ -80,16 +80,12 @@ def test_shifted_logits_match_the_oracle(rows, name):
     if math.isinf(ref) or ref >= fmax * (1 - 1e-6):  # values at finfo.max are reported as inf
         assert got == math.inf or got >= 0.5 * fmax, (name, x, y, got, ref)
         return
-    eps = float(np.finfo(dtype).eps)
-    # rows whose logits span more than the float range are clamped (documented): a lower bound
-    span = max(float(np.ptp(z[np.isfinite(z)])) for z in (x, y))
-    if span > fmax:
-        assert got <= ref * (1 + 1e-5) + 1e-30
-        return
+    # exact across any shift (each side shifted by its own large maximum, the difference of the
+    # sides formed exactly), rows wider than the float range included
     if dtype == "float64":
-        np.testing.assert_allclose(got, ref, rtol=1e-9, atol=1e-13)
+        np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-40)
     else:
-        np.testing.assert_allclose(got, ref, rtol=3e-5, atol=300 * eps * 40 / 1e3)
+        np.testing.assert_allclose(got, ref, rtol=2e-6, atol=1e-30)
 
 
 @FAST

@@ -16,16 +16,22 @@ p is zero). Every term is non-negative, phi is evaluated by its Taylor series ne
 inputs give about 1e-6 relative error down to KL = 1e-9 (``benchmarks/accuracy.py``).
 
 Large magnitudes. The value does not change when a constant is added to one side's logits,
-however large (a row of -1e30, a whole row offset by 1e4): each side is centred on its own row
-maximum before the two are compared, and where the two maxima differ by more than 8 (after the
-temperature) the log-ratio is the difference of the centred inputs. Where they are closer it is
-the difference of the raw inputs, which is exact for close logits; that route keeps the 1e-6
-above. Across a large offset the log-ratio carries the rounding of the centring, about
-eps * |x - max x| per entry: full float32 accuracy for ordinary KL values, less for nearly
-identical distributions (about 1e-4 relative at KL = 1e-9). Entries more than finfo.max below
-their row's maximum (only float32 rows holding both +-2e38, or x / T beyond the range) are
-clamped to finfo.max below it; the probabilities there are 0 either way, and a divergence that
-needs the log-ratio beyond the range there is a lower bound, or +inf once it reaches finfo.max.
+however large (a row of -1e30 or finfo.min, a whole row offset by 1e4, logits of 3e38): a side
+whose row maximum is 64 or more in magnitude is shifted by it (exact, by Sterbenz' lemma, for
+every entry within 32 nats of the maximum, the only ones that carry mass), and the difference of
+the two sides is formed exactly (TwoSum) and taken relative to its value at p's mode, so that
+neither an offset of one side nor a constant between the two (logits that differ by 0.3 or by
+1e30) rounds the log-ratio: float32 keeps about 1e-6 relative accuracy down to KL = 1e-9 across
+any offset, float64 about 1e-13 (``tests/test_core_numerics_extra.py``). The log-ratio is
+carried in quarters, so rows wider than the float range (float32 rows holding both +-3e38, or
+x / T beyond it) are exact too; a value beyond finfo.max is +inf. Only entries more than
+finfo.max below their own row maximum are clamped there within a side (their probability is 0
+either way).
+Second derivatives: with respect to probabilities down to about 1e-30 (float32; 1e-290 in
+float64) they are finite and accurate (the logarithm of a tiny probability is taken at a scaled
+value, so that autodiff never squares it into 0). Below that, where 1/p nears finfo.max, the
+entries of the Hessian in that probability's row can be inf or nan: reverse-mode autodiff
+carries 1/p itself (1.4e40 for the subnormal 7e-41) before multiplying it by p; use float64 there.
 No finite input gives a nan or a negative value. A nan in an unmasked row (``validate=False``)
 makes that row's value nan.
 
@@ -93,6 +99,43 @@ def _compute_dtype(xp, *arrays):
     return dt
 
 
+def _tiny_scale(xp, x):
+    """(scale, small) for ``x`` (> 0): a power of 2 for the entries below 2^-50 (float32; 2^-500
+    in float64), 1 elsewhere, so that ``x * scale`` and its square are normal numbers; None when
+    no entry is that small (known without tracing: the usual case costs one comparison).
+    Autodiff of ``log x`` or ``1 / x`` then divides by the scaled value, and the second
+    derivative (-1/x^2, finite for x = 1e-30 in float32) never forms x^2 = 0 (then inf, and
+    inf - inf = nan in the entries next to it; JAX's forward-over-reverse Hessian meets it).
+    """
+    from ._xp import is_concrete
+
+    e = 600 if xp.finfo(x.dtype).bits > 32 else 100
+    small = x < 2.0 ** -(e // 2)
+    if is_concrete(x) and not bool(xp.any(small)):
+        return None
+    return xp.where(small, const(xp, 2.0**e, x), const(xp, 1.0, x)), small, e
+
+
+def _log_pos(xp, x):
+    """log x for x > 0 (>= -finfo.max), with finite first and second derivatives wherever the
+    true ones are finite (``_tiny_scale``); the value is log x to within an ulp or so."""
+    tiny = _tiny_scale(xp, x)
+    if tiny is None:
+        return xp.log(x)
+    import struct
+
+    sc, small, e = tiny
+    c = e * math.log(2.0)
+    c_hi = c if xp.finfo(x.dtype).bits > 32 else struct.unpack("f", struct.pack("f", c))[0]
+    c_lo = c - c_hi  # e ln 2 as a pair: the offset adds no rounding
+    zero = xp.zeros_like(x)
+    r = (xp.log(x * sc) - xp.where(small, const(xp, c_hi, x), zero)) - xp.where(
+        small, const(xp, c_lo, x), zero)
+    # (>= -finfo.max: XLA on CPU flushes a subnormal to 0 in arithmetic, after a comparison that
+    # kept it in the support; the log-ratio must not meet -inf there, nor inf - inf)
+    return xp.maximum(r, const(xp, -xp.finfo(x.dtype).max, x))
+
+
 def _make_side(xp, x, space, temperature):
     """Normalise one side; ``space`` is the user's p_space/q_space.
 
@@ -111,13 +154,13 @@ def _make_side(xp, x, space, temperature):
         x_safe = xp.where(nonpos, one, x)
         z = xp.sum(xp.where(nonpos, zero, x), axis=-1, keepdims=True)
         w = xp.where(support, x_safe / z, zero)
-        raw = xp.where(support, xp.log(x_safe), zero)
+        raw = xp.where(support, _log_pos(xp, x_safe), zero)
         log_z = xp.log(z)
         lw = xp.where(support, raw - log_z, zero)
         return _Side(x, "probs", support, lw, w, raw, raw, raw, None, log_z)
     if space == "probs":  # probabilities with a temperature: p^(1/T), renormalised
         nonpos = x <= 0
-        x = xp.where(nonpos, const(xp, -math.inf, x), xp.log(xp.where(nonpos, one, x)))
+        x = xp.where(nonpos, const(xp, -math.inf, x), _log_pos(xp, xp.where(nonpos, one, x)))
     big = const(xp, -xp.finfo(x.dtype).max, x)
     support = x != -math.inf  # a nan counts (and propagates): validate=False never hides one
     m = stop_gradient(xp.max(x, axis=-1, keepdims=True))
@@ -270,38 +313,89 @@ class _Pair:
     q_escapes: object  # row has q_i > 0 = p_i
     kl: object  # KL(p || q), +inf where p escapes
     nan_rows: object  # 0, or nan on rows with a nan input
+    dq: object = None  # d / 4, not clamped (d beyond finfo.max where the row is that wide)
 
 
-# Rows whose maxima (over x / T) differ by at most this take the difference of the raw inputs:
-# exact for close logits (Sterbenz), which centring each side first would round.
-_RAW_OFFSET = 8.0
+# A side whose row maximum is at least this large in magnitude is shifted by it before the two
+# sides are compared: x - max x is then exact (Sterbenz) for every entry within 32 nats of the
+# maximum, the only ones with mass e^-32 or more; smaller maxima keep the raw input (exact).
+_SHIFT_FROM = 64.0
+
+
+def _two_diff(a, b):
+    """a - b as an unevaluated sum hi + lo, exactly (TwoSum; no overflow for |a|, |b| below
+    finfo.max / 2). The rounding error lo is a constant to autodiff (its derivative is 0; left
+    to autodiff, its terms would cancel as g - g, and as inf - inf = nan in a Hessian where g
+    overflows): d(hi + lo) = da - db."""
+    hi = a - b
+    bb = hi - a
+    lo = (a - (hi - bb)) + (-b - bb)
+    return hi, stop_gradient(lo)
+
+
+def _quarter_shifted(xp, S: _Side, big):
+    """The side's log-space input shifted by its row maximum where that is large and quartered:
+    ``(raw - a) / 4`` with a = max (|max| >= _SHIFT_FROM) or 0; and a. In quarters the exact
+    difference of two such sides, and of two such differences, never overflows, even for
+    float32 rows holding both +-3e38 (a row wider than finfo.max is taken exactly)."""
+    if S.m is None:  # probabilities: raw = log p in [-745, 0], nothing to shift
+        return S.raw * 0.25, xp.zeros_like(S.raw[..., :1])
+    m = S.m
+    a = xp.where(xp.abs(m) >= _SHIFT_FROM, m, xp.zeros_like(m))
+    a = xp.where(xp.abs(a) <= big, a, xp.zeros_like(a))  # a nan or +-inf maximum stays in
+    return S.raw * 0.25 - a * 0.25, a
 
 
 def _log_delta(xp, P: _Side, Q: _Side, T):
-    """log(q_i / p_i) on T up to a row constant, and that constant's known part.
+    """log(q_i / p_i) on T up to a row constant, halved, exact to the last bit of the inputs.
 
-    Two routes, chosen per row. Where the two rows' maxima are close (within ``_RAW_OFFSET``
-    after the temperature) the raw difference ``(x_q - x_p) / T`` is exact for close logits;
-    elsewhere each side is first centred on its own maximum (``c_q - c_p``), so that an offset
-    between the sides (a row of -1e30, logits 1e4 apart) never enters a difference. Returns
-    ``delta`` (0 off T, within +-finfo.max) and ``k``, the row offset by which the raw route
-    exceeds the centred one ((m_q - m_p) / T, 0 on centred rows).
+    Each side is shifted by its own row maximum when that is large (``_quarter_shifted``: a row of
+    -1e30, logits 1e4 apart, exact for every entry that carries mass), and the difference of the
+    two is formed exactly as a TwoSum pair ``hi + lo`` (the raw difference of two close rows
+    that differ by a constant, 0.3 or 1e30, rounds to eps * |constant| per entry, which costs
+    relative accuracy at small KL). The pair is then taken relative to its value at an anchor
+    entry r (p's largest logit on T; ties: q's largest there): ``t_i = (hi_i - hi_r) + (lo_i -
+    lo_r)``, where ``hi_i - hi_r`` is exact for close rows, so that t carries the row-constant
+    offset of neither side. Returns ``t / (4 T)`` (0 off T) and ``k``, by which log(p_i) + t_i / T
+    exceeds the centred log q_i: ``P.ct_r - Q.ct_r`` (0 for rows that agree at p's mode).
     """
     zero = xp.zeros_like(P.c)
     t = P.temperature
-    big = xp.finfo(P.c.dtype).max
-    mp = P.m if P.m is not None else xp.zeros_like(Q.m)
-    mq = Q.m if Q.m is not None else xp.zeros_like(P.m)
-    k = mq - mp
-    # the raw route never overflows while both maxima stay below finfo.max * eps / 4
-    raw_ok = (xp.abs(k) <= _RAW_OFFSET * t) & (xp.maximum(mp, mq) <= big * xp.finfo(P.c.dtype).eps / 4)
-    delta = xp.where(raw_ok, Q.raw - P.raw, Q.c - P.c)
+    dt = P.c.dtype
+    big = xp.finfo(dt).max
+    neg_inf = const(xp, -math.inf, zero)
+    xh, a = _quarter_shifted(xp, P, big)
+    yh, b = _quarter_shifted(xp, Q, big)
+    # the anchor: the largest p logit on T (exact ties only), q's largest value among those
+    xT = xp.where(T, P.raw, neg_inf)
+    xr = stop_gradient(xp.max(xT, axis=-1, keepdims=True))
+    yr = stop_gradient(xp.max(xp.where(T & (xT == xr), Q.raw, neg_inf), axis=-1, keepdims=True))
+    ok = xp.isfinite(xr) & xp.isfinite(yr)  # rows with an empty T (or a nan) get a safe anchor
+    fzero = xp.zeros_like(xr)
+    xr = xp.where(ok, xr, fzero)
+    yr = xp.where(ok, yr, fzero)
+    hr, lr = _two_diff(yr * 0.25 - b * 0.25, xr * 0.25 - a * 0.25)
+    hi, lo = _two_diff(yh, xh)
+    d = (hi - hr) + (lo - lr)
+    # k = P.ct_r - Q.ct_r, each side's centred value at the anchor, and q's centred values
+    # Q.ct, in quarters and not clamped: c / 4 = raw / 4 - m / 4 (= the shifted quarter itself
+    # where the side was shifted by its maximum; a probability side is not centred: ct = raw)
+    ctp = xr * 0.25 - (P.m * 0.25 if P.m is not None else fzero)
+    ctq_r = yr * 0.25 - (Q.m * 0.25 if Q.m is not None else fzero)
+    ctq = Q.ct * 0.25
+    if Q.m is not None:
+        shifted = b != 0
+        ctq = xp.where(shifted, yh, Q.c * 0.25)
+    k = ctp - ctq_r
     if t != 1.0:
         k = k / t
-        delta = delta / t  # the difference first, then the temperature: keeps its accuracy
+        d = d / t  # the difference first, then the temperature: keeps its accuracy
+        ctq = ctq / t
         if t < 1.0:
-            delta = xp.clip(delta, -big, big)
-    return xp.where(T, delta, zero), xp.where(raw_ok, k, xp.zeros_like(k))
+            d = xp.clip(d, -big, big)
+            k = xp.clip(k, -big, big)
+            ctq = xp.clip(ctq, -big, big)
+    return xp.where(T, d, zero), xp.where(ok, k, fzero), ctq
 
 
 def _pair(xp, P: _Side, Q: _Side, need_d: bool = False) -> _Pair:
@@ -322,10 +416,14 @@ def _pair(xp, P: _Side, Q: _Side, need_d: bool = False) -> _Pair:
         near = (qs >= 0.5 * ps) & (qs <= 2 * ps)
         pn = xp.where(near, ps, one)
         qn = xp.where(near, qs, one)
-        delta = xp.where(near, xp.log1p((qn - pn) / pn), xp.log(qs) - xp.log(ps))
+        tiny = _tiny_scale(xp, pn)  # (q - p) / p of tiny p: a finite second derivative
+        if tiny is not None:
+            pn = pn * tiny[0]
+            qn = qn * tiny[0]
+        delta = xp.where(near, xp.log1p((qn - pn) / pn), Q.raw - P.raw) * 0.25
         k = None
     else:
-        delta, k = _log_delta(xp, P, Q, T)
+        delta, k, ctq_side = _log_delta(xp, P, Q, T)
     p_out = xp.sum(xp.where(T, zero, P.w), axis=-1)
     q_out = xp.sum(xp.where(T, zero, Q.w), axis=-1)
     empty = ~xp.any(T, axis=-1, keepdims=True)
@@ -343,18 +441,29 @@ def _pair(xp, P: _Side, Q: _Side, need_d: bool = False) -> _Pair:
     s = xp.sum(wn, axis=-1, keepdims=True)
     s = xp.where(empty, xp.ones_like(s), s)
     wn = wn / s
-    mu = xp.sum(wn * delta, axis=-1, keepdims=True)
+    # delta is a quarter of the log-ratio (no overflow for float32 rows spanning +-3e38): so is
+    # mu. Entries of weight 0 take no part (their delta, up to finfo.max, would send an inf
+    # gradient into the weights, and inf * 0 through the renormalisation: a nan)
+    mu = xp.sum(wn * xp.where(wn > 0, delta, zero), axis=-1, keepdims=True)
     # centred log-ratio d' (on T). Clamped to the float range: |delta - mu| can exceed it only
     # where p_i or q_i is 0 numerically, and an inf there would meet a zero weight (0 * inf)
     fmax = xp.finfo(delta.dtype).max
-    dc = xp.clip(delta - mu, -fmax, fmax)
+    dcq = delta - mu
+    dc = xp.clip(dcq * 4, -fmax, fmax)
+    deltaq, muq = delta, mu
+    mu = xp.clip(muq * 4, -fmax, fmax)
     # log(wn_i e^{d'_i}) = lwn + d', formed from q's side: lwn + delta = Q.ct + k - P.norm - lpT
     # - log s exactly, and p cancels. Adding lwn to d' numerically would not do where p has a
     # huge finite negative logit (-1e30: both terms ~1e30, their sum noise).
-    offset = P.norm + lpT + xp.log(s) + mu
+    # In quarters, as delta (q's centred value ctq and k included): the sum is in range where
+    # its parts are not (float32 rows holding both +-3e38); scaling by 4 rounds nothing.
+    offset = (P.norm + lpT + xp.log(s)) * 0.25 + muq
     if k is not None:
         offset = offset - k
-    lwx = xp.where(T, Q.ct - offset, zero)
+        ctq = ctq_side
+    else:
+        ctq = Q.ct * 0.25
+    lwx = xp.where(T, xp.clip((ctq - offset) * 4, -fmax, fmax), zero)
     # L = log E_p[exp(d')] = log1p(E_p[phi(d')]). When some p_i exp(d'_i) is huge (logits far
     # apart: KL in the tens), E_p[phi] would overflow although L is modest: such rows take the
     # log-sum-exp of log p_i + d'_i instead (no cancellation to fear there, L > 20).
@@ -368,7 +477,10 @@ def _pair(xp, P: _Side, Q: _Side, need_d: bool = False) -> _Pair:
     L_large = logsumexp(xp, lt, axis=-1)[..., 0]
     L = xp.where(huge[..., 0], L_large, L_small)
     mean_d = log_qT - log_pT - L  # E_{p restricted to T}[log q/p]
-    d = _log_ratio(xp, P, Q, T, delta, mu, dc, mean_d) if need_d else None
+    d = dq = None
+    if need_d:
+        dq = _log_ratio_quarter(xp, P, Q, T, deltaq, muq, dcq, mean_d)
+        d = xp.clip(dq * 4, -fmax, fmax)
     p_escapes = xp.any(P.support & ~Q.support, axis=-1)
     q_escapes = xp.any(Q.support & ~P.support, axis=-1)
     inf = const(xp, math.inf, L)
@@ -381,11 +493,12 @@ def _pair(xp, P: _Side, Q: _Side, need_d: bool = False) -> _Pair:
     # 0 on every row, nan on a row with a nan (its normaliser is nan): an escape's +inf must
     # not hide it
     nan_rows = 0 * (P.norm + Q.norm)[..., 0]
-    return _Pair(T, d, p_out, q_out, p_escapes, q_escapes, kl + nan_rows, nan_rows)
+    return _Pair(T, d, p_out, q_out, p_escapes, q_escapes, kl + nan_rows, nan_rows, dq)
 
 
-def _log_ratio(xp, P, Q, T, delta, mu, dc, mean_d):
-    """log(q_i / p_i) on T (0 elsewhere), entry by entry by the more accurate of two routes.
+def _log_ratio_quarter(xp, P, Q, T, deltaq, muq, dcq, mean_d):
+    """log(q_i / p_i) / 4 on T (0 elsewhere), entry by entry by the more accurate of two routes
+    (a quarter: no overflow for float32 rows holding both +-3e38; ``dcq`` is d' / 4).
 
     The centred route, d' + E_p[d], carries rounding errors of the size of |delta - mu| +
     |mean_d| (small in the usual rows); the direct difference of the normalised
@@ -393,10 +506,13 @@ def _log_ratio(xp, P, Q, T, delta, mu, dc, mean_d):
     somewhere p is not (a logit of -1e30 against a normal one) drags mu to ~1e28 and the centred
     value of every other entry to noise.
     """
-    d = xp.where(T, dc + mean_d[..., None], xp.zeros_like(dc))
-    err_centred = xp.abs(delta) + xp.abs(mu) + xp.abs(mean_d)[..., None]
-    err_direct = xp.abs(P.lw) + xp.abs(Q.lw)
-    return xp.where(T & (err_direct < err_centred), Q.lw - P.lw, d)
+    d = xp.where(T, dcq + mean_d[..., None] * 0.25, xp.zeros_like(dcq))
+    err_centred = xp.abs(deltaq) + xp.abs(muq) + xp.abs(mean_d * 0.25)[..., None]
+    err_direct = xp.abs(P.lw * 0.25) + xp.abs(Q.lw * 0.25)
+    # a log-probability at -finfo.max went through the clamp: the direct route is a bound there
+    fmax = xp.finfo(dcq.dtype).max
+    direct = T & (err_direct < err_centred) & (P.lw > -fmax) & (Q.lw > -fmax)
+    return xp.where(direct, Q.lw * 0.25 - P.lw * 0.25, d)
 
 
 def _log_mix(xp, c, d):
@@ -422,9 +538,11 @@ def _rows(kind, xp, P, Q, beta):
         d = pr.d
         small = xp.abs(d) < _SMALL
         ds = xp.where(small, d, zero)
-        dl = xp.where(small, zero, d)
         # p e^d = q on the common support (d = log q/p): the large branch needs no exponential
-        term = xp.where(small, P.w * ds * xp.expm1(ds), dl * (Q.w - P.w))
+        # (the large branch in quarters, then scaled: d may lie beyond finfo.max where q - p
+        # does not make the term overflow, in float32 rows holding both +-3e38)
+        dql = xp.where(small, zero, pr.dq)
+        term = xp.where(small, P.w * ds * xp.expm1(ds), (dql * (Q.w - P.w)) * 4)
         val = xp.sum(xp.where(pr.common, term, zero), axis=-1)
         bad = pr.p_escapes | pr.q_escapes | (val >= xp.finfo(val.dtype).max)  # as in _pair
         return xp.where(bad, const(xp, math.inf, val), val) + pr.nan_rows
