@@ -501,7 +501,7 @@ KLDIV_INLINE void FN(pass2)(Py_ssize_t b0, Py_ssize_t b1, const T *restrict x,
 /* Passes 1 and 2 of a row (shared by every kind); 0, or 1 for "recompute me" (nan row). The
  * statistics st[0], st[1] (when st is not NULL; T = 1 only) are each side's raw normaliser:
  * sum p for probabilities, logsumexp for log-space inputs: the value checks, in this walk. */
-static int FN(prep)(const T *x, const T *y, Py_ssize_t V, double inv_t, int xp, int yp,
+KLDIV_INLINE int FN(prep)(const T *x, const T *y, Py_ssize_t V, double inv_t, int xp, int yp,
                     T *restrict sp, T *restrict sq, T *restrict sd, const T *xn, const T *yn,
                     FN(rowsum_t) *rs, double *st, double *sa, double *sb)
 {

@@ -511,7 +511,9 @@ def _kernel_rows(spec, pm, qm, c, keep, need_p, need_q, check, force64=False):
     log_q = sp_q and not t1
     conv_p = log_p or x.dtype != kd or x.stride(-1) != 1
     conv_q = log_q or y.dtype != kd or y.stride(-1) != 1
-    stats = torch.empty((n, 2), dtype=torch.float64) if (check and t1) else None
+    # row normalisers for the value checks (logits have none to check)
+    need_stats = check and t1 and (spec.p_space != "logits" or spec.q_space != "logits")
+    stats = torch.empty((n, 2), dtype=torch.float64) if need_stats else None
     step = _chunk_rows(n, V) if (conv_p or conv_q) else n
     own_p = need_p and not log_p and gp.dtype == kd
     own_q = need_q and not log_q and gq.dtype == kd
