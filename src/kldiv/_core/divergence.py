@@ -164,12 +164,16 @@ def _make_side(xp, x, space, temperature):
     big = const(xp, -xp.finfo(x.dtype).max, x)
     support = x != -math.inf  # a nan counts (and propagates): validate=False never hides one
     m = stop_gradient(xp.max(x, axis=-1, keepdims=True))
-    c = xp.maximum(x - m, big)  # -inf entries become -finfo.max: exp gives 0, no inf - inf
+    # -inf entries become -finfo.max: exp gives 0, no inf - inf. (A select, not maximum: an
+    # entry landing exactly on -finfo.max, float32 finfo.min logits, keeps its whole derivative;
+    # maximum's would be split in half at the tie.)
+    c = x - m
+    c = xp.where(c < big, big, c)
     ct = c
     if temperature != 1.0:
         ct = c / temperature
         if temperature < 1.0:
-            ct = xp.maximum(ct, big)
+            ct = xp.where(ct < big, big, ct)
     e = xp.exp(ct)  # the row maximum gives exp(0) = 1: no overflow, the sum is in [1, V]
     s = xp.sum(e, axis=-1, keepdims=True)
     norm = xp.log(s)
@@ -490,10 +494,28 @@ def _pair(xp, P: _Side, Q: _Side, need_d: bool = False) -> _Pair:
     kl = xp.where(p_escapes | (kl >= xp.finfo(L.dtype).max), inf, kl)
     # KL >= 0: a rounding residue below 0 (1e-54 for shifted identical rows) is the exact 0
     kl = xp.where(kl < 0, xp.zeros_like(kl), kl)
+    if _may_differentiate(P.x) or _may_differentiate(Q.x):
+        # Rows with a large KL (the log-sum-exp route) carry the mean log-ratio, up to ~1e30
+        # (a -1e30 logit where p has mass), in every entry's centred value: autodiff of the
+        # accurate value would see rounding noise of that size, and give a gradient far from
+        # q - p. There the plain formula sum_T p_i (log p_i - log q_i) has no cancellation to
+        # fear, and its derivatives (first and second) are exact: the value stays the accurate
+        # one, the derivatives come from the plain formula.
+        plain = xp.sum(xp.where(T, wn * (P.lw - Q.lw), zero), axis=-1)
+        kl = xp.where(huge[..., 0], stop_gradient(kl) + (plain - stop_gradient(plain)), kl)
     # 0 on every row, nan on a row with a nan (its normaliser is nan): an escape's +inf must
     # not hide it
     nan_rows = 0 * (P.norm + Q.norm)[..., 0]
     return _Pair(T, d, p_out, q_out, p_escapes, q_escapes, kl + nan_rows, nan_rows, dq)
+
+
+def _may_differentiate(x) -> bool:
+    """False only where no derivative can be taken of ``x`` (a torch tensor that does not require
+    grad, a NumPy array): the core then skips work that only serves derivatives."""
+    rg = getattr(x, "requires_grad", None)
+    if rg is not None:
+        return bool(rg)
+    return not type(x).__module__.startswith(("numpy", "array_api_strict"))
 
 
 def _log_ratio_quarter(xp, P, Q, T, deltaq, muq, dcq, mean_d):
