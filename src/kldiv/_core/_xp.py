@@ -117,3 +117,20 @@ def to_numpy(x) -> np.ndarray:
             x = x.float()
         return x.cpu().numpy()
     return np.asarray(x)
+
+
+def as_array(x, name):
+    """An array as it is; nested lists and scalars as float64 NumPy; a clear TypeError naming
+    ``name`` for anything else."""
+    from array_api_compat import is_array_api_obj
+
+    if x is None:
+        raise TypeError(f"{name}: expected an array, got None")
+    if is_array_api_obj(x):
+        return x
+    import numpy as np
+
+    try:
+        return np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name}: expected an array of numbers, got {type(x).__name__}") from None

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from . import dispatch as _dispatch
 from . import options as _options
 from . import validation as V
-from ._xp import const, logsumexp, namespace, quiet, stop_gradient
+from ._xp import as_array, const, logsumexp, namespace, quiet, stop_gradient
 from .reduction import broadcast_rows, reduce_rows
 
 # 1/n! for n = 2..17: phi(x) = sum_{n>=2} x^n / n!, truncation < 1e-20 relative for |x| < 0.5
@@ -77,19 +77,7 @@ class _Side:
     temperature: float = 1.0
 
 
-def _as_array(x, name):
-    from array_api_compat import is_array_api_obj
-
-    if x is None:
-        raise TypeError(f"{name}: expected an array, got None")
-    if is_array_api_obj(x):
-        return x
-    import numpy as np
-
-    try:
-        return np.asarray(x, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name}: expected an array of numbers, got {type(x).__name__}") from None
+_as_array = as_array
 
 
 def _compute_dtype(xp, *arrays):

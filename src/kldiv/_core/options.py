@@ -33,7 +33,7 @@ import math
 import numbers
 
 from . import validation as V
-from ._xp import const, is_concrete, namespace
+from ._xp import as_array, const, is_concrete, namespace
 
 __all__ = ["apply_options", "check_per_side", "check_vocab_size", "check_ignore_index"]
 
@@ -129,20 +129,7 @@ def cap(xp, x, softcap=None, logit_scale=None):
     return xp.where(masked, x, y)
 
 
-def _array(x, name):
-    """An array as it is; nested lists and scalars as float64 NumPy (as the divergence does)."""
-    from array_api_compat import is_array_api_obj
-
-    if x is None:
-        raise TypeError(f"{name}: expected an array, got None")
-    if is_array_api_obj(x):
-        return x
-    import numpy as np
-
-    try:
-        return np.asarray(x, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name}: expected an array of numbers, got {type(x).__name__}") from None
+_array = as_array
 
 
 def _promote(xp, x):
