@@ -73,8 +73,8 @@ def cache_refusals(args, unsupported) -> None:
             raise ValueError(f"{flag}: {why} (the reference {args.reference} is a sparse teacher cache)")
 
 
-def print_cache_result(res, args) -> None:
-    """Table and JSON of a :class:`kldiv.eval.sparse.CacheResult`."""
+def print_result(res, args) -> None:
+    """Table and JSON of a result (``EvalResult`` or :class:`kldiv.eval.sparse.CacheResult`)."""
     if not args.quiet:
         print(res.table())
     if args.json:

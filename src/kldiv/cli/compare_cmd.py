@@ -113,7 +113,7 @@ def _run_cache(args) -> int:
     for d in sorted(set(created)):
         if not args.quiet:
             print(f"created directory {d}")
-    C.print_cache_result(res, args)
+    C.print_result(res, args)
     sys.stdout.flush()
     return 0
 

@@ -126,16 +126,11 @@ def run(args) -> int:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(msg) from None
     if cache:
-        C.print_cache_result(res, args)
+        C.print_result(res, args)
         sys.stdout.flush()
         return 0
     res = EvalResult(res.data, n_resamples=args.resamples, confidence=args.confidence, seed=args.seed)
-    if not args.quiet:
-        print(res.table())
-    if args.json:
-        res.to_json(args.json)
-        if not args.quiet:
-            print(f"\nstatistics: {args.json}")
+    C.print_result(res, args)
     if args.plot:
         res.plot(args.plot)
         if not args.quiet:

@@ -125,12 +125,7 @@ class EvalResult:
                                      for c in cs])
         if any(c["size_bytes"] for c in cs):
             row("Size on disk", [_size(c["size_bytes"]) for c in cs])
-        widths = [max(len(r[1][i]) for r in body if not isinstance(r, str)) + 3 for i in range(len(cs))]
-        for r in body:
-            if isinstance(r, str):
-                lines.append(r)
-            else:
-                lines.append((f"{r[0]:<30}" + "".join(f"{v:>{w}}" for v, w in zip(r[1], widths))).rstrip())
+        lines += _render(body, len(cs), 30)
         for p in s.get("paired", []):
             kl, fl = p["kl_mean_diff"], p["flip_rate_diff"]
             conf = f"{100 * kl['confidence']:g}%"
@@ -185,6 +180,15 @@ def _block(row, pm, tag, ds, fmt):
         label = "Median " if q == "50.0%" else f"{q:>6} "
         row(f"{label} {tag}", [fmt(d["quantiles"][q]) for d in ds])
     row(f"Minimum {tag}", [fmt(d["min"]) for d in ds])
+
+
+def _render(body, ncols, label_width) -> list:
+    """Table lines from rows ``(label, [cell per column])`` and plain strings (headings):
+    labels left-aligned in ``label_width``, each column right-aligned to its widest cell."""
+    widths = [max(len(r[1][i]) for r in body if not isinstance(r, str)) + 3 for i in range(ncols)]
+    return [r if isinstance(r, str) else
+            (f"{r[0]:<{label_width}}" + "".join(f"{v:>{w}}" for v, w in zip(r[1], widths))).rstrip()
+            for r in body]
 
 
 def _short(name: str) -> str:

@@ -237,6 +237,18 @@ class EvalData:
     sizes: list
 
 
+def open_candidates(candidates, opened, *, dtype, device):
+    """The candidates opened as models (``open_model``); those opened here are appended to
+    ``opened`` (the caller closes them), models passed in stay the caller's."""
+    cands = []
+    for c in candidates:
+        m = open_model(c, side="other", dtype=dtype, device=device)
+        if m is not c:
+            opened.append(m)
+        cands.append(m)
+    return cands
+
+
 def evaluate(reference, candidates, *, tokens=None, text=None, ctx=None, chunks=None,
              batch: int = 1, dtype: str = "float32", device=None, score: str = "half", bos="auto",
              save_reference=None, progress=None, topk=(5, 10), max_exact=None, threads=None,
@@ -284,7 +296,7 @@ def evaluate(reference, candidates, *, tokens=None, text=None, ctx=None, chunks=
             raise ValueError("give either --text or --tokens, not both")
         return evaluate_cache(reference, candidates, tokens=tokens, text=text, ctx=ctx, chunks=chunks,
                               batch=batch, dtype=dtype, device=device, score=score, bos=bos,
-                              progress=progress, topk=topk, max_exact=max_exact, open_model=open_model)
+                              progress=progress, topk=topk, max_exact=max_exact)
     if batch < 1:
         raise ValueError(f"--batch must be >= 1, got {batch}")
     if chunks is not None and chunks < 1:
@@ -299,12 +311,7 @@ def evaluate(reference, candidates, *, tokens=None, text=None, ctx=None, chunks=
         ref = open_model(reference, side="reference", dtype=dtype, device=device)
         if ref is not reference:
             opened.append(ref)
-        cands = []
-        for c in candidates:
-            m = open_model(c, side="other", dtype=dtype, device=device)
-            if m is not c:
-                opened.append(m)
-            cands.append(m)
+        cands = open_candidates(candidates, opened, dtype=dtype, device=device)
 
         for m in (ref, *cands):  # a model passed in opened may have run before
             m.forward_seconds = 0.0

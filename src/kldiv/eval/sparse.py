@@ -380,7 +380,7 @@ class CacheResult:
                 "not_computable": dict(NOT_COMPUTABLE), "candidates": cands}
 
     def table(self) -> str:
-        from .result import _g, _pct, _short
+        from .result import _g, _pct, _render, _short
 
         s = self.summary()
         cs = s["candidates"]
@@ -445,12 +445,7 @@ class CacheResult:
             from .result import _size
 
             row("Size on disk", [_size(c["size_bytes"]) for c in cs])
-        widths = [max(len(r[1][i]) for r in body if not isinstance(r, str)) + 3 for i in range(len(cs))]
-        for r in body:
-            if isinstance(r, str):
-                lines.append(r)
-            else:
-                lines.append((f"{r[0]:<34}" + "".join(f"{v:>{w}}" for v, w in zip(r[1], widths))).rstrip())
+        lines += _render(body, len(cs), 34)
         lines += ["", f"Not computable from a top-{K} cache (not printed):"]
         frac = ""
         if "next_token_in_ref_topk" in cs[0]:
@@ -558,7 +553,7 @@ def compare_cache(cache, other, *, tokens=None, other_key=None, other_space="log
 
 def evaluate_cache(reference, candidates, *, tokens=None, text=None, ctx=None, chunks=None, batch=1,
                    dtype="float32", device=None, score="half", bos="auto", progress=None, topk=TOPK,
-                   max_exact=None, open_model=None) -> CacheResult:
+                   max_exact=None) -> CacheResult:
     """Run each candidate on a teacher cache's tokens and compare it with the cached reference.
 
     The candidates run on the cache's ``input_ids`` as they are (the teacher ran on them without
@@ -570,17 +565,12 @@ def evaluate_cache(reference, candidates, *, tokens=None, text=None, ctx=None, c
 
     from .._progress import progress_bar
     from ..io import load_tokens
-    from .runner import HFModel, scored_positions, tokenize_text
+    from .runner import HFModel, open_candidates, scored_positions, tokenize_text
 
     ref = reference if isinstance(reference, CacheReference) else CacheReference(reference)
     opened = []
     try:
-        cands = []
-        for c in candidates:
-            m = open_model(c, side="other", dtype=dtype, device=device)
-            if m is not c:
-                opened.append(m)
-            cands.append(m)
+        cands = open_candidates(candidates, opened, dtype=dtype, device=device)
         for m in cands:
             m.forward_seconds = 0.0
             if m.n_vocab != ref.n_vocab:
