@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from . import dispatch as _dispatch
 from . import options as _options
 from . import validation as V
-from ._xp import as_array, const, logsumexp, namespace, quiet, stop_gradient
+from ._xp import as_array, const, is_concrete, logsumexp, namespace, quiet, stop_gradient
 from .reduction import broadcast_rows, reduce_rows
 
 # 1/n! for n = 2..17: phi(x) = sum_{n>=2} x^n / n!, truncation < 1e-20 relative for |x| < 0.5
@@ -482,7 +482,8 @@ def _pair(xp, P: _Side, Q: _Side, need_d: bool = False) -> _Pair:
     kl = xp.where(p_escapes | (kl >= xp.finfo(L.dtype).max), inf, kl)
     # KL >= 0: a rounding residue below 0 (1e-54 for shifted identical rows) is the exact 0
     kl = xp.where(kl < 0, xp.zeros_like(kl), kl)
-    if _may_differentiate(P.x) or _may_differentiate(Q.x):
+    if (_may_differentiate(P.x) or _may_differentiate(Q.x)) and not (
+            is_concrete(huge) and not bool(xp.any(huge))):
         # Rows with a large KL (the log-sum-exp route) carry the mean log-ratio, up to ~1e30
         # (a -1e30 logit where p has mass), in every entry's centred value: autodiff of the
         # accurate value would see rounding noise of that size, and give a gradient far from
