@@ -862,12 +862,15 @@ KLDIV_INLINE T FN(log_mix3)(T c, T lc, T lr, T d)
  * parts that vary (ly, lz) keep full relative accuracy in float, and the gradient subtracts
  * their means without losing digits to a row constant; far from it (sh = E d, y0 = z0 = 0,
  * w = 1 - beta) y, z themselves. ly, lz go into sa, sb over a_i, b_i. Returns the block's sum
- * of beta p phi(y) + (1 - beta) q phi(z) (common support); adds sum p ly, sum q lz to ey, ez. */
+ * of beta p phi(y) + (1 - beta) q phi(z) (common support); adds sum p ly, sum q lz to ey, ez.
+ * one (w and 1 - w both >= 1/4): one logarithm per entry, for the side whose argument is <= 0;
+ * the other from ly - lz = dp (exact algebra; with w, 1 - w >= 1/4 the difference loses at most
+ * a few ulps: |lz| <= (1 - w) |dp| and ly >= w dp for dp >= 0, the mirror for dp < 0). */
 KLDIV_INLINE T FN(passjt)(Py_ssize_t b0, Py_ssize_t b1, const T *restrict sp,
                           const T *restrict sq, const T *restrict sd, T *restrict sa,
                           T *restrict sb, T muT, T kc, T sh, T amu, T lZx, T lZy, T ipx, T ipy,
                           T be, T c1, T y0, T z0, T w, T lw, T v, T lv, T ly_off, T lz_off,
-                          double *ey, double *ez, const int dense)
+                          double *ey, double *ez, const int dense, const int one)
 {
     T a = 0, ay = 0, az = 0;
 #pragma omp simd reduction(+ : a, ay, az)
@@ -879,8 +882,16 @@ KLDIV_INLINE T FN(passjt)(Py_ssize_t b0, Py_ssize_t b1, const T *restrict sp,
         const int cen = KFABS(av - lZx) + KFABS(bv - lZy) < KFABS(t) + amu;
         const T dr = cen ? (bv - av) + kc : t - muT;
         const T dp = in ? dr + sh : (T)0;
-        const T ly = FN(log_mix3)(w, lw, lv, dp);
-        const T lz = FN(log_mix3)(v, lv, lw, -dp);
+        T ly, lz;
+        if (one) {
+            const int neg = dp < 0;
+            const T l = FN(log_mix3)(neg ? w : v, neg ? lw : lv, neg ? lv : lw, neg ? dp : -dp);
+            ly = neg ? l : l + dp;
+            lz = neg ? l - dp : l;
+        } else {
+            ly = FN(log_mix3)(w, lw, lv, dp);
+            lz = FN(log_mix3)(v, lv, lw, -dp);
+        }
         const T yv = y0 + ly, zv = z0 + lz;
         const T pv = sp[i] * ipx, qv = sq[i] * ipy;
         const T m = be * pv + c1 * qv;
@@ -989,13 +1000,17 @@ KLDIV_CLONES static double FN(js_row)(const T *x, const T *y, Py_ssize_t V, doub
         const double lw = near ? lc1 + meanD - y0 : lc1, lv = near ? lbe - meanD - z0 : lbe;
         const T tw = (T)exp(lw), tv = (T)exp(lv), sh = near ? (T)0 : (T)meanD;
         const T kc = (T)((lZx - lZy) - meanD);
+        const int one = lw >= -1.3862943611198906 && lv >= -1.3862943611198906; /* >= 1/4 */
         for (Py_ssize_t b0 = 0; b0 < V; b0 += KLDIV_BLOCK) {
             const Py_ssize_t b1 = b0 + KLDIV_BLOCK < V ? b0 + KLDIV_BLOCK : V;
-#define KLDIV_PJT(dn)                                                                          \
+#define KLDIV_PJT(dn, one)                                                                     \
     FN(passjt)(b0, b1, sp, sq, sd, sa, sb, (T)mu, kc, sh, (T)amu, (T)lZx, (T)lZy, (T)ipx,      \
                (T)ipy, (T)be, (T)c1, (T)y0, (T)z0, tw, (T)lw, tv, (T)lv, (T)(lbe - y0),         \
-               (T)(lc1 - z0), &ey, &ez, dn)
-            acc += dense ? KLDIV_PJT(1) : KLDIV_PJT(0);
+               (T)(lc1 - z0), &ey, &ez, dn, one)
+            if (one)
+                acc += dense ? KLDIV_PJT(1, 1) : KLDIV_PJT(0, 1);
+            else
+                acc += dense ? KLDIV_PJT(1, 0) : KLDIV_PJT(0, 0);
 #undef KLDIV_PJT
         }
         const double js = acc - beta * log(beta) * po - (1.0 - beta) * log1p(-beta) * qo;

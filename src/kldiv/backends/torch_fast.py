@@ -283,8 +283,41 @@ def _lane(spec, p, q, validate):
     grad_on = torch.is_grad_enabled()
     need_p = grad_on and p.requires_grad
     need_q = grad_on and q.requires_grad
-    res = _kernel_rows(spec, p.detach(), q.detach(), None, None, need_p, need_q,
-                       _validation_enabled(validate), pooled=spec.reduction != "none")
+    check = _validation_enabled(validate)
+    plan = spec.plan
+    if plan is None:
+        plan = spec.plan = _plan(spec)
+    if plan:
+        # one kernel call, its arguments worked out once per signature (see _plan)
+        isd, code, swap, flags, inv_t, lims = plan
+        n, V = spec.n, spec.V
+        try:
+            bufs = spec.pool.pop()  # atomic: a buffer pair is never shared between threads
+        except IndexError:
+            bufs = (torch.empty(n, dtype=torch.float64), torch.empty((n, 2), dtype=torch.float64))
+        gp = _gbuf(n, V, p) if need_p else None
+        gq = _gbuf(n, V, q) if need_q else None
+        x, y, gx, gy = (q, p, gq, gp) if swap else (p, q, gp, gq)
+        st = check and lims
+        total, near = _EXT.rows_ex(
+            isd, code, n, V, x.data_ptr(), V, y.data_ptr(), V, inv_t, spec.beta, flags,
+            spec.gscale.data_ptr() if (need_p or need_q) and spec.c_const != 1.0 else 0,
+            bufs[0].data_ptr(), 0 if gx is None else gx.data_ptr(), V,
+            0 if gy is None else gy.data_ptr(), V, bufs[1].data_ptr() if st else 0,
+            1 if n * V < _SERIAL_ELEMENTS else torch.get_num_threads(), *(lims if st else ()))
+        spec.pool.append(bufs)
+        if total != total or near:  # a row left to the core, or a check to look at closely
+            return None
+        value = torch.scalar_tensor(total * spec.c_const, dtype=spec.dtype)
+        if not (need_p or need_q):
+            return value
+        if gp is not None and p.dim() != 2:
+            gp = gp.view(p.shape)
+        if gq is not None and q.dim() != 2:
+            gq = gq.view(q.shape)
+        return _LaneFunction.apply(p, q, [value, gp, gq, spec])
+    res = _kernel_rows(spec, p.detach(), q.detach(), None, None, need_p, need_q, check,
+                       pooled=spec.reduction != "none")
     if res is None:
         return None
     rows, gp, gq, total = res
@@ -300,11 +333,40 @@ def _lane(spec, p, q, validate):
     return _LaneFunction.apply(p, q, [value, gp, gq, spec])
 
 
+def _plan(spec):
+    """The arguments of _lane's single kernel call, or False where _kernel_rows must run (rows
+    that leave the call: reduction "none"; an input converted first: a dtype other than the
+    kernel's, probabilities at a temperature; log-probabilities checked apart from the kernel
+    at a temperature). Called once per signature (the lane's inputs have the spec's dtype)."""
+    t1 = spec.T == 1.0
+    dt = spec.dtype
+    if spec.reduction == "none" or _kernel_dtype(None, None, spec.p_space, spec.q_space, dt,
+                                                 False, spec.T) != dt:
+        return False
+    if not t1 and (spec.p_space != "logits" or spec.q_space != "logits"):
+        return False
+    flags = ((1 if spec.p_space == "probs" else 0) | (2 if spec.q_space == "probs" else 0)
+             if t1 else 0)
+    swap = spec.kind == "reverse"
+    lims = ()
+    if t1 and (spec.p_space != "logits" or spec.q_space != "logits"):
+        tol = _tolerance(torch.finfo(dt).eps, spec.V)
+        sides = [(1.0 if sp == "probs" else 0.0, math.inf if sp == "logits" else 0.5 * tol)
+                 for sp in (spec.p_space, spec.q_space)]
+        if swap:  # the kernel's x is q
+            sides.reverse()
+            flags = ((flags & 1) << 1) | ((flags >> 1) & 1)
+        lims = sides[0] + sides[1]
+    elif swap:
+        flags = ((flags & 1) << 1) | ((flags >> 1) & 1)
+    return (dt == torch.float64, _KIND_CODE[spec.kind], swap, flags, 1.0 / spec.T, lims)
+
+
 class _Spec:
     """Everything about a call that is not a tensor (one object: cheap to carry)."""
 
     __slots__ = ("kind", "p_space", "q_space", "T", "beta", "reduction", "dtype", "axis", "n",
-                 "V", "c_const", "rows_shape", "gscale", "stat_ref", "tols", "pool")
+                 "V", "c_const", "rows_shape", "gscale", "stat_ref", "tols", "pool", "plan")
 
     def __init__(self, kind, p_space, q_space, T, beta, reduction, dtype, axis, n, V, c_const,
                  rows_shape):
@@ -324,6 +386,7 @@ class _Spec:
         self.stat_ref = None  # (targets, limits, tolerances) of _stats_off
         self.tols = None  # {(dtype, dtype): (tol_p, tol_q)}
         self.pool = []  # (rows, stats) buffers of _kernel_rows(pooled=True), free to take
+        self.plan = None  # _lane's kernel call (see _plan); False: none
 
 
 def _reduce(rows, c, spec):
