@@ -434,13 +434,24 @@ def _print_row(label, res, fused):
     sys.stdout.flush()
 
 
+def _plain(x):
+    """nan/inf as null: strict JSON."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_plain(v) for v in x]
+    return x
+
+
 def _write_json(path, doc):
-    """Atomically (a temporary file in the same folder, then renamed)."""
+    """Atomically (a temporary file in the same folder, then renamed); nan/inf as null."""
     d = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".gpu-", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as fh:
-            json.dump(doc, fh, indent=1)
+            json.dump(_plain(doc), fh, indent=1, allow_nan=False)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -463,8 +474,8 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=None, help="timed rounds per method (default 5)")
     ap.add_argument("--check-rows", type=int, default=64,
                     help="rows checked against the float64 reference (default 64)")
-    ap.add_argument("--budget", type=float, default=420.0,
-                    help="seconds after which no new row starts (default 420: the whole run "
+    ap.add_argument("--budget", type=float, default=360.0,
+                    help="seconds after which no new row starts (default 360: the whole run "
                          "stays under ~8 minutes); the rows left are reported as skipped")
     ap.add_argument("--only", default=None,
                     help="run only the rows whose label contains this text (e.g. linear)")
