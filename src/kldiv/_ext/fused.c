@@ -762,7 +762,39 @@ KLDIV_CLONES static double FN(kl_row)(const T *x, const T *y, Py_ssize_t V, doub
                     else
                         KLDIV_P3B(1, 0, 0, 0, 0);
                 }
-            } else { /* probability sides: one general variant (flags at run time) */
+            } else if (xp && !yp) { /* the migration row: probabilities against log-space */
+                if (dense) {
+                    if (wx && wy)
+                        KLDIV_P3B(1, 1, 1, 1, 0);
+                    else if (wy)
+                        KLDIV_P3B(0, 1, 1, 1, 0);
+                    else
+                        KLDIV_P3B(1, 0, 1, 1, 0);
+                } else {
+                    if (wx && wy)
+                        KLDIV_P3B(1, 1, 0, 1, 0);
+                    else if (wy)
+                        KLDIV_P3B(0, 1, 0, 1, 0);
+                    else
+                        KLDIV_P3B(1, 0, 0, 1, 0);
+                }
+            } else if (!xp && yp) { /* its reverse */
+                if (dense) {
+                    if (wx && wy)
+                        KLDIV_P3B(1, 1, 1, 0, 1);
+                    else if (wy)
+                        KLDIV_P3B(0, 1, 1, 0, 1);
+                    else
+                        KLDIV_P3B(1, 0, 1, 0, 1);
+                } else {
+                    if (wx && wy)
+                        KLDIV_P3B(1, 1, 0, 0, 1);
+                    else if (wy)
+                        KLDIV_P3B(0, 1, 0, 0, 1);
+                    else
+                        KLDIV_P3B(1, 0, 0, 0, 1);
+                }
+            } else { /* two probability sides: one general variant (flags at run time) */
                 KLDIV_P3B(wx, wy, dense, xp, yp);
             }
 #undef KLDIV_P3B
