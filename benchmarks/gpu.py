@@ -1,7 +1,8 @@
 """GPU benchmark (issue 16): forward + backward time, peak memory and gradient accuracy of kldiv
 against torch eager, torch.compile and Liger-Kernel (when installed), side by side in one run.
 
-    python benchmarks/gpu.py                    # the issue's sizes (one CUDA GPU, ~80 GB)
+    python benchmarks/gpu.py                    # the issue's sizes (one CUDA GPU; ~100 GB
+                                                # for the eager peers' largest rows)
     python benchmarks/gpu.py --json gpu.json    # also write the results (after every row)
     python benchmarks/gpu.py --quick            # small sizes on the GPU
     python benchmarks/gpu.py --dry-run          # no GPU: tiny sizes on the CPU, kldiv through

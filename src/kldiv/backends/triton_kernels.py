@@ -259,10 +259,17 @@ if True:
         """d of _entry in float64, not rounded to float32: the centred log-ratio d - E_p[d] of
         the probability gradients keeps its small variation when d is a constant plus it (a
         constant from q's mass off p's support, or from maxima outside the common support)."""
-        xs = tl.where(both, x, 0.0).to(tl.float64)
-        ys = tl.where(both, y, 0.0).to(tl.float64)
+        # y - x = sv + er exactly in float32 (TwoSum, as _entry), then each part added in
+        # float64: sv + Ch is exact there (a huge common offset, logits of 1e30 against the
+        # other side's maximum, cancels exactly), as is er + Cl
+        xs = tl.where(both, x, 0.0)
+        ys = tl.where(both, y, 0.0)
+        sv = ys - xs
+        bb = sv - ys
+        er = (ys - (sv - bb)) + (-xs - bb)
         lo = tl.where(both, yl - xl, 0.0).to(tl.float64)
-        d = ((ys - xs) + (Ch.to(tl.float64) + Cl.to(tl.float64)) + lo) * it.to(tl.float64)
+        d = ((sv.to(tl.float64) + Ch.to(tl.float64)) + (er.to(tl.float64) + Cl.to(tl.float64))
+             + lo) * it.to(tl.float64)
         d = tl.minimum(tl.maximum(d, -8.5e37), 8.5e37)
         return tl.where(both, d, 0.0)
 
