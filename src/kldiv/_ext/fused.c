@@ -715,15 +715,27 @@ KLDIV_CLONES static double FN(kl_row)(const T *x, const T *y, Py_ssize_t V, doub
             return NAN;
     }
     const double qo = Zqo / Zy;
-    const double log_qS = qo < 0.5 ? log1p(-qo) : log(ZqS / Zy);
-    const double lc = -log(Zx) - mu - Dref; /* p_i e^{d'_i} = e^{lc} * sq[i] */
-    /* KL >= lc: past this bound the series brings nothing (its terms would underflow or
-     * overflow T) and KL = log Zy - log Zx - E_p[d] = lc + log Zy has no cancellation */
-    const int huge = lc > EXP_FLOOR - 30.0;
-    const T c = huge ? (T)0 : (T)exp(lc), ip = (T)(1.0 / Zx), muT = (T)mu;
-    const T rq = (T)(Zx / Zy), ipg = (T)(s * inv_t / Zx);
-    const T ipgx = (T)(s * inv_t / (Zx * rs.xmax)), iymax = (T)(1.0 / rs.ymax);
-    const T ipgy = (T)(s * inv_t / (Zy * rs.ymax));
+    const double log_qS = qo == 0.0 ? 0.0 : qo < 0.5 ? log1p(-qo) : log(ZqS / Zy);
+    /* p_i e^{d'_i} = e^{lc} * sq[i], lc = a0 - log Zx. KL >= lc: past a bound the series brings
+     * nothing (its terms would underflow or overflow T) and KL = log Zy - log Zx - E_p[d] =
+     * lc + log Zy has no cancellation. Zx >= 1 (the largest entry counts 1; probabilities: to
+     * an ulp), so lc <= a0 (+ 1e-7): below the bound e^lc = e^a0 / Zx, no logarithm needed */
+    const double a0 = -mu - Dref, th = EXP_FLOOR - 30.0;
+    double lc = a0;
+    int huge = 0;
+    T c;
+    if (a0 <= th) {
+        c = (T)(exp(a0) / Zx);
+    } else {
+        lc = a0 - log(Zx);
+        huge = lc > th;
+        c = huge ? (T)0 : (T)exp(lc);
+    }
+    const T ip = (T)(1.0 / Zx), muT = (T)mu;
+    const double iZx = 1.0 / Zx, sg = s * inv_t; /* (divisions only where used) */
+    const T rq = (T)(Zx / Zy), ipg = (T)(sg * iZx);
+    const T ipgx = xp ? (T)(sg * iZx / rs.xmax) : (T)0, iymax = yp ? (T)(1.0 / rs.ymax) : (T)0;
+    const T ipgy = yp ? (T)(sg / (Zy * rs.ymax)) : (T)0;
     const int store = gy != NULL;
     double acc = 0;
     for (Py_ssize_t b0 = 0; b0 < V; b0 += KLDIV_BLOCK) {
@@ -739,7 +751,8 @@ KLDIV_CLONES static double FN(kl_row)(const T *x, const T *y, Py_ssize_t V, doub
     }
     const double kl = huge ? lc + log(Zy) : log1p(acc) - log_qS;
     if (gx || gy) {
-        const T E = (T)exp(-kl), M = (T)expm1(-kl);
+        const double Md = expm1(-kl); /* e^-KL = 1 + expm1(-KL), exact enough below 1/2 */
+        const T E = (T)(kl < 0.5 ? 1.0 + Md : exp(-kl)), M = (T)Md;
         const int wx = gx != NULL, wy = gy != NULL;
         for (Py_ssize_t b0 = 0; b0 < V; b0 += KLDIV_BLOCK) {
             const Py_ssize_t b1 = b0 + KLDIV_BLOCK < V ? b0 + KLDIV_BLOCK : V;
@@ -1134,8 +1147,54 @@ KLDIV_CLONES static double FN(jeffreys_row)(const T *x, const T *y, Py_ssize_t V
     return f + b;
 }
 
-/* All rows, OpenMP over rows; returns nonzero when a scratch buffer could not be allocated.
- * kind 0: KL(p || q), 1: JS_beta, 2: Jeffreys (KL(p || q) + KL(q || p)). flags: 1 = x holds probabilities, 2 = y does (T = 1).
+/* Row r of FN(run) (scratch buf, NULL when it could not be allocated). */
+KLDIV_INLINE void FN(one_row)(Py_ssize_t r, int kind, const T *x, Py_ssize_t xs, const T *y,
+                              Py_ssize_t ys, Py_ssize_t n, Py_ssize_t V, double inv_t,
+                              double beta, int xp, int yp, const double *scale, double *rows,
+                              T *gx, Py_ssize_t gxs, T *gy, Py_ssize_t gys, double *stats,
+                              T *buf, size_t off, size_t off2)
+{
+    const double s = scale ? scale[r] : 1.0;
+    T *gxr = gx ? gx + r * gxs : NULL;
+    T *gyr = gy ? gy + r * gys : NULL;
+    double *st = stats ? stats + 2 * r : NULL;
+    if (s == 0.0) { /* masked row: costs a memset of its gradients */
+        rows[r] = 0.0;
+        if (st) { /* not checked (the core does not check masked rows) */
+            st[0] = xp ? 1.0 : 0.0;
+            st[1] = yp ? 1.0 : 0.0;
+        }
+        if (gxr)
+            memset(gxr, 0, (size_t)V * sizeof(T));
+        if (gyr)
+            memset(gyr, 0, (size_t)V * sizeof(T));
+        return;
+    }
+    if (!buf) {
+        rows[r] = NAN;
+        return;
+    }
+    const int more = r + 1 < n;
+    const T *xn = more ? x + (r + 1) * xs : NULL, *yn = more ? y + (r + 1) * ys : NULL;
+    if (kind == 1) {
+        T *sa = (T *)((char *)buf + off);
+        double *sy = (double *)((char *)buf + off + off2);
+        rows[r] = FN(js_row)(x + r * xs, y + r * ys, V, inv_t, s, beta, gxr, gyr, buf, buf + V,
+                             buf + 2 * V, sa, sa + V, sy, sy + V, xn, yn, xp, yp, st);
+    } else if (kind == 2) {
+        T *tx = (T *)((char *)buf + off);
+        rows[r] = FN(jeffreys_row)(x + r * xs, y + r * ys, V, inv_t, s, gxr, gyr, buf, buf + V,
+                                   buf + 2 * V, tx, tx + V, xn, yn, xp, yp, st);
+    } else {
+        rows[r] = FN(kl_row)(x + r * xs, y + r * ys, V, inv_t, s, gxr, gyr, buf, buf + V,
+                             buf + 2 * V, xn, yn, xp, yp, st);
+    }
+}
+
+/* All rows, OpenMP over rows (one thread: a plain loop, no team); returns nonzero when a
+ * scratch buffer could not be allocated.
+ * kind 0: KL(p || q), 1: JS_beta, 2: Jeffreys (KL(p || q) + KL(q || p)).
+ * flags: 1 = x holds probabilities, 2 = y does (T = 1).
  * stats: (n, 2) raw normalisers of each row (see prep), or NULL. */
 static int FN(run)(int kind, const T *x, Py_ssize_t xs, const T *y, Py_ssize_t ys, Py_ssize_t n,
                    Py_ssize_t V, double inv_t, double beta, int flags, const double *scale,
@@ -1156,7 +1215,16 @@ static int FN(run)(int kind, const T *x, Py_ssize_t xs, const T *y, Py_ssize_t y
     const size_t bytes = off + off2 + extra;
     if (nthreads > n)
         nthreads = n > 0 ? (int)n : 1;
-#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+    if (nthreads <= 1) {
+        T *buf = (T *)aligned_alloc(64, bytes);
+        err = !buf;
+        for (Py_ssize_t r = 0; r < n; r++)
+            FN(one_row)(r, kind, x, xs, y, ys, n, V, inv_t, beta, xp, yp, scale, rows, gx, gxs,
+                        gy, gys, stats, buf, off, off2);
+        free(buf);
+        return err;
+    }
+#pragma omp parallel num_threads(nthreads)
     {
         T *buf = (T *)aligned_alloc(64, bytes);
         if (!buf) {
@@ -1164,44 +1232,9 @@ static int FN(run)(int kind, const T *x, Py_ssize_t xs, const T *y, Py_ssize_t y
             err = 1;
         }
 #pragma omp for schedule(dynamic, 16)
-        for (Py_ssize_t r = 0; r < n; r++) {
-            const double s = scale ? scale[r] : 1.0;
-            T *gxr = gx ? gx + r * gxs : NULL;
-            T *gyr = gy ? gy + r * gys : NULL;
-            double *st = stats ? stats + 2 * r : NULL;
-            if (s == 0.0) { /* masked row: costs a memset of its gradients */
-                rows[r] = 0.0;
-                if (st) { /* not checked (the core does not check masked rows) */
-                    st[0] = xp ? 1.0 : 0.0;
-                    st[1] = yp ? 1.0 : 0.0;
-                }
-                if (gxr)
-                    memset(gxr, 0, (size_t)V * sizeof(T));
-                if (gyr)
-                    memset(gyr, 0, (size_t)V * sizeof(T));
-                continue;
-            }
-            if (!buf) {
-                rows[r] = NAN;
-                continue;
-            }
-            const int more = r + 1 < n;
-            const T *xn = more ? x + (r + 1) * xs : NULL, *yn = more ? y + (r + 1) * ys : NULL;
-            if (kind == 1) {
-                T *sa = (T *)((char *)buf + off);
-                double *sy = (double *)((char *)buf + off + off2);
-                rows[r] = FN(js_row)(x + r * xs, y + r * ys, V, inv_t, s, beta, gxr, gyr, buf,
-                                     buf + V, buf + 2 * V, sa, sa + V, sy, sy + V, xn, yn, xp,
-                                     yp, st);
-            } else if (kind == 2) {
-                T *tx = (T *)((char *)buf + off);
-                rows[r] = FN(jeffreys_row)(x + r * xs, y + r * ys, V, inv_t, s, gxr, gyr, buf,
-                                           buf + V, buf + 2 * V, tx, tx + V, xn, yn, xp, yp,
-                                           st);
-            } else
-                rows[r] = FN(kl_row)(x + r * xs, y + r * ys, V, inv_t, s, gxr, gyr, buf,
-                                     buf + V, buf + 2 * V, xn, yn, xp, yp, st);
-        }
+        for (Py_ssize_t r = 0; r < n; r++)
+            FN(one_row)(r, kind, x, xs, y, ys, n, V, inv_t, beta, xp, yp, scale, rows, gx, gxs,
+                        gy, gys, stats, buf, off, off2);
         free(buf);
     }
     return err;
