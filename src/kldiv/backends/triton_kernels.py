@@ -386,16 +386,20 @@ if True:
             Ch = nCh
             Cl = nCl
             px, py, both, a, ep, eq, d = _entry(x, y, xl, yl, mxs, mys, Ch, Cl, it)
-            ep64 = ep.to(tl.float64)  # the mean's sums in float64 (see bS1)
-            bZx = tl.sum(ep64, 0)
-            # E_p[d] in float64 from the start: where the log-ratio is a constant plus a small
-            # variation (q's mass off p's support, probabilities renormalised), a float32 block
-            # sum's rounding of the constant part would be a visible error in d - E_p[d]
-            if XP or YP:  # (the log-ratio to float64 accuracy: the sides' logs are)
+            if XP or YP:
+                # a probability side (its log to float64 accuracy): E_p[d] and the normalisers
+                # summed in float64 within the block too, from the float64 log-ratio. Where the
+                # log-ratio is a constant plus a small variation (q's mass off p's support,
+                # renormalised probabilities), a float32 block sum would round the constant to
+                # a visible error in the gradients' d - E_p[d]
+                ep64 = ep.to(tl.float64)
+                bZx = tl.sum(ep64, 0)
                 bS1 = tl.sum(ep64 * _d64(x, y, xl, yl, both, Ch, Cl, it), 0)
+                bZpS = tl.sum(tl.where(both, ep64, 0.0), 0)
             else:
-                bS1 = tl.sum(ep64 * d.to(tl.float64), 0)
-            bZpS = tl.sum(tl.where(both, ep64, 0.0), 0)
+                bZx = tl.sum(ep, 0).to(tl.float64)
+                bS1 = tl.sum(ep * d, 0).to(tl.float64)
+                bZpS = tl.sum(tl.where(both, ep, 0.0), 0).to(tl.float64)
             # the running mean with this block (rounded to float32: the base the terms use)
             if JSM:
                 Zn = ZpS + bZpS
@@ -440,11 +444,17 @@ if True:
             Zx += bZx
             S1 += bS1
             ZpS += bZpS
-            eq64 = eq.to(tl.float64)
-            Zy += tl.sum(eq64, 0)
-            ZqS += tl.sum(tl.where(both, eq64, 0.0), 0)
-            Zqo += tl.sum(tl.where(px, 0.0, eq64), 0)
-            Zpo += tl.sum(tl.where(py, 0.0, ep64), 0)
+            if XP or YP:
+                eq64 = eq.to(tl.float64)
+                Zy += tl.sum(eq64, 0)
+                ZqS += tl.sum(tl.where(both, eq64, 0.0), 0)
+                Zqo += tl.sum(tl.where(px, 0.0, eq64), 0)
+                Zpo += tl.sum(tl.where(py, 0.0, ep.to(tl.float64)), 0)
+            else:
+                Zy += tl.sum(eq, 0).to(tl.float64)
+                ZqS += tl.sum(tl.where(both, eq, 0.0), 0).to(tl.float64)
+                Zqo += tl.sum(tl.where(px, 0.0, eq), 0).to(tl.float64)
+                Zpo += tl.sum(tl.where(py, 0.0, ep), 0).to(tl.float64)
             esc = esc | (px & (py == 0)).to(tl.int32)
             nans = nans | ((x != x) | (y != y)).to(tl.int32)
         escaped = tl.max(esc, 0) > 0
