@@ -19,8 +19,9 @@ log-probabilities for kldiv, both bfloat16), and the JS divergence against Liger
 ``LigerFusedLinearJSD`` (which takes the teacher's hidden states and weight).
 
 Every method computes the same loss (the mean over rows of the divergence of the student from
-the teacher); kldiv runs with its default value checks (one host synchronisation per call). Time: the median of CUDA-event timings of forward + backward, the methods taking
-turns round by round (round 0, compilation and autotuning, not timed). Peak memory:
+the teacher); kldiv runs with its default value checks (one host synchronisation per call).
+Time: the median of CUDA-event timings of forward + backward, the methods taking turns round
+by round (round 0, compilation and autotuning, not timed). Peak memory:
 ``max_memory_allocated`` during the step, above what was allocated before it (inputs excluded).
 Gradient error: the worst row's normwise relative error of the student's gradient (the logits'
 rows; the hidden states' rows for the linear layers) against float64 autograd of the textbook
