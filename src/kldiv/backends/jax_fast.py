@@ -54,8 +54,8 @@ __all__ = ["kl_rows", "checked", "jax_divergence"]
 # 2e-8 relative for |x| < 1/2), float64 all (below 1e-17)
 _PHI_COEFS = [1.0 / math.factorial(n) for n in range(2, 18)]
 _SMALL = 0.5  # |x| below which phi and expm1-based differences use the series / expm1 route
-# above this, max_i log(zx p_i e^{d'_i}) is huge (KL in the tens or more): the row sums
-# e^{y_i - y_top} instead of the series (no overflow: the terms stay below e^60 times V)
+# above this, max_i log(zx p_i e^{d'_i}) is huge (KL in the tens or more): the row's terms are
+# taken in the frame of y_top - _HUGE_G instead of mu (no overflow: they stay below e^60 times V)
 _HUGE_G = 60.0
 # row maxima farther apart than this: the log-ratio is formed from each side centred on its own
 # maximum (exact for shifts up to 1e30), otherwise as the raw difference (exact for close logits)
@@ -116,19 +116,21 @@ def _rowsum(x):
 def _frame(ma_raw, mb_raw, temperature):
     """Row constants: where each side's logits are taken from, per row (last axis kept).
 
-    Returns ``ma`` (p's maximum, 0 where not finite), ``sa``, ``sb`` (what is subtracted from
-    a and b before their difference: both 0 where the maxima are close and moderate, so that
-    the raw difference, exact for close logits, is the log-ratio; the maxima elsewhere, so that
-    an offset between the sides never enters a difference), ``yc`` (q's logits are ``b - yc``
-    in p's frame) and ``y_top`` (the largest of them, after the temperature).
+    Returns ``ma`` (p's maximum), ``sa``, ``sb`` (what is subtracted from a and b before their
+    difference: both 0 where the maxima are close and moderate, so that the raw difference,
+    exact for close logits, is the log-ratio; the maxima elsewhere, so that an offset between
+    the sides never enters a difference), ``yc`` (q's logits are ``b - yc`` in p's frame) and
+    ``y_top`` (the largest of them, after the temperature). A maximum that is not finite (nan,
+    +inf, or a row that is -inf everywhere) makes its row nan, as it must be.
     """
     fi = jnp.finfo(ma_raw.dtype)
     zero = jnp.zeros((), ma_raw.dtype)
-    ma = _sel(lax.is_finite(ma_raw), ma_raw, zero)[..., None]
-    mb = _sel(lax.is_finite(mb_raw), mb_raw, zero)[..., None]
+    ma = ma_raw[..., None]
+    mb = mb_raw[..., None]
     # far: maxima more than _FAR apart, or so large that the raw difference could overflow
-    far = (lax.abs(ma - mb) > _FAR) | (lax.max(lax.abs(ma), lax.abs(mb))
-                                        > float(fi.max) * float(fi.eps) / 4)
+    # (|ma| <= max eps / 8 and |ma - mb| <= _FAR keep both below max eps / 4: b - a rounds
+    # to at most finfo.max, even with an entry at -finfo.max)
+    far = (lax.abs(ma - mb) > _FAR) | (lax.abs(ma) > float(fi.max) * float(fi.eps) / 8)
     sa = _sel(far, ma, zero)
     sb = _sel(far, mb, zero)
     yc = _sel(far, mb, ma)
@@ -153,8 +155,10 @@ def _entries(a, b, temperature, ma, sa, sb, yc):
         x = x / temperature
         d = d / temperature
         y = y / temperature
-    # within the float range (logits near finfo.max: a lower bound there, as in the core)
-    d = lax.clamp(lo, d, jnp.asarray(fmax, a.dtype))
+    if temperature < 1.0:
+        # within the float range (at T >= 1, d is: both maxima within max eps / 4 of 0, or
+        # each side centred on its maximum)
+        d = lax.clamp(lo, d, jnp.asarray(fmax, a.dtype))
     return x, d, y
 
 
@@ -181,14 +185,16 @@ def _kl_parts(a, b, temperature):
     # pass 3, one sum: e^KL = E_p[e^{d'}] = 1 + E_p[phi(d')] + (q's mass off p's support)
     # e^{KL}, d' = d - mu, all terms >= 0, so KL = log1p(sum), the sum formed as zx times it
     # (terms e^{x_i} phi(d'_i), and e^{y_i - mu} where p_i = 0). Where some p_i e^{d'_i} is
-    # huge (KL in the tens or more) the sum of e^{y_i - y_top} gives KL = c + log(sum / zx)
-    # instead, c = y_top - mu (mu may be ~1e30 there: no sum that cancels it)
-    mu, zx_ = sxd[..., None] / zx[..., None], zx[..., None]
-    huge, base, small_at = _route(y_top, mu, dt)
+    # huge (KL in the tens or more) the terms are e^{y_i - base} instead, base = mu + delta
+    # (delta > 0: no term above e^_HUGE_G), and KL = delta + log(sum / zx) (mu may be ~1e30
+    # there: no sum that cancels it). Both as one formula: s = 1 on ordinary rows and 0 on
+    # huge ones multiplies the phi part, KL = delta + log1p(sum / zx - (1 - s)).
+    mu = sxd[..., None] / zx[..., None]
+    base, delta, s = _route(y_top, mu)
     dc = lax.clamp(jnp.asarray(-fmax, dt), d - mu, jnp.asarray(fmax, dt))
     e = lax.exp(y - base)  # zx p_i e^{d'_i}; where p_i = 0, zx times q's mass there
-    one = _sel(huge, zero, jnp.ones((), dt))  # 0 on huge rows: no phi in their sum
-    term = _sel(lax.abs(dc) < small_at, ex * _phi_series(dc), e - one * (ex * (1 + dc)))
+    exs = ex * s
+    term = _sel(lax.abs(dc) < _SMALL, exs * _phi_series(dc), e - exs * (1 + dc))
     # p_i > 0 = q_i (a logit of -inf in q only): the row escapes, KL = +inf
     escape = (a > -jnp.inf) & (b == -jnp.inf)
     term = _sel(escape, jnp.asarray(jnp.inf, dt), term)
@@ -196,22 +202,22 @@ def _kl_parts(a, b, temperature):
     # gives nan: m - m is nan there and 0 elsewhere (no select on the result: XLA then keeps
     # the logarithms below in one kernel)
     total = _rowsum(term) + ((ma_raw - ma_raw) + (mb_raw - mb_raw))
-    huge = huge[..., 0]
-    kl = _sel(huge, (y_top - mu)[..., 0] + lax.log(total / zx), lax.log1p(total / zx))
+    s = s[..., 0]
+    kl = delta[..., 0] + lax.log1p(total / zx - (1 - s))
     # KL >= 0 (a rounding residue below 0 is the exact 0, a nan stays); a value that reached
     # finfo.max went through a clamp: it overflows, as IEEE arithmetic would (the core's rules)
-    kl = _sel(kl >= fmax, jnp.asarray(jnp.inf, dt), _sel(kl < 0, zero, kl))
-    zq = _sel(huge, total, zx + total)  # sum of e^{y_i - base}: q's normaliser in that frame
+    kl = _sel(kl >= fmax, jnp.asarray(jnp.inf, dt), lax.max(kl, zero))
+    zq = total + zx * s  # sum of e^{y_i - base}: q's normaliser in that frame
     return kl, ma_raw, mb_raw, zx, sxd, zq
 
 
-def _route(y_top, mu, dt):
-    """Row flags: huge (the sum of e^{y - y_top} route), the frame ``base`` of e^{y - base},
-    and the bound of |d'| below which the series is used (none on huge rows)."""
-    huge = y_top - mu > _HUGE_G
-    base = _sel(huge, y_top, mu)
-    small_at = _sel(huge, jnp.asarray(-1.0, dt), jnp.asarray(_SMALL, dt))
-    return huge, base, small_at
+def _route(y_top, mu):
+    """Row constants: the frame ``base`` of e^{y - base} (mu; y_top - _HUGE_G where that is
+    above mu, so that no term exceeds e^_HUGE_G), ``delta = base - mu`` (0 on ordinary rows,
+    > 0 on huge ones) and ``s`` (1 on ordinary rows, 0 on huge ones)."""
+    base = lax.max(mu, y_top - _HUGE_G)
+    delta = base - mu
+    return base, delta, _sel(delta > 0, jnp.zeros((), mu.dtype), jnp.ones((), mu.dtype))
 
 
 def _is_zero(t):
@@ -231,7 +237,8 @@ def _kl_parts_jvp(temperature, primals, tangents):
     x, d, y = _entries(a, b, temperature, ma, sa, sb, yc)
     zx_, kl_ = zx[..., None], kl[..., None]
     mu = sxd[..., None] / zx_
-    huge, base, _ = _route(y_top, mu, dt)
+    base, delta, _ = _route(y_top, mu)
+    huge = delta > 0
     # the value's own expressions (XLA computes them once)
     ex = lax.exp(x)
     p = ex / zx_  # 0 off p's support
@@ -261,7 +268,7 @@ def _kl_parts_jvp(temperature, primals, tangents):
         dkl = dkl + _rowsum(gb * dy)
         dsxd = dsxd + _rowsum(ex * dy)
         sqdy = _rowsum(q * dy)
-    # mu = sxd / zx; zq = sum e^{y - base} with base = mu (base = y_top, a constant, on huge rows)
+    # mu = sxd / zx; zq = sum e^{y - base} with base = mu (y_top - _HUGE_G, a constant, on huge rows)
     dmu = (dsxd - mu[..., 0] * dzx) / zx
     dzq = zq * (sqdy - _sel(huge[..., 0], zeros_row, dmu))
     zeros = jnp.zeros_like(ma_raw)
