@@ -899,13 +899,13 @@ KLDIV_INLINE T FN(log_mix3)(T c, T lc, T lr, T d)
 }
 
 /* Pass J in the element type (float kernel, tame rows; see js_row). With dp_i the centred
- * log-ratio d_i - E_{p_S}[d] plus a row shift sh, and the row constants y0, z0, w (lw = log w)
- * and v = 1 - w (lv = log v):
+ * log-ratio d_i - E_{p_S}[d] (split) or d_i itself (no split), and the row constants y0, z0, w
+ * (lw = log w) and v = 1 - w (lv = log v):
  *     y_i = log(m_i / p_i) = y0 + log(1 - w + w e^{dp_i}),
  *     z_i = log(m_i / q_i) = z0 + log(1 - v + v e^{-dp_i}).
- * Near the mean (sh = 0: y0 = log(beta + (1 - beta) e^{E d}), w = (1 - beta) e^{E d - y0}) the
+ * Near the mean (split: y0 = log(beta + (1 - beta) e^{E d}), w = (1 - beta) e^{E d - y0}) the
  * parts that vary (ly, lz) keep full relative accuracy in float, and the gradient subtracts
- * their means without losing digits to a row constant; far from it (sh = E d, y0 = z0 = 0,
+ * their means without losing digits to a row constant; far from it (no split, y0 = z0 = 0,
  * w = 1 - beta) y, z themselves. ly, lz go into sa, sb over a_i, b_i. Returns the block's sum
  * of beta p phi(y) + (1 - beta) q phi(z) (common support); adds sum p ly, sum q lz to ey, ez.
  * one (w and 1 - w both >= 1/4): one logarithm per entry, for the side whose argument is <= 0;
@@ -913,7 +913,7 @@ KLDIV_INLINE T FN(log_mix3)(T c, T lc, T lr, T d)
  * a few ulps: |lz| <= (1 - w) |dp| and ly >= w dp for dp >= 0, the mirror for dp < 0). */
 KLDIV_INLINE T FN(passjt)(Py_ssize_t b0, Py_ssize_t b1, const T *restrict sp,
                           const T *restrict sq, const T *restrict sd, T *restrict sa,
-                          T *restrict sb, T muT, T kc, T sh, T amu, T lZx, T lZy, T ipx, T ipy,
+                          T *restrict sb, T kt, T kc, T amu, T lZx, T lZy, T ipx, T ipy,
                           T be, T c1, T y0, T z0, T w, T lw, T v, T lv, T ly_off, T lz_off,
                           double *ey, double *ez, const int dense, const int one)
 {
@@ -923,10 +923,11 @@ KLDIV_INLINE T FN(passjt)(Py_ssize_t b0, Py_ssize_t b1, const T *restrict sp,
         const T dv = sd[i];
         const int in = dense ? 1 : dv == dv;
         const T t = in ? dv : (T)0, av = sa[i], bv = sb[i]; /* a_i, b_i */
-        /* d_i - E d by the more accurate route (as the double pass: see js_row) */
+        /* dp by the more accurate route (as the double pass: see js_row); kt, kc hold the
+         * route's row constant and the shift together (one rounding) */
         const int cen = KFABS(av - lZx) + KFABS(bv - lZy) < KFABS(t) + amu;
-        const T dr = cen ? (bv - av) + kc : t - muT;
-        const T dp = in ? dr + sh : (T)0;
+        const T dr = cen ? (bv - av) + kc : t + kt;
+        const T dp = in ? dr : (T)0;
         T ly, lz;
         if (one) {
             const int neg = dp < 0;
@@ -1034,22 +1035,26 @@ KLDIV_CLONES static double FN(js_row)(const T *x, const T *y, Py_ssize_t V, doub
     const double ipx = 1.0 / Zx, ipy = 1.0 / Zy;
     double acc = 0, ey = 0, ez = 0;
 #if KLDIV_JS_T
-    /* tame rows in float (passjt): no log-ratio beyond 2^20, beta in [1e-6, 1 - 1e-6], and
-     * either |E d| <= 1 (split at the mean: w, 1 - w and y0, z0 of order 1) or a full support
-     * (no split: y, z of order |E d| > 1, so that a common part of y has no small variations
-     * left to lose); others in double */
+    /* tame rows in float (passjt): no log-ratio beyond 2^20, beta in [0.2, 0.8] (with an
+     * extreme beta, y = log(beta + (1 - beta) e^d) sits within a small variation of log beta
+     * wherever q << p, and float would lose that variation to the gradient), and either
+     * |E d| <= 1 (split at the mean: w, 1 - w and y0, z0 of order 1) or a full support (no
+     * split: y, z of order |E d| > 1, so that a common part of y has no small variations left to
+     * lose); others in double */
     const int near = fabs(meanD) <= 1.0;
-    if (!rs.risk && beta >= 1e-6 && beta <= 1.0 - 1e-6 && (near || dense)) {
+    if (!rs.risk && beta >= 0.2 && beta <= 0.8 && (near || dense)) {
         const double y0 = near ? log_mix_d(c1, lc1, rc1, meanD) : 0.0;
         const double z0 = near ? log_mix_d(be, lbe, rbe, -meanD) : 0.0;
         const double lw = near ? lc1 + meanD - y0 : lc1, lv = near ? lbe - meanD - z0 : lbe;
-        const T tw = (T)exp(lw), tv = (T)exp(lv), sh = near ? (T)0 : (T)meanD;
-        const T kc = (T)((lZx - lZy) - meanD);
+        const T tw = (T)exp(lw), tv = (T)exp(lv);
+        /* dp = d - E d (split) or d (no split): t + kt, or (b - a) + kc */
+        const T kt = near ? (T)-mu : (T)(meanD - mu);
+        const T kc = near ? (T)((lZx - lZy) - meanD) : (T)(lZx - lZy);
         const int one = lw >= -1.3862943611198906 && lv >= -1.3862943611198906; /* >= 1/4 */
         for (Py_ssize_t b0 = 0; b0 < V; b0 += KLDIV_BLOCK) {
             const Py_ssize_t b1 = b0 + KLDIV_BLOCK < V ? b0 + KLDIV_BLOCK : V;
 #define KLDIV_PJT(dn, one)                                                                     \
-    FN(passjt)(b0, b1, sp, sq, sd, sa, sb, (T)mu, kc, sh, (T)amu, (T)lZx, (T)lZy, (T)ipx,      \
+    FN(passjt)(b0, b1, sp, sq, sd, sa, sb, kt, kc, (T)amu, (T)lZx, (T)lZy, (T)ipx,              \
                (T)ipy, (T)be, (T)c1, (T)y0, (T)z0, tw, (T)lw, tv, (T)lv, (T)(lbe - y0),         \
                (T)(lc1 - z0), &ey, &ez, dn, one)
             if (one)
