@@ -32,10 +32,13 @@
  * or nan for nan input). Rows with KL beyond ~57 (float) or ~678 (double), where the constant
  * above leaves T's range, take KL = log Zy - log Zx - E_p[d] instead: no cancellation there.
  *
+ * Jeffreys (kind 2 of rows_ex): both KL directions per row in one call (jeffreys_row).
+ *
  * JS_beta (kind 1 of rows_ex): passes 1 and 2 as above, the accurate mean log-ratio on the common
  * support from the KL algebra, then one pass forms d_i = log(q_i / p_i) (by the more accurate of
  * the centred route and the per-side one, as the core's _log_ratio), y = log(m/p) and
- * z = log(m/q) (log1p / expm1 forms, in double) and the non-negative terms beta p phi(y) +
+ * z = log(m/q) (log1p / expm1 forms, in double; float32 rows that are tame in float, split at
+ * the mean log-ratio: see passjt) and the non-negative terms beta p phi(y) +
  * (1 - beta) q phi(z), and a last one the gradients -(beta/T) p (y - E_p y) and
  * -((1 - beta)/T) q (z - E_q z). Support mismatch is allowed (mass off the common support adds
  * -beta log(beta) p(off) and its mirror term); log-ratios clamped to the type's range send the
