@@ -199,9 +199,8 @@ def _kl_parts(a, b, temperature):
     escape = (a > -jnp.inf) & (b == -jnp.inf)
     term = _sel(escape, jnp.asarray(jnp.inf, dt), term)
     # a row whose maximum is not finite (a nan, a +inf, or -inf everywhere: no distribution)
-    # gives nan: m - m is nan there and 0 elsewhere (no select on the result: XLA then keeps
-    # the logarithms below in one kernel)
-    total = _rowsum(term) + ((ma_raw - ma_raw) + (mb_raw - mb_raw))
+    # is nan already: x = a - ma (or, for q, b - sb with the row far) is nan at its maximum
+    total = _rowsum(term)
     s = s[..., 0]
     kl = delta[..., 0] + lax.log1p(total / zx - (1 - s))
     # KL >= 0 (a rounding residue below 0 is the exact 0, a nan stays); a value that reached
