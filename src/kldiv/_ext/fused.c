@@ -497,7 +497,16 @@ KLDIV_INLINE void FN(pass2)(Py_ssize_t b0, Py_ssize_t b1, const T *restrict x,
         } else {
             const T sv = yv - xv, bb = sv - yv;
             const T er = (yv - (sv - bb)) + (-xv - bb); /* y - x = sv + er exactly */
-            dd = ((sv - d0h) + (er - d0l)) * it;
+            if (sizeof(T) == 4 && (xp || yp)) {
+                /* float probabilities against log-space input: the float rounding of log p
+                 * (6e-8 of |log p|) is what near-convergent rows' log-ratios are made of, so
+                 * it is put back from a double logarithm (the core takes it in float64 too) */
+                const T cx = xp ? (T)(klog_d((double)xr) - (double)xv) : (T)0;
+                const T cy = yp ? (T)(klog_d((double)yr) - (double)yv) : (T)0;
+                dd = ((sv - d0h) + ((er - d0l) + (cy - cx))) * it;
+            } else {
+                dd = ((sv - d0h) + (er - d0l)) * it;
+            }
         }
         const T dcl = dd > CL ? CL : (dd < -CL ? -CL : dd);
         const T d = in ? dcl : (T)0;
