@@ -3,8 +3,9 @@
 (a) Hessians (torch.autograd.functional.hessian) at a float32 *subnormal* probability against
     torch.autograd on the plain formula in float64 (same inputs, where nothing overflows):
     entries that fit in float32 equal the truth, the diagonal entry of the subnormal (~1e40)
-    is +inf (correctly rounded), nothing is nan. JAX (XLA on CPU flushes float32 subnormals to
-    0 in arithmetic: the entry acts as 0) must give no nan and the other entries right.
+    is +inf (correctly rounded), nothing is nan. (Not JAX: XLA on CPU flushes float32
+    subnormals to 0 in arithmetic, so the entry acts as 0 there; JAX's Hessians at tiny normal
+    probabilities are in tests/test_core_numerics_extra.py.)
 (b) float32 rows with finfo.min logits on both sides and a KL of ~1e37..3e38: per-row gradients
     (torch autograd, jax.grad) against the exact ones, from the exact inputs in mpmath
     (dKL/da = p (log p - log q - KL), dKL/db = q - p). float64 would not do as the reference:
@@ -116,23 +117,6 @@ def test_hessian_at_a_subnormal_probability_torch(case):
         ref = torch.autograd.functional.hessian(lambda y: plain(a64, y), b64)
     _check_hessian(got.double().numpy(), ref.numpy(), a if wrt == "p" else b,
                    ps if wrt == "p" else qs)
-
-
-def test_hessian_at_a_subnormal_probability_jax(restore_jax_x64):
-    jax = pytest.importorskip("jax")
-    torch = pytest.importorskip("torch")
-    jax.config.update("jax_enable_x64", True)
-    import jax.numpy as jnp
-
-    a, b = np.float32([0.3, 7e-41, 0.7]), np.float32([0.2, 0.5, 0.3])
-    got = np.asarray(jax.hessian(lambda x: kldiv.kl_div(x, jnp.asarray(b)))(jnp.asarray(a)),
-                     dtype=np.float64)
-    ref = torch.autograd.functional.hessian(
-        lambda x: _plain64("kl", "probs", "probs")(x, torch.tensor(b).double()),
-        torch.tensor(a).double()).numpy()
-    assert not np.any(np.isnan(got)), got
-    keep = np.ix_([0, 2], [0, 2])  # the entries away from the subnormal (flushed to 0 by XLA)
-    np.testing.assert_allclose(got[keep], ref[keep], rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -298,8 +282,9 @@ def _exact_js_grads(p, q, space, beta):
 
 @pytest.mark.parametrize("lib", ["torch", "jax"])
 def test_js_gradient_at_tiny_probabilities(lib, restore_jax_x64):
-    refs = [_exact_js_grads(*c) for c in JS_CASES]
-    for (p, q, space, beta), (rp, rq) in zip(JS_CASES, refs):
+    cases = JS_CASES if lib == "torch" else [JS_CASES[0], JS_CASES[4]]  # eager JAX: CI time
+    for p, q, space, beta in cases:
+        rp, rq = _exact_js_grads(p, q, space, beta)
         kw = dict(p_space=space, q_space=space, beta=beta)
         if lib == "torch":
             torch = pytest.importorskip("torch")
