@@ -297,8 +297,8 @@ def test_js_gradient_at_tiny_probabilities(lib, restore_jax_x64):
             jax.config.update("jax_enable_x64", True)
             import jax.numpy as jnp
 
-            gp, gq = (np.asarray(g) for g in jax.grad(
-                lambda a, b: kldiv.js_div(a, b, **kw), argnums=(0, 1))(
+            gp, gq = (np.asarray(g) for g in jax.jit(jax.grad(
+                lambda a, b: kldiv.js_div(a, b, **kw), argnums=(0, 1)))(
                     jnp.asarray(p, dtype=jnp.float64), jnp.asarray(q, dtype=jnp.float64)))
         for g, r in ((gp, rp), (gq, rq)):
             scale = np.abs(r).max()
