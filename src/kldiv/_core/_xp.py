@@ -12,7 +12,8 @@ import sys
 import numpy as np
 from array_api_compat import array_namespace, device, is_jax_array, is_torch_array
 
-__all__ = ["namespace", "logsumexp", "const", "stop_gradient", "quiet", "is_concrete", "to_numpy", "device"]
+__all__ = ["namespace", "logsumexp", "const", "stop_gradient", "quiet", "is_concrete", "to_numpy", "device",
+           "wide_float", "xlogx"]
 
 
 def namespace(*arrays, **named_arrays):
@@ -89,6 +90,34 @@ def logsumexp(xp, x, axis=-1):
     m = xp.max(x, axis=axis, keepdims=True)
     m = xp.where(xp.isfinite(m), m, xp.zeros_like(m))
     return xp.log(xp.sum(xp.exp(x - m), axis=axis, keepdims=True)) + m
+
+
+def xlogx(xp, x):
+    """x log x for x > 0, as one primitive where the library has one (torch ``special.entr``,
+    JAX ``scipy.special.entr``): its derivative is log x + 1 and its second derivative 1/x,
+    each formed directly (autodiff of ``x * log(x)`` forms x * (1/x), whose derivative is
+    inf - inf for a float32 subnormal x)."""
+    if is_torch_array(x):
+        import torch
+
+        return -torch.special.entr(x)
+    if is_jax_array(x):
+        import jax
+
+        return -jax.scipy.special.entr(x)
+    return x * xp.log(x)
+
+
+def wide_float(xp, x):
+    """float64 where ``x``'s namespace and device compute in it, else None: JAX only with
+    ``jax_enable_x64`` (otherwise it would silently stay float32), torch not on MPS."""
+    if is_jax_array(x):
+        import jax
+
+        return xp.float64 if jax.config.jax_enable_x64 else None
+    if is_torch_array(x) and x.device.type == "mps":
+        return None
+    return getattr(xp, "float64", None)
 
 
 def is_concrete(x) -> bool:

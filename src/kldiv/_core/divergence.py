@@ -15,6 +15,12 @@ where ``q(T)`` is q's mass on p's support (``-log q(T) >= 0`` is the mass that q
 p is zero). Every term is non-negative, phi is evaluated by its Taylor series near 0, and float32
 inputs give about 1e-6 relative error down to KL = 1e-9 (``benchmarks/accuracy.py``).
 
+Mixed spaces. With one side probabilities and the other log-probabilities or logits in
+float32, the log-ratio is formed in float64 where the array library has it (NumPy, torch except
+MPS, JAX with ``jax_enable_x64``): log p rounded to float32 would cost eps * |log p| per entry,
+3e-4 relative at KL = 1e-9. JAX without x64 keeps float32 there: ~2e-3 relative at KL = 1e-9,
+1e-4 at 1e-7, 5e-6 at 1e-5 (``tests/test_core_leftovers.py``'s rows).
+
 Large magnitudes. The value does not change when a constant is added to one side's logits,
 however large (a row of -1e30 or finfo.min, a whole row offset by 1e4, logits of 3e38): a side
 whose row maximum is 64 or more in magnitude is shifted by it (exact, by Sterbenz' lemma, for
@@ -29,9 +35,13 @@ finfo.max below their own row maximum are clamped there within a side (their pro
 either way).
 Second derivatives: with respect to probabilities down to about 1e-30 (float32; 1e-290 in
 float64) they are finite and accurate (the logarithm of a tiny probability is taken at a scaled
-value, so that autodiff never squares it into 0). Below that, where 1/p nears finfo.max, the
-entries of the Hessian in that probability's row can be inf or nan: reverse-mode autodiff
-carries 1/p itself (1.4e40 for the subnormal 7e-41) before multiplying it by p; use float64 there.
+value, so that autodiff never squares it into 0). Below 16 / finfo.max (float32 subnormals),
+where 1/p overflows, KL and reverse KL take their derivatives on that row from the plain
+formula assembled so that autodiff never multiplies 1/p into p's graph: the Hessian's diagonal
+entry there is +inf (the true ~1e40, correctly rounded) and every other entry finite and right
+(torch; XLA on CPU flushes float32 subnormals to 0 in arithmetic, so JAX treats such an entry as
+0). Not under tracing (jax.jit, torch.compile: the rows cannot be known), nor for JS and
+Jeffreys, whose Hessian rows there can hold inf or nan: use float64 for those.
 No finite input gives a nan or a negative value. A nan in an unmasked row (``validate=False``)
 makes that row's value nan.
 
@@ -43,12 +53,13 @@ values ("double where"), so no nan leaks into the backward pass, second derivati
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from . import dispatch as _dispatch
 from . import options as _options
 from . import validation as V
-from ._xp import as_array, const, is_concrete, logsumexp, namespace, quiet, stop_gradient
+from ._xp import (as_array, const, is_concrete, logsumexp, namespace, quiet, stop_gradient,
+                  wide_float, xlogx)
 from .reduction import broadcast_rows, reduce_rows
 
 # 1/n! for n = 2..17: phi(x) = sum_{n>=2} x^n / n!, truncation < 1e-20 relative for |x| < 0.5
@@ -390,12 +401,44 @@ def _log_delta(xp, P: _Side, Q: _Side, T):
     return xp.where(T, d, zero), xp.where(ok, k, fzero), ctq
 
 
+def _wide_side(xp, S: _Side, dt):
+    """The fields of ``S`` that ``_log_delta`` reads, in the wider dtype ``dt``; a probability
+    side takes its logarithm there (log p rounded to float32 costs eps * |log p| per entry,
+    which is all of a KL of 1e-9's accuracy)."""
+    if S.m is None:  # probabilities: raw = log p, taken anew from the wider p
+        x = xp.astype(S.x, dt)
+        raw = xp.where(S.support, _log_pos(xp, xp.where(S.support, x, xp.ones_like(x))),
+                       xp.zeros_like(x))
+        return replace(S, raw=raw, c=raw, ct=raw)
+    return replace(S, raw=xp.astype(S.raw, dt), c=xp.astype(S.c, dt), ct=xp.astype(S.ct, dt),
+                   m=xp.astype(S.m, dt))
+
+
+def _log_delta_mixed(xp, P: _Side, Q: _Side, T):
+    """``_log_delta``; with one side probabilities and the other log-space in float32, the
+    log-ratio is formed in float64 where the namespace has it (NumPy, torch on CPU and CUDA,
+    JAX with x64 enabled) and rounded once: ~1e-6 relative at KL = 1e-9, as logits against
+    logits (log p in float32 gave 3e-4). Elsewhere (JAX without x64) it stays float32."""
+    if (P.m is None) == (Q.m is None) or P.raw.dtype != xp.float32:
+        return _log_delta(xp, P, Q, T)
+    dt = wide_float(xp, P.raw)
+    if dt is None:
+        return _log_delta(xp, P, Q, T)
+    delta, k, ctq = _log_delta(xp, _wide_side(xp, P, dt), _wide_side(xp, Q, dt), T)
+    fmax = float(xp.finfo(P.raw.dtype).max)
+    return tuple(xp.astype(xp.clip(v, -fmax, fmax), P.raw.dtype) for v in (delta, k, ctq))
+
+
 def _pair(xp, P: _Side, Q: _Side, need_d: bool = False) -> _Pair:
     """Accurate log-ratio and masses of two sides; see the module docstring for the algebra.
 
     The per-entry log-ratio ``d`` is formed only when asked (JS and Jeffreys need it; the KL
     itself does not), so that the KL's hot path carries no elementwise work it does not use.
     """
+    sub = None if need_d else _subnormal_rows(xp, P, Q)
+    if sub is not None:  # derivatives from the plain formula on these rows (see there)
+        P0, Q0 = P, Q
+        P, Q = _freeze_rows(xp, P, sub), _freeze_rows(xp, Q, sub)
     T = P.support & Q.support
     zero = xp.zeros_like(P.w)
     if P.space == "probs" and Q.space == "probs":
@@ -415,7 +458,7 @@ def _pair(xp, P: _Side, Q: _Side, need_d: bool = False) -> _Pair:
         delta = xp.where(near, xp.log1p((qn - pn) / pn), Q.raw - P.raw) * 0.25
         k = None
     else:
-        delta, k, ctq_side = _log_delta(xp, P, Q, T)
+        delta, k, ctq_side = _log_delta_mixed(xp, P, Q, T)
     p_out = xp.sum(xp.where(T, zero, P.w), axis=-1)
     q_out = xp.sum(xp.where(T, zero, Q.w), axis=-1)
     empty = ~xp.any(T, axis=-1, keepdims=True)
@@ -426,7 +469,8 @@ def _pair(xp, P: _Side, Q: _Side, need_d: bool = False) -> _Pair:
     lpT = xp.where(empty, xp.zeros_like(log_pT[..., None]), log_pT[..., None])
     # (selected again after the exponential: an entry whose weight underflows to 0 passes no
     # gradient back, as its product with a huge log-ratio would overflow there: inf * 0)
-    e = xp.exp(xp.where(T, P.lw - lpT, const(xp, -math.inf, zero)))
+    u = xp.where(T, P.lw - lpT, const(xp, -math.inf, zero))  # log p_i restricted to T
+    e = xp.exp(u)
     wn = xp.where(e > 0, e, zero)
     # one more exact-in-spirit renormalisation: the weights must sum to 1 to the last bit for the
     # centring below to cancel a common offset of the log-ratio
@@ -487,15 +531,115 @@ def _pair(xp, P: _Side, Q: _Side, need_d: bool = False) -> _Pair:
         # Rows with a large KL (the log-sum-exp route) carry the mean log-ratio, up to ~1e30
         # (a -1e30 logit where p has mass), in every entry's centred value: autodiff of the
         # accurate value would see rounding noise of that size, and give a gradient far from
-        # q - p. There the plain formula sum_T p_i (log p_i - log q_i) has no cancellation to
-        # fear, and its derivatives (first and second) are exact: the value stays the accurate
-        # one, the derivatives come from the plain formula.
-        plain = xp.sum(xp.where(T, wn * (P.lw - Q.lw), zero), axis=-1)
-        kl = xp.where(huge[..., 0], stop_gradient(kl) + (plain - stop_gradient(plain)), kl)
+        # q - p. There the derivatives are those of the plain formula F = sum_T p_i r_i,
+        # r = log p - log q, whose differential is
+        #     dF = sum dp_i (r_i - F) + sum p_i dr_i        (sum dp_i = 0)
+        # formed here term by term, so that no intermediate exceeds what the result needs:
+        # r_i - F = -d'_i (the centred log-ratio, from the exact one; a constant to autodiff) is
+        # not the difference of two values of up to finfo.max (float32 logits of finfo.min on
+        # both sides: r - F overflowed, or rounded to 0 where the true value is ~1), and p_i
+        # (r_i - F) is formed as (4 p_i) (r_i - F) / 4: finite wherever the derivative is, even
+        # where r_i - F itself is beyond finfo.max (rows wider than the float range). dr_i is
+        # the differential of the raw inputs and normalisers, which no clamp at -finfo.max
+        # cuts off. Entries of weight 0 take no part. Second derivatives:
+        # d2p_i (r_i - F) from the first sum (sum d2p_i = 0), dp_i x dr_i and p_i d2r_i from the
+        # second. The value stays the accurate one.
+        pos = T & (wn > 0)
+        rf4 = stop_gradient(xp.where(pos, -dcq, zero))  # (r - F) / 4, not clamped
+        term1 = xp.sum((xp.exp(u) * 4) * rf4, axis=-1) / s[..., 0]
+        dr = xp.where(pos, _dlog(xp, P, pos) - _dlog(xp, Q, pos), zero)
+        g = term1 + xp.sum(wn * dr, axis=-1)
+        kl = xp.where(huge[..., 0], stop_gradient(kl) + (g - stop_gradient(g)), kl)
+    if sub is not None:
+        kl = _subnormal_weight_derivatives(xp, P0, Q0, T, dc, kl, sub)
     # 0 on every row, nan on a row with a nan (its normaliser is nan): an escape's +inf must
     # not hide it
     nan_rows = 0 * (P.norm + Q.norm)[..., 0]
     return _Pair(T, d, p_out, q_out, p_escapes, q_escapes, kl + nan_rows, nan_rows, dq)
+
+
+def _subnormal_weight_derivatives(xp, P: _Side, Q: _Side, T, dc, kl, rows):
+    """Rows where a probability (p's or q's) is so small that its reciprocal nears finfo.max
+    (float32 subnormals): ``kl`` with the derivatives of the plain formula F = sum p_i r_i
+    (r = log p - log q) formed so that second derivatives are right: the diagonal entry
+    1/(z p_i) overflows to +inf there (correctly rounded), and nothing else becomes inf or nan.
+
+    Autodiff of the accurate value (or of the plain formula) reaches log p_i with a cotangent of
+    the size of p_i and divides it by p_i; differentiating that again multiplies 1/p_i (inf)
+    into p_i's graph: a whole Hessian row of inf and nan. Here, with w = x / z (x the input on
+    T), the differential is assembled from pieces whose derivatives stay finite:
+        dF = sum dw_i (r_i - F) + sum w_i d(-log z - log q_i) + d(z) / z
+    with r - F the accurate centred log-ratio (a constant to autodiff), and the second
+    derivative of sum w_i log x_i, sum dx_i^2 / (z x_i) - 2 dz^2 / z^2, carried by x log x (a
+    primitive whose derivatives are log x + 1 and 1/x: ``xlogx``) and by d(z) / z. The accurate
+    value was computed from both sides frozen on these rows (``_freeze_rows``; a discarded
+    branch would still multiply inf by 0 in the second derivative). Where p is log-space (the
+    small probability on q's side), sum w_i d log p_i has no such product and is kept whole."""
+    rows = rows & xp.isfinite(stop_gradient(kl))  # +inf rows keep their zero derivative
+    if P.m is not None:
+        zero = xp.zeros_like(P.lw)
+        e = xp.where(T, xp.exp(P.lw), zero)
+        w = e / xp.sum(e, axis=-1, keepdims=True)
+        c = stop_gradient(xp.where(T, -dc, zero))
+        r = xp.where(T, _dlog(xp, P, T) - _dlog(xp, Q, T), zero)
+        g = xp.sum(w * c, axis=-1) + xp.sum(w * r, axis=-1)
+        return xp.where(rows, stop_gradient(kl) + (g - stop_gradient(g)), kl)
+    x = P.x
+    zero = xp.zeros_like(x)
+    one = const(xp, 1.0, x)
+    xs = xp.where(T, x, one)  # safe values off T (double where)
+    xt = xp.where(T, xs, zero)
+    z = xp.sum(xt, axis=-1, keepdims=True)
+    z = xp.where(z > 0, z, xp.ones_like(z))
+    w = xt / z
+    c = stop_gradient(xp.where(T, -dc, zero))  # r - F
+    z0 = stop_gradient(z)
+    l1 = stop_gradient(xp.log(xs) + 1)  # the derivative of x log x, as the primitive forms it
+    k = xp.where(T, (xlogx(xp, xs) - stop_gradient(xlogx(xp, xs))) - l1 * (xs - stop_gradient(xs)),
+                 zero)
+    log_z = xp.log(z)
+    rho = -(log_z - stop_gradient(log_z)) - _dlog(xp, Q, T)  # d(-log z) - d(log q), 0 in value
+    g = (xp.sum(w * c, axis=-1) + xp.sum(xp.where(T, w * rho, zero), axis=-1)
+         + xp.sum(k, axis=-1) / z0[..., 0] + xp.sum(xt - stop_gradient(xt), axis=-1) / z[..., 0])
+    return xp.where(rows, stop_gradient(kl) + (g - stop_gradient(g)), kl)
+
+
+def _subnormal_rows(xp, P: _Side, Q: _Side):
+    """Rows where a side given as probabilities has an entry below 16 / finfo.max, whose
+    reciprocal nears overflow (only where a side can be differentiated, known without
+    tracing); None when there is none (the usual case: a comparison per probability side)."""
+    if not (_may_differentiate(P.x) or _may_differentiate(Q.x)) or not is_concrete(P.x):
+        return None
+    rows = None
+    for S in (P, Q):
+        if S.m is None:
+            lim = 16.0 / float(xp.finfo(S.x.dtype).max)
+            r = xp.any(S.support & (S.x < lim), axis=-1)
+            rows = r if rows is None else rows | r
+    return rows if rows is not None and bool(xp.any(rows)) else None
+
+
+def _freeze_rows(xp, S: _Side, rows):
+    """``S`` with every differentiable field a constant to autodiff on ``rows``."""
+    r = rows[..., None]
+
+    def f(v):
+        return xp.where(r, stop_gradient(v), v)
+
+    return replace(S, x=f(S.x), w=f(S.w), raw=f(S.raw), lw=f(S.lw), c=f(S.c), ct=f(S.ct),
+                   norm=f(S.norm))
+
+
+def _dlog(xp, S: _Side, where):
+    """0 in value, the differential of the side's normalised log-probabilities in derivative
+    (d raw / T - d norm), on ``where``: unlike ``S.lw``, not cut off by the clamp at
+    -finfo.max (an entry more than finfo.max below its row maximum still has derivative 1)."""
+    zero = xp.zeros_like(S.raw)
+    raw = xp.where(where, S.raw, zero)  # -inf off the support: no inf - inf
+    d = raw - stop_gradient(raw)
+    if S.temperature != 1.0:
+        d = d / S.temperature
+    return d - (S.norm - stop_gradient(S.norm))
 
 
 def _may_differentiate(x) -> bool:
@@ -527,12 +671,20 @@ def _log_ratio_quarter(xp, P, Q, T, deltaq, muq, dcq, mean_d):
 
 
 def _log_mix(xp, c, d):
-    """log(1 - c + c * exp(d)) for 0 < c < 1, accurate near d = 0 and safe for large |d|."""
+    """log(1 - c + c * exp(d)) for 0 < c < 1, accurate near d = 0 and safe for large |d|.
+
+    Below d = -1/2, exp(d) - 1 is formed as written (no cancellation there): the libraries
+    differentiate expm1 as ``expm1(d) + 1``, which is 0 once expm1(d) rounds to -1 (d < -37 in
+    float64), and that lost the whole derivative of the term where a probability is 1e-20 or
+    smaller against a normal one (the JS gradient was off by beta^2 there).
+    """
     lo = d < 1
     zero = xp.zeros_like(d)
     ds = xp.where(lo, d, zero)
     dl = xp.where(lo, zero + 1, d)
-    small = xp.log1p(c * xp.expm1(ds))
+    neg = ds < -0.5
+    em1 = xp.where(neg, xp.exp(xp.where(neg, ds, zero)) - 1, xp.expm1(xp.where(neg, zero, ds)))
+    small = xp.log1p(c * em1)
     large = math.log(c) + dl + xp.log1p((1 - c) / c * xp.exp(-dl))
     return xp.where(lo, small, large)
 
