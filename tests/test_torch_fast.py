@@ -528,7 +528,7 @@ def _value_and_grads(fn, a, b, **kw):
     ("forward", ("log_probs", "probs"), 1.0), ("forward", ("probs", "logits"), 1.0),
     ("reverse", ("probs", "log_probs"), 1.0), ("jeffreys", ("probs", "probs"), 1.0),
 ])
-def test_kernel_js_and_probability_inputs_on_adversarial_rows(dt, kind, spaces, T, request):
+def test_kernel_js_and_probability_inputs_on_adversarial_rows(dt, kind, spaces, T):
     """Values and per-row gradients on shifted, masked (-inf, -1e30, finfo.min), subnormal,
     zero and near-convergent rows: the fast path is at least as close to the truth as the core.
 
@@ -536,12 +536,6 @@ def test_kernel_js_and_probability_inputs_on_adversarial_rows(dt, kind, spaces, 
     core in float64 on the same inputs. Where the two paths differ, the fast path's error must
     be within 3x the core's error or below float rounding (1e-6 / 1e-12 relative)."""
     ps, qs = spaces
-    if dt == torch.float32 and (ps == "probs") != (qs == "probs"):
-        # issue 11 (c), kernel side: the core forms the log-ratio of float32 probabilities
-        # against log-space input in float64 (~1e-8 relative on the near-convergent row 1);
-        # the C kernel takes log p in float32 there (1.5e-4..7e-4). Strict: passes again
-        # (and must lose this mark) once the kernel does the same.
-        request.applymarker(pytest.mark.xfail(strict=True, reason="kernel: log p in float32"))
     rng = np.random.default_rng([KINDS.index(kind), SPACE_PAIRS.index(spaces)
                                  if spaces in SPACE_PAIRS else 9, int(T * 10)])
     a0, b0 = _adversarial_rows(dt, ps, qs, rng)
@@ -576,11 +570,6 @@ def _check_adversarial(kind, a, b, ps, qs, T, dt, fast):
     err_v, err_vc = rel(v), rel(vc)
     assert bool((err_v <= torch.clamp(3 * err_vc, min=tol_v)).all()), (err_v, err_vc)
     for g, gc, gt, x, space in ((ga, gac, ga_t, a, ps), (gb, gbc, gb_t, b, qs)):
-        if space == "probs":
-            # at probabilities below 1e-100 the core and the textbook formula are both off by
-            # beta/z in the JS gradient (a finite difference in 320-digit mpmath sides with the
-            # kernel: test_kernel_js_gradient_at_a_tiny_probability_matches_mpmath)
-            gt = torch.where((x > 0) & (x < 1e-100), math.nan, gt)
         e, ec = _per_row_error(g, gt), _per_row_error(gc, gt)
         # (a row where both give a non-finite gradient against a finite truth: the same call,
         # the kernel having left it to the core)
@@ -590,16 +579,12 @@ def _check_adversarial(kind, a, b, ps, qs, T, dt, fast):
 
 @pytest.mark.parametrize("level", [1e-3, 1e-6, 1e-9])
 @pytest.mark.parametrize("spaces", [("logits", "logits"), ("probs", "log_probs")])
-def test_kernel_js_near_convergence_matches_mpmath(level, spaces, request):
+def test_kernel_js_near_convergence_matches_mpmath(level, spaces):
     """float32 JS (beta 0.5 and 0.2) at JS ~ 1e-3 .. 1e-9: value 1e-5 relative against 40-digit
     mpmath on the same float32 inputs (logits; probabilities: within 3x the core's error);
     gradients 1e-5 per row against float64 autograd."""
     mpmath = pytest.importorskip("mpmath")
     ps, qs = spaces
-    if ps == "probs" and level < 1e-3:
-        # issue 11 (c), kernel side: as in the adversarial-rows test above (the core's log-ratio
-        # of float32 probabilities against log-space input is float64 now, the kernel's float32)
-        request.applymarker(pytest.mark.xfail(strict=True, reason="kernel: log p in float32"))
     rng = np.random.default_rng(int(-math.log10(level)))
     n, V = 3, 50
     x = torch.as_tensor(rng.standard_normal((n, V)) * 2)
