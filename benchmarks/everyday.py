@@ -24,6 +24,7 @@ NumPy: kldiv.kl_div(p, q) (per-row KL of probabilities) against
 
 Run:  python benchmarks/everyday.py                  (all sections; about 10 minutes)
       python benchmarks/everyday.py --only torch     (or jax, numpy, memory)
+      python benchmarks/everyday.py --only torch --shapes 64x10,256x1000   (some torch shapes)
       python benchmarks/everyday.py --quick          (small smoke run, used by the test suite)
 Unset OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE only if you know your CPU needs it (see env notes).
 """
@@ -344,6 +345,8 @@ def main(argv=None):
     ap.add_argument("--only", choices=["torch", "jax", "numpy", "memory"], action="append",
                     help="run only these sections (repeatable)")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (median)")
+    ap.add_argument("--shapes", default=None,
+                    help="torch only: comma-separated shapes to run, e.g. 64x10,256x1000")
     ap.add_argument("--memory-worker", type=int, nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.memory_worker:
@@ -356,7 +359,10 @@ def main(argv=None):
           f"{os.cpu_count()} cores, Python {platform.python_version()}; "
           f"{rounds} interleaved rounds, medians\n")
     if "torch" in sections:
-        torch_section(TORCH_SHAPES[:2] if args.quick else TORCH_SHAPES, rounds, target)
+        shapes = TORCH_SHAPES[:2] if args.quick else TORCH_SHAPES
+        if args.shapes:
+            shapes = [tuple(int(v) for v in sh.split("x")) for sh in args.shapes.split(",")]
+        torch_section(shapes, rounds, target)
     if "jax" in sections:
         jax_section(JAX_SHAPES[:1] if args.quick else JAX_SHAPES, rounds, target)
     if "numpy" in sections:

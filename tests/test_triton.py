@@ -436,10 +436,227 @@ def test_probability_teacher_through_the_kernel(kind, monkeypatch):
     # unnormalised or negative probabilities go to the core, whose error names p
     with pytest.raises(ValueError, match="p"):
         FNS[kind](p * 1.5, y, p_space="probs", q_space="logits")
-    # a gradient with respect to the probabilities: the torch path (no kernel call)
+    # a gradient with respect to the probabilities: the kernel too (see below)
     before = len(calls)
     FNS[kind](p.clone().requires_grad_(True), y, p_space="probs", q_space="logits")
-    assert len(calls) == before
+    assert len(calls) == before + 1
+
+
+def _both_grads(kind, p, q, p_space, q_space, T, g, backend, **kw):
+    """Value and gradients with respect to both inputs: through the kernel ("triton", the
+    inputs as they are) or the float64 core itself ("core": no fast path, torch.autograd through
+    the core's formula on the same inputs in float64, renormalised as the core does:
+    validate=False so that half-precision rounding of a probability row's sum is no error)."""
+    from kldiv._core import dispatch
+
+    f64 = backend == "core"
+    pa = (p.double() if f64 else p.clone()).requires_grad_(True)
+    qa = (q.double() if f64 else q.clone()).requires_grad_(True)
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("KLDIV_BACKEND", "torch" if f64 else backend)
+        if f64:
+            m.setattr(dispatch, "_HANDLERS", {})  # no hook: the core computes
+            kw = dict(kw, validate=False)
+        v = FNS[kind](pa, qa, p_space=p_space, q_space=q_space, temperature=T, **kw)
+        (v * g).sum().backward()
+    return v.detach(), pa.grad, qa.grad
+
+
+def _probs(logits, zeros=(), tiny=(), dtype=torch.float32):
+    """Rows of probabilities (float64 softmax, entries set to 0 or to a tiny value, rounded)."""
+    P = torch.softmax(logits.double(), -1)
+    for r, sl in zeros:
+        P[r, sl] = 0.0
+    for r, i, v in tiny:
+        P[r, i] = v
+    return (P / P.sum(-1, keepdim=True)).to(dtype)
+
+
+def _count_kernel_calls(monkeypatch):
+    calls = []
+    real = tk.kl_rows
+    monkeypatch.setattr(tk, "kl_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("kind", ["forward", "reverse", "jeffreys", "js"])
+def test_gradients_with_respect_to_probabilities(kind, monkeypatch):
+    """Probabilities that require grad, on either side or both, through the kernel (one
+    launch per direction): the gradient with respect to the probabilities is the core's (the
+    one of the renormalised distribution, 0 at a zero probability), KL from 1e-2 to 1e-9, zeros
+    on both sides (an escaped row: +inf, zero gradients), T = 1 and T != 1, V odd."""
+    calls = _count_kernel_calls(monkeypatch)
+    x, y = _near(37, [1e-2, 1e-5, 1e-7, 1e-9], seed=21)
+    P = _probs(x, zeros=[(0, slice(None, None, 7))])
+    Q = _probs(y, zeros=[(1, slice(None, None, 5)), (0, slice(3, 4))])
+    g = torch.arange(1, 5, dtype=torch.float64)
+    mixed = ("probs", "logits", P, y) if kind in ("forward", "js") else ("logits", "probs", x, Q)
+    for ps, qs, p, q, T in (("probs", "probs", P, Q, 1.0), mixed + (0.8,)):
+        before = len(calls)
+        v, gp, gq = _both_grads(kind, p, q, ps, qs, T, g, "triton")
+        assert len(calls) == before + 1, (ps, qs)
+        r, gp64, gq64 = _both_grads(kind, p, q, ps, qs, T, g, "core")
+        fin = torch.isfinite(r)
+        assert bool((torch.isinf(v) == torch.isinf(r)).all()) and v.dtype == torch.float32
+        assert torch.allclose(v.double()[fin], r[fin], rtol=1e-6, atol=0), (ps, qs, T)
+        assert _rowerr(gp[fin], gp64[fin]) < 1e-5, (ps, qs, T)
+        assert _rowerr(gq[fin], gq64[fin]) < 1e-5, (ps, qs, T)
+        # +inf rows: the core's zero gradients
+        assert bool((gp[~fin] == gp64[~fin]).all()) and bool((gq[~fin] == gq64[~fin]).all())
+        if ps == "probs":  # the core's convention at a zero probability: gradient 0
+            assert bool((gp[P == 0] == 0).all())
+
+
+def _naive_probs64(kind, Pr, Qr, T):
+    """Rows of KL(p || q) ("forward") or JS (beta 1/2) of p = r^(1/T) renormalised (q alike),
+    the textbook float64 formula (differentiable; 0 log 0 = 0, zero gradient at r_i = 0)."""
+    def dist(r):
+        pos = r > 0
+        w = torch.where(pos, torch.where(pos, r, torch.ones_like(r)) ** (1.0 / T), 0.0)
+        return w / w.sum(-1, keepdim=True), pos
+
+    def xlogy(a, pos, b):
+        return torch.where(pos, a * torch.log(torch.where(pos, a / b, torch.ones_like(a))), 0.0)
+
+    p, pp = dist(Pr)
+    q, qp = dist(Qr)
+    if kind == "forward":
+        return xlogy(p, pp, q).sum(-1)
+    m = 0.5 * (p + q)
+    return 0.5 * xlogy(p, pp, m).sum(-1) + 0.5 * xlogy(q, qp, m).sum(-1)
+
+
+def test_probability_gradients_long_rows_mask_weight(monkeypatch):
+    """V = 1100 (two interpreter blocks, the second partial), a masked row, weights, a mean;
+    probabilities of 1e-40 and 1e-30 (below float32's exponential: the gradient with respect to
+    them is formed from their float64 logarithm, not from an underflowed p_i / r_i), T = 1.3.
+    Gradients against the float64 textbook formula (the float64 core's JS gradient at a 1e-40
+    probability is off there: by beta at that entry), values against the float64 core."""
+    calls = _count_kernel_calls(monkeypatch)
+    gen = torch.Generator().manual_seed(22)
+    x = torch.randn(3, 1100, generator=gen) * 2
+    y = x + torch.randn(3, 1100, generator=gen) * torch.tensor([0.1, 0.003, 0.01])[:, None]
+    P = _probs(x, zeros=[(0, slice(None, None, 7)), (2, slice(1030, None))],
+               tiny=[(1, 3, 1e-40), (1, 1050, 1e-30)])
+    Q = _probs(y, zeros=[(2, slice(None, None, 9))], tiny=[(0, 5, 1e-38)])
+    mask = torch.tensor([True, True, False])  # row 2 (escaped) masked: 0, zero gradients
+    w = torch.tensor([1.0, 2.5, 3.0])
+    one = torch.tensor(1.0, dtype=torch.float64)
+    sc = (w.double() * mask) / (w.double() * mask).sum()
+    for kind, T in (("forward", 1.3), ("js", 1.0)):
+        before = len(calls)
+        v, gp, gq = _both_grads(kind, P, Q, "probs", "probs", T, one, "triton", mask=mask,
+                                weight=w, reduction="mean")
+        assert len(calls) == before + 1
+        r, _, _ = _both_grads(kind, P, Q, "probs", "probs", T, one, "core", mask=mask,
+                              weight=w, reduction="mean")
+        assert abs(float(v) / float(r) - 1) <= 1e-6, kind
+        P64 = P.double().requires_grad_(True)
+        Q64 = Q.double().requires_grad_(True)
+        rows = _naive_probs64(kind, P64, Q64, T)
+        (torch.where(mask, rows, 0.0) * sc).sum().backward()
+        assert _rowerr(gp[:2], P64.grad[:2]) < 1e-5 and _rowerr(gq[:2], Q64.grad[:2]) < 1e-5
+        assert bool((gp[2] == 0).all()) and bool((gq[2] == 0).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_probability_gradients_half_precision(dtype, monkeypatch):
+    """Half-precision probabilities (their row sums off 1 by the rounding: renormalised, as the
+    core does): values against the float64 core on the same rounded inputs, gradients written
+    in the input dtype within twice the rounding of the float64 gradient to it (the
+    interpreter truncates where the GPU rounds to nearest)."""
+    calls = _count_kernel_calls(monkeypatch)
+    gen = torch.Generator().manual_seed(23)
+    x = torch.randn(3, 53, generator=gen) * 2
+    y = x + torch.randn(3, 53, generator=gen) * torch.tensor([0.1, 0.01, 0.001])[:, None]
+    P = _probs(x, zeros=[(0, slice(None, None, 7))], dtype=dtype)
+    Q = _probs(y, dtype=dtype)
+    one = torch.tensor(1.0, dtype=torch.float64)
+    for kind in ("forward", "js"):
+        v, gp, gq = _both_grads(kind, P, Q, "probs", "probs", 1.0, one, "triton",
+                                reduction="sum")
+        r, gp64, gq64 = _both_grads(kind, P, Q, "probs", "probs", 1.0, one, "core",
+                                    reduction="sum")
+        assert gp.dtype == dtype and gq.dtype == dtype
+        assert abs(float(v) / float(r) - 1) <= 2e-6
+        for got, ref in ((gp, gp64), (gq, gq64)):
+            best = _rowerr(ref.to(dtype), ref)
+            assert _rowerr(got, ref) <= 2 * best + torch.finfo(dtype).eps / 4, kind
+    assert len(calls) == 2
+
+
+def test_probability_gradients_against_huge_logit_offsets(monkeypatch):
+    """Student probabilities that require grad against teacher logits shifted by 1e30 and
+    -3e37 (the exact log-ratio's offset cancels in float64 too) and a -inf logit meeting a zero
+    probability, against the float64 core."""
+    calls = _count_kernel_calls(monkeypatch)
+    gen = torch.Generator().manual_seed(26)
+    x = torch.randn(3, 23, generator=gen) * 2
+    y = x + torch.randn(3, 23, generator=gen) * 0.01
+    x[0] += 1e30
+    x[1] -= 3e37
+    x[2, 5] = -math.inf
+    Q = _probs(y, zeros=[(2, slice(5, 6))])
+    g = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    for kind in ("forward", "js"):
+        v, gx, gq = _both_grads(kind, x, Q, "logits", "probs", 1.0, g, "triton")
+        r, gx64, gq64 = _both_grads(kind, x, Q, "logits", "probs", 1.0, g, "core")
+        assert torch.allclose(v.double(), r, rtol=1e-6, atol=0), kind
+        assert _rowerr(gq, gq64) < 1e-5 and _rowerr(gx, gx64) < 1e-5, kind
+    assert len(calls) == 2
+
+
+def test_no_host_synchronisation_on_the_hot_path(monkeypatch):
+    """With value checks off, no tensor is turned into a Python value between the call and the
+    gradient (no .item(), no bool() of a device value, no data-dependent Python branch):
+    probabilities with gradients, mask, weight and a mean, KL, JS and Jeffreys."""
+    monkeypatch.setenv("KLDIV_BACKEND", "triton")
+    calls = _count_kernel_calls(monkeypatch)
+    gen = torch.Generator().manual_seed(24)
+    x, y = torch.randn(3, 11, generator=gen), torch.randn(3, 11, generator=gen)
+    P = torch.softmax(x, -1)
+    mask = torch.tensor([True, False, True])
+    w = torch.tensor([1.0, 2.0, 3.0])
+    seen = []
+    for name in ("item", "__bool__", "__float__", "__int__", "__index__", "tolist"):
+        real = getattr(torch.Tensor, name)
+
+        def trap(self, *a, _real=real, _name=name, **k):
+            seen.append(_name)
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, trap)
+    Pa = P.clone().requires_grad_(True)
+    ya = y.clone().requires_grad_(True)
+    for fn in (kldiv.kl_div, kldiv.js_div, kldiv.jeffreys_div):
+        fn(Pa, ya, q_space="logits", reduction="mean", mask=mask, weight=w,
+           validate=False).backward()
+    monkeypatch.undo()
+    assert seen == [] and len(calls) == 3
+
+
+def test_torch_compile_fullgraph_probability_gradients(monkeypatch):
+    """torch.compile(fullgraph=True) through the op with a probabilities side that requires
+    grad (the student's probabilities against the teacher's logits), gradients as the core's."""
+    monkeypatch.setenv("KLDIV_BACKEND", "triton")
+    calls = _count_kernel_calls(monkeypatch)
+    x, y = _near(13, [1e-3, 1e-6], seed=25)
+    x[0, 2] = -math.inf  # outside p's support: q's zero there is allowed (gradient 0)
+    Q = _probs(y, zeros=[(0, slice(2, 3))])
+
+    def f(a, b):
+        return kldiv.kl_div(a, b, p_space="logits", q_space="probs", reduction="sum")
+
+    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
+    Qa = Q.clone().requires_grad_(True)
+    v = cf(x, Qa)
+    v.backward()
+    assert calls  # traced through the Triton path
+    one = torch.tensor(1.0, dtype=torch.float64)
+    r, _, gq64 = _both_grads("forward", x, Q, "logits", "probs", 1.0, one, "core",
+                             reduction="sum")
+    assert abs(v.item() / r.item() - 1) <= 1e-6
+    assert _rowerr(Qa.grad, gq64) < 1e-5 and bool((Qa.grad[0, 2] == 0).all())
 
 
 def _linear_naive64(kind, hid, W, b, t, cap, T, beta=0.5):
@@ -506,6 +723,7 @@ def test_online_series_long_rows_all_kl_levels(kind):
 
 
 _COMPILE = r"""
+import sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -514,12 +732,22 @@ tk._build()
 common = {"S": "*fp64", "ROWS": "*fp64", "V": "i32", "sx": "i32", "sy": "i32", "sgx": "i32",
           "sgy": "i32", "inv_t": "fp32", "WANT_X": "constexpr", "WANT_Y": "constexpr",
           "BLOCK": "constexpr", "SINGLE": "constexpr", "XP": "constexpr", "YP": "constexpr"}
-const = {"WANT_X": True, "WANT_Y": True, "BLOCK": 4096, "SINGLE": False, "XP": True, "YP": False}
+const = {"WANT_X": True, "WANT_Y": True, "BLOCK": 4096, "SINGLE": False}
 kl = dict(common, X="*fp32", Y="*bf16", PREV="*fp64", GX="*fp32", GY="*bf16", ACC="constexpr")
 js = dict(common, X="*fp32", Y="*fp16", GX="*fp32", GY="*fp16", beta="fp32")
-for fn, sig, c in ((tk._kl_rows_kernel, kl, dict(const, ACC=False)), (tk._js_rows_kernel, js, const)):
+variants = {
+    # KL: both sides probabilities with their gradients, accumulating (Jeffreys' second half)
+    "kl": (tk._kl_rows_kernel, kl, dict(const, ACC=True, XP=True, YP=True)),
+    # JS: logits (the float32 algebra) and probabilities (the float64 one) on both sides (the
+    # latter with q's gradient only: p's is the same code, and compiling it too costs ~25 s)
+    "js": (tk._js_rows_kernel, js, dict(const, XP=False, YP=False)),
+    "js_probs": (tk._js_rows_kernel, js, dict(const, XP=True, YP=True, WANT_X=False)),
+}
+for name in sys.argv[1:]:
+    fn, sig, c = variants[name]
     sig = {k: sig[k] for k in fn.arg_names}
-    triton.compile(ASTSource(fn, sig, c), target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+    triton.compile(ASTSource(fn, sig, c), target=GPUTarget("cuda", 90, 32),
+                   options={"num_warps": 8})
 print("compiled")
 """
 
@@ -527,17 +755,21 @@ print("compiled")
 def test_kernels_compile_for_sm90_without_a_gpu():
     """The interpreter does not type-check what the compiler does (a loop-carried variable
     that changes type, for one): compile the looping variants for sm_90 (Triton's bundled
-    ptxas), probabilities on one side and half precision on the other, in a process without
-    TRITON_INTERPRET."""
+    ptxas), logits and probabilities (with their gradients) on both sides, float32 and half
+    precision, in processes without TRITON_INTERPRET (two at once: the float64 JS variant
+    takes the longest)."""
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", _COMPILE], env=env, capture_output=True,
-                       text=True, timeout=600)
-    if r.returncode and "ptxas" in r.stderr and "not found" in r.stderr.lower():
-        pytest.skip("no ptxas in this Triton install")
-    assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-3000:]
+    procs = [subprocess.Popen([sys.executable, "-c", _COMPILE] + names, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for names in (["kl", "js"], ["js_probs"])]
+    for pr in procs:
+        out, err = pr.communicate(timeout=600)
+        if pr.returncode and "ptxas" in err and "not found" in err.lower():
+            pytest.skip("no ptxas in this Triton install")
+        assert pr.returncode == 0 and "compiled" in out, err[-3000:]
 
 
 def test_linear_kl_div_kernel_long_rows_in_place_and_topk(monkeypatch):
@@ -597,3 +829,35 @@ def test_single_category_rows(monkeypatch):
     rows = tk.kl_rows(torch.tensor([[-math.inf]]), torch.tensor([[0.0]]),
                       torch.ones(1, dtype=torch.float64))
     assert bool(torch.isnan(rows).all())
+
+
+def test_gpu_benchmark_script_without_a_gpu(tmp_path, capsys):
+    """benchmarks/gpu.py: --help; without CUDA a plain run says so (exit 2, nothing measured);
+    --dry-run (a process of its own: it sets TRITON_INTERPRET before triton is imported) runs
+    a row end to end at a tiny size with kldiv through the kernels in the interpreter, and
+    writes strict JSON."""
+    import importlib.util
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
+    spec = importlib.util.spec_from_file_location("_gpu_bench", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    with pytest.raises(SystemExit) as exc:
+        mod.main(["--help"])
+    assert exc.value.code == 0 and "--dry-run" in capsys.readouterr().out
+    if not torch.cuda.is_available():
+        assert mod.main([]) == 2 and "no CUDA device" in capsys.readouterr().err
+    out = tmp_path / "gpu.json"
+    r = subprocess.run([sys.executable, str(script), "--dry-run", "--only",
+                        "kl_div 4 x 300 float32", "--json", str(out)], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Triton kernels (in Triton's interpreter)" in r.stdout
+    doc = json.loads(out.read_text())
+    (row,) = doc["rows"]
+    res = row["results"]
+    assert res["kldiv"]["grad_err"] < 1e-6 and res["torch eager"]["grad_err"] < 1e-3

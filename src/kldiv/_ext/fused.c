@@ -183,6 +183,7 @@ static const double kphi[16] = {
 #define D_CLAMP 4.4e307
 #define D_RISK 1048576.0
 #define KL_REL 0x1p-60
+#define KLDIV_JS_T 0 /* JS's log-ratios to the mixture in double (its own type) */
 #include "fused.c" /* this file, once per element type */
 #undef T
 #undef SFX
@@ -195,6 +196,7 @@ static const double kphi[16] = {
 #undef D_CLAMP
 #undef D_RISK
 #undef KL_REL
+#undef KLDIV_JS_T
 
 #define T float
 #define SFX _f
@@ -207,6 +209,7 @@ static const double kphi[16] = {
 #define D_CLAMP 8.5e37  /* |log-ratio| held below FLT_MAX / 4: no inf or nan in the passes */
 #define D_RISK 1048576.0 /* larger |d| at an underflowed p_i: the row goes to float64 */
 #define KL_REL 0x1p-30  /* ... unless p_i |d_i| summed stays below KL_REL * KL */
+#define KLDIV_JS_T 1    /* JS in float on tame rows (see js_row), double elsewhere */
 #include "fused.c" /* this file, once per element type */
 #undef T
 #undef SFX
@@ -219,10 +222,11 @@ static const double kphi[16] = {
 #undef D_CLAMP
 #undef D_RISK
 #undef KL_REL
+#undef KLDIV_JS_T
 
 #undef KLDIV_FUSED_TEMPLATE
 
-static PyObject *call_run(int is_double, int kind, Py_ssize_t n, Py_ssize_t V,
+static int call_run(int is_double, int kind, Py_ssize_t n, Py_ssize_t V,
                           unsigned long long xp, Py_ssize_t xs, unsigned long long yp,
                           Py_ssize_t ys, double inv_t, double beta, int flags,
                           unsigned long long sp, unsigned long long rp, unsigned long long gxp,
@@ -233,22 +237,22 @@ static PyObject *call_run(int is_double, int kind, Py_ssize_t n, Py_ssize_t V,
         PyErr_Format(PyExc_ValueError,
                      "kldiv._ext._fused: inv_t (1 / temperature) must be positive and finite, "
                      "got %g (callers keep temperatures within [1e-30, 1e30])", inv_t);
-        return NULL;
+        return -1;
     }
     if (flags < 0 || flags > 3 || (flags && inv_t != 1.0)) {
         PyErr_Format(PyExc_ValueError,
                      "kldiv._ext._fused: flags (probability sides) must be 0..3 and need "
                      "temperature 1, got flags=%d, inv_t=%g", flags, inv_t);
-        return NULL;
+        return -1;
     }
     if (kind && !(beta > 0.0 && beta < 1.0)) {
         PyErr_Format(PyExc_ValueError, "kldiv._ext._fused: beta must lie in (0, 1), got %g",
                      beta);
-        return NULL;
+        return -1;
     }
-    if (n < 0 || V <= 0 || !xp || !yp || !rp || kind < 0 || kind > 1) {
+    if (n < 0 || V <= 0 || !xp || !yp || !rp || kind < 0 || kind > 2) {
         PyErr_SetString(PyExc_ValueError, "kldiv._ext._fused.rows: invalid arguments");
-        return NULL;
+        return -1;
     }
     if (nthreads < 1)
         nthreads = 1;
@@ -265,9 +269,11 @@ static PyObject *call_run(int is_double, int kind, Py_ssize_t n, Py_ssize_t V,
                     (double *)(uintptr_t)rp, (float *)(uintptr_t)gxp, gxs,
                     (float *)(uintptr_t)gyp, gys, (double *)(uintptr_t)stp, nthreads);
     Py_END_ALLOW_THREADS
-    if (err)
-        return PyErr_NoMemory();
-    Py_RETURN_NONE;
+    if (err) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    return 0;
 }
 
 static PyObject *py_rows(PyObject *self, PyObject *args)
@@ -280,8 +286,10 @@ static PyObject *py_rows(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "innKnKndKKKnKni", &is_double, &n, &V, &xp, &xs, &yp, &ys,
                           &inv_t, &sp, &rp, &gxp, &gxs, &gyp, &gys, &nthreads))
         return NULL;
-    return call_run(is_double, 0, n, V, xp, xs, yp, ys, inv_t, 0.5, 0, sp, rp, gxp, gxs, gyp,
-                    gys, 0, nthreads);
+    if (call_run(is_double, 0, n, V, xp, xs, yp, ys, inv_t, 0.5, 0, sp, rp, gxp, gxs, gyp, gys,
+                 0, nthreads))
+        return NULL;
+    Py_RETURN_NONE;
 }
 
 static PyObject *py_rows_ex(PyObject *self, PyObject *args)
@@ -289,14 +297,32 @@ static PyObject *py_rows_ex(PyObject *self, PyObject *args)
     int is_double, kind, flags, nthreads;
     Py_ssize_t n, V, xs, ys, gxs, gys;
     unsigned long long xp, yp, sp, rp, gxp, gyp, stp;
-    double inv_t, beta;
+    double inv_t, beta, t0 = 0.0, l0 = INFINITY, t1 = 0.0, l1 = INFINITY;
     (void)self;
-    if (!PyArg_ParseTuple(args, "iinnKnKnddiKKKnKnKi", &is_double, &kind, &n, &V, &xp, &xs, &yp,
-                          &ys, &inv_t, &beta, &flags, &sp, &rp, &gxp, &gxs, &gyp, &gys, &stp,
-                          &nthreads))
+    if (!PyArg_ParseTuple(args, "iinnKnKnddiKKKnKnKi|dddd", &is_double, &kind, &n, &V, &xp, &xs,
+                          &yp, &ys, &inv_t, &beta, &flags, &sp, &rp, &gxp, &gxs, &gyp, &gys,
+                          &stp, &nthreads, &t0, &l0, &t1, &l1))
         return NULL;
-    return call_run(is_double, kind, n, V, xp, xs, yp, ys, inv_t, beta, flags, sp, rp, gxp, gxs,
-                    gyp, gys, stp, nthreads);
+    if (call_run(is_double, kind, n, V, xp, xs, yp, ys, inv_t, beta, flags, sp, rp, gxp, gxs,
+                 gyp, gys, stp, nthreads))
+        return NULL;
+    /* the rows' sum (Neumaier: no worse than a pairwise sum), and whether a row's statistic
+     * lies beyond its limit (nan is not: such a row is nan itself) */
+    const double *rows = (const double *)(uintptr_t)rp;
+    double sum = 0.0, comp = 0.0;
+    for (Py_ssize_t r = 0; r < n; r++) {
+        const double v = rows[r], t = sum + v;
+        comp += fabs(sum) >= fabs(v) ? (sum - t) + v : (v - t) + sum;
+        sum = t;
+    }
+    const double total = isfinite(sum) ? sum + comp : sum;
+    int near = 0;
+    if (stp) {
+        const double *st = (const double *)(uintptr_t)stp;
+        for (Py_ssize_t r = 0; r < n && !near; r++)
+            near = fabs(st[2 * r] - t0) > l0 || fabs(st[2 * r + 1] - t1) > l1;
+    }
+    return Py_BuildValue("(di)", total, near);
 }
 
 static PyMethodDef methods[] = {
@@ -312,11 +338,12 @@ static PyMethodDef methods[] = {
      "rows_ex(is_double, kind, n, V, x_ptr, x_stride, y_ptr, y_stride, inv_t, beta, flags,\n"
      "        scale_ptr, rows_ptr, gx_ptr, gx_stride, gy_ptr, gy_stride, stats_ptr, nthreads)\n\n"
      "rows() for more kinds and input spaces. kind 0: KL(p || q); 1: JS_beta(p, q) (support\n"
-     "mismatch allowed). flags: 1 = x holds probabilities, 2 = y does (temperature 1 only;\n"
+     "mismatch allowed); 2: Jeffreys, KL(p || q) + KL(q || p). flags: 1 = x holds probabilities, 2 = y does (temperature 1 only;\n"
      "their gradients are with respect to the probabilities). stats_ptr (0: none; temperature\n"
      "1): an (n, 2) float64 array receiving each row's raw normalisers (sum p for\n"
      "probabilities, logsumexp for log-space inputs; masked rows: 1 and 0), for the value\n"
-     "checks."},
+     "checks. Optional t0, l0, t1, l1: a row is near when |stats[r, 0] - t0| > l0 or\n"
+     "|stats[r, 1] - t1| > l1. Returns (sum of the rows, any row near: 0 or 1)."},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef mod = {PyModuleDef_HEAD_INIT, "_fused",
@@ -437,8 +464,8 @@ typedef struct {
 KLDIV_INLINE void FN(pass2)(Py_ssize_t b0, Py_ssize_t b1, const T *restrict x,
                             const T *restrict y, T *restrict sp, T *restrict sq, T *restrict sd,
                             T mx, T my, T it, T ixm, T iym, T d0h, T d0l, const int dense,
-                            const int xp, const int yp, double *out, double *restrict sa,
-                            double *restrict sb, const int ab)
+                            const int xp, const int yp, double *out, T *restrict sa,
+                            T *restrict sb, const int ab)
 {
     const T ninf = (T)-INFINITY, CL = (T)D_CLAMP;
     T zx = 0, zy = 0, s1 = 0, zqs = 0, zqo = 0, zxo = 0, zxs = 0, rk = 0; /* rk: largest |d| */
@@ -454,8 +481,8 @@ KLDIV_INLINE void FN(pass2)(Py_ssize_t b0, Py_ssize_t b1, const T *restrict x,
         const T ep = xp ? xr * ixm : KEXP(av);
         const T eq = yp ? yr * iym : KEXP(bv);
         if (ab) { /* JS: kept for its choice of log-ratio route (see js_row) */
-            sa[i] = (double)av;
-            sb[i] = (double)bv;
+            sa[i] = av;
+            sb[i] = bv;
         }
         T dd;
         if (xp && yp) {
@@ -503,7 +530,7 @@ KLDIV_INLINE void FN(pass2)(Py_ssize_t b0, Py_ssize_t b1, const T *restrict x,
  * sum p for probabilities, logsumexp for log-space inputs: the value checks, in this walk. */
 KLDIV_INLINE int FN(prep)(const T *x, const T *y, Py_ssize_t V, double inv_t, int xp, int yp,
                     T *restrict sp, T *restrict sq, T *restrict sd, const T *xn, const T *yn,
-                    FN(rowsum_t) *rs, double *st, double *sa, double *sb)
+                    FN(rowsum_t) *rs, double *st, T *sa, T *sb)
 {
     const T it = (T)inv_t;
     const T ninf = (T)-INFINITY, pinf = (T)INFINITY;
@@ -735,7 +762,39 @@ KLDIV_CLONES static double FN(kl_row)(const T *x, const T *y, Py_ssize_t V, doub
                     else
                         KLDIV_P3B(1, 0, 0, 0, 0);
                 }
-            } else { /* probability sides: one general variant (flags at run time) */
+            } else if (xp && !yp) { /* the migration row: probabilities against log-space */
+                if (dense) {
+                    if (wx && wy)
+                        KLDIV_P3B(1, 1, 1, 1, 0);
+                    else if (wy)
+                        KLDIV_P3B(0, 1, 1, 1, 0);
+                    else
+                        KLDIV_P3B(1, 0, 1, 1, 0);
+                } else {
+                    if (wx && wy)
+                        KLDIV_P3B(1, 1, 0, 1, 0);
+                    else if (wy)
+                        KLDIV_P3B(0, 1, 0, 1, 0);
+                    else
+                        KLDIV_P3B(1, 0, 0, 1, 0);
+                }
+            } else if (!xp && yp) { /* its reverse */
+                if (dense) {
+                    if (wx && wy)
+                        KLDIV_P3B(1, 1, 1, 0, 1);
+                    else if (wy)
+                        KLDIV_P3B(0, 1, 1, 0, 1);
+                    else
+                        KLDIV_P3B(1, 0, 1, 0, 1);
+                } else {
+                    if (wx && wy)
+                        KLDIV_P3B(1, 1, 0, 0, 1);
+                    else if (wy)
+                        KLDIV_P3B(0, 1, 0, 0, 1);
+                    else
+                        KLDIV_P3B(1, 0, 0, 0, 1);
+                }
+            } else { /* two probability sides: one general variant (flags at run time) */
                 KLDIV_P3B(wx, wy, dense, xp, yp);
             }
 #undef KLDIV_P3B
@@ -807,6 +866,103 @@ KLDIV_INLINE void FN(passjg)(Py_ssize_t b0, Py_ssize_t b1, const T *restrict sp,
     }
 }
 
+#if KLDIV_JS_T
+/* log(1 - c + c e^d) for 0 < c < 1, lc = log c, lr = log(1 - c), in the element type: log1p of
+ * c expm1(d) (expm1 by the series below 1/2: full relative accuracy near d = 0) while that
+ * stays above -1/2, else logaddexp(lr, lc + d) (no cancellation: c near 1 and d very negative
+ * leave 1 - c + c e^d to the small weight 1 - c, which 1 + c expm1(d) would lose). */
+KLDIV_INLINE T FN(log_mix3)(T c, T lc, T lr, T d)
+{
+    const int lo = d < 1;
+    const T ds = lo ? d : (T)0;
+    const int sm = KFABS(ds) < (T)0.5;
+    const T em1 = sm ? ds + FN(phi_series)(sm ? ds : (T)0) : KEXP(ds) - 1;
+    const T ce = c * em1;
+    const int use_s = lo & (ce >= (T)-0.5);
+    const T g = lc + d, u = g - lr;
+    const T big = (g > lr ? g : lr) + FN(klog1p)(KEXP(-KFABS(u)));
+    const T small = FN(klog1p)(use_s ? ce : (T)0);
+    return use_s ? small : big;
+}
+
+/* Pass J in the element type (float kernel, tame rows; see js_row). With dp_i the centred
+ * log-ratio d_i - E_{p_S}[d] plus a row shift sh, and the row constants y0, z0, w (lw = log w)
+ * and v = 1 - w (lv = log v):
+ *     y_i = log(m_i / p_i) = y0 + log(1 - w + w e^{dp_i}),
+ *     z_i = log(m_i / q_i) = z0 + log(1 - v + v e^{-dp_i}).
+ * Near the mean (sh = 0: y0 = log(beta + (1 - beta) e^{E d}), w = (1 - beta) e^{E d - y0}) the
+ * parts that vary (ly, lz) keep full relative accuracy in float, and the gradient subtracts
+ * their means without losing digits to a row constant; far from it (sh = E d, y0 = z0 = 0,
+ * w = 1 - beta) y, z themselves. ly, lz go into sa, sb over a_i, b_i. Returns the block's sum
+ * of beta p phi(y) + (1 - beta) q phi(z) (common support); adds sum p ly, sum q lz to ey, ez.
+ * one (w and 1 - w both >= 1/4): one logarithm per entry, for the side whose argument is <= 0;
+ * the other from ly - lz = dp (exact algebra; with w, 1 - w >= 1/4 the difference loses at most
+ * a few ulps: |lz| <= (1 - w) |dp| and ly >= w dp for dp >= 0, the mirror for dp < 0). */
+KLDIV_INLINE T FN(passjt)(Py_ssize_t b0, Py_ssize_t b1, const T *restrict sp,
+                          const T *restrict sq, const T *restrict sd, T *restrict sa,
+                          T *restrict sb, T muT, T kc, T sh, T amu, T lZx, T lZy, T ipx, T ipy,
+                          T be, T c1, T y0, T z0, T w, T lw, T v, T lv, T ly_off, T lz_off,
+                          double *ey, double *ez, const int dense, const int one)
+{
+    T a = 0, ay = 0, az = 0;
+#pragma omp simd reduction(+ : a, ay, az)
+    for (Py_ssize_t i = b0; i < b1; i++) {
+        const T dv = sd[i];
+        const int in = dense ? 1 : dv == dv;
+        const T t = in ? dv : (T)0, av = sa[i], bv = sb[i]; /* a_i, b_i */
+        /* d_i - E d by the more accurate route (as the double pass: see js_row) */
+        const int cen = KFABS(av - lZx) + KFABS(bv - lZy) < KFABS(t) + amu;
+        const T dr = cen ? (bv - av) + kc : t - muT;
+        const T dp = in ? dr + sh : (T)0;
+        T ly, lz;
+        if (one) {
+            const int neg = dp < 0;
+            const T l = FN(log_mix3)(neg ? w : v, neg ? lw : lv, neg ? lv : lw, neg ? dp : -dp);
+            ly = neg ? l : l + dp;
+            lz = neg ? l - dp : l;
+        } else {
+            ly = FN(log_mix3)(w, lw, lv, dp);
+            lz = FN(log_mix3)(v, lv, lw, -dp);
+        }
+        const T yv = y0 + ly, zv = z0 + lz;
+        const T pv = sp[i] * ipx, qv = sq[i] * ipy;
+        const T m = be * pv + c1 * qv;
+        const int sy_ = KFABS(yv) < (T)0.5, sz_ = KFABS(zv) < (T)0.5;
+        const T tp = sy_ ? pv * FN(phi_series)(sy_ ? yv : (T)0) : m - pv * (1 + yv);
+        const T tq = sz_ ? qv * FN(phi_series)(sz_ ? zv : (T)0) : m - qv * (1 + zv);
+        a += in ? be * tp + c1 * tq : (T)0;
+        const T yy = in ? ly : ly_off, zz = in ? lz : lz_off; /* off the support: m = beta p */
+        ay += pv * yy;
+        az += qv * zz;
+        sa[i] = yy;
+        sb[i] = zz;
+    }
+    *ey += ay;
+    *ez += az;
+    return a;
+}
+
+/* Pass J' in the element type: the JS gradients from ly, lz (see passjt). */
+KLDIV_INLINE void FN(passjgt)(Py_ssize_t b0, Py_ssize_t b1, const T *restrict sp,
+                              const T *restrict sq, const T *restrict sy,
+                              const T *restrict sz, T *restrict gx, T *restrict gy, T gxc,
+                              T gyc, T ey, T ez, const int want_x, const int want_y,
+                              const int xp, const int yp)
+{
+#pragma omp simd
+    for (Py_ssize_t i = b0; i < b1; i++) {
+        if (want_x) {
+            const T w = xp ? (sp[i] > 0 ? (T)1 : (T)0) : sp[i];
+            gx[i] = -gxc * w * (sy[i] - ey);
+        }
+        if (want_y) {
+            const T w = yp ? (sq[i] > 0 ? (T)1 : (T)0) : sq[i];
+            gy[i] = -gyc * w * (sz[i] - ez);
+        }
+    }
+}
+#endif
+
 /* One JS_beta row: beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q, and its
  * gradients; nan for "recompute me". Support mismatch is allowed (finite). The log-ratio
  * d = log(q/p) on the common support S is the centred one of the KL passes plus its mean
@@ -816,12 +972,12 @@ KLDIV_INLINE void FN(passjg)(Py_ssize_t b0, Py_ssize_t b1, const T *restrict sp,
  * - (1 - beta) log(1 - beta) q(off S): non-negative terms only. */
 KLDIV_CLONES static double FN(js_row)(const T *x, const T *y, Py_ssize_t V, double inv_t,
                                       double s, double beta, T *gx, T *gy, T *restrict sp,
-                                      T *restrict sq, T *restrict sd, double *restrict sy,
-                                      double *restrict sz,
+                                      T *restrict sq, T *restrict sd, T *sa, T *sb,
+                                      double *sy, double *sz,
                                       const T *xn, const T *yn, int xp, int yp, double *st)
 {
     FN(rowsum_t) rs;
-    if (FN(prep)(x, y, V, inv_t, xp, yp, sp, sq, sd, xn, yn, &rs, st, sy, sz))
+    if (FN(prep)(x, y, V, inv_t, xp, yp, sp, sq, sd, xn, yn, &rs, st, sa, sb))
         return NAN;
     const int dense = rs.dense;
     if (rs.risk) { /* a log-ratio clamped to the type's range: its sign may be lost (a logit of
@@ -864,6 +1020,56 @@ KLDIV_CLONES static double FN(js_row)(const T *x, const T *y, Py_ssize_t V, doub
     const double lZx = log(Zx), lZy = log(Zy), amu = fabs(mu) + fabs(meanD);
     const double ipx = 1.0 / Zx, ipy = 1.0 / Zy;
     double acc = 0, ey = 0, ez = 0;
+#if KLDIV_JS_T
+    /* tame rows in float (passjt): no log-ratio beyond 2^20, beta in [1e-6, 1 - 1e-6], and
+     * either |E d| <= 1 (split at the mean: w, 1 - w and y0, z0 of order 1) or a full support
+     * (no split: y, z of order |E d| > 1, so that a common part of y has no small variations
+     * left to lose); others in double */
+    const int near = fabs(meanD) <= 1.0;
+    if (!rs.risk && beta >= 1e-6 && beta <= 1.0 - 1e-6 && (near || dense)) {
+        const double y0 = near ? log_mix_d(c1, lc1, rc1, meanD) : 0.0;
+        const double z0 = near ? log_mix_d(be, lbe, rbe, -meanD) : 0.0;
+        const double lw = near ? lc1 + meanD - y0 : lc1, lv = near ? lbe - meanD - z0 : lbe;
+        const T tw = (T)exp(lw), tv = (T)exp(lv), sh = near ? (T)0 : (T)meanD;
+        const T kc = (T)((lZx - lZy) - meanD);
+        const int one = lw >= -1.3862943611198906 && lv >= -1.3862943611198906; /* >= 1/4 */
+        for (Py_ssize_t b0 = 0; b0 < V; b0 += KLDIV_BLOCK) {
+            const Py_ssize_t b1 = b0 + KLDIV_BLOCK < V ? b0 + KLDIV_BLOCK : V;
+#define KLDIV_PJT(dn, one)                                                                     \
+    FN(passjt)(b0, b1, sp, sq, sd, sa, sb, (T)mu, kc, sh, (T)amu, (T)lZx, (T)lZy, (T)ipx,      \
+               (T)ipy, (T)be, (T)c1, (T)y0, (T)z0, tw, (T)lw, tv, (T)lv, (T)(lbe - y0),         \
+               (T)(lc1 - z0), &ey, &ez, dn, one)
+            if (one)
+                acc += dense ? KLDIV_PJT(1, 1) : KLDIV_PJT(0, 1);
+            else
+                acc += dense ? KLDIV_PJT(1, 0) : KLDIV_PJT(0, 0);
+#undef KLDIV_PJT
+        }
+        const double js = acc - beta * log(beta) * po - (1.0 - beta) * log1p(-beta) * qo;
+        if (gx || gy) {
+            const double fx = xp ? 1.0 / (Zx * rs.xmax) : 1.0 / Zx;
+            const double fy = yp ? 1.0 / (Zy * rs.ymax) : 1.0 / Zy;
+            const T gxc = (T)(beta * s * inv_t * fx), gyc = (T)((1.0 - beta) * s * inv_t * fy);
+            const T eyT = (T)ey, ezT = (T)ez;
+            const int wx = gx != NULL, wy = gy != NULL;
+            for (Py_ssize_t b0 = 0; b0 < V; b0 += KLDIV_BLOCK) {
+                const Py_ssize_t b1 = b0 + KLDIV_BLOCK < V ? b0 + KLDIV_BLOCK : V;
+                if (!xp && !yp && wx && wy)
+                    FN(passjgt)(b0, b1, sp, sq, sa, sb, gx, gy, gxc, gyc, eyT, ezT, 1, 1, 0, 0);
+                else if (!xp && !yp && wy)
+                    FN(passjgt)(b0, b1, sp, sq, sa, sb, gx, gy, gxc, gyc, eyT, ezT, 0, 1, 0, 0);
+                else
+                    FN(passjgt)(b0, b1, sp, sq, sa, sb, gx, gy, gxc, gyc, eyT, ezT, wx, wy, xp,
+                                yp);
+            }
+        }
+        return js;
+    }
+    for (Py_ssize_t i = 0; i < V; i++) { /* a_i, b_i for the double passes */
+        sy[i] = (double)sa[i];
+        sz[i] = (double)sb[i];
+    }
+#endif
     for (Py_ssize_t b0 = 0; b0 < V; b0 += KLDIV_BLOCK) {
         const Py_ssize_t b1 = b0 + KLDIV_BLOCK < V ? b0 + KLDIV_BLOCK : V;
         acc += dense ? FN(passj)(b0, b1, sp, sq, sd, sy, sz, mu, meanD, amu, lZx, lZy, ipx,
@@ -891,8 +1097,45 @@ KLDIV_CLONES static double FN(js_row)(const T *x, const T *y, Py_ssize_t V, doub
     return js;
 }
 
+/* One Jeffreys row, KL(p || q) + KL(q || p), in one call: the two KL rows (the second's
+ * gradients into the scratch tx, ty, then added). +inf in either direction: +inf with zero
+ * gradients (the core's convention); nan in either: nan (the caller recomputes). */
+KLDIV_CLONES static double FN(jeffreys_row)(const T *x, const T *y, Py_ssize_t V, double inv_t,
+                                            double s, T *gx, T *gy, T *restrict sp,
+                                            T *restrict sq, T *restrict sd, T *restrict tx,
+                                            T *restrict ty, const T *xn, const T *yn, int xp,
+                                            int yp, double *st)
+{
+    const double f = FN(kl_row)(x, y, V, inv_t, s, gx, gy, sp, sq, sd, xn, yn, xp, yp, st);
+    if (f != f)
+        return NAN;
+    tx = gx ? tx : NULL;
+    ty = gy ? ty : NULL;
+    const double b = FN(kl_row)(y, x, V, inv_t, s, ty, tx, sp, sq, sd, NULL, NULL, yp, xp, NULL);
+    if (b != b)
+        return NAN;
+    if (f == INFINITY || b == INFINITY) {
+        if (gx)
+            memset(gx, 0, (size_t)V * sizeof(T));
+        if (gy)
+            memset(gy, 0, (size_t)V * sizeof(T));
+        return INFINITY;
+    }
+    if (gx) {
+#pragma omp simd
+        for (Py_ssize_t i = 0; i < V; i++)
+            gx[i] += tx[i];
+    }
+    if (gy) {
+#pragma omp simd
+        for (Py_ssize_t i = 0; i < V; i++)
+            gy[i] += ty[i];
+    }
+    return f + b;
+}
+
 /* All rows, OpenMP over rows; returns nonzero when a scratch buffer could not be allocated.
- * kind 0: KL(p || q), 1: JS_beta. flags: 1 = x holds probabilities, 2 = y does (T = 1).
+ * kind 0: KL(p || q), 1: JS_beta, 2: Jeffreys (KL(p || q) + KL(q || p)). flags: 1 = x holds probabilities, 2 = y does (T = 1).
  * stats: (n, 2) raw normalisers of each row (see prep), or NULL. */
 static int FN(run)(int kind, const T *x, Py_ssize_t xs, const T *y, Py_ssize_t ys, Py_ssize_t n,
                    Py_ssize_t V, double inv_t, double beta, int flags, const double *scale,
@@ -901,9 +1144,16 @@ static int FN(run)(int kind, const T *x, Py_ssize_t xs, const T *y, Py_ssize_t y
 {
     int err = 0;
     const int xp = flags & 1, yp = (flags >> 1) & 1;
-    /* scratch: three arrays of T, and for JS two of double (64-byte aligned) */
+    /* scratch: three arrays of T; for JS two more of T (a_i, b_i; in the double kernel the same
+     * memory as the next two) and two of double; for Jeffreys two of T (the reverse direction's
+     * gradients); 64-byte aligned */
     const size_t off = ((3 * (size_t)V * sizeof(T) + 63) / 64) * 64;
-    const size_t bytes = off + (kind ? ((2 * (size_t)V * sizeof(double) + 63) / 64) * 64 : 0);
+    const size_t off2 = kind == 1 && KLDIV_JS_T ? ((2 * (size_t)V * sizeof(T) + 63) / 64) * 64
+                                                : 0;
+    const size_t extra = kind == 1   ? ((2 * (size_t)V * sizeof(double) + 63) / 64) * 64
+                         : kind == 2 ? ((2 * (size_t)V * sizeof(T) + 63) / 64) * 64
+                                     : 0;
+    const size_t bytes = off + off2 + extra;
     if (nthreads > n)
         nthreads = n > 0 ? (int)n : 1;
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
@@ -937,11 +1187,18 @@ static int FN(run)(int kind, const T *x, Py_ssize_t xs, const T *y, Py_ssize_t y
             }
             const int more = r + 1 < n;
             const T *xn = more ? x + (r + 1) * xs : NULL, *yn = more ? y + (r + 1) * ys : NULL;
-            if (kind)
+            if (kind == 1) {
+                T *sa = (T *)((char *)buf + off);
+                double *sy = (double *)((char *)buf + off + off2);
                 rows[r] = FN(js_row)(x + r * xs, y + r * ys, V, inv_t, s, beta, gxr, gyr, buf,
-                                     buf + V, buf + 2 * V, (double *)((char *)buf + off),
-                                     (double *)((char *)buf + off) + V, xn, yn, xp, yp, st);
-            else
+                                     buf + V, buf + 2 * V, sa, sa + V, sy, sy + V, xn, yn, xp,
+                                     yp, st);
+            } else if (kind == 2) {
+                T *tx = (T *)((char *)buf + off);
+                rows[r] = FN(jeffreys_row)(x + r * xs, y + r * ys, V, inv_t, s, gxr, gyr, buf,
+                                           buf + V, buf + 2 * V, tx, tx + V, xn, yn, xp, yp,
+                                           st);
+            } else
                 rows[r] = FN(kl_row)(x + r * xs, y + r * ys, V, inv_t, s, gxr, gyr, buf,
                                      buf + V, buf + 2 * V, xn, yn, xp, yp, st);
         }

@@ -271,7 +271,11 @@ def divergence(kind, p, q, *, p_space, q_space, axis, reduction, mask, weight, t
     if res is None:
         return NotImplemented
     rows, gp, gq = res[:3]
-    value = _reduce(rows, c, spec)
+    if use_kernel and c is None and spec.reduction != "none":
+        total = res[3]  # as _lane does (the same bits on every call)
+        value = torch.scalar_tensor(total * spec.c_const, dtype=spec.dtype)
+    else:
+        value = _reduce(rows, c, spec)
     if not (need_p or need_q):
         return value
     box = [value, gp, gq]
@@ -287,8 +291,41 @@ def _lane(spec, p, q, validate):
     grad_on = torch.is_grad_enabled()
     need_p = grad_on and p.requires_grad
     need_q = grad_on and q.requires_grad
-    res = _kernel_rows(spec, p.detach(), q.detach(), None, None, need_p, need_q,
-                       _validation_enabled(validate))
+    check = _validation_enabled(validate)
+    plan = spec.plan
+    if plan is None:
+        plan = spec.plan = _plan(spec)
+    if plan:
+        # one kernel call, its arguments worked out once per signature (see _plan)
+        isd, code, swap, flags, inv_t, lims = plan
+        n, V = spec.n, spec.V
+        try:
+            bufs = spec.pool.pop()  # atomic: a buffer pair is never shared between threads
+        except IndexError:
+            bufs = (torch.empty(n, dtype=torch.float64), torch.empty((n, 2), dtype=torch.float64))
+        gp = _gbuf(n, V, p) if need_p else None
+        gq = _gbuf(n, V, q) if need_q else None
+        x, y, gx, gy = (q, p, gq, gp) if swap else (p, q, gp, gq)
+        st = check and lims
+        total, near = _EXT.rows_ex(
+            isd, code, n, V, x.data_ptr(), V, y.data_ptr(), V, inv_t, spec.beta, flags,
+            spec.gscale.data_ptr() if (need_p or need_q) and spec.c_const != 1.0 else 0,
+            bufs[0].data_ptr(), 0 if gx is None else gx.data_ptr(), V,
+            0 if gy is None else gy.data_ptr(), V, bufs[1].data_ptr() if st else 0,
+            1 if n * V < _SERIAL_ELEMENTS else torch.get_num_threads(), *(lims if st else ()))
+        spec.pool.append(bufs)
+        if total != total or near:  # a row left to the core, or a check to look at closely
+            return None
+        value = torch.scalar_tensor(total * spec.c_const, dtype=spec.dtype)
+        if not (need_p or need_q):
+            return value
+        if gp is not None and p.dim() != 2:
+            gp = gp.view(p.shape)
+        if gq is not None and q.dim() != 2:
+            gq = gq.view(q.shape)
+        return _LaneFunction.apply(p, q, [value, gp, gq, spec])
+    res = _kernel_rows(spec, p.detach(), q.detach(), None, None, need_p, need_q, check,
+                       pooled=spec.reduction != "none")
     if res is None:
         return None
     rows, gp, gq, total = res
@@ -304,11 +341,40 @@ def _lane(spec, p, q, validate):
     return _LaneFunction.apply(p, q, [value, gp, gq, spec])
 
 
+def _plan(spec):
+    """The arguments of _lane's single kernel call, or False where _kernel_rows must run (rows
+    that leave the call: reduction "none"; an input converted first: a dtype other than the
+    kernel's, probabilities at a temperature; log-probabilities checked apart from the kernel
+    at a temperature). Called once per signature (the lane's inputs have the spec's dtype)."""
+    t1 = spec.T == 1.0
+    dt = spec.dtype
+    if spec.reduction == "none" or _kernel_dtype(None, None, spec.p_space, spec.q_space, dt,
+                                                 False, spec.T) != dt:
+        return False
+    if not t1 and (spec.p_space != "logits" or spec.q_space != "logits"):
+        return False
+    flags = ((1 if spec.p_space == "probs" else 0) | (2 if spec.q_space == "probs" else 0)
+             if t1 else 0)
+    swap = spec.kind == "reverse"
+    lims = ()
+    if t1 and (spec.p_space != "logits" or spec.q_space != "logits"):
+        tol = _tolerance(torch.finfo(dt).eps, spec.V)
+        sides = [(1.0 if sp == "probs" else 0.0, math.inf if sp == "logits" else 0.5 * tol)
+                 for sp in (spec.p_space, spec.q_space)]
+        if swap:  # the kernel's x is q
+            sides.reverse()
+            flags = ((flags & 1) << 1) | ((flags >> 1) & 1)
+        lims = sides[0] + sides[1]
+    elif swap:
+        flags = ((flags & 1) << 1) | ((flags >> 1) & 1)
+    return (dt == torch.float64, _KIND_CODE[spec.kind], swap, flags, 1.0 / spec.T, lims)
+
+
 class _Spec:
     """Everything about a call that is not a tensor (one object: cheap to carry)."""
 
     __slots__ = ("kind", "p_space", "q_space", "T", "beta", "reduction", "dtype", "axis", "n",
-                 "V", "c_const", "rows_shape", "gscale", "stat_ref", "tols")
+                 "V", "c_const", "rows_shape", "gscale", "stat_ref", "tols", "pool", "plan")
 
     def __init__(self, kind, p_space, q_space, T, beta, reduction, dtype, axis, n, V, c_const,
                  rows_shape):
@@ -327,6 +393,8 @@ class _Spec:
         self.gscale = None
         self.stat_ref = None  # (targets, limits, tolerances) of _stats_off
         self.tols = None  # {(dtype, dtype): (tol_p, tol_q)}
+        self.pool = []  # (rows, stats) buffers of _kernel_rows(pooled=True), free to take
+        self.plan = None  # _lane's kernel call (see _plan); False: none
 
 
 def _reduce(rows, c, spec):
@@ -478,7 +546,7 @@ def _kernel_dtype(x, y, p_space, q_space, dt, force64=False, T=1.0):
     return torch.float32
 
 
-def _kernel_rows(spec, pm, qm, c, keep, need_p, need_q, check, force64=False):
+def _kernel_rows(spec, pm, qm, c, keep, need_p, need_q, check, force64=False, pooled=False):
     """Rows (float64, (n,)), gradients of sum_r c_r rows_r, and the rows' sum, by the C kernel.
 
     None means: a row the kernel leaves alone (nan, +inf, no finite entry, extreme ratios) or a
@@ -489,7 +557,12 @@ def _kernel_rows(spec, pm, qm, c, keep, need_p, need_q, check, force64=False):
     takes them directly, and its gradient is with respect to them). Otherwise a chunk at a time
     is converted (dtype, layout; probabilities at a temperature to logarithms), so that no extra
     N x V tensor is made. At temperature 1 the value checks come from the kernel's own walk
-    (each row's sum of probabilities or logsumexp, see ``_fused.rows_ex``).
+    (each row's sum of probabilities or logsumexp, see ``_fused.rows_ex``), which also returns
+    the rows' sum and whether any row's statistic lies near the border (only then are the
+    statistics looked at here).
+
+    ``pooled``: the rows do not leave this function (only their sum is used), so the row
+    buffers are taken from (and given back to) ``spec.pool``: no allocation on repeated calls.
     """
     n, V = spec.n, spec.V
     x = pm.reshape(n, V)
@@ -507,7 +580,19 @@ def _kernel_rows(spec, pm, qm, c, keep, need_p, need_q, check, force64=False):
             gscale = scale * spec.c_const
     else:
         gscale = scale
-    rows = torch.empty(n, dtype=torch.float64)
+    # row normalisers for the value checks (logits have none to check)
+    need_stats = check and t1 and (spec.p_space != "logits" or spec.q_space != "logits")
+    bufs = None
+    if pooled:
+        try:
+            bufs = spec.pool.pop()  # atomic: a buffer pair is never shared between threads
+        except IndexError:
+            bufs = (torch.empty(n, dtype=torch.float64), torch.empty((n, 2), dtype=torch.float64))
+        rows = bufs[0]
+        stats = bufs[1] if need_stats else None
+    else:
+        rows = torch.empty(n, dtype=torch.float64)
+        stats = torch.empty((n, 2), dtype=torch.float64) if need_stats else None
     gp = _gbuf(n, V, pm) if need_p else None
     gq = _gbuf(n, V, qm) if need_q else None
     sp_p = spec.p_space == "probs"
@@ -519,9 +604,6 @@ def _kernel_rows(spec, pm, qm, c, keep, need_p, need_q, check, force64=False):
     log_q = sp_q and not t1
     conv_p = log_p or x.dtype != kd or x.stride(-1) != 1
     conv_q = log_q or y.dtype != kd or y.stride(-1) != 1
-    # row normalisers for the value checks (logits have none to check)
-    need_stats = check and t1 and (spec.p_space != "logits" or spec.q_space != "logits")
-    stats = torch.empty((n, 2), dtype=torch.float64) if need_stats else None
     step = _chunk_rows(n, V) if (conv_p or conv_q) else n
     own_p = need_p and not log_p and gp.dtype == kd
     own_q = need_q and not log_q and gq.dtype == kd
@@ -532,9 +614,15 @@ def _kernel_rows(spec, pm, qm, c, keep, need_p, need_q, check, force64=False):
             spec.tols = (tk, _tolerance(torch.finfo(x.dtype).eps, V),
                          _tolerance(torch.finfo(y.dtype).eps, V))
         tol_p, tol_q = spec.tols[1], spec.tols[2]
-    kinds = ("forward", "reverse") if spec.kind == "jeffreys" else (spec.kind,)
+    lims = None
+    if need_stats:  # half the tolerance around 1 (sum of probabilities) or 0 (logsumexp)
+        lims = tuple(v for sp, tol in ((spec.p_space, tol_p), (spec.q_space, tol_q))
+                     for v in ((1.0 if sp == "probs" else 0.0),
+                               (math.inf if sp == "logits" else 0.5 * tol)))
     checks = []
     redo = []
+    total = 0.0
+    near = False
     for i in range(0, n, step):
         j1 = min(i + step, n)
         m = j1 - i
@@ -557,20 +645,9 @@ def _kernel_rows(spec, pm, qm, c, keep, need_p, need_q, check, force64=False):
         sc = None if gscale is None else (gscale if step == n else gscale[i:j1])
         rc = rows if step == n else rows[i:j1]
         stc = None if stats is None else (stats if step == n else stats[i:j1])
-        for j, kk in enumerate(kinds):
-            if j == 0:
-                _run(kk, xl, yl, T, sc, rc, gxc, gyc, spec.beta, flags, stc)
-                continue
-            # Jeffreys: the reverse half into scratch, then added
-            r2 = torch.empty(m, dtype=torch.float64)
-            t_x = torch.empty_like(gxc) if need_p else None
-            t_y = torch.empty_like(gyc) if need_q else None
-            _run(kk, xl, yl, T, sc, r2, t_x, t_y, spec.beta, flags, None)
-            rc += r2
-            if t_x is not None:
-                gxc += t_x
-            if t_y is not None:
-                gyc += t_y
+        tc, nc = _run(spec.kind, xl, yl, T, sc, rc, gxc, gyc, spec.beta, flags, stc, lims)
+        total += tc
+        near = near or nc
         if gxc is not None and not own_p:
             gp[i:j1] = _grad_to_input(gxc, xc, log_p)
         if gyc is not None and not own_q:
@@ -588,21 +665,18 @@ def _kernel_rows(spec, pm, qm, c, keep, need_p, need_q, check, force64=False):
     if redo and _has_tiny_probabilities(redo, x, y, spec):
         # a float32 probability below the float32 kernel's exponential range: all again in
         # float64 (rare; the core keeps such probabilities, and so must this path)
+        if bufs is not None:
+            spec.pool.append(bufs)
         return _kernel_rows(spec, pm, qm, c, keep, need_p, need_q, check, True)
-    total = float(rows.sum())  # nan: a row the kernel leaves to the core (skipped rows are 0)
-    if total != total:
-        return None
-    if stats is not None and _stats_off(stats, x, y, spec, tol_p, tol_q, keep):
+    # total nan: a row the kernel leaves to the core (skipped rows are 0)
+    ok = total == total and not (near and _stats_off(stats, x, y, spec, tol_p, tol_q, keep))
+    if bufs is not None:
+        spec.pool.append(bufs)
+    if not ok:
         return None
     for b in checks:
         if bool(b.any()):
             return None
-    if spec.kind == "jeffreys" and (gp is not None or gq is not None) and total == math.inf:
-        # one direction finite, the other +inf: the row is +inf, its gradient 0 (the core's)
-        inf_rows = torch.isinf(rows).nonzero().flatten()
-        for g in (gp, gq):
-            if g is not None:
-                g.index_fill_(0, inf_rows, 0)
     if gp is not None and pm.dim() != 2:
         gp = gp.view(pm.shape[:-1] + (V,))
     if gq is not None and qm.dim() != 2:
@@ -676,13 +750,16 @@ def _has_tiny_probabilities(flags, x, y, spec):
     return False
 
 
-_KIND_CODE = {"forward": 0, "reverse": 0, "js": 1}
+_KIND_CODE = {"forward": 0, "reverse": 0, "js": 1, "jeffreys": 2}
 _SERIAL_ELEMENTS = 1 << 15  # below this many elements the kernel runs on one thread
 
 
-def _run(kind, x, y, T, scale, rows, gx, gy, beta=0.5, flags=0, stats=None):
-    """One kernel call: KL(p || q) ("forward"), KL(q || p) ("reverse") or JS_beta ("js") per
-    row of x, y; flags: 1 = x holds probabilities, 2 = y does; stats: (n, 2) row normalisers."""
+def _run(kind, x, y, T, scale, rows, gx, gy, beta=0.5, flags=0, stats=None, lims=None):
+    """One kernel call: KL(p || q) ("forward"), KL(q || p) ("reverse"), JS_beta ("js") or
+    Jeffreys (both KL directions in one call, "jeffreys") per row of x, y; flags: 1 = x holds
+    probabilities, 2 = y does; stats: (n, 2) row normalisers; lims: (target, limit) of p's
+    statistic then q's. Returns (sum of the rows, whether a row's statistic lies beyond its
+    limit)."""
     if kind == "reverse":
         x, y, gx, gy = y, x, gy, gx
         flags = ((flags & 1) << 1) | ((flags >> 1) & 1)
@@ -692,17 +769,22 @@ def _run(kind, x, y, T, scale, rows, gx, gy, beta=0.5, flags=0, stats=None):
     # small calls on one thread: waking a team costs more than the work (and far more on a
     # loaded machine)
     threads = 1 if n * V < _SERIAL_ELEMENTS else torch.get_num_threads()
-    _EXT.rows_ex(
+    if lims is None or stats is None:
+        lims = ()
+    elif kind == "reverse":  # the kernel's x is q
+        lims = lims[2:] + lims[:2]
+    out = _EXT.rows_ex(
         x.dtype == torch.float64, _KIND_CODE[kind], n, V, x.data_ptr(), x.stride(0),
         y.data_ptr(), y.stride(0), 1.0 / T, beta, flags,
         0 if scale is None else scale.data_ptr(), rows.data_ptr(),
         0 if gx is None else gx.data_ptr(), 0 if gx is None else gx.stride(0),
         0 if gy is None else gy.data_ptr(), 0 if gy is None else gy.stride(0),
-        0 if stats is None else (st if kind == "reverse" else stats).data_ptr(), threads,
+        0 if stats is None else (st if kind == "reverse" else stats).data_ptr(), threads, *lims
     )
     if kind == "reverse" and stats is not None:
         stats[:, 0] = st[:, 1]
         stats[:, 1] = st[:, 0]
+    return out
 
 
 def _to_log(xc, space, kd, tol, check, as_log):

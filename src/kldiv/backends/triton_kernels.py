@@ -31,8 +31,15 @@ the caller hands them to the core (after one host synchronisation, only when val
 on; under ``torch.compile`` or ``validate=False`` the nan is the answer, never a made-up number).
 p_i > 0 = q_i somewhere gives +inf with zero gradients (the core's convention). Rows whose scale
 is 0 (masked) give 0 and zero gradients whatever they hold. Probabilities (``p_space`` or
-``q_space`` "probs", no gradient with respect to them) are read as their logarithm, taken in
-float64 and split into a float32 value and its remainder, both entering the exact log-ratio.
+``q_space`` "probs") are read as their logarithm, taken in float64 and split into a float32 value
+and its remainder, both entering the exact log-ratio. Their gradient (the core's: that of the
+renormalised distribution r^(1/T) / sum r^(1/T), 0 where r_i = 0) is the one with respect to
+log r divided by r, formed without the division: w_i / r_i = e^((1/T - 1) log r_i - max log r /
+T) / Z in float64 (exact for an r_i whose w_i underflows in float32); p's side
+-(w_i / r_i) (d_i - E_p[d]) / T, q's side (q_i / r_i)(1 - e^(KL - (d_i - E_p[d]))) / T by expm1.
+With a probability side, d - E_p[d] (and JS's log m/p, log m/q and their means) are formed in
+float64 from the exact log-ratio, so that a log-ratio that is a constant plus a small variation
+(q's mass off p's support) keeps the variation.
 
 The generalised Jensen-Shannon divergence (``kind="js"``, 0 < beta < 1) has its own kernel with
 the core's JS algebra on top of the same first passes: log q/p on the common support T from the
@@ -242,6 +249,40 @@ if True:
         ul = tl.where(small, 0.0, u)
         return tl.where(small, acc * us * us, tl.exp(ul) - 1.0 - ul)
 
+    def _expm1_64_fn(u):
+        # e^u - 1 in float64: u + phi(u) by the series for |u| < 1/2, else exp(u) - 1
+        small = tl.abs(u) < 0.5
+        return tl.where(small, u + _phi64(tl.where(small, u, 0.0)),
+                        tl.exp(tl.where(small, 0.0, u)) - 1.0)
+
+    def _d64_fn(x, y, xl, yl, both, Ch, Cl, it):
+        """d of _entry in float64, not rounded to float32: the centred log-ratio d - E_p[d] of
+        the probability gradients keeps its small variation when d is a constant plus it (a
+        constant from q's mass off p's support, or from maxima outside the common support)."""
+        # y - x = sv + er exactly in float32 (TwoSum, as _entry), then each part added in
+        # float64: sv + Ch is exact there (a huge common offset, logits of 1e30 against the
+        # other side's maximum, cancels exactly), as is er + Cl
+        xs = tl.where(both, x, 0.0)
+        ys = tl.where(both, y, 0.0)
+        sv = ys - xs
+        bb = sv - ys
+        er = (ys - (sv - bb)) + (-xs - bb)
+        lo = tl.where(both, yl - xl, 0.0).to(tl.float64)
+        d = ((sv.to(tl.float64) + Ch.to(tl.float64)) + (er.to(tl.float64) + Cl.to(tl.float64))
+             + lo) * it.to(tl.float64)
+        d = tl.minimum(tl.maximum(d, -8.5e37), 8.5e37)
+        return tl.where(both, d, 0.0)
+
+    def _prob_factor_fn(v, vl, pv, mv, it, c):
+        """c * w_i / r_i for a side read as probabilities r (log r = v + vl): w = r^(1/T),
+        normalised, and w_i / r_i = e^((1/T - 1) log r_i - max log r / T) / Z (Z the side's
+        normaliser, folded into c) in float64; 0 where r_i = 0. The gradient with respect to
+        r_i is the one with respect to log r_i divided by r_i, formed without the division."""
+        it64 = it.to(tl.float64)
+        lv = tl.where(pv, v.to(tl.float64) + vl, 0.0)
+        e = tl.exp((it64 - 1.0) * lv - mv.to(tl.float64) * it64)
+        return tl.where(pv, c * e, 0.0)
+
     def _log_mass_fn(off, on_sum, total):
         # log of the mass on a support, 1 - off (off: the mass off it): log1p(-off) in float64
         # without libdevice, log(u) - ((u - 1) + off) / u with u = 1 - off, for off < 1/2;
@@ -345,9 +386,16 @@ if True:
             Ch = nCh
             Cl = nCl
             px, py, both, a, ep, eq, d = _entry(x, y, xl, yl, mxs, mys, Ch, Cl, it)
-            bZx = tl.sum(ep, 0).to(tl.float64)
-            bS1 = tl.sum(ep * d, 0).to(tl.float64)
-            bZpS = tl.sum(tl.where(both, ep, 0.0), 0).to(tl.float64)
+            ep64 = ep.to(tl.float64)  # the mean's sums in float64 (see bS1)
+            bZx = tl.sum(ep64, 0)
+            # E_p[d] in float64 from the start: where the log-ratio is a constant plus a small
+            # variation (q's mass off p's support, probabilities renormalised), a float32 block
+            # sum's rounding of the constant part would be a visible error in d - E_p[d]
+            if XP or YP:  # (the log-ratio to float64 accuracy: the sides' logs are)
+                bS1 = tl.sum(ep64 * _d64(x, y, xl, yl, both, Ch, Cl, it), 0)
+            else:
+                bS1 = tl.sum(ep64 * d.to(tl.float64), 0)
+            bZpS = tl.sum(tl.where(both, ep64, 0.0), 0)
             # the running mean with this block (rounded to float32: the base the terms use)
             if JSM:
                 Zn = ZpS + bZpS
@@ -392,10 +440,11 @@ if True:
             Zx += bZx
             S1 += bS1
             ZpS += bZpS
-            Zy += tl.sum(eq, 0).to(tl.float64)
-            ZqS += tl.sum(tl.where(both, eq, 0.0), 0).to(tl.float64)
-            Zqo += tl.sum(tl.where(px, 0.0, eq), 0).to(tl.float64)
-            Zpo += tl.sum(tl.where(py, 0.0, ep), 0).to(tl.float64)
+            eq64 = eq.to(tl.float64)
+            Zy += tl.sum(eq64, 0)
+            ZqS += tl.sum(tl.where(both, eq64, 0.0), 0)
+            Zqo += tl.sum(tl.where(px, 0.0, eq64), 0)
+            Zpo += tl.sum(tl.where(py, 0.0, ep64), 0)
             esc = esc | (px & (py == 0)).to(tl.int32)
             nans = nans | ((x != x) | (y != y)).to(tl.int32)
         escaped = tl.max(esc, 0) > 0
@@ -460,6 +509,8 @@ if True:
             Mf = M.to(tl.float32)
             rq = (Zx / Zy).to(tl.float32)
             ipg = (s * inv_t / Zx).to(tl.float32)
+            sx64 = s * it.to(tl.float64) / Zx  # probability sides: their gradients' row factors
+            sy64 = s * it.to(tl.float64) / Zy
             zg = escaped | zero_row
             if ACC:
                 # Jeffreys' second direction: a row already +inf (p escapes) has gradient 0
@@ -477,14 +528,31 @@ if True:
                 ser = _phi_series(tl.where(small, dc, 0.0))
                 pg = ep * ipg
                 if WANT_Y:
-                    gy = tl.where(both & small, pg * ((dc + ser) * Ef + Mf), (eq * rq - ep) * ipg)
+                    if YP:
+                        # with respect to q's probabilities r: (q_i - p_i) / (T r_i) =
+                        # (q_i / r_i) (1 - p_i / q_i) / T, p_i / q_i = e^(KL - (d_i - E_p[d]))
+                        # (expm1 in float64: no cancellation near convergence); 0 where r_i = 0
+                        ry = _prob_factor(y, yl, py, my, it, sy64)
+                        u = tl.minimum(kl - (_d64(x, y, xl, yl, both, Ch, Cl, it) - mu), 700.0)
+                        h = tl.where(both, -_expm1_64(u), tl.where(py, 1.0, 0.0))
+                        gy = (ry * h).to(tl.float32)
+                    else:
+                        gy = tl.where(both & small, pg * ((dc + ser) * Ef + Mf),
+                                      (eq * rq - ep) * ipg)
                     if ACC:
                         gy += tl.load(GYr + offs, mask=inb, other=0.0).to(tl.float32)
                     gy = tl.where(zg, 0.0, gy)
                     gy = tl.where(ng, float("nan"), gy)
                     tl.store(GYr + offs, gy.to(GY.dtype.element_ty), mask=inb)
                 if WANT_X:
-                    gx = tl.where(both, -pg * dc, 0.0)
+                    if XP:
+                        # with respect to p's probabilities r: -p_i (d_i - E_p[d]) / (T r_i),
+                        # p_i / r_i = r_i^(1/T - 1) / sum_j r_j^(1/T) (no division by r_i)
+                        rx = _prob_factor(x, xl, px, mx, it, sx64)
+                        dm = _d64(x, y, xl, yl, both, Ch, Cl, it) - mu
+                        gx = tl.where(both, -rx * dm, 0.0).to(tl.float32)
+                    else:
+                        gx = tl.where(both, -pg * dc, 0.0)
                     if ACC:
                         gx += tl.load(GXr + offs, mask=inb, other=0.0).to(tl.float32)
                     gx = tl.where(zg, 0.0, gx)
@@ -531,6 +599,16 @@ if True:
         reg = lr <= -1.0
         return tl.where(reg, _log1p(ry * tl.exp(tl.where(reg, lr, 0.0))), yv - tl.log(c))
 
+    def _js_lr_fn(x, y, xl, yl, both, d, Ch, Cl, it, mu, muT, mean_d, XP: tl.constexpr,
+                  YP: tl.constexpr):
+        # log q/p on the common support: (d - E_{p on T}[d]) + E_{p on T}[log q/p]; in float64
+        # from the exact log-ratio when a side holds probabilities (mean_d is float64 then)
+        if XP or YP:
+            lr = tl.where(both, (_d64(x, y, xl, yl, both, Ch, Cl, it) - mu) + mean_d, 0.0)
+        else:
+            lr = tl.where(both, (d - muT) + mean_d, 0.0)
+        return lr
+
     def _js_rows_kernel_fn(X, Y, S, ROWS, GX, GY, V, sx, sy, sgx, sgy, inv_t, beta,
                            WANT_X: tl.constexpr, WANT_Y: tl.constexpr, BLOCK: tl.constexpr,
                            SINGLE: tl.constexpr, XP: tl.constexpr, YP: tl.constexpr):
@@ -566,29 +644,41 @@ if True:
         u1 = 1.0 + acc
         L = tl.where(u1 == 1.0, acc, tl.log(u1) - ((u1 - 1.0) - acc) / u1)
         L = tl.where(huge, lc + tl.log(ZqS), L)
-        mean_d = (log_qT - log_pT - L).to(tl.float32)  # E_{p on T}[log q/p]
+        # E_{p on T}[log q/p]. Probability sides (their logs to float64 accuracy): the log-ratio
+        # and y, z below in float64, so that a log-ratio that is a constant (q's mass off p's
+        # support, or p's off q's) plus a small variation keeps that variation in y - E_p[y]
+        if XP or YP:
+            mean_d = log_qT - log_pT - L
+            bq = b64
+        else:
+            mean_d = (log_qT - log_pT - L).to(tl.float32)
+            bq = bt
         # the value, and E_p[log m/p], E_q[log m/q] for the gradients
-        ip = (1.0 / Zx).to(tl.float32)
-        iq = (1.0 / Zy).to(tl.float32)
-        cb = 1.0 - bt
+        if XP or YP:  # (p and q in float64 too: their means' weights sum to 1 exactly)
+            ip = 1.0 / Zx
+            iq = 1.0 / Zy
+        else:
+            ip = (1.0 / Zx).to(tl.float32)
+            iq = (1.0 / Zy).to(tl.float32)
+        cb = 1.0 - bq
         tp_s = tl.zeros([1], tl.float64)
         tq_s = tl.zeros([1], tl.float64)
         ey_s = tl.zeros([1], tl.float64)
         ez_s = tl.zeros([1], tl.float64)
         eyh_s = tl.zeros([1], tl.float64)
         ezh_s = tl.zeros([1], tl.float64)
-        ry = cb / bt  # log m/p = log beta + log1p(ry q/p)
-        rz = bt / cb  # log m/q = log(1 - beta) + log1p(rz p/q)
+        ry = cb / bq  # log m/p = log beta + log1p(ry q/p)
+        rz = bq / cb  # log m/q = log(1 - beta) + log1p(rz p/q)
         for b0 in range(0, V, BLOCK):
             offs = b0 + base
             x, y, xl, yl = _ld(X, Y, offs, V, x0, y0, xl0, yl0, SINGLE, XP, YP)
             px, py, both, a, ep, eq, d = _entry(x, y, xl, yl, mx, my, Ch, Cl, it)
-            lr = tl.where(both, (d - muT) + mean_d, 0.0)  # log q/p on T
+            lr = _js_lr(x, y, xl, yl, both, d, Ch, Cl, it, mu, muT, mean_d, XP, YP)  # log q/p
             p = ep * ip
             q = eq * iq
-            m = bt * p + cb * q
+            m = bq * p + cb * q
             yv = _log_mix(cb, lr)  # log m/p
-            zv = _log_mix(bt, -lr)  # log m/q
+            zv = _log_mix(bq, -lr)  # log m/q
             sy_ = tl.abs(yv) < 0.5
             sz_ = tl.abs(zv) < 0.5
             tp = tl.where(sy_, p * _phi_series(tl.where(sy_, yv, 0.0)), m - p * (1.0 + yv))
@@ -598,7 +688,7 @@ if True:
             ey_s += tl.sum(tl.where(both, p * yv, 0.0), 0).to(tl.float64)
             ez_s += tl.sum(tl.where(both, q * zv, 0.0), 0).to(tl.float64)
             # the same means relative to log beta (log(1 - beta)): exact where q << p (p << q)
-            yh = _y_hat(yv, lr, ry, bt)
+            yh = _y_hat(yv, lr, ry, bq)
             zh = _y_hat(zv, -lr, rz, cb)
             eyh_s += tl.sum(tl.where(both, p * yh, 0.0), 0).to(tl.float64)
             ezh_s += tl.sum(tl.where(both, q * zh, 0.0), 0).to(tl.float64)
@@ -613,12 +703,20 @@ if True:
         if WANT_X or WANT_Y:
             # y - E_p[y] in two forms: directly, or as (y - log beta) - (E_p[y] - log beta)
             # where y is near log beta (q_i << p_i): no cancellation in either
-            Ey = (ey_s + pout * lb).to(tl.float32)
-            Ez = (ez_s + qout * l1b).to(tl.float32)
-            EyH = eyh_s.to(tl.float32)
-            EzH = ezh_s.to(tl.float32)
-            gpx = (s * b64 * inv_t).to(tl.float32)
-            gpy = (s * (1.0 - b64) * inv_t).to(tl.float32)
+            if XP or YP:
+                Ey = ey_s + pout * lb
+                Ez = ez_s + qout * l1b
+                EyH = eyh_s
+                EzH = ezh_s
+            else:
+                Ey = (ey_s + pout * lb).to(tl.float32)
+                Ez = (ez_s + qout * l1b).to(tl.float32)
+                EyH = eyh_s.to(tl.float32)
+                EzH = ezh_s.to(tl.float32)
+            gpx64 = s * b64 * it.to(tl.float64)
+            gpy64 = s * (1.0 - b64) * it.to(tl.float64)
+            gpx = gpx64.to(tl.float32)
+            gpy = gpy64.to(tl.float32)
             ng = bad & (zero_row == 0)
             GXr = GX + r * sgx
             GYr = GY + r * sgy
@@ -627,22 +725,30 @@ if True:
                 inb = offs < V
                 x, y, xl, yl = _ld(X, Y, offs, V, x0, y0, xl0, yl0, SINGLE, XP, YP)
                 px, py, both, a, ep, eq, d = _entry(x, y, xl, yl, mx, my, Ch, Cl, it)
-                lr = tl.where(both, (d - muT) + mean_d, 0.0)
+                lr = _js_lr(x, y, xl, yl, both, d, Ch, Cl, it, mu, muT, mean_d, XP, YP)
                 if WANT_X:
                     p = ep * ip
                     yv = _log_mix(cb, lr)
-                    yc = tl.where(lr <= -1.0, _y_hat(yv, lr, ry, bt) - EyH, yv - Ey)
+                    yc = tl.where(lr <= -1.0, _y_hat(yv, lr, ry, bq) - EyH, yv - Ey)
                     yc = tl.where(both, yc, -EyH)  # p_i > 0 = q_i: y = log beta
-                    gx = tl.where(px, -gpx * p * yc, 0.0)
+                    if XP:  # with respect to the probabilities: p_i / r_i in place of p_i
+                        fx = _prob_factor(x, xl, px, mx, it, gpx64 / Zx)
+                        gx = (-fx * yc.to(tl.float64)).to(tl.float32)
+                    else:
+                        gx = tl.where(px, -gpx * p * yc, 0.0)
                     gx = tl.where(zero_row, 0.0, gx)
                     gx = tl.where(ng, float("nan"), gx)
                     tl.store(GXr + offs, gx.to(GX.dtype.element_ty), mask=inb)
                 if WANT_Y:
                     q = eq * iq
-                    zv = _log_mix(bt, -lr)
+                    zv = _log_mix(bq, -lr)
                     zc = tl.where(lr >= 1.0, _y_hat(zv, -lr, rz, cb) - EzH, zv - Ez)
                     zc = tl.where(both, zc, -EzH)
-                    gy = tl.where(py, -gpy * q * zc, 0.0)
+                    if YP:
+                        fy = _prob_factor(y, yl, py, my, it, gpy64 / Zy)
+                        gy = (-fy * zc.to(tl.float64)).to(tl.float32)
+                    else:
+                        gy = tl.where(py, -gpy * q * zc, 0.0)
                     gy = tl.where(zero_row, 0.0, gy)
                     gy = tl.where(ng, float("nan"), gy)
                     tl.store(GYr + offs, gy.to(GY.dtype.element_ty), mask=inb)
@@ -654,7 +760,8 @@ _BUILT = None  # the interpreter setting the kernels were decorated under
 def _build():
     """Decorate the kernel functions with triton.jit (again if TRITON_INTERPRET changed)."""
     global _BUILT, _phi_series, _entry, _stats, _kl_rows_kernel, _expm1, _log1p, _log_mix
-    global _js_rows_kernel, _y_hat, _ld, _ld0, _ld1, _phi64, _log_mass
+    global _js_rows_kernel, _y_hat, _ld, _ld0, _ld1, _phi64, _log_mass, _expm1_64, _prob_factor
+    global _d64, _js_lr
     mode = _interpret()
     if _BUILT is not mode:
         _phi_series = triton.jit(_phi_series_fn)
@@ -668,6 +775,10 @@ def _build():
         _ld1 = triton.jit(_ld1_fn)
         _phi64 = triton.jit(_phi64_fn)
         _log_mass = triton.jit(_log_mass_fn)
+        _expm1_64 = triton.jit(_expm1_64_fn)
+        _prob_factor = triton.jit(_prob_factor_fn)
+        _d64 = triton.jit(_d64_fn)
+        _js_lr = triton.jit(_js_lr_fn)
         _stats = triton.jit(_stats_fn)
         _js_rows_kernel = triton.jit(_js_rows_kernel_fn)
         _kl_rows_kernel = triton.jit(_kl_rows_kernel_fn)
@@ -952,7 +1063,7 @@ def divergence(kind, p, q, *, p_space, q_space, axis, reduction, mask, weight, t
     """``kldiv.<kind>`` through the Triton kernel, or NotImplemented (the torch path runs).
 
     Taken: kinds "forward", "reverse", "jeffreys", "js" (0 < beta < 1); inputs in any space
-    ("logits", "log_probs", "probs"; no gradient with respect to probabilities) of
+    ("logits", "log_probs", "probs"; gradients with respect to any of them) of
     float16, bfloat16 or float32 on one device, same shape; any axis and reduction; a boolean
     mask and a weight without gradient (per-row scale); temperature in ``T_RANGE``. With value
     checks on (the default) one host synchronisation decides whether every row was taken (rows
@@ -971,9 +1082,6 @@ def divergence(kind, p, q, *, p_space, q_space, axis, reduction, mask, weight, t
         return NotImplemented
     if p_space not in _P_SPACES or q_space not in _P_SPACES:
         return NotImplemented
-    if torch.is_grad_enabled() and ((p_space == "probs" and p.requires_grad) or (
-            q_space == "probs" and q.requires_grad)):
-        return NotImplemented  # gradients with respect to probabilities: the torch path
     if reduction not in ("none", "sum", "mean"):
         return NotImplemented
     if p.dtype not in _DTYPES or q.dtype not in _DTYPES:
