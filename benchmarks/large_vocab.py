@@ -13,7 +13,9 @@ student's logits), each measured in a fresh subprocess so that its peak memory i
 - ``torch eager``: ``F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True,
   reduction="batchmean")``, backward (the same quantity);
 - ``torch.compile``: the same function under ``torch.compile``; its first call (compilation)
-  is reported separately from the steady state.
+  is reported separately from the steady state;
+- ``kldiv compiled``: the ``kldiv`` call (value checks at their default) inside a function
+  compiled by ``torch.compile`` (the C kernel as one operator, ``kldiv::cpu_rows``).
 
 Times: the first call in a fresh process; then the median of ``--repeats`` calls, all methods
 in one process called in turn round after round (so that a shared machine's load weighs on
@@ -28,6 +30,7 @@ within one run, not absolute times across runs.
     python benchmarks/large_vocab.py              # N x V = 4096 x 32000 (about 2 minutes)
     python benchmarks/large_vocab.py --quick      # tiny smoke run for CI
     python benchmarks/large_vocab.py --linear     # also linear_kl_div (benchmarks/_linear_bench.py)
+    python benchmarks/large_vocab.py --n 256 --v 1000 --methods "torch.compile,kldiv compiled"
 """
 from __future__ import annotations
 
@@ -42,7 +45,7 @@ import time
 from _linear_bench import _reset_peak  # the same VmHWM reset (benchmarks/ is on sys.path)
 
 METHODS = ("kldiv", "kldiv (validate)", "kldiv (torch chunks)", "kldiv inplace", "torch eager",
-           "torch.compile")
+           "torch.compile", "kldiv compiled")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -102,6 +105,18 @@ def _make_step(method, t, s_base, torch):
 
         def step():
             return kl_div_inplace(t, state["s"], reduction="mean")  # gradient now in state["s"]
+
+        return step, setup
+    if method == "kldiv compiled":
+        def kl(s, t):
+            return kldiv.kl_div(t, s, p_space="logits", q_space="logits", reduction="mean")
+
+        kl_c = torch.compile(kl, fullgraph=True)
+
+        def step():
+            loss = kl_c(state["s"], t)
+            loss.backward()
+            return loss
 
         return step, setup
     if method.startswith("kldiv"):
@@ -204,7 +219,7 @@ def run(args):
     rows = []
     methods = args.methods.split(",") if args.methods else list(METHODS)
     if args.quick and not args.methods:
-        methods = [m for m in methods if m != "torch.compile"]
+        methods = [m for m in methods if m not in ("torch.compile", "kldiv compiled")]
     for m in methods:
         if m not in METHODS:
             raise SystemExit(f"--methods: unknown method {m!r}; choose from {', '.join(METHODS)}")

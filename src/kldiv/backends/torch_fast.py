@@ -27,14 +27,17 @@ or the call is unusual (broadcast shapes, weights that need a gradient, extreme 
 tensor subclasses), the hook answers ``NotImplemented`` and the core runs: it raises its own
 error or computes the value itself. The core defines the semantics; this only goes faster.
 
-Under ``torch.compile`` the same Function is traced (no kernel, no host synchronisation, no
-array-api-compat call, so no graph break and no warning): values and gradients in torch
-operations that Inductor fuses.
+Under ``torch.compile`` (CPU tensors, kernel built) the C kernel is one opaque operator,
+``kldiv::cpu_rows`` (``backends/torch_ops.py``): one graph, no graph break, no warning, and the
+eager call's values and gradients; its value checks run when the graph runs. Without the
+kernel (other devices) the Function's torch operations are traced instead and Inductor fuses
+them (no checks there).
 """
 from __future__ import annotations
 
 import math
 import os as _os
+import sys as _sys
 
 import torch
 
@@ -240,6 +243,11 @@ def divergence(kind, p, q, *, p_space, q_space, axis, reduction, mask, weight, t
     need_p = grad_on and p.requires_grad
     need_q = grad_on and q.requires_grad
     if compiling:
+        if _ops.usable(p, q):
+            # the C kernel as one opaque operator (backends/torch_ops.py): the eager values
+            # and gradients, checks (read at run time) included
+            return _ops.divergence(spec, pm, qm, c, keep, w,
+                                   None if validate is None else bool(validate), need_p, need_q)
         if kind == "js":
             return NotImplemented
         # traced: torch operations only (autograd and Inductor take it from here)
@@ -1163,4 +1171,9 @@ def _grads_torch(spec, pm, qm, s, keep, need_p, need_q):
     return gp, gq
 
 
+# imported here, not on first use: Dynamo cannot trace an import, nor the operator's
+# registration (a first call inside torch.compile must find both)
+from . import torch_ops as _ops  # noqa: E402
+
+_ops.bind(_sys.modules[__name__])
 _dispatch.register("torch", "pre", divergence)
