@@ -20,6 +20,7 @@ pytest.importorskip("torch._dynamo")
 
 import kldiv  # noqa: E402
 from kldiv.backends import torch_fast as tfa  # noqa: E402
+from torch_reference import naive_row  # noqa: E402
 
 pytestmark = pytest.mark.skipif(tfa._EXT is None, reason="C extension kldiv._ext._fused not built")
 
@@ -46,35 +47,6 @@ def _ops_in(graphs):
 def _compiled(fn, graphs, inner="aot_eager"):
     torch._dynamo.reset()
     return torch.compile(fn, fullgraph=True, backend=_recording_backend(graphs, inner))
-
-
-# ----------------------------------------------------------------------------------------------
-# the textbook float64 formulas, row by row (torch.autograd differentiates them)
-
-
-def _lw(x, space):
-    if space == "probs":
-        x = torch.log(x)
-    return torch.log_softmax(x, -1)
-
-
-def _kl(lp, lq):
-    S = torch.isfinite(lp)
-    return (lp[S].exp() * (lp[S] - lq[S])).sum()
-
-
-def naive_row(kind, a, b, ps, qs, beta=0.5):
-    lp, lq = _lw(a, ps), _lw(b, qs)
-    if kind == "forward":
-        return _kl(lp, lq)
-    if kind == "reverse":
-        return _kl(lq, lp)
-    if kind == "jeffreys":
-        return _kl(lp, lq) + _kl(lq, lp)
-    U = torch.isfinite(lp) | torch.isfinite(lq)
-    lp, lq = lp[U], lq[U]
-    lm = torch.logaddexp(math.log(beta) + lp, math.log1p(-beta) + lq)
-    return beta * _kl(lp, lm) + (1 - beta) * _kl(lq, lm)
 
 
 def _inputs(dtype, kind):

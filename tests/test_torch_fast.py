@@ -8,7 +8,6 @@ References, independent of the code under test:
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
 
@@ -18,30 +17,14 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import kldiv  # noqa: E402
-from kldiv._core import dispatch  # noqa: E402
 from kldiv.backends import torch_fast as tfa  # noqa: E402
+from torch_reference import core_only, naive_row, took_fast  # noqa: E402
 
 FUNCS = {"forward": kldiv.kl_div, "reverse": kldiv.reverse_kl, "js": kldiv.js_div,
          "jeffreys": kldiv.jeffreys_div}
 KINDS = tuple(FUNCS)
 SPACE_PAIRS = [("logits", "logits"), ("probs", "log_probs"), ("probs", "probs"),
                ("log_probs", "logits"), ("logits", "probs")]
-
-
-@contextlib.contextmanager
-def core_only():
-    """The core alone: the torch pre hook taken out for the duration."""
-    h = dispatch._HANDLERS.pop(("torch", "pre"), None)
-    try:
-        yield
-    finally:
-        if h is not None:
-            dispatch._HANDLERS[("torch", "pre")] = h
-
-
-def took_fast(v):
-    name = type(v.grad_fn).__name__ if v.grad_fn is not None else ""
-    return "_Divergence" in name or "_LaneFunction" in name
 
 
 def to_space(x, space):
@@ -54,32 +37,6 @@ def to_space(x, space):
 
 # ----------------------------------------------------------------------------------------------
 # the textbook float64 formulas, differentiated by torch.autograd (row by row)
-
-
-def _lw(x, space, T):
-    """Normalised log-probabilities of one row at temperature T (float64)."""
-    if space == "probs":
-        x = torch.log(x)
-    return torch.log_softmax(x / T, -1)
-
-
-def _kl(lp, lq):
-    S = torch.isfinite(lp)
-    return (lp[S].exp() * (lp[S] - lq[S])).sum()
-
-
-def naive_row(kind, a, b, ps, qs, T=1.0, beta=0.5):
-    lp, lq = _lw(a, ps, T), _lw(b, qs, T)
-    if kind == "forward":
-        return _kl(lp, lq)
-    if kind == "reverse":
-        return _kl(lq, lp)
-    if kind == "jeffreys":
-        return _kl(lp, lq) + _kl(lq, lp)
-    U = torch.isfinite(lp) | torch.isfinite(lq)  # the mixture's support only (no -inf - -inf)
-    lp, lq = lp[U], lq[U]
-    lm = torch.logaddexp(math.log(beta) + lp, math.log1p(-beta) + lq)
-    return beta * _kl(lp, lm) + (1 - beta) * _kl(lq, lm)
 
 
 # ----------------------------------------------------------------------------------------------
