@@ -193,6 +193,11 @@ def _timing_worker(cfg):
             step()
             times[m].append(time.perf_counter() - t0)
             cpu[m].append(time.process_time() - c0)
+            # the gradient consumed and released, as an optimizer step followed by
+            # zero_grad(set_to_none=True) does: no method holds its N x V gradient while
+            # another one runs (a held gradient would keep every fused method from reusing a
+            # buffer, a situation no training loop is in)
+            setup()
     return {m: [statistics.median(times[m]), statistics.median(cpu[m])] for m in steps}
 
 
