@@ -139,7 +139,7 @@ def divergence(kind, p, q, *, p_space, q_space, axis, reduction, mask, weight, t
         except (TypeError, AttributeError):
             key = spec = None
         if spec is not None and p.is_contiguous() and q.is_contiguous() and not (
-                p.is_neg() or q.is_neg()):
+                p.is_neg() or q.is_neg()) and _fused_mod._USE_EXTENSION.get():
             out = _lane(spec, p, q, validate)
             if out is not None:
                 return out
@@ -254,8 +254,17 @@ def divergence(kind, p, q, *, p_space, q_space, axis, reduction, mask, weight, t
         return _reduce(_rows_traced(spec, pm, qm, keep), c, spec)
     use_kernel = (
         _EXT is not None and hasattr(_EXT, "rows_ex") and dev.type == "cpu"
+        and _fused_mod._USE_EXTENSION.get()  # torch_fused._extension(False): no kernel
         and not (pm.is_neg() or qm.is_neg() or pm.is_conj() or qm.is_conj())
     )
+    if (not use_kernel and n * V >= _fused_mod.FUSED_MIN_ELEMENTS
+            and reduction in ("sum", "mean") and kind in _fused_mod.KINDS
+            and p_space != "probs" and q_space != "probs"):
+        # no kernel (another device, no C extension, or torch_fused._extension(False)) at a
+        # large size: the fused module's chunked torch path (the core's "post" hook) keeps
+        # the memory bounded; the whole-tensor torch operations below would hold many N x V
+        # temporaries (14.75x one input at 4096 x 32000)
+        return NotImplemented
     if (use_kernel and key is not None and ax == nd - 1 and p.dtype == q.dtype
             and p.dtype in (torch.float32, torch.float64)):
         # remember the signature: the next call with it takes _lane directly
