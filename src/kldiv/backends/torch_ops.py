@@ -36,6 +36,7 @@ from typing import Optional
 import torch
 
 from .._core.validation import validation_enabled
+from .torch_fused import _compute_dtype
 
 __all__ = ["bind", "usable", "divergence"]
 
@@ -50,11 +51,6 @@ def bind(torch_fast):
 
 def _tf():
     return _FAST[0]
-
-
-def _compute_dtype(x, y):
-    dt = torch.promote_types(x.dtype, y.dtype)
-    return dt if dt in (torch.float32, torch.float64) else torch.float32
 
 
 _SPECS: dict = {}  # call signature -> torch_fast._Spec (its cached scales and tolerances)
