@@ -18,8 +18,14 @@ torch (CPU), forward + backward; peer:
   512 x 32000 and up, as a multiple of one input tensor (Linux VmHWM).
 JAX (CPU, jax.jit), value and value_and_grad with respect to the student's logits; peer:
   optax.losses.kl_divergence(jax.nn.log_softmax(s), jax.nn.softmax(t)).mean()
-  and the compile time of value_and_grad (lowering + compilation of a fresh jit: wall time,
-  median of 5; and the process's CPU time, least of 4, which a busy machine barely moves).
+  Both methods AOT-compiled the same way and called on the same arrays; a sample is K calls
+  dispatched back to back, the last one waited for, K chosen so that a sample lasts 50 ms
+  (a 64 x 10 call is tens of microseconds, mostly dispatch); every round each pair runs
+  optax, kldiv, kldiv, optax; the ratio is the median of the paired ratios (kldiv sample /
+  the optax sample next to it), printed with its quartiles. Compile time of value_and_grad:
+  tracing + lowering + XLA compilation of a fresh jit after jax.clear_caches() (nothing of an
+  earlier compile reused), max(3, rounds) of each, taking turns, paired ratios, median; wall
+  time and the process's CPU time (which a busy machine barely moves).
 NumPy: kldiv.kl_div(p, q) (per-row KL of probabilities) against
   scipy.special.rel_entr(p, q).sum(-1), float32 and float64.
 
@@ -32,7 +38,9 @@ Unset OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE only if you know your CPU needs it (s
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
+import math
 import os
 import platform
 import statistics
@@ -254,60 +262,148 @@ def memory_section(shapes):
 # JAX
 
 
+def _jax_pairs_timed(pairs, rounds, target_s):
+    """Per label of ``pairs`` (label -> (optax call, kldiv call), each a zero-argument callable
+    that dispatches one jitted call and returns its output): the median seconds per call of
+    each, and the median and quartiles of the paired ratios kldiv / optax.
+
+    Both methods get the same treatment: the same number K of calls per sample (K chosen so
+    that a sample lasts ``target_s``, at least 20 ms: a 64 x 10 call is tens of microseconds,
+    mostly dispatch, which timer resolution and scheduler hiccups would swamp one call at a
+    time), the calls dispatched back to back and only the last one waited for (as a training
+    loop does), the garbage collector off while a sample runs. Every round, every label's
+    methods take turns in the order optax, kldiv, kldiv, optax (a slow phase of a shared machine
+    or a cache warmed by the previous sample favours neither), and each kldiv sample is divided
+    by the optax sample next to it: two paired ratios per label and round.
+    """
+    import jax
+
+    def sample(f, k):
+        gc.disable()
+        try:
+            t0 = time.perf_counter()
+            for _ in range(k - 1):
+                f()
+            jax.block_until_ready(f())
+            return (time.perf_counter() - t0) / k
+        finally:
+            gc.enable()
+
+    floor = max(target_s, 0.02) if target_s >= 0.01 else target_s
+    reps = {}
+    for label, (peer, ours) in pairs.items():
+        for f in (peer, ours):  # warm-up: first calls, buffers, thread pools
+            jax.block_until_ready(f())
+            sample(f, 3)
+        per_call = min(sample(peer, 3), sample(ours, 3))
+        reps[label] = max(1, math.ceil(floor / max(per_call, 1e-7)))
+    times = {label: ([], []) for label in pairs}
+    ratios = {label: [] for label in pairs}
+    labels = list(pairs)
+    for r in range(rounds):
+        gc.collect()
+        for label in labels[r % len(labels):] + labels[:r % len(labels)]:
+            (peer, ours), k = pairs[label], reps[label]
+            a1 = sample(peer, k)
+            b1 = sample(ours, k)
+            b2 = sample(ours, k)
+            a2 = sample(peer, k)
+            times[label][0].extend((a1, a2))
+            times[label][1].extend((b1, b2))
+            ratios[label].extend((b1 / a1, b2 / a2))
+    return {label: (statistics.median(times[label][0]), statistics.median(times[label][1]),
+                    *_median_quartiles(ratios[label])) for label in pairs}
+
+
+def _median_quartiles(v):
+    """Median, first and third quartile of ``v`` (the quartiles of two values are the values)."""
+    v = sorted(v)
+    if len(v) < 4:
+        return statistics.median(v), v[0], v[-1]
+    q1, q2, q3 = statistics.quantiles(v, n=4, method="inclusive")
+    return q2, q1, q3
+
+
+def _jax_compile_timed(fns, args, repeats):
+    """Compile time of each of ``fns`` (name -> function): lowering + XLA compilation of a fresh
+    ``jax.jit(jax.value_and_grad(f))``, tracing included. Every repeat starts from empty caches
+    (``jax.clear_caches()``: no trace, lowering or executable of an earlier repeat, or of the
+    other method's library calls, is reused; kldiv's own inner ``jax.jit`` is traced again too),
+    the methods take turns (order alternating), and each kldiv compile is divided by the optax
+    compile next to it. Returns the medians and quartiles of those paired ratios in wall time
+    and in the process's CPU time (all threads: the compiler runs on this process's threads, so
+    other jobs on a shared machine barely move it)."""
+    import jax
+
+    names = list(fns)  # [optax, kldiv]
+    wall = {n: [] for n in names}
+    cpu = {n: [] for n in names}
+    for r in range(repeats):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            jax.clear_caches()
+            gc.collect()
+            t0, c0 = time.perf_counter(), time.process_time()
+            jax.jit(jax.value_and_grad(fns[name])).lower(*args).compile()
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    peer, ours = names
+    return (_median_quartiles([b / a for a, b in zip(wall[peer], wall[ours])]),
+            _median_quartiles([b / a for a, b in zip(cpu[peer], cpu[ours])]))
+
+
 def jax_section(shapes, rounds, target_s):
     import jax
-    import jax.numpy as jnp
     import optax
 
     import kldiv
 
-    print(f"## JAX {jax.__version__}, CPU, under jax.jit (ratio = kldiv / optax)\n")
-    rows = []
+    print(f"## JAX {jax.__version__}, CPU, under jax.jit (ratio = kldiv / optax: the median of "
+          "paired, interleaved samples; [q1-q3]: their quartiles)\n")
+    table = _Table(["shape", "optax value", "x value", "optax value_and_grad",
+                    "x value_and_grad", "x compile (grad)", "x compile, CPU time",
+                    "spread [q1-q3]: value; grad; compile"])
+
+    def peer(s, t):
+        return optax.losses.kl_divergence(jax.nn.log_softmax(s), jax.nn.softmax(t)).mean()
+
+    def ours(s, t):
+        return kldiv.kl_div(t, s, p_space="logits", q_space="logits", reduction="mean")
+
     for shape in shapes:
-        key = jax.random.PRNGKey(0)
-        k1, k2 = jax.random.split(key)
+        k1, k2 = jax.random.split(jax.random.PRNGKey(0))
         t = jax.random.normal(k1, shape) * 2
         s = jax.random.normal(k2, shape) * 2
-
-        def peer(s, t):
-            return optax.losses.kl_divergence(jax.nn.log_softmax(s), jax.nn.softmax(t)).mean()
-
-        def ours(s, t):
-            return kldiv.kl_div(t, s, p_space="logits", q_space="logits", reduction="mean")
-
-        fns = {}
-        compile_s = {}
-        compile_cpu = {"peer": [], "kldiv": []}
-        for name, f in (("peer", peer), ("kldiv", ours)):
-            for mode, g in (("value", f), ("grad", jax.value_and_grad(f))):
-                t0 = time.perf_counter()
+        jax.block_until_ready((s, t))
+        # first compiles (one-time costs: imports, kldiv's backend loading) out of the way
+        for f in (peer, ours):
+            jax.jit(jax.value_and_grad(f)).lower(s, t).compile()
+        # compile time: paired fresh compiles, max(3, rounds) of each method
+        comp_wall, comp_cpu = _jax_compile_timed({"optax": peer, "kldiv": ours}, (s, t),
+                                                 max(3, rounds))
+        # run time: the same inputs, the same jit wrapping (an AOT-compiled executable, no
+        # donation) for both methods
+        pairs = {}
+        for mode in ("value", "grad"):
+            calls = []
+            for f in (peer, ours):
+                g = f if mode == "value" else jax.value_and_grad(f)
                 compiled = jax.jit(g).lower(s, t).compile()
-                compile_s[(name, mode)] = [time.perf_counter() - t0]
+                calls.append(functools.partial(compiled, s, t))
+            pairs[mode] = tuple(calls)
+        res = _jax_pairs_timed(pairs, rounds, target_s)
 
-                def call(c=compiled):
-                    jax.block_until_ready(c(s, t))
-                fns[(name, mode)] = call
-        # compile time (lowering + XLA compilation of a fresh jit of value_and_grad): the median
-        # of 5, peer and kldiv taking turns (one sample is noise on a shared machine); also the
-        # least CPU time of the process over those runs, which other jobs on a shared machine
-        # barely move (the compiler runs on this process's threads)
-        for _ in range(4):
-            for name, f in (("peer", peer), ("kldiv", ours)):
-                t0, c0 = time.perf_counter(), time.process_time()
-                jax.jit(jax.value_and_grad(f)).lower(s, t).compile()
-                compile_s[(name, "grad")].append(time.perf_counter() - t0)
-                compile_cpu[name].append(time.process_time() - c0)
-        compile_s = {k: statistics.median(v) for k, v in compile_s.items()}
-        med = interleaved({f"{a}/{b}": f for (a, b), f in fns.items()}, rounds, target_s)
-        rows.append([
-            _shape_str(shape), _fmt_t(med["peer/value"]),
-            f"{med['kldiv/value'] / med['peer/value']:.2f}",
-            _fmt_t(med["peer/grad"]), f"{med['kldiv/grad'] / med['peer/grad']:.2f}",
-            f"{compile_s[('kldiv', 'grad')] / compile_s[('peer', 'grad')]:.2f}",
-            f"{min(compile_cpu['kldiv']) / min(compile_cpu['peer']):.2f}",
+        def spread(q):
+            return f"{q[1]:.2f}-{q[2]:.2f}"
+
+        table.add([
+            _shape_str(shape), _fmt_t(res["value"][0]), f"{res['value'][2]:.2f}",
+            _fmt_t(res["grad"][0]), f"{res['grad'][2]:.2f}",
+            f"{comp_wall[0]:.2f}", f"{comp_cpu[0]:.2f}",
+            f"{spread(res['value'][2:])}; {spread(res['grad'][2:])}; {spread(comp_wall)}",
         ])
-    _table(["shape", "optax value", "x value", "optax value_and_grad", "x value_and_grad",
-            "x compile (grad)", "x compile, CPU time"], rows)
+        del pairs, s, t
+        gc.collect()
+    table.close()
 
 
 # ----------------------------------------------------------------------------------------------
