@@ -69,28 +69,54 @@ _T_RANGE = (1e-3, 1e3)  # temperatures handled by kl_rows; outside, the core's r
 
 def _phi_series(x):
     coefs = _PHI_COEFS if jnp.finfo(x.dtype).bits > 32 else _PHI_COEFS[:7]
-    acc = coefs[-1]
-    for c in reversed(coefs[:-1]):
-        acc = acc * x + c
-    return acc * x * x
+    acc = lax.add(lax.mul(x, _k(coefs[-1], x)), _k(coefs[-2], x))
+    for c in reversed(coefs[:-2]):
+        acc = lax.add(lax.mul(acc, x), _k(c, x))
+    return lax.mul(lax.mul(acc, x), x)
 
 
-# The graph is written in lax primitives: jnp.where / clip / max wrap each call in a nested
-# jit, which costs lowering time in every user's compilation, and XLA's CPU backend hands the
-# plain arithmetic (sub, max, exp, mul, reductions) to its fast YNNPACK kernels, while a compare
-# or select keeps a loop in LLVM code: the per-entry selects are kept to the few that accuracy
-# needs (the series near 0, escapes), everything else is row-level.
+# The graph is written in lax primitives: every jnp function (jnp.where, clip, max, and the
+# arithmetic operators of traced arrays, which call jnp.subtract, jnp.multiply, ...) is a nested
+# jit, traced and inlined in every user's compilation (the bulk of kldiv's tracing time when
+# it was written with operators). XLA's CPU backend hands the plain arithmetic (sub, max, exp,
+# mul, reductions) to its fast YNNPACK kernels, while a compare or select keeps a loop in LLVM
+# code: the per-entry selects are kept to the few that accuracy needs (the series near 0,
+# escapes), everything else is row-level.
 
 
-def _full(x, value):
-    return lax.full_like(x, value)
+def _sel(pred, on_true, on_false, dtype=None):
+    """``where`` in lax: ``pred`` and the arrays broadcast (numpy rules) to a common shape;
+    a Python float operand is a constant of the other operand's dtype (or ``dtype``)."""
+    dt = dtype or next(v.dtype for v in (on_true, on_false) if not isinstance(v, float))
+    shape = np.broadcast_shapes(*(np.shape(v) for v in (pred, on_true, on_false)))
+
+    def fit(v):
+        if isinstance(v, float):
+            return lax.full(shape, v, dt)
+        if v.shape == shape:
+            return v
+        return lax.broadcast_in_dim(v, shape, tuple(range(len(shape) - v.ndim, len(shape))))
+
+    return lax.select(fit(pred), fit(on_true), fit(on_false))
 
 
-def _sel(pred, on_true, on_false):
-    """``where`` without the nested jit of ``jnp.where`` (operands broadcast, same dtype)."""
-    shape = jnp.broadcast_shapes(jnp.shape(pred), jnp.shape(on_true), jnp.shape(on_false))
-    return lax.select(*(x if jnp.shape(x) == shape else jnp.broadcast_to(x, shape)
-                        for x in (pred, on_true, on_false)))
+def _k(value, like):
+    """A constant of ``like``'s dtype (lax takes no Python scalars of another precision)."""
+    return np.asarray(value, like.dtype)
+
+
+def _clamp_finite(x):
+    fmax = float(jnp.finfo(x.dtype).max)
+    return lax.clamp(_k(-fmax, x), x, _k(fmax, x))
+
+
+def _col(x):
+    """Row values (...,) as a column (..., 1) that broadcasts against the entries."""
+    return lax.expand_dims(x, (x.ndim,))
+
+
+def _uncol(x):
+    return lax.squeeze(x, (x.ndim - 1,))
 
 
 def _rowmax(x):
@@ -101,8 +127,8 @@ def _maxima(a, b):
     """Both sides' row maxima. Small inputs: one reduction over the two stacked (one kernel
     launch instead of two, the bulk of the time there); large ones: two (no stacked copy)."""
     if a.size <= _STACK_MAX:
-        m = _rowmax(lax.concatenate([a[None], b[None]], 0))
-        return m[0], m[1]
+        m = _rowmax(lax.concatenate([lax.expand_dims(a, (0,)), lax.expand_dims(b, (0,))], 0))
+        return lax.index_in_dim(m, 0, keepdims=False), lax.index_in_dim(m, 1, keepdims=False)
     return _rowmax(a), _rowmax(b)
 
 
@@ -124,19 +150,19 @@ def _frame(ma_raw, mb_raw, temperature):
     +inf, or a row that is -inf everywhere) makes its row nan, as it must be.
     """
     fi = jnp.finfo(ma_raw.dtype)
-    zero = jnp.zeros((), ma_raw.dtype)
-    ma = ma_raw[..., None]
-    mb = mb_raw[..., None]
+    ma = _col(ma_raw)
+    mb = _col(mb_raw)
     # far: maxima more than _FAR apart, or so large that the raw difference could overflow
     # (|ma| <= max eps / 8 and |ma - mb| <= _FAR keep both below max eps / 4: b - a rounds
     # to at most finfo.max, even with an entry at -finfo.max)
-    far = (lax.abs(ma - mb) > _FAR) | (lax.abs(ma) > float(fi.max) * float(fi.eps) / 8)
-    sa = _sel(far, ma, zero)
-    sb = _sel(far, mb, zero)
+    far = lax.bitwise_or(lax.gt(lax.abs(lax.sub(ma, mb)), _k(_FAR, ma)),
+                         lax.gt(lax.abs(ma), _k(float(fi.max) * float(fi.eps) / 8, ma)))
+    sa = _sel(far, ma, 0.0)
+    sb = _sel(far, mb, 0.0)
     yc = _sel(far, mb, ma)
-    y_top = _sel(far, zero, mb - ma)
+    y_top = _sel(far, 0.0, lax.sub(mb, ma))
     if temperature != 1.0:
-        y_top = y_top / temperature
+        y_top = lax.div(y_top, _k(temperature, y_top))
     return ma, sa, sb, yc, y_top
 
 
@@ -147,18 +173,19 @@ def _entries(a, b, temperature, ma, sa, sb, yc):
     exact arithmetic (q's logits in p's frame; -inf off q's support), so that log(p_i e^{d'_i})
     is formed from y without adding a huge log p to a huge d."""
     fmax = float(jnp.finfo(a.dtype).max)
-    lo = jnp.asarray(-fmax, a.dtype)
-    x = a - ma
-    d = lax.max(b - sb, lo) - lax.max(a - sa, lo)
-    y = b - yc
+    lo = _k(-fmax, a)
+    x = lax.sub(a, ma)
+    d = lax.sub(lax.max(lax.sub(b, sb), lo), lax.max(lax.sub(a, sa), lo))
+    y = lax.sub(b, yc)
     if temperature != 1.0:  # after the difference: (b - a) / T keeps the accuracy of b - a
-        x = x / temperature
-        d = d / temperature
-        y = y / temperature
+        t = _k(temperature, a)
+        x = lax.div(x, t)
+        d = lax.div(d, t)
+        y = lax.div(y, t)
     if temperature < 1.0:
         # within the float range (at T >= 1, d is: both maxima within max eps / 4 of 0, or
         # each side centred on its maximum)
-        d = lax.clamp(lo, d, jnp.asarray(fmax, a.dtype))
+        d = lax.clamp(lo, d, _k(fmax, a))
     return x, d, y
 
 
@@ -171,9 +198,7 @@ def _kl_parts(a, b, temperature):
     ``y - base`` (q_i = e^{y_i - base} / zq). No logarithm or exponential of a row value
     before the last pass: on XLA's CPU backend each one would be a kernel launch of its own,
     the bulk of the time at small sizes."""
-    dt = a.dtype
-    fmax = float(jnp.finfo(dt).max)
-    zero = jnp.zeros((), dt)
+    fmax = float(jnp.finfo(a.dtype).max)
     # pass 1: the row maxima (nan propagates)
     ma_raw, mb_raw = _maxima(a, b)
     ma, sa, sb, yc, y_top = _frame(ma_raw, mb_raw, temperature)
@@ -181,7 +206,7 @@ def _kl_parts(a, b, temperature):
     # pass 2: p's normaliser and the p-weighted sum of the log-ratio
     ex = lax.exp(x)
     zx = _rowsum(ex)
-    sxd = _rowsum(ex * d)
+    sxd = _rowsum(lax.mul(ex, d))
     # pass 3, one sum: e^KL = E_p[e^{d'}] = 1 + E_p[phi(d')] + (q's mass off p's support)
     # e^{KL}, d' = d - mu, all terms >= 0, so KL = log1p(sum), the sum formed as zx times it
     # (terms e^{x_i} phi(d'_i), and e^{y_i - mu} where p_i = 0). Where some p_i e^{d'_i} is
@@ -189,24 +214,25 @@ def _kl_parts(a, b, temperature):
     # (delta > 0: no term above e^_HUGE_G), and KL = delta + log(sum / zx) (mu may be ~1e30
     # there: no sum that cancels it). Both as one formula: s = 1 on ordinary rows and 0 on
     # huge ones multiplies the phi part, KL = delta + log1p(sum / zx - (1 - s)).
-    mu = sxd[..., None] / zx[..., None]
+    mu = lax.div(_col(sxd), _col(zx))
     base, delta, s = _route(y_top, mu)
-    dc = lax.clamp(jnp.asarray(-fmax, dt), d - mu, jnp.asarray(fmax, dt))
-    e = lax.exp(y - base)  # zx p_i e^{d'_i}; where p_i = 0, zx times q's mass there
-    exs = ex * s
-    term = _sel(lax.abs(dc) < _SMALL, exs * _phi_series(dc), e - exs * (1 + dc))
+    dc = _clamp_finite(lax.sub(d, mu))
+    e = lax.exp(lax.sub(y, base))  # zx p_i e^{d'_i}; where p_i = 0, zx times q's mass there
+    exs = lax.mul(ex, s)
+    term = _sel(lax.lt(lax.abs(dc), _k(_SMALL, dc)), lax.mul(exs, _phi_series(dc)),
+                lax.sub(e, lax.mul(exs, lax.add(dc, _k(1.0, dc)))))
     # p_i > 0 = q_i (a logit of -inf in q only): the row escapes, KL = +inf
-    escape = (a > -jnp.inf) & (b == -jnp.inf)
-    term = _sel(escape, jnp.asarray(jnp.inf, dt), term)
+    escape = lax.bitwise_and(lax.gt(a, _k(-math.inf, a)), lax.eq(b, _k(-math.inf, b)))
+    term = _sel(escape, math.inf, term)
     # a row whose maximum is not finite (a nan, a +inf, or -inf everywhere: no distribution)
     # is nan already: x = a - ma (or, for q, b - sb with the row far) is nan at its maximum
     total = _rowsum(term)
-    s = s[..., 0]
-    kl = delta[..., 0] + lax.log1p(total / zx - (1 - s))
+    s = _uncol(s)
+    kl = lax.add(_uncol(delta), lax.log1p(lax.sub(lax.div(total, zx), lax.sub(_k(1.0, s), s))))
     # KL >= 0 (a rounding residue below 0 is the exact 0, a nan stays); a value that reached
     # finfo.max went through a clamp: it overflows, as IEEE arithmetic would (the core's rules)
-    kl = _sel(kl >= fmax, jnp.asarray(jnp.inf, dt), lax.max(kl, zero))
-    zq = total + zx * s  # sum of e^{y_i - base}: q's normaliser in that frame
+    kl = _sel(lax.ge(kl, _k(fmax, kl)), math.inf, lax.max(kl, _k(0.0, kl)))
+    zq = lax.add(total, lax.mul(zx, s))  # sum of e^{y_i - base}: q's normaliser in that frame
     return kl, ma_raw, mb_raw, zx, sxd, zq
 
 
@@ -214,9 +240,9 @@ def _route(y_top, mu):
     """Row constants: the frame ``base`` of e^{y - base} (mu; y_top - _HUGE_G where that is
     above mu, so that no term exceeds e^_HUGE_G), ``delta = base - mu`` (0 on ordinary rows,
     > 0 on huge ones) and ``s`` (1 on ordinary rows, 0 on huge ones)."""
-    base = lax.max(mu, y_top - _HUGE_G)
-    delta = base - mu
-    return base, delta, _sel(delta > 0, jnp.zeros((), mu.dtype), jnp.ones((), mu.dtype))
+    base = lax.max(mu, lax.sub(y_top, _k(_HUGE_G, mu)))
+    delta = lax.sub(base, mu)
+    return base, delta, _sel(lax.gt(delta, _k(0.0, mu)), 0.0, 1.0, mu.dtype)
 
 
 def _is_zero(t):
@@ -229,48 +255,46 @@ def _kl_parts_jvp(temperature, primals, tangents):
     a, b = primals
     da, db = tangents
     kl, ma_raw, mb_raw, zx, sxd, zq = out = _kl_parts(a, b, temperature)
-    dt = a.dtype
-    fmax = float(jnp.finfo(dt).max)
-    zero = jnp.zeros((), dt)
     ma, sa, sb, yc, y_top = _frame(ma_raw, mb_raw, temperature)
     x, d, y = _entries(a, b, temperature, ma, sa, sb, yc)
-    zx_, kl_ = zx[..., None], kl[..., None]
-    mu = sxd[..., None] / zx_
+    zx_, kl_ = _col(zx), _col(kl)
+    mu = lax.div(_col(sxd), zx_)
     base, delta, _ = _route(y_top, mu)
-    huge = delta > 0
+    huge = lax.gt(delta, _k(0.0, delta))
     # the value's own expressions (XLA computes them once)
     ex = lax.exp(x)
-    p = ex / zx_  # 0 off p's support
-    dc = lax.clamp(jnp.asarray(-fmax, dt), d - mu, jnp.asarray(fmax, dt))
+    p = lax.div(ex, zx_)  # 0 off p's support
+    dc = _clamp_finite(lax.sub(d, mu))
     # rows with KL = +inf (escapes, overflow): gradient 0, as the core gives
-    inf_row = kl_ == jnp.inf
+    inf_row = lax.eq(kl_, _k(math.inf, kl_))
     inv = 1.0 / temperature
-    zeros_row = jnp.zeros_like(kl)
+    zeros_row = lax.full_like(kl, 0.0)
     dkl = dzx = dsxd = sqdy = zeros_row
     if not _is_zero(da):
         # dKL/da = -p d' / T
-        dx = da * inv
-        exdx = ex * dx
-        dkl = dkl - _rowsum(_sel(inf_row, zero, p * dc) * dx)
+        dx = lax.mul(da, _k(inv, da))
+        exdx = lax.mul(ex, dx)
+        dkl = lax.sub(dkl, _rowsum(lax.mul(_sel(inf_row, 0.0, lax.mul(p, dc)), dx)))
         dzx = _rowsum(exdx)
-        dsxd = _rowsum(exdx * (d - 1))  # d = (b - a) / T up to a constant: the part through a
+        # d = (b - a) / T up to a constant: the part through a
+        dsxd = _rowsum(lax.mul(exdx, lax.sub(d, _k(1.0, d))))
     if not _is_zero(db):
         # dKL/db = (q - p) / T, as p expm1(log q/p) near p = q (no cancellation; not on huge
         # rows, where log q/p = d' - KL is a difference of two ~1e30) and directly elsewhere
-        u = dc - kl_
-        near = lax.abs(u) < _sel(huge, jnp.asarray(-1.0, dt), jnp.asarray(_SMALL, dt))
-        us = _sel(near, u, zero)
-        q = lax.exp(y - base) / zq[..., None]
-        gb = _sel(near, p * lax.expm1(us), q - p)
-        gb = _sel(inf_row, zero, gb)
-        dy = db * inv
-        dkl = dkl + _rowsum(gb * dy)
-        dsxd = dsxd + _rowsum(ex * dy)
-        sqdy = _rowsum(q * dy)
+        u = lax.sub(dc, kl_)
+        near = lax.lt(lax.abs(u), _sel(huge, -1.0, _SMALL, u.dtype))
+        us = _sel(near, u, 0.0)
+        q = lax.div(lax.exp(lax.sub(y, base)), _col(zq))
+        gb = _sel(near, lax.mul(p, lax.expm1(us)), lax.sub(q, p))
+        gb = _sel(inf_row, 0.0, gb)
+        dy = lax.mul(db, _k(inv, db))
+        dkl = lax.add(dkl, _rowsum(lax.mul(gb, dy)))
+        dsxd = lax.add(dsxd, _rowsum(lax.mul(ex, dy)))
+        sqdy = _rowsum(lax.mul(q, dy))
     # mu = sxd / zx; zq = sum e^{y - base} with base = mu (y_top - _HUGE_G, a constant, on huge rows)
-    dmu = (dsxd - mu[..., 0] * dzx) / zx
-    dzq = zq * (sqdy - _sel(huge[..., 0], zeros_row, dmu))
-    zeros = jnp.zeros_like(ma_raw)
+    dmu = lax.div(lax.sub(dsxd, lax.mul(_uncol(mu), dzx)), zx)
+    dzq = lax.mul(zq, lax.sub(sqdy, _sel(_uncol(huge), zeros_row, dmu)))
+    zeros = lax.full_like(ma_raw, 0.0)
     return out, (dkl, zeros, zeros, dzx, dsxd, dzq)
 
 
