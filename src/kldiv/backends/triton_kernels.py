@@ -15,7 +15,13 @@ core's cancellation-free algebra:
 S is p's support (entries above -inf) and q(S) q's mass on it. Each side is centred on its own
 maximum before any exponential, and the log-ratio is formed from the exact difference of the raw
 inputs plus the exact difference of the maxima, so a huge common offset (masking with -1e30 or
-``finfo.min``, logits of 1e30) swallows nothing. Inputs of float16, bfloat16 and float32 are
+``finfo.min``, logits of 1e30) swallows nothing. The gradients' d'_i is taken against another
+reference: the log-ratio minus its value at p's maximum (offset max x - y_r, y_r q's logit
+there, exact), whose mean E_p[d - d_r] sums terms that vanish at p's maximum. Against q's
+maximum the centring cancels where p's maximum holds nearly all the mass (d_top - E_p[d] = a
+sum of the other entries' terms, 1e-6 of either), and where the mass lies far from q's maximum
+(logits [2, -1, 1e37] against [0, -1, -200]: 2 - 1e37 and -1 - 1e37 are one float32 number, and
+the O(1) gradient was lost). Inputs of float16, bfloat16 and float32 are
 read in their own dtype and computed in float32; block sums are accumulated in float64; the
 gradients are written in the input dtype.
 
@@ -42,11 +48,19 @@ float64 from the exact log-ratio, so that a log-ratio that is a constant plus a 
 (q's mass off p's support) keeps the variation.
 
 The generalised Jensen-Shannon divergence (``kind="js"``, 0 < beta < 1) has its own kernel with
-the core's JS algebra on top of the same first passes: log q/p on the common support T from the
-centred series (d' + E_{p|T}[log q/p]), y = log m/p and z = log m/q by log1p/expm1 forms, the
+the core's JS algebra on top of the same first passes: log q/p on the common support T per entry
+by the more accurate of two routes (the C kernel's): from the centred series
+(d' + E_{p|T}[log q/p], exact near convergence) or per side ((y - max y) - (x - max x) + log Zx -
+log Zy, where the first route's constants are huge: p's mass at a log-ratio of -1e37 against q's
+mass elsewhere, which halved the value), y = log m/p and z = log m/q by log1p/expm1 forms, the
 terms p phi(y) as m - p (1 + y) away from 0, and the gradients -beta/T p (y - E_p[y]) (and the
-same for q) with y - E_p[y] taken relative to log beta where q << p: three passes per row
-(statistics and series; the value and the means for the gradients; the gradients).
+same for q) with y - E_p[y] taken relative to log beta where q << p, as
+log1p(((1 - beta) / beta) q/p) - E_p[that] (full relative accuracy near JS's bound), and at p's
+maximum (a single one) as y (1 - p_top) - sum_rest p y with 1 - p_top summed from the other
+entries (where p_top is near 1 the plain difference cancels: 1e-2..6e-2 of the gradient
+on saturated rows, 1e-3 at logits of std 8): three passes per row (statistics and series; the
+value and the means for the gradients, the sums below p's and q's maxima included; the
+gradients).
 Jeffreys runs the KL kernel in both directions, the second accumulating into the gradients.
 
 The op is registered with ``torch.library`` (``kldiv::triton_kl_rows``, with a fake
@@ -226,6 +240,19 @@ if True:
         d = tl.where(both, dd, 0.0)
         return px, py, both, a, ep, eq, d
 
+    def _lrr_fn(x, y, xl, yl, both, Rh, Rl, it):
+        """The exact log-ratio of _entry against another offset pair (Rh + Rl = max x - y_r,
+        y_r q's logit at p's maximum), in float32: 0 at p's maximum (its low parts aside)."""
+        xs = tl.where(both, x, 0.0)
+        ys = tl.where(both, y, 0.0)
+        sv = ys - xs
+        bb = sv - ys
+        er = (ys - (sv - bb)) + (-xs - bb)
+        er = er + tl.where(both, yl - xl, 0.0)
+        dd = ((sv + Rh) + (er + Rl)) * it
+        dd = tl.minimum(tl.maximum(dd, -8.5e37), 8.5e37)
+        return tl.where(both, dd, 0.0)
+
     def _phi64_fn(u):
         # e^u - 1 - u in float64: series to u^17 for |u| < 1/2 (below 1e-19 relative)
         small = tl.abs(u) < 0.5
@@ -322,6 +349,12 @@ if True:
         mys = tl.zeros([1], tl.float32)
         Ch = tl.zeros([1], tl.float32)
         Cl = tl.zeros([1], tl.float32)
+        # the gradients' reference (KL): the log-ratio against q's logit y_r at p's maximum,
+        # Rh + Rl = max x - y_r exactly, and S1r = sum e^a (d - d_r)
+        yr = tl.full([1], ninf, tl.float32)
+        Rh = tl.zeros([1], tl.float32)
+        Rl = tl.zeros([1], tl.float32)
+        S1r = tl.zeros([1], tl.float64)
         lx = tl.full([1], pinf, tl.float32)
         ly = tl.full([1], pinf, tl.float32)
         Zx = tl.zeros([1], tl.float64)
@@ -348,7 +381,8 @@ if True:
         for b0 in range(0, V, BLOCK):
             offs = b0 + base
             x, y, xl, yl = _ld(X, Y, offs, V, x0, y0, xl0, yl0, SINGLE, XP, YP)
-            nmx = tl.maximum(mx, tl.max(x, 0))
+            bmx = tl.max(x, 0)
+            nmx = tl.maximum(mx, bmx)
             nmy = tl.maximum(my, tl.max(y, 0))
             lx = tl.minimum(lx, tl.min(tl.where(x > ninf, x, pinf), 0))
             ly = tl.minimum(ly, tl.min(tl.where(y > ninf, y, pinf), 0))
@@ -364,6 +398,21 @@ if True:
             fy = tl.exp(tl.minimum((mys.to(tl.float64) - nmys.to(tl.float64)) * it64, 0.0))
             shift = ((nCh.to(tl.float64) - Ch.to(tl.float64))
                      + (nCl.to(tl.float64) - Cl.to(tl.float64))) * it64
+            if JSM == 0:
+                # a block that raises p's maximum brings the new reference y_r (the largest
+                # y among its entries at that maximum; q's maximum stands in where y_r is not
+                # finite: p_i > 0 = q_i, the row is +inf with zero gradients)
+                ybr = tl.max(tl.where(x == nmx, y, ninf), 0)
+                yr = tl.where(bmx > mx, ybr, yr)
+                yrs = tl.where((yr > ninf) & (yr < pinf), yr, nmys)
+                nRh = nmxs - yrs
+                Rb = nRh - nmxs
+                nRl = (nmxs - (nRh - Rb)) + (-yrs - Rb)
+                rshift = ((nRh.to(tl.float64) - Rh.to(tl.float64))
+                          + (nRl.to(tl.float64) - Rl.to(tl.float64))) * it64
+                S1r = (S1r + rshift * ZpS) * fx
+                Rh = nRh
+                Rl = nRl
             S1 = (S1 + shift * ZpS) * fx
             m = m + shift  # e^-m B: B scales with q's side, e^-shift fy = fx
             As = As * fx
@@ -396,10 +445,14 @@ if True:
                 bZx = tl.sum(ep64, 0)
                 bS1 = tl.sum(ep64 * _d64(x, y, xl, yl, both, Ch, Cl, it), 0)
                 bZpS = tl.sum(tl.where(both, ep64, 0.0), 0)
+                if JSM == 0:
+                    S1r += tl.sum(ep64 * _d64(x, y, xl, yl, both, Rh, Rl, it), 0)
             else:
                 bZx = tl.sum(ep, 0).to(tl.float64)
                 bS1 = tl.sum(ep * d, 0).to(tl.float64)
                 bZpS = tl.sum(tl.where(both, ep, 0.0), 0).to(tl.float64)
+                if JSM == 0:
+                    S1r += tl.sum(ep * _lrr(x, y, xl, yl, both, Rh, Rl, it), 0).to(tl.float64)
             # the running mean with this block (rounded to float32: the base the terms use)
             if JSM:
                 Zn = ZpS + bZpS
@@ -470,7 +523,8 @@ if True:
         risky = rmax > 0  # an underflowed p_i against a huge log-ratio
         # e^-m overflows only where KL is beyond ~700: those rows take the direct formula
         A = (As - Lin) + tl.where(B > 0.0, tl.exp(tl.minimum(-m, 700.0)) * B, 0.0)
-        return bad, escaped, mxs, mys, Ch, Cl, Zx, Zy, S1, ZqS, Zqo, ZpS, Zpo, A, m, risky
+        return (bad, escaped, mxs, mys, Ch, Cl, Zx, Zy, S1, ZqS, Zqo, ZpS, Zpo, A, m, risky, Rh,
+                Rl, S1r)
 
     def _kl_rows_kernel_fn(X, Y, S, ROWS, PREV, GX, GY, V, sx, sy, sgx, sgy, inv_t,
                            WANT_X: tl.constexpr, WANT_Y: tl.constexpr, ACC: tl.constexpr,
@@ -484,18 +538,23 @@ if True:
         s = tl.load(S + r).to(tl.float64)
         # pass 1: statistics and the series
         st = _stats(X, Y, V, it, x0, y0, xl0, yl0, BLOCK, SINGLE, XP, YP, False)
-        bad, escaped, mx, my, Ch, Cl, Zx, Zy, S1, ZqS, Zqo, ZpS, Zpo, A, mb, risky = st
+        bad, escaped, mx, my, Ch, Cl, Zx, Zy, S1, ZqS, Zqo, ZpS, Zpo, A, mb, risky, Rh, Rl, S1r = st
         base = tl.arange(0, BLOCK)
         Zx = tl.where(bad, 1.0, Zx)
         Zy = tl.where(bad, 1.0, Zy)
         S1 = tl.where(bad, 0.0, S1)
         ZqS = tl.where(bad, 1.0, ZqS)
         mu = S1 / Zx
+        # the gradients' centred log-ratio d - E_p[d] is taken against the reference at p's
+        # maximum (d_r = 0 there): E_p[d - d_r] = S1r / Zx has no cancellation where p's
+        # maximum holds nearly all the mass, nor where max x - max y is huge against the
+        # log-ratio's variation (see the module docstring)
+        mur = tl.where(bad, 0.0, S1r) / Zx
         qo = Zqo / Zy
         log_qS = _log_mass(qo, ZqS, Zy)
         lc = -tl.log(Zx) - mu  # KL beyond ~57: the direct formula (no cancellation there)
         huge = lc > 57.0
-        muT = mb.to(tl.float32)  # the series' base: mu rounded to float32
+        murT = mur.to(tl.float32)
         bad = bad | risky
         acc = tl.where(bad | huge, 0.0, A / Zx)
         a1 = acc
@@ -533,7 +592,7 @@ if True:
                 inb = offs < V
                 x, y, xl, yl = _ld(X, Y, offs, V, x0, y0, xl0, yl0, SINGLE, XP, YP)
                 px, py, both, a, ep, eq, d = _entry(x, y, xl, yl, mx, my, Ch, Cl, it)
-                dc = d - muT
+                dc = _lrr(x, y, xl, yl, both, Rh, Rl, it) - murT
                 small = tl.abs(dc) < 0.5
                 ser = _phi_series(tl.where(small, dc, 0.0))
                 pg = ep * ipg
@@ -543,7 +602,7 @@ if True:
                         # (q_i / r_i) (1 - p_i / q_i) / T, p_i / q_i = e^(KL - (d_i - E_p[d]))
                         # (expm1 in float64: no cancellation near convergence); 0 where r_i = 0
                         ry = _prob_factor(y, yl, py, my, it, sy64)
-                        u = tl.minimum(kl - (_d64(x, y, xl, yl, both, Ch, Cl, it) - mu), 700.0)
+                        u = tl.minimum(kl - (_d64(x, y, xl, yl, both, Rh, Rl, it) - mur), 700.0)
                         h = tl.where(both, -_expm1_64(u), tl.where(py, 1.0, 0.0))
                         gy = (ry * h).to(tl.float32)
                     else:
@@ -559,7 +618,7 @@ if True:
                         # with respect to p's probabilities r: -p_i (d_i - E_p[d]) / (T r_i),
                         # p_i / r_i = r_i^(1/T - 1) / sum_j r_j^(1/T) (no division by r_i)
                         rx = _prob_factor(x, xl, px, mx, it, sx64)
-                        dm = _d64(x, y, xl, yl, both, Ch, Cl, it) - mu
+                        dm = _d64(x, y, xl, yl, both, Rh, Rl, it) - mur
                         gx = tl.where(both, -rx * dm, 0.0).to(tl.float32)
                     else:
                         gx = tl.where(both, -pg * dc, 0.0)
@@ -609,15 +668,34 @@ if True:
         reg = lr <= -1.0
         return tl.where(reg, _log1p(ry * tl.exp(tl.where(reg, lr, 0.0))), yv - tl.log(c))
 
-    def _js_lr_fn(x, y, xl, yl, both, d, Ch, Cl, it, mu, muT, mean_d, XP: tl.constexpr,
-                  YP: tl.constexpr):
-        # log q/p on the common support: (d - E_{p on T}[d]) + E_{p on T}[log q/p]; in float64
+    def _js_lr_fn(x, y, xl, yl, both, d, a, mx, my, Ch, Cl, it, mu, muT, mean_d, lZx, lZy,
+                  amu, XP: tl.constexpr, YP: tl.constexpr):
+        # log q/p on the common support by the more accurate of two routes (the C kernel's and
+        # the core's): centred, (d - E_{p on T}[d]) + E_{p on T}[log q/p], exact near
+        # convergence; or per side, (b - a) + (log Zx - log Zy) with each side against its own
+        # maximum, where the first one's constants are huge (p's mass at a log-ratio of -3e38,
+        # clamped, drags E[d] and the centred value of every other entry to noise). In float64
         # from the exact log-ratio when a side holds probabilities (mean_d is float64 then)
         if XP or YP:
-            lr = tl.where(both, (_d64(x, y, xl, yl, both, Ch, Cl, it) - mu) + mean_d, 0.0)
+            it64 = it.to(tl.float64)
+            d64 = _d64(x, y, xl, yl, both, Ch, Cl, it)
+            lc = (d64 - mu) + mean_d
+            xs = tl.where(both, x, mx).to(tl.float64)
+            ys = tl.where(both, y, my).to(tl.float64)
+            a64 = ((xs - mx.to(tl.float64)) + tl.where(both, xl, 0.0)) * it64
+            b64 = ((ys - my.to(tl.float64)) + tl.where(both, yl, 0.0)) * it64
+            ls = (b64 - a64) + (lZx - lZy)
+            cen = (tl.abs(a64 - lZx) + tl.abs(b64 - lZy)) < (tl.abs(d64) + amu)
+            lr = tl.where(cen, ls, lc)
         else:
-            lr = tl.where(both, (d - muT) + mean_d, 0.0)
-        return lr
+            lc = (d - muT) + mean_d
+            ac = tl.maximum(tl.where(both, a, 0.0), -1e38)
+            bc = tl.maximum(tl.where(both, (y - my) * it, 0.0), -1e38)
+            ls = (bc - ac) + (lZx - lZy)
+            cen = (tl.abs(ac - lZx) + tl.abs(bc - lZy)) < (tl.abs(d) + amu)
+            lr = tl.where(cen, ls, lc)
+        lr = tl.minimum(tl.maximum(lr, -8.5e37), 8.5e37)
+        return tl.where(both, lr, 0.0)
 
     def _js_rows_kernel_fn(X, Y, S, ROWS, GX, GY, V, sx, sy, sgx, sgy, inv_t, beta,
                            WANT_X: tl.constexpr, WANT_Y: tl.constexpr, BLOCK: tl.constexpr,
@@ -632,7 +710,7 @@ if True:
         s = tl.load(S + r).to(tl.float64)
         # pass 1: statistics and the series (the mean over p restricted to T)
         st = _stats(X, Y, V, it, x0, y0, xl0, yl0, BLOCK, SINGLE, XP, YP, True)
-        bad, escaped, mx, my, Ch, Cl, Zx, Zy, S1, ZqS, Zqo, ZpS, Zpo, A, mb, _ = st
+        bad, escaped, mx, my, Ch, Cl, Zx, Zy, S1, ZqS, Zqo, ZpS, Zpo, A, mb, _, _, _, _ = st
         base = tl.arange(0, BLOCK)
         Zx = tl.where(bad, 1.0, Zx)
         Zy = tl.where(bad, 1.0, Zy)
@@ -670,6 +748,15 @@ if True:
         else:
             ip = (1.0 / Zx).to(tl.float32)
             iq = (1.0 / Zy).to(tl.float32)
+        # the per-side route's constants (see _js_lr)
+        if XP or YP:
+            lZx = tl.log(Zx)
+            lZy = tl.log(Zy)
+            amu = tl.abs(mu) + tl.abs(mean_d)
+        else:
+            lZx = tl.log(Zx).to(tl.float32)
+            lZy = tl.log(Zy).to(tl.float32)
+            amu = (tl.abs(mu) + tl.abs(mean_d)).to(tl.float32)
         cb = 1.0 - bq
         tp_s = tl.zeros([1], tl.float64)
         tq_s = tl.zeros([1], tl.float64)
@@ -679,11 +766,26 @@ if True:
         ezh_s = tl.zeros([1], tl.float64)
         ry = cb / bq  # log m/p = log beta + log1p(ry q/p)
         rz = bq / cb  # log m/q = log(1 - beta) + log1p(rz p/q)
+        lbq = tl.log(bq)
+        l1bq = tl.log(cb)
+        # p's maximum: the number of entries there, and below it the mass and the sums of p y,
+        # p (y - log beta) (likewise for q). At a single maximum, y - E_p[y] is taken as
+        # y (1 - p_top) - sum_rest p y with 1 - p_top from the rest's own sum: where p_top is
+        # near 1 the plain difference cancels (far rows: 1e-3 of the gradient at std-8 logits)
+        ntx = tl.zeros([1], tl.int32)
+        nty = tl.zeros([1], tl.int32)
+        rp_s = tl.zeros([1], tl.float64)
+        rq_s = tl.zeros([1], tl.float64)
+        rpy_s = tl.zeros([1], tl.float64)
+        rqz_s = tl.zeros([1], tl.float64)
+        rph_s = tl.zeros([1], tl.float64)
+        rqh_s = tl.zeros([1], tl.float64)
         for b0 in range(0, V, BLOCK):
             offs = b0 + base
             x, y, xl, yl = _ld(X, Y, offs, V, x0, y0, xl0, yl0, SINGLE, XP, YP)
             px, py, both, a, ep, eq, d = _entry(x, y, xl, yl, mx, my, Ch, Cl, it)
-            lr = _js_lr(x, y, xl, yl, both, d, Ch, Cl, it, mu, muT, mean_d, XP, YP)  # log q/p
+            lr = _js_lr(x, y, xl, yl, both, d, a, mx, my, Ch, Cl, it, mu, muT, mean_d, lZx, lZy,
+                        amu, XP, YP)  # log q/p
             p = ep * ip
             q = eq * iq
             m = bq * p + cb * q
@@ -702,6 +804,20 @@ if True:
             zh = _y_hat(zv, -lr, rz, cb)
             eyh_s += tl.sum(tl.where(both, p * yh, 0.0), 0).to(tl.float64)
             ezh_s += tl.sum(tl.where(both, q * zh, 0.0), 0).to(tl.float64)
+            if WANT_X:
+                xt = px & (x == mx)
+                xr = px & (xt == 0)
+                ntx += tl.sum(xt.to(tl.int32), 0)
+                rp_s += tl.sum(tl.where(xr, p, 0.0), 0).to(tl.float64)
+                rpy_s += tl.sum(tl.where(xr, p * tl.where(both, yv, lbq), 0.0), 0).to(tl.float64)
+                rph_s += tl.sum(tl.where(xr & both, p * yh, 0.0), 0).to(tl.float64)
+            if WANT_Y:
+                yt = py & (y == my)
+                yr_ = py & (yt == 0)
+                nty += tl.sum(yt.to(tl.int32), 0)
+                rq_s += tl.sum(tl.where(yr_, q, 0.0), 0).to(tl.float64)
+                rqz_s += tl.sum(tl.where(yr_, q * tl.where(both, zv, l1bq), 0.0), 0).to(tl.float64)
+                rqh_s += tl.sum(tl.where(yr_ & both, q * zh, 0.0), 0).to(tl.float64)
         lb = tl.log(b64)
         l1b = tl.log(1.0 - b64)
         js = b64 * tp_s + (1.0 - b64) * tq_s - b64 * lb * pout - (1.0 - b64) * l1b * qout
@@ -718,11 +834,23 @@ if True:
                 Ez = ez_s + qout * l1b
                 EyH = eyh_s
                 EzH = ezh_s
+                Rp = rp_s
+                Rq = rq_s
+                RPy = rpy_s
+                RQz = rqz_s
+                RPh = rph_s
+                RQh = rqh_s
             else:
                 Ey = (ey_s + pout * lb).to(tl.float32)
                 Ez = (ez_s + qout * l1b).to(tl.float32)
                 EyH = eyh_s.to(tl.float32)
                 EzH = ezh_s.to(tl.float32)
+                Rp = rp_s.to(tl.float32)
+                Rq = rq_s.to(tl.float32)
+                RPy = rpy_s.to(tl.float32)
+                RQz = rqz_s.to(tl.float32)
+                RPh = rph_s.to(tl.float32)
+                RQh = rqh_s.to(tl.float32)
             gpx64 = s * b64 * it.to(tl.float64)
             gpy64 = s * (1.0 - b64) * it.to(tl.float64)
             gpx = gpx64.to(tl.float32)
@@ -735,12 +863,19 @@ if True:
                 inb = offs < V
                 x, y, xl, yl = _ld(X, Y, offs, V, x0, y0, xl0, yl0, SINGLE, XP, YP)
                 px, py, both, a, ep, eq, d = _entry(x, y, xl, yl, mx, my, Ch, Cl, it)
-                lr = _js_lr(x, y, xl, yl, both, d, Ch, Cl, it, mu, muT, mean_d, XP, YP)
+                lr = _js_lr(x, y, xl, yl, both, d, a, mx, my, Ch, Cl, it, mu, muT, mean_d, lZx,
+                            lZy, amu, XP, YP)
                 if WANT_X:
                     p = ep * ip
                     yv = _log_mix(cb, lr)
-                    yc = tl.where(lr <= -1.0, _y_hat(yv, lr, ry, bq) - EyH, yv - Ey)
+                    yh = _y_hat(yv, lr, ry, bq)
+                    hf = lr <= -1.0
+                    yc = tl.where(hf, yh - EyH, yv - Ey)
                     yc = tl.where(both, yc, -EyH)  # p_i > 0 = q_i: y = log beta
+                    # at p's maximum (a single one): y (1 - p_top) - sum_rest p y
+                    ycm = tl.where(hf, yh * Rp - RPh, yv * Rp - RPy)
+                    ycm = tl.where(both, ycm, -RPh)
+                    yc = tl.where((x == mx) & (ntx == 1), ycm, yc)
                     if XP:  # with respect to the probabilities: p_i / r_i in place of p_i
                         fx = _prob_factor(x, xl, px, mx, it, gpx64 / Zx)
                         gx = (-fx * yc.to(tl.float64)).to(tl.float32)
@@ -752,8 +887,13 @@ if True:
                 if WANT_Y:
                     q = eq * iq
                     zv = _log_mix(bq, -lr)
-                    zc = tl.where(lr >= 1.0, _y_hat(zv, -lr, rz, cb) - EzH, zv - Ez)
+                    zh = _y_hat(zv, -lr, rz, cb)
+                    hf = lr >= 1.0
+                    zc = tl.where(hf, zh - EzH, zv - Ez)
                     zc = tl.where(both, zc, -EzH)
+                    zcm = tl.where(hf, zh * Rq - RQh, zv * Rq - RQz)
+                    zcm = tl.where(both, zcm, -RQh)
+                    zc = tl.where((y == my) & (nty == 1), zcm, zc)
                     if YP:
                         fy = _prob_factor(y, yl, py, my, it, gpy64 / Zy)
                         gy = (-fy * zc.to(tl.float64)).to(tl.float32)
@@ -771,7 +911,7 @@ def _build():
     """Decorate the kernel functions with triton.jit (again if TRITON_INTERPRET changed)."""
     global _BUILT, _phi_series, _entry, _stats, _kl_rows_kernel, _expm1, _log1p, _log_mix
     global _js_rows_kernel, _y_hat, _ld, _ld0, _ld1, _phi64, _log_mass, _expm1_64, _prob_factor
-    global _d64, _js_lr
+    global _d64, _js_lr, _lrr
     mode = _interpret()
     if _BUILT is not mode:
         _phi_series = triton.jit(_phi_series_fn)
@@ -788,6 +928,7 @@ def _build():
         _expm1_64 = triton.jit(_expm1_64_fn)
         _prob_factor = triton.jit(_prob_factor_fn)
         _d64 = triton.jit(_d64_fn)
+        _lrr = triton.jit(_lrr_fn)
         _js_lr = triton.jit(_js_lr_fn)
         _stats = triton.jit(_stats_fn)
         _js_rows_kernel = triton.jit(_js_rows_kernel_fn)
