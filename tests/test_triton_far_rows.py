@@ -199,3 +199,32 @@ def test_huge_kl_rows_long(kind):
         for g, r in ((gx[i:i + 1], rx[None]), (gy[i:i + 1], ry[None])):
             ok, worst = _grad_ok(g, r)
             assert ok, (i, worst)
+
+
+def test_huge_kl_rows_probabilities_against_logits():
+    # a probability side (its float64 log-ratio) against logits of 1e37 / 30 on the other:
+    # the gradient with respect to the side that holds all its mass at one entry is 0 (it was
+    # the rounding of that entry's log-ratio, ~1e-7), the other side's exact
+    gen = torch.Generator().manual_seed(15)
+    a = torch.randn(2, 37, generator=gen)
+    b = torch.randn(2, 37, generator=gen)
+    a[:, :3] = torch.tensor([[2.0, -1.0, 1e37], [2.0, -1.0, 30.0]])
+    b[:, :3] = torch.tensor([0.0, -1.0, -20.0])
+    P = torch.softmax(b.double(), -1).float()
+    for x, y, xs, ys in ((a, P, "logits", "probs"), (P, a, "probs", "logits")):
+        xa = x.clone().requires_grad_(True)
+        ya = y.clone().requires_grad_(True)
+        rows = tk.kl_rows(xa, ya, torch.ones(2, dtype=torch.float64), 1.0, "forward", 0.5, xs,
+                          ys)
+        rows.sum().backward()
+        for i in range(2):
+            lx = x[i].double().log() if xs == "probs" else x[i].double()
+            ly = y[i].double().log() if ys == "probs" else y[i].double()
+            v, rx, ry = _mp_row("forward", lx.tolist(), ly.tolist())
+            # with respect to normalised probabilities r: the gradient in log r over r
+            rx = rx / x[i].double() if xs == "probs" else rx
+            ry = ry / y[i].double() if ys == "probs" else ry
+            assert abs(rows[i].item() - v.item()) <= 1e-6 * abs(v.item()), (i, rows[i], v)
+            for g, r in ((xa.grad[i:i + 1], rx[None]), (ya.grad[i:i + 1], ry[None])):
+                ok, worst = _grad_ok(g, r)
+                assert ok, (xs, i, worst)

@@ -592,7 +592,13 @@ if True:
                 inb = offs < V
                 x, y, xl, yl = _ld(X, Y, offs, V, x0, y0, xl0, yl0, SINGLE, XP, YP)
                 px, py, both, a, ep, eq, d = _entry(x, y, xl, yl, mx, my, Ch, Cl, it)
-                dc = _lrr(x, y, xl, yl, both, Rh, Rl, it) - murT
+                if XP or YP:
+                    # in float64, as its mean (at a side that holds all the mass the two agree
+                    # exactly: its gradient is 0, not the rounding of a log-ratio)
+                    dm = _d64(x, y, xl, yl, both, Rh, Rl, it) - mur
+                    dc = dm.to(tl.float32)
+                else:
+                    dc = _lrr(x, y, xl, yl, both, Rh, Rl, it) - murT
                 small = tl.abs(dc) < 0.5
                 ser = _phi_series(tl.where(small, dc, 0.0))
                 pg = ep * ipg
@@ -602,7 +608,7 @@ if True:
                         # (q_i / r_i) (1 - p_i / q_i) / T, p_i / q_i = e^(KL - (d_i - E_p[d]))
                         # (expm1 in float64: no cancellation near convergence); 0 where r_i = 0
                         ry = _prob_factor(y, yl, py, my, it, sy64)
-                        u = tl.minimum(kl - (_d64(x, y, xl, yl, both, Rh, Rl, it) - mur), 700.0)
+                        u = tl.minimum(kl - dm, 700.0)
                         h = tl.where(both, -_expm1_64(u), tl.where(py, 1.0, 0.0))
                         gy = (ry * h).to(tl.float32)
                     else:
@@ -618,7 +624,6 @@ if True:
                         # with respect to p's probabilities r: -p_i (d_i - E_p[d]) / (T r_i),
                         # p_i / r_i = r_i^(1/T - 1) / sum_j r_j^(1/T) (no division by r_i)
                         rx = _prob_factor(x, xl, px, mx, it, sx64)
-                        dm = _d64(x, y, xl, yl, both, Rh, Rl, it) - mur
                         gx = tl.where(both, -rx * dm, 0.0).to(tl.float32)
                     else:
                         gx = tl.where(both, -pg * dc, 0.0)
