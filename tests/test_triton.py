@@ -738,6 +738,8 @@ js = dict(common, X="*fp32", Y="*fp16", GX="*fp32", GY="*fp16", beta="fp32")
 variants = {
     # KL: both sides probabilities with their gradients, accumulating (Jeffreys' second half)
     "kl": (tk._kl_rows_kernel, kl, dict(const, ACC=True, XP=True, YP=True)),
+    # and logits (the float32 algebra: the gradients' reference at p's maximum)
+    "kl_logits": (tk._kl_rows_kernel, kl, dict(const, ACC=False, XP=False, YP=False)),
     # JS: logits (the float32 algebra) and probabilities (the float64 one) on both sides (the
     # latter with q's gradient only: p's is the same code, and compiling it too costs ~25 s)
     "js": (tk._js_rows_kernel, js, dict(const, XP=False, YP=False)),
@@ -764,7 +766,7 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     procs = [subprocess.Popen([sys.executable, "-c", _COMPILE] + names, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for names in (["kl", "js"], ["js_probs"])]
+             for names in (["kl", "kl_logits", "js"], ["js_probs"])]
     for pr in procs:
         out, err = pr.communicate(timeout=600)
         if pr.returncode and "ptxas" in err and "not found" in err.lower():
