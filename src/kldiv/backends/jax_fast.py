@@ -160,7 +160,7 @@ def _frame(ma_raw, mb_raw, temperature):
     sa = _sel(far, ma, 0.0)
     sb = _sel(far, mb, 0.0)
     yc = _sel(far, mb, ma)
-    y_top = _sel(far, 0.0, lax.sub(mb, ma))
+    y_top = lax.sub(mb, yc)  # mb - ma, or 0 where far (nan on rows that are nan anyway)
     if temperature != 1.0:
         y_top = lax.div(y_top, _k(temperature, y_top))
     return ma, sa, sb, yc, y_top
@@ -272,7 +272,7 @@ def _kl_parts_jvp(temperature, primals, tangents):
     dkl = dzx = dsxd = sqdy = zeros_row
     if not _is_zero(da):
         # dKL/da = -p d' / T
-        dx = lax.mul(da, _k(inv, da))
+        dx = da if temperature == 1.0 else lax.mul(da, _k(inv, da))
         exdx = lax.mul(ex, dx)
         dkl = lax.sub(dkl, _rowsum(lax.mul(_sel(inf_row, 0.0, lax.mul(p, dc)), dx)))
         dzx = _rowsum(exdx)
@@ -287,7 +287,7 @@ def _kl_parts_jvp(temperature, primals, tangents):
         q = lax.div(lax.exp(lax.sub(y, base)), _col(zq))
         gb = _sel(near, lax.mul(p, lax.expm1(us)), lax.sub(q, p))
         gb = _sel(inf_row, 0.0, gb)
-        dy = lax.mul(db, _k(inv, db))
+        dy = db if temperature == 1.0 else lax.mul(db, _k(inv, db))
         dkl = lax.add(dkl, _rowsum(lax.mul(gb, dy)))
         dsxd = lax.add(dsxd, _rowsum(lax.mul(ex, dy)))
         sqdy = _rowsum(lax.mul(q, dy))
