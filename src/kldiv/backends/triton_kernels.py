@@ -338,7 +338,10 @@ if True:
         maximum that jumps by 1e30 loses none of q's mass). Near convergence delta is tiny.
         With one block (rows up to the block size) m is the final mean from the start and this
         is the multi-pass algorithm. JSM: the mean is over
-        p restricted to the common support (JS), else over p (KL)."""
+        p restricted to the common support (JS), else over p (KL); KL also sums
+        S1r = sum e^a (d - d_r), the log-ratio against its value at p's maximum (offset
+        Rh + Rl = max x - y_r, exact; moved like S1 when a block raises p's maximum), for the
+        gradients' centring."""
         base = tl.arange(0, BLOCK)
         ninf = float("-inf")
         pinf = float("inf")
