@@ -419,17 +419,20 @@ static int div_row(const double *x, const double *y, Py_ssize_t n, const side_t 
             const double *ov = rev ? x : y;
             const int om = rev ? sp->mode : sq->mode;
             const double oc = rev ? mp : mq;
-            double top = -INFINITY;
+            /* the maximum of the raw values on S first, then each exponent as one product
+             * (x_j - x_top) / T: a difference of two rounded products (x_j - c) / T - top would
+             * be contracted into an FMA that leaves the product's rounding error (up to ~1e4
+             * for logits 1e20 apart at T = 1.5), and exp of that is 0 or +inf (audit finding 1) */
+            double rtop = -INFINITY;
             for (Py_ssize_t j = 0; j < n; j++) {
                 if (del[j] != del[j]) continue;
-                double lb = om == M_PROBS ? log(ov[j]) : (ov[j] - oc) * iT;
-                top = lb > top ? lb : top;
+                rtop = ov[j] > rtop ? ov[j] : rtop;
             }
+            const double top = om == M_PROBS ? log(rtop) : (rtop - oc) * iT;
             double z = 0;
             for (Py_ssize_t j = 0; j < n; j++) {
                 if (del[j] != del[j]) continue;
-                double lb = om == M_PROBS ? log(ov[j]) : (ov[j] - oc) * iT;
-                z += exp(lb - top);
+                z += om == M_PROBS ? ov[j] / rtop : exp((ov[j] - rtop) * iT);
             }
             const double lse = top + log(z);
             if (!isfinite(L)) L = lse - log(W) - mu;
