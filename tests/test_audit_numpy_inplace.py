@@ -116,3 +116,126 @@ def test_audit_repro_values(dtype):
     assert float(got[0]) == pytest.approx(want, rel=1e-6)
     got = kldiv.reverse_kl(q, p, p_space="logits", q_space="logits", temperature=T)
     assert float(got[0]) == pytest.approx(want, rel=1e-6)
+
+
+# ------------------------------------------------------------------ finding 4: kl_div_inplace
+
+torch = pytest.importorskip("torch")
+from kldiv.torch import kl_div_inplace  # noqa: E402
+
+KINDS_T = {"forward": kldiv.kl_div, "reverse": kldiv.reverse_kl, "js": kldiv.js_div,
+           "jeffreys": kldiv.jeffreys_div}
+
+
+def _core_error(fn, *a, **kw):
+    with pytest.raises((ValueError, TypeError)) as exc:
+        fn(*a, **kw)
+    return exc.type, str(exc.value)
+
+
+def _inplace_error(*a, **kw):
+    with pytest.raises((ValueError, TypeError)) as exc:
+        kl_div_inplace(*a, **kw)
+    return exc.type, str(exc.value)
+
+
+def _as_inplace(msg):
+    """The core's message for its argument q, for kl_div_inplace's q_logits."""
+    return msg.replace("q: ", "q_logits: ", 1) if msg.startswith("q: ") else msg
+
+
+@pytest.mark.parametrize("w", [[1.0, -1.0, 1.0], [1.0, float("nan"), 1.0], [1.0, float("inf"), 1.0],
+                               [-0.5, 1.0, 1.0]])
+def test_bad_weight_raises_the_core_error(w):
+    torch.manual_seed(0)
+    p, q = torch.randn(3, 5), torch.randn(3, 5)
+    want = _core_error(kldiv.kl_div, p, q, p_space="logits", q_space="logits",
+                       weight=torch.tensor(w), reduction="mean")
+    q2 = q.clone()
+    assert _inplace_error(p, q2, weight=torch.tensor(w)) == want
+    assert torch.equal(q2, q)  # refused before the overwrite
+    # an integer weight: the core's TypeError too
+    want = _core_error(kldiv.kl_div, p, q, p_space="logits", q_space="logits",
+                       weight=torch.tensor([1, 2, 3]))
+    assert _inplace_error(p, q.clone(), weight=torch.tensor([1, 2, 3])) == want
+
+
+def _bad_rows(dtype):
+    torch.manual_seed(1)
+    good = torch.randn(4, 6, dtype=dtype)
+    cases = []
+    for what in ("nan", "+inf", "empty"):
+        bad = good.clone()
+        if what == "nan":
+            bad[1, 2] = float("nan")
+            bad[3, 0] = float("nan")
+        elif what == "+inf":
+            bad[2, 5] = float("inf")
+        else:
+            bad[0] = float("-inf")
+        cases.append(bad)
+    return good, cases
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("kind", list(KINDS_T))
+def test_bad_rows_raise_the_core_error(dtype, kind):
+    good, cases = _bad_rows(dtype)
+    fn = KINDS_T[kind]
+    for bad in cases:
+        for p, q, side in ((bad, good, "p"), (good, bad, "q")):
+            want_t, want = _core_error(fn, p, q, p_space="logits", q_space="logits")
+            q2 = q.clone()
+            got_t, got = _inplace_error(p, q2, kind=kind)
+            assert got_t is want_t and got == _as_inplace(want), (side, got, want)
+            assert torch.equal(torch.isnan(q2), torch.isnan(q))  # not overwritten
+            # masked rows may hold anything (as in kldiv.kl_div)
+            rows_ok = ~(torch.isnan(bad).any(-1) | torch.isinf(bad).any(-1))
+            v = kl_div_inplace(p, q.clone(), kind=kind, mask=rows_ok, reduction="sum")
+            ref = fn(p.double(), q.double(), p_space="logits", q_space="logits", mask=rows_ok,
+                     reduction="sum")
+            assert float(v) == pytest.approx(float(ref), rel=2e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+def test_log_probs_not_normalised_raises_the_core_error():
+    torch.manual_seed(2)
+    p, q = torch.randn(3, 7), torch.randn(3, 7)
+    want = _core_error(kldiv.kl_div, p, q, p_space="log_probs", q_space="logits")
+    assert _inplace_error(p, q.clone(), p_space="log_probs") == want
+    want = _core_error(kldiv.kl_div, p, q, p_space="logits", q_space="log_probs")
+    assert _inplace_error(p, q.clone(), q_space="log_probs") == (want[0], _as_inplace(want[1]))
+    # normalised ones pass and give the core's value
+    lp, lq = torch.log_softmax(p, -1), torch.log_softmax(q, -1)
+    v = kl_div_inplace(lp, lq.clone(), p_space="log_probs", q_space="log_probs")
+    ref = kldiv.kl_div(lp.double(), lq.double(), p_space="log_probs", q_space="log_probs",
+                       reduction="mean")
+    assert float(v) == pytest.approx(float(ref), rel=1e-5)
+
+
+@pytest.mark.parametrize("beta", ["0.5", 0.0, 1.0, float("nan"), True])
+def test_beta_checked_like_js_div(beta):
+    torch.manual_seed(3)
+    p, q = torch.randn(2, 4), torch.randn(2, 4)
+    want = _core_error(kldiv.js_div, p, q, p_space="logits", q_space="logits", beta=beta)
+    assert _inplace_error(p, q.clone(), kind="js", beta=beta) == want
+
+
+@pytest.mark.parametrize("kind", list(KINDS_T))
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_validate_false_lets_nan_show(kind, reduction):
+    good, cases = _bad_rows(torch.float32)
+    nan_rows = cases[0]
+    for p, q in ((nan_rows, good), (good, nan_rows)):
+        v = kl_div_inplace(p, q.clone(), kind=kind, reduction=reduction, validate=False)
+        assert torch.isnan(v), (kind, reduction)
+        with kldiv.validation(False):
+            assert torch.isnan(kl_div_inplace(p, q.clone(), kind=kind, reduction=reduction))
+    # validate=True wins over a global "off"
+    with kldiv.validation(False):
+        with pytest.raises(ValueError, match="contains nan"):
+            kl_div_inplace(nan_rows, good.clone(), kind=kind, validate=True)
+
+
+def test_docstring_states_validation_and_gradient_dtype():
+    doc = kl_div_inplace.__doc__
+    assert "validate" in doc and "own dtype" in doc and "float16" in doc

@@ -308,8 +308,10 @@ def test_nan_row_gives_nan(kind, impl):
     v = fn(a, b, reduction="sum", mask=mask, validate=False, **L)
     torch.testing.assert_close(v.double(), want.sum(), rtol=1e-12, atol=0)
     s = b.clone().requires_grad_(True) * 1
-    v = kl_div_inplace(a, s, kind=kind, reduction="sum")
+    v = kl_div_inplace(a, s, kind=kind, reduction="sum", validate=False)
     assert math.isnan(float(v.detach()))
+    with pytest.raises(ValueError, match="p: contains nan at row 0"):  # checks on by default
+        kl_div_inplace(a, b.clone(), kind=kind, reduction="sum")
 
 
 # ----------------------------------------------------------------------------------------------

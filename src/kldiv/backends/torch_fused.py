@@ -59,7 +59,14 @@ import torch
 from .._core import dispatch as _dispatch
 from .._core import divergence as _div
 from .._core._xp import namespace
-from .._core.validation import check_option, check_positive_finite
+from .._core._xp import logsumexp as _logsumexp
+from .._core.validation import (
+    check_beta,
+    check_option,
+    check_positive_finite,
+    check_values,
+    validation_enabled,
+)
 
 __all__ = [
     "fused_divergence", "divergence_rows_with_grad", "kl_div_inplace", "set_fused", "fused",
@@ -799,7 +806,8 @@ def fused_divergence(kind, p, q, *, p_space, q_space, reduction, mask, weight, t
 
 
 def kl_div_inplace(p, q_logits, *, p_space="logits", q_space="logits", kind="forward",
-                   reduction="mean", mask=None, weight=None, temperature=1.0, beta=0.5):
+                   reduction="mean", mask=None, weight=None, temperature=1.0, beta=0.5,
+                   validate=None):
     """KL(p || q) (or another ``kind``) whose gradient overwrites ``q_logits``' own buffer.
 
     .. math:: \\mathrm{KL}(p \\,\\|\\, q) = \\sum_i p_i \\log \\frac{p_i}{q_i}
@@ -820,9 +828,21 @@ def kl_div_inplace(p, q_logits, *, p_space="logits", q_space="logits", kind="for
         ``weight``; 0 when no row counts). Masked rows cost nothing.
       mask, weight: optional per-row arrays of shape (...) (broadcastable).
       temperature: divides both inputs; beta: the Jensen-Shannon mixture weight.
+      validate: value checks as in ``kldiv.kl_div`` (None: the ``kldiv.set_validation`` /
+        ``kldiv.validation`` setting, on by default): nan, +inf or all -inf rows of ``p`` or
+        ``q_logits`` (masked rows excepted), log-probabilities that do not normalise, and
+        negative, nan or inf weights raise the same ValueError as ``kldiv.kl_div``, naming
+        the argument, before ``q_logits`` is overwritten. They cost a pass over each input
+        (two for log-probabilities) and a host synchronisation. With ``validate=False`` a nan
+        in a row that counts makes the value nan (never a plausible number).
 
     Returns:
       A 0-d tensor; the value equals ``kldiv.kl_div(p, q_logits, ...)`` before the overwrite.
+
+    The gradient is stored in ``q_logits``' own dtype (it is written over it): in float16,
+    gradient entries below about 6e-8 (float16's smallest subnormal) flush to 0, so rows
+    whose gradient is that small come back all zero (autograd on a float16 leaf rounds the
+    same way). bfloat16 keeps float32's range. Use float32 logits where such gradients matter.
 
     >>> import torch
     >>> t = torch.tensor([[2.0, 1.0, 0.0]]); h = torch.tensor([[1.0, 0.0, 3.0]], requires_grad=True)
@@ -841,8 +861,7 @@ def kl_div_inplace(p, q_logits, *, p_space="logits", q_space="logits", kind="for
     check_option("reduction", reduction, ("sum", "mean"))
     _check_kind_spaces(kind, p_space, q_space)
     temperature = check_positive_finite("temperature", temperature)
-    if kind == "js" and not 0.0 < float(beta) < 1.0:
-        raise ValueError(f"beta: must lie strictly between 0 and 1, got {beta!r}")
+    beta = check_beta(beta) if kind == "js" else 0.5  # beta weighs JS only
     if p.shape != q_logits.shape:
         raise ValueError(
             f"p and q_logits: shapes {tuple(p.shape)} and {tuple(q_logits.shape)} differ"
@@ -867,13 +886,36 @@ def kl_div_inplace(p, q_logits, *, p_space="logits", q_space="logits", kind="for
             raise TypeError(f"mask: expected a boolean tensor, got dtype {mask.dtype}")
         mask = torch.broadcast_to(mask, rows_shape)
     if weight is not None:
-        weight = torch.broadcast_to(torch.as_tensor(weight, device=p.device), rows_shape)
+        weight = torch.as_tensor(weight, device=p.device)
+        if not weight.dtype.is_floating_point:
+            raise TypeError(
+                f"weight: expected a real floating-point array, got dtype {weight.dtype}; "
+                "convert it first (for example x.float())"
+            )
+        weight = torch.broadcast_to(weight, rows_shape)
+    if validation_enabled(validate):
+        _check_inplace_values(p, q_logits, p_space, q_space, mask, weight)
     n = _rows_count(p)
     dt = _compute_dtype(p, q_logits)
     scale = _row_scale(n, reduction, mask, weight, dt, p.device)
     value, _ = _FusedDivergenceInplace.apply(p, q_logits, kind, p_space, q_space, scale,
-                                             temperature, float(beta))
+                                             temperature, beta)
     return value
+
+
+def _check_inplace_values(p, q, p_space, q_space, mask, weight):
+    """``kldiv.kl_div``'s value checks (the core's own functions and messages) for
+    ``kl_div_inplace``, run before ``q`` is overwritten; ``weight`` is per row (small)."""
+    xp = namespace(p)
+    with torch.no_grad():
+        for name, x, space in (("p", p, p_space), ("q_logits", q, q_space)):
+            try:
+                check_values(xp, name, x.detach(), space, torch.finfo(x.dtype).eps, _logsumexp,
+                             rows=mask)
+            except ValueError as exc:  # the hints name the option: q_space, not q_logits_space
+                raise ValueError(str(exc).replace("q_logits_space", "q_space")) from None
+        if weight is not None and not bool(torch.all(torch.isfinite(weight) & (weight >= 0))):
+            raise ValueError("weight: must be finite and >= 0")
 
 
 _dispatch.register("torch", "post", fused_divergence)
