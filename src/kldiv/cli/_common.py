@@ -2,6 +2,8 @@
 (``kldiv compare``, ``kldiv eval``): defined once here so that their names, help and checks agree."""
 from __future__ import annotations
 
+import os
+
 from ._outputs import check_output
 
 CACHE_NOTE = ("or a sparse teacher cache directory written by `kldiv cache` (then: certified "
@@ -20,10 +22,31 @@ def add_run_options(p) -> None:
     p.add_argument("--quiet", action="store_true", help="do not print the table")
 
 
+#: how every output option treats a path in a directory that does not exist yet
+CREATES_DIRS = "missing parent directories are created"
+
+
 def add_outputs(p, *, json_help: str, plot_help: str) -> None:
-    """``--json OUT`` and ``--plot OUT.png``."""
-    p.add_argument("--json", metavar="OUT", help=json_help)
-    p.add_argument("--plot", metavar="OUT.png", help=plot_help)
+    """``--json OUT`` and ``--plot OUT.png`` (both create missing parent directories, and say so)."""
+    p.add_argument("--json", metavar="OUT", help=f"{json_help}; {CREATES_DIRS}")
+    p.add_argument("--plot", metavar="OUT.png", help=f"{plot_help}; {CREATES_DIRS}")
+
+
+def refuse_key(path, key, flag: str) -> None:
+    """``flag`` (a tensor name) given for a file that is not a .safetensors: refused, not ignored.
+
+    Only an existing regular file is looked at; a missing one gets the reader's own error."""
+    if key is None or path is None or not os.path.isfile(path):
+        return
+    from ..io.formats import _sniff
+
+    try:
+        kind = _sniff(path)
+    except (OSError, ValueError):  # unreadable / unknown format: the reader's error names it
+        return
+    if kind != "safetensors":
+        raise ValueError(f"{flag} {key}: {path} is a {kind} file, which holds one unnamed array; "
+                         f"{flag} picks a tensor of a .safetensors file (leave it out)")
 
 
 def add_renormalize(p, group=None, *, help_text: str) -> None:

@@ -108,6 +108,7 @@ def _run_cache(args) -> int:
         raise ValueError(f"--ref-space: the reference {args.reference} is a sparse teacher cache "
                          f"(log-probabilities as cached)")
     created = C.check_outputs(args)
+    C.refuse_key(args.other, args.other_key, "--other-key")
     res = compare_cache(args.reference, args.other, tokens=args.tokens, other_key=args.other_key,
                         other_space=args.other_space, progress=C.progress(args), _names=_NAMES)
     for d in sorted(set(created)):
@@ -122,6 +123,8 @@ def _run(args, ref, other, tokens, note=None, shown=None) -> int:
     from ..compare import compare
 
     created = C.check_outputs(args)  # every output is checked before the work starts
+    C.refuse_key(ref, args.key, "--key")
+    C.refuse_key(other, args.other_key, "--other-key")
     tokens = args.tokens or tokens
     if note and not args.quiet:
         print(f"example ({note}): a reference model's logits and a quantised copy's\n")

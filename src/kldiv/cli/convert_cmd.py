@@ -25,7 +25,8 @@ def register(subparsers) -> None:
         ),
     )
     p.add_argument("input", metavar="INPUT", help="logits file: .npy, .safetensors or llama.cpp KL base")
-    p.add_argument("output", metavar="OUTPUT", help="file to write (atomically)")
+    p.add_argument("output", metavar="OUTPUT",
+                   help="file to write (atomically; missing parent directories are created)")
     p.add_argument("--to", choices=_FORMATS,
                    help="output format (default: from OUTPUT's suffix)")
     p.add_argument("--key", metavar="NAME",
@@ -56,6 +57,9 @@ def run(args) -> int:
 
     names = dict(_NAMES)
     created = check_output(args.output, "OUTPUT")
+    from ._common import refuse_key
+
+    refuse_key(args.input, args.key, "--key")
     tokens = None
     if args.tokens is not None:
         names["tokens"] = f"--tokens {args.tokens}"

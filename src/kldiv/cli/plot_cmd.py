@@ -18,7 +18,7 @@ def register(subparsers) -> None:
     p.add_argument("file", help="CSV or JSON file, one distribution per row")
     p.add_argument("-o", "--out", metavar="OUT.png",
                    help="output figure, its format from the extension (.png, .svg, .pdf, ...; "
-                        "default: FILE with .png)")
+                        "default: FILE with .png; missing parent directories are created)")
     p.add_argument("--divergence", choices=("kl", "reverse_kl", "js", "jeffreys"), default="kl",
                    help="divergence of the heat map (default kl: KL(row || column))")
     p.add_argument("--reference", metavar="LABEL",

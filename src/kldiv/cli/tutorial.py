@@ -27,7 +27,8 @@ def register(subparsers) -> None:
         description=__doc__,
     )
     p.add_argument("--out", default="kldiv-tutorial", metavar="DIR",
-                   help="where to write the figures (default: ./kldiv-tutorial)")
+                   help="where to write the figures (default: ./kldiv-tutorial; created with its "
+                        "missing parents)")
     p.add_argument("--no-plots", action="store_true", help="print only, write no figures")
     p.set_defaults(func=run)
 
@@ -87,8 +88,25 @@ def _bar_figure(path, panels):
     plt.close(fig)
 
 
+def _make_out(path) -> None:
+    """Create ``--out`` (and its missing parents) before any work; errors name ``--out``."""
+    if not str(path).strip():
+        raise ValueError("--out: empty directory name")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise NotADirectoryError(f"--out {path}: is a file, not a directory")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise OSError(f"--out {path}: cannot create the directory ({exc.strerror or exc})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise PermissionError(f"--out {path}: the directory is not writable")
+
+
 def run(args) -> int:
     from .. import kl_div, kl_terms
+
+    if not args.no_plots:
+        _make_out(args.out)
 
     print("kldiv tutorial: the Gluon KLDivLoss tutorial's examples, worked with kldiv\n")
     for i, d in enumerate((DIST_1, DIST_2, DIST_3, DIST_4), 1):
@@ -128,20 +146,27 @@ def run(args) -> int:
     print("  " + "  ".join(f"c{i + 1}: {t:+.4f}" for i, t in enumerate(terms)))
 
     if not args.no_plots:
-        os.makedirs(args.out, exist_ok=True)
-        p1 = os.path.join(args.out, "distributions.png")
-        _bar_figure(p1, [
-            (f"Distributions 1 & 2: KL(2 || 1) = {float(kl_div(DIST_2, DIST_1)):.3f}",
-             {"dist_1": DIST_1, "dist_2": DIST_2}),
-            (f"Distributions 1 & 3: KL(3 || 1) = {float(kl_div(DIST_3, DIST_1)):.3f}",
-             {"dist_1": DIST_1, "dist_3": DIST_3}),
-        ])
-        p2 = os.path.join(args.out, "common_support.png")
-        _bar_figure(p2, [
-            ("KL(1 || 4) = inf: dist_4 is 0 where dist_1 is not",
-             {"dist_1": DIST_1, "dist_4": DIST_4}),
-            (f"KL(4 || 1) = {float(kl_div(DIST_4, DIST_1)):.3f}",
-             {"dist_4": DIST_4, "dist_1": DIST_1}),
-        ])
-        print(f"\nfigures: {p1}, {p2}")
+        try:
+            _write_figures(args.out, kl_div)
+        except OSError as exc:
+            raise OSError(f"--out {args.out}: cannot write the figures ({exc.strerror or exc})") from None
     return 0
+
+
+def _write_figures(out, kl_div) -> None:
+    """The two figures into ``out`` (atomically, each)."""
+    p1 = os.path.join(out, "distributions.png")
+    _bar_figure(p1, [
+        (f"Distributions 1 & 2: KL(2 || 1) = {float(kl_div(DIST_2, DIST_1)):.3f}",
+         {"dist_1": DIST_1, "dist_2": DIST_2}),
+        (f"Distributions 1 & 3: KL(3 || 1) = {float(kl_div(DIST_3, DIST_1)):.3f}",
+         {"dist_1": DIST_1, "dist_3": DIST_3}),
+    ])
+    p2 = os.path.join(out, "common_support.png")
+    _bar_figure(p2, [
+        ("KL(1 || 4) = inf: dist_4 is 0 where dist_1 is not",
+         {"dist_1": DIST_1, "dist_4": DIST_4}),
+        (f"KL(4 || 1) = {float(kl_div(DIST_4, DIST_1)):.3f}",
+         {"dist_4": DIST_4, "dist_1": DIST_1}),
+    ])
+    print(f"\nfigures: {p1}, {p2}")
