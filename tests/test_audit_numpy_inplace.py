@@ -188,7 +188,15 @@ def test_bad_rows_raise_the_core_error(dtype, kind):
             q2 = q.clone()
             got_t, got = _inplace_error(p, q2, kind=kind)
             assert got_t is want_t and got == _as_inplace(want), (side, got, want)
-            assert torch.equal(torch.isnan(q2), torch.isnan(q))  # not overwritten
+            if side == "q":  # q_logits is checked before it is overwritten
+                assert torch.equal(torch.isnan(q2), torch.isnan(q))
+            # a zero weight on the bad row: the row does not count, kldiv.kl_div refuses it anyway
+            w = torch.ones(4, dtype=torch.float32)
+            w[~(torch.isfinite(bad).all(-1))] = 0.0
+            want_t, want = _core_error(fn, p, q, p_space="logits", q_space="logits", weight=w,
+                                       reduction="sum")
+            got_t, got = _inplace_error(p, q.clone(), kind=kind, weight=w, reduction="sum")
+            assert got_t is want_t and got == _as_inplace(want), (side, got, want)
             # masked rows may hold anything (as in kldiv.kl_div)
             rows_ok = ~(torch.isnan(bad).any(-1) | torch.isinf(bad).any(-1))
             v = kl_div_inplace(p, q.clone(), kind=kind, mask=rows_ok, reduction="sum")

@@ -832,9 +832,11 @@ def kl_div_inplace(p, q_logits, *, p_space="logits", q_space="logits", kind="for
         ``kldiv.validation`` setting, on by default): nan, +inf or all -inf rows of ``p`` or
         ``q_logits`` (masked rows excepted), log-probabilities that do not normalise, and
         negative, nan or inf weights raise the same ValueError as ``kldiv.kl_div``, naming
-        the argument, before ``q_logits`` is overwritten. They cost a pass over each input
-        (two for log-probabilities) and a host synchronisation. With ``validate=False`` a nan
-        in a row that counts makes the value nan (never a plausible number).
+        the argument. ``q_logits`` and the weights are checked before ``q_logits`` is
+        overwritten (a pass over ``q_logits``, two for log-probabilities); ``p`` as logits
+        after the kernel, only when its value comes out nan (``q_logits`` then holds the
+        gradient). With ``validate=False`` a nan in a row that counts makes the value nan
+        (never a plausible number).
 
     Returns:
       A 0-d tensor; the value equals ``kldiv.kl_div(p, q_logits, ...)`` before the overwrite.
@@ -893,29 +895,40 @@ def kl_div_inplace(p, q_logits, *, p_space="logits", q_space="logits", kind="for
                 "convert it first (for example x.float())"
             )
         weight = torch.broadcast_to(weight, rows_shape)
-    if validation_enabled(validate):
-        _check_inplace_values(p, q_logits, p_space, q_space, mask, weight)
+    check = validation_enabled(validate)
+    p_later = False
+    if check:
+        if weight is not None:
+            with torch.no_grad():
+                if not bool(torch.all(torch.isfinite(weight) & (weight >= 0))):
+                    raise ValueError("weight: must be finite and >= 0")
+                zero_weight = bool(torch.any(weight == 0))
+        # q_logits is checked now (it is overwritten); p's logits after the kernel, from its
+        # value: a nan, +inf or all -inf row of p that counts makes it nan (a row of weight 0
+        # does not count there, but kldiv.kl_div refuses it: checked now, as log-probabilities)
+        p_later = p_space == "logits" and not (weight is not None and zero_weight)
+        _check_values_of(q_logits, "q_logits", q_space, mask)
+        if not p_later:
+            _check_values_of(p, "p", p_space, mask)
     n = _rows_count(p)
     dt = _compute_dtype(p, q_logits)
     scale = _row_scale(n, reduction, mask, weight, dt, p.device)
     value, _ = _FusedDivergenceInplace.apply(p, q_logits, kind, p_space, q_space, scale,
                                              temperature, beta)
+    if p_later and bool(torch.isnan(value.detach())):
+        _check_values_of(p, "p", p_space, mask)  # raises p's error (q_logits is overwritten)
     return value
 
 
-def _check_inplace_values(p, q, p_space, q_space, mask, weight):
-    """``kldiv.kl_div``'s value checks (the core's own functions and messages) for
-    ``kl_div_inplace``, run before ``q`` is overwritten; ``weight`` is per row (small)."""
-    xp = namespace(p)
-    with torch.no_grad():
-        for name, x, space in (("p", p, p_space), ("q_logits", q, q_space)):
-            try:
-                check_values(xp, name, x.detach(), space, torch.finfo(x.dtype).eps, _logsumexp,
-                             rows=mask)
-            except ValueError as exc:  # the hints name the option: q_space, not q_logits_space
-                raise ValueError(str(exc).replace("q_logits_space", "q_space")) from None
-        if weight is not None and not bool(torch.all(torch.isfinite(weight) & (weight >= 0))):
-            raise ValueError("weight: must be finite and >= 0")
+def _check_values_of(x, name, space, mask):
+    """``kldiv.kl_div``'s value checks of one input of ``kl_div_inplace`` (the core's own
+    function and messages)."""
+    try:
+        with torch.no_grad():
+            check_values(namespace(x), name, x.detach(), space, torch.finfo(x.dtype).eps,
+                         _logsumexp, rows=mask)
+    except ValueError as exc:  # the hints name the option: q_space, not q_logits_space
+        raise ValueError(str(exc).replace("q_logits_space", "q_space")) from None
 
 
 _dispatch.register("torch", "post", fused_divergence)
