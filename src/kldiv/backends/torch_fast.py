@@ -100,9 +100,24 @@ except AttributeError:  # pragma: no cover - old torch
 # CPU tensors with KLDIV_BACKEND=triton and TRITON_INTERPRET=1 (both read per call)
 
 
+def _make_backend_env_check():
+    """A function telling whether KLDIV_BACKEND is "triton" now: os.environ.get's answer, read
+    from the dict that os.environ reads and writes (CPython's os.environ._data) without its
+    per-call key encoding (a quarter of the everyday call's hook time at 64 x 10)."""
+    env = _os.environ
+    try:
+        data, key, val = env._data, env.encodekey("KLDIV_BACKEND"), env.encodevalue("triton")
+    except (AttributeError, TypeError):  # pragma: no cover - another Python
+        return lambda: env.get("KLDIV_BACKEND") == "triton"
+    return lambda: data.get(key) == val
+
+
+_backend_env_is_triton = _make_backend_env_check()
+
+
 def _triton_wanted(p, q):
     dev = getattr(p, "device", None)
-    if dev is None or (dev.type != "cuda" and _os.environ.get("KLDIV_BACKEND") != "triton"):
+    if dev is None or (dev.type != "cuda" and not _backend_env_is_triton()):
         return False
     from . import triton_kernels
 
