@@ -46,7 +46,9 @@
  *
  * Probability inputs (flags of rows_ex, temperature 1): the kernel takes p itself, e^{a_i} =
  * p_i / max p exactly (no exponential, no underflow of small probabilities), log p_i by a
- * vectorised logarithm (subnormals included), and for two probabilities within a factor 2 the
+ * vectorised logarithm (subnormals included; float32 probabilities against log-space input:
+ * log p_i in double by klog_fd and the log-ratio formed in double, see pass2), and for two
+ * probabilities within a factor 2 the
  * log-ratio log1p((q - p) / p) as the core's. The gradient returned is with respect to the
  * probabilities (0 where p_i = 0). With a stats array it also returns each row's raw normaliser
  * (sum p, or logsumexp of a log-space side) for the value checks: no extra pass over the data.
@@ -163,6 +165,37 @@ KLDIV_INLINE double klog_d(double x)
     double r = ef * 6.93147180369123816490e-01 + (ef * 1.90821492927058770002e-10 + lf);
     r = x > 0.0 ? r : (x == 0.0 ? -INFINITY : NAN);
     return x < INFINITY ? r : x;
+}
+
+/* log(x) in double for a float x > 0, finite (float32 probabilities' logarithms: within
+ * 2.3e-16 of max(1, |log x|) over every such float, as klog_d((double)x); other x give a finite
+ * value of no meaning, for callers that mask those entries). From the float's bits in 8 lanes
+ * of int32 (AVX2), with musl's reduction: k = exponent of x / sqrt(1/2), f = x / 2^k in
+ * [sqrt 1/2, sqrt 2) (float subnormals scaled by 2^24 first); then in double s = (f - 1)/(f + 1)
+ * and log f = 2s + s R(s^2), fdlibm's degree-7 minimax R (2^-58 relative). Cheaper than
+ * klog_d((double)x): no int64 work, no double subnormals, no special values, 7 polynomial
+ * terms instead of 10. */
+KLDIV_INLINE double klog_fd(float x)
+{
+    const int sub = x < 1.17549435e-38f;
+    const float xs = sub ? x * 16777216.0f : x;
+    int32_t ix;
+    memcpy(&ix, &xs, sizeof ix);
+    const int32_t tmp = ix - 0x3f3504f3, k = tmp >> 23;
+    const int32_t iz = ix - (int32_t)((uint32_t)tmp & 0xff800000u);
+    float mf;
+    memcpy(&mf, &iz, sizeof mf);
+    const double f = (double)mf, e = (double)(k - (sub ? 24 : 0));
+    const double s = (f - 1.0) / (f + 1.0), z = s * s;
+    double R = 1.479819860511658591e-01;
+    R = R * z + 1.531383769920937332e-01;
+    R = R * z + 1.818357216161805012e-01;
+    R = R * z + 2.222219843214978396e-01;
+    R = R * z + 2.857142874366239149e-01;
+    R = R * z + 3.999999999940941908e-01;
+    R = R * z + 6.666666666666735130e-01;
+    const double lf = 2.0 * s + s * z * R;
+    return e * 6.93147180369123816490e-01 + (e * 1.90821492927058770002e-10 + lf);
 }
 
 /* 1/n!, n = 17 .. 2: phi(u) = u^2 * sum_n u^(n-2)/n! */
@@ -451,6 +484,24 @@ KLDIV_INLINE void FN(pass3b)(Py_ssize_t b0, Py_ssize_t b1, const T *restrict sp,
     }
 }
 
+/* The first i < V - 1 with x[i] == v (V - 1 if none): 64 entries at a time by a vectorised
+ * comparison, then one by one inside the block that holds it. */
+KLDIV_INLINE Py_ssize_t FN(first_eq)(const T *x, Py_ssize_t V, T v)
+{
+    Py_ssize_t b = 0;
+    for (; b + 64 <= V; b += 64) {
+        int hit = 0;
+#pragma omp simd reduction(| : hit)
+        for (Py_ssize_t i = b; i < b + 64; i++)
+            hit |= x[i] == v;
+        if (hit)
+            break;
+    }
+    while (b < V - 1 && !(x[b] == v))
+        b++;
+    return b;
+}
+
 /* What passes 1 and 2 leave for the rest of a row. */
 typedef struct {
     double Zx, Zy, S1, ZqS, Zqo, Zxo, ZxS, Dref;
@@ -472,11 +523,50 @@ KLDIV_INLINE void FN(pass2)(Py_ssize_t b0, Py_ssize_t b1, const T *restrict x,
 {
     const T ninf = (T)-INFINITY, CL = (T)D_CLAMP;
     T zx = 0, zy = 0, s1 = 0, zqs = 0, zqo = 0, zxo = 0, zxs = 0, rk = 0; /* rk: largest |d| */
+    /* KLDIV_MIXF: float probabilities against log-space input, outside JS (ab): the float
+     * rounding of log p (6e-8 of |log p|) is what near-convergent rows' log-ratios are made of,
+     * so log p is taken in double (klog_fd, as the core takes it in float64) and the log-ratio
+     * relative to the reference entry is formed in double: t_i = (ly_i - y_r) - (lx_i - x_r),
+     * each difference of close values exact; y_r is rebuilt from d0h + d0l = y_r - x_r (an
+     * error there would be the same for every entry, which the centred log-ratio drops). */
+#define KLDIV_MIXF (sizeof(T) == 4 && xp != yp && !ab)
+    const double Mx = (double)mx;
+    const double Yr = ((double)d0h + Mx) + (double)d0l;
     int e = 0;
 #pragma omp simd reduction(+ : zx, zy, s1, zqs, zqo, zxo, zxs) reduction(| : e) \
     reduction(max : rk)
     for (Py_ssize_t i = b0; i < b1; i++) {
         const T xr = x[i], yr = y[i];
+        if (KLDIV_MIXF) {
+            /* float probabilities against log-space input (KL, reverse, Jeffreys): see above;
+             * klog_fd's value at p_i = 0 is masked (px, py) */
+            const double lx = xp ? klog_fd((float)xr) : (double)xr;
+            const double ly = yp ? klog_fd((float)yr) : (double)yr;
+            const int px = dense ? 1 : (xp ? xr > (T)0 : xr > ninf);
+            const int py = dense ? 1 : (yp ? yr > (T)0 : yr > ninf);
+            const int in = px & py;
+            const T ep = xp ? xr * ixm : KEXP(xr - mx); /* (temperature 1 with probabilities) */
+            const T eq = yp ? yr * iym : KEXP(yr - my);
+            const T dd = (T)((ly - Yr) - (lx - Mx));
+            const T dcl = dd > CL ? CL : (dd < -CL ? -CL : dd);
+            const T d = in ? dcl : (T)0;
+            const T ad = KFABS(d);
+            rk = ad > rk ? ad : rk;
+            zx += ep;
+            zy += eq;
+            s1 += ep * d;
+            if (!dense) {
+                zqs += in ? eq : (T)0;
+                zqo += px ? (T)0 : eq;
+                zxo += py ? (T)0 : ep;
+                zxs += in ? ep : (T)0;
+                e |= px & !py;
+            }
+            sp[i] = ep;
+            sq[i] = eq;
+            sd[i] = in ? d : (T)NAN;
+            continue;
+        }
         const T xv = KLDIV_LV(xr, xp), yv = KLDIV_LV(yr, yp);
         const int px = dense ? 1 : xv > ninf, py = dense ? 1 : yv > ninf;
         const int in = px & py;
@@ -535,6 +625,7 @@ KLDIV_INLINE void FN(pass2)(Py_ssize_t b0, Py_ssize_t b1, const T *restrict x,
     out[6] = e || out[6] != 0.0 ? 1.0 : 0.0;
     out[7] = rk > (T)D_RISK || out[7] != 0.0 ? 1.0 : 0.0;
     out[8] += dense ? zx : zxs;
+#undef KLDIV_MIXF
 }
 
 /* Passes 1 and 2 of a row (shared by every kind); 0, or 1 for "recompute me" (nan row). The
@@ -602,8 +693,7 @@ KLDIV_INLINE int FN(prep)(const T *x, const T *y, Py_ssize_t V, double inv_t, in
     } else {
         Py_ssize_t ref = 0;
         const T xref = xp ? (T)xmax : mx;
-        while (ref < V - 1 && !(x[ref] == xref))
-            ref++;
+        ref = FN(first_eq)(x, V, xref);
         const T yref = KLDIV_LV(y[ref], yp);
         const T yr = yref > ninf ? yref : mx; /* y_r = -inf: the row escapes (+inf) */
         d0h = yr - mx;

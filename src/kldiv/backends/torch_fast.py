@@ -83,6 +83,12 @@ def _load_kernel():
 _EXT = _load_kernel()
 
 try:
+    _functorch_active = torch._C._are_functorch_transforms_active
+except AttributeError:  # pragma: no cover - other torch versions
+    def _functorch_active():
+        return False
+
+try:
     _is_compiling = torch.compiler.is_compiling
 except AttributeError:  # pragma: no cover - old torch
     def _is_compiling():
@@ -94,9 +100,24 @@ except AttributeError:  # pragma: no cover - old torch
 # CPU tensors with KLDIV_BACKEND=triton and TRITON_INTERPRET=1 (both read per call)
 
 
+def _make_backend_env_check():
+    """A function telling whether KLDIV_BACKEND is "triton" now: os.environ.get's answer, read
+    from the dict that os.environ reads and writes (CPython's os.environ._data) without its
+    per-call key encoding (a quarter of the everyday call's hook time at 64 x 10)."""
+    env = _os.environ
+    try:
+        data, key, val = env._data, env.encodekey("KLDIV_BACKEND"), env.encodevalue("triton")
+    except (AttributeError, TypeError):  # pragma: no cover - another Python
+        return lambda: env.get("KLDIV_BACKEND") == "triton"
+    return lambda: data.get(key) == val
+
+
+_backend_env_is_triton = _make_backend_env_check()
+
+
 def _triton_wanted(p, q):
     dev = getattr(p, "device", None)
-    if dev is None or (dev.type != "cuda" and _os.environ.get("KLDIV_BACKEND") != "triton"):
+    if dev is None or (dev.type != "cuda" and not _backend_env_is_triton()):
         return False
     from . import triton_kernels
 
@@ -122,6 +143,10 @@ def divergence(kind, p, q, *, p_space, q_space, axis, reduction, mask, weight, t
     not know (a keyword a later core may pass) send the call to the core unless they are None.
     """
     if options and any(v is not None for v in options.values()):
+        return NotImplemented
+    if _functorch_active():
+        # torch.func transforms (grad, vmap, ...): their wrapped tensors have no storage for
+        # the kernel; the core's torch operations go through the transforms
         return NotImplemented
     if _triton_wanted(p, q):  # Triton kernels (backends/triton_kernels.py, issue 16)
         out = _triton_divergence(kind, p, q, p_space=p_space, q_space=q_space, axis=axis,
@@ -332,7 +357,7 @@ def _lane(spec, p, q, validate):
             gp = gp.view(p.shape)
         if gq is not None and q.dim() != 2:
             gq = gq.view(q.shape)
-        return _LaneFunction.apply(p, q, [value, gp, gq, spec])
+        return _lane_apply(p, q, [value, gp, gq, spec])
     res = _kernel_rows(spec, p.detach(), q.detach(), None, None, need_p, need_q, check,
                        pooled=spec.reduction != "none")
     if res is None:
@@ -347,7 +372,7 @@ def _lane(spec, p, q, validate):
         value = torch.scalar_tensor(total * spec.c_const, dtype=spec.dtype)
     if not (need_p or need_q):
         return value
-    return _LaneFunction.apply(p, q, [value, gp, gq, spec])
+    return _lane_apply(p, q, [value, gp, gq, spec])
 
 
 def _plan(spec):
@@ -473,6 +498,36 @@ class _LaneFunction(torch.autograd.Function):
         box[1] = box[2] = None
         gp, gq = _backward(ctx, g, box[3], grads, True)
         return gp, gq, None
+
+
+def _lane_apply_slow(p, q, box):
+    return _LaneFunction.apply(p, q, box)
+
+
+def _make_lane_apply():
+    """``_LaneFunction.apply`` without its Python prologue (the everyday call's largest fixed
+    cost after the kernel at small sizes): what ``torch.autograd.Function.apply`` does for a
+    Function without ``setup_context`` when no functorch transform is active (the inputs
+    unwrapped if dead, then the C ``apply``); under a transform, the full ``apply``. Falls back
+    to ``apply`` itself where this torch lacks those internals."""
+    try:
+        c_apply = super(torch.autograd.Function, _LaneFunction).apply
+        active = torch._C._are_functorch_transforms_active
+        unwrap = torch._C._functorch.unwrap_if_dead
+        if _LaneFunction.setup_context is not torch.autograd.Function.setup_context:
+            return _lane_apply_slow  # pragma: no cover - the prologue would bind arguments
+    except AttributeError:  # pragma: no cover - other torch versions
+        return _lane_apply_slow
+
+    def lane_apply(p, q, box):
+        if active():
+            return _LaneFunction.apply(p, q, box)
+        return c_apply(unwrap(p), unwrap(q), box)
+
+    return lane_apply
+
+
+_lane_apply = _make_lane_apply()
 
 
 def _saved(ctx):
