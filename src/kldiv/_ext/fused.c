@@ -947,8 +947,8 @@ KLDIV_INLINE T FN(log_mix3)(T c, T lc, T lr, T d)
  * their means without losing digits to a row constant; far from it (no split, y0 = z0 = 0,
  * w = 1 - beta) y, z themselves. ly, lz go into oy, oz (sa, sb keep a_i, b_i for the double
  * route). Returns the block's sum of beta p phi(y) + (1 - beta) q phi(z) (common support); adds
- * sum p ly, sum q lz to ey, ez, sum p^2 (1, ly, ly^2), sum q^2 (1, lz, lz^2) to nm[0..5]
- * (the gradients' norms for js_row's check) and sum p, sum q to nm[6], nm[7].
+ * sum p ly, sum q lz to ey, ez and sum p^2 (1, ly, ly^2), sum q^2 (1, lz, lz^2) to nm[0..5]
+ * (the gradients' norms for js_row's check).
  * one (w and 1 - w both >= 1/4): one logarithm per entry, for the side whose argument is <= 0;
  * the other from ly - lz = dp (exact algebra; with w, 1 - w >= 1/4 the difference loses at most
  * a few ulps: |lz| <= (1 - w) |dp| and ly >= w dp for dp >= 0, the mirror for dp < 0). */
@@ -959,8 +959,8 @@ KLDIV_INLINE T FN(passjt)(Py_ssize_t b0, Py_ssize_t b1, const T *restrict sp,
                           T v, T lv, T ly_off, T lz_off, double *ey, double *ez, double *nm,
                           const int dense, const int one)
 {
-    T a = 0, ay = 0, az = 0, ap = 0, aq = 0, n0 = 0, n1 = 0, n2 = 0, n3 = 0, n4 = 0, n5 = 0;
-#pragma omp simd reduction(+ : a, ay, az, ap, aq, n0, n1, n2, n3, n4, n5)
+    T a = 0, ay = 0, az = 0, n0 = 0, n1 = 0, n2 = 0, n3 = 0, n4 = 0, n5 = 0;
+#pragma omp simd reduction(+ : a, ay, az, n0, n1, n2, n3, n4, n5)
     for (Py_ssize_t i = b0; i < b1; i++) {
         const T dv = sd[i];
         const int in = dense ? 1 : dv == dv;
@@ -990,8 +990,6 @@ KLDIV_INLINE T FN(passjt)(Py_ssize_t b0, Py_ssize_t b1, const T *restrict sp,
         const T yy = in ? ly : ly_off, zz = in ? lz : lz_off; /* off the support: m = beta p */
         ay += pv * yy;
         az += qv * zz;
-        ap += pv;
-        aq += qv;
         const T p2 = pv * pv, q2 = qv * qv;
         n0 += p2;
         n1 += p2 * yy;
@@ -1010,8 +1008,6 @@ KLDIV_INLINE T FN(passjt)(Py_ssize_t b0, Py_ssize_t b1, const T *restrict sp,
     nm[3] += n3;
     nm[4] += n4;
     nm[5] += n5;
-    nm[6] += ap;
-    nm[7] += aq;
     return a;
 }
 
@@ -1026,8 +1022,8 @@ KLDIV_INLINE T FN(passjb)(Py_ssize_t b0, Py_ssize_t b1, const T *restrict sp,
                           T amu, T lZx, T lZy, T ipx, T ipy, T be, T c1, T lbe, T lc1,
                           double *ey, double *ez, double *nm, const int dense)
 {
-    T a = 0, ay = 0, az = 0, ap = 0, aq = 0, n0 = 0, n1 = 0, n2 = 0, n3 = 0, n4 = 0, n5 = 0;
-#pragma omp simd reduction(+ : a, ay, az, ap, aq, n0, n1, n2, n3, n4, n5)
+    T a = 0, ay = 0, az = 0, n0 = 0, n1 = 0, n2 = 0, n3 = 0, n4 = 0, n5 = 0;
+#pragma omp simd reduction(+ : a, ay, az, n0, n1, n2, n3, n4, n5)
     for (Py_ssize_t i = b0; i < b1; i++) {
         const T dv = sd[i];
         const int in = dense ? 1 : dv == dv;
@@ -1047,8 +1043,6 @@ KLDIV_INLINE T FN(passjb)(Py_ssize_t b0, Py_ssize_t b1, const T *restrict sp,
         const T yy = in ? wy : (T)0, zz = in ? wz : (T)0; /* off the support: 0 */
         ay += pv * yy;
         az += qv * zz;
-        ap += pv;
-        aq += qv;
         const T p2 = pv * pv, q2 = qv * qv;
         n0 += p2;
         n1 += p2 * yy;
@@ -1067,8 +1061,6 @@ KLDIV_INLINE T FN(passjb)(Py_ssize_t b0, Py_ssize_t b1, const T *restrict sp,
     nm[3] += n3;
     nm[4] += n4;
     nm[5] += n5;
-    nm[6] += ap;
-    nm[7] += aq;
     return a;
 }
 
@@ -1166,7 +1158,7 @@ KLDIV_CLONES static double FN(js_row)(const T *x, const T *y, Py_ssize_t V, doub
      * sa, sb keep a_i, b_i for it. */
     if (!rs.risk && (!near || (beta >= 0.2 && beta <= 0.8))) {
         T *oy = (T *)sy, *oz = (T *)sz;
-        double nm[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        double nm[6] = {0, 0, 0, 0, 0, 0};
         if (near) {
             const double y0 = log_mix_d(c1, lc1, rc1, meanD);
             const double z0 = log_mix_d(be, lbe, rbe, -meanD);
@@ -1199,10 +1191,6 @@ KLDIV_CLONES static double FN(js_row)(const T *x, const T *y, Py_ssize_t V, doub
 #undef KLDIV_PJB
             }
         }
-        /* E_p ly, E_q lz over the weights as they are here: Zx, Zy hold float block sums (an
-         * error of 1e-7 in sum p is an error of 1e-7 |ly| in E ly) */
-        ey /= nm[6];
-        ez /= nm[7];
         /* the centred differences' loss: |p (ly - E ly)|^2 against |p ly|^2 + E^2 |p|^2 (the
          * size of their float rounding), within a factor ~30 on both sides */
         const double gny = nm[2] - 2.0 * ey * nm[1] + ey * ey * nm[0];
