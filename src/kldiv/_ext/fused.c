@@ -28,8 +28,9 @@
  * written over its own input (kl_div_inplace). Edges: p_i > 0 = q_i gives +inf with zero gradients (as the core); an
  * all -inf, +inf or nan row, a row whose values span more than the type holds, and a row where
  * a p_i that underflows here meets a log-ratio beyond 2^20 (p_i |d_i| may still matter) are
- * reported as nan before any gradient of that row is written: Python recomputes them (float64,
- * or nan for nan input). Rows with KL beyond ~57 (float) or ~678 (double), where the constant
+ * reported as nan before any gradient of that row is written; the float kernel first retries
+ * such a row in the double kernel on its widened values (wide_row), and what stays nan Python
+ * recomputes (float64, or nan for nan input). Rows with KL beyond ~57 (float) or ~678 (double), where the constant
  * above leaves T's range, take KL = log Zy - log Zx - E_p[d] instead: no cancellation there.
  *
  * Jeffreys (kind 2 of rows_ex): both KL directions per row in one call (jeffreys_row).
@@ -40,7 +41,9 @@
  * z = log(m/q) (log1p / expm1 forms, in double; float32 rows that are tame in float, split at
  * the mean log-ratio: see passjt) and the non-negative terms beta p phi(y) +
  * (1 - beta) q phi(z), and a last one the gradients -(beta/T) p (y - E_p y) and
- * -((1 - beta)/T) q (z - E_q z). Support mismatch is allowed (mass off the common support adds
+ * -((1 - beta)/T) q (z - E_q z). Far from convergence (|E d| > 1) y - log(beta) and
+ * z - log(1 - beta) stand in for y and z (see passj): there y sits near log(beta) where p lives,
+ * and its centred differences would cancel. Support mismatch is allowed (mass off the common support adds
  * -beta log(beta) p(off) and its mirror term); log-ratios clamped to the type's range send the
  * row to the caller.
  *
