@@ -960,7 +960,7 @@ KLDIV_INLINE T FN(passjt)(Py_ssize_t b0, Py_ssize_t b1, const T *restrict sp,
                           const T *restrict sb, T *restrict oy, T *restrict oz, T kt, T kc,
                           T amu, T lZx, T lZy, T ipx, T ipy, T be, T c1, T y0, T z0, T w, T lw,
                           T v, T lv, T ly_off, T lz_off, double *ey, double *ez, double *nm,
-                          const int dense, const int one)
+                          const int dense, const int one, const int chk)
 {
     T a = 0, ay = 0, az = 0, n0 = 0, n1 = 0, n2 = 0, n3 = 0, n4 = 0, n5 = 0;
 #pragma omp simd reduction(+ : a, ay, az, n0, n1, n2, n3, n4, n5)
@@ -993,13 +993,15 @@ KLDIV_INLINE T FN(passjt)(Py_ssize_t b0, Py_ssize_t b1, const T *restrict sp,
         const T yy = in ? ly : ly_off, zz = in ? lz : lz_off; /* off the support: m = beta p */
         ay += pv * yy;
         az += qv * zz;
-        const T p2 = pv * pv, q2 = qv * qv;
-        n0 += p2;
-        n1 += p2 * yy;
-        n2 += p2 * yy * yy;
-        n3 += q2;
-        n4 += q2 * zz;
-        n5 += q2 * zz * zz;
+        if (chk) {
+            const T p2 = pv * pv, q2 = qv * qv;
+            n0 += p2;
+            n1 += p2 * yy;
+            n2 += p2 * yy * yy;
+            n3 += q2;
+            n4 += q2 * zz;
+            n5 += q2 * zz * zz;
+        }
         oy[i] = yy;
         oz[i] = zz;
     }
@@ -1154,7 +1156,8 @@ KLDIV_CLONES static double FN(js_row)(const T *x, const T *y, Py_ssize_t V, doub
      * (with an extreme beta, y = log(beta + (1 - beta) e^d) sits within a small variation of
      * log beta wherever q << p, and float would lose that variation to the gradient), split at
      * the mean (w, 1 - w and y0, z0 of order 1); far from it the far form (any beta, any
-     * support). Then a check: a row whose carried values are large against their centred
+     * support). Then a check (far form only: split at the mean, the carried values are small
+     * where the mass is): a row whose carried values are large against their centred
      * differences (the gradient's norm below ~1/30 of its rounding's scale, either side: more
      * than ~5 bits lost in float; one sharp peak of q where d is moderate) goes to the double
      * route. ly, lz go to the double scratch (as floats), so that
@@ -1175,7 +1178,7 @@ KLDIV_CLONES static double FN(js_row)(const T *x, const T *y, Py_ssize_t V, doub
 #define KLDIV_PJT(dn, one)                                                                     \
     FN(passjt)(b0, b1, sp, sq, sd, sa, sb, oy, oz, kt, kc, (T)amu, (T)lZx, (T)lZy, (T)ipx,      \
                (T)ipy, (T)be, (T)c1, (T)y0, (T)z0, tw, (T)lw, tv, (T)lv, (T)(lbe - y0),         \
-               (T)(lc1 - z0), &ey, &ez, nm, dn, one)
+               (T)(lc1 - z0), &ey, &ez, nm, dn, one, 0)
                 if (one)
                     acc += dense ? KLDIV_PJT(1, 1) : KLDIV_PJT(0, 1);
                 else
@@ -1198,8 +1201,8 @@ KLDIV_CLONES static double FN(js_row)(const T *x, const T *y, Py_ssize_t V, doub
          * size of their float rounding), within a factor ~30 on both sides */
         const double gny = nm[2] - 2.0 * ey * nm[1] + ey * ey * nm[0];
         const double gnz = nm[5] - 2.0 * ez * nm[4] + ez * ez * nm[3];
-        const int ok = gny >= 1e-3 * (nm[2] + ey * ey * nm[0]) &&
-                       gnz >= 1e-3 * (nm[5] + ez * ez * nm[3]);
+        const int ok = near || (gny >= 1e-3 * (nm[2] + ey * ey * nm[0]) &&
+                                gnz >= 1e-3 * (nm[5] + ez * ez * nm[3]));
         if (ok || !(gx || gy)) {
             const double js = acc - beta * log(beta) * po - (1.0 - beta) * log1p(-beta) * qo;
             if (gx || gy) {
