@@ -1,10 +1,12 @@
 """The float32 kernel's JS passes (fused.c: passjt, log_mix3) and its one-call Jeffreys kind.
 
-JS in float32 runs in float on tame rows: split at the mean log-ratio near it (|E d| <= 1), the
-log-ratios themselves farther out on full supports, one logarithm per entry where both mixture
-weights are >= 1/4, double elsewhere (risky rows, beta outside [0.2, 0.8]). Each route against the float64 core on the same float32
-inputs (the truth here), values and per-row gradients, with the float32 core's own error as the
-yardstick: the fast path must be within 3x of it or below float rounding.
+JS in float32 runs in float on tame rows: split at the mean log-ratio near it (|E d| <= 1, beta
+in [0.2, 0.8]; one logarithm per entry where both mixture weights are >= 1/4), and farther out
+(any beta, any support) the log-ratios to the mixture less their values off the support,
+y - log(beta) and z - log(1 - beta) (one logarithm per entry); double elsewhere (risky rows,
+near rows with beta outside [0.2, 0.8], rows whose centred differences would lose more than ~5
+bits in float). Each route against the float64 core on the same float32 inputs (the truth here): values within 3x the float32 core's own error (or below float
+rounding), per-row gradients within 1e-5 on every row, far ones included.
 """
 from __future__ import annotations
 
@@ -62,19 +64,17 @@ def test_float32_js_routes_match_the_float64_core(beta, T):
     v, ga, gb = _value_and_grads(kldiv.js_div, a, b, **kw)
     assert took_fast(v)
     with core_only():
-        vc, gac, gbc = _value_and_grads(kldiv.js_div, a, b, **kw)
+        vc, _, _ = _value_and_grads(kldiv.js_div, a, b, **kw)
         vt, gat, gbt = _value_and_grads(kldiv.js_div, a.double(), b.double(), **kw)
     err = ((v.double() - vt) / vt).abs()
     err_c = ((vc.double() - vt) / vt).abs()
     assert bool((err <= torch.clamp(3 * err_c, min=2e-6)).all()), (err, err_c)
-    # far rows (JS above a third of its log 2 bound) are ill-conditioned for a float32
-    # gradient: both the float32 core and the kernel's float and double routes lose digits
-    # there (the gradient is a small difference of log-ratios to the mixture near log beta);
-    # those rows are held to 5x the float32 core's error, the others to 3x (floor 1e-5)
-    k = torch.where(vt > 0.23, 5.0, 3.0)
-    for g, gc, gt in ((ga, gac, gat), (gb, gbc, gbt)):
-        e, ec = _row_err(g, gt), _row_err(gc, gt)
-        assert bool((e <= torch.clamp(k * ec, min=1e-5)).all()), (e, ec)
+    # gradients: within 1e-5 per row of the float64 reference on every row, far ones included
+    # (JS near its log 2 bound: the kernel carries y - log(beta) and z - log(1 - beta) there,
+    # whose centred differences do not cancel; see tests/test_fused_far.py)
+    for g, gt in ((ga, gat), (gb, gbt)):
+        e = _row_err(g, gt)
+        assert float(e.max()) <= 1e-5, e
 
 
 @pytest.mark.parametrize("dt", [torch.float32, torch.float64])

@@ -28,8 +28,9 @@
  * written over its own input (kl_div_inplace). Edges: p_i > 0 = q_i gives +inf with zero gradients (as the core); an
  * all -inf, +inf or nan row, a row whose values span more than the type holds, and a row where
  * a p_i that underflows here meets a log-ratio beyond 2^20 (p_i |d_i| may still matter) are
- * reported as nan before any gradient of that row is written: Python recomputes them (float64,
- * or nan for nan input). Rows with KL beyond ~57 (float) or ~678 (double), where the constant
+ * reported as nan before any gradient of that row is written; the float kernel first retries
+ * such a row in the double kernel on its widened values (wide_row), and what stays nan Python
+ * recomputes (float64, or nan for nan input). Rows with KL beyond ~57 (float) or ~678 (double), where the constant
  * above leaves T's range, take KL = log Zy - log Zx - E_p[d] instead: no cancellation there.
  *
  * Jeffreys (kind 2 of rows_ex): both KL directions per row in one call (jeffreys_row).
@@ -40,7 +41,9 @@
  * z = log(m/q) (log1p / expm1 forms, in double; float32 rows that are tame in float, split at
  * the mean log-ratio: see passjt) and the non-negative terms beta p phi(y) +
  * (1 - beta) q phi(z), and a last one the gradients -(beta/T) p (y - E_p y) and
- * -((1 - beta)/T) q (z - E_q z). Support mismatch is allowed (mass off the common support adds
+ * -((1 - beta)/T) q (z - E_q z). Far from convergence (|E d| > 1) y - log(beta) and
+ * z - log(1 - beta) stand in for y and z (see passj): there y sits near log(beta) where p lives,
+ * and its centred differences would cancel. Support mismatch is allowed (mass off the common support adds
  * -beta log(beta) p(off) and its mirror term); log-ratios clamped to the type's range send the
  * row to the caller.
  *
@@ -220,6 +223,7 @@ static const double kphi[16] = {
 #define D_RISK 1048576.0
 #define KL_REL 0x1p-60
 #define KLDIV_JS_T 0 /* JS's log-ratios to the mixture in double (its own type) */
+#define KLDIV_WIDEN 0 /* (the float kernel's left rows come here: see wide_row) */
 #include "fused.c" /* this file, once per element type */
 #undef T
 #undef SFX
@@ -233,6 +237,7 @@ static const double kphi[16] = {
 #undef D_RISK
 #undef KL_REL
 #undef KLDIV_JS_T
+#undef KLDIV_WIDEN
 
 #define T float
 #define SFX _f
@@ -246,6 +251,7 @@ static const double kphi[16] = {
 #define D_RISK 1048576.0 /* larger |d| at an underflowed p_i: the row goes to float64 */
 #define KL_REL 0x1p-30  /* ... unless p_i |d_i| summed stays below KL_REL * KL */
 #define KLDIV_JS_T 1    /* JS in float on tame rows (see js_row), double elsewhere */
+#define KLDIV_WIDEN 1   /* rows this kernel leaves: the double kernel on them (wide_row) */
 #include "fused.c" /* this file, once per element type */
 #undef T
 #undef SFX
@@ -259,6 +265,7 @@ static const double kphi[16] = {
 #undef D_RISK
 #undef KL_REL
 #undef KLDIV_JS_T
+#undef KLDIV_WIDEN
 
 #undef KLDIV_FUSED_TEMPLATE
 
@@ -922,16 +929,24 @@ KLDIV_CLONES static double FN(kl_row)(const T *x, const T *y, Py_ssize_t V, doub
  * mixture, y_i = log(m_i / p_i) and z_i = log(m_i / q_i), into sy, sz (double: the gradient
  * subtracts their means, and a float y would lose digits there); returns sum beta p phi(y) +
  * (1 - beta) q phi(z) over the common support, and adds sum p y, sum q z to ey, ez. In double
- * for both element types (the double kernel's helpers). */
+ * for both element types (the double kernel's helpers).
+ * far (rows with |E_{p_S} d| > 1): what goes into sy, sz is y - log(beta) =
+ * log(m / (beta p)) = s(u) and z - log(1 - beta) = s(-u) instead (0 off the support), with
+ * u = d + L, L = log((1 - beta) / beta), s(u) = log(1 + e^u) = max(u, 0) + log1p(e^-|u|): one
+ * exponential and one logarithm for both, each with full relative accuracy. On far rows y sits
+ * near log(beta) where p lives (q << p) and the gradient's centred y - E_p[y] is a small
+ * difference of two values near log(beta): in y it would cancel (digits lost to log(beta),
+ * all of them once q/p < 1e-16), in s(u) it does not (and mirrored for z where q lives). */
 KLDIV_INLINE double FN(passj)(Py_ssize_t b0, Py_ssize_t b1, const T *restrict sp,
                               const T *restrict sq, const T *restrict sd, double *restrict sy,
                               double *restrict sz, double mu, double md, double amu,
                               double lZx, double lZy, double ipx, double ipy,
                               double be, double c1, double lbe, double lc1, double rbe,
-                              double rc1, double *ey, double *ez, const int dense)
+                              double rc1, double *ey, double *ez, double *ew, const int dense,
+                              const int far, double L)
 {
-    double a = 0, ay = 0, az = 0;
-#pragma omp simd reduction(+ : a, ay, az)
+    double a = 0, ay = 0, az = 0, ap = 0, aq = 0;
+#pragma omp simd reduction(+ : a, ay, az, ap, aq)
     for (Py_ssize_t i = b0; i < b1; i++) {
         const T dv = sd[i];
         const int in = dense ? 1 : dv == dv;
@@ -941,21 +956,36 @@ KLDIV_INLINE double FN(passj)(Py_ssize_t b0, Py_ssize_t b1, const T *restrict sp
         const int cen = fabs(av - lZx) + fabs(bv - lZy) < fabs(t) + amu;
         const double dr = cen ? dn : dc;
         const double d = dr > 1e300 ? 1e300 : (dr < -1e300 ? -1e300 : dr);
-        const double yv = log_mix_d(c1, lc1, rc1, d);  /* log(m / p) */
-        const double zv = log_mix_d(be, lbe, rbe, -d); /* log(m / q) */
+        double yv, zv, wy = 0.0, wz = 0.0;
+        if (far) {
+            const double u = d + L, h = klog1p_d(kexp_d(-fabs(u)));
+            wy = (u > 0 ? u : 0.0) + h; /* log(m / (beta p)) */
+            wz = (u < 0 ? -u : 0.0) + h; /* log(m / ((1 - beta) q)) */
+            yv = lbe + wy;
+            zv = lc1 + wz;
+        } else {
+            yv = log_mix_d(c1, lc1, rc1, d);  /* log(m / p) */
+            zv = log_mix_d(be, lbe, rbe, -d); /* log(m / q) */
+        }
         const double m = be * pv + c1 * qv;
         const int sy_ = fabs(yv) < 0.5, sz_ = fabs(zv) < 0.5;
         const double tp = sy_ ? pv * phi_series_d(sy_ ? yv : 0.0) : m - pv * (1 + yv);
         const double tq = sz_ ? qv * phi_series_d(sz_ ? zv : 0.0) : m - qv * (1 + zv);
         a += in ? be * tp + c1 * tq : 0.0;
-        const double yy = in ? yv : lbe, zz = in ? zv : lc1; /* off the support: m = beta p */
+        /* off the support: m = beta p (y = log beta), m = (1 - beta) q (z = log(1 - beta)) */
+        const double yy = far ? (in ? wy : 0.0) : (in ? yv : lbe);
+        const double zz = far ? (in ? wz : 0.0) : (in ? zv : lc1);
         ay += pv * yy;
         az += qv * zz;
+        ap += pv;
+        aq += qv;
         sy[i] = yy;
         sz[i] = zz;
     }
     *ey += ay;
     *ez += az;
+    ew[0] += ap;
+    ew[1] += aq;
     return a;
 }
 
@@ -1008,19 +1038,22 @@ KLDIV_INLINE T FN(log_mix3)(T c, T lc, T lr, T d)
  * Near the mean (split: y0 = log(beta + (1 - beta) e^{E d}), w = (1 - beta) e^{E d - y0}) the
  * parts that vary (ly, lz) keep full relative accuracy in float, and the gradient subtracts
  * their means without losing digits to a row constant; far from it (no split, y0 = z0 = 0,
- * w = 1 - beta) y, z themselves. ly, lz go into sa, sb over a_i, b_i. Returns the block's sum
- * of beta p phi(y) + (1 - beta) q phi(z) (common support); adds sum p ly, sum q lz to ey, ez.
+ * w = 1 - beta) y, z themselves. ly, lz go into oy, oz (sa, sb keep a_i, b_i for the double
+ * route). Returns the block's sum of beta p phi(y) + (1 - beta) q phi(z) (common support); adds
+ * sum p ly, sum q lz to ey, ez and sum p^2 (1, ly, ly^2), sum q^2 (1, lz, lz^2) to nm[0..5]
+ * (the gradients' norms for js_row's check).
  * one (w and 1 - w both >= 1/4): one logarithm per entry, for the side whose argument is <= 0;
  * the other from ly - lz = dp (exact algebra; with w, 1 - w >= 1/4 the difference loses at most
  * a few ulps: |lz| <= (1 - w) |dp| and ly >= w dp for dp >= 0, the mirror for dp < 0). */
 KLDIV_INLINE T FN(passjt)(Py_ssize_t b0, Py_ssize_t b1, const T *restrict sp,
-                          const T *restrict sq, const T *restrict sd, T *restrict sa,
-                          T *restrict sb, T kt, T kc, T amu, T lZx, T lZy, T ipx, T ipy,
-                          T be, T c1, T y0, T z0, T w, T lw, T v, T lv, T ly_off, T lz_off,
-                          double *ey, double *ez, const int dense, const int one)
+                          const T *restrict sq, const T *restrict sd, const T *restrict sa,
+                          const T *restrict sb, T *restrict oy, T *restrict oz, T kt, T kc,
+                          T amu, T lZx, T lZy, T ipx, T ipy, T be, T c1, T y0, T z0, T w, T lw,
+                          T v, T lv, T ly_off, T lz_off, double *ey, double *ez, double *nm,
+                          const int dense, const int one, const int chk)
 {
-    T a = 0, ay = 0, az = 0;
-#pragma omp simd reduction(+ : a, ay, az)
+    T a = 0, ay = 0, az = 0, n0 = 0, n1 = 0, n2 = 0, n3 = 0, n4 = 0, n5 = 0;
+#pragma omp simd reduction(+ : a, ay, az, n0, n1, n2, n3, n4, n5)
     for (Py_ssize_t i = b0; i < b1; i++) {
         const T dv = sd[i];
         const int in = dense ? 1 : dv == dv;
@@ -1050,11 +1083,79 @@ KLDIV_INLINE T FN(passjt)(Py_ssize_t b0, Py_ssize_t b1, const T *restrict sp,
         const T yy = in ? ly : ly_off, zz = in ? lz : lz_off; /* off the support: m = beta p */
         ay += pv * yy;
         az += qv * zz;
-        sa[i] = yy;
-        sb[i] = zz;
+        if (chk) {
+            const T p2 = pv * pv, q2 = qv * qv;
+            n0 += p2;
+            n1 += p2 * yy;
+            n2 += p2 * yy * yy;
+            n3 += q2;
+            n4 += q2 * zz;
+            n5 += q2 * zz * zz;
+        }
+        oy[i] = yy;
+        oz[i] = zz;
     }
     *ey += ay;
     *ez += az;
+    nm[0] += n0;
+    nm[1] += n1;
+    nm[2] += n2;
+    nm[3] += n3;
+    nm[4] += n4;
+    nm[5] += n5;
+    return a;
+}
+
+/* Pass J in the element type for rows far from convergence (|E_{p_S} d| > 1; see js_row): as
+ * passj's far form, wy = y - log(beta) = s(u) and wz = z - log(1 - beta) = s(-u) with
+ * u = d + log((1 - beta) / beta), s(u) = max(u, 0) + log1p(e^-|u|): one exponential and one
+ * logarithm per entry for both, each with full relative accuracy (0 off the support). wy, wz
+ * go into oy, oz; the sums as passjt's. kt, kc: the route constants with L in them. */
+KLDIV_INLINE T FN(passjb)(Py_ssize_t b0, Py_ssize_t b1, const T *restrict sp,
+                          const T *restrict sq, const T *restrict sd, const T *restrict sa,
+                          const T *restrict sb, T *restrict oy, T *restrict oz, T kt, T kc,
+                          T amu, T lZx, T lZy, T ipx, T ipy, T be, T c1, T lbe, T lc1,
+                          double *ey, double *ez, double *nm, const int dense)
+{
+    T a = 0, ay = 0, az = 0, n0 = 0, n1 = 0, n2 = 0, n3 = 0, n4 = 0, n5 = 0;
+#pragma omp simd reduction(+ : a, ay, az, n0, n1, n2, n3, n4, n5)
+    for (Py_ssize_t i = b0; i < b1; i++) {
+        const T dv = sd[i];
+        const int in = dense ? 1 : dv == dv;
+        const T t = in ? dv : (T)0, av = sa[i], bv = sb[i]; /* a_i, b_i */
+        const int cen = KFABS(av - lZx) + KFABS(bv - lZy) < KFABS(t) + amu;
+        const T ur = cen ? (bv - av) + kc : t + kt;
+        const T u = in ? ur : (T)0;
+        const T h = FN(klog1p)(KEXP(-KFABS(u)));
+        const T wy = (u > 0 ? u : (T)0) + h, wz = (u < 0 ? -u : (T)0) + h;
+        const T yv = lbe + wy, zv = lc1 + wz;
+        const T pv = sp[i] * ipx, qv = sq[i] * ipy;
+        const T m = be * pv + c1 * qv;
+        const int sy_ = KFABS(yv) < (T)0.5, sz_ = KFABS(zv) < (T)0.5;
+        const T tp = sy_ ? pv * FN(phi_series)(sy_ ? yv : (T)0) : m - pv * (1 + yv);
+        const T tq = sz_ ? qv * FN(phi_series)(sz_ ? zv : (T)0) : m - qv * (1 + zv);
+        a += in ? be * tp + c1 * tq : (T)0;
+        const T yy = in ? wy : (T)0, zz = in ? wz : (T)0; /* off the support: 0 */
+        ay += pv * yy;
+        az += qv * zz;
+        const T p2 = pv * pv, q2 = qv * qv;
+        n0 += p2;
+        n1 += p2 * yy;
+        n2 += p2 * yy * yy;
+        n3 += q2;
+        n4 += q2 * zz;
+        n5 += q2 * zz * zz;
+        oy[i] = yy;
+        oz[i] = zz;
+    }
+    *ey += ay;
+    *ez += az;
+    nm[0] += n0;
+    nm[1] += n1;
+    nm[2] += n2;
+    nm[3] += n3;
+    nm[4] += n4;
+    nm[5] += n5;
     return a;
 }
 
@@ -1136,67 +1237,110 @@ KLDIV_CLONES static double FN(js_row)(const T *x, const T *y, Py_ssize_t V, doub
     const double lZx = log(Zx), lZy = log(Zy), amu = fabs(mu) + fabs(meanD);
     const double ipx = 1.0 / Zx, ipy = 1.0 / Zy;
     double acc = 0, ey = 0, ez = 0;
-#if KLDIV_JS_T
-    /* tame rows in float (passjt): no log-ratio beyond 2^20, beta in [0.2, 0.8] (with an
-     * extreme beta, y = log(beta + (1 - beta) e^d) sits within a small variation of log beta
-     * wherever q << p, and float would lose that variation to the gradient), and either
-     * |E d| <= 1 (split at the mean: w, 1 - w and y0, z0 of order 1) or a full support (no
-     * split: y, z of order |E d| > 1, so that a common part of y has no small variations left to
-     * lose); others in double */
+    /* rows far from convergence take the far form (see passj), y - log(beta) and
+     * z - log(1 - beta); near it y, z themselves (split at the mean in float) */
     const int near = fabs(meanD) <= 1.0;
-    if (!rs.risk && beta >= 0.2 && beta <= 0.8 && (near || dense)) {
-        const double y0 = near ? log_mix_d(c1, lc1, rc1, meanD) : 0.0;
-        const double z0 = near ? log_mix_d(be, lbe, rbe, -meanD) : 0.0;
-        const double lw = near ? lc1 + meanD - y0 : lc1, lv = near ? lbe - meanD - z0 : lbe;
-        const T tw = (T)exp(lw), tv = (T)exp(lv);
-        /* dp = d - E d (split) or d (no split): t + kt, or (b - a) + kc */
-        const T kt = near ? (T)-mu : (T)(meanD - mu);
-        const T kc = near ? (T)((lZx - lZy) - meanD) : (T)(lZx - lZy);
-        const int one = lw >= -1.3862943611198906 && lv >= -1.3862943611198906; /* >= 1/4 */
-        for (Py_ssize_t b0 = 0; b0 < V; b0 += KLDIV_BLOCK) {
-            const Py_ssize_t b1 = b0 + KLDIV_BLOCK < V ? b0 + KLDIV_BLOCK : V;
-#define KLDIV_PJT(dn, one)                                                                     \
-    FN(passjt)(b0, b1, sp, sq, sd, sa, sb, kt, kc, (T)amu, (T)lZx, (T)lZy, (T)ipx,              \
-               (T)ipy, (T)be, (T)c1, (T)y0, (T)z0, tw, (T)lw, tv, (T)lv, (T)(lbe - y0),         \
-               (T)(lc1 - z0), &ey, &ez, dn, one)
-            if (one)
-                acc += dense ? KLDIV_PJT(1, 1) : KLDIV_PJT(0, 1);
-            else
-                acc += dense ? KLDIV_PJT(1, 0) : KLDIV_PJT(0, 0);
-#undef KLDIV_PJT
-        }
-        const double js = acc - beta * log(beta) * po - (1.0 - beta) * log1p(-beta) * qo;
-        if (gx || gy) {
-            const double fx = xp ? 1.0 / (Zx * rs.xmax) : 1.0 / Zx;
-            const double fy = yp ? 1.0 / (Zy * rs.ymax) : 1.0 / Zy;
-            const T gxc = (T)(beta * s * inv_t * fx), gyc = (T)((1.0 - beta) * s * inv_t * fy);
-            const T eyT = (T)ey, ezT = (T)ez;
-            const int wx = gx != NULL, wy = gy != NULL;
+    const double L = lc1 - lbe;
+#if KLDIV_JS_T
+    /* in float: rows without a log-ratio beyond 2^20; near convergence with beta in [0.2, 0.8]
+     * (with an extreme beta, y = log(beta + (1 - beta) e^d) sits within a small variation of
+     * log beta wherever q << p, and float would lose that variation to the gradient), split at
+     * the mean (w, 1 - w and y0, z0 of order 1); far from it the far form (any beta, any
+     * support). Then a check (far form only: split at the mean, the carried values are small
+     * where the mass is): a row whose carried values are large against their centred
+     * differences (the gradient's norm below ~1/30 of its rounding's scale, either side: more
+     * than ~5 bits lost in float; one sharp peak of q where d is moderate) goes to the double
+     * route. ly, lz go to the double scratch (as floats), so that
+     * sa, sb keep a_i, b_i for it. */
+    if (!rs.risk && (!near || (beta >= 0.2 && beta <= 0.8))) {
+        T *oy = (T *)sy, *oz = (T *)sz;
+        double nm[6] = {0, 0, 0, 0, 0, 0};
+        if (near) {
+            const double y0 = log_mix_d(c1, lc1, rc1, meanD);
+            const double z0 = log_mix_d(be, lbe, rbe, -meanD);
+            const double lw = lc1 + meanD - y0, lv = lbe - meanD - z0;
+            const T tw = (T)exp(lw), tv = (T)exp(lv);
+            /* dp = d - E d: t + kt, or (b - a) + kc */
+            const T kt = (T)-mu, kc = (T)((lZx - lZy) - meanD);
+            const int one = lw >= -1.3862943611198906 && lv >= -1.3862943611198906; /* >= 1/4 */
             for (Py_ssize_t b0 = 0; b0 < V; b0 += KLDIV_BLOCK) {
                 const Py_ssize_t b1 = b0 + KLDIV_BLOCK < V ? b0 + KLDIV_BLOCK : V;
-                if (!xp && !yp && wx && wy)
-                    FN(passjgt)(b0, b1, sp, sq, sa, sb, gx, gy, gxc, gyc, eyT, ezT, 1, 1, 0, 0);
-                else if (!xp && !yp && wy)
-                    FN(passjgt)(b0, b1, sp, sq, sa, sb, gx, gy, gxc, gyc, eyT, ezT, 0, 1, 0, 0);
+#define KLDIV_PJT(dn, one)                                                                     \
+    FN(passjt)(b0, b1, sp, sq, sd, sa, sb, oy, oz, kt, kc, (T)amu, (T)lZx, (T)lZy, (T)ipx,      \
+               (T)ipy, (T)be, (T)c1, (T)y0, (T)z0, tw, (T)lw, tv, (T)lv, (T)(lbe - y0),         \
+               (T)(lc1 - z0), &ey, &ez, nm, dn, one, 0)
+                if (one)
+                    acc += dense ? KLDIV_PJT(1, 1) : KLDIV_PJT(0, 1);
                 else
-                    FN(passjgt)(b0, b1, sp, sq, sa, sb, gx, gy, gxc, gyc, eyT, ezT, wx, wy, xp,
-                                yp);
+                    acc += dense ? KLDIV_PJT(1, 0) : KLDIV_PJT(0, 0);
+#undef KLDIV_PJT
+            }
+        } else {
+            /* u = d + L: t + kt, or (b - a) + kc */
+            const T kt = (T)((meanD - mu) + L), kc = (T)((lZx - lZy) + L);
+            for (Py_ssize_t b0 = 0; b0 < V; b0 += KLDIV_BLOCK) {
+                const Py_ssize_t b1 = b0 + KLDIV_BLOCK < V ? b0 + KLDIV_BLOCK : V;
+#define KLDIV_PJB(dn)                                                                          \
+    FN(passjb)(b0, b1, sp, sq, sd, sa, sb, oy, oz, kt, kc, (T)amu, (T)lZx, (T)lZy, (T)ipx,      \
+               (T)ipy, (T)be, (T)c1, (T)lbe, (T)lc1, &ey, &ez, nm, dn)
+                acc += dense ? KLDIV_PJB(1) : KLDIV_PJB(0);
+#undef KLDIV_PJB
             }
         }
-        return js;
+        /* the centred differences' loss: |p (ly - E ly)|^2 against |p ly|^2 + E^2 |p|^2 (the
+         * size of their float rounding), within a factor ~30 on both sides */
+        const double gny = nm[2] - 2.0 * ey * nm[1] + ey * ey * nm[0];
+        const double gnz = nm[5] - 2.0 * ez * nm[4] + ez * ez * nm[3];
+        const int ok = near || (gny >= 1e-3 * (nm[2] + ey * ey * nm[0]) &&
+                                gnz >= 1e-3 * (nm[5] + ez * ez * nm[3]));
+        if (ok || !(gx || gy)) {
+            const double js = acc - beta * log(beta) * po - (1.0 - beta) * log1p(-beta) * qo;
+            if (gx || gy) {
+                const double fx = xp ? 1.0 / (Zx * rs.xmax) : 1.0 / Zx;
+                const double fy = yp ? 1.0 / (Zy * rs.ymax) : 1.0 / Zy;
+                const T gxc = (T)(beta * s * inv_t * fx);
+                const T gyc = (T)((1.0 - beta) * s * inv_t * fy);
+                const T eyT = (T)ey, ezT = (T)ez;
+                const int wx = gx != NULL, wy = gy != NULL;
+                for (Py_ssize_t b0 = 0; b0 < V; b0 += KLDIV_BLOCK) {
+                    const Py_ssize_t b1 = b0 + KLDIV_BLOCK < V ? b0 + KLDIV_BLOCK : V;
+                    if (!xp && !yp && wx && wy)
+                        FN(passjgt)(b0, b1, sp, sq, oy, oz, gx, gy, gxc, gyc, eyT, ezT, 1, 1, 0,
+                                    0);
+                    else if (!xp && !yp && wy)
+                        FN(passjgt)(b0, b1, sp, sq, oy, oz, gx, gy, gxc, gyc, eyT, ezT, 0, 1, 0,
+                                    0);
+                    else
+                        FN(passjgt)(b0, b1, sp, sq, oy, oz, gx, gy, gxc, gyc, eyT, ezT, wx, wy,
+                                    xp, yp);
+                }
+            }
+            return js;
+        }
+        acc = ey = ez = 0; /* the double route below */
     }
     for (Py_ssize_t i = 0; i < V; i++) { /* a_i, b_i for the double passes */
         sy[i] = (double)sa[i];
         sz[i] = (double)sb[i];
     }
 #endif
+    double ew[2] = {0, 0}; /* sum p, sum q as the pass has them (see below) */
     for (Py_ssize_t b0 = 0; b0 < V; b0 += KLDIV_BLOCK) {
         const Py_ssize_t b1 = b0 + KLDIV_BLOCK < V ? b0 + KLDIV_BLOCK : V;
-        acc += dense ? FN(passj)(b0, b1, sp, sq, sd, sy, sz, mu, meanD, amu, lZx, lZy, ipx,
-                                 ipy, be, c1, lbe, lc1, rbe, rc1, &ey, &ez, 1)
-                     : FN(passj)(b0, b1, sp, sq, sd, sy, sz, mu, meanD, amu, lZx, lZy, ipx,
-                                 ipy, be, c1, lbe, lc1, rbe, rc1, &ey, &ez, 0);
+#define KLDIV_PJ(dn, far)                                                                      \
+    FN(passj)(b0, b1, sp, sq, sd, sy, sz, mu, meanD, amu, lZx, lZy, ipx, ipy, be, c1, lbe, lc1,  \
+              rbe, rc1, &ey, &ez, ew, dn, far, L)
+        if (near)
+            acc += dense ? KLDIV_PJ(1, 0) : KLDIV_PJ(0, 0);
+        else
+            acc += dense ? KLDIV_PJ(1, 1) : KLDIV_PJ(0, 1);
+#undef KLDIV_PJ
     }
+    /* E_p y, E_q z over the weights as they are: the float kernel's Zx, Zy hold float block
+     * sums, and an error of 1e-7 in sum q is one of 1e-7 |z| in E_q z, which a q peaked on one
+     * entry (z - E_q z ~ 1e-4 there) would show */
+    ey /= ew[0];
+    ez /= ew[1];
     const double js = acc - beta * log(beta) * po - (1.0 - beta) * log1p(-beta) * qo;
     if (gx || gy) {
         /* probability sides: p_i / x_i = 1 / (Zx max p) */
@@ -1254,6 +1398,44 @@ KLDIV_CLONES static double FN(jeffreys_row)(const T *x, const T *y, Py_ssize_t V
     return f + b;
 }
 
+#if KLDIV_WIDEN
+/* A row the float kernel leaves (nan: values spanning more than float holds, as logits of 3e38
+ * next to a mask of finfo.min; an underflowed p_i at a huge log-ratio; a JS log-ratio clamped
+ * to float's range): the double kernel on the row widened to double (exact), its gradients
+ * rounded to float once. Each side's shift by its own maximum is then taken in double, and
+ * the log-ratio from the raw differences (TwoSum) as everywhere: entries that carry mass stay
+ * apart (2 - 3e38 and -1 - 3e38 are one float, but their log-ratios to the other side are
+ * not). Still nan (nan input, no distribution, negative probabilities): the caller decides.
+ * Costs a conversion and a fresh scratch, on such rows only. */
+static double FN(wide_row)(int kind, const T *x, const T *y, Py_ssize_t V, double inv_t,
+                           double beta, int xp, int yp, double s, T *gx, T *gy, double *st)
+{
+    const size_t off = ((3 * (size_t)V * sizeof(double) + 63) / 64) * 64;
+    const size_t extra = kind ? ((2 * (size_t)V * sizeof(double) + 63) / 64) * 64 : 0;
+    char *mem = (char *)aligned_alloc(64, off + extra + 4 * (size_t)V * sizeof(double));
+    if (!mem)
+        return NAN;
+    double *xd = (double *)(mem + off + extra), *yd = xd + V, *gxd = yd + V, *gyd = gxd + V;
+    for (Py_ssize_t i = 0; i < V; i++) {
+        xd[i] = (double)x[i];
+        yd[i] = (double)y[i];
+    }
+    double row;
+    one_row_d(0, kind, xd, V, yd, V, 1, V, inv_t, beta, xp, yp, &s, &row, gx ? gxd : NULL, V,
+              gy ? gyd : NULL, V, st, (double *)mem, off, 0);
+    if (row == row) {
+        if (gx)
+            for (Py_ssize_t i = 0; i < V; i++)
+                gx[i] = (T)gxd[i];
+        if (gy)
+            for (Py_ssize_t i = 0; i < V; i++)
+                gy[i] = (T)gyd[i];
+    }
+    free(mem);
+    return row;
+}
+#endif
+
 /* Row r of FN(run) (scratch buf, NULL when it could not be allocated). */
 KLDIV_INLINE void FN(one_row)(Py_ssize_t r, int kind, const T *x, Py_ssize_t xs, const T *y,
                               Py_ssize_t ys, Py_ssize_t n, Py_ssize_t V, double inv_t,
@@ -1296,6 +1478,11 @@ KLDIV_INLINE void FN(one_row)(Py_ssize_t r, int kind, const T *x, Py_ssize_t xs,
         rows[r] = FN(kl_row)(x + r * xs, y + r * ys, V, inv_t, s, gxr, gyr, buf, buf + V,
                              buf + 2 * V, xn, yn, xp, yp, st);
     }
+#if KLDIV_WIDEN
+    if (rows[r] != rows[r]) /* left by this kernel (gradients untouched): in double */
+        rows[r] = FN(wide_row)(kind, x + r * xs, y + r * ys, V, inv_t, beta, xp, yp, s, gxr,
+                               gyr, st);
+#endif
 }
 
 /* All rows, OpenMP over rows (one thread: a plain loop, no team); returns nonzero when a

@@ -307,7 +307,7 @@ def divergence(kind, p, q, *, p_space, q_space, axis, reduction, mask, weight, t
     rows, gp, gq = res[:3]
     if use_kernel and c is None and spec.reduction != "none":
         total = res[3]  # as _lane does (the same bits on every call)
-        value = torch.scalar_tensor(total * spec.c_const, dtype=spec.dtype)
+        value = _scalar(total * spec.c_const, spec.dtype)
     else:
         value = _reduce(rows, c, spec)
     if not (need_p or need_q):
@@ -350,7 +350,7 @@ def _lane(spec, p, q, validate):
         spec.pool.append(bufs)
         if total != total or near:  # a row left to the core, or a check to look at closely
             return None
-        value = torch.scalar_tensor(total * spec.c_const, dtype=spec.dtype)
+        value = _scalar(total * spec.c_const, spec.dtype)
         if not (need_p or need_q):
             return value
         if gp is not None and p.dim() != 2:
@@ -369,11 +369,20 @@ def _lane(spec, p, q, validate):
             value = value * spec.c_const
         value = value.to(spec.dtype)
     else:
-        value = torch.scalar_tensor(total * spec.c_const, dtype=spec.dtype)
+        value = _scalar(total * spec.c_const, spec.dtype)
     if not (need_p or need_q):
         return value
     return _lane_apply(p, q, [value, gp, gq, spec])
 
+
+
+def _scalar(v, dt):
+    """The reduced value v (a Python float) as a 0-d tensor of dtype dt: rounded as a float64
+    tensor's conversion rounds it (beyond float32's range: +-inf; torch.scalar_tensor raises)."""
+    try:
+        return torch.scalar_tensor(v, dtype=dt)
+    except RuntimeError:
+        return torch.scalar_tensor(v, dtype=torch.float64).to(dt)
 
 def _plan(spec):
     """The arguments of _lane's single kernel call, or False where _kernel_rows must run (rows
