@@ -1226,6 +1226,12 @@ KLDIV_CLONES static double FN(js_row)(const T *x, const T *y, Py_ssize_t V, doub
         const double lqS = qo < 0.5 ? log1p(-qo) : log(ZqS / Zy);
         const double lpS = po < 0.5 ? log1p(-po) : log(ZxS / Zx);
         meanD = lqS - lpS - L;
+    } else { /* a side's mass on S underflows while S may hold entries (q's logit 100 below
+              * its maximum in float32, 1e4 in double, where p lives): E_{p_S}[d] from the
+              * row constants, d_i = t_i + Dref + log Zx - log Zy (|E d| is huge then, or S is
+              * empty and nothing reads it); mu = 0 keeps t_i + E d = d_i on the centred route */
+        mu = ZxS > 0 ? rs.S1 / ZxS : 0.0;
+        meanD = mu + rs.Dref + (log(Zx) - log(Zy));
     }
     const double be = beta, c1 = 1.0 - beta, lbe = log(beta), lc1 = log1p(-beta);
     const double rbe = (1.0 - beta) / beta, rc1 = beta / (1.0 - beta);
