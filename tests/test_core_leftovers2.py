@@ -11,7 +11,9 @@ off), each against mpmath on the exact float32 inputs, per row:
     (3e38, -3e38, finfo.min masking): the gradient is O(1) and needs the exact difference of
     entries that each side's shift by its own maximum rounded to one number (reverse KL of
     a = [2, -1, 3e38], b = [0, -1, -3.4e38] gave d/db = [0.197, -0.197, 0] for [-0.393, 0.393,
-    0]). Forward, reverse, JS.
+    0]). Forward, reverse, JS, Jeffreys (whose derivatives on rows with |log(q/p)| > 20
+    are formed from log-ratios centred by p and by q; Hessians there against torch.autograd
+    on the float64 textbook formula).
 
 The reference: value and gradient with respect to both sides' logits from mpmath at 400 bits
 (dF/da = G - p sum G with G_i = p_i dF/dp_i; ``_mp_value_grad``).
@@ -77,15 +79,18 @@ def _mp_value_grad(kind, a, b, beta=0.5):
 
 def _check_rows(kind, a, b, value, ga, gb, tol, beta=0.5):
     """Per row: the value to 1e-5 relative (+inf where the true value reaches float32's
-    maximum) and the gradient normwise, both sides together, to ``tol``."""
+    maximum) and the gradient normwise, both sides together, to ``tol``. Entries that are -inf
+    on both sides (padding) are left out of the reference and must get a zero gradient."""
     for i in range(a.shape[0]):
-        v_ref, ra, rb = _mp_value_grad(kind, a[i], b[i], beta)
+        on = ~(np.isneginf(a[i]) & np.isneginf(b[i]))
+        assert not ga[i][~on].any() and not gb[i][~on].any(), i
+        v_ref, ra, rb = _mp_value_grad(kind, a[i][on], b[i][on], beta)
         if v_ref >= F32MAX:  # (at the boundary, fmax + 2, the gradient is not compared)
             assert value[i] == np.inf, i
             continue
         assert abs(value[i] - v_ref) <= 1e-5 * abs(v_ref) + 1e-30, (i, value[i], v_ref)
         ref = np.r_[ra, rb]
-        err = np.linalg.norm(np.r_[ga[i], gb[i]] - ref)
+        err = np.linalg.norm(np.r_[ga[i][on], gb[i][on]] - ref)
         assert err <= tol * np.linalg.norm(ref) + 1e-30, (i, a[i], b[i], ga[i], gb[i], ra, rb)
 
 
@@ -108,7 +113,8 @@ def _jax_grads(kind, a, b, **kw):
         v = f(x, y, p_space="logits", q_space="logits", **kw)
         return v.sum(), v
 
-    (_, v), (ga, gb) = jax.value_and_grad(total, argnums=(0, 1), has_aux=True)(
+    # (jitted: one compilation; op by op the core takes minutes in JAX)
+    (_, v), (ga, gb) = jax.jit(jax.value_and_grad(total, argnums=(0, 1), has_aux=True))(
         jnp.asarray(a), jnp.asarray(b))
     return tuple(np.asarray(t, dtype=np.float64) for t in (v, ga, gb))
 
@@ -124,12 +130,20 @@ def _far_rows(std, rows=12):
     return x[:rows].numpy(), y[:rows].numpy()
 
 
-@pytest.mark.parametrize("std, lib", [(3, "torch"), (4, "torch"), (8, "torch"), (8, "jax")])
-def test_js_gradient_on_far_rows_float32(std, lib, restore_jax_x64):
+@pytest.mark.parametrize("std", [3, 4, 8])
+def test_js_gradient_on_far_rows_float32_torch(std):
     a, b = _far_rows(std)
     beta = 0.5 if std != 4 else 0.3
-    grads = _torch_grads if lib == "torch" else _jax_grads
-    _check_rows("js", a, b, *grads("js", a, b, beta=beta), tol=1e-5, beta=beta)
+    _check_rows("js", a, b, *_torch_grads("js", a, b, beta=beta), tol=1e-5, beta=beta)
+
+
+def test_js_gradient_on_far_and_huge_rows_float32_jax(restore_jax_x64):
+    """jax.grad through the core (jitted), the far rows of std 8 and the huge rows of (2)
+    together (one compilation)."""
+    fa, fb = _far_rows(8)
+    ha, hb = _padded(_huge_rows())
+    a, b = np.concatenate([fa, ha]), np.concatenate([fb, hb])
+    _check_rows("js", a, b, *_jax_grads("js", a, b), tol=1e-5)
 
 
 def test_js_gradient_on_far_rows_float64_torch():
@@ -190,19 +204,41 @@ def _huge_rows():
     return out
 
 
-def _by_width(rows):
-    """The rows stacked by width: one call per width."""
-    widths = sorted({len(a) for a, _ in rows})
-    return [(np.stack([a for a, _ in rows if len(a) == w]),
-             np.stack([b for a, b in rows if len(a) == w])) for w in widths]
+def _padded(rows, width=50):
+    """The rows stacked, each padded to ``width`` with -inf on both sides (outside both
+    supports: the divergence does not change): one call for all."""
+    a = np.full((len(rows), width), -np.inf, np.float32)
+    b = a.copy()
+    for i, (x, y) in enumerate(rows):
+        a[i, :len(x)], b[i, :len(y)] = x, y
+    return a, b
 
 
 @pytest.mark.parametrize("kind, lib", [("forward", "torch"), ("reverse", "torch"),
-                                       ("js", "torch"), ("reverse", "jax")])
+                                       ("js", "torch"), ("jeffreys", "torch"),
+                                       ("reverse", "jax")])
 def test_huge_kl_far_from_the_other_maximum(kind, lib, restore_jax_x64):
     grads = _torch_grads if lib == "torch" else _jax_grads
-    for a, b in _by_width(_huge_rows()):
-        _check_rows(kind, a, b, *grads(kind, a, b), tol=1e-5)
+    a, b = _padded(_huge_rows())
+    _check_rows(kind, a, b, *grads(kind, a, b), tol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["forward", "reverse", "js", "jeffreys"])
+def test_hessians_on_far_float64_rows(kind):
+    """Rows whose log-ratios reach 20..100 (the large-KL derivative routes), float64: the
+    Hessian (torch double backward) against the textbook formula's."""
+    torch = pytest.importorskip("torch")
+    from torch_reference import naive_row
+
+    g = torch.Generator().manual_seed(3)
+    for std in (8.0, 30.0):
+        a, b = torch.randn(2, 6, generator=g, dtype=torch.float64) * std
+        x = torch.cat([a, b])
+        got = torch.autograd.functional.hessian(
+            lambda x: FUNCS[kind](x[:6], x[6:], p_space="logits", q_space="logits"), x)
+        ref = torch.autograd.functional.hessian(
+            lambda x: naive_row(kind, x[:6], x[6:], "logits", "logits"), x)
+        assert (got - ref).abs().max() <= 1e-11 * ref.abs().max(), (kind, std)
 
 
 def test_issue_row_reverse_kl():

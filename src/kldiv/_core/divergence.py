@@ -317,6 +317,7 @@ class _Pair:
     kl: object  # KL(p || q), +inf where p escapes
     nan_rows: object  # 0, or nan on rows with a nan input
     dq: object = None  # d / 4, not clamped (d beyond finfo.max where the row is that wide)
+    dcq: object = None  # (d - E_p[d]) / 4 on T, from the exact log-ratio (with d)
 
 
 # A side whose row maximum is at least this large in magnitude is shifted by it before the two
@@ -558,7 +559,8 @@ def _pair(xp, P: _Side, Q: _Side, need_d: bool = False) -> _Pair:
     # 0 on every row, nan on a row with a nan (its normaliser is nan): an escape's +inf must
     # not hide it
     nan_rows = 0 * (P.norm + Q.norm)[..., 0]
-    return _Pair(T, d, p_out, q_out, p_escapes, q_escapes, kl + nan_rows, nan_rows, dq)
+    return _Pair(T, d, p_out, q_out, p_escapes, q_escapes, kl + nan_rows, nan_rows, dq,
+                 dcq if need_d else None)
 
 
 def _subnormal_weight_derivatives(xp, P: _Side, Q: _Side, T, dc, kl, rows):
@@ -743,6 +745,47 @@ def _js_surrogate(xp, P, Q, pr, y, z, beta):
             - (1 - beta) * side(Q.w, z, v, math.log1p(-beta)))
 
 
+def _jeffreys_far(xp, P, Q, pr, val):
+    """``val`` (Jeffreys' divergence) with the first derivatives of the plain formula, formed
+    from centred log-ratios, on rows where some |log(q_i / p_i)| with mass exceeds 20.
+
+    There d carries a large row constant (up to ~1e38 in float32: logits of 3e38 on one side),
+    and autodiff of sum (q - p) d would see its rounding (eps |d|) in every entry, where the
+    gradient is O(1) (mass far below the other side's maximum). With r = log p - log q,
+        dJ = sum dp_i (r_i - E_p r) - sum dq_i (r_i - E_q r) + sum (p_i - q_i) dr_i,
+    r - E_p r from p's exact centred log-ratio (``_pair``), r - E_q r from the log-ratio
+    anchored at q's mode (``_log_delta`` the other way round), constants to autodiff; q - p as
+    p expm1(d) where |d| < 1. Second derivatives: those of J (checked against torch.autograd's
+    Hessian of the float64 textbook formula)."""
+    T = pr.common
+    zero = xp.zeros_like(pr.d)
+    far = xp.any(T & ((P.w > 0) | (Q.w > 0)) & (xp.abs(pr.d) > 20.0), axis=-1)
+    if is_concrete(far) and not bool(xp.any(far)):
+        return val
+    fmax = xp.finfo(zero.dtype).max
+    pp = T & (P.w > 0)
+    qq = T & (Q.w > 0)
+    cp = stop_gradient(xp.where(pp, xp.clip(pr.dcq * -4, -fmax, fmax), zero))  # r - E_p r
+    if P.m is None and Q.m is None:  # probabilities: |d| <= 745, no row constant to fear
+        rq = -pr.dq
+    else:
+        rq = _log_delta_mixed(xp, Q, P, T)[0]  # log(p/q) / 4, anchored at q's mode
+    rq = stop_gradient(xp.where(qq, rq, zero))
+    mq = xp.sum(xp.where(qq, Q.w, zero) * rq, axis=-1, keepdims=True) / xp.sum(
+        xp.where(qq, Q.w, zero), axis=-1, keepdims=True)
+    cq = stop_gradient(xp.where(qq, xp.clip((rq - mq) * -4, -fmax, fmax), zero))  # E_q r - r
+    near = T & (xp.abs(pr.d) < 1)
+    qmp = xp.where(near, P.w * xp.expm1(xp.where(near, pr.d, zero)), Q.w - P.w)
+    dr = _dlog(xp, P, T) - _dlog(xp, Q, T)
+    # the coefficient of dr: the accurate p - q in value, dp - dq in derivative (the second
+    # derivative's (dp - dq) dr terms; with the centred log-ratios constants, d2J is whole)
+    pmq = P.w - Q.w
+    k = -stop_gradient(qmp) + (pmq - stop_gradient(pmq))
+    g = (xp.sum(xp.where(pp, P.w * cp, zero), axis=-1)
+         + xp.sum(xp.where(qq, Q.w * cq, zero), axis=-1) + xp.sum(xp.where(T, k * dr, zero), axis=-1))
+    return xp.where(far, stop_gradient(val) + (g - stop_gradient(g)), val)
+
+
 def _rows(kind, xp, P, Q, beta):
     """Per-row divergence of the given kind (categories on the last axis)."""
     if kind == "forward":
@@ -761,6 +804,8 @@ def _rows(kind, xp, P, Q, beta):
         dql = xp.where(small, zero, pr.dq)
         term = xp.where(small, P.w * ds * xp.expm1(ds), (dql * (Q.w - P.w)) * 4)
         val = xp.sum(xp.where(pr.common, term, zero), axis=-1)
+        if _may_differentiate(P.x) or _may_differentiate(Q.x):
+            val = _jeffreys_far(xp, P, Q, pr, val)
         bad = pr.p_escapes | pr.q_escapes | (val >= xp.finfo(val.dtype).max)  # as in _pair
         return xp.where(bad, const(xp, math.inf, val), val) + pr.nan_rows
     if kind == "js":
