@@ -22,26 +22,46 @@ MPS, JAX with ``jax_enable_x64``): log p rounded to float32 would cost eps * |lo
 1e-4 at 1e-7, 5e-6 at 1e-5 (``tests/test_core_leftovers.py``'s rows).
 
 Large magnitudes. The value does not change when a constant is added to one side's logits,
-however large (a row of -1e30 or finfo.min, a whole row offset by 1e4, logits of 3e38): a side
-whose row maximum is 64 or more in magnitude is shifted by it (exact, by Sterbenz' lemma, for
-every entry within 32 nats of the maximum, the only ones that carry mass), and the difference of
-the two sides is formed exactly (TwoSum) and taken relative to its value at p's mode, so that
-neither an offset of one side nor a constant between the two (logits that differ by 0.3 or by
-1e30) rounds the log-ratio: float32 keeps about 1e-6 relative accuracy down to KL = 1e-9 across
-any offset, float64 about 1e-13 (``tests/test_core_numerics_extra.py``). The log-ratio is
+however large (a row of -1e30 or finfo.min, a whole row offset by 1e4, logits of 3e38): each
+side is normalised after a shift by its row maximum where that is 64 or more in magnitude
+(exact, by Sterbenz' lemma, for every entry within 32 nats of the maximum, the only ones that
+carry that side's mass), and the log-ratio is the difference of the two sides' raw inputs,
+formed exactly (TwoSum) and taken relative to its value at p's mode, so that neither an offset
+of one side nor a constant between the two (logits that differ by 0.3 or by 1e30) rounds it:
+float32 keeps about 1e-6 relative accuracy down to KL = 1e-9 across any offset, float64 about
+1e-13 (``tests/test_core_numerics_extra.py``). Being unshifted, the log-ratio is exact also
+where one side holds mass far below the other side's maximum (2 and -1 against a logit of 3e38
+on the other side: a shift by 3e38 would round both to one number), which a huge KL's O(1)
+gradient needs (``tests/test_core_leftovers2.py``). The log-ratio is
 carried in quarters, so rows wider than the float range (float32 rows holding both +-3e38, or
 x / T beyond it) are exact too; a value beyond finfo.max is +inf. Only entries more than
 finfo.max below their own row maximum are clamped there within a side (their probability is 0
 either way).
-Second derivatives: with respect to probabilities down to about 1e-30 (float32; 1e-290 in
+Derivatives. They are those of the accurate value, formed so that autodiff meets no
+cancellation the value avoided: float32 gradients are within 1e-5 per row (normwise; 1e-6
+or better measured) of the exact ones on every row the tests draw. Rows far apart need two
+arrangements. JS on far, nearly disjoint rows (JS near its bound): its derivative
+beta log(p_i / m_i) sits near -beta log(beta), and the part that matters, u_i =
+log(m_i / (beta p_i)) = log1p(((1 - beta) / beta) e^(d_i)), is below the rounding of
+log(beta); the derivatives are taken from u (and its mirror for q) with full relative
+accuracy, centred per row (``_js_surrogate``: float32 logits of std 3, 4, 8 went from 2e-5,
+7e-5, O(1) to 1e-6). Huge KL and Jeffreys rows (log-ratios
+beyond 20, up to 1e38 in float32): the derivatives of the plain formula, assembled from the
+exact centred log-ratios (KL: centred by p; Jeffreys: by p and by q, ``_jeffreys_far``), so
+that a row constant of 3e38 never rounds an O(1) gradient.
+Second derivatives: those of the value (torch double backward, jax.hessian; Hessian-vector
+products), the routes above included (they are arranged so that their derivatives are the
+plain formula's). With respect to probabilities down to about 1e-30 (float32; 1e-290 in
 float64) they are finite and accurate (the logarithm of a tiny probability is taken at a scaled
 value, so that autodiff never squares it into 0). Below 16 / finfo.max (float32 subnormals),
 where 1/p overflows, KL and reverse KL take their derivatives on that row from the plain
 formula assembled so that autodiff never multiplies 1/p into p's graph: the Hessian's diagonal
 entry there is +inf (the true ~1e40, correctly rounded) and every other entry finite and right
 (torch; XLA on CPU flushes float32 subnormals to 0 in arithmetic, so JAX treats such an entry as
-0). Not under tracing (jax.jit, torch.compile: the rows cannot be known), nor for JS and
-Jeffreys, whose Hessian rows there can hold inf or nan: use float64 for those.
+0). Not under tracing (jax.jit, torch.compile: the rows cannot be known). Not for JS and
+Jeffreys: there the Hessian's row of the subnormal entry (d/dp_i of the gradient) is nan
+(its column and every other entry are right; so are the first derivatives, -inf where they
+overflow, as Jeffreys' does there): use float64 for second derivatives at such probabilities.
 No finite input gives a nan or a negative value. A nan in an unmasked row (``validate=False``)
 makes that row's value nan.
 
@@ -782,7 +802,8 @@ def _jeffreys_far(xp, P, Q, pr, val):
     pmq = P.w - Q.w
     k = -stop_gradient(qmp) + (pmq - stop_gradient(pmq))
     g = (xp.sum(xp.where(pp, P.w * cp, zero), axis=-1)
-         + xp.sum(xp.where(qq, Q.w * cq, zero), axis=-1) + xp.sum(xp.where(T, k * dr, zero), axis=-1))
+         + xp.sum(xp.where(qq, Q.w * cq, zero), axis=-1)
+         + xp.sum(xp.where(T, k * dr, zero), axis=-1))
     return xp.where(far, stop_gradient(val) + (g - stop_gradient(g)), val)
 
 
