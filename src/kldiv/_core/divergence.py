@@ -22,26 +22,46 @@ MPS, JAX with ``jax_enable_x64``): log p rounded to float32 would cost eps * |lo
 1e-4 at 1e-7, 5e-6 at 1e-5 (``tests/test_core_leftovers.py``'s rows).
 
 Large magnitudes. The value does not change when a constant is added to one side's logits,
-however large (a row of -1e30 or finfo.min, a whole row offset by 1e4, logits of 3e38): a side
-whose row maximum is 64 or more in magnitude is shifted by it (exact, by Sterbenz' lemma, for
-every entry within 32 nats of the maximum, the only ones that carry mass), and the difference of
-the two sides is formed exactly (TwoSum) and taken relative to its value at p's mode, so that
-neither an offset of one side nor a constant between the two (logits that differ by 0.3 or by
-1e30) rounds the log-ratio: float32 keeps about 1e-6 relative accuracy down to KL = 1e-9 across
-any offset, float64 about 1e-13 (``tests/test_core_numerics_extra.py``). The log-ratio is
+however large (a row of -1e30 or finfo.min, a whole row offset by 1e4, logits of 3e38): each
+side is normalised after a shift by its row maximum where that is 64 or more in magnitude
+(exact, by Sterbenz' lemma, for every entry within 32 nats of the maximum, the only ones that
+carry that side's mass), and the log-ratio is the difference of the two sides' raw inputs,
+formed exactly (TwoSum) and taken relative to its value at p's mode, so that neither an offset
+of one side nor a constant between the two (logits that differ by 0.3 or by 1e30) rounds it:
+float32 keeps about 1e-6 relative accuracy down to KL = 1e-9 across any offset, float64 about
+1e-13 (``tests/test_core_numerics_extra.py``). Being unshifted, the log-ratio is exact also
+where one side holds mass far below the other side's maximum (2 and -1 against a logit of 3e38
+on the other side: a shift by 3e38 would round both to one number), which a huge KL's O(1)
+gradient needs (``tests/test_core_leftovers2.py``). The log-ratio is
 carried in quarters, so rows wider than the float range (float32 rows holding both +-3e38, or
 x / T beyond it) are exact too; a value beyond finfo.max is +inf. Only entries more than
 finfo.max below their own row maximum are clamped there within a side (their probability is 0
 either way).
-Second derivatives: with respect to probabilities down to about 1e-30 (float32; 1e-290 in
+Derivatives. They are those of the accurate value, formed so that autodiff meets no
+cancellation the value avoided: float32 gradients are within 1e-5 per row (normwise; 1e-6
+or better measured) of the exact ones on every row the tests draw. Rows far apart need two
+arrangements. JS on far, nearly disjoint rows (JS near its bound): its derivative
+beta log(p_i / m_i) sits near -beta log(beta), and the part that matters, u_i =
+log(m_i / (beta p_i)) = log1p(((1 - beta) / beta) e^(d_i)), is below the rounding of
+log(beta); the derivatives are taken from u (and its mirror for q) with full relative
+accuracy, centred per row (``_js_surrogate``: float32 logits of std 3, 4, 8 went from 2e-5,
+7e-5, O(1) to 1e-6). Huge KL and Jeffreys rows (log-ratios
+beyond 20, up to 1e38 in float32): the derivatives of the plain formula, assembled from the
+exact centred log-ratios (KL: centred by p; Jeffreys: by p and by q, ``_jeffreys_far``), so
+that a row constant of 3e38 never rounds an O(1) gradient.
+Second derivatives: those of the value (torch double backward, jax.hessian; Hessian-vector
+products), the routes above included (they are arranged so that their derivatives are the
+plain formula's). With respect to probabilities down to about 1e-30 (float32; 1e-290 in
 float64) they are finite and accurate (the logarithm of a tiny probability is taken at a scaled
 value, so that autodiff never squares it into 0). Below 16 / finfo.max (float32 subnormals),
 where 1/p overflows, KL and reverse KL take their derivatives on that row from the plain
 formula assembled so that autodiff never multiplies 1/p into p's graph: the Hessian's diagonal
 entry there is +inf (the true ~1e40, correctly rounded) and every other entry finite and right
 (torch; XLA on CPU flushes float32 subnormals to 0 in arithmetic, so JAX treats such an entry as
-0). Not under tracing (jax.jit, torch.compile: the rows cannot be known), nor for JS and
-Jeffreys, whose Hessian rows there can hold inf or nan: use float64 for those.
+0). Not under tracing (jax.jit, torch.compile: the rows cannot be known). Not for JS and
+Jeffreys: there the Hessian's row of the subnormal entry (d/dp_i of the gradient) is nan
+(its column and every other entry are right; so are the first derivatives, -inf where they
+overflow, as Jeffreys' does there): use float64 for second derivatives at such probabilities.
 No finite input gives a nan or a negative value. A nan in an unmasked row (``validate=False``)
 makes that row's value nan.
 
@@ -317,6 +337,7 @@ class _Pair:
     kl: object  # KL(p || q), +inf where p escapes
     nan_rows: object  # 0, or nan on rows with a nan input
     dq: object = None  # d / 4, not clamped (d beyond finfo.max where the row is that wide)
+    dcq: object = None  # (d - E_p[d]) / 4 on T, from the exact log-ratio (with d)
 
 
 # A side whose row maximum is at least this large in magnitude is shifted by it before the two
@@ -367,8 +388,11 @@ def _log_delta(xp, P: _Side, Q: _Side, T):
     dt = P.c.dtype
     big = xp.finfo(dt).max
     neg_inf = const(xp, -math.inf, zero)
-    xh, a = _quarter_shifted(xp, P, big)
-    yh, b = _quarter_shifted(xp, Q, big)
+    # the difference of the two sides is taken from the raw inputs, neither side shifted: the
+    # TwoSum pair is exact whatever the offset, while a side's shift by its own maximum rounded
+    # the entries far below it (2 - 3e38 and -1 - 3e38 are the same float32), and those can
+    # carry the other side's mass (a huge KL whose gradient is O(1))
+    yh, b = _quarter_shifted(xp, Q, big)  # (q's shifted values: ctq below)
     # the anchor: the largest p logit on T (exact ties only), q's largest value among those
     xT = xp.where(T, P.raw, neg_inf)
     xr = stop_gradient(xp.max(xT, axis=-1, keepdims=True))
@@ -377,8 +401,8 @@ def _log_delta(xp, P: _Side, Q: _Side, T):
     fzero = xp.zeros_like(xr)
     xr = xp.where(ok, xr, fzero)
     yr = xp.where(ok, yr, fzero)
-    hr, lr = _two_diff(yr * 0.25 - b * 0.25, xr * 0.25 - a * 0.25)
-    hi, lo = _two_diff(yh, xh)
+    hr, lr = _two_diff(yr * 0.25, xr * 0.25)
+    hi, lo = _two_diff(Q.raw * 0.25, P.raw * 0.25)
     d = (hi - hr) + (lo - lr)
     # k = P.ct_r - Q.ct_r, each side's centred value at the anchor, and q's centred values
     # Q.ct, in quarters and not clamped: c / 4 = raw / 4 - m / 4 (= the shifted quarter itself
@@ -555,7 +579,8 @@ def _pair(xp, P: _Side, Q: _Side, need_d: bool = False) -> _Pair:
     # 0 on every row, nan on a row with a nan (its normaliser is nan): an escape's +inf must
     # not hide it
     nan_rows = 0 * (P.norm + Q.norm)[..., 0]
-    return _Pair(T, d, p_out, q_out, p_escapes, q_escapes, kl + nan_rows, nan_rows, dq)
+    return _Pair(T, d, p_out, q_out, p_escapes, q_escapes, kl + nan_rows, nan_rows, dq,
+                 dcq if need_d else None)
 
 
 def _subnormal_weight_derivatives(xp, P: _Side, Q: _Side, T, dc, kl, rows):
@@ -689,6 +714,99 @@ def _log_mix(xp, c, d):
     return xp.where(lo, small, large)
 
 
+def _log1p_cexp(xp, c, d):
+    """log(1 + c e^d) for a constant c > 0, with full relative accuracy for every d (tiny where
+    c e^d is), at most finfo.max; finite first and second derivatives (double where)."""
+    lo = d < 1
+    zero = xp.zeros_like(d)
+    ds = xp.where(lo, d, zero)
+    dl = xp.where(lo, zero + 1, d)
+    small = xp.log1p(c * xp.exp(ds))
+    large = dl + (math.log(c) + xp.log1p(xp.exp(-dl) / c))
+    fmax = const(xp, xp.finfo(d.dtype).max, d)
+    large = xp.where(large < fmax, large, fmax)  # d near finfo.max and c > 1
+    return xp.where(lo, small, large)
+
+
+def _js_surrogate(xp, P, Q, pr, y, z, beta):
+    """A function with the derivatives (first, second, ...) of JS_beta, formed so that the
+    first derivative keeps full relative accuracy on far, nearly disjoint rows.
+
+    With u = log(m / (beta p)) = log1p(((1 - beta) / beta) e^d) and v = log(m / ((1 - beta) q))
+    = log1p((beta / (1 - beta)) e^-d) on T (0 off T), d = log(q / p),
+
+        JS = H(beta) - beta sum p u - (1 - beta) sum q v,  H(beta) = -beta log beta - ...,
+
+    so dJS/dp_i = -beta u_i and dJS/dq_i = -(1 - beta) v_i up to constants (which the
+    normalisation's derivative removes). The value formula's derivatives are assembled by
+    autodiff from y = log(m/p) = log(beta) + u, whose rounding (eps |log beta|) is all of u where
+    the row is far (u ~ e^d tiny): float32 JS gradients were 1e-5..O(1) off at logits of std
+    3..8. Here each side contributes sum_i w_i c_i with c_i = u_i - E_w[u] or y_i - E_w[y]
+    (equal in math: per entry the one with the smaller rounding, the means constants to
+    autodiff), so the cotangent reaching w_i is the centred derivative itself, small where it
+    is small. The derivatives of w_i c_i through d (beta p du + (1 - beta) q dv = 0 in math) are
+    each of the size of p_i q_i / m_i and cancel to that relative accuracy; differentiated again
+    they give the Hessian of JS exactly (the function is JS plus a constant).
+    """
+    T = pr.common
+    d = pr.d
+    zero = xp.zeros_like(d)
+    u = xp.where(T, _log1p_cexp(xp, (1 - beta) / beta, xp.where(T, d, zero)), zero)
+    v = xp.where(T, _log1p_cexp(xp, beta / (1 - beta), -xp.where(T, d, zero)), zero)
+
+    def side(w, s, t, off):
+        s = xp.where(T, s, const(xp, off, s))  # log(m/p) = log(beta) off T (where q = 0)
+        ks = stop_gradient(xp.sum(w * s, axis=-1, keepdims=True))
+        kt = stop_gradient(xp.sum(w * t, axis=-1, keepdims=True))
+        c = xp.where(xp.abs(s) + xp.abs(ks) <= xp.abs(t) + xp.abs(kt), s - ks, t - kt)
+        return xp.sum(w * c, axis=-1)
+
+    return (-beta * side(P.w, y, u, math.log(beta))
+            - (1 - beta) * side(Q.w, z, v, math.log1p(-beta)))
+
+
+def _jeffreys_far(xp, P, Q, pr, val):
+    """``val`` (Jeffreys' divergence) with the first derivatives of the plain formula, formed
+    from centred log-ratios, on rows where some |log(q_i / p_i)| with mass exceeds 20.
+
+    There d carries a large row constant (up to ~1e38 in float32: logits of 3e38 on one side),
+    and autodiff of sum (q - p) d would see its rounding (eps |d|) in every entry, where the
+    gradient is O(1) (mass far below the other side's maximum). With r = log p - log q,
+        dJ = sum dp_i (r_i - E_p r) - sum dq_i (r_i - E_q r) + sum (p_i - q_i) dr_i,
+    r - E_p r from p's exact centred log-ratio (``_pair``), r - E_q r from the log-ratio
+    anchored at q's mode (``_log_delta`` the other way round), constants to autodiff; q - p as
+    p expm1(d) where |d| < 1. Second derivatives: those of J (checked against torch.autograd's
+    Hessian of the float64 textbook formula)."""
+    T = pr.common
+    zero = xp.zeros_like(pr.d)
+    far = xp.any(T & ((P.w > 0) | (Q.w > 0)) & (xp.abs(pr.d) > 20.0), axis=-1)
+    if is_concrete(far) and not bool(xp.any(far)):
+        return val
+    fmax = xp.finfo(zero.dtype).max
+    pp = T & (P.w > 0)
+    qq = T & (Q.w > 0)
+    cp = stop_gradient(xp.where(pp, xp.clip(pr.dcq * -4, -fmax, fmax), zero))  # r - E_p r
+    if P.m is None and Q.m is None:  # probabilities: |d| <= 745, no row constant to fear
+        rq = -pr.dq
+    else:
+        rq = _log_delta_mixed(xp, Q, P, T)[0]  # log(p/q) / 4, anchored at q's mode
+    rq = stop_gradient(xp.where(qq, rq, zero))
+    mq = xp.sum(xp.where(qq, Q.w, zero) * rq, axis=-1, keepdims=True) / xp.sum(
+        xp.where(qq, Q.w, zero), axis=-1, keepdims=True)
+    cq = stop_gradient(xp.where(qq, xp.clip((rq - mq) * -4, -fmax, fmax), zero))  # E_q r - r
+    near = T & (xp.abs(pr.d) < 1)
+    qmp = xp.where(near, P.w * xp.expm1(xp.where(near, pr.d, zero)), Q.w - P.w)
+    dr = _dlog(xp, P, T) - _dlog(xp, Q, T)
+    # the coefficient of dr: the accurate p - q in value, dp - dq in derivative (the second
+    # derivative's (dp - dq) dr terms; with the centred log-ratios constants, d2J is whole)
+    pmq = P.w - Q.w
+    k = -stop_gradient(qmp) + (pmq - stop_gradient(pmq))
+    g = (xp.sum(xp.where(pp, P.w * cp, zero), axis=-1)
+         + xp.sum(xp.where(qq, Q.w * cq, zero), axis=-1)
+         + xp.sum(xp.where(T, k * dr, zero), axis=-1))
+    return xp.where(far, stop_gradient(val) + (g - stop_gradient(g)), val)
+
+
 def _rows(kind, xp, P, Q, beta):
     """Per-row divergence of the given kind (categories on the last axis)."""
     if kind == "forward":
@@ -707,6 +825,8 @@ def _rows(kind, xp, P, Q, beta):
         dql = xp.where(small, zero, pr.dq)
         term = xp.where(small, P.w * ds * xp.expm1(ds), (dql * (Q.w - P.w)) * 4)
         val = xp.sum(xp.where(pr.common, term, zero), axis=-1)
+        if _may_differentiate(P.x) or _may_differentiate(Q.x):
+            val = _jeffreys_far(xp, P, Q, pr, val)
         bad = pr.p_escapes | pr.q_escapes | (val >= xp.finfo(val.dtype).max)  # as in _pair
         return xp.where(bad, const(xp, math.inf, val), val) + pr.nan_rows
     if kind == "js":
@@ -716,7 +836,12 @@ def _rows(kind, xp, P, Q, beta):
         tp = xp.where(pr.common, _w_phi(xp, P.w, y, w_exp=m), zero)
         tq = xp.where(pr.common, _w_phi(xp, Q.w, z, w_exp=m), zero)
         val = beta * xp.sum(tp, axis=-1) + (1 - beta) * xp.sum(tq, axis=-1)
-        return val - beta * math.log(beta) * pr.p_out - (1 - beta) * math.log1p(-beta) * pr.q_out
+        val = val - beta * math.log(beta) * pr.p_out - (1 - beta) * math.log1p(-beta) * pr.q_out
+        if _may_differentiate(P.x) or _may_differentiate(Q.x):
+            # the value as it is, the derivatives (of every order) from _js_surrogate
+            g = _js_surrogate(xp, P, Q, pr, y, z, beta)
+            val = stop_gradient(val) + (g - stop_gradient(g))
+        return val
     raise ValueError(f"unknown divergence kind {kind!r}")  # pragma: no cover
 
 
