@@ -526,7 +526,7 @@ KLDIV_INLINE void FN(pass2)(Py_ssize_t b0, Py_ssize_t b1, const T *restrict x,
                             const T *restrict y, T *restrict sp, T *restrict sq, T *restrict sd,
                             T mx, T my, T it, T ixm, T iym, T d0h, T d0l, const int dense,
                             const int xp, const int yp, double *out, T *restrict sa,
-                            T *restrict sb, const int ab)
+                            T *restrict sb, const int ab, double Mxd)
 {
     const T ninf = (T)-INFINITY, CL = (T)D_CLAMP;
     T zx = 0, zy = 0, s1 = 0, zqs = 0, zqo = 0, zxo = 0, zxs = 0, rk = 0; /* rk: largest |d| */
@@ -534,10 +534,13 @@ KLDIV_INLINE void FN(pass2)(Py_ssize_t b0, Py_ssize_t b1, const T *restrict x,
      * rounding of log p (6e-8 of |log p|) is what near-convergent rows' log-ratios are made of,
      * so log p is taken in double (klog_fd, as the core takes it in float64) and the log-ratio
      * relative to the reference entry is formed in double: t_i = (ly_i - y_r) - (lx_i - x_r),
-     * each difference of close values exact; y_r is rebuilt from d0h + d0l = y_r - x_r (an
-     * error there would be the same for every entry, which the centred log-ratio drops). */
+     * each difference of close values exact; y_r is rebuilt from d0h + d0l = y_r - x_r, both
+     * sides' logarithms there in double too (Mxd = log max p in double for probabilities; see
+     * prep): an error there is the same for every entry, which the centred log-ratio drops, but
+     * as a float-sized offset (4e-6 at log p = -40) it would round the centred value at a peaked
+     * row's top entry, a tiny difference, by its ulp (0.17 of that row's gradient). */
 #define KLDIV_MIXF (sizeof(T) == 4 && xp != yp && !ab)
-    const double Mx = (double)mx;
+    const double Mx = Mxd;
     const double Yr = ((double)d0h + Mx) + (double)d0l;
     int e = 0;
 #pragma omp simd reduction(+ : zx, zy, s1, zqs, zqo, zxo, zxs) reduction(| : e) \
@@ -694,9 +697,29 @@ KLDIV_INLINE int FN(prep)(const T *x, const T *y, Py_ssize_t V, double inv_t, in
      * between the two maxima swallows what varies where p lives; D_r = y_r - max y puts it back
      * in the row constants (in double). Two probabilities: t_i = log(q_i / p_i) itself. */
     T d0h = 0, d0l = 0;
-    double Dref;
+    double Dref, Mxd = (double)mx;
     if (xp && yp) {
         Dref = (double)mx - (double)my;
+    } else if (sizeof(T) == 4 && xp != yp && !sa) {
+        /* float probabilities against log-space input (pass2's KLDIV_MIXF): the logarithms of
+         * max p and of p_r in double (klog_fd, as pass2 takes every log p), so that the
+         * reference entry's log-ratio is 0 to double precision, not to float's */
+        const Py_ssize_t ref = FN(first_eq)(x, V, xp ? (T)xmax : mx);
+        const double Lx = xp ? klog_fd((float)xmax) : (double)mx;
+        const double Ly = yp ? klog_fd((float)ymax) : (double)my;
+        const T yv = y[ref];
+        const double Yd = yp ? klog_fd((float)yv) : (double)yv;
+        if (!(yp ? yv > (T)0 : yv > ninf)) { /* y_r = -inf: the row escapes (+inf) */
+            d0h = 0;
+            d0l = 0;
+            Dref = (double)mx - (double)my;
+        } else {
+            const double D = Yd - Lx; /* y_r - x_r, to double precision */
+            d0h = (T)D;
+            d0l = (T)(D - (double)d0h);
+            Dref = (Yd - Ly) * inv_t;
+        }
+        Mxd = Lx;
     } else {
         Py_ssize_t ref = 0;
         const T xref = xp ? (T)xmax : mx;
@@ -721,10 +744,10 @@ KLDIV_INLINE int FN(prep)(const T *x, const T *y, Py_ssize_t V, double inv_t, in
     do {                                                                                       \
         if (sa)                                                                                \
             FN(pass2)(b0, b1, x, y, sp, sq, sd, mx, my, it, ixm, iym, d0h, d0l, dn, a, b, acc, \
-                      sa, sb, 1);                                                              \
+                      sa, sb, 1, Mxd);                                                         \
         else                                                                                   \
             FN(pass2)(b0, b1, x, y, sp, sq, sd, mx, my, it, ixm, iym, d0h, d0l, dn, a, b, acc, \
-                      NULL, NULL, 0);                                                          \
+                      NULL, NULL, 0, Mxd);                                                     \
     } while (0)
         if (dense) {
             if (!xp && !yp)
