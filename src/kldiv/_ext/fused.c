@@ -526,7 +526,8 @@ KLDIV_INLINE void FN(pass2)(Py_ssize_t b0, Py_ssize_t b1, const T *restrict x,
                             const T *restrict y, T *restrict sp, T *restrict sq, T *restrict sd,
                             T mx, T my, T it, T ixm, T iym, T d0h, T d0l, const int dense,
                             const int xp, const int yp, double *out, T *restrict sa,
-                            T *restrict sb, const int ab, double Mxd)
+                            T *restrict sb, const int ab, double Mxd, double Yrd,
+                            Py_ssize_t iref)
 {
     const T ninf = (T)-INFINITY, CL = (T)D_CLAMP;
     T zx = 0, zy = 0, s1 = 0, zqs = 0, zqo = 0, zxo = 0, zxs = 0, rk = 0; /* rk: largest |d| */
@@ -540,8 +541,7 @@ KLDIV_INLINE void FN(pass2)(Py_ssize_t b0, Py_ssize_t b1, const T *restrict x,
      * as a float-sized offset (4e-6 at log p = -40) it would round the centred value at a peaked
      * row's top entry, a tiny difference, by its ulp (0.17 of that row's gradient). */
 #define KLDIV_MIXF (sizeof(T) == 4 && xp != yp && !ab)
-    const double Mx = Mxd;
-    const double Yr = ((double)d0h + Mx) + (double)d0l;
+    const double Mx = Mxd, Yr = Yrd;
     int e = 0;
 #pragma omp simd reduction(+ : zx, zy, s1, zqs, zqo, zxo, zxs) reduction(| : e) \
     reduction(max : rk)
@@ -557,7 +557,9 @@ KLDIV_INLINE void FN(pass2)(Py_ssize_t b0, Py_ssize_t b1, const T *restrict x,
             const int in = px & py;
             const T ep = xp ? xr * ixm : KEXP(xr - mx); /* (temperature 1 with probabilities) */
             const T eq = yp ? yr * iym : KEXP(yr - my);
-            const T dd = (T)((ly - Yr) - (lx - Mx));
+            /* exactly 0 at the reference entry itself (whatever the rounding of ly there): the
+             * centred value at a peaked row's top entry is the tiny -E_p[d] */
+            const T dd = i == iref ? (T)0 : (T)((ly - Yr) - (lx - Mx));
             const T dcl = dd > CL ? CL : (dd < -CL ? -CL : dd);
             const T d = in ? dcl : (T)0;
             const T ad = KFABS(d);
@@ -697,14 +699,15 @@ KLDIV_INLINE int FN(prep)(const T *x, const T *y, Py_ssize_t V, double inv_t, in
      * between the two maxima swallows what varies where p lives; D_r = y_r - max y puts it back
      * in the row constants (in double). Two probabilities: t_i = log(q_i / p_i) itself. */
     T d0h = 0, d0l = 0;
-    double Dref, Mxd = (double)mx;
+    double Dref, Mxd = (double)mx, Yrd = 0.0;
+    Py_ssize_t iref = -1;
     if (xp && yp) {
         Dref = (double)mx - (double)my;
     } else if (sizeof(T) == 4 && xp != yp && !sa) {
         /* float probabilities against log-space input (pass2's KLDIV_MIXF): the logarithms of
          * max p and of p_r in double (klog_fd, as pass2 takes every log p), so that the
          * reference entry's log-ratio is 0 to double precision, not to float's */
-        const Py_ssize_t ref = FN(first_eq)(x, V, xp ? (T)xmax : mx);
+        const Py_ssize_t ref = iref = FN(first_eq)(x, V, xp ? (T)xmax : mx);
         const double Lx = xp ? klog_fd((float)xmax) : (double)mx;
         const double Ly = yp ? klog_fd((float)ymax) : (double)my;
         const T yv = y[ref];
@@ -713,11 +716,10 @@ KLDIV_INLINE int FN(prep)(const T *x, const T *y, Py_ssize_t V, double inv_t, in
             d0h = 0;
             d0l = 0;
             Dref = (double)mx - (double)my;
+            Yrd = Lx;
         } else {
-            const double D = Yd - Lx; /* y_r - x_r, to double precision */
-            d0h = (T)D;
-            d0l = (T)(D - (double)d0h);
             Dref = (Yd - Ly) * inv_t;
+            Yrd = Yd;
         }
         Mxd = Lx;
     } else {
@@ -744,10 +746,10 @@ KLDIV_INLINE int FN(prep)(const T *x, const T *y, Py_ssize_t V, double inv_t, in
     do {                                                                                       \
         if (sa)                                                                                \
             FN(pass2)(b0, b1, x, y, sp, sq, sd, mx, my, it, ixm, iym, d0h, d0l, dn, a, b, acc, \
-                      sa, sb, 1, Mxd);                                                         \
+                      sa, sb, 1, Mxd, Yrd, iref);                                              \
         else                                                                                   \
             FN(pass2)(b0, b1, x, y, sp, sq, sd, mx, my, it, ixm, iym, d0h, d0l, dn, a, b, acc, \
-                      NULL, NULL, 0, Mxd);                                                     \
+                      NULL, NULL, 0, Mxd, Yrd, iref);                                          \
     } while (0)
         if (dense) {
             if (!xp && !yp)
