@@ -17,6 +17,11 @@ Jeffreys              1 MAX + 3 SUM all-reduces                   8 + 9 + 1 + 5 
 JS                    1 MAX + 3 SUM all-reduces                   8 + 9 + 1 + 6 = 24
 ====================  ==========================================  =========================
 
+Calls holding a row whose two maxima (over the common support) lie more than 16 apart add
+one MAX of 2 elements per row (b's value at a's mode and a's at b's mode: the log-ratio is
+taken relative to it, exactly, so that a row constant of 3e38 never rounds the O(1)
+differences between the entries that carry the mass).
+
 The MAX carries the row maxima of both sides over their supports and over the common support
 (the global log-normalisers are then ``max + log(SUM of exp((x - max) / T))``) and four flags
 (support escapes, invalid values, float32 logits beyond 2^125 T); the first SUM carries the

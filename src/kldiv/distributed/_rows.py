@@ -81,8 +81,11 @@ _TWOSUM_SHIFT = 16.0
 
 
 def _delta(a, b, ma, mb, t, temperature, twosum=True):
-    """``((b - mb) - (a - ma)) / T`` on ``t`` (0 elsewhere): the log-ratio up to a row constant,
-    each side centred on its own maximum, with the accuracy of ``b - a``.
+    """``((b - a) - (mb - ma)) / T`` on ``t`` (0 elsewhere): the log-ratio up to a row constant,
+    with the accuracy of ``b - a``. ``(ma, mb)`` is the reference: the two maxima over T on
+    ordinary calls, on calls with far rows (``twosum``) an entry of T (a at its mode and b
+    there, or b at its mode and a there: ``_phase_ref``), so that the log-ratio is exactly 0
+    there and small wherever that side carries mass.
 
     ``b - a`` and ``mb - ma`` are each split into a rounded sum and its exact rounding error
     (Knuth's TwoSum). Under a huge common shift (a side's logits around 1e30, or masked with
@@ -195,8 +198,10 @@ def _phase_max(a, b, check, dense, limit):
     return torch.stack([ma, mb, maT, mbT, a_only, b_only, fa, fb], dim=1)
 
 
-def _phase_sums(a, b, Ma, Mb, MaT, MbT, temperature, dense, twosum):
-    """Local exp-sums, p-weighted centred log-ratio sums and outside masses: (n, 9)."""
+def _phase_sums(a, b, Ma, Mb, MaT, MbT, bR, temperature, dense, twosum):
+    """Local exp-sums, p-weighted centred log-ratio sums and outside masses: (n, 9).
+
+    ``bR``: b at a's mode on T (the log-ratio's reference entry, see ``_phase_ref``)."""
     import torch
 
     sa, sb, t = _supports(a, b, dense)
@@ -204,7 +209,7 @@ def _phase_sums(a, b, Ma, Mb, MaT, MbT, temperature, dense, twosum):
     eb = _exp_centred(b, sb, Mb, temperature)
     eaT = _exp_on(a, t, ea, Ma, MaT, temperature)  # exp((a - MaT) / T) on T, 0 elsewhere
     ebT = _exp_on(b, t, eb, Mb, MbT, temperature)
-    delta = _delta(a, b, MaT, MbT, t, temperature, twosum)
+    delta = _delta(a, b, MaT, bR, t, temperature, twosum)
     # the entries at a's maximum over T (weight exactly 1) apart from the rest: a saturated a
     # (one-hot to within eps) keeps the rest's small sums, which its gradient is made of
     top = _top(a, MaT, t)
@@ -218,6 +223,27 @@ def _phase_sums(a, b, Ma, Mb, MaT, MbT, temperature, dense, twosum):
     ], dim=1)
 
 
+def _phase_ref(a, b, MaT, MbT, dense):
+    """Local (n, 2): the largest b where a attains its maximum over T, and the largest a where b
+    attains its maximum over T (-inf where this shard holds no such entry).
+
+    The log-ratio is taken relative to its value at a's mode, ``d_i = (b_i - a_i) - (bR -
+    MaT)``, each difference exact by TwoSum, so that d is small wherever a carries mass: the
+    difference of the two sides' maxima, ``MbT - MaT``, can round entries apart by O(1) into
+    one number when b's maximum (3e38) lies far from a's mass (2 and -1), and a huge KL's O(1)
+    gradient is made of them. Jeffreys' q-centred log-ratio is taken at b's mode likewise.
+    """
+    import torch
+
+    _, _, t = _supports(a, b, dense)
+    at_a = _top(a, MaT, t)
+    at_b = _top(b, MbT, t)
+    if a.shape[-1] == 0:
+        return torch.full((a.shape[0], 2), -math.inf, dtype=a.dtype, device=a.device)
+    return torch.stack([torch.where(at_a, b, -math.inf).amax(-1),
+                        torch.where(at_b, a, -math.inf).amax(-1)], dim=1)
+
+
 def _top(a, MaT, t):
     """The entries of T where a attains its maximum over T."""
     top = a == _finite0(MaT)
@@ -226,6 +252,8 @@ def _top(a, MaT, t):
 
 def _phase_phi(a, b, MaT0, MbT0, log_saT, mu, big, temperature, dense, twosum):
     """Local sum over T of w * phi(d - mu), w = a's distribution restricted to T: (n,).
+
+    ``MbT0`` is b's reference value (at a's mode on twosum calls), as in the delta of the sums.
 
     Rows flagged ``big`` (the log of the sum is > 20, taken in closed form) contribute 0.
     """
@@ -251,8 +279,12 @@ def _pair_stats(a, b, temperature, group, check, names):
     ``mu`` (the a|T-weighted mean of the centred log-ratio), ``a_out``, ``b_out`` (masses
     outside T), ``a_esc``, ``b_esc`` (a side has mass where the other has none), ``L``, ``kl`` =
     KL(a || b), ``mean_d`` (E_{a|T}[log b/a]), ``log_aT``, ``log_bT`` (-inf where T is empty);
-    and ``T``, ``dense``, ``up`` (computed in float64). Three collectives: MAX of (N, 8), SUM
-    of (N, 9), SUM of (N, 1); the passes over the data run in row chunks between them.
+    and ``T``, ``dense``, ``up`` (computed in float64); ``bR0``, ``aS0``: b at a's mode on T
+    and a at b's mode on T (the log-ratio's reference entries; the maxima ``MbT0``, ``MaT0``
+    on calls without a far row). Three collectives: MAX of (N, 8), SUM of (N, 9), SUM of
+    (N, 1); calls with a row whose two maxima over T lie more than ``_TWOSUM_SHIFT`` apart add
+    a MAX of (N, 2) before the first SUM (``_phase_ref``); the passes over the data run in row
+    chunks between them.
     """
     import torch
 
@@ -282,8 +314,18 @@ def _pair_stats(a, b, temperature, group, check, names):
         a, b, mx = a.double(), b.double(), mx.double()
     Ma, Mb, MaT, MbT = mx[:, 0], mx[:, 1], mx[:, 2], mx[:, 3]
     T = temperature
-    sm = torch.cat([_phase_sums(a[i:j], b[i:j], Ma[i:j], Mb[i:j], MaT[i:j], MbT[i:j], T, dense,
-                                twosum) for i, j in parts])
+    if twosum:
+        # some row's two maxima lie far apart: the log-ratio is referenced at a's mode (b's
+        # mode for Jeffreys' q side), one more MAX collective of (N, 2), on such calls only
+        rf = torch.cat([_phase_ref(a[i:j], b[i:j], MaT[i:j], MbT[i:j], dense)
+                        for i, j in parts])
+        rf = _all_reduce(rf, "max", group)
+        bR = torch.where(torch.isfinite(rf[:, 0]), rf[:, 0], MbT)
+        aS = torch.where(torch.isfinite(rf[:, 1]), rf[:, 1], MaT)
+    else:  # (b - a) - (MbT - MaT) is accurate: the maxima are the reference
+        bR, aS = MbT, MaT
+    sm = torch.cat([_phase_sums(a[i:j], b[i:j], Ma[i:j], Mb[i:j], MaT[i:j], MbT[i:j], bR[i:j],
+                                T, dense, twosum) for i, j in parts])
     sm = _all_reduce(sm, "sum", group)
     s_a, s_b, s_aT, s_bT, D_top, S_rest, s_aout, s_bout, s_rest = sm.unbind(dim=1)
     n_top = torch.round(s_aT - s_rest)  # the number of entries at the maximum (usually 1)
@@ -294,6 +336,8 @@ def _pair_stats(a, b, temperature, group, check, names):
     s_bT1 = torch.where(empty_t, 1.0, s_bT)
     MaT0 = torch.where(empty_t, 0.0, MaT)
     MbT0 = torch.where(empty_t, 0.0, MbT)
+    bR0 = torch.where(empty_t, 0.0, bR)
+    aS0 = torch.where(empty_t, 0.0, aS)
     mu = (D_top + S_rest) / s_aT1
     a_out = s_aout / s_a
     b_out = s_bout / s_b
@@ -311,9 +355,12 @@ def _pair_stats(a, b, temperature, group, check, names):
     # L = log E_{a|T}[exp(d - mu)] is, exactly, log(s_bT / s_aT) - mu. Near 0 that cancels, so
     # L is summed from non-negative phi terms; far from 0 (> 20) the closed form has no
     # cancellation to fear and the phi sum could overflow: it is taken instead.
+    # (exp(delta_i) is (s_bT-terms / s_aT-terms) times exp((MbT - bR) / T): 1 unless twosum)
     L_closed = log_sbT - log_saT - mu
+    if twosum:
+        L_closed = L_closed + (MbT0 - bR0) / T
     big = (L_closed > 20.0) & ~empty_t
-    phi = torch.cat([_phase_phi(a[i:j], b[i:j], MaT0[i:j], MbT0[i:j], log_saT[i:j], mu[i:j],
+    phi = torch.cat([_phase_phi(a[i:j], b[i:j], MaT0[i:j], bR0[i:j], log_saT[i:j], mu[i:j],
                                 big[i:j], T, dense, twosum) for i, j in parts])
     phi = _all_reduce(phi[:, None], "sum", group)[:, 0]
     L = torch.where(big, L_closed, torch.log1p(phi))
@@ -322,7 +369,8 @@ def _pair_stats(a, b, temperature, group, check, names):
     b_esc = mx[:, 5] > 0
     kl = torch.where(a_esc, math.inf, L - torch.where(a_esc, 0.0, log_bT))
     mean_d = torch.where(empty_t, 0.0, log_bT - log_aT - L)
-    return dict(Ma=Ma, Mb=Mb, MaT0=MaT0, MbT0=MbT0, la=la, lb=lb, mu=mu, a_out=a_out,
+    return dict(Ma=Ma, Mb=Mb, MaT0=MaT0, MbT0=MbT0, bR0=bR0, aS0=aS0, la=la, lb=lb, mu=mu,
+                a_out=a_out,
                 n_top=n_top, D_top=D_top, S_rest=S_rest, s_rest=s_rest, s_aT=s_aT1,
                 b_out=b_out, a_esc=a_esc, b_esc=b_esc, L=L, kl=kl, mean_d=mean_d,
                 log_aT=log_aT, log_bT=log_bT, T=T, dense=dense, up=up, twosum=twosum)
@@ -346,7 +394,7 @@ def _dc_grad(a, b, st, t):
     ``delta - mu`` would cancel for a saturated a (one-hot to within eps)."""
     import torch
 
-    delta = _delta(a, b, st["MaT0"], st["MbT0"], t, st["T"], st["twosum"])
+    delta = _delta(a, b, st["MaT0"], st["bR0"], t, st["T"], st["twosum"])
     dc = delta - st["mu"][:, None]
     top = _top(a, st["MaT0"], t)
     n, s_rest = st["n_top"][:, None], st["s_rest"][:, None]
@@ -374,7 +422,7 @@ def _log_ratio(a, b, st, t):
     import torch
 
     T = st["T"]
-    delta = _delta(a, b, st["MaT0"], st["MbT0"], t, T, st["twosum"])
+    delta = _delta(a, b, st["MaT0"], st["bR0"], t, T, st["twosum"])
     mu = st["mu"][:, None]
     mean_d = st["mean_d"][:, None]
     dc = _sel(t, delta - mu, 0.0)
@@ -421,7 +469,7 @@ def _phase_family(kind, x, y, st, beta):
         term = torch.where(small, pw * ds * torch.expm1(ds), dl * (qw - pw))
         # E_q of the log-ratio (centred on the maxima, not on E_p: a -1e30 logit of q drags
         # E_p far from the values q weighs)
-        delta = _delta(x, y, st["MaT0"], st["MbT0"], t, st["T"], st["twosum"])
+        delta = _delta(x, y, st["aS0"], st["MbT0"], t, st["T"], st["twosum"])
         # ... with the entries at q's maximum apart (a saturated q, as for p in _phase_sums)
         top = _top(y, st["MbT0"], t)
         rest = _sel(t, torch.where(top, 0.0, qw), 0.0)
@@ -476,10 +524,10 @@ def _rows_and_stats(kind, x, y, beta, temperature, group, check, names=("p_shard
     dt = x.dtype
     if kind == "reverse":
         st = _pair_stats(y, x, temperature, group, check, names[::-1])
-        return _nan_rows(st["kl"], st).to(dt), st
+        return _finish(st["kl"], st, dt)
     st = _pair_stats(x, y, temperature, group, check, names)
     if kind == "forward":
-        return _nan_rows(st["kl"], st).to(dt), st
+        return _finish(st["kl"], st, dt)
     if st["up"]:
         x, y = x.double(), y.double()
     # the direct route of _log_ratio is needed only on rows centred far from 0 (one host check)
@@ -490,14 +538,25 @@ def _rows_and_stats(kind, x, y, beta, temperature, group, check, names=("p_shard
     if kind == "jeffreys":
         st["q_Stop"], st["q_Srest"], st["q_rest"], st["q_top"] = sums[:, 1:5].unbind(dim=1)
         rows = torch.where(st["a_esc"] | st["b_esc"], math.inf, sums[:, 0])
-        return _nan_rows(rows, st).to(dt), st
+        return _finish(rows, st, dt)
     st["S_plm"] = sums[:, 2]  # sum_T p log(m/p)
     st["S_qlm"] = sums[:, 3]  # sum_T q log(m/q)
     st["S_pw"] = sums[:, 4]  # sum_T p log(m / (beta p))
     st["S_qw"] = sums[:, 5]  # sum_T q log(m / ((1-beta) q))
     rows = (beta * sums[:, 0] + (1 - beta) * sums[:, 1]
             - beta * math.log(beta) * st["a_out"] - (1 - beta) * math.log1p(-beta) * st["b_out"])
-    return _nan_rows(rows, st).to(dt), st
+    return _finish(rows, st, dt)
+
+
+def _finish(rows, st, dt):
+    """The rows in ``dt`` and ``st["fin"]``: where the row is finite before that rounding (a
+    float32 row computed in float64 whose value exceeds the float32 range is +inf, with the
+    finite gradient of the exact value, as in the core)."""
+    import torch
+
+    rows = _nan_rows(rows, st)
+    st["fin"] = torch.isfinite(rows)
+    return rows.to(dt), st
 
 
 def _nan_rows(rows, st):
@@ -567,7 +626,7 @@ def _local_grads_chunk(kind, x, y, rows, st, beta, scale, need):
         t, d, _, _, _, pw, qw = _js_local(x, y, st, beta)
         dc = _dc_grad(x, y, st, t)
         qmp = _diff(pw, qw, d, t)
-        delta = _delta(x, y, st["MaT0"], st["MbT0"], t, T, st["twosum"])
+        delta = _delta(x, y, st["aS0"], st["MbT0"], t, T, st["twosum"])
         # delta - E_q[delta]; at q's maximum from the small sums over the other entries:
         # (q_top delta - S_top) + delta q_rest - S_rest (q_top, S_top: q's mass at its maximum
         # and its delta-weighted sum; q_top delta - S_top is exactly 0 for a single maximum)
@@ -602,7 +661,7 @@ def _local_grads_chunk(kind, x, y, rows, st, beta, scale, need):
         off_q = torch.where(use_q, S_qw, off_q)
         gx = beta * pw * _sel(t, on_p, off_p)
         gy = (1 - beta) * qw * _sel(t, on_q, off_q)
-    fin = torch.isfinite(rows)
+    fin = st["fin"] if "fin" in st else torch.isfinite(rows)
     s = torch.full_like(st["L"], 1.0 / T) if scale is None else scale.to(gx.dtype) / T
     fin = fin[:, None]  # (where, not a product: an infinite row's entries may be inf)
     return (torch.where(fin, gx * s[:, None], 0.0).to(dt),
