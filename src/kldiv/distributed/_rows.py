@@ -137,6 +137,8 @@ _CHUNK_ELEMENTS = 1 << 20  # rows are processed in chunks of about this many ele
 # float32 rows with a finite logit / T beyond this magnitude are computed in float64 (the
 # difference of two centred logits could overflow float32 and turn into nan)
 _F32_LIMIT = 2.0**125
+# float64 rows with a row maximum beyond this are computed in quarters (see _pair_stats)
+_F64_LIMIT = 2.0**1020
 
 
 def _chunks(n, width):
@@ -296,7 +298,8 @@ def _pair_stats(a, b, temperature, group, check, names):
     mx = _all_reduce(mx, "max", group)
     shift = (_finite0(mx[:, 3]) - _finite0(mx[:, 2])).abs()[:, 0]
     # one host synchronisation for the flags and the largest shift between the two sides
-    flags = torch.cat([mx[:, 6:8].amax(dim=0), shift.amax()[None]]).tolist() if n else [0.0] * 3
+    flags = torch.cat([mx[:, 6:8].amax(dim=0), shift.amax()[None],
+                       _finite0(mx[:, 0:2]).amax()[None]]).tolist() if n else [0.0] * 4
     twosum = flags[2] > _TWOSUM_SHIFT
     if check:
         for k, name in enumerate(names):
@@ -312,8 +315,17 @@ def _pair_stats(a, b, temperature, group, check, names):
     up = any(f % 2 == 1 for f in flags[:2])  # the same on every rank (all-reduced flags)
     if up:
         a, b, mx = a.double(), b.double(), mx.double()
-    Ma, Mb, MaT, MbT = mx[:, 0], mx[:, 1], mx[:, 2], mx[:, 3]
     T = temperature
+    # float64 rows wider than the float64 range (logits of +1e308 against -1e308: b - a would
+    # overflow, and TwoSum with it) are computed in quarters: x / 4 and T / 4 (exact: powers of
+    # 2), the centred values (x - M) / T unchanged. Such a difference needs a logit of
+    # magnitude >= finfo.max / 2 on the positive side, which the maxima show.
+    quarter = a.dtype == torch.float64 and flags[3] > _F64_LIMIT
+    if quarter:
+        a, b = a * 0.25, b * 0.25
+        mx = torch.cat([mx[:, :4] * 0.25, mx[:, 4:]], dim=1)
+        T = T * 0.25
+    Ma, Mb, MaT, MbT = mx[:, 0], mx[:, 1], mx[:, 2], mx[:, 3]
     if twosum:
         # some row's two maxima lie far apart: the log-ratio is referenced at a's mode (b's
         # mode for Jeffreys' q side), one more MAX collective of (N, 2), on such calls only
@@ -373,7 +385,8 @@ def _pair_stats(a, b, temperature, group, check, names):
                 a_out=a_out,
                 n_top=n_top, D_top=D_top, S_rest=S_rest, s_rest=s_rest, s_aT=s_aT1,
                 b_out=b_out, a_esc=a_esc, b_esc=b_esc, L=L, kl=kl, mean_d=mean_d,
-                log_aT=log_aT, log_bT=log_bT, T=T, dense=dense, up=up, twosum=twosum)
+                log_aT=log_aT, log_bT=log_bT, T=T, dense=dense, up=up, twosum=twosum,
+                quarter=quarter)
 
 
 def _slice(st, i, j):
@@ -530,6 +543,8 @@ def _rows_and_stats(kind, x, y, beta, temperature, group, check, names=("p_shard
         return _finish(st["kl"], st, dt)
     if st["up"]:
         x, y = x.double(), y.double()
+    if st["quarter"]:
+        x, y = x * 0.25, y * 0.25
     # the direct route of _log_ratio is needed only on rows centred far from 0 (one host check)
     st["direct"] = bool(((st["mu"].abs() + st["mean_d"].abs()) >= 64.0).any())
     sums = torch.cat([_phase_family(kind, x[i:j], y[i:j], _slice(st, i, j), beta)
@@ -604,6 +619,8 @@ def _local_grads_chunk(kind, x, y, rows, st, beta, scale, need):
     dt = x.dtype
     if st["up"]:
         x, y = x.double(), y.double()
+    if st["quarter"]:  # (T is T / 4: the gradient w.r.t. x / 4 is 4 times that w.r.t. x)
+        x, y = x * 0.25, y * 0.25
     T = st["T"]
     if kind in ("forward", "reverse"):
         a, b = (x, y) if kind == "forward" else (y, x)
@@ -663,6 +680,8 @@ def _local_grads_chunk(kind, x, y, rows, st, beta, scale, need):
         gy = (1 - beta) * qw * _sel(t, on_q, off_q)
     fin = st["fin"] if "fin" in st else torch.isfinite(rows)
     s = torch.full_like(st["L"], 1.0 / T) if scale is None else scale.to(gx.dtype) / T
+    if st["quarter"]:
+        s = s * 0.25
     fin = fin[:, None]  # (where, not a product: an infinite row's entries may be inf)
     return (torch.where(fin, gx * s[:, None], 0.0).to(dt),
             torch.where(fin, gy * s[:, None], 0.0).to(dt))
