@@ -526,8 +526,7 @@ KLDIV_INLINE void FN(pass2)(Py_ssize_t b0, Py_ssize_t b1, const T *restrict x,
                             const T *restrict y, T *restrict sp, T *restrict sq, T *restrict sd,
                             T mx, T my, T it, T ixm, T iym, T d0h, T d0l, const int dense,
                             const int xp, const int yp, double *out, T *restrict sa,
-                            T *restrict sb, const int ab, double Mxd, double Yrd,
-                            Py_ssize_t iref)
+                            T *restrict sb, const int ab, double Mxd, double Yrd)
 {
     const T ninf = (T)-INFINITY, CL = (T)D_CLAMP;
     T zx = 0, zy = 0, s1 = 0, zqs = 0, zqo = 0, zxo = 0, zxs = 0, rk = 0; /* rk: largest |d| */
@@ -557,9 +556,10 @@ KLDIV_INLINE void FN(pass2)(Py_ssize_t b0, Py_ssize_t b1, const T *restrict x,
             const int in = px & py;
             const T ep = xp ? xr * ixm : KEXP(xr - mx); /* (temperature 1 with probabilities) */
             const T eq = yp ? yr * iym : KEXP(yr - my);
-            /* exactly 0 at the reference entry itself (whatever the rounding of ly there): the
-             * centred value at a peaked row's top entry is the tiny -E_p[d] */
-            const T dd = i == iref ? (T)0 : (T)((ly - Yr) - (lx - Mx));
+            /* exactly 0 at the reference entry itself (ly, lx there are Yr, Mx: the same
+             * klog_fd of the same float; prep checks it): the centred value at a peaked row's
+             * top entry is the tiny -E_p[d], which a float-sized offset there would round */
+            const T dd = (T)((ly - Yr) - (lx - Mx));
             const T dcl = dd > CL ? CL : (dd < -CL ? -CL : dd);
             const T d = in ? dcl : (T)0;
             const T ad = KFABS(d);
@@ -734,10 +734,13 @@ KLDIV_INLINE int FN(prep)(const T *x, const T *y, Py_ssize_t V, double inv_t, in
         Dref = ((double)yr - (double)my) * inv_t;
     }
     const T ixm = xp ? (T)(1.0 / xmax) : (T)0, iym = yp ? (T)(1.0 / ymax) : (T)0;
-    double acc[9] = {0, 0, 0, 0, 0, 0, 0, 0, 0};
+    double acc[9];
+    for (int rep = 0; rep < 2; rep++) {
+    for (int k = 0; k < 9; k++)
+        acc[k] = 0.0;
     for (Py_ssize_t b0 = 0; b0 < V; b0 += KLDIV_BLOCK) {
         const Py_ssize_t b1 = b0 + KLDIV_BLOCK < V ? b0 + KLDIV_BLOCK : V;
-        if (xn) /* the next row: fetched from memory while this block computes exponentials */
+        if (xn && !rep) /* the next row: fetched from memory while this block computes exps */
             for (Py_ssize_t i = b0; i < b1; i += 64 / sizeof(T)) {
                 __builtin_prefetch(xn + i, 0, 2);
                 __builtin_prefetch(yn + i, 0, 2);
@@ -746,10 +749,10 @@ KLDIV_INLINE int FN(prep)(const T *x, const T *y, Py_ssize_t V, double inv_t, in
     do {                                                                                       \
         if (sa)                                                                                \
             FN(pass2)(b0, b1, x, y, sp, sq, sd, mx, my, it, ixm, iym, d0h, d0l, dn, a, b, acc, \
-                      sa, sb, 1, Mxd, Yrd, iref);                                              \
+                      sa, sb, 1, Mxd, Yrd);                                                    \
         else                                                                                   \
             FN(pass2)(b0, b1, x, y, sp, sq, sd, mx, my, it, ixm, iym, d0h, d0l, dn, a, b, acc, \
-                      NULL, NULL, 0, Mxd, Yrd, iref);                                          \
+                      NULL, NULL, 0, Mxd, Yrd);                                                \
     } while (0)
         if (dense) {
             if (!xp && !yp)
@@ -771,6 +774,20 @@ KLDIV_INLINE int FN(prep)(const T *x, const T *y, Py_ssize_t V, double inv_t, in
                 KLDIV_P2(0, 0, 1);
         }
 #undef KLDIV_P2
+    }
+    /* float probabilities against log-space input: the reference entry's log-ratio must be 0
+     * exactly (see pass2). Its logarithms there are the same klog_fd of the same floats as Yrd
+     * and Mxd, so it is, unless the vectorised loop rounded them differently (another
+     * contraction into fused multiply-adds): then y_r as the loop has it (the small exact
+     * difference it stored, added back) and the pass once more (rare) */
+    if (iref < 0 || rep)
+        break;
+    {
+        const T e0 = sd[iref];
+        if (!(e0 == e0) || e0 == (T)0)
+            break;
+        Yrd += (double)e0;
+    }
     }
     rs->Zx = acc[0];
     rs->Zy = acc[1];
