@@ -7,7 +7,7 @@ constant of 3e38. The sharded algorithm runs in one process on W simulated ranks
 whose all-reduces meet at a barrier), with cuts that put a side's mode on another rank than
 the other side's maximum; one small gloo launch checks the real collectives.
 
-The reference is mpmath at 1200 bits on the exact float inputs (no float arithmetic): KL and
+The reference is mpmath (1200 bits or more) on the exact float inputs (no float arithmetic): KL and
 its family from the log-softmax of each side, gradients w.r.t. both sides' logits.
 """
 from __future__ import annotations
@@ -47,13 +47,16 @@ def _ref_forward(a, b):
 
 
 def mp_ref(kind, a, b, beta=0.5):
-    """(value, grad_a, grad_b) of ``kind`` between logits a (p) and b (q), exact inputs."""
-    with mpmath.workprec(1200):
-        if kind == "reverse":
-            v, ga, gb = mp_ref("forward", b, a)
-            return v, gb, ga
-        a = [v if isinstance(v, mpmath.mpf) else mpmath.mpf(float(v)) for v in a]
-        b = [v if isinstance(v, mpmath.mpf) else mpmath.mpf(float(v)) for v in b]
+    """(value, grad_a, grad_b) of ``kind`` between logits a (p) and b (q), exact inputs, with
+    500 bits beyond the largest logit's exponent, 1200 at least (JS's gradients on disjoint
+    rows, exp(-3e38) in truth, are a cancellation of O(1) terms: 2^-1200 is below float64)."""
+    if kind == "reverse":
+        v, ga, gb = mp_ref("forward", b, a, beta)
+        return v, gb, ga
+    a = [v if isinstance(v, mpmath.mpf) else mpmath.mpf(float(v)) for v in a]
+    b = [v if isinstance(v, mpmath.mpf) else mpmath.mpf(float(v)) for v in b]
+    top = max(int(mpmath.mag(v)) for v in a + b if mpmath.isfinite(v) and v != 0)
+    with mpmath.workprec(max(top + 500, 1200)):
         lp, lq, p, q = _ref_forward(a, b)
         n = len(a)
         # entries where p = q = 0 contribute nothing (in the value and in the gradients)
@@ -189,17 +192,23 @@ def wide_rows(V, n, seed):
     return rows
 
 
-def check_rows(kind, rows, dtype, cuts, monkeypatch, what):
+def check_rows(kind, rows, dtype, cuts, monkeypatch, what, temperature=1.0):
     x = torch.tensor([a for a, _ in rows], dtype=dtype)
     y = torch.tensor([b for _, b in rows], dtype=dtype)
-    v, gx, gy = sharded(kind, x, y, cuts, monkeypatch)[:3]
+    v, gx, gy = sharded(kind, x, y, cuts, monkeypatch, temperature)[:3]
     f32 = dtype == torch.float32
     rtol_v, rtol_g = (3e-6, 1e-5) if f32 else (1e-12, 1e-11)
     # gradients below the dtype's normal range round to 0 (JS on disjoint rows: ~1e-121)
     atol_g = 1e-36 if f32 else 1e-300
     xs, ys = x.double().numpy(), y.double().numpy()
     for r in range(len(rows)):
-        vr, ga, gb = mp_ref(kind, xs[r], ys[r])
+        if temperature == 1.0:
+            vr, ga, gb = mp_ref(kind, xs[r], ys[r])
+        else:  # (the logits divided by T exactly, in mpmath; d/dx = d/d(x / T) / T)
+            with mpmath.workprec(1200):
+                vr, ga, gb = mp_ref(kind, [mpmath.mpf(float(u)) / temperature for u in xs[r]],
+                                    [mpmath.mpf(float(u)) / temperature for u in ys[r]])
+            ga, gb = ga / temperature, gb / temperature
         limit = F32MAX if f32 else float(np.finfo(np.float64).max)
         got = float(v[r])
         if abs(vr) > limit:
@@ -241,6 +250,14 @@ def test_wide_rows_one_huge_entry(kind, dtype, monkeypatch):
     for V, cuts in ((5, [0, 2, 5]), (13, [0, 1, 7, 13]), (50, [0, 17, 33, 50])):
         rows = wide_rows(V, 12, seed=V)
         check_rows(kind, rows, dtype, cuts, monkeypatch, f"V={V}")
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_temperature(dtype, temperature, monkeypatch):
+    rows = [r for r in repro_rows() if len(r[0]) == 3]
+    for kind in KINDS:
+        check_rows(kind, rows, dtype, [0, 1, 3], monkeypatch, f"T={temperature}", temperature)
 
 
 def test_float64_beyond_float32(monkeypatch):
