@@ -14,6 +14,10 @@ The reference is mpmath at 50 digits on the exact float32 inputs, per row (the f
 formula is no reference on these rows: it loses the digits itself). The error of a row's gradient
 is max |g - ref| / max |ref| (max-abs over the row's largest entry), with the row maximum floored
 at 1e-30 (gradients that float32 holds only as subnormals).
+
+Not covered here (known leftovers): a float32 probability that is itself subnormal, where the
+gradient with respect to it (1 - p_i / q_i, up to 1e33) is formed from q_i / max q rounded to the
+subnormal grid (1e-3 relative at q_i = 6e-45); rows whose whole gradient lies below ~1e-30.
 """
 from __future__ import annotations
 
@@ -119,7 +123,7 @@ def test_peaked_log_space(kind, std, T):
 @pytest.mark.parametrize("kind", ["forward", "reverse", "jeffreys"])
 @pytest.mark.parametrize("ps,qs", [("probs", "logits"), ("logits", "probs"),
                                    ("probs", "probs")])
-@pytest.mark.parametrize("std,seed", [(10.0, 3), (20.0, 8), (30.0, 5), (30.0, 8)])
+@pytest.mark.parametrize("std,seed", [(20.0, 8), (30.0, 5), (30.0, 8)])
 def test_peaked_probabilities(kind, ps, qs, std, seed):
     """Probabilities on one side or both (temperature 1: the kernel takes them directly). The
     seeds hold rows where the float-rounded reference logarithms gave 1e-5 .. 1.0 per row."""
