@@ -106,6 +106,7 @@ class _Side:
     m: object  # the row maximum of raw (last axis kept, a constant for autodiff); None: 0
     norm: object  # per-row log normaliser (last axis kept)
     temperature: float = 1.0
+    px: object = None  # probabilities taken to log space (T != 1): the input p itself
 
 
 _as_array = as_array
@@ -177,7 +178,9 @@ def _make_side(xp, x, space, temperature):
         log_z = xp.log(z)
         lw = xp.where(support, raw - log_z, zero)
         return _Side(x, "probs", support, lw, w, raw, raw, raw, None, log_z)
+    px = None
     if space == "probs":  # probabilities with a temperature: p^(1/T), renormalised
+        px = x  # (the log-ratio takes log p anew in float64 where it can: ``_wide_side``)
         nonpos = x <= 0
         x = xp.where(nonpos, const(xp, -math.inf, x), _log_pos(xp, xp.where(nonpos, one, x)))
     big = const(xp, -xp.finfo(x.dtype).max, x)
@@ -196,7 +199,7 @@ def _make_side(xp, x, space, temperature):
     e = xp.exp(ct)  # the row maximum gives exp(0) = 1: no overflow, the sum is in [1, V]
     s = xp.sum(e, axis=-1, keepdims=True)
     norm = xp.log(s)
-    return _Side(x, "log", support, ct - norm, e / s, x, c, ct, m, norm, temperature)
+    return _Side(x, "log", support, ct - norm, e / s, x, c, ct, m, norm, temperature, px)
 
 
 def _prepare(p, q, p_space, q_space, axis, temperature, mask, weight, validate, names=("p", "q")):
@@ -434,6 +437,17 @@ def _wide_side(xp, S: _Side, dt):
         raw = xp.where(S.support, _log_pos(xp, xp.where(S.support, x, xp.ones_like(x))),
                        xp.zeros_like(x))
         return replace(S, raw=raw, c=raw, ct=raw)
+    if S.px is not None:  # probabilities at T != 1: log p in the wider dtype, centred there
+        x = xp.astype(S.px, dt)
+        raw = xp.where(S.support, _log_pos(xp, xp.where(S.support, x, xp.ones_like(x))),
+                       const(xp, -math.inf, x))
+        m = stop_gradient(xp.max(raw, axis=-1, keepdims=True))
+        big = const(xp, -xp.finfo(dt).max, x)
+        c = raw - m
+        c = xp.where(c < big, big, c)
+        ct = c / S.temperature
+        ct = xp.where(ct < big, big, ct)
+        return replace(S, raw=raw, c=c, ct=ct, m=m)
     return replace(S, raw=xp.astype(S.raw, dt), c=xp.astype(S.c, dt), ct=xp.astype(S.ct, dt),
                    m=xp.astype(S.m, dt))
 
@@ -443,8 +457,10 @@ def _log_delta_mixed(xp, P: _Side, Q: _Side, T):
     log-ratio is formed in float64 where the namespace has it (NumPy, torch on CPU and CUDA,
     JAX with x64 enabled) and rounded once: ~1e-6 relative at KL = 1e-9, as logits against
     logits (log p in float32 gave 3e-4). Elsewhere (JAX without x64) it stays float32."""
-    if (P.m is None) == (Q.m is None) or P.raw.dtype != xp.float32:
+    if (P.m is None and Q.m is None) or P.raw.dtype != xp.float32:
         return _log_delta(xp, P, Q, T)
+    if P.m is not None and Q.m is not None and P.px is None and Q.px is None:
+        return _log_delta(xp, P, Q, T)  # log-space on both sides: exact in float32
     dt = wide_float(xp, P.raw)
     if dt is None:
         return _log_delta(xp, P, Q, T)
@@ -759,7 +775,13 @@ def _js_surrogate(xp, P, Q, pr, y, z, beta):
         ks = stop_gradient(xp.sum(w * s, axis=-1, keepdims=True))
         kt = stop_gradient(xp.sum(w * t, axis=-1, keepdims=True))
         c = xp.where(xp.abs(s) + xp.abs(ks) <= xp.abs(t) + xp.abs(kt), s - ks, t - kt)
-        return xp.sum(w * c, axis=-1)
+        # first derivative: dw_i c_i only (c a constant); the w_i dc_i terms of the two sides
+        # cancel in math (to eps * p_i, all of the gradient on close rows: 1e-4 per row in
+        # float32) and are left out; second derivative: dw_i dc_i from the product of two
+        # zero-valued differences, whose first derivative is exactly 0
+        cs = stop_gradient(c)
+        return xp.sum(w * cs, axis=-1) + 0.5 * xp.sum(
+            (w - stop_gradient(w)) * (c - cs), axis=-1)
 
     return (-beta * side(P.w, y, u, math.log(beta))
             - (1 - beta) * side(Q.w, z, v, math.log1p(-beta)))
