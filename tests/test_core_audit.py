@@ -128,3 +128,26 @@ def test_probs_vs_log_space_temperature(kind, qs):
         _check(kind, P, Ql, "probs", qs, T, vtol=2e-6, gtol=1e-5)
         if kind in ("forward", "js"):  # and the probabilities on q's side
             _check(kind, Ql, P, qs, "probs", T, vtol=2e-6, gtol=1e-5)
+
+
+# --- finding 3: forward / reverse KL gradients on peaked, nearly disjoint float32 rows -------
+
+
+def test_peaked_row_example():
+    # the audit's row: d/dp[0] of forward KL was 7.15e-7 (truth 6.2046e-7), d/dq[1] of reverse
+    # KL 1.19e-7 (truth 1.24058e-7)
+    P = np.array([[20.0, 0, 0, 3]], np.float32)
+    Q = np.array([[0.0, 20, 0, -5]], np.float32)
+    for kind in ("forward", "reverse"):
+        _check(kind, P, Q, "logits", "logits", 1.0, vtol=1e-6, gtol=1e-5, numpy_too=False)
+
+
+@pytest.mark.parametrize("kind", ["forward", "reverse"])
+@pytest.mark.parametrize("std,T", [(5.0, 1.0), (20.0, 1.0), (40.0, 1.0), (1.0, 0.05)])
+def test_peaked_rows(kind, std, T):
+    # p log-probabilities, q logits, both of std `std` (O(1) per-row errors at std 20 before)
+    g = torch.Generator().manual_seed(int(std * 10 + T * 100))
+    a = torch.log_softmax(torch.randn(6, 40, dtype=torch.float64, generator=g) * std, -1)
+    b = torch.randn(6, 40, dtype=torch.float64, generator=g) * std
+    P, Q = a.float().numpy(), b.float().numpy()
+    _check(kind, P, Q, "log_probs", "logits", T, vtol=2e-6, gtol=1e-5, numpy_too=False)
