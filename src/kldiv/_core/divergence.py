@@ -18,8 +18,10 @@ inputs give about 1e-6 relative error down to KL = 1e-9 (``benchmarks/accuracy.p
 Mixed spaces. With one side probabilities and the other log-probabilities or logits in
 float32, the log-ratio is formed in float64 where the array library has it (NumPy, torch except
 MPS, JAX with ``jax_enable_x64``): log p rounded to float32 would cost eps * |log p| per entry,
-3e-4 relative at KL = 1e-9. JAX without x64 keeps float32 there: ~2e-3 relative at KL = 1e-9,
-1e-4 at 1e-7, 5e-6 at 1e-5 (``tests/test_core_leftovers.py``'s rows).
+3e-4 relative at KL = 1e-9. So is probabilities' log p at a temperature != 1 (there both sides
+are log-space, p^(1/T) renormalised; against probabilities too): 6e-5..5e-4 relative at KL 1e-8
+before (``tests/test_core_audit.py``). JAX without x64 keeps float32 there: ~2e-3 relative
+at KL = 1e-9, 1e-4 at 1e-7, 5e-6 at 1e-5 (``tests/test_core_leftovers.py``'s rows).
 
 Large magnitudes. The value does not change when a constant is added to one side's logits,
 however large (a row of -1e30 or finfo.min, a whole row offset by 1e4, logits of 3e38): each
@@ -39,16 +41,22 @@ finfo.max below their own row maximum are clamped there within a side (their pro
 either way).
 Derivatives. They are those of the accurate value, formed so that autodiff meets no
 cancellation the value avoided: float32 gradients are within 1e-5 per row (normwise; 1e-6
-or better measured) of the exact ones on every row the tests draw. Rows far apart need two
-arrangements. JS on far, nearly disjoint rows (JS near its bound): its derivative
-beta log(p_i / m_i) sits near -beta log(beta), and the part that matters, u_i =
-log(m_i / (beta p_i)) = log1p(((1 - beta) / beta) e^(d_i)), is below the rounding of
-log(beta); the derivatives are taken from u (and its mirror for q) with full relative
-accuracy, centred per row (``_js_surrogate``: float32 logits of std 3, 4, 8 went from 2e-5,
-7e-5, O(1) to 1e-6). Huge KL and Jeffreys rows (log-ratios
-beyond 20, up to 1e38 in float32): the derivatives of the plain formula, assembled from the
-exact centred log-ratios (KL: centred by p; Jeffreys: by p and by q, ``_jeffreys_far``), so
-that a row constant of 3e38 never rounds an O(1) gradient.
+or better measured) of the exact ones on every row the tests draw. Three arrangements.
+JS on far, nearly disjoint rows (JS near its bound): its derivative beta log(p_i / m_i) sits
+near -beta log(beta), and the part that matters, u_i = log(m_i / (beta p_i)) =
+log1p(((1 - beta) / beta) e^(d_i)), is below the rounding of log(beta); the derivatives are
+taken from u (and its mirror for q) with full relative accuracy, centred per row
+(``_js_surrogate``: float32 logits of std 3, 4, 8 went from 2e-5, 7e-5, O(1) to 1e-6); its
+first derivative leaves out the two sides' terms through the log-ratio, which cancel in math
+(close float32 rows: 1e-4 per row before). KL and reverse KL, every row when differentiating
+(``_kl_derivatives``): the derivative with respect to the side whose log-probabilities appear
+twice, p_i (r_i - KL), is at a peaked row's top entry a tiny difference of two numbers of the
+size of KL (float32 logits of std 20: O(1) per row before); it is formed from the exact
+centred log-ratio (0 at p's mode) as a constant coefficient, and q - p likewise, so that
+autodiff subtracts nothing large (1e-6 per row at logits of std 5..40, or T = 0.05); huge-KL
+rows (log-ratios up to 1e38 in float32) included. Jeffreys rows with log-ratios beyond 20:
+the derivatives of the plain formula, assembled from the exact log-ratios centred by p and by
+q (``_jeffreys_far``), so that a row constant of 3e38 never rounds an O(1) gradient.
 Second derivatives: those of the value (torch double backward, jax.hessian; Hessian-vector
 products), the routes above included (they are arranged so that their derivatives are the
 plain formula's). With respect to probabilities down to about 1e-30 (float32; 1e-290 in
@@ -106,6 +114,7 @@ class _Side:
     m: object  # the row maximum of raw (last axis kept, a constant for autodiff); None: 0
     norm: object  # per-row log normaliser (last axis kept)
     temperature: float = 1.0
+    px: object = None  # probabilities taken to log space (T != 1): the input p itself
 
 
 _as_array = as_array
@@ -177,7 +186,9 @@ def _make_side(xp, x, space, temperature):
         log_z = xp.log(z)
         lw = xp.where(support, raw - log_z, zero)
         return _Side(x, "probs", support, lw, w, raw, raw, raw, None, log_z)
+    px = None
     if space == "probs":  # probabilities with a temperature: p^(1/T), renormalised
+        px = x  # (the log-ratio takes log p anew in float64 where it can: ``_wide_side``)
         nonpos = x <= 0
         x = xp.where(nonpos, const(xp, -math.inf, x), _log_pos(xp, xp.where(nonpos, one, x)))
     big = const(xp, -xp.finfo(x.dtype).max, x)
@@ -196,7 +207,7 @@ def _make_side(xp, x, space, temperature):
     e = xp.exp(ct)  # the row maximum gives exp(0) = 1: no overflow, the sum is in [1, V]
     s = xp.sum(e, axis=-1, keepdims=True)
     norm = xp.log(s)
-    return _Side(x, "log", support, ct - norm, e / s, x, c, ct, m, norm, temperature)
+    return _Side(x, "log", support, ct - norm, e / s, x, c, ct, m, norm, temperature, px)
 
 
 def _prepare(p, q, p_space, q_space, axis, temperature, mask, weight, validate, names=("p", "q")):
@@ -434,6 +445,17 @@ def _wide_side(xp, S: _Side, dt):
         raw = xp.where(S.support, _log_pos(xp, xp.where(S.support, x, xp.ones_like(x))),
                        xp.zeros_like(x))
         return replace(S, raw=raw, c=raw, ct=raw)
+    if S.px is not None:  # probabilities at T != 1: log p in the wider dtype, centred there
+        x = xp.astype(S.px, dt)
+        raw = xp.where(S.support, _log_pos(xp, xp.where(S.support, x, xp.ones_like(x))),
+                       const(xp, -math.inf, x))
+        m = stop_gradient(xp.max(raw, axis=-1, keepdims=True))
+        big = const(xp, -xp.finfo(dt).max, x)
+        c = raw - m
+        c = xp.where(c < big, big, c)
+        ct = c / S.temperature
+        ct = xp.where(ct < big, big, ct)
+        return replace(S, raw=raw, c=c, ct=ct, m=m)
     return replace(S, raw=xp.astype(S.raw, dt), c=xp.astype(S.c, dt), ct=xp.astype(S.ct, dt),
                    m=xp.astype(S.m, dt))
 
@@ -443,8 +465,10 @@ def _log_delta_mixed(xp, P: _Side, Q: _Side, T):
     log-ratio is formed in float64 where the namespace has it (NumPy, torch on CPU and CUDA,
     JAX with x64 enabled) and rounded once: ~1e-6 relative at KL = 1e-9, as logits against
     logits (log p in float32 gave 3e-4). Elsewhere (JAX without x64) it stays float32."""
-    if (P.m is None) == (Q.m is None) or P.raw.dtype != xp.float32:
+    if (P.m is None and Q.m is None) or P.raw.dtype != xp.float32:
         return _log_delta(xp, P, Q, T)
+    if P.m is not None and Q.m is not None and P.px is None and Q.px is None:
+        return _log_delta(xp, P, Q, T)  # log-space on both sides: exact in float32
     dt = wide_float(xp, P.raw)
     if dt is None:
         return _log_delta(xp, P, Q, T)
@@ -550,30 +574,9 @@ def _pair(xp, P: _Side, Q: _Side, need_d: bool = False) -> _Pair:
     kl = xp.where(p_escapes | (kl >= xp.finfo(L.dtype).max), inf, kl)
     # KL >= 0: a rounding residue below 0 (1e-54 for shifted identical rows) is the exact 0
     kl = xp.where(kl < 0, xp.zeros_like(kl), kl)
-    if (_may_differentiate(P.x) or _may_differentiate(Q.x)) and not (
-            is_concrete(huge) and not bool(xp.any(huge))):
-        # Rows with a large KL (the log-sum-exp route) carry the mean log-ratio, up to ~1e30
-        # (a -1e30 logit where p has mass), in every entry's centred value: autodiff of the
-        # accurate value would see rounding noise of that size, and give a gradient far from
-        # q - p. There the derivatives are those of the plain formula F = sum_T p_i r_i,
-        # r = log p - log q, whose differential is
-        #     dF = sum dp_i (r_i - F) + sum p_i dr_i        (sum dp_i = 0)
-        # formed here term by term, so that no intermediate exceeds what the result needs:
-        # r_i - F = -d'_i (the centred log-ratio, from the exact one; a constant to autodiff) is
-        # not the difference of two values of up to finfo.max (float32 logits of finfo.min on
-        # both sides: r - F overflowed, or rounded to 0 where the true value is ~1), and p_i
-        # (r_i - F) is formed as (4 p_i) (r_i - F) / 4: finite wherever the derivative is, even
-        # where r_i - F itself is beyond finfo.max (rows wider than the float range). dr_i is
-        # the differential of the raw inputs and normalisers, which no clamp at -finfo.max
-        # cuts off. Entries of weight 0 take no part. Second derivatives:
-        # d2p_i (r_i - F) from the first sum (sum d2p_i = 0), dp_i x dr_i and p_i d2r_i from the
-        # second. The value stays the accurate one.
-        pos = T & (wn > 0)
-        rf4 = stop_gradient(xp.where(pos, -dcq, zero))  # (r - F) / 4, not clamped
-        term1 = xp.sum((xp.exp(u) * 4) * rf4, axis=-1) / s[..., 0]
-        dr = xp.where(pos, _dlog(xp, P, pos) - _dlog(xp, Q, pos), zero)
-        g = term1 + xp.sum(wn * dr, axis=-1)
-        kl = xp.where(huge[..., 0], stop_gradient(kl) + (g - stop_gradient(g)), kl)
+    if not need_d and (_may_differentiate(P.x) or _may_differentiate(Q.x)):
+        # (JS and Jeffreys, need_d, do not use this KL)
+        kl = _kl_derivatives(xp, P, Q, T, wn, dcq, dc, mean_d, kl)
     if sub is not None:
         kl = _subnormal_weight_derivatives(xp, P0, Q0, T, dc, kl, sub)
     # 0 on every row, nan on a row with a nan (its normaliser is nan): an escape's +inf must
@@ -581,6 +584,49 @@ def _pair(xp, P: _Side, Q: _Side, need_d: bool = False) -> _Pair:
     nan_rows = 0 * (P.norm + Q.norm)[..., 0]
     return _Pair(T, d, p_out, q_out, p_escapes, q_escapes, kl + nan_rows, nan_rows, dq,
                  dcq if need_d else None)
+
+
+def _kl_derivatives(xp, P: _Side, Q: _Side, T, wn, dcq, dc, mean_d, kl):
+    """``kl`` (finite rows) with the derivatives (first and second) of the plain formula
+    F = sum_T p_i r_i, r = log p - log q, each first derivative formed with no cancellation.
+
+    Autodiff of the accurate value, or of F, forms the derivative with respect to p's input at
+    p's largest entry k (p_k ~ 1 on a peaked row) as p_k (r_k - F): a tiny difference of two
+    numbers of the size of KL (float32 logits of std 20: O(1) per row; 15% at [20, 0, 0, 3]
+    against [0, 20, 0, -5]), and rows with a large KL carry a row constant of up to ~1e30 in
+    every log-ratio. Here, with x and y the two sides' raw log-space inputs (log p for
+    probabilities), the first differential
+        dF = sum_i dp_i c_i + sum_j (q_j - p_j) dy_j / T,   c = r - F = -d' (the centred
+    log-ratio, exact at p's mode, where it is 0 in ``_log_delta``'s anchoring)
+    is taken with c and q - p as constants (q - p as p expm1(d) where |d| < 1): dp_i c_i reaches
+    x_k as p_k c_k / T - p_k (sum p c) / T, and sum p c is 0 to the rounding of its terms. The
+    terms that cancel in math (sum p_i d log p_i = 0) are left out. Second derivatives
+        d2F = sum d2p_i c_i + sum dp_i (dlog p_i - dlog q_i) + sum (dq_j - dp_j) dy_j / T
+              + sum (q_j - p_j) d2y_j / T
+    come from products of two zero-valued differences (``0.5 * dp * dl``: first derivative
+    exactly 0, second derivative dp dl), so the first derivative meets no extra rounding."""
+    zero = xp.zeros_like(wn)
+    pos = T & (wn > 0)
+    c4 = stop_gradient(xp.where(pos, -dcq, zero))  # (r - F) / 4, not clamped
+    g = xp.sum((wn * 4) * c4, axis=-1)
+    # log(q_i / p_i) = d' + E_p[d]; where the mean is large (a KL of 1e38) the sum is noise,
+    # and such rows have |q - p| of order 1 somewhere: q - p as the difference there
+    d = xp.where(T, dc + mean_d[..., None], zero)
+    near = T & (xp.abs(d) < 1) & (xp.abs(mean_d) < 1)[..., None]
+    qmp = xp.where(near, wn * xp.expm1(xp.where(near, d, zero)), Q.w - wn)
+    sq = Q.support
+    rq = xp.where(sq, Q.raw, zero)
+    dy = rq - stop_gradient(rq)
+    if Q.temperature != 1.0:
+        dy = dy / Q.temperature
+    g = g + xp.sum(xp.where(sq, stop_gradient(qmp) * dy, zero), axis=-1)
+    dw = wn - stop_gradient(wn)
+    dl = _dlog(xp, P, pos) - _dlog(xp, Q, pos)
+    dq = Q.w - stop_gradient(Q.w)
+    g = g + 0.5 * (xp.sum(xp.where(pos, dw * dl, zero), axis=-1)
+                   + xp.sum(xp.where(sq, (dq - dw) * dy, zero), axis=-1))
+    ok = xp.isfinite(stop_gradient(kl))
+    return xp.where(ok, stop_gradient(kl) + (g - stop_gradient(g)), kl)
 
 
 def _subnormal_weight_derivatives(xp, P: _Side, Q: _Side, T, dc, kl, rows):
@@ -759,7 +805,13 @@ def _js_surrogate(xp, P, Q, pr, y, z, beta):
         ks = stop_gradient(xp.sum(w * s, axis=-1, keepdims=True))
         kt = stop_gradient(xp.sum(w * t, axis=-1, keepdims=True))
         c = xp.where(xp.abs(s) + xp.abs(ks) <= xp.abs(t) + xp.abs(kt), s - ks, t - kt)
-        return xp.sum(w * c, axis=-1)
+        # first derivative: dw_i c_i only (c a constant); the w_i dc_i terms of the two sides
+        # cancel in math (to eps * p_i, all of the gradient on close rows: 1e-4 per row in
+        # float32) and are left out; second derivative: dw_i dc_i from the product of two
+        # zero-valued differences, whose first derivative is exactly 0
+        cs = stop_gradient(c)
+        return xp.sum(w * cs, axis=-1) + 0.5 * xp.sum(
+            (w - stop_gradient(w)) * (c - cs), axis=-1)
 
     return (-beta * side(P.w, y, u, math.log(beta))
             - (1 - beta) * side(Q.w, z, v, math.log1p(-beta)))
