@@ -13,7 +13,6 @@ its family from the log-softmax of each side, gradients w.r.t. both sides' logit
 from __future__ import annotations
 
 import os
-import tempfile
 import threading
 
 import mpmath
@@ -286,7 +285,7 @@ def test_ordinary_calls_keep_their_collectives(monkeypatch):
 # one real launch: two gloo ranks
 
 
-def _gloo_worker(rank, init_file, out_dir):
+def _gloo_worker(rank, world, init_file, out_dir):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -308,42 +307,10 @@ def _gloo_worker(rank, init_file, out_dir):
     torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-def _gloo_forked(rank, init_file, out_dir):
-    try:
-        _gloo_worker(rank, init_file, out_dir)
-    except BaseException:
-        import traceback
-
-        traceback.print_exc()
-        os._exit(1)
-    os._exit(0)
-
-
 def test_two_gloo_ranks():
-    import multiprocessing as mp
-    import warnings
+    from forked_ranks import run_forked
 
-    if "fork" not in mp.get_all_start_methods():  # pragma: no cover
-        pytest.skip("needs fork")
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    with tempfile.TemporaryDirectory() as d:
-        init_file = os.path.join(d, "init")
-        ctx = mp.get_context("fork")
-        procs = [ctx.Process(target=_gloo_forked, args=(r, init_file, d)) for r in range(2)]
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called")
-            for p in procs:
-                p.start()
-        try:
-            for p in procs:
-                p.join(120)
-        finally:
-            for p in procs:
-                if p.is_alive():
-                    p.kill()
-                    p.join()
-        assert [p.exitcode for p in procs] == [0, 0]
-        res = [torch.load(os.path.join(d, f"rank{r}.pt")) for r in range(2)]
+    res = run_forked(_gloo_worker, 2)
     rows = repro_rows()[:4]
     for kind in KINDS:
         v = res[0][kind][0]

@@ -535,47 +535,11 @@ def _dist_worker(rank, world, init_file, out_dir):
     os.replace(tmp, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-def _dist_forked(rank, world, init_file, out_dir):
-    import os
-
-    try:
-        _dist_worker(rank, world, init_file, out_dir)
-    except BaseException:
-        import traceback
-
-        traceback.print_exc()
-        os._exit(1)
-    os._exit(0)
-
-
 @pytest.fixture(scope="module")
 def dist_results():
-    import multiprocessing as mp
-    import os
-    import tempfile
-    import warnings
+    from forked_ranks import run_forked
 
-    if "fork" not in mp.get_all_start_methods():  # pragma: no cover
-        pytest.skip("needs fork (the gloo launch of test_distributed.py covers the rest)")
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    with tempfile.TemporaryDirectory() as d:
-        init = os.path.join(d, "init")
-        ctx = mp.get_context("fork")
-        procs = [ctx.Process(target=_dist_forked, args=(r, 2, init, d)) for r in range(2)]
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called")
-            for p in procs:
-                p.start()
-        try:
-            for p in procs:
-                p.join(120)
-        finally:
-            for p in procs:
-                if p.is_alive():
-                    p.kill()
-                    p.join()
-        assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
-        return [torch.load(os.path.join(d, f"rank{r}.pt")) for r in range(2)]
+    return run_forked(_dist_worker, 2)
 
 
 def _masked_naive(kind, a, b, vs, labels, cot):
