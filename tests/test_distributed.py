@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
 import sys
-import tempfile
 
 import numpy as np
 import pytest
@@ -381,75 +379,16 @@ if __name__ == "__main__":  # a worker process: rank world init_file out_dir
 # launching
 
 
-def _start_forked(procs):
-    """Start forked workers. They run torch only, single-threaded (set first thing in the
-    child), so the parent's threads (OpenMP, JAX's, if an earlier test started them) are never
-    touched; JAX's warning about fork is therefore silenced here."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called")
-        for p in procs:
-            p.start()
-
-
-def _forked(rank, world, init_file, out_dir):
-    # (_worker_main sets one thread first: the parent's OpenMP pool does not survive fork())
-    try:
-        _worker_main(rank, world, init_file, out_dir)
-    except BaseException:
-        import traceback
-
-        traceback.print_exc()
-        os._exit(1)
-    os._exit(0)
-
-
 def launch(world, timeout=150):
     """Run the worker on ``world`` gloo ranks (loopback only); the results of every rank.
 
     The workers are forked from this process where the platform allows it (no second import
     of torch: spawning costs seconds per process on a busy 2-core machine); otherwise they
-    run this file as a script.
+    run this file as a script (``tests/forked_ranks.py``).
     """
-    import multiprocessing as mp
+    from forked_ranks import run_forked
 
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    with tempfile.TemporaryDirectory() as d:
-        init_file = os.path.join(d, "init")
-        if "fork" in mp.get_all_start_methods():
-            ctx = mp.get_context("fork")
-            procs = [ctx.Process(target=_forked, args=(r, world, init_file, d))
-                     for r in range(world)]
-            _start_forked(procs)
-            try:
-                for p in procs:
-                    p.join(timeout)
-            finally:
-                for p in procs:
-                    if p.is_alive():
-                        p.kill()
-                        p.join()
-            bad = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode != 0]
-            assert not bad, f"workers failed (rank, exit code): {bad}"
-        else:  # pragma: no cover - platforms without fork
-            env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", MASTER_ADDR="127.0.0.1",
-                       OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
-            procs = [subprocess.Popen([sys.executable, __file__, str(r), str(world), init_file,
-                                       d], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT) for r in range(world)]
-            logs = []
-            try:
-                for p in procs:
-                    logs.append(p.communicate(timeout=timeout)[0].decode(errors="replace"))
-            finally:
-                for p in procs:
-                    if p.poll() is None:
-                        p.kill()
-                        p.wait()
-            bad = [(r, p.returncode) for r, p in enumerate(procs) if p.returncode != 0]
-            assert not bad, f"workers failed: {bad}\n" + "\n".join(logs)[-4000:]
-        return [torch.load(os.path.join(d, f"rank{r}.pt")) for r in range(world)]
+    return run_forked(_worker_main, world, timeout=timeout, script=__file__)
 
 
 _LAUNCHED: dict = {}
@@ -1005,32 +944,37 @@ def _free_loopback_port():
         return s.getsockname()[1]
 
 
-def _run_script_as_rank(script, rank, port, log):
-    """Child of a fork: the environment torchrun would set, then the script."""
+def _torchrun_env(port):
+    """The environment torchrun would set for each rank (2 ranks, env://, loopback)."""
+    return lambda rank: dict(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                             MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                             GLOO_SOCKET_IFNAME="lo", CUDA_VISIBLE_DEVICES="")
+
+
+def _run_script_as_rank(script, env, rank, world, init_file, out_dir):
+    """A forked rank: torchrun's environment, then the script; its output saved as the rank's
+    result (``{"log": ...}``, as ``forked_ranks`` returns for a script run without fork)."""
+    import contextlib
+    import io
     import runpy
 
+    # the parent's OpenMP pool does not survive fork(): stay single-threaded in the child
+    torch.set_num_threads(1)
+    os.environ.update(env(rank))
+    buf = io.StringIO()
     try:
-        # the parent's OpenMP pool does not survive fork(): stay single-threaded in the child
-        torch.set_num_threads(1)
-        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                          GLOO_SOCKET_IFNAME="lo", CUDA_VISIBLE_DEVICES="")
-        with open(log, "w") as f:
-            sys.stdout = f
+        with contextlib.redirect_stdout(buf):
             runpy.run_path(script, run_name="__main__")
-            f.flush()
-    except BaseException:
-        import traceback
-
-        with open(log, "a") as f:
-            traceback.print_exc(file=f)
-        os._exit(1)
-    os._exit(0)
+    finally:
+        sys.stdout.write(buf.getvalue())  # (shown with the failure, if any)
+    torch.save({"log": buf.getvalue()}, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def test_docs_torchrun_example_runs_on_two_processes(tmp_path):
     """The script in docs/distributed.md, launched as torchrun would (env://, loopback)."""
-    import multiprocessing as mp
+    import functools
+
+    from forked_ranks import run_forked
 
     doc = os.path.join(os.path.dirname(__file__), "..", "docs", "distributed.md")
     with open(doc, encoding="utf-8") as f:
@@ -1040,33 +984,11 @@ def test_docs_torchrun_example_runs_on_two_processes(tmp_path):
     code = code[:code.index("```")]
     script = tmp_path / "kl_tp.py"
     script.write_text(code)
-    port = _free_loopback_port()
-    logs = [tmp_path / f"rank{r}.log" for r in range(2)]
-    if "fork" in mp.get_all_start_methods():
-        ctx = mp.get_context("fork")
-        procs = [ctx.Process(target=_run_script_as_rank, args=(str(script), r, port, str(logs[r])))
-                 for r in range(2)]
-        _start_forked(procs)
-        for p in procs:
-            p.join(120)
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join()
-        codes = [p.exitcode for p in procs]
-    else:  # pragma: no cover - platforms without fork
-        procs = []
-        for r in range(2):
-            env = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
-                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo",
-                       CUDA_VISIBLE_DEVICES="")
-            procs.append(subprocess.Popen([sys.executable, str(script)], env=env,
-                                          stdout=open(logs[r], "w"), stderr=subprocess.STDOUT))
-        codes = [p.wait(timeout=120) for p in procs]
-    outs = [lg.read_text() if lg.exists() else "" for lg in logs]
-    assert codes == [0, 0], "\n".join(outs)
-    for rank, out in enumerate(outs):
-        assert f"rank {rank}: loss" in out
+    env = _torchrun_env(_free_loopback_port())
+    res = run_forked(functools.partial(_run_script_as_rank, str(script), env), 2,
+                     script=str(script), env=env)
+    for rank, out in enumerate(res):
+        assert f"rank {rank}: loss" in out["log"], out["log"]
 
 
 @pytest.mark.parametrize("delegate", [True, False], ids=["core", "sharded"])
