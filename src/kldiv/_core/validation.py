@@ -92,6 +92,14 @@ def _as_number(name: str, value, what: str) -> float:
     """``value`` as a float; strings and booleans are refused, not converted."""
     if isinstance(value, (str, bytes, bool, np.bool_)):
         raise TypeError(f"{name}: expected {what}, got {type(value).__name__} {value!r}")
+    if getattr(value, "requires_grad", False):  # a torch tensor recording a gradient
+        hint = (" (to learn a temperature T, pass logits / T and temperature=1: the gradient "
+                "then reaches T through the division)" if name == "temperature" else "")
+        raise TypeError(
+            f"{name}: a tensor that requires grad; kldiv takes {name} as a constant and "
+            f"computes no gradient for it, so a learnable {name} would silently not learn: "
+            f"pass float({name}) or {name}.detach(){hint}"
+        )
     try:
         return float(value)
     except (TypeError, ValueError):
