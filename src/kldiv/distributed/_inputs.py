@@ -172,11 +172,17 @@ def _apply_options(p, q, *, p_space, q_space, mask, softcap, logit_scale, vocab_
                     f"vocab_size: {vocab_size} is more than the {total} categories of the full "
                     "vocabulary (all shards)"
                 )
+            cut = vocab_size < total
         else:
-            start = vocab_start
+            # the full width is not known here without a collective: log-probabilities are
+            # renormalised over the kept columns (taken as logits) on every rank alike
+            start, cut = vocab_start, True
         keep_cols = max(0, min(width, vocab_size - start))
         if keep_cols < width:
             p, q = p[..., :keep_cols], q[..., :keep_cols]
+        if cut:
+            # decided alike on every rank (from the global layout, not from this shard's cut):
+            # the checks that follow are collectives, and the ranks must call the same ones
             p_space = "logits" if p_space == "log_probs" else p_space
             q_space = "logits" if q_space == "log_probs" else q_space
     xp = _xp()

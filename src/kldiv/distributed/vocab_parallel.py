@@ -107,7 +107,9 @@ _SHARD_DOC = """
         (padded) width, with anything in the padding.
       vocab_start: this shard's first global column (Megatron's ``vocab_start_index``), used
         with ``vocab_size``; by default the widths of the lower ranks of ``group`` (one
-        all-reduce of ``world`` integers), i.e. shards in rank order.
+        all-reduce of ``world`` integers), i.e. shards in rank order. With ``vocab_start``
+        the full width is not looked up, so log-probabilities are always renormalised over
+        the kept columns (as where ``vocab_size`` cuts the vocabulary) and not checked.
 
     Returns:
       The same value on every rank of the group, equal to the single-process function on the
