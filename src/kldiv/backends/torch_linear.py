@@ -229,15 +229,6 @@ def _check_topk(idx, lp, V, eps):
         )
 
 
-def _log1mexp(s):
-    """log(1 - exp(s)) for s <= 0, accurate at both ends; -inf where s >= 0."""
-    s = torch.clamp(s, max=0.0)  # only rounding (checked within tolerance) reaches s > 0
-    near = s > -math.log(2.0)
-    a = torch.where(near, s, torch.full_like(s, -1.0))
-    b = torch.where(near, torch.full_like(s, -1.0), s)
-    return torch.where(near, torch.log(-torch.expm1(a)), torch.log1p(-torch.exp(b)))
-
-
 def _side_option(name, value, teacher_logits, positive=True):
     """``softcap`` / ``logit_scale`` as (teacher's, student's): None skips a side.
 
@@ -399,12 +390,51 @@ class _TopkStudent:
         return z
 
 
+#: a top-k teacher's left-out mass ``1 - sum_k exp(log_probs_k)`` at or below this is taken as
+#: exactly 0 (the teacher's extra bucket is empty: the reverse KL is then +inf wherever the student
+#: puts mass outside the K indices). 2^-40 (about 9.1e-13) is far above the error of the float64
+#: evaluation below (about 2^-52) and above the rounding residue of a top-k teacher renormalised
+#: in float64 (``log_softmax`` of the top-k logits: about 1e-16 times the logits' magnitude), and
+#: far below any mass float32 or lower precision storage can tell apart from 0 in a sum.
+TOPK_REST_TOL = 2.0**-40
+
+
+def _topk_rest_mass(lp):
+    """The teacher's left-out mass ``1 - sum_k exp(lp_k)`` per row, float64 of shape (rows, 1).
+
+    Computed from the stored values (any float dtype, converted exactly to float64): the largest
+    entry as ``-expm1(lp_top)`` (full relative accuracy of ``1 - p_top``), the other K - 1
+    probabilities summed without rounding error (each split at a fixed power of two ``sigma``
+    into a high part, whose sum is exact, and the exact remainder). What is left is the
+    rounding of each exponential, about 2^-53 of the mass beside the top entry, so the result
+    is the exact value of the stored inputs to within about 2^-52 absolute (a left-out mass of
+    1.5e-8 from float32 log-probs keeps 8 digits; in the compute dtype it was 0).
+    """
+    x = lp.to(torch.float64)
+    top, arg = x.max(-1, keepdim=True)
+    rest = -torch.expm1(top)  # 1 - p_top, in [0, 1]
+    if x.shape[-1] > 1:
+        e = torch.exp(x).scatter_(-1, arg, 0.0)  # the other K - 1 probabilities, each <= 1
+        # sigma >= 2 (K - 1): every hi is a multiple of ulp(sigma) / 2 below K, so their sum is
+        # exact; lo = e - hi is exact (Rump's error-free extraction)
+        sigma = 2.0 ** (math.ceil(math.log2(max(x.shape[-1] - 1, 1))) + 1)
+        hi = (e + sigma) - sigma
+        lo = e - hi
+        rest = (rest - hi.sum(-1, keepdim=True)) - lo.sum(-1, keepdim=True)
+    return rest
+
+
 def _topk_teacher_buckets(lp, V, cdt):
-    lp = lp.to(cdt)
+    """The teacher's K + 1 bucket log-probabilities: the K stored ones and log of the left-out
+    mass (:func:`_topk_rest_mass`; -inf at or below :data:`TOPK_REST_TOL`, as for a teacher that
+    sums to 1 within rounding or to a little more). The same rule for every input dtype, so the
+    result is a deterministic function of the stored values."""
     if lp.shape[-1] == V:
-        return lp
-    rest = _log1mexp(torch.logsumexp(lp, -1, keepdim=True))
-    return torch.cat([lp, rest], -1)
+        return lp.to(cdt)
+    r = _topk_rest_mass(lp)
+    log_r = torch.where(r > TOPK_REST_TOL, torch.log(torch.clamp(r, min=TOPK_REST_TOL)),
+                        torch.full_like(r, -math.inf))
+    return torch.cat([lp.to(cdt), log_r.to(cdt)], -1)
 
 
 def _run(hidden, weight, bias, plan):
@@ -590,7 +620,14 @@ def linear_kl_div(hidden, weight, target, *, bias=None, target_space="logits",
     the teacher's log-probabilities on K distinct categories per row, as offline distillation
     pipelines store them. The divergence is taken over K + 1 buckets: the K listed categories and
     ONE extra bucket holding everything else. The teacher's extra bucket has the mass it left out,
-    ``1 - sum_k exp(log_probs_k)`` (0 when that is 0 within rounding); the student's extra bucket
+    ``1 - sum_k exp(log_probs_k)``, computed in float64 from the stored values whatever their
+    dtype (to about 2^-52 absolute: a left-out mass of 1.5e-8 in float32 log-probs is kept, not
+    rounded to 0) and taken as exactly 0 at or below ``TOPK_REST_TOL`` = 2^-40 (about 9.1e-13),
+    the same rule for every dtype. So a teacher renormalised over its top K (``log_softmax`` of
+    the top-k logits, in float64) has an empty extra bucket, and its reverse KL is +inf wherever
+    the student puts mass outside the K indices; the rounding residue of a teacher renormalised
+    in float32 or lower precision (about 1e-7) is above the tolerance and counts as real mass
+    (store such teachers in float64, or leave the left-out mass in). The student's extra bucket
     has its mass outside the K indices, ``1 - sum_k q(indices_k)`` (computed as a log-sum-exp over
     the complement, no cancellation). With K = V there is no extra bucket. ``temperature`` then
     divides the student's logits only: the stored teacher log-probs are used as given (store them

@@ -1,0 +1,183 @@
+"""linear_kl_div with a top-k teacher: the teacher's left-out mass (audit 2, finding F-B).
+
+The extra bucket's mass ``1 - sum_k exp(lp_k)`` is taken from the stored log-probs exactly (in
+float64, whatever their dtype), and is 0 at or below ``TOPK_REST_TOL``. Reference: 50-digit
+mpmath on the exact float inputs, value and gradient with respect to ``hidden`` per row (the
+weight is the identity, so the student's logits are ``hidden`` exactly).
+"""
+import math
+
+import mpmath
+import numpy as np
+import pytest
+import torch
+
+from kldiv.backends.torch_linear import TOPK_REST_TOL
+from kldiv.torch import linear_kl_div
+
+F32, F64 = torch.float32, torch.float64
+
+
+def mp_rows(kind, z, idx, lp, beta=0.5, T=1.0):
+    """Per-row value and d value / d z of the K + 1-bucket divergence, 50-digit mpmath.
+
+    With ``G_b = d D / d q_b`` (forward ``-p_b / q_b``, reverse ``log(q_b / p_b) + 1``, JS
+    ``(1 - beta) log(q_b / m_b)``) the gradient is ``q_j (G_b(j) - sum_b q_b G_b) / T``.
+    """
+    vals, grads, rests = [], [], []
+    with mpmath.workdps(50):
+        beta = mpmath.mpf(beta)
+        for zr, ir, lr in zip(z.tolist(), idx.tolist(), lp.tolist()):
+            V, K = len(zr), len(ir)
+            zz = [mpmath.mpf(v) / mpmath.mpf(T) for v in zr]
+            mx = max(zz)
+            ez = [mpmath.exp(v - mx) for v in zz]
+            s = mpmath.fsum(ez)
+            q = [v / s for v in ez]
+            p_b = [mpmath.exp(mpmath.mpf(v)) for v in lr]
+            q_b = [q[i] for i in ir]
+            bucket = [K] * V
+            for b, i in enumerate(ir):
+                bucket[i] = b
+            rest = None
+            if K < V:
+                rest = 1 - mpmath.fsum(p_b)
+                p_b.append(rest if rest > TOPK_REST_TOL else mpmath.mpf(0))
+                q_b.append(mpmath.fsum(q[j] for j in range(V) if bucket[j] == K))
+
+            def kl(a, c):
+                return mpmath.fsum(x * mpmath.log(x / y) if x > 0 else 0 for x, y in zip(a, c))
+
+            if kind == "forward":
+                val = kl(p_b, q_b)
+                G = [-x / y for x, y in zip(p_b, q_b)]
+            elif kind == "reverse":
+                if any(x == 0 and y > 0 for x, y in zip(p_b, q_b)):
+                    vals.append(math.inf)
+                    grads.append(None)
+                    rests.append(rest)
+                    continue
+                val = kl(q_b, p_b)
+                G = [mpmath.log(y / x) + 1 for x, y in zip(p_b, q_b)]
+            else:
+                m = [beta * x + (1 - beta) * y for x, y in zip(p_b, q_b)]
+                val = beta * kl(p_b, m) + (1 - beta) * kl(q_b, m)
+                G = [(1 - beta) * mpmath.log(y / w) for y, w in zip(q_b, m)]
+            mean_g = mpmath.fsum(y * g for y, g in zip(q_b, G))
+            vals.append(float(val))
+            rests.append(rest)
+            grads.append([float(q[j] * (G[bucket[j]] - mean_g) / T) for j in range(V)])
+    return vals, grads, rests
+
+
+def check(kind, z, idx, lp, dtype, rtol, beta=0.5, T=1.0):
+    """Value and gradient of every row against mpmath (one row per call: reduction="sum").
+
+    The left-out mass is exact to about 2^-52 absolute (the rounding of each float64
+    exponential), so a row with a tiny mass r gets ``rtol + 2^-50 / r``: full float32 accuracy
+    down to r ~ 1e-9, full float64 accuracy for r of order 1.
+    """
+    ref_v, ref_g, rests = mp_rows(kind, z, idx, lp, beta=beta, T=T)
+    V = z.shape[-1]
+    W = torch.eye(V, dtype=dtype)
+    for r in range(z.shape[0]):
+        h = z[r:r + 1].clone().requires_grad_()
+        loss = linear_kl_div(h, W, (idx[r:r + 1], lp[r:r + 1]), divergence=kind, beta=beta,
+                             temperature=T, reduction="sum")
+        if math.isinf(ref_v[r]):
+            assert math.isinf(float(loss.detach())) and float(loss.detach()) > 0, (kind, r)
+            continue
+        tol = rtol + (2.0**-50 / float(rests[r]) if rests[r] and rests[r] > TOPK_REST_TOL else 0)
+        got = float(loss.detach())
+        assert abs(got - ref_v[r]) <= tol * abs(ref_v[r]) + 1e-300, (kind, r, got, ref_v[r])
+        loss.backward()
+        g = h.grad[0].double().numpy()
+        rg = np.array(ref_g[r])
+        err = np.abs(g - rg).max() / np.abs(rg).max()
+        assert err <= 5 * tol, (kind, r, err)
+
+
+def audit_example(dtype):
+    """The audit's row: top-8 of 12 with a left-out mass of 1.5e-8 (float32 log-probs)."""
+    tl = torch.tensor([[9., 8., 7.5, 7., 6., 5., 4., 3., -12., -13., -14., -15.]], dtype=F64)
+    idx = torch.arange(8)[None]
+    lp = torch.log_softmax(tl, -1)[:, :8].to(dtype)
+    z = torch.tensor([[1., .5, 0., -.5, -1., -1.5, -2., -2.5, -1., -2., -3., -4.]], dtype=dtype)
+    return z, idx, lp
+
+
+RTOL = {F32: 2e-6, F64: 1e-12}
+
+
+@pytest.mark.parametrize("kind", ["forward", "reverse", "js"])
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_small_left_out_mass_is_kept(kind, dtype):
+    z, idx, lp = audit_example(dtype)
+    with mpmath.workdps(50):
+        rest = 1 - mpmath.fsum(mpmath.exp(mpmath.mpf(v)) for v in lp[0].tolist())
+    assert 1e-10 < rest < 3e-8  # the exact left-out mass: float32 1.5e-8, float64 6.5e-10
+    check(kind, z, idx, lp, dtype, RTOL[dtype])
+    if kind == "reverse":  # the reverse KL is finite: the audit's inf was the rounded mass
+        W = torch.eye(12, dtype=dtype)
+        assert math.isfinite(float(linear_kl_div(z, W, (idx, lp), divergence="reverse")))
+
+
+@pytest.mark.parametrize("kind", ["forward", "reverse", "js"])
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_random_left_out_masses(kind, dtype):
+    """Left-out masses from 1e-7 to 0.5 (the float32 compute dtype used to lose digits at
+    1e-6..1e-5: values 1e-4, gradients 2e-3 off), a temperature, K = V rows."""
+    g = torch.Generator().manual_seed(7)
+    V, K = 14, 6
+    zs, idxs, lps = [], [], []
+    for rest in [1e-7, 1e-6, 3e-6, 1e-5, 1e-3, 0.5]:
+        tl = torch.randn(1, V, generator=g, dtype=F64) * 3
+        top, ix = torch.topk(tl, K, -1)
+        pk = torch.softmax(top, -1) * (1 - rest)  # the listed K carry 1 - rest
+        zs.append(torch.randn(1, V, generator=g, dtype=F64) * 2)
+        idxs.append(ix)
+        lps.append(torch.log(pk))
+    z, idx, lp = torch.cat(zs).to(dtype), torch.cat(idxs), torch.cat(lps).to(dtype)
+    check(kind, z, idx, lp, dtype, RTOL[dtype], beta=0.3, T=0.7)
+    # K = V: no extra bucket
+    full = torch.log_softmax(torch.randn(2, 5, generator=g, dtype=F64), -1)
+    idx5 = torch.argsort(torch.rand(2, 5, generator=g), -1)
+    check(kind, torch.randn(2, 5, generator=g, dtype=F64).to(dtype), idx5,
+          torch.gather(full, -1, idx5).to(dtype), dtype, RTOL[dtype])
+
+
+@pytest.mark.parametrize("kind", ["forward", "reverse", "js"])
+def test_renormalised_float64_teacher_has_an_empty_bucket(kind):
+    """``log_softmax`` of the top-k logits in float64: the exact left-out mass of the stored
+    values is a rounding residue of either sign (~1e-16); it is below the tolerance on every
+    row, so the reverse KL is +inf on every row (it was inf or a finite rounding-noise value by
+    the residue's sign), and forward / JS match the reference with an empty bucket."""
+    g = torch.Generator().manual_seed(3)
+    V, K, n = 12, 11, 8
+    tl = torch.randn(n, V, generator=g, dtype=F64) * 4
+    idx = torch.argsort(tl, -1, descending=True)[:, :K]
+    lp = torch.log_softmax(torch.gather(tl, 1, idx), -1)
+    z = torch.randn(n, V, generator=g, dtype=F64)
+    with mpmath.workdps(50):
+        res = [1 - mpmath.fsum(mpmath.exp(mpmath.mpf(v)) for v in row) for row in lp.tolist()]
+    assert max(abs(r) for r in res) < 1e-14 and min(res) < 0 < max(res)  # both signs occur
+    check(kind, z, idx, lp, F64, RTOL[F64])
+    if kind == "reverse":
+        rows = linear_kl_div(z, torch.eye(V, dtype=F64), (idx, lp), divergence="reverse",
+                             reduction="sum")
+        assert math.isinf(float(rows))
+
+
+def test_left_out_mass_at_the_tolerance():
+    """Just above TOPK_REST_TOL the bucket is real mass (finite reverse KL), at or below it 0."""
+    for rest, finite in [(4 * TOPK_REST_TOL, True), (TOPK_REST_TOL / 4, False)]:
+        lp = torch.log(torch.tensor([[0.5, 0.5 - rest]], dtype=F64))
+        with mpmath.workdps(50):
+            exact = 1 - mpmath.fsum(mpmath.exp(mpmath.mpf(v)) for v in lp[0].tolist())
+        assert (exact > TOPK_REST_TOL) == finite
+        z = torch.tensor([[0.3, -0.2, 1.0]], dtype=F64)
+        for dtype in (F64,):
+            v = linear_kl_div(z.to(dtype), torch.eye(3, dtype=dtype), (torch.tensor([[0, 1]]),
+                              lp.to(dtype)), divergence="reverse")
+            assert math.isfinite(float(v)) == finite
+        check("reverse", z, torch.tensor([[0, 1]]), lp, F64, RTOL[F64])
