@@ -21,7 +21,7 @@ import math
 import torch
 
 from .._core.validation import (
-    check_option, check_positive_finite, normalization_tolerance, validation_enabled,
+    check_beta, check_option, check_positive_finite, normalization_tolerance, validation_enabled,
 )
 
 __all__ = ["linear_kl_div", "auto_chunk_size"]
@@ -320,14 +320,18 @@ def _logits(h, weight, bias, cdt, vblock):
 
 
 def _backprop_chunk(g, h, weight, cdt, vblock, gw_acc, need_w, gh_out=None):
-    """Given g = dL/dlogits (C x V): returns dL/dh (C x H) and adds g.T @ h into gw_acc."""
+    """Given g = dL/dlogits (C x V): returns dL/dh (C x H) (written into ``gh_out`` when given,
+    whatever the weight's dtype) and adds g.T @ h into gw_acc."""
     if weight.dtype == cdt:
         gh = g @ weight if gh_out is None else torch.mm(g, weight, out=gh_out)
         if need_w:
             gw_acc.addmm_(g.T, h)
         return gh
     V = weight.shape[0]
-    gh = torch.zeros(h.shape[0], weight.shape[1], dtype=cdt, device=h.device)
+    # the weight in another dtype, cast a block at a time: accumulate into gh_out where given
+    # (the caller then keeps no return value), else into a fresh buffer
+    gh = (torch.zeros(h.shape[0], weight.shape[1], dtype=cdt, device=h.device)
+          if gh_out is None else gh_out.zero_())
     for v0 in range(0, V, vblock):
         v1 = min(V, v0 + vblock)
         gb = g[:, v0:v1]
@@ -697,10 +701,10 @@ def linear_kl_div(hidden, weight, target, *, bias=None, target_space="logits",
     check_option("reduction", reduction, ("mean", "sum"))
     check_option("target_space", target_space, TARGET_SPACES)
     temperature = check_positive_finite("temperature", temperature)
-    beta = float(beta)
-    if divergence == "js" and not 0.0 < beta < 1.0:
-        raise ValueError(f"beta: must lie strictly between 0 and 1, got {beta!r}")
+    beta = check_beta(beta) if divergence == "js" else 0.5  # beta weighs JS only
     for name, x in (("hidden", hidden), ("weight", weight), ("bias", bias)):
+        if x is not None and not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__} {x!r}")
         if x is not None and not x.dtype.is_floating_point:
             raise TypeError(f"{name}: expected a floating-point tensor, got dtype {x.dtype}")
     if hidden.dim() < 1:
