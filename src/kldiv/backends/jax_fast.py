@@ -11,10 +11,11 @@ What it does
   series near 0) in three passes over the data (row maxima; softmax sum and p-weighted mean of the
   log-ratio; the phi sum), written so that XLA fuses each pass. Its derivative is a
   ``jax.custom_jvp`` with the analytic rule (``dKL/da = -p (d - E_p d) / T``,
-  ``dKL/db = (q - p) / T``, with d - E_p d formed from d - d_k, k p's mode, so that a peaked
-  row's top entry keeps full relative accuracy) written in differentiable operations, so that
-  reverse mode costs a few more passes, not the derivative of dozens of ``where``s, and
-  ``jax.hessian`` stays exact.
+  ``dKL/db = (q - p) / T``, with d - E_p d refined by its residual E_p[d - mu], summed in the
+  value's last pass, so that a peaked row's top entry keeps full relative accuracy; second
+  derivatives anchored at p's mode) written in differentiable operations, so that reverse mode
+  costs one elementwise pass more than the value, not the derivative of dozens of ``where``s,
+  and ``jax.hessian`` stays exact.
 - Every other case (JS, Jeffreys, probabilities, extreme temperatures) computes the core's rows
   (:func:`kldiv._core.divergence.divergence_rows`) on the validated arrays.
 - Options that are off cost nothing: no mask, no weight, no temperature, no checks means no
@@ -75,6 +76,12 @@ def _phi_series(x):
     for c in reversed(coefs[:-2]):
         acc = lax.add(lax.mul(acc, x), _k(c, x))
     return lax.mul(lax.mul(acc, x), x)
+
+
+def _expm1_small(x):
+    """e^x - 1 for |x| <= 1/2 as x + phi(x) (the series: within 1e-7 relative in float32, a
+    third of the error of XLA's expm1 on CPU, and a fraction of its time)."""
+    return lax.add(x, _phi_series(x))
 
 
 # The graph is written in lax primitives: every jnp function (jnp.where, clip, max, and the
@@ -141,6 +148,15 @@ def _rowsum(x):
     return lax.reduce_sum(x, (x.ndim - 1,))
 
 
+def _rowsums(*xs):
+    """Row sums of several arrays of one shape: one reduction over the stacked arrays when small
+    (one kernel launch instead of several), separate ones when large (no stacked copy)."""
+    if xs[0].size > _STACK_MAX:
+        return tuple(_rowsum(x) for x in xs)
+    m = _rowsum(lax.concatenate([lax.expand_dims(x, (0,)) for x in xs], 0))
+    return tuple(lax.index_in_dim(m, i, keepdims=False) for i in range(len(xs)))
+
+
 def _frame(ma_raw, mb_raw, temperature):
     """Row constants: where each side's logits are taken from, per row (last axis kept).
 
@@ -191,13 +207,15 @@ def _entries(a, b, temperature, ma, sa, sb, yc):
     return x, d, y
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
-def _kl_parts(a, b, temperature):
-    """(KL, ma, mb, zx, sxd, zq) per row: the value in three passes over the data (the row
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
+def _kl_parts(a, b, temperature, refine):
+    """(KL, ma, mb, zx, mu, zq) per row: the value in three passes over the data (the row
     maxima; p's normaliser and the p-weighted sum of the log-ratio; one sum of non-negative
-    terms), and the row sums that the derivative uses: ``zx = sum e^x`` (p_i = e^{x_i} / zx),
-    ``sxd = sum e^x d`` (mu = E_p[d] = sxd / zx) and ``zq``, q's normaliser in the frame of
-    ``y - base`` (q_i = e^{y_i - base} / zq). No logarithm or exponential of a row value
+    terms), and the row values that the derivative uses: ``zx = sum e^x`` (p_i = e^{x_i} / zx),
+    ``mu = E_p[d]`` (as computed: sum e^x d / zx) and ``zq``, q's normaliser in the frame of
+    ``y - base`` (q_i = e^{y_i - base} / zq). With ``refine`` (the derivative rule's call) also
+    ``res = sum e^x (d - mu)``, mu's rounding error times zx, summed in the third pass alongside
+    the value's terms (one reduction over both when small). No logarithm or exponential of a row value
     before the last pass: on XLA's CPU backend each one would be a kernel launch of its own,
     the bulk of the time at small sizes."""
     fmax = float(jnp.finfo(a.dtype).max)
@@ -233,14 +251,19 @@ def _kl_parts(a, b, temperature):
     term = _sel(escape, math.inf, term)
     # a row whose maximum is not finite (a nan, a +inf, or -inf everywhere: no distribution)
     # is nan already: x = a - ma (or, for q, b - sb with the row far) is nan at its maximum
-    total = _rowsum(term)
+    if refine:
+        total, res = _rowsums(term, lax.mul(ex, dc))
+    else:
+        total = _rowsum(term)
     s = _uncol(s)
     kl = lax.add(_uncol(delta), lax.log1p(lax.sub(lax.div(total, zx), lax.sub(_k(1.0, s), s))))
     # KL >= 0 (a rounding residue below 0 is the exact 0, a nan stays); a value that reached
     # finfo.max went through a clamp: it overflows, as IEEE arithmetic would (the core's rules)
     kl = _sel(lax.ge(kl, _k(fmax, kl)), math.inf, lax.max(kl, _k(0.0, kl)))
     zq = lax.add(total, lax.mul(zx, s))  # sum of e^{y_i - base}: q's normaliser in that frame
-    return kl, ma_raw, mb_raw, zx, sxd, zq
+    if refine:
+        return kl, ma_raw, mb_raw, zx, _uncol(mu), zq, res
+    return kl, ma_raw, mb_raw, zx, _uncol(mu), zq
 
 
 def _route(y_top, mu):
@@ -256,42 +279,72 @@ def _is_zero(t):
     return isinstance(t, SymbolicZero)
 
 
-def _kl_parts_jvp(temperature, primals, tangents):
+@jax.custom_jvp
+def _centred(x, d, mu, rz):
+    """The centred log-ratio d' = d - E_p[d] (p = softmax(x)) as (d - mu) - rz: ``mu`` the
+    p-weighted mean of ``d`` as the value computed it, ``rz = E_p[d - mu]`` its residual (a
+    rounding error of mu, which at a peaked row's mode k is larger than d'_k itself; d_k - mu is
+    exact there, so the refined d'_k keeps full relative accuracy)."""
+    return _clamp_finite(lax.sub(_clamp_finite(lax.sub(d, mu)), rz))
+
+
+@_centred.defjvp
+def _centred_jvp(primals, tangents):
+    """d(d'_i) = e_i - E_p[e] - E_p[dx d'], e = dd - dd_k anchored at p's mode k (mu and rz are
+    functions of x and d: their tangents are not used). Anchored, the tangent at k is a sum of
+    small terms p_j (dd_j - dd_k), not dd_k - E_p[dd], a difference of two numbers of order one
+    that leaves 1 - p_k to rounding (second derivatives of a peaked row). Only differentiation
+    of the derivative (``jax.hessian``) evaluates this."""
+    x, d, mu, rz = primals
+    dx, dd = tangents[0], tangents[1]
+    out = _centred(x, d, mu, rz)
+    m = _col(_rowmax(x))
+    ex = lax.exp(lax.sub(x, m))
+    p = lax.div(ex, _col(_rowsum(ex)))
+    top = lax.eq(x, m)
+    ddk = lax.div(_rowsum(_sel(top, dd, 0.0)), _rowsum(_sel(top, 1.0, 0.0, dd.dtype)))
+    e = lax.sub(dd, _col(ddk))
+    t = lax.sub(e, _col(_rowsum(lax.mul(p, lax.add(e, lax.mul(dx, out))))))
+    return out, t
+
+
+def _kl_parts_jvp(temperature, refine, primals, tangents):
     """The analytic derivative, in differentiable operations (``jax.hessian`` is exact): the row
     sums come from ``_kl_parts`` itself, whose own derivative is this rule."""
     a, b = primals
     da, db = tangents
-    kl, ma_raw, mb_raw, zx, sxd, zq = out = _kl_parts(a, b, temperature)
+    full = _kl_parts(a, b, temperature, True)
+    kl, ma_raw, mb_raw, zx, mu, zq, res = full
+    out = full if refine else full[:6]
     ma, sa, sb, yc, y_top = _frame(ma_raw, mb_raw, temperature)
     x, d, y = _entries(a, b, temperature, ma, sa, sb, yc)
     zx_, kl_ = _col(zx), _col(kl)
-    mu = lax.div(_col(sxd), zx_)
+    mu = _col(mu)
     base, delta, _ = _route(y_top, mu)
     huge = lax.gt(delta, _k(0.0, delta))
     # the value's own expressions (XLA computes them once)
     ex = lax.exp(x)
     p = lax.div(ex, zx_)  # 0 off p's support
-    # the centred log-ratio d' = d - mu as a coefficient, anchored at p's mode k (x_k = 0):
-    # c = d - d_k is exactly 0 there, and d'_i = c_i - E_p[c] keeps full relative accuracy at
-    # k, where d - mu is a tiny difference of two numbers of the size of KL (peaked float32
-    # rows: -p_k d'_k rounded to 0 instead of 6e-7). The same in math, and in its derivatives
-    # (sum p = 1: the d_k terms cancel), so jax.hessian is unchanged.
-    dk = _rowmax(_sel(lax.eq(x, _k(0.0, x)), d, -math.inf))
-    c = _clamp_finite(lax.sub(d, _col(dk)))
-    dc = _clamp_finite(lax.sub(c, _col(_rowsum(lax.mul(p, c)))))
+    # the centred log-ratio d' = d - E_p[d] as a coefficient: (d - mu) - E_p[d - mu]. At a
+    # peaked row's mode k, d_k - mu is a tiny difference of two numbers of the size of KL, and
+    # mu's own rounding (eps |mu|) exceeds d'_k (float32 [20,0,0,3] vs [0,20,0,-5]: -p_k d'_k
+    # rounded to 0 instead of 6e-7); d_k - mu is exact there and the residual E_p[d - mu]
+    # (res, summed with the value's terms: no pass of its own) puts back what mu lost.
+    dc = _centred(x, d, mu, lax.div(_col(res), zx_))
     # rows with KL = +inf (escapes, overflow): gradient 0, as the core gives
     inf_row = lax.eq(kl_, _k(math.inf, kl_))
     inv = 1.0 / temperature
     zeros_row = lax.full_like(kl, 0.0)
-    dkl = dzx = dsxd = sqdy = zeros_row
+    dkl = dzx = dmu = sqdy = zeros_row
     if not _is_zero(da):
         # dKL/da = -p d' / T
         dx = da if temperature == 1.0 else lax.mul(da, _k(inv, da))
-        exdx = lax.mul(ex, dx)
-        dkl = lax.sub(dkl, _rowsum(lax.mul(_sel(inf_row, 0.0, lax.mul(p, dc)), dx)))
-        dzx = _rowsum(exdx)
-        # d = (b - a) / T up to a constant: the part through a
-        dsxd = _rowsum(lax.mul(exdx, lax.sub(d, _k(1.0, d))))
+        pdc = lax.mul(p, dc)
+        dkl = lax.sub(dkl, _rowsum(lax.mul(_sel(inf_row, 0.0, pdc), dx)))
+        dzx = _rowsum(lax.mul(ex, dx))
+        # mu = E_p[d], d = (b - a) / T up to a constant: the part through a, E_p[(d' - 1) dx]
+        # (from the accurate d', not as (dsxd - mu dzx) / zx: jax.hessian differentiates it)
+        dmu = _rowsum(lax.mul(lax.sub(pdc, p), dx))
     if not _is_zero(db):
         # dKL/db = (q - p) / T, as p expm1(log q/p) near p = q (no cancellation; not on huge
         # rows, where log q/p = d' - KL is a difference of two ~1e30) and directly elsewhere
@@ -299,17 +352,19 @@ def _kl_parts_jvp(temperature, primals, tangents):
         near = lax.lt(lax.abs(u), _sel(huge, -1.0, _SMALL, u.dtype))
         us = _sel(near, u, 0.0)
         q = lax.div(lax.exp(lax.sub(y, base)), _col(zq))
-        gb = _sel(near, lax.mul(p, lax.expm1(us)), lax.sub(q, p))
+        gb = _sel(near, lax.mul(p, _expm1_small(us)), lax.sub(q, p))  # |us| < 1/2
         gb = _sel(inf_row, 0.0, gb)
         dy = db if temperature == 1.0 else lax.mul(db, _k(inv, db))
         dkl = lax.add(dkl, _rowsum(lax.mul(gb, dy)))
-        dsxd = lax.add(dsxd, _rowsum(lax.mul(ex, dy)))
+        dmu = lax.add(dmu, _rowsum(lax.mul(p, dy)))
         sqdy = _rowsum(lax.mul(q, dy))
-    # mu = sxd / zx; zq = sum e^{y - base} with base = mu (y_top - _HUGE_G, a constant, on huge rows)
-    dmu = lax.div(lax.sub(dsxd, lax.mul(_uncol(mu), dzx)), zx)
+    # zq = sum e^{y - base} with base = mu (y_top - _HUGE_G, a constant, on huge rows); the
+    # residual res is 0 in exact arithmetic (its tangent: 0)
     dzq = lax.mul(zq, lax.sub(sqdy, _sel(_uncol(huge), zeros_row, dmu)))
     zeros = lax.full_like(ma_raw, 0.0)
-    return out, (dkl, zeros, zeros, dzx, dsxd, dzq)
+    if refine:
+        return out, (dkl, zeros, zeros, dzx, dmu, dzq, zeros_row)
+    return out, (dkl, zeros, zeros, dzx, dmu, dzq)
 
 
 _kl_parts.defjvp(_kl_parts_jvp, symbolic_zeros=True)
@@ -335,7 +390,7 @@ def kl_rows(a, b, temperature=1.0):
     >>> bool(jnp.allclose(kl_rows(a, b), jnp.sum(p * jnp.log(p / q), -1)))
     True
     """
-    return _kl_parts(a, b, float(temperature))[0]
+    return _kl_parts(a, b, float(temperature), False)[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -447,7 +502,7 @@ def _compute(p, q, mask, weight, *, kind, p_space, q_space, reduction, temperatu
     stats = {}
     if fast:
         first, second = (p, q) if kind == "forward" else (q, p)
-        rows, m1, m2, zx, _, _ = _kl_parts(first, second, temperature)
+        rows, m1, m2, zx, _, _ = _kl_parts(first, second, temperature, False)
         if mask is None:  # the checks reuse the row maxima (and the normaliser at T = 1)
             names = ("p", "q") if kind == "forward" else ("q", "p")
             stats[names[0]] = dict(top=m1)
