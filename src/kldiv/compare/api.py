@@ -68,7 +68,8 @@ def compare(reference, other, *, tokens=None, reverse=False, js=False, skip_nan=
             length rows. Defaults to the tokens stored in a llama.cpp KL base file, if any.
         reverse: also compute KL(other || reference) per token.
         js: also compute the Jensen-Shannon divergence (beta = 1/2, nats; in the compiled kernel
-            for rows with finite logits, float64 NumPy code for the others).
+            for float32 rows with finite logits, the core's cancellation-free float64 algebra
+            for the others and for float64 inputs: full relative accuracy at any JS).
         skip_nan: skip rows that contain NaN (counted in the report) instead of raising.
         key, other_key: tensor names inside safetensors files with several tensors.
         threads: worker threads of the compiled kernel (default: all cores).
