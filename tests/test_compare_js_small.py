@@ -7,6 +7,8 @@ logits) was the textbook formula with a clip at 0: 3x off at JS 1e-17, exactly 0
 import mpmath
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import kldiv
 from kldiv.compare import kernel as K
@@ -15,10 +17,13 @@ from kldiv.metrics import DriftMetric
 
 
 def mp_js(a, b):
-    """Per-row JS (beta 1/2, nats) of logits rows, 50-digit mpmath on the exact inputs."""
+    """Per-row JS (beta 1/2, nats) of logits rows, mpmath on the exact inputs: 50 digits beyond
+    the logits' magnitude (1e30 + 1.6 needs 31 digits before the first one of the result)."""
     out = []
-    with mpmath.workdps(50):
-        for x, y in zip(np.asarray(a, np.float64).tolist(), np.asarray(b, np.float64).tolist()):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    for x, y in zip(a.tolist(), b.tolist()):
+        big = max([1.0] + [abs(t) for t in x + y if abs(t) != np.inf])
+        with mpmath.workdps(50 + int(np.log10(big))):
             def logp(row):
                 fin = [mpmath.mpf(v) for v in row if v != -np.inf]
                 m = max(fin)
@@ -160,3 +165,32 @@ def test_torch_cpu_rows_go_through_the_kernel():
     a, b = close_rows(rng, 3, 20, 1e-11)
     ref = mp_js(a, b)
     assert_rel(row_values(torch.from_numpy(a), torch.from_numpy(b))["js"], ref, 1e-14, "torch cpu")
+
+
+@settings(max_examples=25, deadline=None)
+@given(v=st.integers(1, 8), seed=st.integers(0, 2**32 - 1),
+       log_eps=st.floats(-13, 0),
+       offset=st.sampled_from([0.0, 3.0, -1e4, 1e15, -1e30, 7e300]),
+       mask=st.sampled_from([None, -np.inf, -1e30]), f32=st.booleans())
+def test_property_against_mpmath(v, seed, log_eps, offset, mask, f32):
+    """Random close rows (JS from ~1e-27 up), one side offset, masked entries on both sides or
+    on one: js_rows matches mpmath on the exact inputs and is symmetric (beta = 1/2)."""
+    rng = np.random.default_rng(seed)
+    dt = np.float32 if f32 else np.float64
+    a = (rng.standard_normal(v) * 3).astype(dt)
+    b = (a + 10.0**log_eps * rng.standard_normal(v) + offset).astype(np.float64)
+    if f32 and abs(offset) > 1e38:
+        offset = 3e38 * np.sign(offset)  # the float32 range
+        b = a + 10.0**log_eps * rng.standard_normal(v) + offset
+    b = b.astype(dt)
+    if mask is not None and v > 1:
+        a[0] = dt(mask)
+        b[0 if rng.random() < 0.5 else 1] = dt(mask)
+    a, b = a[None], b[None]
+    ref = mp_js(a, b)
+    got, back = K.js_rows(a, b), K.js_rows(b, a)
+    if ref[0] < 1e-40:  # b - a constant on the support (an exact shift): JS is exactly 0
+        assert got[0] == 0 and back[0] == 0
+        return
+    assert_rel(got, ref, 1e-13, "js_rows")
+    assert_rel(back, ref, 1e-13, "js_rows swapped")
