@@ -24,8 +24,9 @@
  * Three passes per row: (1) the maxima and minima; (2) the exponentials (kept in a per-thread
  * scratch of 3 V values), the normalisers, E_p[d] and q's mass outside S; (3) over the scratch:
  * the series, then the gradients (q - p from the series where it is used: full relative
- * accuracy near convergence). The third pass reads only the scratch, so a gradient may be
- * written over its own input (kl_div_inplace). Edges: p_i > 0 = q_i gives +inf with zero gradients (as the core); an
+ * accuracy near convergence; at the reference entry r below, on rows where that form would
+ * cancel, q_r - p_r from the masses off r summed in double: see kl_row). The third pass reads
+ * only the scratch, so a gradient may be written over its own input (kl_div_inplace). Edges: p_i > 0 = q_i gives +inf with zero gradients (as the core); an
  * all -inf, +inf or nan row, a row whose values span more than the type holds, and a row where
  * a p_i that underflows here meets a log-ratio beyond 2^20 (p_i |d_i| may still matter) are
  * reported as nan before any gradient of that row is written; the float kernel first retries
@@ -53,8 +54,11 @@
  * log p_i in double by klog_fd and the log-ratio formed in double, see pass2), and for two
  * probabilities within a factor 2 the
  * log-ratio log1p((q - p) / p) as the core's. The gradient returned is with respect to the
- * probabilities (0 where p_i = 0). With a stats array it also returns each row's raw normaliser
- * (sum p, or logsumexp of a log-space side) for the value checks: no extra pass over the data.
+ * probabilities (0 where p_i = 0); where that side's probability is tiny (below 2^-80 of its
+ * maximum in float, 2^-960 in double: subnormal ratios) and the gradient divides by it
+ * (-p_i / q_i), it is taken in double from the raw inputs (tiny_q). With a stats array it
+ * also returns each row's raw normaliser (sum p, or logsumexp of a log-space side) for the
+ * value checks: no extra pass over the data.
  *
  * Portable build: no -march=native. The row function is compiled for x86-64-v4 (AVX-512),
  * x86-64-v3 (AVX2 + FMA) and the baseline (GCC target_clones, chosen at load time). exp is a
@@ -224,6 +228,7 @@ static const double kphi[16] = {
 #define KL_REL 0x1p-60
 #define KLDIV_JS_T 0 /* JS's log-ratios to the mixture in double (its own type) */
 #define KLDIV_WIDEN 0 /* (the float kernel's left rows come here: see wide_row) */
+#define TINY_Q 0x1p-960 /* probabilities below TINY_Q max y: see tiny_q */
 #include "fused.c" /* this file, once per element type */
 #undef T
 #undef SFX
@@ -238,6 +243,7 @@ static const double kphi[16] = {
 #undef KL_REL
 #undef KLDIV_JS_T
 #undef KLDIV_WIDEN
+#undef TINY_Q
 
 #define T float
 #define SFX _f
@@ -252,6 +258,7 @@ static const double kphi[16] = {
 #define KL_REL 0x1p-30  /* ... unless p_i |d_i| summed stays below KL_REL * KL */
 #define KLDIV_JS_T 1    /* JS in float on tame rows (see js_row), double elsewhere */
 #define KLDIV_WIDEN 1   /* rows this kernel leaves: the double kernel on them (wide_row) */
+#define TINY_Q 0x1p-80  /* probabilities below TINY_Q max y: see tiny_q */
 #include "fused.c" /* this file, once per element type */
 #undef T
 #undef SFX
@@ -266,6 +273,7 @@ static const double kphi[16] = {
 #undef KL_REL
 #undef KLDIV_JS_T
 #undef KLDIV_WIDEN
+#undef TINY_Q
 
 #undef KLDIV_FUSED_TEMPLATE
 
@@ -513,6 +521,8 @@ KLDIV_INLINE Py_ssize_t FN(first_eq)(const T *x, Py_ssize_t V, T v)
 typedef struct {
     double Zx, Zy, S1, ZqS, Zqo, Zxo, ZxS, Dref;
     double xmax, ymax; /* probability sides: the row maximum (sp[i] = x_i / xmax) */
+    double ymin;       /* y's smallest raw value (a probability side's tiny entries) */
+    Py_ssize_t ref;    /* the reference entry (x's first maximum), -1 when not looked up */
     int dense, esc, risk;
 } FN(rowsum_t);
 
@@ -661,6 +671,7 @@ KLDIV_INLINE int FN(prep)(const T *x, const T *y, Py_ssize_t V, double inv_t, in
     /* probabilities: negative entries make no distribution; the core says which */
     if ((xp && lx < 0) || (yp && ly < 0))
         return 1;
+    rs->ymin = (double)ly;
     const T zlo_x = xp ? (T)0 : ninf, zlo_y = yp ? (T)0 : ninf;
     const int dense = lx > zlo_x && ly > zlo_y; /* no zero probability or -inf logit */
     const double xmax = (double)mx, ymax = (double)my;
@@ -700,7 +711,7 @@ KLDIV_INLINE int FN(prep)(const T *x, const T *y, Py_ssize_t V, double inv_t, in
      * in the row constants (in double). Two probabilities: t_i = log(q_i / p_i) itself. */
     T d0h = 0, d0l = 0;
     double Dref, Mxd = (double)mx, Yrd = 0.0;
-    Py_ssize_t iref = -1;
+    Py_ssize_t iref = -1, iref2 = -1; /* iref: the MIXF route's (checked below) */
     if (xp && yp) {
         Dref = (double)mx - (double)my;
     } else if (sizeof(T) == 4 && xp != yp && !sa) {
@@ -725,7 +736,7 @@ KLDIV_INLINE int FN(prep)(const T *x, const T *y, Py_ssize_t V, double inv_t, in
     } else {
         Py_ssize_t ref = 0;
         const T xref = xp ? (T)xmax : mx;
-        ref = FN(first_eq)(x, V, xref);
+        ref = iref2 = FN(first_eq)(x, V, xref);
         const T yref = KLDIV_LV(y[ref], yp);
         const T yr = yref > ninf ? yref : mx; /* y_r = -inf: the row escapes (+inf) */
         d0h = yr - mx;
@@ -800,6 +811,7 @@ KLDIV_INLINE int FN(prep)(const T *x, const T *y, Py_ssize_t V, double inv_t, in
     rs->risk = acc[7] != 0.0;
     rs->dense = dense;
     rs->Dref = Dref;
+    rs->ref = iref >= 0 ? iref : iref2;
     rs->xmax = xmax;
     rs->ymax = ymax;
     if (st) { /* raw normalisers (T = 1): sum p, or max + log sum e^(x - max) */
@@ -809,6 +821,50 @@ KLDIV_INLINE int FN(prep)(const T *x, const T *y, Py_ssize_t V, double inv_t, in
     if (!isfinite(rs->Zx) || !isfinite(rs->Zy) || !isfinite(rs->S1))
         return 1; /* nan in the input, or sums beyond the type */
     return 0;
+}
+
+/* The gradient with respect to a probability side y at its tiny entries: pass 3b forms it as
+ * (q_i - p_i) / q_i from sq[i] = y_i / max y and sp[i] (= p_i / max p, or e^{a_i}), which round
+ * to the subnormal grid (or to 0 below float's exponential range) where they are tiny: the
+ * entry's -p_i / q_i (up to 1e33 at y_i = 6e-45) was 1e-3 .. 1e-2 off. Entries with
+ * y_i < TINY_Q max y where pass 3b took that form (off the series: |d'_i| >= 1/2, or off the
+ * common support) take it in double from the raw inputs, g (1 / sum y - p_i / y_i), p_i from
+ * x_i (probabilities: x_i / (max x Zx), as sp; log-space: e^{(x_i - max x) / T} / Zx); on the
+ * series pass 3b's value stands (it comes from the log-ratio, and near convergence the two
+ * terms here would cancel to the normalisers' rounding). A row
+ * takes the loop only when its smallest positive y_i is that small (pass 1's minimum, or one
+ * vectorised scan on rows holding zeros); above TINY_Q sq and sp hold their values to an ulp
+ * (a p_i below float's exponential range then changes the entry by < 2^-45 of g / sum y). */
+static void FN(tiny_q)(const T *x, const T *y, const T *sd, T muT, Py_ssize_t V,
+                       double inv_t, int xp, T *gy, double xmax, double ymax, double ymin,
+                       double Zx, double Zy, double sg)
+{
+    const double thr = TINY_Q * ymax;
+    double ym = ymin;
+    if (!(ym > 0.0)) { /* zeros in the row: the smallest positive entry */
+        T m = (T)INFINITY;
+#pragma omp simd reduction(min : m)
+        for (Py_ssize_t i = 0; i < V; i++) {
+            const T v = y[i] > (T)0 ? y[i] : (T)INFINITY;
+            m = v < m ? v : m;
+        }
+        ym = (double)m;
+    }
+    if (!(ym < thr))
+        return;
+    const double isy = (double)(T)(1.0 / ymax) / Zy; /* 1 / sum y, as the kernel normalises */
+    const double ixm = (double)(T)(1.0 / xmax);
+    for (Py_ssize_t i = 0; i < V; i++) {
+        const double yv = (double)y[i];
+        if (!(yv > 0.0 && yv < thr))
+            continue;
+        const T dv = sd[i]; /* pass 3b's choice, as it made it */
+        const int in = dv == dv;
+        if (in && KFABS((in ? dv : (T)0) - muT) < (T)0.5)
+            continue;
+        const double pn = xp ? (double)x[i] * ixm / Zx : exp(((double)x[i] - xmax) * inv_t) / Zx;
+        gy[i] = (T)(sg * (isy - pn / yv));
+    }
 }
 
 /* One KL row; returns KL (double), +inf on escape, nan for "recompute me" (gradients untouched).
@@ -887,6 +943,49 @@ KLDIV_CLONES static double FN(kl_row)(const T *x, const T *y, Py_ssize_t V, doub
     const T rq = (T)(Zx / Zy), ipg = (T)(sg * iZx);
     const T ipgx = xp ? (T)(sg * iZx / rs.xmax) : (T)0, iymax = yp ? (T)(1.0 / rs.ymax) : (T)0;
     const T ipgy = yp ? (T)(sg / (Zy * rs.ymax)) : (T)0;
+    /* The reference entry r (x's first maximum, e^{a_r} = sp[r], 1 for log-space x): its
+     * gradient in y, (q_r - p_r) g, is the row's largest on a peaked row whose two tops nearly
+     * agree (d_r = log(q_r / p_r) small) while KL is not small (tails far apart: KL ~ the
+     * tails' mass times their log-ratio). Pass 3b forms it as p_r (expm1(d'_r) E + M) (series,
+     * d'_r = d_r + KL) or as q_r - p_r, both cancelling there: errors of u (KL + |mu|) p_r or
+     * u (p_r + q_r) against a value of p_r |expm1(d_r)| (Jeffreys at float32 logits of std 20:
+     * 4e-6 .. 8e-6 per row). From the masses off r, Xo = sum_{i != r} e^{a_i} and Yo (summed in
+     * double, r left out), it is (e^{b_r} Xo - e^{a_r} Yo) / (Zx Zy), the e^{a_r} e^{b_r} parts
+     * of Zx Zy cancelling exactly: an error of u (q_r Xo / Zx + p_r Yo / Zy). Rows where
+     * pass 3b's form would lose more than ~5 bits (|d_r| < (KL + |d'_r| + 1) / 32) take this
+     * pass over the scratch (before pass 3a overwrites sq), and the form with the smaller
+     * error bound is kept (fixr). Only scalars otherwise: ordinary rows pay a comparison. */
+    int fixr = 0;
+    Py_ssize_t rr = 0;
+    double gref = 0.0, bref = 1.0;
+    if (gy && V > 1) {
+        rr = rs.ref >= 0 ? rs.ref : FN(first_eq)(x, V, (T)rs.xmax);
+        const T dv = sd[rr];
+        const double dcr = (double)dv - mu, kest = log(Zy) - log(Zx) - mu - Dref;
+        const double dr = dcr - kest;
+        if (dv == dv && 32.0 * fabs(dr) < fabs(kest) + fabs(dcr) + 1.0) {
+            double xo = 0, yo = 0;
+#pragma omp simd reduction(+ : xo, yo)
+            for (Py_ssize_t i = 0; i < rr; i++) {
+                xo += (double)sp[i];
+                yo += (double)sq[i];
+            }
+#pragma omp simd reduction(+ : xo, yo)
+            for (Py_ssize_t i = rr + 1; i < V; i++) {
+                xo += (double)sp[i];
+                yo += (double)sq[i];
+            }
+            const double ar = (double)sp[rr], br = (double)sq[rr];
+            const double zx = ar + xo, zy = br + yo, pr = ar / zx, qr = br / zy;
+            const double enew = qr * (xo / zx) + pr * (yo / zy);
+            const double ecur = fabs(dcr) < 0.5 ? pr * (fabs(kest) + fabs(dcr)) : pr + qr;
+            if (enew < ecur && br > 0.0) {
+                fixr = 1;
+                gref = sg * ((br * xo - ar * yo) / (zx * zy));
+                bref = br;
+            }
+        }
+    }
     const int store = gy != NULL;
     double acc = 0;
     for (Py_ssize_t b0 = 0; b0 < V; b0 += KLDIV_BLOCK) {
@@ -963,6 +1062,10 @@ KLDIV_CLONES static double FN(kl_row)(const T *x, const T *y, Py_ssize_t V, doub
             }
 #undef KLDIV_P3B
         }
+        if (fixr) /* the reference entry (see above); probabilities: / q_r as pass 3b */
+            gy[rr] = yp ? (T)(gref / bref * (double)iymax) : (T)gref;
+        if (yp && gy && (const void *)gy != (const void *)y)
+            FN(tiny_q)(x, y, sd, muT, V, inv_t, xp, gy, rs.xmax, rs.ymax, rs.ymin, Zx, Zy, sg);
     }
     return kl;
 }
