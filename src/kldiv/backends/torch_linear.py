@@ -438,6 +438,7 @@ def _topk_teacher_buckets(lp, V, cdt):
     r = _topk_rest_mass(lp)
     log_r = torch.where(r > TOPK_REST_TOL, torch.log(torch.clamp(r, min=TOPK_REST_TOL)),
                         torch.full_like(r, -math.inf))
+    log_r = torch.where(torch.isnan(r), r, log_r)  # a nan teacher row (validate=False) stays nan
     return torch.cat([lp.to(cdt), log_r.to(cdt)], -1)
 
 
