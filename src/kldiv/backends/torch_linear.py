@@ -396,35 +396,120 @@ class _TopkStudent:
 
 #: a top-k teacher's left-out mass ``1 - sum_k exp(log_probs_k)`` at or below this is taken as
 #: exactly 0 (the teacher's extra bucket is empty: the reverse KL is then +inf wherever the student
-#: puts mass outside the K indices). 2^-40 (about 9.1e-13) is far above the error of the float64
-#: evaluation below (about 2^-52) and above the rounding residue of a top-k teacher renormalised
+#: puts mass outside the K indices). 2^-40 (about 9.1e-13) is far above the error of the
+#: evaluation below (about 1e-28) and above the rounding residue of a top-k teacher renormalised
 #: in float64 (``log_softmax`` of the top-k logits: about 1e-16 times the logits' magnitude), and
 #: far below any mass float32 or lower precision storage can tell apart from 0 in a sum.
 TOPK_REST_TOL = 2.0**-40
 
 
-def _topk_rest_mass(lp):
+_EXP_N = 1024  # table entries of _exp_dd (2^(j/1024) in double-double)
+_EXP_TABLES = {}
+
+
+def _exp_dd_table(device):
+    """ln2 / N in three parts (the first two of 31 bits: k times them is exact for |k| < 2^22)
+    and 2^(j/N) as hi + lo, computed once per device with 60-digit decimals."""
+    t = _EXP_TABLES.get(device)
+    if t is None:
+        from decimal import Decimal, localcontext
+
+        with localcontext() as ctx:
+            ctx.prec = 60
+            ln2 = Decimal(2).ln()
+
+            def split31(v):
+                m, e = math.frexp(float(v))
+                f = math.ldexp(round(m * 2**31), e - 31)
+                return f, v - Decimal(f)
+
+            l1, rem = split31(ln2 / _EXP_N)
+            l2, rem = split31(rem)
+            hi, lo = [], []
+            for j in range(_EXP_N):
+                v = (ln2 * j / _EXP_N).exp()
+                hi.append(float(v))
+                lo.append(float(v - Decimal(hi[-1])))
+        f64 = dict(dtype=torch.float64, device=device)
+        t = (l1, l2, float(rem), torch.tensor(hi, **f64), torch.tensor(lo, **f64))
+        _EXP_TABLES[device] = t
+    return t
+
+
+def _two_sum(a, b):
+    s = a + b
+    z = s - a
+    return s, (a - (s - z)) + (b - z)
+
+
+def _two_prod(a, b):
+    p = a * b
+    t = 134217729.0 * a  # Dekker's split (2^27 + 1)
+    ah = t - (t - a)
+    t = 134217729.0 * b
+    bh = t - (t - b)
+    al, bl = a - ah, b - bh
+    return p, ((ah * bh - p) + ah * bl + al * bh) + al * bl
+
+
+def _exp_dd(x):
+    """exp(x) of float64 x <= 0 as hi + lo, within 3e-27 relative for x >= -600 (double-double:
+    x = k ln2 / 1024 + r exactly, exp(r) - 1 by its series to r^7 with r^2 exact, times the
+    table's 2^(k mod 1024 / 1024)); below -700 and at -inf the plain exp (lo = 0)."""
+    l1, l2, l3, t_hi, t_lo = _exp_dd_table(x.device)
+    plain = ~(x >= -700.0)
+    xf = torch.where(plain, torch.zeros_like(x), x)
+    k = torch.round(xf * (_EXP_N / math.log(2.0)))
+    s, t = _two_sum(xf - k * l1, -(k * l2))  # both products exact, the difference too
+    rh, rl = _two_sum(s, t - k * l3)
+    sq, sq_l = _two_prod(rh, rh)
+    poly = 1 / 6 + rh * (1 / 24 + rh * (1 / 120 + rh * (1 / 720 + rh * (1 / 5040))))
+    eh, el = _two_sum(rh, 0.5 * sq)
+    eh, el = _two_sum(eh, el + ((0.5 * sq_l + rh * rl) + rh * sq * poly + rl))
+    ki = k.to(torch.int64)
+    j = torch.remainder(ki, _EXP_N)
+    th, tl = t_hi[j], t_lo[j]
+    ph, pl = _two_prod(th, eh)  # 2^(j/N) (1 + E)
+    hi, lo = _two_sum(th, ph)
+    hi, lo = _two_sum(hi, lo + (pl + th * el + tl + tl * eh))
+    q = torch.div(ki - j, _EXP_N, rounding_mode="floor")
+    hi, lo = torch.ldexp(hi, q), torch.ldexp(lo, q)
+    return torch.where(plain, torch.exp(x), hi), torch.where(plain, torch.zeros_like(x), lo)
+
+
+def _one_minus_sum(v):
+    """1 - sum(v) over the last axis (keepdim) of values in [0, 1], without rounding error in the
+    sum: Rump's extraction at two powers of two (the high parts' sums are exact; what is left,
+    below 2^-100 relative, is summed plainly). 1 - s1 is exact where s1 is near 1."""
+    bits = math.ceil(math.log2(max(v.shape[-1], 1))) + 1
+    sigma = 2.0**bits  # >= 2 * (number of parts)
+    h1 = (v + sigma) - sigma
+    v1 = v - h1  # exact, |v1| <= sigma 2^-53
+    sigma2 = sigma * 2.0 ** (bits - 53)
+    h2 = (v1 + sigma2) - sigma2
+    v2 = v1 - h2
+    s1, s2 = h1.sum(-1, keepdim=True), h2.sum(-1, keepdim=True)
+    return ((1.0 - s1) - s2) - v2.sum(-1, keepdim=True)
+
+
+def _topk_rest_mass(lp, cdt=torch.float64):
     """The teacher's left-out mass ``1 - sum_k exp(lp_k)`` per row, float64 of shape (rows, 1).
 
-    Computed from the stored values (any float dtype, converted exactly to float64): the largest
-    entry as ``-expm1(lp_top)`` (full relative accuracy of ``1 - p_top``), the other K - 1
-    probabilities summed without rounding error (each split at a fixed power of two ``sigma``
-    into a high part, whose sum is exact, and the exact remainder). What is left is the
-    rounding of each exponential, about 2^-53 of the mass beside the top entry, so the result
-    is the exact value of the stored inputs to within about 2^-52 absolute (a left-out mass of
-    1.5e-8 from float32 log-probs keeps 8 digits; in the compute dtype it was 0).
+    Computed from the stored values (any float dtype, converted exactly to float64) with the
+    sum free of rounding error (:func:`_one_minus_sum`): with float64 exponentials first (about
+    2^-52 absolute, from their rounding), then, on the rows where that is not enough for the
+    compute dtype ``cdt`` (a mass below 2^-20 for float32, below 1/4 for float64), with
+    double-double ones (:func:`_exp_dd`): about 1e-28 absolute, so every mass above
+    :data:`TOPK_REST_TOL` keeps the compute dtype's full relative accuracy (in the compute dtype
+    a float32 mass of 1.5e-8 was 0).
     """
     x = lp.to(torch.float64)
-    top, arg = x.max(-1, keepdim=True)
-    rest = -torch.expm1(top)  # 1 - p_top, in [0, 1]
-    if x.shape[-1] > 1:
-        e = torch.exp(x).scatter_(-1, arg, 0.0)  # the other K - 1 probabilities, each <= 1
-        # sigma >= 2 (K - 1): every hi is a multiple of ulp(sigma) / 2 below K, so their sum is
-        # exact; lo = e - hi is exact (Rump's error-free extraction)
-        sigma = 2.0 ** (math.ceil(math.log2(max(x.shape[-1] - 1, 1))) + 1)
-        hi = (e + sigma) - sigma
-        lo = e - hi
-        rest = (rest - hi.sum(-1, keepdim=True)) - lo.sum(-1, keepdim=True)
+    rest = _one_minus_sum(torch.exp(x))
+    fine = rest < (0.25 if cdt == torch.float64 else 2.0**-20)
+    rows = torch.nonzero(fine.reshape(-1)).flatten()
+    if rows.numel():
+        hi, lo = _exp_dd(x.index_select(0, rows))
+        rest.index_copy_(0, rows, _one_minus_sum(torch.cat([hi, lo], -1)))
     return rest
 
 
@@ -435,7 +520,7 @@ def _topk_teacher_buckets(lp, V, cdt):
     result is a deterministic function of the stored values."""
     if lp.shape[-1] == V:
         return lp.to(cdt)
-    r = _topk_rest_mass(lp)
+    r = _topk_rest_mass(lp, cdt)
     log_r = torch.where(r > TOPK_REST_TOL, torch.log(torch.clamp(r, min=TOPK_REST_TOL)),
                         torch.full_like(r, -math.inf))
     log_r = torch.where(torch.isnan(r), r, log_r)  # a nan teacher row (validate=False) stays nan
@@ -625,9 +710,9 @@ def linear_kl_div(hidden, weight, target, *, bias=None, target_space="logits",
     the teacher's log-probabilities on K distinct categories per row, as offline distillation
     pipelines store them. The divergence is taken over K + 1 buckets: the K listed categories and
     ONE extra bucket holding everything else. The teacher's extra bucket has the mass it left out,
-    ``1 - sum_k exp(log_probs_k)``, computed in float64 from the stored values whatever their
-    dtype (to about 2^-52 absolute: a left-out mass of 1.5e-8 in float32 log-probs is kept, not
-    rounded to 0) and taken as exactly 0 at or below ``TOPK_REST_TOL`` = 2^-40 (about 9.1e-13),
+    ``1 - sum_k exp(log_probs_k)``, computed from the stored values whatever their dtype in
+    double-double arithmetic (to about 1e-28 absolute: a left-out mass of 1.5e-8 in float32
+    log-probs is kept, not rounded to 0, and a float64 mass of 1e-12 keeps every digit) and taken as exactly 0 at or below ``TOPK_REST_TOL`` = 2^-40 (about 9.1e-13),
     the same rule for every dtype. So a teacher renormalised over its top K (``log_softmax`` of
     the top-k logits, in float64) has an empty extra bucket, and its reverse KL is +inf wherever
     the student puts mass outside the K indices; the rounding residue of a teacher renormalised
