@@ -520,11 +520,12 @@ def _topk_teacher_buckets(lp, V, cdt):
     result is a deterministic function of the stored values."""
     if lp.shape[-1] == V:
         return lp.to(cdt)
-    r = _topk_rest_mass(lp, cdt)
+    # (on the CPU for MPS, which has no float64: K values per row)
+    r = _topk_rest_mass(lp.cpu() if lp.device.type == "mps" else lp, cdt)
     log_r = torch.where(r > TOPK_REST_TOL, torch.log(torch.clamp(r, min=TOPK_REST_TOL)),
                         torch.full_like(r, -math.inf))
     log_r = torch.where(torch.isnan(r), r, log_r)  # a nan teacher row (validate=False) stays nan
-    return torch.cat([lp.to(cdt), log_r.to(cdt)], -1)
+    return torch.cat([lp.to(cdt), log_r.to(dtype=cdt, device=lp.device)], -1)
 
 
 def _run(hidden, weight, bias, plan):
