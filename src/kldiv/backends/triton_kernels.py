@@ -30,11 +30,24 @@ are loops over blocks of 4096, so any V works, odd V included): (1) one online p
 maxima, the normalisers, E_p[d], q's mass off S and the series sum (the value): each block is
 read once, the sums so far are rescaled when a block raises a maximum (the log-ratio's offset
 moves by the exact change of max x - max y) and the series' base follows the running mean of d
-by an exact identity; (2) only when a gradient is wanted, the gradients. Rows the
-float32 algebra cannot hold (a span of values beyond float32, a +inf or nan entry, a row with no
-support, an underflowed p_i against a huge log-ratio) get the value nan (and nan gradients):
-the caller hands them to the core (after one host synchronisation, only when value checks are
-on; under ``torch.compile`` or ``validate=False`` the nan is the answer, never a made-up number).
+by an exact identity; (2) only when a gradient is wanted, the gradients.
+
+Rows the float32 algebra cannot hold (a span of values beyond float32, an underflowed p_i
+against a huge log-ratio, p's mass at a log-ratio clamped at 8.5e37: -1e30 / ``finfo.min``
+masks where the other side has mass or a tiny p_i, logits near +-3e38, a V = 1 row of 3e38
+against -3e38, [0, -120, 1] against [0, -1e7, 1]) are left by the float32 pass with the value
+nan and nothing written to their gradients, and redone by a second launch of the same kernel,
+the wide pass (``WIDE``: float64 arithmetic, no clamp: float32 inputs differ by at most 64 x 2
+FLT_MAX at T >= 1/64, and a p_i that underflows float64 weighs nothing in a float32 result),
+over all rows: each program reads its row's value and, where it is not nan, does nothing (no
+load, no store; no host synchronisation, so ``validate=False`` and ``torch.compile`` get the
+right rows too). Jeffreys' second direction accumulates into the first's gradients in both
+passes. Rows that stay nan have no distribution (a nan or +inf entry, no support): the hook
+hands them to the core when value checks are on (one host synchronisation, the core raises its
+error); under ``torch.compile`` or ``validate=False`` they are nan, never a made-up number.
+Known gap (not a nan): JS's gradient with respect to a side masked at ``finfo.min`` (mass 0 at
+a finite logit), whose truth is 0, is the float32 rounding of log m/q - E_q[log m/q] (1e-9
+against a row gradient of 0.05; the C kernel gives 0).
 p_i > 0 = q_i somewhere gives +inf with zero gradients (the core's convention). Rows whose scale
 is 0 (masked) give 0 and zero gradients whatever they hold. Probabilities (``p_space`` or
 ``q_space`` "probs") are read as their logarithm, taken in float64 and split into a float32 value
@@ -99,6 +112,7 @@ T_RANGE = (1.0 / 64.0, 64.0)
 # float32 constants of the C kernel (fused.c): values beyond these leave the row to the core
 _SPAN_MAX = 3.4028235677973366e38  # FLT_MAX (1 + 2^-25)
 _D_CLAMP = 8.5e37  # |log-ratio| held below FLT_MAX / 4
+_D_WIDE = 1e300  # the wide pass: no clamp (float32 inputs: |log-ratio| <= 64 * 2 FLT_MAX)
 _D_RISK = 1048576.0  # |d| beyond this at an underflowed p_i: the row goes to the core
 _EXP_FLOOR = 87.0
 
@@ -178,7 +192,7 @@ if True:
         acc = acc * u + 0.5
         return acc * u * u
 
-    def _ld1_fn(P, offs, V, PROB: tl.constexpr):
+    def _ld1_fn(P, offs, V, PROB: tl.constexpr, FT: tl.constexpr):
         # one side of a block in float32 (-inf past V) and, for probabilities, the low part of
         # its logarithm: log p = hi + lo (hi the float32 rounding of the float64 log, lo the
         # rest), so that the exact log-ratio below sees log p to float64 accuracy
@@ -186,15 +200,15 @@ if True:
         if PROB:
             raw = tl.load(P + offs, mask=inb, other=0.0).to(tl.float64)
             l64 = tl.log(raw)  # log 0 = -inf: no support
-            hi = l64.to(tl.float32)
-            lo = tl.where(hi > float("-inf"), (l64 - hi.to(tl.float64)).to(tl.float32), 0.0)
+            hi = l64.to(FT)
+            lo = tl.where(hi > float("-inf"), (l64 - hi.to(tl.float64)).to(FT), 0.0)
         else:
-            hi = tl.load(P + offs, mask=inb, other=float("-inf")).to(tl.float32)
+            hi = tl.load(P + offs, mask=inb, other=float("-inf")).to(FT)
             lo = 0.0  # a scalar: no second block of registers held across the passes
         return hi, lo
 
     def _ld_fn(X, Y, offs, V, x0, y0, xl0, yl0, SINGLE: tl.constexpr, XP: tl.constexpr,
-               YP: tl.constexpr):
+               YP: tl.constexpr, FT: tl.constexpr):
         # a block of both inputs; SINGLE: the row was read once, whole (x0, y0, xl0, yl0)
         if SINGLE:
             x = x0
@@ -202,17 +216,17 @@ if True:
             xl = xl0
             yl = yl0
         else:
-            x, xl = _ld1(X, offs, V, XP)
-            y, yl = _ld1(Y, offs, V, YP)
+            x, xl = _ld1(X, offs, V, XP, FT)
+            y, yl = _ld1(Y, offs, V, YP, FT)
         return x, y, xl, yl
 
     def _ld0_fn(X, Y, V, BLOCK: tl.constexpr, SINGLE: tl.constexpr, XP: tl.constexpr,
-                YP: tl.constexpr):
+                YP: tl.constexpr, FT: tl.constexpr):
         # the whole row, read once, when it fits one block (every pass then works from it)
         if SINGLE:
             offs = tl.arange(0, BLOCK)
-            x0, xl0 = _ld1(X, offs, V, XP)
-            y0, yl0 = _ld1(Y, offs, V, YP)
+            x0, xl0 = _ld1(X, offs, V, XP, FT)
+            y0, yl0 = _ld1(Y, offs, V, YP, FT)
         else:
             x0 = 0.0
             y0 = 0.0
@@ -220,7 +234,7 @@ if True:
             yl0 = 0.0
         return x0, y0, xl0, yl0
 
-    def _entry_fn(x, y, xl, yl, mx, my, Ch, Cl, it):
+    def _entry_fn(x, y, xl, yl, mx, my, Ch, Cl, it, DC: tl.constexpr):
         """A loaded block's exponentials and the exact log-ratio d (relative to mx, my)."""
         px = x > float("-inf")
         py = y > float("-inf")
@@ -236,11 +250,11 @@ if True:
         er = (ys - (sv - bb)) + (-xs - bb)
         er = er + tl.where(both, yl - xl, 0.0)  # the low parts of logs of probabilities
         dd = ((sv + Ch) + (er + Cl)) * it
-        dd = tl.minimum(tl.maximum(dd, -8.5e37), 8.5e37)
+        dd = tl.minimum(tl.maximum(dd, -DC), DC)
         d = tl.where(both, dd, 0.0)
         return px, py, both, a, ep, eq, d
 
-    def _lrr_fn(x, y, xl, yl, both, Rh, Rl, it):
+    def _lrr_fn(x, y, xl, yl, both, Rh, Rl, it, DC: tl.constexpr):
         """The exact log-ratio of _entry against another offset pair (Rh + Rl = max x - y_r,
         y_r q's logit at p's maximum), in float32: 0 at p's maximum (its low parts aside)."""
         xs = tl.where(both, x, 0.0)
@@ -250,7 +264,7 @@ if True:
         er = (ys - (sv - bb)) + (-xs - bb)
         er = er + tl.where(both, yl - xl, 0.0)
         dd = ((sv + Rh) + (er + Rl)) * it
-        dd = tl.minimum(tl.maximum(dd, -8.5e37), 8.5e37)
+        dd = tl.minimum(tl.maximum(dd, -DC), DC)
         return tl.where(both, dd, 0.0)
 
     def _phi64_fn(u):
@@ -282,7 +296,7 @@ if True:
         return tl.where(small, u + _phi64(tl.where(small, u, 0.0)),
                         tl.exp(tl.where(small, 0.0, u)) - 1.0)
 
-    def _d64_fn(x, y, xl, yl, both, Ch, Cl, it):
+    def _d64_fn(x, y, xl, yl, both, Ch, Cl, it, DC: tl.constexpr):
         """d of _entry in float64, not rounded to float32: the centred log-ratio d - E_p[d] of
         the probability gradients keeps its small variation when d is a constant plus it (a
         constant from q's mass off p's support, or from maxima outside the common support)."""
@@ -297,7 +311,7 @@ if True:
         lo = tl.where(both, yl - xl, 0.0).to(tl.float64)
         d = ((sv.to(tl.float64) + Ch.to(tl.float64)) + (er.to(tl.float64) + Cl.to(tl.float64))
              + lo) * it.to(tl.float64)
-        d = tl.minimum(tl.maximum(d, -8.5e37), 8.5e37)
+        d = tl.minimum(tl.maximum(d, -DC), DC)
         return tl.where(both, d, 0.0)
 
     def _prob_factor_fn(v, vl, pv, mv, it, c):
@@ -321,7 +335,8 @@ if True:
         return tl.where(small, l1p, tl.log(tl.where(small, 1.0, on_sum / total)))
 
     def _stats_fn(X, Y, V, it, x0, y0, xl0, yl0, BLOCK: tl.constexpr, SINGLE: tl.constexpr,
-                  XP: tl.constexpr, YP: tl.constexpr, JSM: tl.constexpr):
+                  XP: tl.constexpr, YP: tl.constexpr, JSM: tl.constexpr, FT: tl.constexpr,
+                  DC: tl.constexpr, WIDE: tl.constexpr):
         """One pass over a row: maxima, exact offset of the maxima, normalisers, sums, and the
         series A = sum_S e^a phi(d - m) around the mean m of d (the value's sum).
 
@@ -346,20 +361,20 @@ if True:
         ninf = float("-inf")
         pinf = float("inf")
         it64 = it.to(tl.float64)
-        mx = tl.full([1], ninf, tl.float32)
-        my = tl.full([1], ninf, tl.float32)
-        mxs = tl.zeros([1], tl.float32)  # finite stand-ins of the maxima, used in the sums
-        mys = tl.zeros([1], tl.float32)
-        Ch = tl.zeros([1], tl.float32)
-        Cl = tl.zeros([1], tl.float32)
+        mx = tl.full([1], ninf, FT)
+        my = tl.full([1], ninf, FT)
+        mxs = tl.zeros([1], FT)  # finite stand-ins of the maxima, used in the sums
+        mys = tl.zeros([1], FT)
+        Ch = tl.zeros([1], FT)
+        Cl = tl.zeros([1], FT)
         # the gradients' reference (KL): the log-ratio against q's logit y_r at p's maximum,
         # Rh + Rl = max x - y_r exactly, and S1r = sum e^a (d - d_r)
-        yr = tl.full([1], ninf, tl.float32)
-        Rh = tl.zeros([1], tl.float32)
-        Rl = tl.zeros([1], tl.float32)
+        yr = tl.full([1], ninf, FT)
+        Rh = tl.zeros([1], FT)
+        Rl = tl.zeros([1], FT)
         S1r = tl.zeros([1], tl.float64)
-        lx = tl.full([1], pinf, tl.float32)
-        ly = tl.full([1], pinf, tl.float32)
+        lx = tl.full([1], pinf, FT)
+        ly = tl.full([1], pinf, FT)
         Zx = tl.zeros([1], tl.float64)
         Zy = tl.zeros([1], tl.float64)
         S1 = tl.zeros([1], tl.float64)
@@ -383,7 +398,7 @@ if True:
         risk = tl.zeros([BLOCK], tl.int32)
         for b0 in range(0, V, BLOCK):
             offs = b0 + base
-            x, y, xl, yl = _ld(X, Y, offs, V, x0, y0, xl0, yl0, SINGLE, XP, YP)
+            x, y, xl, yl = _ld(X, Y, offs, V, x0, y0, xl0, yl0, SINGLE, XP, YP, FT)
             bmx = tl.max(x, 0)
             nmx = tl.maximum(mx, bmx)
             nmy = tl.maximum(my, tl.max(y, 0))
@@ -437,7 +452,7 @@ if True:
             mys = nmys
             Ch = nCh
             Cl = nCl
-            px, py, both, a, ep, eq, d = _entry(x, y, xl, yl, mxs, mys, Ch, Cl, it)
+            px, py, both, a, ep, eq, d = _entry(x, y, xl, yl, mxs, mys, Ch, Cl, it, DC)
             if XP or YP:
                 # a probability side (its log to float64 accuracy): E_p[d] and the normalisers
                 # summed in float64 within the block too, from the float64 log-ratio. Where the
@@ -446,22 +461,22 @@ if True:
                 # a visible error in the gradients' d - E_p[d]
                 ep64 = ep.to(tl.float64)
                 bZx = tl.sum(ep64, 0)
-                bS1 = tl.sum(ep64 * _d64(x, y, xl, yl, both, Ch, Cl, it), 0)
+                bS1 = tl.sum(ep64 * _d64(x, y, xl, yl, both, Ch, Cl, it, DC), 0)
                 bZpS = tl.sum(tl.where(both, ep64, 0.0), 0)
                 if JSM == 0:
-                    S1r += tl.sum(ep64 * _d64(x, y, xl, yl, both, Rh, Rl, it), 0)
+                    S1r += tl.sum(ep64 * _d64(x, y, xl, yl, both, Rh, Rl, it, DC), 0)
             else:
                 bZx = tl.sum(ep, 0).to(tl.float64)
                 bS1 = tl.sum(ep * d, 0).to(tl.float64)
                 bZpS = tl.sum(tl.where(both, ep, 0.0), 0).to(tl.float64)
                 if JSM == 0:
-                    S1r += tl.sum(ep * _lrr(x, y, xl, yl, both, Rh, Rl, it), 0).to(tl.float64)
+                    S1r += tl.sum(ep * _lrr(x, y, xl, yl, both, Rh, Rl, it, DC), 0).to(tl.float64)
             # the running mean with this block (rounded to float32: the base the terms use)
             if JSM:
                 Zn = ZpS + bZpS
             else:
                 Zn = Zx + bZx
-            mn = ((S1 + bS1) / tl.where(Zn > 0.0, Zn, 1.0)).to(tl.float32)
+            mn = ((S1 + bS1) / tl.where(Zn > 0.0, Zn, 1.0)).to(FT)
             mn64 = tl.where(Zn > 0.0, mn.to(tl.float64), m)
             dl = mn64 - m
             # move the base: u -> u - dl. Large entries: Lin -= dl PL (e^-m B is unchanged:
@@ -479,7 +494,7 @@ if True:
             Ls = tl.where(far, 0.0, Ls)
             Bs = tl.where(far, 0.0, Bs)
             m = mn64
-            mT = m.to(tl.float32)
+            mT = m.to(FT)
             # the block's series terms: e^a phi(d - m), as e^b e^-m - e^a (1 + d - m) away
             # from 0 (e^a e^(d - m) = e^b e^-m; e^-m applied once, at the end)
             dc = d - mT
@@ -494,9 +509,13 @@ if True:
             Lin += tl.sum(tl.where(lg, ep * (1.0 + dc), 0.0), 0).to(tl.float64)
             PL += tl.sum(tl.where(lg, ep, 0.0), 0).to(tl.float64)
             B += tl.sum(tl.where(lg, eq, 0.0), 0).to(tl.float64)
-            ad = tl.abs(d)
-            rk = both & (ad > 1048576.0) & (a > -(87.0 + 250.0)) & ((a < -87.0) | (ad >= 8.5e37))
-            risk = risk | rk.to(tl.int32)
+            if WIDE == 0:
+                # float32: an underflowed p_i (or one at a clamped log-ratio) whose term may
+                # matter; the wide pass (float64: p_i down to e^-745 against a log-ratio of at
+                # most ~4e40) has no such entry that reaches a float32 result
+                ad = tl.abs(d)
+                rk = both & (ad > 1048576.0) & (a > -(87.0 + 250.0)) & ((a < -87.0) | (ad >= DC))
+                risk = risk | rk.to(tl.int32)
             Zx += bZx
             S1 += bS1
             ZpS += bZpS
@@ -519,7 +538,8 @@ if True:
             my != my) | (tl.max(nans, 0) > 0)
         hi = tl.maximum(mx, my).to(tl.float64)
         lo = tl.minimum(lx, ly).to(tl.float64)
-        bad = bad | ((hi - lo <= 3.4028235677973366e38) == 0)
+        if WIDE == 0:  # a span beyond float32 (the wide pass holds any span of float32 inputs)
+            bad = bad | ((hi - lo <= 3.4028235677973366e38) == 0)
         fin = (Zx == Zx) & (Zy == Zy) & (S1 == S1) & (Zx < pinf) & (Zy < pinf) & (
             tl.abs(S1) < pinf)
         bad = (bad.to(tl.int32) + (fin == 0).to(tl.int32)) > 0
@@ -532,15 +552,22 @@ if True:
     def _kl_rows_kernel_fn(X, Y, S, ROWS, PREV, GX, GY, V, sx, sy, sgx, sgy, inv_t,
                            WANT_X: tl.constexpr, WANT_Y: tl.constexpr, ACC: tl.constexpr,
                            BLOCK: tl.constexpr, SINGLE: tl.constexpr, XP: tl.constexpr,
-                           YP: tl.constexpr):
+                           YP: tl.constexpr, FT: tl.constexpr, DC: tl.constexpr,
+                           WIDE: tl.constexpr):
         r = tl.program_id(0).to(tl.int64)
         X = X + r * sx
         Y = Y + r * sy
-        x0, y0, xl0, yl0 = _ld0(X, Y, V, BLOCK, SINGLE, XP, YP)
-        it = tl.cast(inv_t, tl.float32)
+        if WIDE:
+            # the wide pass: only the rows the float32 pass left nan (its value in ROWS); on
+            # the others every loop is empty and nothing is read or written
+            redo = tl.load(ROWS + r + tl.arange(0, 1))
+            redo = redo != redo
+            V = tl.sum(tl.where(redo, V, 0), 0)
+        x0, y0, xl0, yl0 = _ld0(X, Y, V, BLOCK, SINGLE, XP, YP, FT)
+        it = tl.cast(inv_t, FT)
         s = tl.load(S + r).to(tl.float64)
         # pass 1: statistics and the series
-        st = _stats(X, Y, V, it, x0, y0, xl0, yl0, BLOCK, SINGLE, XP, YP, False)
+        st = _stats(X, Y, V, it, x0, y0, xl0, yl0, BLOCK, SINGLE, XP, YP, False, FT, DC, WIDE)
         bad, escaped, mx, my, Ch, Cl, Zx, Zy, S1, ZqS, Zqo, ZpS, Zpo, A, mb, risky, Rh, Rl, S1r = st
         base = tl.arange(0, BLOCK)
         Zx = tl.where(bad, 1.0, Zx)
@@ -557,7 +584,7 @@ if True:
         log_qS = _log_mass(qo, ZqS, Zy)
         lc = -tl.log(Zx) - mu  # KL beyond ~57: the direct formula (no cancellation there)
         huge = lc > 57.0
-        murT = mur.to(tl.float32)
+        murT = mur.to(FT)
         bad = bad | risky
         acc = tl.where(bad | huge, 0.0, A / Zx)
         a1 = acc
@@ -570,17 +597,20 @@ if True:
         val = tl.where(escaped, float("inf"), kl)
         val = tl.where(bad, float("nan"), val)
         val = tl.where(zero_row, 0.0, val)
-        tl.store(ROWS + r + tl.arange(0, 1), val)
+        if WIDE:
+            tl.store(ROWS + r + tl.arange(0, 1), val, mask=redo)
+        else:
+            tl.store(ROWS + r + tl.arange(0, 1), val)
         if WANT_X or WANT_Y:
             # pass 3: the gradients of s KL (q - p from the series where it is used)
             E = tl.exp(-kl)
             km = -kl
             M = tl.where(kl < 1e-3, km * (1.0 + km * (0.5 + km * (1.0 / 6.0 + km / 24.0))),
                          E - 1.0)
-            Ef = E.to(tl.float32)
-            Mf = M.to(tl.float32)
-            rq = (Zx / Zy).to(tl.float32)
-            ipg = (s * inv_t / Zx).to(tl.float32)
+            Ef = E.to(FT)
+            Mf = M.to(FT)
+            rq = (Zx / Zy).to(FT)
+            ipg = (s * inv_t / Zx).to(FT)
             sx64 = s * it.to(tl.float64) / Zx  # probability sides: their gradients' row factors
             sy64 = s * it.to(tl.float64) / Zy
             zg = escaped | zero_row
@@ -590,18 +620,24 @@ if True:
             ng = bad & (zero_row == 0)
             GXr = GX + r * sgx
             GYr = GY + r * sgy
-            for b0 in range(0, V, BLOCK):
+            if WIDE:
+                Vg = V
+            else:
+                # a row left to the wide pass: nothing written (its inputs may be the gradient
+                # buffer itself, and Jeffreys' first direction's gradients stay for it to add to)
+                Vg = tl.sum(tl.where(ng, 0, V), 0)
+            for b0 in range(0, Vg, BLOCK):
                 offs = b0 + base
                 inb = offs < V
-                x, y, xl, yl = _ld(X, Y, offs, V, x0, y0, xl0, yl0, SINGLE, XP, YP)
-                px, py, both, a, ep, eq, d = _entry(x, y, xl, yl, mx, my, Ch, Cl, it)
+                x, y, xl, yl = _ld(X, Y, offs, V, x0, y0, xl0, yl0, SINGLE, XP, YP, FT)
+                px, py, both, a, ep, eq, d = _entry(x, y, xl, yl, mx, my, Ch, Cl, it, DC)
                 if XP or YP:
                     # in float64, as its mean (at a side that holds all the mass the two agree
                     # exactly: its gradient is 0, not the rounding of a log-ratio)
-                    dm = _d64(x, y, xl, yl, both, Rh, Rl, it) - mur
-                    dc = dm.to(tl.float32)
+                    dm = _d64(x, y, xl, yl, both, Rh, Rl, it, DC) - mur
+                    dc = dm.to(FT)
                 else:
-                    dc = _lrr(x, y, xl, yl, both, Rh, Rl, it) - murT
+                    dc = _lrr(x, y, xl, yl, both, Rh, Rl, it, DC) - murT
                 small = tl.abs(dc) < 0.5
                 ser = _phi_series(tl.where(small, dc, 0.0))
                 pg = ep * ipg
@@ -613,12 +649,12 @@ if True:
                         ry = _prob_factor(y, yl, py, my, it, sy64)
                         u = tl.minimum(kl - dm, 700.0)
                         h = tl.where(both, -_expm1_64(u), tl.where(py, 1.0, 0.0))
-                        gy = (ry * h).to(tl.float32)
+                        gy = (ry * h).to(FT)
                     else:
                         gy = tl.where(both & small, pg * ((dc + ser) * Ef + Mf),
                                       (eq * rq - ep) * ipg)
                     if ACC:
-                        gy += tl.load(GYr + offs, mask=inb, other=0.0).to(tl.float32)
+                        gy += tl.load(GYr + offs, mask=inb, other=0.0).to(FT)
                     gy = tl.where(zg, 0.0, gy)
                     gy = tl.where(ng, float("nan"), gy)
                     tl.store(GYr + offs, gy.to(GY.dtype.element_ty), mask=inb)
@@ -627,11 +663,11 @@ if True:
                         # with respect to p's probabilities r: -p_i (d_i - E_p[d]) / (T r_i),
                         # p_i / r_i = r_i^(1/T - 1) / sum_j r_j^(1/T) (no division by r_i)
                         rx = _prob_factor(x, xl, px, mx, it, sx64)
-                        gx = tl.where(both, -rx * dm, 0.0).to(tl.float32)
+                        gx = tl.where(both, -rx * dm, 0.0).to(FT)
                     else:
                         gx = tl.where(both, -pg * dc, 0.0)
                     if ACC:
-                        gx += tl.load(GXr + offs, mask=inb, other=0.0).to(tl.float32)
+                        gx += tl.load(GXr + offs, mask=inb, other=0.0).to(FT)
                     gx = tl.where(zg, 0.0, gx)
                     gx = tl.where(ng, float("nan"), gx)
                     tl.store(GXr + offs, gx.to(GX.dtype.element_ty), mask=inb)
@@ -677,7 +713,7 @@ if True:
         return tl.where(reg, _log1p(ry * tl.exp(tl.where(reg, lr, 0.0))), yv - tl.log(c))
 
     def _js_lr_fn(x, y, xl, yl, both, d, a, mx, my, Ch, Cl, it, mu, muT, mean_d, lZx, lZy,
-                  amu, XP: tl.constexpr, YP: tl.constexpr):
+                  amu, XP: tl.constexpr, YP: tl.constexpr, DC: tl.constexpr):
         # log q/p on the common support by the more accurate of two routes (the C kernel's and
         # the core's): centred, (d - E_{p on T}[d]) + E_{p on T}[log q/p], exact near
         # convergence; or per side, (b - a) + (log Zx - log Zy) with each side against its own
@@ -686,7 +722,7 @@ if True:
         # from the exact log-ratio when a side holds probabilities (mean_d is float64 then)
         if XP or YP:
             it64 = it.to(tl.float64)
-            d64 = _d64(x, y, xl, yl, both, Ch, Cl, it)
+            d64 = _d64(x, y, xl, yl, both, Ch, Cl, it, DC)
             lc = (d64 - mu) + mean_d
             xs = tl.where(both, x, mx).to(tl.float64)
             ys = tl.where(both, y, my).to(tl.float64)
@@ -697,27 +733,34 @@ if True:
             lr = tl.where(cen, ls, lc)
         else:
             lc = (d - muT) + mean_d
-            ac = tl.maximum(tl.where(both, a, 0.0), -1e38)
-            bc = tl.maximum(tl.where(both, (y - my) * it, 0.0), -1e38)
+            ac = tl.maximum(tl.where(both, a, 0.0), -DC * 1.1764705882352942)  # -1e38 (float32)
+            bc = tl.maximum(tl.where(both, (y - my) * it, 0.0), -DC * 1.1764705882352942)
             ls = (bc - ac) + (lZx - lZy)
             cen = (tl.abs(ac - lZx) + tl.abs(bc - lZy)) < (tl.abs(d) + amu)
             lr = tl.where(cen, ls, lc)
-        lr = tl.minimum(tl.maximum(lr, -8.5e37), 8.5e37)
+        lr = tl.minimum(tl.maximum(lr, -DC), DC)
         return tl.where(both, lr, 0.0)
 
     def _js_rows_kernel_fn(X, Y, S, ROWS, GX, GY, V, sx, sy, sgx, sgy, inv_t, beta,
                            WANT_X: tl.constexpr, WANT_Y: tl.constexpr, BLOCK: tl.constexpr,
-                           SINGLE: tl.constexpr, XP: tl.constexpr, YP: tl.constexpr):
+                           SINGLE: tl.constexpr, XP: tl.constexpr, YP: tl.constexpr,
+                           FT: tl.constexpr, DC: tl.constexpr, WIDE: tl.constexpr):
         r = tl.program_id(0).to(tl.int64)
         X = X + r * sx
         Y = Y + r * sy
-        x0, y0, xl0, yl0 = _ld0(X, Y, V, BLOCK, SINGLE, XP, YP)
-        it = tl.cast(inv_t, tl.float32)
-        bt = tl.cast(beta, tl.float32)
+        if WIDE:
+            # the wide pass: only the rows the float32 pass left nan (its value in ROWS); on
+            # the others every loop is empty and nothing is read or written
+            redo = tl.load(ROWS + r + tl.arange(0, 1))
+            redo = redo != redo
+            V = tl.sum(tl.where(redo, V, 0), 0)
+        x0, y0, xl0, yl0 = _ld0(X, Y, V, BLOCK, SINGLE, XP, YP, FT)
+        it = tl.cast(inv_t, FT)
+        bt = tl.cast(beta, FT)
         b64 = tl.cast(beta, tl.float64)
         s = tl.load(S + r).to(tl.float64)
         # pass 1: statistics and the series (the mean over p restricted to T)
-        st = _stats(X, Y, V, it, x0, y0, xl0, yl0, BLOCK, SINGLE, XP, YP, True)
+        st = _stats(X, Y, V, it, x0, y0, xl0, yl0, BLOCK, SINGLE, XP, YP, True, FT, DC, WIDE)
         bad, escaped, mx, my, Ch, Cl, Zx, Zy, S1, ZqS, Zqo, ZpS, Zpo, A, mb, _, _, _, _ = st
         base = tl.arange(0, BLOCK)
         Zx = tl.where(bad, 1.0, Zx)
@@ -735,7 +778,7 @@ if True:
         mu = S1 / ZpS
         lc = -tl.log(ZpS) - mu
         huge = lc > 57.0
-        muT = tl.where(bad | empty, 0.0, mb).to(tl.float32)  # the series' base (mu in float32)
+        muT = tl.where(bad | empty, 0.0, mb).to(FT)  # the series' base (mu in float32)
         acc = tl.where(bad | huge | empty, 0.0, A / ZpS)
         u1 = 1.0 + acc
         L = tl.where(u1 == 1.0, acc, tl.log(u1) - ((u1 - 1.0) - acc) / u1)
@@ -747,24 +790,24 @@ if True:
             mean_d = log_qT - log_pT - L
             bq = b64
         else:
-            mean_d = (log_qT - log_pT - L).to(tl.float32)
+            mean_d = (log_qT - log_pT - L).to(FT)
             bq = bt
         # the value, and E_p[log m/p], E_q[log m/q] for the gradients
         if XP or YP:  # (p and q in float64 too: their means' weights sum to 1 exactly)
             ip = 1.0 / Zx
             iq = 1.0 / Zy
         else:
-            ip = (1.0 / Zx).to(tl.float32)
-            iq = (1.0 / Zy).to(tl.float32)
+            ip = (1.0 / Zx).to(FT)
+            iq = (1.0 / Zy).to(FT)
         # the per-side route's constants (see _js_lr)
         if XP or YP:
             lZx = tl.log(Zx)
             lZy = tl.log(Zy)
             amu = tl.abs(mu) + tl.abs(mean_d)
         else:
-            lZx = tl.log(Zx).to(tl.float32)
-            lZy = tl.log(Zy).to(tl.float32)
-            amu = (tl.abs(mu) + tl.abs(mean_d)).to(tl.float32)
+            lZx = tl.log(Zx).to(FT)
+            lZy = tl.log(Zy).to(FT)
+            amu = (tl.abs(mu) + tl.abs(mean_d)).to(FT)
         cb = 1.0 - bq
         tp_s = tl.zeros([1], tl.float64)
         tq_s = tl.zeros([1], tl.float64)
@@ -790,10 +833,10 @@ if True:
         rqh_s = tl.zeros([1], tl.float64)
         for b0 in range(0, V, BLOCK):
             offs = b0 + base
-            x, y, xl, yl = _ld(X, Y, offs, V, x0, y0, xl0, yl0, SINGLE, XP, YP)
-            px, py, both, a, ep, eq, d = _entry(x, y, xl, yl, mx, my, Ch, Cl, it)
+            x, y, xl, yl = _ld(X, Y, offs, V, x0, y0, xl0, yl0, SINGLE, XP, YP, FT)
+            px, py, both, a, ep, eq, d = _entry(x, y, xl, yl, mx, my, Ch, Cl, it, DC)
             lr = _js_lr(x, y, xl, yl, both, d, a, mx, my, Ch, Cl, it, mu, muT, mean_d, lZx, lZy,
-                        amu, XP, YP)  # log q/p
+                        amu, XP, YP, DC)  # log q/p
             p = ep * ip
             q = eq * iq
             m = bq * p + cb * q
@@ -833,7 +876,10 @@ if True:
         zero_row = s == 0.0
         val = tl.where(bad, float("nan"), js)
         val = tl.where(zero_row, 0.0, val)
-        tl.store(ROWS + r + tl.arange(0, 1), val)
+        if WIDE:
+            tl.store(ROWS + r + tl.arange(0, 1), val, mask=redo)
+        else:
+            tl.store(ROWS + r + tl.arange(0, 1), val)
         if WANT_X or WANT_Y:
             # y - E_p[y] in two forms: directly, or as (y - log beta) - (E_p[y] - log beta)
             # where y is near log beta (q_i << p_i): no cancellation in either
@@ -849,30 +895,34 @@ if True:
                 RPh = rph_s
                 RQh = rqh_s
             else:
-                Ey = (ey_s + pout * lb).to(tl.float32)
-                Ez = (ez_s + qout * l1b).to(tl.float32)
-                EyH = eyh_s.to(tl.float32)
-                EzH = ezh_s.to(tl.float32)
-                Rp = rp_s.to(tl.float32)
-                Rq = rq_s.to(tl.float32)
-                RPy = rpy_s.to(tl.float32)
-                RQz = rqz_s.to(tl.float32)
-                RPh = rph_s.to(tl.float32)
-                RQh = rqh_s.to(tl.float32)
+                Ey = (ey_s + pout * lb).to(FT)
+                Ez = (ez_s + qout * l1b).to(FT)
+                EyH = eyh_s.to(FT)
+                EzH = ezh_s.to(FT)
+                Rp = rp_s.to(FT)
+                Rq = rq_s.to(FT)
+                RPy = rpy_s.to(FT)
+                RQz = rqz_s.to(FT)
+                RPh = rph_s.to(FT)
+                RQh = rqh_s.to(FT)
             gpx64 = s * b64 * it.to(tl.float64)
             gpy64 = s * (1.0 - b64) * it.to(tl.float64)
-            gpx = gpx64.to(tl.float32)
-            gpy = gpy64.to(tl.float32)
+            gpx = gpx64.to(FT)
+            gpy = gpy64.to(FT)
             ng = bad & (zero_row == 0)
             GXr = GX + r * sgx
             GYr = GY + r * sgy
-            for b0 in range(0, V, BLOCK):
+            if WIDE:
+                Vg = V
+            else:  # a row left to the wide pass: nothing written (see the KL kernel)
+                Vg = tl.sum(tl.where(ng, 0, V), 0)
+            for b0 in range(0, Vg, BLOCK):
                 offs = b0 + base
                 inb = offs < V
-                x, y, xl, yl = _ld(X, Y, offs, V, x0, y0, xl0, yl0, SINGLE, XP, YP)
-                px, py, both, a, ep, eq, d = _entry(x, y, xl, yl, mx, my, Ch, Cl, it)
+                x, y, xl, yl = _ld(X, Y, offs, V, x0, y0, xl0, yl0, SINGLE, XP, YP, FT)
+                px, py, both, a, ep, eq, d = _entry(x, y, xl, yl, mx, my, Ch, Cl, it, DC)
                 lr = _js_lr(x, y, xl, yl, both, d, a, mx, my, Ch, Cl, it, mu, muT, mean_d, lZx,
-                            lZy, amu, XP, YP)
+                            lZy, amu, XP, YP, DC)
                 if WANT_X:
                     p = ep * ip
                     yv = _log_mix(cb, lr)
@@ -886,7 +936,7 @@ if True:
                     yc = tl.where((x == mx) & (ntx == 1), ycm, yc)
                     if XP:  # with respect to the probabilities: p_i / r_i in place of p_i
                         fx = _prob_factor(x, xl, px, mx, it, gpx64 / Zx)
-                        gx = (-fx * yc.to(tl.float64)).to(tl.float32)
+                        gx = (-fx * yc.to(tl.float64)).to(FT)
                     else:
                         gx = tl.where(px, -gpx * p * yc, 0.0)
                     gx = tl.where(zero_row, 0.0, gx)
@@ -904,7 +954,7 @@ if True:
                     zc = tl.where((y == my) & (nty == 1), zcm, zc)
                     if YP:
                         fy = _prob_factor(y, yl, py, my, it, gpy64 / Zy)
-                        gy = (-fy * zc.to(tl.float64)).to(tl.float32)
+                        gy = (-fy * zc.to(tl.float64)).to(FT)
                     else:
                         gy = tl.where(py, -gpy * q * zc, 0.0)
                     gy = tl.where(zero_row, 0.0, gy)
@@ -944,16 +994,26 @@ def _build():
         _BUILT = mode
 
 
+def _passes(V):
+    """The two passes' settings: the float32 pass, then the wide one (float64, rows the first
+    left nan only; its blocks at most 1024 entries: float64 registers)."""
+    b = _block(V)
+    w = min(b, 1024)
+    return (dict(BLOCK=b, SINGLE=V <= b, FT=tl.float32, DC=_D_CLAMP, WIDE=False,
+                 num_warps=4 if b <= 2048 else 8),
+            dict(BLOCK=w, SINGLE=V <= w, FT=tl.float64, DC=_D_WIDE, WIDE=True, num_warps=4))
+
+
 def _launch_js(x, y, scale, inv_t, beta, rows, gx, gy, x_prob=False, y_prob=False):
     n, V = x.shape
     _build()
-    _js_rows_kernel[(n,)](
-        x, y, scale, rows, rows if gx is None else gx, rows if gy is None else gy, V,
-        x.stride(0), y.stride(0), 0 if gx is None else gx.stride(0),
-        0 if gy is None else gy.stride(0), float(inv_t), float(beta),
-        WANT_X=gx is not None, WANT_Y=gy is not None, BLOCK=_block(V),
-        SINGLE=V <= _block(V), XP=bool(x_prob), YP=bool(y_prob),
-        num_warps=4 if _block(V) <= 2048 else 8)
+    for kw in _passes(V):
+        _js_rows_kernel[(n,)](
+            x, y, scale, rows, rows if gx is None else gx, rows if gy is None else gy, V,
+            x.stride(0), y.stride(0), 0 if gx is None else gx.stride(0),
+            0 if gy is None else gy.stride(0), float(inv_t), float(beta),
+            WANT_X=gx is not None, WANT_Y=gy is not None, XP=bool(x_prob), YP=bool(y_prob),
+            **kw)
 
 
 def _block(V):
@@ -971,14 +1031,14 @@ def _launch(x, y, scale, inv_t, rows, gx, gy, acc, prev=None, x_prob=False, y_pr
     n, V = x.shape
     _build()
     dummy = rows
-    _kl_rows_kernel[(n,)](
-        x, y, scale, rows, rows if prev is None else prev, dummy if gx is None else gx,
-        dummy if gy is None else gy, V,
-        x.stride(0), y.stride(0), 0 if gx is None else gx.stride(0),
-        0 if gy is None else gy.stride(0), float(inv_t),
-        WANT_X=gx is not None, WANT_Y=gy is not None, ACC=bool(acc), BLOCK=_block(V),
-        SINGLE=V <= _block(V), XP=bool(x_prob), YP=bool(y_prob),
-        num_warps=4 if _block(V) <= 2048 else 8)
+    for kw in _passes(V):
+        _kl_rows_kernel[(n,)](
+            x, y, scale, rows, rows if prev is None else prev, dummy if gx is None else gx,
+            dummy if gy is None else gy, V,
+            x.stride(0), y.stride(0), 0 if gx is None else gx.stride(0),
+            0 if gy is None else gy.stride(0), float(inv_t),
+            WANT_X=gx is not None, WANT_Y=gy is not None, ACC=bool(acc), XP=bool(x_prob),
+            YP=bool(y_prob), **kw)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1035,9 +1095,10 @@ def divergence_rows_with_grad(kind, p, q, *, p_space, q_space, temperature=1.0, 
     ``q``, written into ``out_q`` when given (which may be ``q`` itself: each block is read
     before its gradient is written). What the kernel does not take (float64, a gradient with
     respect to ``p``, a temperature outside ``T_RANGE``, kind "jeffreys") goes to
-    ``torch_fused``. Rows the kernel cannot hold come back nan, gradients included (``q``
-    itself, when overwritten): the caller recomputes them (``linear_kl_div`` does when value
-    checks are on).
+    ``torch_fused``. Rows float32 cannot hold are redone by the wide pass (the float32 pass
+    writes nothing there, so ``q`` is intact for it); rows without a distribution (a nan or
+    +inf entry, no support) come back nan, gradients included: the caller recomputes them
+    (``linear_kl_div`` does when value checks are on).
     """
     T = float(temperature)
     ok = (triton is not None and kind in ("forward", "reverse", "js") and not need_grad_p
@@ -1177,7 +1238,8 @@ def kl_rows(x, y, scale, temperature=1.0, kind="forward", beta=0.5, x_space="log
     generalised Jensen-Shannon divergence ``beta KL(p || m) + (1 - beta) KL(q || m)``,
     ``m = beta p + (1 - beta) q`` ("js", 0 < beta < 1) of p = softmax(x / T),
     q = softmax(y / T); the gradients are formed in the same launch as the
-    value. Rows the kernel cannot take are nan (see the module docstring).
+    value (and a wide pass redoes the rows float32 cannot hold). Rows without a distribution
+    (a nan or +inf entry, no support) are nan (see the module docstring).
 
     On CPU tensors this runs in Triton's interpreter (``TRITON_INTERPRET=1``):
 
