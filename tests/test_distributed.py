@@ -123,7 +123,9 @@ def extreme_data(dtype):
 
     float64: a side shifted or masked by +-1e30 or finfo.min, a moderate offset of -1e4, nearly
     equal rows at an offset of 2^40, a block of -inf on the last rank's whole slice (world 3)
-    with none of p's support on rank 0's, and disjoint supports (JS = log 2, gradient 0).
+    with none of p's support on rank 0's, rows holding +-1.7e308 or finfo.min where the other
+    side carries mass (log-ratios beyond the float64 range), and disjoint supports (JS =
+    log 2, gradient 0).
     float32: logits at +-3e38 (differences overflow float32), -5e37, a shift of 1e37,
     finfo.min masking, wide logits (|x / T| up to about 60) nearly equal and not.
     """
@@ -152,6 +154,16 @@ def extreme_data(dtype):
         x[9:], y[9:] = -INF, -INF  # the last rank's whole slice (world 3) is -inf on both sides
         x[0:2] = -INF  # rank 0's slice (world 3) holds none of p's support
         rows.append((x, y))
+        # wider than the float64 range at entries that carry mass (log-ratios up to 4 finfo.max
+        # over T: computed in quarters); values of 0.4, 4e307, and beyond finfo.max (+inf,
+        # with the finite gradient of the true value)
+        big, fmin = 1.7e308, float(torch.finfo(torch.float64).min)
+        rows.append((at([0, 6, 12], [0.0, 1, 2]), at([0, 6, 12], [0.0, big, -big])))
+        rows.append((at([1, 5, 9], [1.0, 2, -big]), at([1, 5, 9], [3.0, -big, 1])))
+        rows.append((at([2, 7, 12], [-big, 1, 2]), at([2, 7, 12], [0.5, -big, 2])))
+        rows.append((at([3, 4, 11], [big, big, -big]), at([3, 4, 11], [big, -big, big])))
+        rows.append((at([0, 8, 10], [0.0, 1, fmin]), at([0, 8, 10], [0.0, 1, -30])))
+        rows.append((at([4, 9, 12], [big, 1, 2]), at([4, 9, 12], [big, 2, -big])))
     else:
         big = 3e38
         rows.append((at([0, 4, 8, 12], [big, big, 1, 2]), at([0, 4, 8, 12], [0.0, 1, 2, 3])))
@@ -246,7 +258,9 @@ def _worker_cases(rank, world):
                 b = shard(y, rank, world).requires_grad_()
                 rows = kd.vocab_parallel_kl_div(a, b, kind=kind, reduction="none",
                                                 temperature=temperature)
-                torch.where(torch.isfinite(rows), rows, 0.0).sum().backward()
+                # (every row's cotangent 1: a row beyond the float range, +inf, passes back
+                # the finite gradient of its true value; a row whose true value is +inf, 0)
+                rows.backward(torch.ones_like(rows))
                 out[f"extreme/{dtype}/{temperature}/{kind}"] = dict(rows=rows.detach(),
                                                                     gp=a.grad, gq=b.grad)
 
@@ -530,6 +544,50 @@ def reference_grads(kind, x, y, cot=None, temperature=1.0, beta=0.5):
     return a.grad, b.grad
 
 
+def mp_grads_where_float64_overflows(kind, x, y, temperature=1.0):
+    """``reference_grads``; on rows where they are not finite or the value is 1e15 or more (the
+    float64 textbook formula overflows, or loses eps * KL absolutely), mpmath's derivatives on
+    the exact inputs (``test_distributed_huge.mp_ref``)."""
+    import mpmath
+    from test_distributed_huge import mp_ref
+
+    rp, rq = reference_grads(kind, x, y, temperature=temperature)
+    bad = ~(torch.isfinite(rp).all(-1) & torch.isfinite(rq).all(-1))
+    # (and rows that the textbook value takes to +inf, a side escaping or not: 0 there)
+    sp, sq = x > -INF, y > -INF
+    esc = {"forward": (sp & ~sq).any(-1), "reverse": (sq & ~sp).any(-1),
+           "jeffreys": (sp != sq).any(-1), "js": torch.zeros_like(sp[..., 0])}[kind]
+    # (the textbook's gradient is eps * KL off, absolutely: O(1) at KL = 1e16 and beyond)
+    val = naive_torch(kind, x.double(), y.double(), temperature)
+    bad |= ~(torch.isfinite(val) & (val < 1e15)) & ~esc
+    t = mpmath.mpf(float(temperature))
+    for r in torch.nonzero(bad).flatten().tolist():
+        with mpmath.workprec(1200):  # (the logits / T exactly)
+            _, ga, gb = mp_ref(kind, [mpmath.mpf(float(v)) / t for v in x[r].double()],
+                               [mpmath.mpf(float(v)) / t for v in y[r].double()])
+        rp[r] = torch.from_numpy(ga / temperature)
+        rq[r] = torch.from_numpy(gb / temperature)
+    return rp, rq
+
+
+def mp_rows_wide(kind, x, y, temperature=1.0):
+    """``mp_rows``; rows holding a logit of 1e307 or more in magnitude from
+    ``test_distributed_huge.mp_ref`` (its precision grows with the logits; 120 digits are not
+    enough for log-ratios of 1e308)."""
+    import mpmath
+    from test_distributed_huge import mp_ref
+
+    want = mp_rows(kind, x, y, temperature)
+    fin = lambda v: torch.where(torch.isfinite(v), v.double(), 0.0)  # noqa: E731
+    wide = torch.maximum(fin(x).abs().amax(-1), fin(y).abs().amax(-1)) >= 1e307
+    t = mpmath.mpf(float(temperature))
+    for r in torch.nonzero(wide).flatten().tolist():
+        with mpmath.workprec(1200):
+            want[r] = mp_ref(kind, [mpmath.mpf(float(v)) / t for v in x[r].double()],
+                             [mpmath.mpf(float(v)) / t for v in y[r].double()])[0]
+    return want
+
+
 def mp_rows(kind, x, y, temperature=1.0, beta=0.5):
     """Per-row divergence in mpmath at 120 digits from the exact inputs: a log-softmax centred on
     the row maximum, then the textbook sums. Unlike ``tests/oracle.py`` its precision does not
@@ -771,7 +829,7 @@ def test_extreme_rows_against_mpmath(results, kind, temperature, dtype):
     got = rows[0]
     assert got.dtype == dtype and not bool(torch.isnan(got).any()), (key, got)
     if key not in _MP_CACHE:
-        _MP_CACHE[key] = mp_rows(kind, x, y, temperature)
+        _MP_CACHE[key] = mp_rows_wide(kind, x, y, temperature)
     want = _MP_CACHE[key]
     assert_close(got, want, TOL[dtype], f"{key} vs mpmath", overflow=dtype)
     if kind == "js":
@@ -780,10 +838,12 @@ def test_extreme_rows_against_mpmath(results, kind, temperature, dtype):
         assert abs(float(got[-1]) - math.log(2)) <= 4 * torch.finfo(dtype).eps
         for field in ("gp", "gq"):
             assert float(gathered(res, key, field)[-1].abs().max()) == 0.0, field
-    rp, rq = reference_grads(kind, x, y, temperature=temperature)
-    # rows whose true value overflows the dtype (see above) are +inf, with a zero gradient
-    over = ((got == INF) & torch.as_tensor(want > torch.finfo(dtype).max / 16))[:, None]
-    rp, rq = torch.where(over, 0.0, rp), torch.where(over, 0.0, rq)
+    # rows whose true value overflows the dtype (see above) are +inf, with the finite gradient
+    # of the true value (float64 autograd; mpmath's on rows where that overflows itself:
+    # finfo.min against 1e30 at T < 1); rows of infinite true value (a side escapes) get 0
+    if ("grads", key) not in _MP_CACHE:
+        _MP_CACHE[("grads", key)] = mp_grads_where_float64_overflows(kind, x, y, temperature)
+    rp, rq = _MP_CACHE[("grads", key)]
     atol = max(js_grad_atol(kind, dtype), 1e-14)  # (the float64 reference's own noise)
     assert_grad_close(gathered(res, key, "gp"), rp, TOL[dtype], f"{key} grad p", atol)
     assert_grad_close(gathered(res, key, "gq"), rq, TOL[dtype], f"{key} grad q", atol)

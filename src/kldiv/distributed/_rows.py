@@ -60,19 +60,41 @@ def _safe_exp_sum(x, sel, m, extra=None):
     return e.sum(dim=-1)
 
 
-def _centred(x, sel, m, temperature):
+def _centred(x, sel, m, temperature, u=1.0):
     """``(x - m) / T`` on ``sel``, -inf elsewhere: a side centred on its own row maximum first,
-    then divided by the temperature (``x / T - m / T`` would round twice, and overflow)."""
+    then divided by the temperature (``x / T - m / T`` would round twice, and overflow).
+
+    On calls in quarters (x and m are quarters of the inputs, ``u = 4``: see ``_pair_stats``)
+    the value is multiplied by ``u``: the centred value itself, for exponentials (an entry
+    beyond the float range below its maximum gives -inf, whose exponential is 0)."""
     c = x - _finite0(m)
     if temperature != 1.0:
         c = c / temperature
+    if u != 1.0:
+        c = c * u
     return _sel(sel, c, -math.inf)
 
 
-def _exp_centred(x, sel, m, temperature):
+def _exp_centred(x, sel, m, temperature, u=1.0):
     import torch
 
-    return torch.exp(_centred(x, sel, m, temperature))
+    return torch.exp(_centred(x, sel, m, temperature, u))
+
+
+def _full(v, u):
+    """A log-ratio kept in units of ``1 / u`` (quarters on calls in quarters) as itself, clamped
+    to the float range: for the functions that take it whole (exp, log1p, phi), which meet it
+    beyond the range only where a weight that multiplies their result is 0."""
+    if u == 1.0:
+        return v
+    fmax = _fmax(v)
+    return (v * u).clamp(-fmax, fmax)
+
+
+def _fmax(v):
+    import torch
+
+    return torch.finfo(v.dtype).max
 
 
 # below this difference of the two sides' maxima (raw logits), b - a - (mb - ma) rounds no worse
@@ -80,7 +102,7 @@ def _exp_centred(x, sel, m, temperature):
 _TWOSUM_SHIFT = 16.0
 
 
-def _delta(a, b, ma, mb, t, temperature, twosum=True):
+def _delta(a, b, ma, mb, t, temperature, twosum=True, u=1.0):
     """``((b - a) - (mb - ma)) / T`` on ``t`` (0 elsewhere): the log-ratio up to a row constant,
     with the accuracy of ``b - a``. ``(ma, mb)`` is the reference: the two maxima over T on
     ordinary calls, on calls with far rows (``twosum``) an entry of T (a at its mode and b
@@ -92,6 +114,10 @@ def _delta(a, b, ma, mb, t, temperature, twosum=True):
     -1e30) the two rounded sums are within a factor 2 of each other and their difference is
     exact (Sterbenz): no shift swallows the logits, and nearly equal rows keep the accuracy of
     their raw difference, as in the core. The temperature divides last.
+
+    On calls in quarters (``u = 4``: a, b and the reference are quarters of the inputs) the
+    result is a quarter of the log-ratio, clamped to the float range (a temperature below 1/4
+    can take even a quarter beyond it: the core clamps there too).
     """
     ma0 = _finite0(ma)
     mb0 = _finite0(mb)
@@ -100,6 +126,8 @@ def _delta(a, b, ma, mb, t, temperature, twosum=True):
         d = s - (mb0 - ma0)
         if temperature != 1.0:
             d = d / temperature
+        if u != 1.0:
+            d = d.clamp(-_fmax(d), _fmax(d))
         return _sel(t, d, 0.0)
     bp = s - b
     e = (b - (s - bp)) - (a + bp)  # s + e == b - a exactly
@@ -109,13 +137,15 @@ def _delta(a, b, ma, mb, t, temperature, twosum=True):
     d = (s - c) + (e - ec)
     if temperature != 1.0:
         d = d / temperature
+    if u != 1.0:
+        d = d.clamp(-_fmax(d), _fmax(d))
     return _sel(t, d, 0.0)
 
 
 _GAP = 20.0  # rescaling exp(x - M) to exp(x - M_T) keeps full precision while M - M_T <= this
 
 
-def _exp_on(x, t, e, m, mt, temperature):
+def _exp_on(x, t, e, m, mt, temperature, u=1.0):
     """exp((x - mt) / T) on ``t`` from ``e = exp((x - m) / T)`` (mt <= m: the maximum over the
     subset).
 
@@ -126,8 +156,10 @@ def _exp_on(x, t, e, m, mt, temperature):
 
     fin = torch.isfinite(mt)
     gap = torch.where(fin, (m - mt) / temperature, 0.0)
+    if u != 1.0:
+        gap = gap * u
     if bool((gap > _GAP).any()):
-        return _exp_centred(x, t, mt, temperature)
+        return _exp_centred(x, t, mt, temperature, u)
     scale = torch.where(fin, torch.exp(gap), 0.0)[:, None]
     return _sel(t, e * scale, 0.0)
 
@@ -200,24 +232,30 @@ def _phase_max(a, b, check, dense, limit):
     return torch.stack([ma, mb, maT, mbT, a_only, b_only, fa, fb], dim=1)
 
 
-def _phase_sums(a, b, Ma, Mb, MaT, MbT, bR, temperature, dense, twosum):
+def _phase_sums(a, b, Ma, Mb, MaT, MbT, bR, temperature, dense, twosum, u=1.0):
     """Local exp-sums, p-weighted centred log-ratio sums and outside masses: (n, 9).
 
-    ``bR``: b at a's mode on T (the log-ratio's reference entry, see ``_phase_ref``)."""
+    ``bR``: b at a's mode on T (the log-ratio's reference entry, see ``_phase_ref``). The
+    log-ratio sums are in units of ``1 / u`` (quarters on calls in quarters)."""
     import torch
 
     sa, sb, t = _supports(a, b, dense)
-    ea = _exp_centred(a, sa, Ma, temperature)  # exp((a - Ma) / T) on a's support, 0 elsewhere
-    eb = _exp_centred(b, sb, Mb, temperature)
-    eaT = _exp_on(a, t, ea, Ma, MaT, temperature)  # exp((a - MaT) / T) on T, 0 elsewhere
-    ebT = _exp_on(b, t, eb, Mb, MbT, temperature)
-    delta = _delta(a, b, MaT, bR, t, temperature, twosum)
+    ea = _exp_centred(a, sa, Ma, temperature, u)  # exp((a - Ma) / T) on a's support, else 0
+    eb = _exp_centred(b, sb, Mb, temperature, u)
+    eaT = _exp_on(a, t, ea, Ma, MaT, temperature, u)  # exp((a - MaT) / T) on T, 0 elsewhere
+    ebT = _exp_on(b, t, eb, Mb, MbT, temperature, u)
+    delta = _delta(a, b, MaT, bR, t, temperature, twosum, u)
     # the entries at a's maximum over T (weight exactly 1) apart from the rest: a saturated a
     # (one-hot to within eps) keeps the rest's small sums, which its gradient is made of
     top = _top(a, MaT, t)
     rest = torch.where(top, 0.0, eaT)
-    # (where a|T underflows, delta may overflow: 0 * inf must not make a nan)
-    S_rest = torch.where(rest > 0, rest * delta, 0.0).sum(-1)
+    if u == 1.0:
+        # no guard: a log-ratio beyond an eighth of the float range anywhere on T (or a nan
+        # from a difference that overflowed) makes the sum inf or nan (0 * inf), and
+        # _pair_stats computes the call again, wider (x 8 and / 8 round nothing)
+        S_rest = (rest * (delta * 8.0)).sum(-1) * 0.125
+    else:  # (in quarters: where a|T underflows, delta may reach the clamp; 0 * it is 0)
+        S_rest = torch.where(rest > 0, rest * delta, 0.0).sum(-1)
     D_top = torch.where(top, delta, 0.0).sum(-1)
     return torch.stack([
         ea.sum(-1), eb.sum(-1), eaT.sum(-1), ebT.sum(-1), D_top, S_rest,
@@ -252,20 +290,22 @@ def _top(a, MaT, t):
     return top if t is None else top & t
 
 
-def _phase_phi(a, b, MaT0, MbT0, log_saT, mu, big, temperature, dense, twosum):
+def _phase_phi(a, b, MaT0, MbT0, log_saT, mu, big, temperature, dense, twosum, u=1.0):
     """Local sum over T of w * phi(d - mu), w = a's distribution restricted to T: (n,).
 
-    ``MbT0`` is b's reference value (at a's mode on twosum calls), as in the delta of the sums.
+    ``MbT0`` is b's reference value (at a's mode on twosum calls), as in the delta of the sums;
+    ``mu`` in units of ``1 / u``.
 
-    Rows flagged ``big`` (the log of the sum is > 20, taken in closed form) contribute 0.
+    Rows flagged ``big`` (the log of the sum is > 20, taken in closed form) contribute 0 (their
+    log-ratios may lie beyond the float range: the rest is bounded where w > 0).
     """
     import torch
 
     _, _, t = _supports(a, b, dense)
-    wn = torch.exp(_centred(a, t, MaT0, temperature) - log_saT[:, None])  # a | T
-    dc = _delta(a, b, MaT0, MbT0, t, temperature, twosum) - mu[:, None]
+    wn = torch.exp(_centred(a, t, MaT0, temperature, u) - log_saT[:, None])  # a | T
+    dc = _full(_delta(a, b, MaT0, MbT0, t, temperature, twosum, u) - mu[:, None], u)
     # log(wn e^dc) with a cancelled exactly (from b's side alone)
-    lwx = _centred(b, t, MbT0, temperature) - (log_saT + mu)[:, None]
+    lwx = _centred(b, t, MbT0, temperature, u) - (log_saT + (mu if u == 1.0 else mu * u))[:, None]
     # entries where a | T underflows to 0 contribute wn e^dc = exp(lwx) (the "large" branch)
     x = torch.where(big[:, None], 0.0, torch.where(wn > 0, dc, 1.0))
     return _sel(t, _w_phi(_xp(), wn, x, log_w_exp=lwx), 0.0).sum(dim=-1)
@@ -283,10 +323,11 @@ def _pair_stats(a, b, temperature, group, check, names):
     KL(a || b), ``mean_d`` (E_{a|T}[log b/a]), ``log_aT``, ``log_bT`` (-inf where T is empty);
     and ``T``, ``dense``, ``up`` (computed in float64); ``bR0``, ``aS0``: b at a's mode on T
     and a at b's mode on T (the log-ratio's reference entries; the maxima ``MbT0``, ``MaT0``
-    on calls without a far row). Three collectives: MAX of (N, 8), SUM of (N, 9), SUM of
-    (N, 1); calls with a row whose two maxima over T lie more than ``_TWOSUM_SHIFT`` apart add
-    a MAX of (N, 2) before the first SUM (``_phase_ref``); the passes over the data run in row
-    chunks between them.
+    on calls without a far row); ``u``: 4 on calls in quarters (``_pair_stats_at``), else 1.
+    Three collectives: MAX of (N, 8), SUM of (N, 9), SUM of (N, 1); calls with a row whose two
+    maxima over T lie more than ``_TWOSUM_SHIFT`` apart add a MAX of (N, 2) before the first SUM
+    (``_phase_ref``); calls whose log-ratios overflow repeat the sums once, wider; the passes
+    over the data run in row chunks between them.
     """
     import torch
 
@@ -315,16 +356,57 @@ def _pair_stats(a, b, temperature, group, check, names):
     up = any(f % 2 == 1 for f in flags[:2])  # the same on every rank (all-reduced flags)
     if up:
         a, b, mx = a.double(), b.double(), mx.double()
-    T = temperature
     # float64 rows wider than the float64 range (logits of +1e308 against -1e308: b - a would
-    # overflow, and TwoSum with it) are computed in quarters: x / 4 and T / 4 (exact: powers of
-    # 2), the centred values (x - M) / T unchanged. Such a difference needs a logit of
-    # magnitude >= finfo.max / 2 on the positive side, which the maxima show.
+    # overflow, and TwoSum with it) are computed in quarters (see _pair_stats_at). Such a
+    # difference needs a logit of magnitude >= finfo.max / 2 on the positive side, which the
+    # maxima show; other overflows (a log-ratio beyond an eighth of the range: -1.7e308 where
+    # the other side carries mass, or logits / T beyond it) show in the sums, and the call is
+    # computed again: float32 in float64, float64 in quarters (extra work on such calls only).
     quarter = a.dtype == torch.float64 and flags[3] > _F64_LIMIT
+    while True:
+        st = _pair_stats_at(a, b, mx, temperature, group, parts, dense, twosum, quarter)
+        if not st.pop("overflow"):
+            st.update(up=up, quarter=quarter)
+            return st
+        if a.dtype == torch.float32:
+            up = True
+            a, b, mx = a.double(), b.double(), mx.double()
+        else:
+            quarter = True
+
+
+def _units(temperature):
+    """The power of 2 ``u`` by which calls in quarters divide the inputs: 32, and more below
+    T = 1, so that a log-ratio over u, ``((b - a) - (bR - MaT)) / (u T)``, stays within an
+    eighth of the float range, as on ordinary calls (a temperature far below 1 would take
+    even a quarter of it beyond the range)."""
+    u = 32.0
+    while u * temperature < 32.0 and u < 2.0**900:
+        u *= 2.0
+    return u
+
+
+def _pair_stats_at(a, b, mx, temperature, group, parts, dense, twosum, quarter):
+    """``_pair_stats`` after the maxima ``mx``: the two SUM collectives (and the MAX of the
+    reference entries on ``twosum`` calls), and ``overflow``: whether a log-ratio on the
+    common support exceeded an eighth of the float range (the caller then computes the call
+    again, wider; never on calls in quarters).
+
+    In quarters (``quarter``: a, b and their maxima are taken as quarters, exact; ``u = 4``) the
+    log-ratios and everything of their scale (``mu``, ``L``, ``mean_d``, ``log_aT``, ``log_bT``,
+    ``D_top``, ``S_rest``) are kept as quarters, so that a log-ratio up to 4 finfo.max (1.7e308
+    against -1.7e308, or such logits divided by T < 1) stays finite; the centred values that
+    exponentials take are multiplied back (``_centred``), and weights multiply a quarter by 4
+    (``(4 w) r / 4``: finite wherever the product is). ``kl`` is the value itself (+inf beyond
+    finfo.max), ``kl_u`` in quarters.
+    """
+    import torch
+
+    T = temperature
+    u = _units(T) if quarter else 1.0
     if quarter:
-        a, b = a * 0.25, b * 0.25
-        mx = torch.cat([mx[:, :4] * 0.25, mx[:, 4:]], dim=1)
-        T = T * 0.25
+        a, b = a * (1.0 / u), b * (1.0 / u)
+        mx = torch.cat([mx[:, :4] * (1.0 / u), mx[:, 4:]], dim=1)
     Ma, Mb, MaT, MbT = mx[:, 0], mx[:, 1], mx[:, 2], mx[:, 3]
     if twosum:
         # some row's two maxima lie far apart: the log-ratio is referenced at a's mode (b's
@@ -337,7 +419,7 @@ def _pair_stats(a, b, temperature, group, check, names):
     else:  # (b - a) - (MbT - MaT) is accurate: the maxima are the reference
         bR, aS = MbT, MaT
     sm = torch.cat([_phase_sums(a[i:j], b[i:j], Ma[i:j], Mb[i:j], MaT[i:j], MbT[i:j], bR[i:j],
-                                T, dense, twosum) for i, j in parts])
+                                T, dense, twosum, u) for i, j in parts])
     sm = _all_reduce(sm, "sum", group)
     s_a, s_b, s_aT, s_bT, D_top, S_rest, s_aout, s_bout, s_rest = sm.unbind(dim=1)
     n_top = torch.round(s_aT - s_rest)  # the number of entries at the maximum (usually 1)
@@ -356,37 +438,55 @@ def _pair_stats(a, b, temperature, group, check, names):
     log_saT = torch.log(s_aT1)
     log_sbT = torch.log(s_bT1)
     ninf = torch.full_like(la, -math.inf)
+
+    def units(v):  # a log of moderate size (sums of at most V terms) in units of 1 / u
+        return v if u == 1.0 else v / u
+
     # the core's _log_of_mass: log1p of the outside mass when small, else a log-sum-exp over T;
     # -inf when T is empty (the JS gradient off T is proportional to exp of it)
+    if u == 1.0:
+        far_a = torch.where(empty_t, 0.0, (MaT0 - Ma) / T) + log_saT - la
+        far_b = torch.where(empty_t, 0.0, (MbT0 - Mb) / T) + log_sbT - lb
+    else:
+        far_a = torch.where(empty_t, 0.0, (MaT0 - Ma) / T) + units(log_saT - la)
+        far_b = torch.where(empty_t, 0.0, (MbT0 - Mb) / T) + units(log_sbT - lb)
     log_aT = torch.where(empty_t, ninf, torch.where(
-        a_out < 0.5, torch.log1p(-torch.clamp(a_out, max=0.5)),
-        torch.where(empty_t, 0.0, (MaT0 - Ma) / T) + log_saT - la))
+        a_out < 0.5, units(torch.log1p(-torch.clamp(a_out, max=0.5))), far_a))
     log_bT = torch.where(empty_t, ninf, torch.where(
-        b_out < 0.5, torch.log1p(-torch.clamp(b_out, max=0.5)),
-        torch.where(empty_t, 0.0, (MbT0 - Mb) / T) + log_sbT - lb))
+        b_out < 0.5, units(torch.log1p(-torch.clamp(b_out, max=0.5))), far_b))
     # L = log E_{a|T}[exp(d - mu)] is, exactly, log(s_bT / s_aT) - mu. Near 0 that cancels, so
     # L is summed from non-negative phi terms; far from 0 (> 20) the closed form has no
     # cancellation to fear and the phi sum could overflow: it is taken instead.
     # (exp(delta_i) is (s_bT-terms / s_aT-terms) times exp((MbT - bR) / T): 1 unless twosum)
-    L_closed = log_sbT - log_saT - mu
+    L_closed = units(log_sbT - log_saT) - mu
     if twosum:
         L_closed = L_closed + (MbT0 - bR0) / T
-    big = (L_closed > 20.0) & ~empty_t
+    big = (L_closed > 20.0 / u) & ~empty_t
     phi = torch.cat([_phase_phi(a[i:j], b[i:j], MaT0[i:j], bR0[i:j], log_saT[i:j], mu[i:j],
-                                big[i:j], T, dense, twosum) for i, j in parts])
+                                big[i:j], T, dense, twosum, u) for i, j in parts])
     phi = _all_reduce(phi[:, None], "sum", group)[:, 0]
-    L = torch.where(big, L_closed, torch.log1p(phi))
+    L = torch.where(big, L_closed, units(torch.log1p(phi)))
     L = torch.where(empty_t, 0.0, L)
     a_esc = mx[:, 4] > 0
     b_esc = mx[:, 5] > 0
-    kl = torch.where(a_esc, math.inf, L - torch.where(a_esc, 0.0, log_bT))
+    kl_u = torch.where(a_esc, math.inf, L - torch.where(a_esc, 0.0, log_bT))
+    kl = kl_u if u == 1.0 else kl_u * u  # (+inf beyond the float range)
     mean_d = torch.where(empty_t, 0.0, log_bT - log_aT - L)
+    overflow = False
+    if not quarter:
+        # everything of the log-ratio's scale within an eighth of the float range (so that no
+        # difference or sum of a few of them formed later overflows), on rows without a nan
+        lim = _fmax(mu) / 8
+        bad = (~torch.isfinite(S_rest) | (mu.abs() > lim) | ~torch.isfinite(L)
+               | (~empty_t & ((log_aT.abs() > lim) | (log_bT.abs() > lim))))
+        bad = bad & ~(torch.isnan(Ma) | torch.isnan(Mb))
+        overflow = bool(bad.any())
     return dict(Ma=Ma, Mb=Mb, MaT0=MaT0, MbT0=MbT0, bR0=bR0, aS0=aS0, la=la, lb=lb, mu=mu,
                 a_out=a_out,
                 n_top=n_top, D_top=D_top, S_rest=S_rest, s_rest=s_rest, s_aT=s_aT1,
-                b_out=b_out, a_esc=a_esc, b_esc=b_esc, L=L, kl=kl, mean_d=mean_d,
-                log_aT=log_aT, log_bT=log_bT, T=T, dense=dense, up=up, twosum=twosum,
-                quarter=quarter)
+                b_out=b_out, a_esc=a_esc, b_esc=b_esc, L=L, kl=kl, kl_u=kl_u, mean_d=mean_d,
+                log_aT=log_aT, log_bT=log_bT, T=T, u=u, dense=dense, twosum=twosum,
+                overflow=overflow)
 
 
 def _slice(st, i, j):
@@ -404,23 +504,28 @@ def _outside_sum(t, e):
 def _dc_grad(a, b, st, t):
     """The centred log-ratio ``delta - mu`` for the gradients, exact in spirit at a's maximum:
     there it is ``((n delta - D_top) + delta s_rest - S_rest) / s_aT``, small sums only, where
-    ``delta - mu`` would cancel for a saturated a (one-hot to within eps)."""
+    ``delta - mu`` would cancel for a saturated a (one-hot to within eps); formed as
+    ``(delta - D_top / n) (n / s_aT) + delta (s_rest / s_aT) - S_rest / s_aT`` (row constants
+    of at most 1 times log-ratios: no product overflows where n or s_rest is large). In units of
+    ``1 / st["u"]``."""
     import torch
 
-    delta = _delta(a, b, st["MaT0"], st["bR0"], t, st["T"], st["twosum"])
+    delta = _delta(a, b, st["MaT0"], st["bR0"], t, st["T"], st["twosum"], st["u"])
     dc = delta - st["mu"][:, None]
     top = _top(a, st["MaT0"], t)
-    n, s_rest = st["n_top"][:, None], st["s_rest"][:, None]
-    dtop = ((n * delta - st["D_top"][:, None]) + delta * s_rest - st["S_rest"][:, None]) \
-        / st["s_aT"][:, None]
+    n, s_aT = st["n_top"], st["s_aT"]
+    n1 = torch.where(n > 0, n, 1.0)
+    c_d, c_n = (st["D_top"] / n1)[:, None], (n / s_aT)[:, None]
+    c_r, c_s = (st["s_rest"] / s_aT)[:, None], (st["S_rest"] / s_aT)[:, None]
+    dtop = (delta - c_d) * c_n + delta * c_r - c_s
     return _sel(t, torch.where(top, dtop, dc), 0.0)
 
 
-def _probs(x, sel, m, lse, temperature):
+def _probs(x, sel, m, lse, temperature, u=1.0):
     """exp((x - m) / T - lse) on ``sel``, 0 elsewhere: normalised probabilities."""
     import torch
 
-    return torch.exp(_centred(x, sel, m, temperature) - lse[:, None])
+    return torch.exp(_centred(x, sel, m, temperature, u) - lse[:, None])
 
 
 def _log_ratio(a, b, st, t):
@@ -430,22 +535,25 @@ def _log_ratio(a, b, st, t):
     difference plus its mean, with rounding errors of the size of |delta| + |mu| + |mean_d|, or
     the difference of the two normalised log-probabilities, of the size of their magnitudes
     plus the rounding of the normalisers (a row where b is astronomically small somewhere a
-    is not drags mu far from 0).
+    is not drags mu far from 0). In units of ``1 / st["u"]`` (quarters on calls in quarters).
     """
     import torch
 
-    T = st["T"]
-    delta = _delta(a, b, st["MaT0"], st["bR0"], t, T, st["twosum"])
+    T, u = st["T"], st["u"]
+    delta = _delta(a, b, st["MaT0"], st["bR0"], t, T, st["twosum"], u)
     mu = st["mu"][:, None]
     mean_d = st["mean_d"][:, None]
     dc = _sel(t, delta - mu, 0.0)
     if not st.get("direct", True):  # no row is centred far from 0: the centred route is good
         return _sel(t, dc + mean_d, 0.0), dc
-    ca = _centred(a, t, st["Ma"], T) - st["la"][:, None]
-    cb = _centred(b, t, st["Mb"], T) - st["lb"][:, None]
+    la, lb = st["la"][:, None], st["lb"][:, None]
+    if u != 1.0:
+        la, lb = la / u, lb / u
+    ca = _centred(a, t, st["Ma"], T) - la
+    cb = _centred(b, t, st["Mb"], T) - lb
     # (errors in units of eps; the direct route also carries the rounding of the two
     # normalisers' sums, about 1 each even where their logarithms are tiny)
-    err_direct = torch.abs(ca) + torch.abs(cb) + 2.0
+    err_direct = torch.abs(ca) + torch.abs(cb) + 2.0 / u
     direct = err_direct < (torch.abs(delta) + torch.abs(mu) + torch.abs(mean_d))
     if t is not None:
         direct = direct & t
@@ -454,35 +562,44 @@ def _log_ratio(a, b, st, t):
 
 
 def _js_local(x, y, st, beta):
-    """Elementwise JS pieces on T: log(q/p), log(m/p), log(m/q) and the probabilities of both."""
+    """Elementwise JS pieces on T: log(q/p) (itself, clamped to the float range, and in units
+    of ``1 / st["u"]``), log(m/p), log(m/q) and the probabilities of both."""
     import torch
 
     xp = _xp()
     sa, sb, t = _supports(x, y, st["dense"])
-    d, dc = _log_ratio(x, y, st, t)
-    pw = _probs(x, sa, st["Ma"], st["la"], st["T"])
-    qw = _probs(y, sb, st["Mb"], st["lb"], st["T"])
+    u = st["u"]
+    d_u, _ = _log_ratio(x, y, st, t)
+    d = _full(d_u, u)
+    pw = _probs(x, sa, st["Ma"], st["la"], st["T"], u)
+    qw = _probs(y, sb, st["Mb"], st["lb"], st["T"], u)
     # log(m / p) and log(m / q) on T; where a side underflows to 0 (its log-ratio may overflow)
     # the value 1 is a safe stand-in: every use multiplies it by that side's 0
     lm_p = torch.where(pw > 0, _log_mix(xp, 1.0 - beta, d), 1.0)
     lm_q = torch.where(qw > 0, _log_mix(xp, beta, -d), 1.0)
-    return t, d, dc, lm_p, lm_q, pw, qw
+    return t, d, d_u, lm_p, lm_q, pw, qw
 
 
 def _phase_family(kind, x, y, st, beta):
     """Local sums of the JS (n, 4) or Jeffreys (n, 2) terms, once the pair's stats are known."""
     import torch
 
-    t, d, dc, lm_p, lm_q, pw, qw = _js_local(x, y, st, beta)
+    t, d, d_u, lm_p, lm_q, pw, qw = _js_local(x, y, st, beta)
     if kind == "jeffreys":
+        u = st["u"]
         small = d.abs() < 0.5
         ds = torch.where(small, d, 0.0)
-        dl = torch.where(small, 0.0, d)
-        # p e^d = q on T (d = log q/p): no exponential of log p + d
-        term = torch.where(small, pw * ds * torch.expm1(ds), dl * (qw - pw))
+        # p e^d = q on T (d = log q/p): no exponential of log p + d. (In units of 1 / u: the
+        # large terms from the quarter d_u, which may be beyond the float range as a whole)
+        if u == 1.0:
+            dl = torch.where(small, 0.0, d)
+            term = torch.where(small, pw * ds * torch.expm1(ds), dl * (qw - pw))
+        else:
+            dl = torch.where(small, 0.0, d_u)
+            term = torch.where(small, pw * ds * torch.expm1(ds) / u, dl * (qw - pw))
         # E_q of the log-ratio (centred on the maxima, not on E_p: a -1e30 logit of q drags
         # E_p far from the values q weighs)
-        delta = _delta(x, y, st["aS0"], st["MbT0"], t, st["T"], st["twosum"])
+        delta = _delta(x, y, st["aS0"], st["MbT0"], t, st["T"], st["twosum"], u)
         # ... with the entries at q's maximum apart (a saturated q, as for p in _phase_sums)
         top = _top(y, st["MbT0"], t)
         rest = _sel(t, torch.where(top, 0.0, qw), 0.0)
@@ -537,23 +654,24 @@ def _rows_and_stats(kind, x, y, beta, temperature, group, check, names=("p_shard
     dt = x.dtype
     if kind == "reverse":
         st = _pair_stats(y, x, temperature, group, check, names[::-1])
-        return _finish(st["kl"], st, dt)
+        return _finish(st["kl"], st, dt, torch.isfinite(st["kl_u"]))
     st = _pair_stats(x, y, temperature, group, check, names)
     if kind == "forward":
-        return _finish(st["kl"], st, dt)
+        return _finish(st["kl"], st, dt, torch.isfinite(st["kl_u"]))
     if st["up"]:
         x, y = x.double(), y.double()
     if st["quarter"]:
-        x, y = x * 0.25, y * 0.25
+        x, y = x * (1.0 / st["u"]), y * (1.0 / st["u"])
     # the direct route of _log_ratio is needed only on rows centred far from 0 (one host check)
-    st["direct"] = bool(((st["mu"].abs() + st["mean_d"].abs()) >= 64.0).any())
+    st["direct"] = bool(((st["mu"].abs() + st["mean_d"].abs()) * st["u"] >= 64.0).any())
     sums = torch.cat([_phase_family(kind, x[i:j], y[i:j], _slice(st, i, j), beta)
                       for i, j in _chunks(*x.shape)])
     sums = _all_reduce(sums, "sum", group)
     if kind == "jeffreys":
         st["q_Stop"], st["q_Srest"], st["q_rest"], st["q_top"] = sums[:, 1:5].unbind(dim=1)
-        rows = torch.where(st["a_esc"] | st["b_esc"], math.inf, sums[:, 0])
-        return _finish(rows, st, dt)
+        rows_u = torch.where(st["a_esc"] | st["b_esc"], math.inf, sums[:, 0])
+        rows = rows_u if st["u"] == 1.0 else rows_u * st["u"]  # (+inf beyond the float range)
+        return _finish(rows, st, dt, torch.isfinite(rows_u))
     st["S_plm"] = sums[:, 2]  # sum_T p log(m/p)
     st["S_qlm"] = sums[:, 3]  # sum_T q log(m/q)
     st["S_pw"] = sums[:, 4]  # sum_T p log(m / (beta p))
@@ -563,14 +681,15 @@ def _rows_and_stats(kind, x, y, beta, temperature, group, check, names=("p_shard
     return _finish(rows, st, dt)
 
 
-def _finish(rows, st, dt):
-    """The rows in ``dt`` and ``st["fin"]``: where the row is finite before that rounding (a
-    float32 row computed in float64 whose value exceeds the float32 range is +inf, with the
-    finite gradient of the exact value, as in the core)."""
+def _finish(rows, st, dt, fin=None):
+    """The rows in ``dt`` and ``st["fin"]``: where the row is finite before that rounding, or
+    ``fin`` (finite in quarters). A row whose true value exceeds the float range (float32 rows
+    computed in float64, float64 rows computed in quarters) is +inf, with the finite gradient
+    of the exact value; rows of infinite true value (a side escapes) get 0."""
     import torch
 
     rows = _nan_rows(rows, st)
-    st["fin"] = torch.isfinite(rows)
+    st["fin"] = torch.isfinite(rows) if fin is None else fin & ~torch.isnan(rows)
     return rows.to(dt), st
 
 
@@ -619,23 +738,27 @@ def _local_grads_chunk(kind, x, y, rows, st, beta, scale, need):
     dt = x.dtype
     if st["up"]:
         x, y = x.double(), y.double()
-    if st["quarter"]:  # (T is T / 4: the gradient w.r.t. x / 4 is 4 times that w.r.t. x)
-        x, y = x * 0.25, y * 0.25
-    T = st["T"]
+    if st["quarter"]:  # (the log-ratios in quarters, u = 4 or more: see _pair_stats_at)
+        x, y = x * (1.0 / st["u"]), y * (1.0 / st["u"])
+    T, u = st["T"], st["u"]
+
+    def w4(w):  # a weight times u, to multiply a log-ratio kept in units of 1 / u
+        return w if u == 1.0 else w * u
+
     if kind in ("forward", "reverse"):
         a, b = (x, y) if kind == "forward" else (y, x)
         need_a = need[0] if kind == "forward" else need[1]
         sa, sb, t = _supports(a, b, st["dense"])
-        pa = _probs(a, sa, st["Ma"], st["la"], T)
-        pb = _probs(b, sb, st["Mb"], st["lb"], T)
+        pa = _probs(a, sa, st["Ma"], st["la"], T, u)
+        pb = _probs(b, sb, st["Mb"], st["lb"], T, u)
         dc = _dc_grad(a, b, st, t)
         # log(pb / pa) = dc + mean_d, good to eps (|dc| + |mu| + |mean_d|): used for pb - pa
         # where |log(pb / pa)| < 1 on rows whose centring is moderate (else pb - pa directly)
-        ok = (st["mu"].abs() + st["mean_d"].abs() < 64.0)[:, None]
-        d = torch.where(ok, dc + st["mean_d"][:, None], math.inf)
+        ok = ((st["mu"].abs() + st["mean_d"].abs()) * u < 64.0)[:, None]
+        d = torch.where(ok, _full(dc + st["mean_d"][:, None], u), math.inf)
         gb = _diff(pa, pb, d, t)
         if need_a:  # (the teacher's side, often detached)
-            ga = _sel(t, -pa * torch.where(pa > 0, dc, 0.0), 0.0)
+            ga = _sel(t, -w4(pa) * torch.where(pa > 0, dc, 0.0), 0.0)
         else:
             ga = torch.zeros_like(gb)
         gx, gy = (ga, gb) if kind == "forward" else (gb, ga)
@@ -643,7 +766,7 @@ def _local_grads_chunk(kind, x, y, rows, st, beta, scale, need):
         t, d, _, _, _, pw, qw = _js_local(x, y, st, beta)
         dc = _dc_grad(x, y, st, t)
         qmp = _diff(pw, qw, d, t)
-        delta = _delta(x, y, st["aS0"], st["MbT0"], t, T, st["twosum"])
+        delta = _delta(x, y, st["aS0"], st["MbT0"], t, T, st["twosum"], u)
         # delta - E_q[delta]; at q's maximum from the small sums over the other entries:
         # (q_top delta - S_top) + delta q_rest - S_rest (q_top, S_top: q's mass at its maximum
         # and its delta-weighted sum; q_top delta - S_top is exactly 0 for a single maximum)
@@ -652,8 +775,8 @@ def _local_grads_chunk(kind, x, y, rows, st, beta, scale, need):
         centred = delta - (S_top + S_rest)
         at_top = (q_top * delta - S_top) + delta * q_rest - S_rest
         centred = torch.where(_top(y, st["MbT0"], t), at_top, centred)
-        gx = _sel(t, -pw * torch.where(pw > 0, dc, 0.0), 0.0) - qmp
-        gy = qmp + _sel(t, qw * torch.where(qw > 0, centred, 0.0), 0.0)
+        gx = _sel(t, -w4(pw) * torch.where(pw > 0, dc, 0.0), 0.0) - qmp
+        gy = qmp + _sel(t, w4(qw) * torch.where(qw > 0, centred, 0.0), 0.0)
     else:
         t, d, _, lm_p, lm_q, pw, qw = _js_local(x, y, st, beta)
         # log(p/m) - KL(p||m) with KL(p||m) = c_p p_out - S_plm, c_p = -log(beta) = log(p/m)
@@ -664,8 +787,8 @@ def _local_grads_chunk(kind, x, y, rows, st, beta, scale, need):
         E_lm_q = (st["S_qlm"] - cq * st["b_out"])[:, None]
         on_p = -lm_p + E_lm_p
         on_q = -lm_q + E_lm_q
-        off_p = (cp * torch.exp(st["log_aT"]) + st["S_plm"])[:, None]
-        off_q = (cq * torch.exp(st["log_bT"]) + st["S_qlm"])[:, None]
+        off_p = (cp * torch.exp(st["log_aT"] * u) + st["S_plm"])[:, None]
+        off_q = (cq * torch.exp(st["log_bT"] * u) + st["S_qlm"])[:, None]
         # the same differences from w = log(m / (beta p)) (w = 0 off T): S_w - w on T and S_w
         # off T; per row, the form whose mean is the smaller (no cancellation near JS's bound)
         wp, wq = _js_w(d, pw, qw, beta)
@@ -680,8 +803,6 @@ def _local_grads_chunk(kind, x, y, rows, st, beta, scale, need):
         gy = (1 - beta) * qw * _sel(t, on_q, off_q)
     fin = st["fin"] if "fin" in st else torch.isfinite(rows)
     s = torch.full_like(st["L"], 1.0 / T) if scale is None else scale.to(gx.dtype) / T
-    if st["quarter"]:
-        s = s * 0.25
     fin = fin[:, None]  # (where, not a product: an infinite row's entries may be inf)
     return (torch.where(fin, gx * s[:, None], 0.0).to(dt),
             torch.where(fin, gy * s[:, None], 0.0).to(dt))
