@@ -45,9 +45,6 @@ right rows too). Jeffreys' second direction accumulates into the first's gradien
 passes. Rows that stay nan have no distribution (a nan or +inf entry, no support): the hook
 hands them to the core when value checks are on (one host synchronisation, the core raises its
 error); under ``torch.compile`` or ``validate=False`` they are nan, never a made-up number.
-Known gap (not a nan): JS's gradient with respect to a side masked at ``finfo.min`` (mass 0 at
-a finite logit), whose truth is 0, is the float32 rounding of log m/q - E_q[log m/q] (1e-9
-against a row gradient of 0.05; the C kernel gives 0).
 p_i > 0 = q_i somewhere gives +inf with zero gradients (the core's convention). Rows whose scale
 is 0 (masked) give 0 and zero gradients whatever they hold. Probabilities (``p_space`` or
 ``q_space`` "probs") are read as their logarithm, taken in float64 and split into a float32 value
@@ -71,7 +68,10 @@ same for q) with y - E_p[y] taken relative to log beta where q << p, as
 log1p(((1 - beta) / beta) q/p) - E_p[that] (full relative accuracy near JS's bound), and at p's
 maximum (a single one) as y (1 - p_top) - sum_rest p y with 1 - p_top summed from the other
 entries (where p_top is near 1 the plain difference cancels: 1e-2..6e-2 of the gradient
-on saturated rows, 1e-3 at logits of std 8): three passes per row (statistics and series; the
+on saturated rows, 1e-3 at logits of std 8), and at the other entries as (y - y_top) + that
+where this bounds the rounding better than y - E_p[y] (y constant on p's mass, the other side
+masked at a finite logit such as finfo.min: exactly 0, where E_p[y]'s float32 rounding left
+1e-9 against a row gradient of 0.05): three passes per row (statistics and series; the
 value and the means for the gradients, the sums below p's and q's maxima included; the
 gradients).
 Jeffreys runs the KL kernel in both directions, the second accumulating into the gradients.
@@ -831,6 +831,11 @@ if True:
         rqz_s = tl.zeros([1], tl.float64)
         rph_s = tl.zeros([1], tl.float64)
         rqh_s = tl.zeros([1], tl.float64)
+        # y and y - log beta at p's maximum (z, z - log(1 - beta) at q's), for the gradients
+        ytv = tl.full([1], float("-inf"), tl.float64)
+        yth = tl.full([1], float("-inf"), tl.float64)
+        ztv = tl.full([1], float("-inf"), tl.float64)
+        zth = tl.full([1], float("-inf"), tl.float64)
         for b0 in range(0, V, BLOCK):
             offs = b0 + base
             x, y, xl, yl = _ld(X, Y, offs, V, x0, y0, xl0, yl0, SINGLE, XP, YP, FT)
@@ -862,6 +867,10 @@ if True:
                 rp_s += tl.sum(tl.where(xr, p, 0.0), 0).to(tl.float64)
                 rpy_s += tl.sum(tl.where(xr, p * tl.where(both, yv, lbq), 0.0), 0).to(tl.float64)
                 rph_s += tl.sum(tl.where(xr & both, p * yh, 0.0), 0).to(tl.float64)
+                ytv = tl.maximum(ytv, tl.max(tl.where(xt, tl.where(both, yv, lbq), float("-inf")),
+                                             0).to(tl.float64))
+                yth = tl.maximum(yth, tl.max(tl.where(xt, tl.where(both, yh, 0.0), float("-inf")),
+                                             0).to(tl.float64))
             if WANT_Y:
                 yt = py & (y == my)
                 yr_ = py & (yt == 0)
@@ -869,6 +878,10 @@ if True:
                 rq_s += tl.sum(tl.where(yr_, q, 0.0), 0).to(tl.float64)
                 rqz_s += tl.sum(tl.where(yr_, q * tl.where(both, zv, l1bq), 0.0), 0).to(tl.float64)
                 rqh_s += tl.sum(tl.where(yr_ & both, q * zh, 0.0), 0).to(tl.float64)
+                ztv = tl.maximum(ztv, tl.max(tl.where(yt, tl.where(both, zv, l1bq), float("-inf")),
+                                             0).to(tl.float64))
+                zth = tl.maximum(zth, tl.max(tl.where(yt, tl.where(both, zh, 0.0), float("-inf")),
+                                             0).to(tl.float64))
         lb = tl.log(b64)
         l1b = tl.log(1.0 - b64)
         js = b64 * tp_s + (1.0 - b64) * tq_s - b64 * lb * pout - (1.0 - b64) * l1b * qout
@@ -894,6 +907,10 @@ if True:
                 RQz = rqz_s
                 RPh = rph_s
                 RQh = rqh_s
+                Yt = ytv
+                Yth = yth
+                Zt = ztv
+                Zth = zth
             else:
                 Ey = (ey_s + pout * lb).to(FT)
                 Ez = (ez_s + qout * l1b).to(FT)
@@ -905,6 +922,18 @@ if True:
                 RQz = rqz_s.to(FT)
                 RPh = rph_s.to(FT)
                 RQh = rqh_s.to(FT)
+                Yt = ytv.to(FT)
+                Yth = yth.to(FT)
+                Zt = ztv.to(FT)
+                Zth = zth.to(FT)
+            # at a single maximum, y - E_p[y] also as (y - y_top) + (y_top - E_p[y]), the
+            # latter y_top (1 - p_top) - sum_rest p y: taken per entry where it bounds the
+            # rounding better (y constant on p's mass, as where q is masked at a finite logit:
+            # exactly 0, not the rounding of E_p[y])
+            Cy = Yt * Rp - RPy
+            Cyh = Yth * Rp - RPh
+            Cz = Zt * Rq - RQz
+            Czh = Zth * Rq - RQh
             gpx64 = s * b64 * it.to(tl.float64)
             gpy64 = s * (1.0 - b64) * it.to(tl.float64)
             gpx = gpx64.to(FT)
@@ -929,6 +958,10 @@ if True:
                     yh = _y_hat(yv, lr, ry, bq)
                     hf = lr <= -1.0
                     yc = tl.where(hf, yh - EyH, yv - Ey)
+                    yn = tl.where(hf, (yh - Yth) + Cyh, (yv - Yt) + Cy)
+                    eo = tl.where(hf, tl.abs(yh) + tl.abs(EyH), tl.abs(yv) + tl.abs(Ey))
+                    en = tl.where(hf, tl.abs(yh - Yth) + tl.abs(Cyh), tl.abs(yv - Yt) + tl.abs(Cy))
+                    yc = tl.where((ntx == 1) & (en < eo), yn, yc)
                     yc = tl.where(both, yc, -EyH)  # p_i > 0 = q_i: y = log beta
                     # at p's maximum (a single one): y (1 - p_top) - sum_rest p y
                     ycm = tl.where(hf, yh * Rp - RPh, yv * Rp - RPy)
@@ -948,6 +981,10 @@ if True:
                     zh = _y_hat(zv, -lr, rz, cb)
                     hf = lr >= 1.0
                     zc = tl.where(hf, zh - EzH, zv - Ez)
+                    zn = tl.where(hf, (zh - Zth) + Czh, (zv - Zt) + Cz)
+                    eo = tl.where(hf, tl.abs(zh) + tl.abs(EzH), tl.abs(zv) + tl.abs(Ez))
+                    en = tl.where(hf, tl.abs(zh - Zth) + tl.abs(Czh), tl.abs(zv - Zt) + tl.abs(Cz))
+                    zc = tl.where((nty == 1) & (en < eo), zn, zc)
                     zc = tl.where(both, zc, -EzH)
                     zcm = tl.where(hf, zh * Rq - RQh, zv * Rq - RQz)
                     zcm = tl.where(both, zcm, -RQh)
