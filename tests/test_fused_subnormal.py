@@ -219,9 +219,10 @@ def test_tiny_probabilities_at_a_temperature(kind):
 
 
 def test_tiny_probabilities_many_rows_threads():
-    """A batch large enough for the kernel's threads, tiny entries scattered over it."""
+    """A batch large enough for the kernel's threads (n V >= 2^15), tiny entries in some rows
+    (four of them checked)."""
     g = torch.Generator().manual_seed(7)
-    n, V = 64, 600
+    n, V = 128, 260
     P, Q = torch.randn(2, n, V, dtype=torch.float64, generator=g).mul(2.0).softmax(-1)
     for r in range(0, n, 5):
         j = (r * 37) % V
@@ -233,7 +234,7 @@ def test_tiny_probabilities_many_rows_threads():
     v = kldiv.jeffreys_div(x, y, p_space="probs", q_space="probs", reduction="sum")
     assert took_fast(v)
     v.backward()
-    for r in range(0, n, 5):
+    for r in (0, 45, 80, 125):
         _, gx, gy = mp_row("jeffreys", a[r].tolist(), b[r].tolist(), "probs", "probs")
         assert _row_err(x.grad[r], gx) <= 1e-5 and _row_err(y.grad[r], gy) <= 1e-5, r
 
@@ -268,7 +269,7 @@ def test_peaked_rows_jeffreys_spaces(ps, qs):
     probabilities more than a factor 2 apart comes from float32 logarithms, an ulp of |log p|,
     which a gradient -p_i / q_i of 4e27 carries in full)."""
     g = torch.Generator().manual_seed(3)
-    a, b = (torch.randn(2, 24, 40, dtype=torch.float64, generator=g) * 20).clamp(-38, 38)
+    a, b = (torch.randn(2, 12, 40, dtype=torch.float64, generator=g) * 20).clamp(-38, 38)
 
     def side(z, sp):
         return (z.softmax(-1) if sp == "probs" else z.log_softmax(-1) if sp == "log_probs"
