@@ -45,9 +45,20 @@ def _results(d, world, logs=None):
     return out
 
 
+def _preload():
+    """Modules torch imports lazily on a worker's first backward (autograd's ``_make_grads``
+    loads torch.fx's symbolic shapes, and sympy with it: seconds per process on a busy 2-core
+    machine), imported once here so that every forked rank inherits them."""
+    try:
+        import torch.fx.experimental.symbolic_shapes  # noqa: F401
+    except ImportError:  # pragma: no cover
+        pass
+
+
 def _run_forked(worker, world, timeout, init_file, d):
     import multiprocessing as mp
 
+    _preload()
     ctx = mp.get_context("fork")
     procs = [ctx.Process(target=_child, args=(worker, r, world, init_file, d))
              for r in range(world)]
