@@ -215,9 +215,9 @@ def _kl_parts(a, b, temperature, refine):
     ``mu = E_p[d]`` (as computed: sum e^x d / zx) and ``zq``, q's normaliser in the frame of
     ``y - base`` (q_i = e^{y_i - base} / zq). With ``refine`` (the derivative rule's call) also
     ``res = sum e^x (d - mu)``, mu's rounding error times zx, summed in the third pass alongside
-    the value's terms (one reduction over both when small). No logarithm or exponential of a row value
-    before the last pass: on XLA's CPU backend each one would be a kernel launch of its own,
-    the bulk of the time at small sizes."""
+    the value's terms (one reduction over both when small). No logarithm or exponential of a
+    row value before the last pass: on XLA's CPU backend each one would be a kernel launch of
+    its own, the bulk of the time at small sizes."""
     fmax = float(jnp.finfo(a.dtype).max)
     # pass 1: the row maxima (nan propagates)
     ma_raw, mb_raw = _maxima(a, b)
@@ -538,6 +538,16 @@ def _compute(p, q, mask, weight, *, kind, p_space, q_space, reduction, temperatu
     return out * scale if scale != 1.0 else out
 
 
+def _under_jit():
+    """Whether a ``jax.jit`` trace is under way (JAX's own test, a private function: if it is
+    missing, False, and the nested jit is used as before)."""
+    try:
+        from jax._src.core import unsafe_am_i_under_a_jit
+        return bool(unsafe_am_i_under_a_jit())
+    except Exception:  # pragma: no cover - another JAX version
+        return False
+
+
 @functools.lru_cache(maxsize=256)
 def _compiled(kind, p_space, q_space, reduction, temperature, beta, scale, check, messages):
     del messages  # a key only: _MESSAGES changes the traced graph
@@ -573,9 +583,16 @@ def jax_divergence(kind, p, q, *, p_space, q_space, axis, reduction, mask, weigh
         limit = float(jnp.finfo(_compute_dtype(xp, P, Q)).max) / 8
         if any(float(jnp.max(jnp.where(jnp.isfinite(x), jnp.abs(x), 0))) > limit for x in (P, Q)):
             return NotImplemented
-    fn = _compiled(kind, p_space, q_space, reduction, float(temperature), float(beta),
-                   float(scale), bool(enabled and traced), _MESSAGES.get())
-    return fn(P, Q, mask, weight)
+    options = dict(kind=kind, p_space=p_space, q_space=q_space, reduction=reduction,
+                   temperature=float(temperature), beta=float(beta), scale=float(scale),
+                   check=bool(enabled and traced))
+    if traced and _under_jit():
+        # inside the caller's jit: the operations inline into its trace (a nested jit would be
+        # traced and lowered as a function of its own on every compile: half of kldiv's
+        # tracing time); eagerly, and under eager grad / vmap, the nested jit keeps the call
+        # compiled
+        return _compute(P, Q, mask, weight, **options)
+    return _compiled(**options, messages=_MESSAGES.get())(P, Q, mask, weight)
 
 
 dispatch.register("jax", "pre", jax_divergence)
