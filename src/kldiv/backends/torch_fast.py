@@ -116,8 +116,9 @@ _backend_env_is_triton = _make_backend_env_check()
 
 
 def _triton_wanted(p, q):
-    dev = getattr(p, "device", None)
-    if dev is None or (dev.type != "cuda" and not _backend_env_is_triton()):
+    # p.is_cuda, not p.device.type: no device object and no string made on every call
+    cuda = getattr(p, "is_cuda", None)
+    if cuda is None or (not cuda and not _backend_env_is_triton()):
         return False
     from . import triton_kernels
 
@@ -158,8 +159,9 @@ def divergence(kind, p, q, *, p_space, q_space, axis, reduction, mask, weight, t
     if mask is None and weight is None and not _is_compiling():
         # the everyday call (no mask, no weight, a signature seen before): no option parsing
         try:
+            # is_cpu, not the device objects: the lane holds CPU signatures only
             key = (kind, p_space, q_space, reduction, temperature, t2_scale, beta, axis,
-                   type(p), type(q), p.dtype, q.dtype, p.shape, q.shape, p.device, q.device)
+                   type(p), type(q), p.dtype, q.dtype, p.shape, q.shape, p.is_cpu, q.is_cpu)
             spec = _LANE.get(key)
         except (TypeError, AttributeError):
             key = spec = None
@@ -337,8 +339,8 @@ def _lane(spec, p, q, validate):
             bufs = spec.pool.pop()  # atomic: a buffer pair is never shared between threads
         except IndexError:
             bufs = (torch.empty(n, dtype=torch.float64), torch.empty((n, 2), dtype=torch.float64))
-        gp = _gbuf(n, V, p) if need_p else None
-        gq = _gbuf(n, V, q) if need_q else None
+        gp = _lane_gbuf(p) if need_p else None
+        gq = _lane_gbuf(q) if need_q else None
         x, y, gx, gy = (q, p, gq, gp) if swap else (p, q, gp, gq)
         st = check and lims
         total, near = _EXT.rows_ex(
@@ -353,10 +355,6 @@ def _lane(spec, p, q, validate):
         value = _scalar(total * spec.c_const, spec.dtype)
         if not (need_p or need_q):
             return value
-        if gp is not None and p.dim() != 2:
-            gp = gp.view(p.shape)
-        if gq is not None and q.dim() != 2:
-            gq = gq.view(q.shape)
         return _lane_apply(p, q, [value, gp, gq, spec])
     res = _kernel_rows(spec, p.detach(), q.detach(), None, None, need_p, need_q, check,
                        pooled=spec.reduction != "none")
@@ -503,8 +501,18 @@ class _LaneFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         box = ctx.box
-        grads = None if box[1] is None and box[2] is None else (box[1], box[2])
+        gp, gq = box[1], box[2]
         box[1] = box[2] = None
+        if gp is None and gq is None:
+            grads = None
+        elif (box[3].reduction != "none" and g.is_cpu and not torch.is_grad_enabled()
+              and float(g) == 1.0):
+            # the everyday first-order backward: the forward's gradients as they are (each is
+            # there when its input needs one: both come from requires_grad at the forward;
+            # the lane's category axis is last, nothing to move back)
+            return gp, gq, None
+        else:
+            grads = (gp, gq)
         gp, gq = _backward(ctx, g, box[3], grads, True)
         return gp, gq, None
 
@@ -565,7 +573,7 @@ def _backward(ctx, g, spec, grads, kernel):
             gr = g.reshape(spec.n, 1)
             gp = None if gp is None else _times_rows(gp, gr, spec)
             gq = None if gq is None else _times_rows(gq, gr, spec)
-        elif g.device.type != "cpu" or float(g) != 1.0:
+        elif not g.is_cpu or float(g) != 1.0:
             gp = None if gp is None else gp.mul_(g.to(gp.dtype))
             gq = None if gq is None else gq.mul_(g.to(gq.dtype))
         return (_unmove(gp, spec) if need_p else None, _unmove(gq, spec) if need_q else None)
@@ -758,6 +766,15 @@ def _kernel_rows(spec, pm, qm, c, keep, need_p, need_q, check, force64=False, po
     if gq is not None and qm.dim() != 2:
         gq = gq.view(qm.shape[:-1] + (V,))
     return rows, gp, gq, total
+
+
+def _lane_gbuf(t):
+    """_gbuf for the lane's contiguous input ``t``: a buffer of t's shape (no view needed);
+    below the cache's size ``torch.empty_like`` (half the cost of ``torch.empty`` with a shape
+    and a dtype to parse at 64 x 10)."""
+    if t.numel() * t.element_size() < _fused_mod.GRAD_CACHE_MIN_BYTES:
+        return torch.empty_like(t)
+    return _grad_buffer(t.shape, t.dtype)
 
 
 def _gbuf(n, V, t):
