@@ -715,3 +715,55 @@ def test_without_the_kernel_large_calls_take_the_chunked_path():
         gref = torch.stack(grads)
         err = (gs.double() - gref).norm(dim=-1) / gref.norm(dim=-1)
         assert float(err.max()) < 1e-5, err.max()
+
+
+def test_everyday_lane_backward_scales_retains_and_reuses_mid_size_buffers():
+    """The lane's first-order backward (gradients handed over as they are) against the float64
+    textbook formula differentiated by torch.autograd: an upstream factor other than 1, both
+    inputs at once, a 3-d shape, a second backward (retain_graph), create_graph; from 1 MiB up
+    the gradient's memory is reused across steps once dropped, never while held."""
+    import torch.nn.functional as F
+
+    from kldiv.backends import torch_fused
+
+    torch.manual_seed(11)
+    for shape in ((5, 7), (2, 3, 7)):
+        n = math.prod(shape[:-1])
+        t = torch.randn(shape)
+        s = torch.randn(shape)
+        td, sd = t.double().requires_grad_(), s.double().requires_grad_()
+        ref = naive_row("forward", F.softmax(td, -1), sd, "probs", "logits").sum() / n
+        rp, rq = torch.autograd.grad(ref, (td, sd))
+        for _ in range(3):  # first call records the signature, the others take the lane
+            a = t.clone().requires_grad_()
+            b = s.clone().requires_grad_()
+            v = kldiv.kl_div(F.softmax(a, -1), F.log_softmax(b, -1), q_space="log_probs",
+                             reduction="mean")
+            assert took_fast(v)
+            torch.testing.assert_close(v.double(), ref.detach(), rtol=1e-6, atol=1e-9)
+            (3.0 * v).backward(retain_graph=True)
+            torch.testing.assert_close(a.grad.double(), 3 * rp, rtol=1e-5, atol=1e-8)
+            torch.testing.assert_close(b.grad.double(), 3 * rq, rtol=1e-5, atol=1e-8)
+            ga, gb = torch.autograd.grad(v, (a, b))  # the second backward: recomputed
+            torch.testing.assert_close(ga.double(), rp, rtol=1e-5, atol=1e-8)
+            torch.testing.assert_close(gb.double(), rq, rtol=1e-5, atol=1e-8)
+        v = kldiv.kl_div(t, b, p_space="logits", q_space="logits", reduction="sum")
+        (g,) = torch.autograd.grad(v, b, create_graph=True)
+        assert g.requires_grad  # differentiable operations, not the handed-over buffer
+    # from 1 MiB (the cache's range since issue 12's 32 x 32000 swings)
+    t = torch.randn(8, 32768)
+    s = torch.randn(8, 32768, requires_grad=True)
+    assert t.numel() * 4 >= torch_fused.GRAD_CACHE_MIN_BYTES
+    want = (F.softmax(s.detach().double(), -1) - F.softmax(t.double(), -1)) / 8
+    ptrs = []
+    for _ in range(3):
+        s.grad = None
+        kldiv.kl_div(t, s, p_space="logits", q_space="logits", reduction="mean").backward()
+        ptrs.append(s.grad.data_ptr())
+        torch.testing.assert_close(s.grad.double(), want, rtol=1e-5, atol=1e-10)
+    assert len(set(ptrs)) == 1
+    held = s.grad
+    s.grad = None
+    kldiv.kl_div(t, s, p_space="logits", q_space="logits", reduction="mean").backward()
+    assert s.grad.data_ptr() != held.data_ptr()
+    torch.testing.assert_close(held.double(), want, rtol=1e-5, atol=1e-10)

@@ -41,7 +41,7 @@ vector products on such inputs are rare), and never while ``torch.compile`` trac
 with ``set_fused(False)`` (or ``with fused(False):``) to get the core's fully differentiable path.
 A fused loss can be backpropagated once: its gradient buffer is handed to autograd without a copy.
 
-Gradient memory: on the CPU a large gradient (16 MiB and up) reuses the memory of an earlier
+Gradient memory: on the CPU a gradient of 1 MiB and up reuses the memory of an earlier
 one once nothing references it any more (``grad_buffer``): a fresh 500 MB tensor per step costs
 as much as the kernel, in page faults and in the zeroing the operating system does on first
 touch. ``release_grad_buffers()`` frees what is kept (at most two buffers per dtype).
@@ -148,8 +148,12 @@ _EXT = _load_extension()
 # ----------------------------------------------------------------------------------------------
 # gradient buffers reused across steps
 
-#: on the CPU, gradients of at least this many bytes come from ``grad_buffer``'s cache
-GRAD_CACHE_MIN_BYTES = 1 << 24
+#: on the CPU, gradients of at least this many bytes come from ``grad_buffer``'s cache: from
+#: 1 MiB up a fresh buffer is glibc's to place, and where it lands on memory just returned to
+#: the system (the heap trimmed, or a chunk above the mmap threshold) every one of its pages
+#: faults again on the kernel's first write; 32 x 32000 float32 (4 MB) swung between runs
+#: by that (issue 12)
+GRAD_CACHE_MIN_BYTES = 1 << 20
 _GRAD_CACHE: dict = {}  # (dtype, device) -> [flat tensors], at most _GRAD_CACHE_SLOTS each
 _GRAD_CACHE_SLOTS = 2
 _GRAD_LOCK = threading.Lock()
@@ -174,10 +178,13 @@ def _unshared(buf):
     return c <= _TENSOR_ONLY[0] and r <= _TENSOR_ONLY[1]
 
 
+_ITEMSIZE: dict = {}  # dtype -> bytes per element
+
+
 def grad_buffer(shape, dtype, device="cpu"):
     """An uninitialised tensor of ``shape`` to receive a gradient that is written in full.
 
-    On the CPU, from ``GRAD_CACHE_MIN_BYTES`` (16 MiB) up, the memory of a gradient handed out
+    On the CPU, from ``GRAD_CACHE_MIN_BYTES`` (1 MiB) up, the memory of a gradient handed out
     by an earlier call is reused once nothing references it any more (the training loop has
     dropped it: ``optimizer.zero_grad()`` sets ``.grad`` to None, or the layer below consumed
     it): a fresh 500 MB tensor costs as much as the kernel itself, in page faults and in the
@@ -199,7 +206,9 @@ def grad_buffer(shape, dtype, device="cpu"):
     n = 1
     for s in shape:
         n *= int(s)
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = _ITEMSIZE.get(dtype)
+    if itemsize is None:
+        itemsize = _ITEMSIZE[dtype] = torch.empty((), dtype=dtype).element_size()
     if device.type != "cpu" or n * itemsize < GRAD_CACHE_MIN_BYTES:
         return torch.empty(shape, dtype=dtype, device=device)
     key = (dtype, device)
