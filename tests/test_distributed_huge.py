@@ -386,3 +386,23 @@ def test_two_gloo_ranks():
             g = np.r_[gx[r].double().numpy(), gy[r].double().numpy()]
             gref = np.r_[ga, gb]
             assert grad_ok(g, gref, 1e-5, 1e-36), (kind, r, g, gref)
+
+
+# ----------------------------------------------------------------------------------------------
+# close rows offset by a constant (teacher log-probs against student logits): the log-ratio
+# must keep the accuracy of the raw difference whatever the offset (audit: 2e-3 off at 8)
+
+
+@pytest.mark.parametrize("offset", [0.5, 2.0, 8.0, 15.9, 16.1, 1e4])
+@pytest.mark.parametrize("kind", KINDS)
+def test_close_rows_with_an_offset(kind, offset, monkeypatch):
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(4, 8, generator=g, dtype=torch.float64)
+    x = (z + offset).float()
+    y = (z + 1e-4 * torch.randn(4, 8, generator=g, dtype=torch.float64)).float()
+    v, gx, gy = sharded(kind, x, y, [0, 3, 8], monkeypatch)[:3]
+    for r in range(4):  # per row, against 50-digit mpmath on the float32 inputs
+        vr, ga, gb = mp_ref(kind, x[r].double().numpy(), y[r].double().numpy())
+        assert abs(float(v[r]) - vr) <= 1e-6 * vr, (r, float(v[r]), vr)
+        assert grad_ok(np.r_[gx[r].double().numpy(), gy[r].double().numpy()], np.r_[ga, gb],
+                       1e-5, 1e-36)
