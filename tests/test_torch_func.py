@@ -31,3 +31,14 @@ def test_func_grad_through_the_everyday_call(spaces):
     ref = sum(naive_row("forward", a[i].double(), y64[i], *spaces) for i in range(5)) / 5
     ref.backward()
     torch.testing.assert_close(got.double(), y64.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("fn", [kldiv.kl_div, kldiv.reverse_kl, kldiv.js_div, kldiv.jeffreys_div])
+def test_vmap_refused_with_a_clear_error(fn):
+    """vmap (alone or around grad) names the function and the way out, not an internal error."""
+    X, Y = torch.randn(3, 5), torch.randn(3, 5)
+    f = lambda a, b: fn(a, b, p_space="logits", q_space="logits")  # noqa: E731
+    with pytest.raises(NotImplementedError, match=rf"^kldiv.{fn.__name__}: torch.func.vmap"):
+        torch.func.vmap(f)(X, Y)
+    with pytest.raises(NotImplementedError, match=r"torch.func.vmap is not supported"):
+        torch.func.vmap(torch.func.grad(f, argnums=1))(X, Y)

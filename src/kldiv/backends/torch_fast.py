@@ -88,6 +88,19 @@ except AttributeError:  # pragma: no cover - other torch versions
     def _functorch_active():
         return False
 
+def _vmap_active():
+    """Whether a torch.func.vmap is among the active functorch transforms."""
+    try:
+        from torch._C._functorch import TransformType
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+    except ImportError:  # pragma: no cover - other torch versions
+        return False
+    return any(i.key() == TransformType.Vmap for i in retrieve_all_functorch_interpreters())
+
+
+_PUBLIC = {"forward": "kl_div", "reverse": "reverse_kl", "js": "js_div",
+           "jeffreys": "jeffreys_div"}
+
 try:
     _is_compiling = torch.compiler.is_compiling
 except AttributeError:  # pragma: no cover - old torch
@@ -146,8 +159,15 @@ def divergence(kind, p, q, *, p_space, q_space, axis, reduction, mask, weight, t
     if options and any(v is not None for v in options.values()):
         return NotImplemented
     if _functorch_active():
-        # torch.func transforms (grad, vmap, ...): their wrapped tensors have no storage for
-        # the kernel; the core's torch operations go through the transforms
+        # torch.func transforms (grad, jacrev, hessian, ...): their wrapped tensors have no
+        # storage for the kernel; the core's torch operations go through the transforms
+        if _vmap_active():
+            raise NotImplementedError(
+                f"kldiv.{_PUBLIC[kind]}: torch.func.vmap is not supported (the divergences "
+                "branch on the data: value checks, far and masked rows). Rows are already "
+                "independent: call it once on the stacked batch (reduction='none' gives one "
+                "value per row; torch.func.grad / jacrev / hessian of that call work)"
+            )
         return NotImplemented
     if _triton_wanted(p, q):  # Triton kernels (backends/triton_kernels.py, issue 16)
         out = _triton_divergence(kind, p, q, p_space=p_space, q_space=q_space, axis=axis,
