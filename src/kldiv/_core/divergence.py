@@ -38,7 +38,11 @@ gradient needs (``tests/test_core_leftovers2.py``). The log-ratio is
 carried in quarters, so rows wider than the float range (float32 rows holding both +-3e38, or
 x / T beyond it) are exact too; a value beyond finfo.max is +inf. Only entries more than
 finfo.max below their own row maximum are clamped there within a side (their probability is 0
-either way).
+either way). A row whose true value exceeds the float range (float32 logits [3e38, -3e38]
+against their flip: KL = 6e38) is +inf with the exact derivatives of the true value, which are
+finite there ([-1, 1] with respect to q's logits), +-inf only where a derivative itself
+exceeds finfo.max; a row that is +inf because p_i > 0 = q_i keeps a zero gradient
+(``tests/test_core_overflow_rows.py``, against mpmath on the exact inputs).
 Derivatives. They are those of the accurate value, formed so that autodiff meets no
 cancellation the value avoided: float32 gradients are within 1e-5 per row (normwise; 1e-6
 or better measured) of the exact ones on every row the tests draw. Three arrangements.
@@ -57,6 +61,11 @@ autodiff subtracts nothing large (1e-6 per row at logits of std 5..40, or T = 0.
 rows (log-ratios up to 1e38 in float32) included. Jeffreys rows with log-ratios beyond 20:
 the derivatives of the plain formula, assembled from the exact log-ratios centred by p and by
 q (``_jeffreys_far``), so that a row constant of 3e38 never rounds an O(1) gradient.
+Rows where a centred log-ratio c_i itself lies beyond finfo.max (inputs within a few times the
+float limit, or |x / T| beyond it: 6e38 at p_i = 1e-35, whose derivative p_i c_i is 6e3):
+reverse mode through the weights would carry c_i as a cotangent (inf, then inf times p_i);
+there p_i c_i / T reaches the raw inputs directly (``_wide_p_terms``, chosen per row from a
+sum the derivative route forms anyway: no extra pass on other rows).
 Second derivatives: those of the value (torch double backward, jax.hessian; Hessian-vector
 products), the routes above included (they are arranged so that their derivatives are the
 plain formula's). With respect to probabilities down to about 1e-30 (float32; 1e-290 in
@@ -66,10 +75,16 @@ where 1/p overflows, KL and reverse KL take their derivatives on that row from t
 formula assembled so that autodiff never multiplies 1/p into p's graph: the Hessian's diagonal
 entry there is +inf (the true ~1e40, correctly rounded) and every other entry finite and right
 (torch; XLA on CPU flushes float32 subnormals to 0 in arithmetic, so JAX treats such an entry as
-0). Not under tracing (jax.jit, torch.compile: the rows cannot be known). Not for JS and
-Jeffreys: there the Hessian's row of the subnormal entry (d/dp_i of the gradient) is nan
-(its column and every other entry are right; so are the first derivatives, -inf where they
-overflow, as Jeffreys' does there): use float64 for second derivatives at such probabilities.
+0). Not under tracing (jax.jit, torch.compile: the rows cannot be known). JS likewise
+(``_js_subnormal_second``: the surrogate's first derivatives, the second derivatives of the
+entropy form from x log x; right where the mixture beta p_i + (1 - beta) q_i is a normal
+number, i.e. a subnormal probability against a normal one). Not for Jeffreys: there the
+Hessian's row of the subnormal entry (d/dp_i of the gradient) is nan. Its first derivative
+-q_i / p_i overflows to -inf, and that row holds finite entries (~1e2) next to entries beyond
+the float32 range (q_i / p_i^2 ~ 1e89, 1 / p_i ~ 1e44) that autodiff sums with opposite
+signs; its column and every other entry are right: use float64 for Jeffreys' second
+derivatives at such probabilities. In reverse KL (and KL with the subnormal probability on
+q's side) the mixed entry d2 / dp_i dq_i, whose true value (-1 / p_i) overflows, is nan too.
 No finite input gives a nan or a negative value. A nan in an unmasked row (``validate=False``)
 makes that row's value nan.
 
@@ -576,7 +591,7 @@ def _pair(xp, P: _Side, Q: _Side, need_d: bool = False) -> _Pair:
     kl = xp.where(kl < 0, xp.zeros_like(kl), kl)
     if not need_d and (_may_differentiate(P.x) or _may_differentiate(Q.x)):
         # (JS and Jeffreys, need_d, do not use this KL)
-        kl = _kl_derivatives(xp, P, Q, T, wn, dcq, dc, mean_d, kl)
+        kl = _kl_derivatives(xp, P, Q, T, wn, dcq, dc, mean_d, kl, p_escapes)
     if sub is not None:
         kl = _subnormal_weight_derivatives(xp, P0, Q0, T, dc, kl, sub)
     # 0 on every row, nan on a row with a nan (its normaliser is nan): an escape's +inf must
@@ -586,7 +601,7 @@ def _pair(xp, P: _Side, Q: _Side, need_d: bool = False) -> _Pair:
                  dcq if need_d else None)
 
 
-def _kl_derivatives(xp, P: _Side, Q: _Side, T, wn, dcq, dc, mean_d, kl):
+def _kl_derivatives(xp, P: _Side, Q: _Side, T, wn, dcq, dc, mean_d, kl, escapes):
     """``kl`` (finite rows) with the derivatives (first and second) of the plain formula
     F = sum_T p_i r_i, r = log p - log q, each first derivative formed with no cancellation.
 
@@ -608,7 +623,14 @@ def _kl_derivatives(xp, P: _Side, Q: _Side, T, wn, dcq, dc, mean_d, kl):
     zero = xp.zeros_like(wn)
     pos = T & (wn > 0)
     c4 = stop_gradient(xp.where(pos, -dcq, zero))  # (r - F) / 4, not clamped
-    g = xp.sum((wn * 4) * c4, axis=-1)
+    dw = wn - stop_gradient(wn)
+    # sum dw_i c_i: 0 in value (a row whose KL overflows keeps +inf), and nan in value exactly
+    # on the rows where some c_i = 4 c4_i is beyond the float range (0 * inf): see _wide_p_terms
+    c = c4 * 4
+    g = xp.sum(dw * c, axis=-1)
+    wide = xp.isnan(g)
+    if not is_concrete(g) or bool(xp.any(wide)):
+        g = _wide_p_terms(xp, P, pos, wn, c4, c, dw, wide)
     # log(q_i / p_i) = d' + E_p[d]; where the mean is large (a KL of 1e38) the sum is noise,
     # and such rows have |q - p| of order 1 somewhere: q - p as the difference there
     d = xp.where(T, dc + mean_d[..., None], zero)
@@ -620,13 +642,44 @@ def _kl_derivatives(xp, P: _Side, Q: _Side, T, wn, dcq, dc, mean_d, kl):
     if Q.temperature != 1.0:
         dy = dy / Q.temperature
     g = g + xp.sum(xp.where(sq, stop_gradient(qmp) * dy, zero), axis=-1)
-    dw = wn - stop_gradient(wn)
     dl = _dlog(xp, P, pos) - _dlog(xp, Q, pos)
     dq = Q.w - stop_gradient(Q.w)
     g = g + 0.5 * (xp.sum(xp.where(pos, dw * dl, zero), axis=-1)
                    + xp.sum(xp.where(sq, (dq - dw) * dy, zero), axis=-1))
-    ok = xp.isfinite(stop_gradient(kl))
-    return xp.where(ok, stop_gradient(kl) + (g - stop_gradient(g)), kl)
+    # g is 0 in value: the value is kl itself, +inf on a row whose true KL exceeds the float
+    # range (its derivatives are still the finite, exact ones); a row where p escapes (p_i > 0
+    # = q_i: +inf for a structural reason) or that holds a nan keeps a zero derivative. The
+    # value's own graph is cut (a zero cotangent through it would meet 0 * inf = nan).
+    kl0 = stop_gradient(kl)
+    ok = ~escapes & ~xp.isnan(kl0)
+    return xp.where(ok, kl0 + g, kl0)
+
+
+def _wide_p_terms(xp, P: _Side, pos, wn, c4, c, dw, wide):
+    """sum dw_i c_i (``_kl_derivatives``), with rows ``wide`` (some |c_i| beyond finfo.max:
+    logits within a factor of a few of the float limit, or |x / T| that large) taken without
+    c: reverse-mode autodiff through w would carry the cotangent c_i itself (inf) and multiply
+    it by p_i (a tiny p_i times an inf: inf where p_i c_i is a modest number).
+
+    There, with k_i = p_i c_i / 4 (a constant; sum k = 0 in math, so the normalisers'
+    first derivatives drop out), the first differential is sum k_i 4 d raw_i / T: its
+    cotangents are the exact derivatives themselves, +-inf only where those overflow. Second
+    derivatives: sum p_i c_i (dlog p_i)^2 / 2 from a product of zero-valued differences (with
+    p_i c_i clamped to the float range: 0 * inf would be nan), and raw's own (log x of
+    probabilities) through the first term."""
+    zero = xp.zeros_like(wn)
+    fmax = xp.finfo(wn.dtype).max
+    wr = wide[..., None]
+    k = stop_gradient(xp.where(pos & wr, wn * c4, zero))
+    raw = xp.where(pos, P.raw, zero)
+    draw = (raw - stop_gradient(raw)) * 4
+    if P.temperature != 1.0:
+        draw = draw / P.temperature
+    dl = _dlog(xp, P, pos)
+    kc = xp.clip(k * 4, -fmax, fmax)
+    g_wide = xp.sum(k * draw, axis=-1) + 0.5 * xp.sum(kc * (dl * dl), axis=-1)
+    g_narrow = xp.sum(dw * xp.where(wr, zero, c), axis=-1)
+    return xp.where(wide, g_wide, g_narrow)
 
 
 def _subnormal_weight_derivatives(xp, P: _Side, Q: _Side, T, dc, kl, rows):
@@ -736,8 +789,11 @@ def _log_ratio_quarter(xp, P, Q, T, deltaq, muq, dcq, mean_d):
     err_centred = xp.abs(deltaq) + xp.abs(muq) + xp.abs(mean_d * 0.25)[..., None]
     err_direct = xp.abs(P.lw * 0.25) + xp.abs(Q.lw * 0.25)
     # a log-probability at -finfo.max went through the clamp: the direct route is a bound there
+    # (at T > 1 the clamp acts on the centred input before the division: c = -finfo.max)
     fmax = xp.finfo(dcq.dtype).max
-    direct = T & (err_direct < err_centred) & (P.lw > -fmax) & (Q.lw > -fmax)
+    lp = P.c if P.temperature > 1.0 else P.lw
+    lq = Q.c if Q.temperature > 1.0 else Q.lw
+    direct = T & (err_direct < err_centred) & (lp > -fmax) & (lq > -fmax)
     return xp.where(direct, Q.lw * 0.25 - P.lw * 0.25, d)
 
 
@@ -817,9 +873,53 @@ def _js_surrogate(xp, P, Q, pr, y, z, beta):
             - (1 - beta) * side(Q.w, z, v, math.log1p(-beta)))
 
 
+def _plogp_second(xp, S: _Side):
+    """0 in value and first derivative; second derivative sum_i dw_i^2 / w_i of the side's
+    normalised probabilities w, without 1/w_i in the graph where it would overflow: for
+    probabilities w = x / z, sum dx_i^2 / (z x_i) - dz^2 / z^2 from x log x (a primitive:
+    its second derivative 1/x, +inf for a subnormal x, correctly rounded) and log z; for a
+    log-space side sum w_i (dlog w_i)^2 (``_dlog``)."""
+    sup = S.support
+    zero = xp.zeros_like(S.w)
+    if S.m is not None:
+        dl = _dlog(xp, S, sup)
+        return 0.5 * xp.sum(xp.where(sup, stop_gradient(S.w) * (dl * dl), zero), axis=-1)
+    x = S.x
+    xs = xp.where(sup, x, const(xp, 1.0, x))
+    xt = xp.where(sup, xs, zero)
+    z = xp.sum(xt, axis=-1)
+    z0 = stop_gradient(z)
+    l1 = stop_gradient(xp.log(xs) + 1)  # the derivative of x log x, as the primitive forms it
+    ent = xlogx(xp, xs)
+    k = xp.where(sup, (ent - stop_gradient(ent)) - l1 * (xs - stop_gradient(xs)), zero)
+    lz = xp.log(z)
+    return xp.sum(k, axis=-1) / z0 + (lz - stop_gradient(lz)) - (z - z0) / z0
+
+
+def _js_subnormal_second(xp, P: _Side, Q: _Side, beta):
+    """Rows with a probability below 16 / finfo.max (``_subnormal_rows``): 0 in value and first
+    derivative, and the second derivative of JS that ``_js_surrogate``'s product of differences
+    carries elsewhere (there it multiplies 1/p_i, inf, into p's graph: the Hessian row of that
+    entry was nan). With c = beta log(p/m) and (1 - beta) log(q/m) the first derivative's
+    coefficients, d2 JS = sum c d2w + beta sum dp^2/p + (1 - beta) sum dq^2/q - sum dm^2/m
+    (m = beta p + (1 - beta) q): the first sum is the surrogate's (its c frozen on these rows),
+    the others are formed here, the mixture's from m log m (right where m is a normal number:
+    a subnormal probability on one side against a normal one on the other)."""
+    zero = xp.zeros_like(P.w)
+    m = beta * P.w + (1 - beta) * Q.w
+    pos = m > 0
+    ms = xp.where(pos, m, const(xp, 1.0, m))
+    l1 = stop_gradient(xp.log(ms) + 1)
+    ent = xlogx(xp, ms)
+    km = xp.where(pos, (ent - stop_gradient(ent)) - l1 * (ms - stop_gradient(ms)), zero)
+    return (beta * _plogp_second(xp, P) + (1 - beta) * _plogp_second(xp, Q)
+            - xp.sum(km, axis=-1))
+
+
 def _jeffreys_far(xp, P, Q, pr, val):
-    """``val`` (Jeffreys' divergence) with the first derivatives of the plain formula, formed
-    from centred log-ratios, on rows where some |log(q_i / p_i)| with mass exceeds 20.
+    """``(val, g)``: ``val`` (Jeffreys' divergence) with the first derivatives of the plain
+    formula, formed from centred log-ratios, on rows where some |log(q_i / p_i)| with mass
+    exceeds 20; ``g`` carries them alone (0 in value; None where no row is far).
 
     There d carries a large row constant (up to ~1e38 in float32: logits of 3e38 on one side),
     and autodiff of sum (q - p) d would see its rounding (eps |d|) in every entry, where the
@@ -827,17 +927,18 @@ def _jeffreys_far(xp, P, Q, pr, val):
         dJ = sum dp_i (r_i - E_p r) - sum dq_i (r_i - E_q r) + sum (p_i - q_i) dr_i,
     r - E_p r from p's exact centred log-ratio (``_pair``), r - E_q r from the log-ratio
     anchored at q's mode (``_log_delta`` the other way round), constants to autodiff; q - p as
-    p expm1(d) where |d| < 1. Second derivatives: those of J (checked against torch.autograd's
-    Hessian of the float64 textbook formula)."""
+    p expm1(d) where |d| < 1. Rows where a centred log-ratio is beyond the float range (logits
+    near the float limit: J itself may overflow to +inf, its derivatives are finite) take the
+    first two sums as ``_wide_p_terms`` does. Second derivatives: those of J (checked against
+    torch.autograd's Hessian of the float64 textbook formula)."""
     T = pr.common
     zero = xp.zeros_like(pr.d)
     far = xp.any(T & ((P.w > 0) | (Q.w > 0)) & (xp.abs(pr.d) > 20.0), axis=-1)
     if is_concrete(far) and not bool(xp.any(far)):
-        return val
-    fmax = xp.finfo(zero.dtype).max
+        return val, None
     pp = T & (P.w > 0)
     qq = T & (Q.w > 0)
-    cp = stop_gradient(xp.where(pp, xp.clip(pr.dcq * -4, -fmax, fmax), zero))  # r - E_p r
+    cp4 = stop_gradient(xp.where(pp, -pr.dcq, zero))  # (r - E_p r) / 4
     if P.m is None and Q.m is None:  # probabilities: |d| <= 745, no row constant to fear
         rq = -pr.dq
     else:
@@ -845,7 +946,7 @@ def _jeffreys_far(xp, P, Q, pr, val):
     rq = stop_gradient(xp.where(qq, rq, zero))
     mq = xp.sum(xp.where(qq, Q.w, zero) * rq, axis=-1, keepdims=True) / xp.sum(
         xp.where(qq, Q.w, zero), axis=-1, keepdims=True)
-    cq = stop_gradient(xp.where(qq, xp.clip((rq - mq) * -4, -fmax, fmax), zero))  # E_q r - r
+    cq4 = stop_gradient(xp.where(qq, mq - rq, zero))  # (E_q r - r) / 4
     near = T & (xp.abs(pr.d) < 1)
     qmp = xp.where(near, P.w * xp.expm1(xp.where(near, pr.d, zero)), Q.w - P.w)
     dr = _dlog(xp, P, T) - _dlog(xp, Q, T)
@@ -853,10 +954,18 @@ def _jeffreys_far(xp, P, Q, pr, val):
     # derivative's (dp - dq) dr terms; with the centred log-ratios constants, d2J is whole)
     pmq = P.w - Q.w
     k = -stop_gradient(qmp) + (pmq - stop_gradient(pmq))
-    g = (xp.sum(xp.where(pp, P.w * cp, zero), axis=-1)
-         + xp.sum(xp.where(qq, Q.w * cq, zero), axis=-1)
-         + xp.sum(xp.where(T, k * dr, zero), axis=-1))
-    return xp.where(far, stop_gradient(val) + (g - stop_gradient(g)), val)
+    dwp = P.w - stop_gradient(P.w)
+    dwq = Q.w - stop_gradient(Q.w)
+    cp, cq = cp4 * 4, cq4 * 4  # +-inf beyond the float range: the sums below are nan there
+    gp = xp.sum(dwp * cp, axis=-1)
+    gq = xp.sum(dwq * cq, axis=-1)
+    wide = xp.isnan(gp) | xp.isnan(gq)
+    if not is_concrete(wide) or bool(xp.any(wide)):
+        gp = _wide_p_terms(xp, P, pp, P.w, cp4, cp, dwp, wide)
+        gq = _wide_p_terms(xp, Q, qq, Q.w, cq4, cq, dwq, wide)
+    g = gp + gq + xp.sum(xp.where(T, k * dr, zero), axis=-1)
+    g = xp.where(far, g, xp.zeros_like(g))
+    return xp.where(far, stop_gradient(val) + g, val), g
 
 
 def _rows(kind, xp, P, Q, beta):
@@ -865,7 +974,11 @@ def _rows(kind, xp, P, Q, beta):
         return _pair(xp, P, Q).kl
     if kind == "reverse":
         return _pair(xp, Q, P).kl
-    pr = _pair(xp, P, Q, need_d=True)
+    sub = _subnormal_rows(xp, P, Q) if kind == "js" else None
+    if sub is None:
+        pr = _pair(xp, P, Q, need_d=True)
+    else:  # the log-ratio a constant to autodiff on these rows (_js_subnormal_second)
+        pr = _pair(xp, _freeze_rows(xp, P, sub), _freeze_rows(xp, Q, sub), need_d=True)
     zero = xp.zeros_like(pr.d)
     if kind == "jeffreys":
         d = pr.d
@@ -877,10 +990,18 @@ def _rows(kind, xp, P, Q, beta):
         dql = xp.where(small, zero, pr.dq)
         term = xp.where(small, P.w * ds * xp.expm1(ds), (dql * (Q.w - P.w)) * 4)
         val = xp.sum(xp.where(pr.common, term, zero), axis=-1)
+        inf = const(xp, math.inf, val)
+        escapes = pr.p_escapes | pr.q_escapes
+        over = val >= xp.finfo(val.dtype).max  # as in _pair: the true value overflows
         if _may_differentiate(P.x) or _may_differentiate(Q.x):
-            val = _jeffreys_far(xp, P, Q, pr, val)
-        bad = pr.p_escapes | pr.q_escapes | (val >= xp.finfo(val.dtype).max)  # as in _pair
-        return xp.where(bad, const(xp, math.inf, val), val) + pr.nan_rows
+            # a row that overflows keeps the exact derivatives (_jeffreys_far: such rows are
+            # far); a row that escapes (+inf for a structural reason) a zero derivative
+            val, g = _jeffreys_far(xp, P, Q, pr, val)
+            if g is not None:
+                carry = over & ~escapes & ~xp.isnan(g)
+                val = xp.where(carry, inf + g, xp.where(escapes | over, inf, val))
+                return val + pr.nan_rows
+        return xp.where(escapes | over, inf, val) + pr.nan_rows
     if kind == "js":
         y = _log_mix(xp, 1.0 - beta, pr.d)  # log(m/p) on T
         z = _log_mix(xp, beta, -pr.d)  # log(m/q) on T
@@ -892,6 +1013,8 @@ def _rows(kind, xp, P, Q, beta):
         if _may_differentiate(P.x) or _may_differentiate(Q.x):
             # the value as it is, the derivatives (of every order) from _js_surrogate
             g = _js_surrogate(xp, P, Q, pr, y, z, beta)
+            if sub is not None:  # second derivatives on these rows: _js_subnormal_second
+                g = g + xp.where(sub, _js_subnormal_second(xp, P, Q, beta), xp.zeros_like(g))
             val = stop_gradient(val) + (g - stop_gradient(g))
         return val
     raise ValueError(f"unknown divergence kind {kind!r}")  # pragma: no cover
