@@ -4,7 +4,7 @@ on peaked, nearly disjoint rows, against 50-digit mpmath analytic gradients.
 The derivative with respect to the side whose log-probabilities appear twice, w_i (log(w_i /
 v_i) - KL), is at a peaked row's top entry a tiny difference of two numbers of the size of KL;
 [20, 0, 0, 3] against [0, 20, 0, -5] gave -0.0 instead of 6.2046e-7 (outside audit, finding 3).
-Two jitted calls in all (value_and_grad over both kinds; one Hessian)."""
+Three jitted calls in all (value_and_grad over both kinds; a Hessian in p; Hessians through q)."""
 import jax
 import jax.numpy as jnp
 import mpmath as mp
@@ -78,3 +78,25 @@ def test_peaked_row_hessian():
                      for j in range(n)] for i in range(n)])
     assert H[0, 0] < 0  # was -0.0
     assert np.max(np.abs(H - ref)) <= 1e-5 * np.max(np.abs(ref)), (H, ref)
+
+
+def test_peaked_rows_hessians_wrt_q():
+    """Second derivatives through q (jax.hessian in q's logits, and the mixed one, d/da of
+    d/db): the softmax's tangent at a peaked row's mode left 1 - q_k to rounding (the audit
+    row's d2/db1 db0 was 5x off, a std-20 row nan). H_bb = diag(q) - q q^T,
+    d(q_i - p_i)/da_j = -(p_i delta_ij - p_i p_j), against 50-digit mpmath."""
+    rng = np.random.default_rng(3)
+    audit = (np.array([20.0, 0.0, 0.0, 3.0], np.float32),
+             np.array([0.0, 20.0, 0.0, -5.0], np.float32))
+    rows = [audit, ((20 * rng.standard_normal(4)).astype(np.float32),
+                    (20 * rng.standard_normal(4)).astype(np.float32))]
+    f = lambda a, b: kldiv.kl_div(a, b, p_space="logits", q_space="logits", reduction="sum")
+    both = jax.jit(lambda a, b: (jax.hessian(f, 1)(a, b), jax.jacfwd(jax.grad(f, 1), 0)(a, b)))
+    for x, y in rows:
+        Hbb, Hab = (np.asarray(h, np.float64) for h in both(jnp.asarray(x), jnp.asarray(y)))
+        p, q = _softmax(x), _softmax(y)
+        n = len(x)
+        rbb = np.array([[float(q[i] * ((i == j) - q[j])) for j in range(n)] for i in range(n)])
+        rab = np.array([[float(-p[i] * ((i == j) - p[j])) for j in range(n)] for i in range(n)])
+        for H, ref in ((Hbb, rbb), (Hab, rab)):
+            assert np.max(np.abs(H - ref)) <= 1e-5 * np.max(np.abs(ref)), (x, y, H, ref)

@@ -308,6 +308,27 @@ def _centred_jvp(primals, tangents):
     return out, t
 
 
+@jax.custom_jvp
+def _normalised(z, zs):
+    """e^z / zs, a softmax of ``z`` per row when ``zs = sum e^z`` (so it is called)."""
+    return lax.div(lax.exp(z), zs)
+
+
+@_normalised.defjvp
+def _normalised_jvp(primals, tangents):
+    """The softmax's tangent w (e - E_w[e]), e = dz - dz_k anchored at the row's mode k: at a
+    peaked row's mode the bracket is a sum of small terms w_j (dz_j - dz_k), not dz_k - E_w[dz]
+    (1 - w_k left to rounding: float32 Hessians of a peaked row were wrong in the order of the
+    small entries). Only second derivatives evaluate this."""
+    z, zs = primals
+    dz = tangents[0]
+    w = _normalised(z, zs)
+    top = lax.eq(z, _col(_rowmax(z)))
+    dzk = lax.div(_rowsum(_sel(top, dz, 0.0)), _rowsum(_sel(top, 1.0, 0.0, dz.dtype)))
+    e = lax.sub(dz, _col(dzk))
+    return w, lax.mul(w, lax.sub(e, _col(_rowsum(lax.mul(w, e)))))
+
+
 def _kl_parts_jvp(temperature, refine, primals, tangents):
     """The analytic derivative, in differentiable operations (``jax.hessian`` is exact): the row
     sums come from ``_kl_parts`` itself, whose own derivative is this rule."""
@@ -324,7 +345,7 @@ def _kl_parts_jvp(temperature, refine, primals, tangents):
     huge = lax.gt(delta, _k(0.0, delta))
     # the value's own expressions (XLA computes them once)
     ex = lax.exp(x)
-    p = lax.div(ex, zx_)  # 0 off p's support
+    p = _normalised(x, zx_)  # 0 off p's support
     # the centred log-ratio d' = d - E_p[d] as a coefficient: (d - mu) - E_p[d - mu]. At a
     # peaked row's mode k, d_k - mu is a tiny difference of two numbers of the size of KL, and
     # mu's own rounding (eps |mu|) exceeds d'_k (float32 [20,0,0,3] vs [0,20,0,-5]: -p_k d'_k
@@ -351,7 +372,7 @@ def _kl_parts_jvp(temperature, refine, primals, tangents):
         u = lax.sub(dc, kl_)
         near = lax.lt(lax.abs(u), _sel(huge, -1.0, _SMALL, u.dtype))
         us = _sel(near, u, 0.0)
-        q = lax.div(lax.exp(lax.sub(y, base)), _col(zq))
+        q = _normalised(lax.sub(y, base), _col(zq))
         gb = _sel(near, lax.mul(p, _expm1_small(us)), lax.sub(q, p))  # |us| < 1/2
         gb = _sel(inf_row, 0.0, gb)
         dy = db if temperature == 1.0 else lax.mul(db, _k(inv, db))
