@@ -15,9 +15,8 @@ formula is no reference on these rows: it loses the digits itself). The error of
 is max |g - ref| / max |ref| (max-abs over the row's largest entry), with the row maximum floored
 at 1e-30 (gradients that float32 holds only as subnormals).
 
-Not covered here (known leftovers): a float32 probability that is itself subnormal, where the
-gradient with respect to it (1 - p_i / q_i, up to 1e33) is formed from q_i / max q rounded to the
-subnormal grid (1e-3 relative at q_i = 6e-45); rows whose whole gradient lies below ~1e-30.
+Not covered here: a float32 probability that is itself subnormal (tests/test_fused_subnormal.py);
+rows whose whole gradient lies below ~1e-30.
 """
 from __future__ import annotations
 
