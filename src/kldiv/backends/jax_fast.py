@@ -60,9 +60,6 @@ _SMALL = 0.5  # |x| below which phi and expm1-based differences use the series /
 # above this, max_i log(zx p_i e^{d'_i}) is huge (KL in the tens or more): the row's terms are
 # taken in the frame of y_top - _HUGE_G instead of mu (no overflow: they stay below e^60 times V)
 _HUGE_G = 60.0
-# row maxima farther apart than this: the log-ratio is formed from each side centred on its own
-# maximum (exact for shifts up to 1e30), otherwise as the raw difference (exact for close logits)
-_FAR = 64.0
 _T_RANGE = (1e-3, 1e3)  # temperatures handled by kl_rows; outside, the core's rows
 
 
@@ -161,27 +158,23 @@ def _frame(ma_raw, mb_raw, temperature):
     """Row constants: where each side's logits are taken from, per row (last axis kept).
 
     Returns ``ma`` (p's maximum), ``sa``, ``sb`` (what is subtracted from a and b before their
-    difference: both 0 where the maxima are close and moderate, so that the raw difference,
-    exact for close logits, is the log-ratio; the maxima elsewhere, so that an offset between
-    the sides never enters a difference), ``yc`` (q's logits are ``b - yc`` in p's frame) and
-    ``y_top`` (the largest of them, after the temperature). A maximum that is not finite (nan,
-    +inf, or a row that is -inf everywhere) makes its row nan, as it must be.
+    difference: each side's own maximum, so that an offset between the sides never enters a
+    rounded difference), ``yc`` (q's logits are ``b - yc`` in p's frame) and ``y_top`` (the
+    largest of them, after the temperature: 0). A maximum that is not finite (nan, +inf, or a
+    row that is -inf everywhere) makes its row nan, as it must be.
     """
-    fi = jnp.finfo(ma_raw.dtype)
     ma = _col(ma_raw)
     mb = _col(mb_raw)
-    # far: maxima more than _FAR apart, or so large that the raw difference could overflow
-    # (|ma| <= max eps / 8 and |ma - mb| <= _FAR keep both below max eps / 4: b - a rounds
-    # to at most finfo.max, even with an entry at -finfo.max)
-    far = lax.bitwise_or(lax.gt(lax.abs(lax.sub(ma, mb)), _k(_FAR, ma)),
-                         lax.gt(lax.abs(ma), _k(float(fi.max) * float(fi.eps) / 8, ma)))
-    sa = _sel(far, ma, 0.0)
-    sb = _sel(far, mb, 0.0)
-    yc = _sel(far, mb, ma)
-    y_top = lax.sub(mb, yc)  # mb - ma, or 0 where far (nan on rows that are nan anyway)
-    if temperature != 1.0:
-        y_top = lax.div(y_top, _k(temperature, y_top))
-    return ma, sa, sb, yc, y_top
+    y_top = lax.sub(mb, mb)  # 0 (nan on rows that are nan anyway)
+    return ma, ma, mb, mb, y_top
+
+
+def _two_diff_err(x, y, s):
+    """The exact rounding error of ``s = x - y`` (Knuth's TwoSum: x - y = s + err exactly, when
+    nothing overflows; nan where s is not finite)."""
+    bv = lax.sub(s, x)
+    av = lax.sub(s, bv)
+    return lax.sub(lax.sub(x, av), lax.add(y, bv))
 
 
 def _entries(a, b, temperature, ma, sa, sb, yc):
@@ -189,21 +182,27 @@ def _entries(a, b, temperature, ma, sa, sb, yc):
     d up to a row constant (finite everywhere: -inf entries are taken at -finfo.max, and an
     entry where p is 0 contributes nothing through it) and y = (b - yc) / T with x + d = y in
     exact arithmetic (q's logits in p's frame; -inf off q's support), so that log(p_i e^{d'_i})
-    is formed from y without adding a huge log p to a huge d."""
+    is formed from y without adding a huge log p to a huge d.
+
+    d = (b - mb) - (a - ma) is a two-term difference: u = b - mb and v = a - ma each with its
+    exact rounding error (TwoSum), d = (u - v) + (e_u - e_v). A plain float32 difference rounds
+    at the ulp of an offset between the sides (teacher log-probs against student logits: the
+    1e-4 signal of a close row rounded at ulp(8) = 1e-6, a 3e-3 relative error in KL ~ 1e-9);
+    the two-term form is exact to a rounding of d itself, for any offset and shift."""
     fmax = float(jnp.finfo(a.dtype).max)
     lo = _k(-fmax, a)
-    x = lax.sub(a, ma)
-    d = lax.sub(lax.max(lax.sub(b, sb), lo), lax.max(lax.sub(a, sa), lo))
-    y = lax.sub(b, yc)
+    x = lax.sub(a, sa)
+    y = lax.sub(b, sb)
+    err = lax.sub(_two_diff_err(b, sb, y), _two_diff_err(a, sa, x))
+    err = _sel(lax.ne(err, err), 0.0, err)  # nan where a side is -inf (or overflowed): 0
+    d = lax.add(lax.sub(lax.max(y, lo), lax.max(x, lo)), err)
     if temperature != 1.0:  # after the difference: (b - a) / T keeps the accuracy of b - a
         t = _k(temperature, a)
         x = lax.div(x, t)
         d = lax.div(d, t)
         y = lax.div(y, t)
-    if temperature < 1.0:
-        # within the float range (at T >= 1, d is: both maxima within max eps / 4 of 0, or
-        # each side centred on its maximum)
-        d = lax.clamp(lo, d, _k(fmax, a))
+    # within the float range (the rounding errors of an entry at -finfo.max could carry d past it)
+    d = lax.clamp(lo, d, _k(fmax, a))
     return x, d, y
 
 
