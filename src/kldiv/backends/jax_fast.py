@@ -60,6 +60,10 @@ _SMALL = 0.5  # |x| below which phi and expm1-based differences use the series /
 # above this, max_i log(zx p_i e^{d'_i}) is huge (KL in the tens or more): the row's terms are
 # taken in the frame of y_top - _HUGE_G instead of mu (no overflow: they stay below e^60 times V)
 _HUGE_G = 60.0
+# row maxima farther apart than this: the log-ratio is formed from each side centred on its own
+# maximum; otherwise as the raw difference minus that of the maxima, both with their rounding
+# errors (exact to eps^2 |mb - ma| absolute: 6e-11 in float32 at the bound)
+_FAR = 2048.0
 _T_RANGE = (1e-3, 1e3)  # temperatures handled by kl_rows; outside, the core's rows
 
 
@@ -158,15 +162,28 @@ def _frame(ma_raw, mb_raw, temperature):
     """Row constants: where each side's logits are taken from, per row (last axis kept).
 
     Returns ``ma`` (p's maximum), ``sa``, ``sb`` (what is subtracted from a and b before their
-    difference: each side's own maximum, so that an offset between the sides never enters a
-    rounded difference), ``yc`` (q's logits are ``b - yc`` in p's frame) and ``y_top`` (the
-    largest of them, after the temperature: 0). A maximum that is not finite (nan, +inf, or a
-    row that is -inf everywhere) makes its row nan, as it must be.
+    difference: 0 where the maxima are within _FAR and moderate, each side's maximum elsewhere),
+    ``c``, ``ec`` (the difference of the maxima as they enter the log-ratio, mb - sb - (ma - sa),
+    and its rounding error), ``yc`` (q's logits are ``b - yc`` in p's frame: mb) and ``y_top``
+    (the largest of them, after the temperature: 0). A maximum that is not finite (nan, +inf,
+    or a row that is -inf everywhere) makes its row nan, as it must be.
     """
+    fi = jnp.finfo(ma_raw.dtype)
     ma = _col(ma_raw)
     mb = _col(mb_raw)
+    # far: maxima more than _FAR apart (the error term of the raw difference, ~eps^2 |mb - ma|,
+    # would show), or so large that the raw difference could overflow (|ma|, |mb| <= max eps / 8
+    # keep b - a within finfo.max, even with an entry at -finfo.max)
+    big = _k(float(fi.max) * float(fi.eps) / 8, ma)
+    far = lax.bitwise_or(lax.gt(lax.abs(lax.sub(ma, mb)), _k(_FAR, ma)),
+                         lax.gt(lax.max(lax.abs(ma), lax.abs(mb)), big))
+    sa = _sel(far, ma, 0.0)
+    sb = _sel(far, mb, 0.0)
+    ta, tb = lax.sub(ma, sa), lax.sub(mb, sb)
+    c = lax.sub(tb, ta)
+    ec = _two_diff_err(tb, ta, c)
     y_top = lax.sub(mb, mb)  # 0 (nan on rows that are nan anyway)
-    return ma, ma, mb, mb, y_top
+    return ma, sa, sb, (c, ec), mb, y_top
 
 
 def _two_diff_err(x, y, s):
@@ -177,32 +194,37 @@ def _two_diff_err(x, y, s):
     return lax.sub(lax.sub(x, av), lax.add(y, bv))
 
 
-def _entries(a, b, temperature, ma, sa, sb, yc):
+def _entries(a, b, temperature, ma, sa, sb, sc, yc):
     """Per entry: x = (a - ma) / T (p's logits centred; -inf off p's support), the log-ratio
     d up to a row constant (finite everywhere: -inf entries are taken at -finfo.max, and an
     entry where p is 0 contributes nothing through it) and y = (b - yc) / T with x + d = y in
     exact arithmetic (q's logits in p's frame; -inf off q's support), so that log(p_i e^{d'_i})
     is formed from y without adding a huge log p to a huge d.
 
-    d = (b - mb) - (a - ma) is a two-term difference: u = b - mb and v = a - ma each with its
-    exact rounding error (TwoSum), d = (u - v) + (e_u - e_v). A plain float32 difference rounds
-    at the ulp of an offset between the sides (teacher log-probs against student logits: the
-    1e-4 signal of a close row rounded at ulp(8) = 1e-6, a 3e-3 relative error in KL ~ 1e-9);
-    the two-term form is exact to a rounding of d itself, for any offset and shift."""
+    d = (b - a) - (mb - ma) as a two-term difference: s = b - a and c = mb - ma each with its
+    exact rounding error (Knuth's TwoSum), d = (s - c) + (e_s - e_c): exact to a rounding of d
+    and eps^2 |mb - ma| absolute. A plain float32 b - a rounds at the ulp of an offset between
+    the sides (teacher log-probs against student logits: the 1e-4 signal of a close row rounded
+    at ulp(8) = 1e-6, a 3e-3 relative error in KL ~ 1e-9). Rows whose maxima are far apart
+    (or huge) take each side centred on its own maximum, s = (b - mb) - (a - ma), c = 0."""
     fmax = float(jnp.finfo(a.dtype).max)
     lo = _k(-fmax, a)
-    x = lax.sub(a, sa)
-    y = lax.sub(b, sb)
-    err = lax.sub(_two_diff_err(b, sb, y), _two_diff_err(a, sa, x))
-    err = _sel(lax.ne(err, err), 0.0, err)  # nan where a side is -inf (or overflowed): 0
-    d = lax.add(lax.sub(lax.max(y, lo), lax.max(x, lo)), err)
+    c, ec = sc
+    x = lax.sub(a, ma)
+    y = lax.sub(b, yc)
+    ac = lax.max(lax.sub(a, sa), lo)
+    bc = lax.max(lax.sub(b, sb), lo)
+    s = lax.sub(bc, ac)
+    d = lax.add(lax.sub(s, c), lax.sub(_two_diff_err(bc, ac, s), ec))
     if temperature != 1.0:  # after the difference: (b - a) / T keeps the accuracy of b - a
         t = _k(temperature, a)
         x = lax.div(x, t)
         d = lax.div(d, t)
         y = lax.div(y, t)
-    # within the float range (the rounding errors of an entry at -finfo.max could carry d past it)
-    d = lax.clamp(lo, d, _k(fmax, a))
+    if temperature < 1.0:
+        # within the float range (at T >= 1, d is: |ma|, |mb| <= max eps / 8 on rows that are
+        # not far, each side centred on its maximum on the others)
+        d = lax.clamp(lo, d, _k(fmax, a))
     return x, d, y
 
 
@@ -220,8 +242,8 @@ def _kl_parts(a, b, temperature, refine):
     fmax = float(jnp.finfo(a.dtype).max)
     # pass 1: the row maxima (nan propagates)
     ma_raw, mb_raw = _maxima(a, b)
-    ma, sa, sb, yc, y_top = _frame(ma_raw, mb_raw, temperature)
-    x, d, y = _entries(a, b, temperature, ma, sa, sb, yc)
+    ma, sa, sb, sc, yc, y_top = _frame(ma_raw, mb_raw, temperature)
+    x, d, y = _entries(a, b, temperature, ma, sa, sb, sc, yc)
     # pass 2: p's normaliser and the p-weighted sum of the log-ratio
     ex = lax.exp(x)
     zx = _rowsum(ex)
@@ -336,8 +358,8 @@ def _kl_parts_jvp(temperature, refine, primals, tangents):
     full = _kl_parts(a, b, temperature, True)
     kl, ma_raw, mb_raw, zx, mu, zq, res = full
     out = full if refine else full[:6]
-    ma, sa, sb, yc, y_top = _frame(ma_raw, mb_raw, temperature)
-    x, d, y = _entries(a, b, temperature, ma, sa, sb, yc)
+    ma, sa, sb, sc, yc, y_top = _frame(ma_raw, mb_raw, temperature)
+    x, d, y = _entries(a, b, temperature, ma, sa, sb, sc, yc)
     zx_, kl_ = _col(zx), _col(kl)
     mu = _col(mu)
     base, delta, _ = _route(y_top, mu)
