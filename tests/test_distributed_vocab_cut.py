@@ -3,14 +3,15 @@
 Audit finding: the space switch (log-probs renormalised as logits once the vocabulary is cut)
 was decided from each shard's own cut, so a rank whose shard was not cut ran the log-prob
 checks' all-reduces alone and gloo aborted the process. Reference: the single-process textbook
-formula in float64 on the gathered, cut rows (renormalised over the kept columns).
+formula in float64 (tests/torch_reference.py naive_row) on the gathered, cut rows (renormalised
+over the kept columns).
 """
 import os
 
-import numpy as np
 import torch
 
 import kldiv.distributed as kd
+from torch_reference import naive_row
 
 KINDS = ("forward", "reverse", "js", "jeffreys")
 V, CUT = 6, 5  # rank 0 holds columns 0-2, rank 1 columns 3-5: the cut falls in rank 1's shard
@@ -46,19 +47,6 @@ def _worker(rank, world, init_file, out_dir):
     torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-def _naive(kind, a, b):
-    lp, lq = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
-    kl = lambda x, y: (x.exp() * (x - y)).sum(-1)  # noqa: E731
-    if kind == "forward":
-        return kl(lp, lq)
-    if kind == "reverse":
-        return kl(lq, lp)
-    if kind == "jeffreys":
-        return kl(lp, lq) + kl(lq, lp)
-    lm = torch.logaddexp(lp, lq) - np.log(2.0)
-    return 0.5 * kl(lp, lm) + 0.5 * kl(lq, lm)
-
-
 def test_cut_inside_one_shard_log_probs():
     from forked_ranks import run_forked
 
@@ -67,7 +55,7 @@ def test_cut_inside_one_shard_log_probs():
     for kind in KINDS:
         x = a[:, :CUT].double().requires_grad_()
         y = b[:, :CUT].double().requires_grad_()
-        ref = _naive(kind, x, y)
+        ref = torch.stack([naive_row(kind, x[r], y[r], "logits", "logits") for r in range(3)])
         gx, gy = torch.autograd.grad(ref.sum(), (x, y))
         for explicit in (False, True):  # vocab_start looked up, or given
             k0, k1 = ((kind, 0), (kind, 3)) if explicit else ((kind, None), (kind, None))
