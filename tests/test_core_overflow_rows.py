@@ -158,17 +158,20 @@ def _check_grad(g, ref, dt, what):
         assert err <= tol * scale + 1e-300, (what, g, ref, err / max(scale, 1e-300))
 
 
+def _call(kind, a, b, fast, **kw):
+    """``FN[kind](a, b, **kw)`` on the default torch path (``fast``) or the core alone."""
+    if fast:
+        return FN[kind](a, b, **kw)
+    with core_only():
+        return FN[kind](a, b, **kw)
+
+
 def _torch_call(kind, name, fast):
     x, y, dt, t, ps = ROWS[name]
     tdt = getattr(torch, dt)
     a = torch.tensor([x], dtype=tdt, requires_grad=True)
     b = torch.tensor([y], dtype=tdt, requires_grad=True)
-    kw = dict(p_space=ps, q_space="logits", temperature=t, validate=False)
-    if fast:
-        v = FN[kind](a, b, **kw)
-    else:
-        with core_only():
-            v = FN[kind](a, b, **kw)
+    v = _call(kind, a, b, fast, p_space=ps, q_space="logits", temperature=t, validate=False)
     ga, gb = torch.autograd.grad(v.sum(), (a, b))
     return v, ga[0], gb[0]
 
@@ -223,11 +226,7 @@ def test_rows_in_one_batch():
         for fast in (False, True):
             a = torch.tensor(xs, requires_grad=True)
             b = torch.tensor(ys, requires_grad=True)
-            if fast:
-                v = FN[kind](a, b, p_space="logits", q_space="logits")
-            else:
-                with core_only():
-                    v = FN[kind](a, b, p_space="logits", q_space="logits")
+            v = _call(kind, a, b, fast, p_space="logits", q_space="logits")
             ga, gb = torch.autograd.grad(v.sum(), (a, b))
             val, rx, ry = reference(kind, "wide_entry32")
             _check_grad(ga[0], rx, "float32", "row 0 d/dp")
@@ -278,11 +277,7 @@ def test_structural_inf_keeps_zero_gradient(kind, row, fast):
     tdt = getattr(torch, dt)
     a = torch.tensor([x], dtype=tdt, requires_grad=True)
     b = torch.tensor([y], dtype=tdt, requires_grad=True)
-    if fast:
-        v = FN[kind](a, b, p_space="logits", q_space="logits")
-    else:
-        with core_only():
-            v = FN[kind](a, b, p_space="logits", q_space="logits")
+    v = _call(kind, a, b, fast, p_space="logits", q_space="logits")
     ga, gb = torch.autograd.grad(v.sum(), (a, b))
     assert float(v.detach()[0]) == math.inf
     assert torch.equal(ga, torch.zeros_like(ga)) and torch.equal(gb, torch.zeros_like(gb))
