@@ -468,7 +468,10 @@ def _pair_stats_at(a, b, mx, temperature, group, parts, dense, twosum, quarter):
     kl_u = torch.where(a_esc, math.inf, L - torch.where(a_esc, 0.0, log_bT))
     kl = kl_u if u == 1.0 else kl_u * u  # (+inf beyond the float range)
     mean_d = torch.where(empty_t, 0.0, log_bT - log_aT - L)
-    overflow = False
+    # JS / Jeffreys need _log_ratio's direct route only on rows centred far from 0; read with
+    # the overflow flag in one host synchronisation
+    direct = ((mu.abs() + mean_d.abs()) * u >= 64.0).any()
+    overflow = torch.zeros_like(direct)
     if not quarter:
         # everything of the log-ratio's scale within an eighth of the float range (so that no
         # difference or sum of a few of them formed later overflows), on rows without a nan
@@ -476,13 +479,14 @@ def _pair_stats_at(a, b, mx, temperature, group, parts, dense, twosum, quarter):
         bad = (~torch.isfinite(S_rest) | (mu.abs() > lim) | ~torch.isfinite(L)
                | (~empty_t & ((log_aT.abs() > lim) | (log_bT.abs() > lim))))
         bad = bad & ~(torch.isnan(Ma) | torch.isnan(Mb))
-        overflow = bool(bad.any())
+        overflow = bad.any()
+    overflow, direct = torch.stack([overflow, direct]).tolist()
     return dict(Ma=Ma, Mb=Mb, MaT0=MaT0, MbT0=MbT0, bR0=bR0, aS0=aS0, la=la, lb=lb, mu=mu,
                 a_out=a_out,
                 n_top=n_top, D_top=D_top, S_rest=S_rest, s_rest=s_rest, s_aT=s_aT1,
                 b_out=b_out, a_esc=a_esc, b_esc=b_esc, L=L, kl=kl, kl_u=kl_u, mean_d=mean_d,
                 log_aT=log_aT, log_bT=log_bT, T=T, u=u, dense=dense, twosum=twosum,
-                overflow=overflow)
+                overflow=overflow, direct=direct)
 
 
 def _slice(st, i, j):
@@ -658,8 +662,6 @@ def _rows_and_stats(kind, x, y, beta, temperature, group, check, names=("p_shard
         x, y = x.double(), y.double()
     if st["quarter"]:
         x, y = x * (1.0 / st["u"]), y * (1.0 / st["u"])
-    # the direct route of _log_ratio is needed only on rows centred far from 0 (one host check)
-    st["direct"] = bool(((st["mu"].abs() + st["mean_d"].abs()) * st["u"] >= 64.0).any())
     sums = torch.cat([_phase_family(kind, x[i:j], y[i:j], _slice(st, i, j), beta)
                       for i, j in _chunks(*x.shape)])
     sums = _all_reduce(sums, "sum", group)
