@@ -24,7 +24,7 @@ from .._core.validation import (
     check_beta, check_option, check_positive_finite, normalization_tolerance, validation_enabled,
 )
 
-__all__ = ["linear_kl_div", "auto_chunk_size"]
+__all__ = ["linear_kl_div", "auto_chunk_size", "topk_rest_tolerance"]
 
 DIVERGENCES = ("forward", "reverse", "js")
 TARGET_SPACES = ("logits", "log_probs")
@@ -394,13 +394,43 @@ class _TopkStudent:
         return z
 
 
-#: a top-k teacher's left-out mass ``1 - sum_k exp(log_probs_k)`` at or below this is taken as
-#: exactly 0 (the teacher's extra bucket is empty: the reverse KL is then +inf wherever the student
-#: puts mass outside the K indices). 2^-40 (about 9.1e-13) is far above the error of the
-#: evaluation below (about 1e-28) and above the rounding residue of a top-k teacher renormalised
-#: in float64 (``log_softmax`` of the top-k logits: about 1e-16 times the logits' magnitude), and
-#: far below any mass float32 or lower precision storage can tell apart from 0 in a sum.
+#: the floor of a top-k teacher's rest tolerance (:func:`topk_rest_tolerance`): a left-out mass
+#: ``1 - sum_k exp(log_probs_k)`` at or below the row's tolerance is taken as exactly 0 (the
+#: teacher's extra bucket is empty: the reverse KL is then +inf wherever the student puts mass
+#: outside the K indices). 2^-40 (about 9.1e-13) is far above the error of the evaluation below
+#: (about 1e-28) and above the rounding residue of a top-k teacher renormalised in float64
+#: (``log_softmax`` of the top-k logits: about 1e-16 times the logits' magnitude); it is the
+#: whole tolerance of float64 log-probs.
 TOPK_REST_TOL = 2.0**-40
+
+
+def topk_rest_tolerance(lp):
+    """Per row (shape (rows, 1), float64): the largest left-out mass that rounding can leave in
+    top-k log-probs ``lp`` (rows, K) stored in their dtype, which are then taken as complete.
+
+    ``max(TOPK_REST_TOL, u (1 + 2 sum_k p_k |lp_k|) + 4 u' sqrt(K))`` with u the storage dtype's
+    unit roundoff (2^-53 float64, 2^-24 float32, 2^-11 float16, 2^-8 bfloat16) and
+    u' = min(u, 2^-24). Rounding a log-probability to its dtype moves it by at most u |lp_k|, so
+    its probability by about u |lp_k| relative: the sum of the stored probabilities of a
+    distribution that summed to 1 is off by at most ``u sum_k p_k |lp_k|`` (taken twice, plus u),
+    and the renormalisation itself (a sum of K exponentials and its log, in float32 or better)
+    adds a few units of u' sqrt(K) (measured: about 1e-5 for float32 ``log_softmax`` over
+    K = 32000, where this gives 4.3e-5). float64 log-probs keep ``TOPK_REST_TOL`` (the other terms
+    stay below it up to K ~ 4e6), so a teacher renormalised in float32 and stored in float64 has
+    real mass: the stored values cannot tell its residue from mass.
+
+    >>> import torch
+    >>> lp = torch.log_softmax(torch.tensor([[2.0, 1.0, 0.5, -1.0]]), -1)  # float32, renormalised
+    >>> abs(1 - float(lp.double().exp().sum())) <= float(topk_rest_tolerance(lp))
+    True
+    >>> float(topk_rest_tolerance(lp.double())) == TOPK_REST_TOL
+    True
+    """
+    u = torch.finfo(lp.dtype).eps / 2
+    u2 = min(u, 2.0**-24)
+    x = lp.to(torch.float64)
+    s = torch.where(x > -math.inf, torch.exp(x) * -x, torch.zeros_like(x)).sum(-1, keepdim=True)
+    return torch.clamp(u * (1 + 2 * s) + 4 * u2 * math.sqrt(lp.shape[-1]), min=TOPK_REST_TOL)
 
 
 _EXP_N = 1024  # table entries of _exp_dd (2^(j/1024) in double-double)
@@ -515,14 +545,16 @@ def _topk_rest_mass(lp, cdt=torch.float64):
 
 def _topk_teacher_buckets(lp, V, cdt):
     """The teacher's K + 1 bucket log-probabilities: the K stored ones and log of the left-out
-    mass (:func:`_topk_rest_mass`; -inf at or below :data:`TOPK_REST_TOL`, as for a teacher that
-    sums to 1 within rounding or to a little more). The same rule for every input dtype, so the
-    result is a deterministic function of the stored values."""
+    mass (:func:`_topk_rest_mass`; -inf at or below the row's :func:`topk_rest_tolerance`, as for
+    a teacher that sums to 1 within its dtype's rounding or to a little more). A deterministic
+    function of the stored values and their dtype."""
     if lp.shape[-1] == V:
         return lp.to(cdt)
     # (on the CPU for MPS, which has no float64: K values per row)
-    r = _topk_rest_mass(lp.cpu() if lp.device.type == "mps" else lp, cdt)
-    log_r = torch.where(r > TOPK_REST_TOL, torch.log(torch.clamp(r, min=TOPK_REST_TOL)),
+    lp_h = lp.cpu() if lp.device.type == "mps" else lp
+    r = _topk_rest_mass(lp_h, cdt)
+    tol = topk_rest_tolerance(lp_h)
+    log_r = torch.where(r > tol, torch.log(torch.clamp(r, min=TOPK_REST_TOL)),
                         torch.full_like(r, -math.inf))
     log_r = torch.where(torch.isnan(r), r, log_r)  # a nan teacher row (validate=False) stays nan
     return torch.cat([lp.to(cdt), log_r.to(dtype=cdt, device=lp.device)], -1)
@@ -712,13 +744,16 @@ def linear_kl_div(hidden, weight, target, *, bias=None, target_space="logits",
     pipelines store them. The divergence is taken over K + 1 buckets: the K listed categories and
     ONE extra bucket holding everything else. The teacher's extra bucket has the mass it left out,
     ``1 - sum_k exp(log_probs_k)``, computed from the stored values whatever their dtype in
-    double-double arithmetic (to about 1e-28 absolute: a left-out mass of 1.5e-8 in float32
-    log-probs is kept, not rounded to 0, and a float64 mass of 1e-12 keeps every digit) and taken as exactly 0 at or below ``TOPK_REST_TOL`` = 2^-40 (about 9.1e-13),
-    the same rule for every dtype. So a teacher renormalised over its top K (``log_softmax`` of
-    the top-k logits, in float64) has an empty extra bucket, and its reverse KL is +inf wherever
-    the student puts mass outside the K indices; the rounding residue of a teacher renormalised
-    in float32 or lower precision (about 1e-7) is above the tolerance and counts as real mass
-    (store such teachers in float64, or leave the left-out mass in). The student's extra bucket
+    double-double arithmetic (to about 1e-28 absolute: a float64 mass of 1e-12 keeps every
+    digit), and taken as exactly 0 when it is within what rounding to the storage dtype can leave
+    (:func:`topk_rest_tolerance`): ``max(2^-40, u (1 + 2 sum_k p_k |log_probs_k|) +
+    4 u' sqrt(K))``, u the unit roundoff of the log-probs' dtype, u' = min(u, 2^-24); 2^-40 for
+    float64, about 1e-6 for float32 at K = 8, 1e-2 for bfloat16. So a teacher renormalised over
+    its top K (``log_softmax`` of the top-k logits, in any dtype) has an empty extra bucket
+    whatever the sign of its rounding residue: the forward KL and JS are those of the stored
+    distribution, the reverse KL is +inf wherever the student puts mass outside the K indices.
+    A larger left-out mass is the teacher's (finite reverse KL); a smaller one cannot be told
+    from rounding in that dtype (store the log-probs in float64 to keep it). The student's extra bucket
     has its mass outside the K indices, ``1 - sum_k q(indices_k)`` (computed as a log-sum-exp over
     the complement, no cancellation). With K = V there is no extra bucket. ``temperature`` then
     divides the student's logits only: the stored teacher log-probs are used as given (store them
