@@ -60,9 +60,11 @@ _SMALL = 0.5  # |x| below which phi and expm1-based differences use the series /
 # above this, max_i log(zx p_i e^{d'_i}) is huge (KL in the tens or more): the row's terms are
 # taken in the frame of y_top - _HUGE_G instead of mu (no overflow: they stay below e^60 times V)
 _HUGE_G = 60.0
-# row maxima farther apart than this: the log-ratio is formed from each side centred on its own
-# maximum; otherwise as the raw difference minus that of the maxima, both with their rounding
-# errors (exact to eps^2 |mb - ma| absolute: 6e-11 in float32 at the bound)
+# row maxima farther apart than this: the side whose maximum is larger in magnitude is first
+# shifted by the rounded difference of the maxima (exact on the entries near its maximum), so
+# that the raw difference b - a is formed between sides at most ulp(mb - ma) apart; nearer rows
+# take it unshifted (the error term eps^2 |mb - ma| of the two-term difference: 6e-11 in
+# float32 at the bound)
 _FAR = 2048.0
 _T_RANGE = (1e-3, 1e3)  # temperatures handled by kl_rows; outside, the core's rows
 
@@ -162,23 +164,37 @@ def _frame(ma_raw, mb_raw, temperature):
     """Row constants: where each side's logits are taken from, per row (last axis kept).
 
     Returns ``ma`` (p's maximum), ``sa``, ``sb`` (what is subtracted from a and b before their
-    difference: 0 where the maxima are within _FAR and moderate, each side's maximum elsewhere),
-    ``c``, ``ec`` (the difference of the maxima as they enter the log-ratio, mb - sb - (ma - sa),
-    and its rounding error), ``yc`` (q's logits are ``b - yc`` in p's frame: mb) and ``y_top``
-    (the largest of them, after the temperature: 0). A maximum that is not finite (nan, +inf,
-    or a row that is -inf everywhere) makes its row nan, as it must be.
+    difference), ``c``, ``ec`` (the difference of the maxima as they enter the log-ratio,
+    mb - sb - (ma - sa), and its rounding error), ``yc`` (q's logits are ``b - yc`` in p's
+    frame: mb) and ``y_top`` (the largest of them, after the temperature: 0). The shifts:
+
+    - maxima within _FAR: none (sa = sb = 0; c = mb - ma with its rounding error);
+    - farther apart: the side whose maximum is larger in magnitude, by the rounded difference
+      of the maxima (sb = fl(mb - ma) where |mb| >= |ma|, else sa = fl(ma - mb)); then
+      mb - sb (ma - sa) is exact (Dekker's Fast2Sum) and so is c, at most ulp(mb - ma) / 2:
+      the sides are brought together without a rounding on the entries near the shifted
+      side's maximum (b - sb is exact wherever it is not larger than b), and the two-term
+      difference of :func:`_entries` holds its accuracy at any offset;
+    - huge rows (a maximum above finfo.max eps / 8, where b - a could overflow next to an
+      entry at -finfo.max): each side centred on its own maximum (sa = ma, sb = mb, c = 0);
+      there, an offset between the sides exceeds 2^20 ulp of the spread that the centring
+      rounds at.
+
+    A maximum that is not finite (nan, +inf, or a row that is -inf everywhere) makes its row
+    nan, as it must be.
     """
     fi = jnp.finfo(ma_raw.dtype)
     ma = _col(ma_raw)
     mb = _col(mb_raw)
-    # far: maxima more than _FAR apart (the error term of the raw difference, ~eps^2 |mb - ma|,
-    # would show), or so large that the raw difference could overflow (|ma|, |mb| <= max eps / 8
-    # keep b - a within finfo.max, even with an entry at -finfo.max)
+    # |ma|, |mb| <= max eps / 8 keep b - a within finfo.max, even with an entry at -finfo.max
     big = _k(float(fi.max) * float(fi.eps) / 8, ma)
-    far = lax.bitwise_or(lax.gt(lax.abs(lax.sub(ma, mb)), _k(_FAR, ma)),
-                         lax.gt(lax.max(lax.abs(ma), lax.abs(mb)), big))
-    sa = _sel(far, ma, 0.0)
-    sb = _sel(far, mb, 0.0)
+    huge = lax.gt(lax.max(lax.abs(ma), lax.abs(mb)), big)
+    o = lax.sub(mb, ma)
+    far = lax.gt(lax.abs(o), _k(_FAR, ma))
+    shift_b = lax.ge(lax.abs(mb), lax.abs(ma))
+    zero = lax.full_like(ma, 0.0)
+    sa = lax.select(huge, ma, lax.select(far, lax.select(shift_b, zero, lax.neg(o)), zero))
+    sb = lax.select(huge, mb, lax.select(far, lax.select(shift_b, o, zero), zero))
     ta, tb = lax.sub(ma, sa), lax.sub(mb, sb)
     c = lax.sub(tb, ta)
     ec = _two_diff_err(tb, ta, c)
@@ -205,8 +221,9 @@ def _entries(a, b, temperature, ma, sa, sb, sc, yc):
     exact rounding error (Knuth's TwoSum), d = (s - c) + (e_s - e_c): exact to a rounding of d
     and eps^2 |mb - ma| absolute. A plain float32 b - a rounds at the ulp of an offset between
     the sides (teacher log-probs against student logits: the 1e-4 signal of a close row rounded
-    at ulp(8) = 1e-6, a 3e-3 relative error in KL ~ 1e-9). Rows whose maxima are far apart
-    (or huge) take each side centred on its own maximum, s = (b - mb) - (a - ma), c = 0."""
+    at ulp(8) = 1e-6, a 3e-3 relative error in KL ~ 1e-9). Rows whose maxima are more than
+    _FAR apart shift one side first (:func:`_frame`); huge rows take each side centred on its
+    own maximum, s = (b - mb) - (a - ma), c = 0."""
     fmax = float(jnp.finfo(a.dtype).max)
     lo = _k(-fmax, a)
     c, ec = sc
@@ -222,8 +239,8 @@ def _entries(a, b, temperature, ma, sa, sb, sc, yc):
         d = lax.div(d, t)
         y = lax.div(y, t)
     if temperature < 1.0:
-        # within the float range (at T >= 1, d is: |ma|, |mb| <= max eps / 8 on rows that are
-        # not far, each side centred on its maximum on the others)
+        # within the float range (at T >= 1, d is: the shifted maxima are below max eps / 8 on
+        # rows that are not huge, each side centred on its maximum on the others)
         d = lax.clamp(lo, d, _k(fmax, a))
     return x, d, y
 
@@ -271,7 +288,7 @@ def _kl_parts(a, b, temperature, refine):
     escape = lax.bitwise_and(lax.gt(a, _k(-math.inf, a)), lax.eq(b, _k(-math.inf, b)))
     term = _sel(escape, math.inf, term)
     # a row whose maximum is not finite (a nan, a +inf, or -inf everywhere: no distribution)
-    # is nan already: x = a - ma (or, for q, b - sb with the row far) is nan at its maximum
+    # is nan already: x = a - ma (or, for q, b - sb with the row huge) is nan at its maximum
     if refine:
         total, res = _rowsums(term, lax.mul(ex, dc))
     else:
