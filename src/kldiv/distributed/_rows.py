@@ -141,12 +141,14 @@ def _delta(a, b, ma, mb, t, temperature, twosum=True, u=1.0):
 _GAP = 20.0  # rescaling exp(x - M) to exp(x - M_T) keeps full precision while M - M_T <= this
 
 
-def _exp_on(x, t, e, m, mt, temperature, u=1.0):
+def _exp_on(x, t, e, m, mt, temperature, u=1.0, far=None):
     """exp((x - mt) / T) on ``t`` from ``e = exp((x - m) / T)`` (mt <= m: the maximum over the
     subset).
 
     Rows where the subset's maximum lies far below the row maximum (the subset's entries may
     underflow in ``e``) are recomputed; that needs a host check, skipped when no row has one.
+    ``far``: that check's answer when the caller has it (``_pair_stats`` reads it with its
+    flags: no synchronisation here).
     """
     import torch
 
@@ -154,7 +156,7 @@ def _exp_on(x, t, e, m, mt, temperature, u=1.0):
     gap = torch.where(fin, (m - mt) / temperature, 0.0)
     if u != 1.0:
         gap = gap * u
-    if bool((gap > _GAP).any()):
+    if far if far is not None else bool((gap > _GAP).any()):
         return _exp_centred(x, t, mt, temperature, u)
     scale = torch.where(fin, torch.exp(gap), 0.0)[:, None]
     return _sel(t, e * scale, 0.0)
@@ -196,10 +198,13 @@ def _supports(a, b, dense):
 
 
 def _phase_max(a, b, check, dense, limit):
-    """Local row maxima (both sides, over the supports and over T) and flags: (n, 8).
+    """Local row maxima (both sides, over the supports and over T), flags and minus the minima
+    over the supports: (n, 10).
 
     The flag columns of the two sides hold 2 for nan or +inf (with ``check``) plus 1 for a
     finite logit beyond ``limit`` in magnitude (float32 only: the call then runs in float64).
+    The minima bound the log-ratios (``_pair_stats``: the overflow check is needed only where
+    they could leave the float range).
     """
     import torch
 
@@ -212,34 +217,34 @@ def _phase_max(a, b, check, dense, limit):
     if check:
         fa = 2 * (torch.isnan(a) | (a == math.inf)).any(dim=-1).to(f)
         fb = 2 * (torch.isnan(b) | (b == math.inf)).any(dim=-1).to(f)
-    if limit is not None and t is None and a.shape[-1]:  # dense: one pass gives both
+    if t is None and a.shape[-1]:  # dense: one pass gives both
         mina, ma = torch.aminmax(a, dim=-1)
         minb, mb = torch.aminmax(b, dim=-1)
     else:
         ma = _masked_max(a, sa)
         mb = _masked_max(b, sb)
-        if limit is not None:
-            mina, minb = _masked_min(a, sa), _masked_min(b, sb)
+        mina, minb = _masked_min(a, sa), _masked_min(b, sb)
     if limit is not None:
         fa = fa + ((ma > limit) | (mina < -limit)).to(f)
         fb = fb + ((mb > limit) | (minb < -limit)).to(f)
     maT = ma if t is None else _masked_max(a, t)
     mbT = mb if t is None else _masked_max(b, t)
-    return torch.stack([ma, mb, maT, mbT, a_only, b_only, fa, fb], dim=1)
+    return torch.stack([ma, mb, maT, mbT, a_only, b_only, fa, fb, -mina, -minb], dim=1)
 
 
-def _phase_sums(a, b, Ma, Mb, MaT, MbT, bR, temperature, dense, twosum, u=1.0):
+def _phase_sums(a, b, Ma, Mb, MaT, MbT, bR, temperature, dense, twosum, u=1.0, far=(None,) * 2):
     """Local exp-sums, p-weighted centred log-ratio sums and outside masses: (n, 9).
 
     ``bR``: b at a's mode on T (the log-ratio's reference entry, see ``_phase_ref``). The
-    log-ratio sums are in units of ``1 / u`` (quarters on calls in quarters)."""
+    log-ratio sums are in units of ``1 / u`` (quarters on calls in quarters). ``far``: the
+    ``_exp_on`` choices of a and b (``_gap_flags``)."""
     import torch
 
     sa, sb, t = _supports(a, b, dense)
     ea = _exp_centred(a, sa, Ma, temperature, u)  # exp((a - Ma) / T) on a's support, else 0
     eb = _exp_centred(b, sb, Mb, temperature, u)
-    eaT = _exp_on(a, t, ea, Ma, MaT, temperature, u)  # exp((a - MaT) / T) on T, 0 elsewhere
-    ebT = _exp_on(b, t, eb, Mb, MbT, temperature, u)
+    eaT = _exp_on(a, t, ea, Ma, MaT, temperature, u, far[0])  # exp((a - MaT) / T) on T
+    ebT = _exp_on(b, t, eb, Mb, MbT, temperature, u, far[1])
     delta = _delta(a, b, MaT, bR, t, temperature, twosum, u)
     # the entries at a's maximum over T (weight exactly 1) apart from the rest: a saturated a
     # (one-hot to within eps) keeps the rest's small sums, which its gradient is made of
@@ -307,7 +312,7 @@ def _phase_phi(a, b, MaT0, MbT0, log_saT, mu, big, temperature, dense, twosum, u
     return _sel(t, _w_phi(_xp(), wn, x, log_w_exp=lwx), 0.0).sum(dim=-1)
 
 
-def _pair_stats(a, b, temperature, group, check, names):
+def _pair_stats(a, b, temperature, group, check, names, need_direct=True):
     """Global row statistics of the pair (a, b), both (N, V_r) raw log-space values.
 
     Each side is centred on its own global maximum (over its support, and over the common
@@ -320,10 +325,15 @@ def _pair_stats(a, b, temperature, group, check, names):
     and ``T``, ``dense``, ``up`` (computed in float64); ``bR0``, ``aS0``: b at a's mode on T
     and a at b's mode on T (the log-ratio's reference entries; the maxima ``MbT0``, ``MaT0``
     on calls without a far row); ``u``: 4 on calls in quarters (``_pair_stats_at``), else 1.
-    Three collectives: MAX of (N, 8), SUM of (N, 9), SUM of (N, 1); calls with a row whose two
-    maxima over T lie more than ``_TWOSUM_SHIFT`` apart add a MAX of (N, 2) before the first SUM
-    (``_phase_ref``); calls whose log-ratios overflow repeat the sums once, wider; the passes
-    over the data run in row chunks between them.
+    Three collectives: MAX of (N, 10) and the widest shard's width, SUM of (N, 9), SUM of
+    (N, 1); calls with a row whose two maxima over T lie more than ``_TWOSUM_SHIFT`` apart add
+    a MAX of (N, 2) before the first SUM (``_phase_ref``); calls whose log-ratios overflow
+    repeat the sums once, wider; the passes over the data run in row chunks between them.
+
+    Host synchronisations: one after the MAX (every flag, the checks, the chunks' rescaling
+    choice of ``_exp_on`` and whether the overflow check is needed at all), and one after the
+    sums only for ``need_direct`` (JS / Jeffreys: ``direct``, which depends on them) or on
+    calls whose rows are wide enough to overflow (``_may_overflow``).
     """
     import torch
 
@@ -332,23 +342,31 @@ def _pair_stats(a, b, temperature, group, check, names):
     dense = _is_dense(a, b)
     limit = _F32_LIMIT * temperature if a.dtype == torch.float32 else None
     mx = torch.cat([_phase_max(a[i:j], b[i:j], check, dense, limit) for i, j in parts])
+    mx = torch.cat([mx.reshape(-1), mx.new_full((1,), float(width))])
     mx = _all_reduce(mx, "max", group)
+    mx, v_max = mx[:-1].view(n, -1), mx[-1]
     shift = (_finite0(mx[:, 3]) - _finite0(mx[:, 2])).abs()[:, 0]
-    # one host synchronisation for the flags and the largest shift between the two sides
-    flags = torch.cat([mx[:, 6:8].amax(dim=0), shift.amax()[None],
-                       _finite0(mx[:, 0:2]).amax()[None]]).tolist() if n else [0.0] * 4
+    gaps = torch.cat([_gap_flags(mx[i:j], temperature) for i, j in parts]) if n else mx[:0, 0]
+    # one host synchronisation for the flags, the largest shift between the two sides, the
+    # empty rows, the bound of the log-ratios (_may_overflow) and _exp_on's choices per chunk
+    f64 = torch.float64
+    flags = torch.cat([mx[:, 6:8].amax(dim=0).to(f64), shift.amax()[None].to(f64),
+                       _finite0(mx[:, 0:2]).amax()[None].to(f64),
+                       (mx[:, 0:2] == -math.inf).any(dim=0).to(f64),
+                       _ratio_bound(mx, v_max, group, temperature).amax()[None],
+                       gaps.to(f64)]).tolist() if n else [0.0] * 7
     twosum = flags[2] > _TWOSUM_SHIFT
     if check:
         for k, name in enumerate(names):
             if flags[k] >= 2:
                 raise ValueError(f"{name}: contains nan or +inf in some shard of the group")
-        for col, name in ((mx[:, 0], names[0]), (mx[:, 1], names[1])):
-            empty = col == -math.inf
-            if bool(empty.any()):
-                row = int(torch.nonzero(empty)[0, 0])
+        for k, (col, name) in enumerate(((mx[:, 0], names[0]), (mx[:, 1], names[1]))):
+            if flags[4 + k]:
+                row = int(torch.nonzero(col == -math.inf)[0, 0])
                 raise ValueError(
                     f"{name}: row {row} is -inf on every shard: that is no distribution"
                 )
+    gaps = [(bool(ga), bool(gb)) for ga, gb in zip(flags[7::2], flags[8::2])] or [(False,) * 2]
     up = any(f % 2 == 1 for f in flags[:2])  # the same on every rank (all-reduced flags)
     if up:
         a, b, mx = a.double(), b.double(), mx.double()
@@ -358,9 +376,12 @@ def _pair_stats(a, b, temperature, group, check, names):
     # maxima show; other overflows (a log-ratio beyond an eighth of the range: -1.7e308 where
     # the other side carries mass, or logits / T beyond it) show in the sums, and the call is
     # computed again: float32 in float64, float64 in quarters (extra work on such calls only).
+    # The sums are checked only where the maxima and minima say a log-ratio could get there.
     quarter = a.dtype == torch.float64 and flags[3] > _F64_LIMIT
     while True:
-        st = _pair_stats_at(a, b, mx, temperature, group, parts, dense, twosum, quarter)
+        check_sums = flags[6] >= _fmax(a) / 128
+        st = _pair_stats_at(a, b, mx, temperature, group, parts, dense, twosum, quarter, gaps,
+                            check_sums, need_direct)
         if not st.pop("overflow"):
             st.update(up=up, quarter=quarter)
             return st
@@ -369,6 +390,44 @@ def _pair_stats(a, b, temperature, group, check, names):
             a, b, mx = a.double(), b.double(), mx.double()
         else:
             quarter = True
+
+
+def _gap_flags(mx, temperature):
+    """Whether ``_exp_on`` must recompute the exponentials over T in this chunk of rows, for
+    a and for b (a row whose maximum over T lies more than ``_GAP`` below its maximum): (2,),
+    from the all-reduced maxima (in float64, as on calls computed in float64; in quarters the
+    gap is the same, the maxima being scaled by a power of 2)."""
+    import torch
+
+    m = mx[:, 0:4].double()
+    out = []
+    for k in (0, 1):
+        fin = torch.isfinite(m[:, 2 + k])
+        gap = torch.where(fin, (m[:, k] - m[:, 2 + k]) / temperature, 0.0)
+        out.append((gap > _GAP).any())
+    return torch.stack(out)
+
+
+def _ratio_bound(mx, v_max, group, temperature):
+    """Per row, a bound on every quantity of the log-ratio's scale that the sums form (float64):
+    ``(R_a + R_b) (V + 2)`` with ``R = (max - min) / T`` over a side's support and V the
+    vocabulary (at most the widest shard, ``v_max``, times the ranks). On T the centred
+    log-ratio is ``((b_i - bR) - (a_i - aS)) / T`` with reference entries of T, so
+    ``|delta| <= R_a + R_b``; its weighted mean ``mu`` too; ``S_rest`` and ``D_top`` are sums
+    of at most V of them with weights <= 1 (formed times 8); ``log_aT``, ``log_bT`` and ``L``
+    are within ``R + 2 log V``.
+    Below ``finfo.max / 128`` nothing overflows and ``_pair_stats_at``'s check (whose host read
+    would cost a synchronisation) is skipped. Rows with a nan are 0 (the check skips them); an
+    infinity (validation off) gives inf."""
+    import torch
+
+    from ._comm import _world
+
+    m = mx.double()
+    spread = (m[:, 0] + m[:, 8]) + (m[:, 1] + m[:, 9])
+    v = spread / temperature * (v_max.double() * _world(group) + 2.0)
+    v = torch.where(torch.isnan(v), math.inf, v)
+    return torch.where(torch.isnan(m[:, 0]) | torch.isnan(m[:, 1]), 0.0, v)
 
 
 def _units(temperature):
@@ -382,11 +441,14 @@ def _units(temperature):
     return u
 
 
-def _pair_stats_at(a, b, mx, temperature, group, parts, dense, twosum, quarter):
+def _pair_stats_at(a, b, mx, temperature, group, parts, dense, twosum, quarter, gaps,
+                   check_sums, need_direct):
     """``_pair_stats`` after the maxima ``mx``: the two SUM collectives (and the MAX of the
     reference entries on ``twosum`` calls), and ``overflow``: whether a log-ratio on the
     common support exceeded an eighth of the float range (the caller then computes the call
-    again, wider; never on calls in quarters).
+    again, wider; never on calls in quarters; checked only with ``check_sums``, else False).
+    ``gaps``: per chunk of ``parts``, ``_exp_on``'s choices; ``need_direct``: compute
+    ``direct`` (read on the host; else True).
 
     In quarters (``quarter``: a, b and their maxima are taken as quarters, exact; ``u = 4``) the
     log-ratios and everything of their scale (``mu``, ``L``, ``mean_d``, ``log_aT``, ``log_bT``,
@@ -415,7 +477,7 @@ def _pair_stats_at(a, b, mx, temperature, group, parts, dense, twosum, quarter):
     else:  # (b - a) - (MbT - MaT) is accurate: the maxima are the reference
         bR, aS = MbT, MaT
     sm = torch.cat([_phase_sums(a[i:j], b[i:j], Ma[i:j], Mb[i:j], MaT[i:j], MbT[i:j], bR[i:j],
-                                T, dense, twosum, u) for i, j in parts])
+                                T, dense, twosum, u, far) for (i, j), far in zip(parts, gaps)])
     sm = _all_reduce(sm, "sum", group)
     s_a, s_b, s_aT, s_bT, D_top, S_rest, s_aout, s_bout, s_rest = sm.unbind(dim=1)
     n_top = torch.round(s_aT - s_rest)  # the number of entries at the maximum (usually 1)
@@ -469,10 +531,12 @@ def _pair_stats_at(a, b, mx, temperature, group, parts, dense, twosum, quarter):
     kl = kl_u if u == 1.0 else kl_u * u  # (+inf beyond the float range)
     mean_d = torch.where(empty_t, 0.0, log_bT - log_aT - L)
     # JS / Jeffreys need _log_ratio's direct route only on rows centred far from 0; read with
-    # the overflow flag in one host synchronisation
+    # the overflow flag in one host synchronisation (none for forward / reverse on calls whose
+    # rows cannot overflow: _ratio_bound)
     direct = ((mu.abs() + mean_d.abs()) * u >= 64.0).any()
     overflow = torch.zeros_like(direct)
-    if not quarter:
+    check_sums = check_sums and not quarter
+    if check_sums:
         # everything of the log-ratio's scale within an eighth of the float range (so that no
         # difference or sum of a few of them formed later overflows), on rows without a nan
         lim = _fmax(mu) / 8
@@ -480,7 +544,10 @@ def _pair_stats_at(a, b, mx, temperature, group, parts, dense, twosum, quarter):
                | (~empty_t & ((log_aT.abs() > lim) | (log_bT.abs() > lim))))
         bad = bad & ~(torch.isnan(Ma) | torch.isnan(Mb))
         overflow = bad.any()
-    overflow, direct = torch.stack([overflow, direct]).tolist()
+    if check_sums or need_direct:
+        overflow, direct = torch.stack([overflow, direct]).tolist()
+    else:
+        overflow, direct = False, True
     return dict(Ma=Ma, Mb=Mb, MaT0=MaT0, MbT0=MbT0, bR0=bR0, aS0=aS0, la=la, lb=lb, mu=mu,
                 a_out=a_out,
                 n_top=n_top, D_top=D_top, S_rest=S_rest, s_rest=s_rest, s_aT=s_aT1,
@@ -653,9 +720,9 @@ def _rows_and_stats(kind, x, y, beta, temperature, group, check, names=("p_shard
 
     dt = x.dtype
     if kind == "reverse":
-        st = _pair_stats(y, x, temperature, group, check, names[::-1])
+        st = _pair_stats(y, x, temperature, group, check, names[::-1], need_direct=False)
         return _finish(st["kl"], st, dt, torch.isfinite(st["kl_u"]))
-    st = _pair_stats(x, y, temperature, group, check, names)
+    st = _pair_stats(x, y, temperature, group, check, names, need_direct=kind != "forward")
     if kind == "forward":
         return _finish(st["kl"], st, dt, torch.isfinite(st["kl_u"]))
     if st["up"]:
