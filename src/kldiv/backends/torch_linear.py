@@ -753,11 +753,11 @@ def linear_kl_div(hidden, weight, target, *, bias=None, target_space="logits",
     whatever the sign of its rounding residue: the forward KL and JS are those of the stored
     distribution, the reverse KL is +inf wherever the student puts mass outside the K indices.
     A larger left-out mass is the teacher's (finite reverse KL); a smaller one cannot be told
-    from rounding in that dtype (store the log-probs in float64 to keep it). The student's extra bucket
-    has its mass outside the K indices, ``1 - sum_k q(indices_k)`` (computed as a log-sum-exp over
-    the complement, no cancellation). With K = V there is no extra bucket. ``temperature`` then
-    divides the student's logits only: the stored teacher log-probs are used as given (store them
-    at the temperature you want).
+    from rounding in that dtype (store the log-probs in float64 to keep it). The student's
+    extra bucket has its mass outside the K indices, ``1 - sum_k q(indices_k)`` (computed as a
+    log-sum-exp over the complement, no cancellation). With K = V there is no extra bucket.
+    ``temperature`` then divides the student's logits only: the stored teacher log-probs are
+    used as given (store them at the temperature you want).
 
     Args:
       hidden: (N, H) or (..., H) student hidden states; float32, float64, bfloat16 or float16.
