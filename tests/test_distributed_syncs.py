@@ -59,7 +59,8 @@ def _inputs(dtype):
     wide_x[2, 3], wide_y[2, 3] = big, -big
     masked_x = x.clone()
     masked_x[1, 4:8] = -float("inf")
-    return {"ordinary": (x, y), "masked": (masked_x, y), "wide": (wide_x, wide_y)}
+    return {"ordinary": (x, y), "masked": (masked_x, y), "wide": (wide_x, wide_y),
+            "empty": (x[:0], y[:0])}
 
 
 def _worker(rank, world, init_file, out_dir):
@@ -111,6 +112,9 @@ def test_syncs_per_call(counts):
         assert b[key][:2] == (n, nb), key  # every rank reads the same (it decides the same)
         assert torch.equal(v, b[key][2]), key
         dtype, case, kind = key
+        if case == "empty":  # (no rows: nothing to read but the support check)
+            assert v.shape == (0,) and n <= WANT[kind] and nb == 0, (key, n, nb)
+            continue
         assert (n, nb) == (WANT[kind] + (case == "wide"), 0), (key, n, nb)
 
 

@@ -342,9 +342,10 @@ def _pair_stats(a, b, temperature, group, check, names, need_direct=True):
     dense = _is_dense(a, b)
     limit = _F32_LIMIT * temperature if a.dtype == torch.float32 else None
     mx = torch.cat([_phase_max(a[i:j], b[i:j], check, dense, limit) for i, j in parts])
+    cols = mx.shape[1]
     mx = torch.cat([mx.reshape(-1), mx.new_full((1,), float(width))])
     mx = _all_reduce(mx, "max", group)
-    mx, v_max = mx[:-1].view(n, -1), mx[-1]
+    mx, v_max = mx[:-1].view(n, cols), mx[-1]
     shift = (_finite0(mx[:, 3]) - _finite0(mx[:, 2])).abs()[:, 0]
     gaps = torch.cat([_gap_flags(mx[i:j], temperature) for i, j in parts]) if n else mx[:0, 0]
     # one host synchronisation for the flags, the largest shift between the two sides, the
