@@ -567,7 +567,7 @@ def _run(hidden, weight, bias, plan):
     cdt, n, V = plan.cdt, plan.n, plan.V  # V: the columns kept (vocab_size)
     V_all = weight.shape[0]
     dev = hidden.device
-    h2 = hidden.reshape(n, -1)
+    h2 = hidden.reshape(n, hidden.shape[-1])
     H = h2.shape[1]
     keep_idx = plan.keep_idx  # None: every row counts
     n_keep = n if keep_idx is None else keep_idx.numel()
