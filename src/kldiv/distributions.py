@@ -105,14 +105,51 @@ def _log_ratio(xp, a, b):
     """``log(a / b)`` for positive ``a``, ``b``, accurate when they are nearly equal at any
     magnitude: within a factor 2 the difference ``a - b`` is exact (Sterbenz) and
     ``log1p((a - b) / b)`` keeps every digit, where ``log a - log b`` would cancel (scales 0.01
-    and 0.01 + 1e-14: log a and log b agree in 13 of their 16 digits)."""
+    and 0.01 + 1e-14: log a and log b agree in 13 of their 16 digits).
+
+    Farther apart it is ``log(a / b)`` (one rounding in the quotient, none cancelled) while the
+    quotient is a normal number, else ``log a - log b`` (ratios beyond the float range).
+    """
     near = (a <= 2 * b) & (b <= 2 * a)
     one = xp.ones_like(a)
     an = xp.where(near, a, one)
     bn = xp.where(near, b, one)
     af = xp.where(near, one, a)
     bf = xp.where(near, one, b)
-    return xp.where(near, xp.log1p((an - bn) / bn), xp.log(af) - xp.log(bf))
+    split = xp.log(af) - xp.log(bf)
+    # the quotient is a normal number with room to spare: |log(a / b)| < log(max) - 1
+    inside = xp.abs(split) < math.log(float(xp.finfo(a.dtype).max)) - 1.0
+    aq = xp.where(inside, af, one)
+    bq = xp.where(inside, bf, one)
+    return xp.where(near, xp.log1p((an - bn) / bn), xp.where(inside, xp.log(aq / bq), split))
+
+
+def _half_expm1_minus_x(xp, x):
+    """``(e^x - 1 - x) / 2`` for ``x < +inf``, finite wherever the value is: near 0 the
+    cancellation-free series of ``_expm1_minus_x``; where ``e^x`` itself would overflow
+    (``x > log(max) - 1``) ``(e^(x/2) / 2) e^(x/2)`` (``- (1 + x) / 2`` is below its
+    rounding)."""
+    big = x > math.log(float(xp.finfo(x.dtype).max)) - 1.0
+    zero = xp.zeros_like(x)
+    xs = xp.where(big, zero, x)
+    xb = xp.where(big, x, zero)
+    e = xp.exp(0.5 * xb)
+    return xp.where(big, (0.5 * e) * e, 0.5 * _expm1_minus_x(xp, xs))
+
+
+def _safe_diff(xp, a, b):
+    """``(a - b, over)``: the difference, or where it overflows (finite ``a``, ``b``: |a - b| up
+    to 2 max) the halved difference ``a/2 - b/2``, flagged by ``over``."""
+    d = a - b
+    over = xp.isinf(d)
+    zero = xp.zeros_like(d)
+    return xp.where(over, 0.5 * a - 0.5 * b, d), over
+
+
+def _half_sq(xp, z, over):
+    """``z^2 / 2``, or ``(2 z)^2 / 2`` where ``over`` (``z`` holds a halved difference), formed
+    as one product of in-range factors: finite wherever the value is."""
+    return xp.where(over, (2.0 * z) * z, (0.5 * z) * z)
 
 
 def _solve_tril(xp, L, B):
@@ -201,7 +238,11 @@ def normal_kl_logvar(mean_p, logvar_p, mean_q=None, logvar_q=None, *, axis=-1,
               + (\mu_{p,i}-\mu_{q,i})^2 e^{-v_{q,i}} \Big],\quad d_i = v_{p,i} - v_{q,i}
 
     ``e^d - 1 - d`` is evaluated without cancellation, so nearly equal variances keep full
-    relative accuracy. Leave out ``mean_q`` and ``logvar_q`` for the standard normal (the VAE
+    relative accuracy. No intermediate overflows where the value is in range: the mean term is
+    ``((dm e) e)^2 / 2`` with ``e = e^(-v_q/4)`` (identical Gaussians of log-variance -100 in
+    float32 give 0, with gradients 0), ``e^d / 2`` is formed as ``(e^(d/2) / 2) e^(d/2)``, and a
+    difference that overflows (means 1e308 and -1e308) is taken from halves.
+    Leave out ``mean_q`` and ``logvar_q`` for the standard normal (the VAE
     term ``-1/2 sum(1 + logvar - mean**2 - exp(logvar))``). All arguments broadcast.
 
     Args:
@@ -236,8 +277,18 @@ def normal_kl_logvar(mean_p, logvar_p, mean_q=None, logvar_q=None, *, axis=-1,
     if vq is None:
         vq = xp.zeros_like(vp)
     mp, vp, mq, vq = _broadcast(xp, mp, vp, mq, vq)
-    dm = mp - mq
-    terms = 0.5 * (_expm1_minus_x(xp, vp - vq) + dm * dm * xp.exp(-vq))
+    # (e^d - 1 - d) / 2, d = vp - vq; d = -inf (overflow of finite log-variances) is -d / 2
+    d = vp - vq
+    neg = d == -math.inf
+    zero = xp.zeros_like(d)
+    half_var = xp.where(neg, (0.5 * vq - 0.5 * vp) - 0.5,
+                        _half_expm1_minus_x(xp, xp.where(neg, zero, d)))
+    # (dm e^(-vq/2))^2 / 2 as ((dm e) e)^2 / 2, e = e^(-vq/4): every factor stays in range
+    # whenever the term does (e^(-vq) alone overflows at vq < -709.8, float32 -88.7, where
+    # dm * dm may be 0 or tiny); dm = 0 takes e = 1 (value and gradients 0, no 0 * inf)
+    dm, over = _safe_diff(xp, mp, mq)
+    e = xp.exp(xp.where(dm == 0, zero, -0.25 * vq))
+    terms = half_var + _half_sq(xp, (dm * e) * e, over)
     return _finish(xp, _sum_axes(xp, terms, axis), reduction, mask, weight)
 
 
@@ -253,7 +304,10 @@ def normal_kl_scale(mean_p, scale_p, mean_q=None, scale_q=None, *, axis=-1, redu
     Same value as :func:`normal_kl_logvar` with ``logvar = 2 log(scale)``, computed the same
     way: the log of the scale ratio is ``log1p`` of the relative difference when the scales are
     within a factor 2, so nearly equal scales keep full relative accuracy at any magnitude (0.01
-    against 0.01 + 1e-14 included). Scales must be > 0 (ValueError otherwise).
+    against 0.01 + 1e-14 included); for ``rho > e`` the first two terms come from ``rho`` itself,
+    ``(rho / 2) rho``. No intermediate overflows where the value is in range (``(dz / 2) dz``;
+    means whose difference overflows are differenced from halves). Scales must be > 0
+    (ValueError otherwise).
     None for ``mean_q``/``scale_q`` means 0 and 1 (the standard normal).
 
     Args:
@@ -286,8 +340,17 @@ def normal_kl_scale(mean_p, scale_p, mean_q=None, scale_q=None, *, axis=-1, redu
     if sq is None:
         sq = xp.ones_like(sp)
     mp, sp, mq, sq = _broadcast(xp, mp, sp, mq, sq)
-    dz = (mp - mq) / sq
-    terms = 0.5 * (_expm1_minus_x(xp, 2.0 * _log_ratio(xp, sp, sq)) + dz * dz)
+    # (rho^2 - 1) / 2 - log rho: through e^u - 1 - u, u = 2 log rho (no cancellation near
+    # rho = 1), but for rho > e from rho itself, ((rho / 2) rho): e^u would carry u's rounding
+    # (|u| eps relative, 3e-13 at rho = 1e150) and overflow where rho^2 / 2 does not
+    lr = _log_ratio(xp, sp, sq)
+    big = lr > 1.0
+    one = xp.ones_like(lr)
+    rho = xp.where(big, sp, one) / xp.where(big, sq, one)
+    half_var = xp.where(big, (0.5 * rho) * rho - (0.5 + lr),
+                        _half_expm1_minus_x(xp, 2.0 * xp.where(big, xp.zeros_like(lr), lr)))
+    dm, over = _safe_diff(xp, mp, mq)
+    terms = half_var + _half_sq(xp, dm / sq, over)
     return _finish(xp, _sum_axes(xp, terms, axis), reduction, mask, weight)
 
 
@@ -672,15 +735,22 @@ def _kl_laplace_laplace(p, q):
     """
     xp = p.xp
     loc_p, scale_p, loc_q, scale_q = _broadcast(xp, p.loc, p.scale, q.loc, q.scale)
-    d = xp.abs(loc_p - loc_q)
+    # |loc_p - loc_q|, halved where it overflows (finite locs 1e308 and -1e308)
+    d, over = _safe_diff(xp, loc_p, loc_q)
+    d = xp.abs(d)
     u = _log_ratio(xp, scale_p, scale_q)
-    t = d / scale_p
+    two = xp.where(over, 2.0 * xp.ones_like(d), xp.ones_like(d))
+    t = two * (d / scale_p)
     near = (xp.abs(u) < 0.5) & (t < 0.5)
     zero = xp.zeros_like(u)
     un, tn = xp.where(near, u, zero), xp.where(near, t, zero)
     close = _expm1_minus_x(xp, un - tn) + tn * ((scale_p - scale_q) / scale_q)
+    # r e^-t, as e^(u - t) where r = b_p / b_q overflows (e^-t may then be 0: no inf * 0)
     ratio = scale_p / scale_q
-    far = -u + d / scale_q + ratio * xp.exp(-t) - 1.0
+    r_inf = xp.isinf(ratio)
+    decay = xp.where(r_inf, xp.exp(xp.where(r_inf, u - t, zero)),
+                     xp.where(r_inf, zero, ratio) * xp.exp(-t))
+    far = -u + two * (d / scale_q) + decay - 1.0
     terms = xp.where(near, close, far)
     return _sum_axes(xp, terms, tuple(range(-p.event_ndim, 0)))
 

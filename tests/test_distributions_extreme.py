@@ -1,0 +1,218 @@
+"""Closed-form KLs of kldiv.distributions at extreme parameters, against mpmath (50 digits) on
+the exact float inputs: no intermediate may overflow (nan from 0 * inf, or inf for a finite KL)
+where the value is in range; torch gradients against mpmath derivatives.
+
+Audit 3, F3: ``normal_kl_logvar`` gave nan for identical Gaussians with a log-variance below
+-88.7 (float32) / -709.8 (float64) (``exp(-vq)`` overflowed while ``dm * dm`` was 0) and inf
+for finite KLs; ``normal_kl_scale`` and Laplace-Laplace overflowed ``dz * dz`` / ``mp - mq``.
+"""
+import math
+import warnings
+
+import mpmath
+import numpy as np
+import pytest
+
+from kldiv import distributions as D
+
+torch = pytest.importorskip("torch")
+
+pytestmark = pytest.mark.usefixtures("restore_jax_x64")
+
+mpmath.mp.dps = 50
+
+F32_MAX = float(np.finfo(np.float32).max)
+F64_MAX = float(np.finfo(np.float64).max)
+
+
+def _as(backend, x, dtype):
+    x = np.asarray(x, dtype=dtype)
+    if backend == "numpy":
+        return x
+    if backend == "torch":
+        return torch.from_numpy(x)
+    import jax
+
+    if dtype == np.float64:
+        jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+
+    out = jnp.asarray(x)
+    assert out.dtype == dtype
+    return out
+
+
+def _f(x):
+    if hasattr(x, "detach"):
+        x = x.detach().numpy()
+    return float(np.asarray(x).reshape(-1)[0])
+
+
+def _np(x):
+    if hasattr(x, "detach"):
+        x = x.detach().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def _ref_logvar(mp_, vp, mq, vq):
+    mp_, vp, mq, vq = map(mpmath.mpf, (mp_, vp, mq, vq))
+    d = vp - vq
+    return (mpmath.exp(d) - 1 - d + (mp_ - mq) ** 2 * mpmath.exp(-vq)) / 2
+
+
+def _ref_scale(mp_, sp, mq, sq):
+    mp_, sp, mq, sq = map(mpmath.mpf, (mp_, sp, mq, sq))
+    r = sp / sq
+    return (r * r - 1) / 2 - mpmath.log(r) + (mp_ - mq) ** 2 / (2 * sq * sq)
+
+
+def _ref_laplace(mp_, bp, mq, bq):
+    mp_, bp, mq, bq = map(mpmath.mpf, (mp_, bp, mq, bq))
+    d = abs(mp_ - mq)
+    return mpmath.log(bq / bp) + d / bq + (bp / bq) * mpmath.exp(-d / bp) - 1
+
+
+def _check(got, ref, dtype, rtol=None):
+    """``got`` equals the mpmath value rounded to ``dtype`` (inf beyond its range)."""
+    big = F32_MAX if dtype == np.float32 else F64_MAX
+    if rtol is None:
+        rtol = 4e-7 if dtype == np.float32 else 2e-15
+    assert not math.isnan(got), (got, ref)
+    if abs(ref) > big:
+        assert got == math.inf, (got, mpmath.nstr(ref, 8))
+        return
+    tiny = float(np.finfo(dtype).tiny)
+    assert abs(got - float(ref)) <= rtol * float(abs(ref)) + tiny, (got, mpmath.nstr(ref, 12))
+
+
+# (mean_p, logvar_p, mean_q, logvar_q) and the dtypes they are meant for
+LOGVAR = [
+    ((0.0, -89.0, 0.0, -89.0), "32"),          # identical, e^-vq overflows in float32: was nan
+    ((0.0, -100.0, 0.0, -100.0), "32"),
+    ((1e-3, -88.0, 0.0, -90.0), "32"),         # finite 6.1e32: was inf
+    ((1e20, 100.0, 0.0, 100.0), "32"),         # dm * dm overflows, e^-vq underflows: was inf
+    ((1e10, -50.0, 0.0, -50.0), "32"),         # 2.6e41: truly beyond float32 (inf)
+    ((3.0, 80.0, -2.0, 87.0), "32"),
+    ((0.0, 88.0, 0.0, -0.5), "32"),            # e^d / 2 in range, e^d overflows
+    ((0.0, -800.0, 0.0, -800.0), "64"),        # was nan
+    ((1e-200, -1000.0, 0.0, -1000.0), "64"),   # 9.85e33: was nan
+    ((1e-320, -1500.0, 0.0, -1500.0), "64"),   # subnormal dm, e^(-vq/2) overflows: 5.3e5^2 / 2
+    ((1e200, 1000.0, 0.0, 1000.0), "64"),      # was nan
+    ((1e150, 0.0, -1e150, 700.0), "64"),
+    ((1e308, 2000.0, -1e308, 2000.0), "64"),   # mp - mq overflows: 2e308^2 e^-2000 / 2
+    ((0.0, 710.0, 0.0, 0.0), "64"),            # e^710 / 2 = 1.1e308: was inf
+    ((0.0, 709.0, 0.0, -0.5), "64"),
+    ((0.0, -1e308, 0.0, 1e308), "64"),         # vp - vq = -inf: KL = 1e308 - 1/2
+    ((0.0, 1e308, 0.0, -1e308), "64"),         # truly inf
+    ((0.0, -745.0, 0.0, 0.0), "both"),
+    ((2.0, 800.0, 0.0, 800.000001), "both"),
+    ((0.5, 0.25, -0.5, 0.25 + 1e-7), "both"),
+]
+
+
+def _cases(table, dtype):
+    tag = "32" if dtype == np.float32 else "64"
+    out = []
+    for c, which in table:
+        if which not in (tag, "both"):
+            continue
+        if dtype == np.float32 and any(abs(v) > F32_MAX for v in c):
+            continue
+        out.append(c)
+    return out
+
+
+def _no_subnormals(cases, backend, dtype):
+    """XLA on CPU flushes subnormal numbers to 0: those inputs are not what JAX computes on."""
+    if backend != "jax":
+        return cases
+    tiny = float(np.finfo(dtype).tiny)
+    return [c for c in cases if not any(v != 0 and abs(v) < tiny for v in c)]
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch", "jax"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_normal_kl_logvar_extreme_values(backend, dtype):
+    cases = _no_subnormals(_cases(LOGVAR, dtype), backend, dtype)
+    args = [_as(backend, col, dtype) for col in zip(*cases)]   # all cases in one call
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = _np(D.normal_kl_logvar(*args, axis=()))
+    for c, g in zip(cases, got):
+        _check(float(g), _ref_logvar(*[float(dtype(v)) for v in c]), dtype)
+
+
+def _ref_logvar_grad(mp_, vp, mq, vq):
+    mp_, vp, mq, vq = map(mpmath.mpf, (mp_, vp, mq, vq))
+    e = mpmath.exp(-vq)
+    g_mp = (mp_ - mq) * e
+    g_vp = (mpmath.exp(vp - vq) - 1) / 2
+    g_vq = -g_vp - (mp_ - mq) ** 2 * e / 2
+    return [g_mp, g_vp, -g_mp, g_vq]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_normal_kl_logvar_extreme_gradients(dtype):
+    npd = np.float32 if dtype == torch.float32 else np.float64
+    cases = [(0.0, -100.0, 0.0, -100.0), (1e-3, -88.0, 0.0, -90.0), (1e20, 100.0, 0.0, 100.0),
+             (0.0, -89.0, 0.0, -89.0), (2.0, 3.0, -1.0, 2.5)]
+    if dtype == torch.float64:
+        cases += [(0.0, -800.0, 0.0, -800.0), (1e-200, -1000.0, 0.0, -1000.0),
+                  (1e200, 1000.0, 0.0, 1000.0), (0.0, 700.0, 0.0, 0.0)]
+    for c in cases:
+        xs = [torch.tensor([v], dtype=dtype, requires_grad=True) for v in c]
+        value = D.normal_kl_logvar(*xs, axis=())
+        value.sum().backward()
+        exact = [float(npd(v)) for v in c]
+        _check(_f(value), _ref_logvar(*exact), npd)
+        for x, g in zip(xs, _ref_logvar_grad(*exact)):
+            _check(_f(x.grad), g, npd, rtol=2e-6 if dtype == torch.float32 else 1e-14)
+
+
+SCALE = [
+    ((2e19, 1.0, 0.0, 1.0), "both"),           # float32 dz * dz overflowed: 2e38
+    ((1e308, 1e300, -1e308, 1e300), "64"),     # mp - mq overflowed: 2e16
+    ((1.5e154, 1.0, 0.0, 1.0), "64"),          # 1.125e308
+    ((0.0, 1.6e154, 0.0, 1.0), "64"),          # rho^2 overflows, rho^2 / 2 does not
+    ((0.0, 1.8e19, 0.0, 1.0), "32"),
+    ((0.0, 1e-300, 0.0, 1e300), "64"),
+    ((0.0, 1e300, 0.0, 1e-300), "64"),         # truly inf
+    ((1e-300, 1e-300, 0.0, 1e-300), "64"),
+    ((0.0, 1e-320, 0.0, 3e-320), "64"),        # subnormal scales: log(a / b), not log a - log b
+    ((0.0, 1.0, 0.0, 3.0 - 1e-15), "both"),
+    ((1.0, 0.01, 1.0 + 1e-12, 0.01 + 1e-14), "both"),
+]
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_normal_kl_scale_extreme_values(backend, dtype):
+    cases = _no_subnormals(_cases(SCALE, dtype), backend, dtype)
+    args = [_as(backend, col, dtype) for col in zip(*cases)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = _np(D.normal_kl_scale(*args, axis=()))
+    for c, g in zip(cases, got):
+        _check(float(g), _ref_scale(*[float(dtype(v)) for v in c]), dtype)
+
+
+LAPLACE = [
+    (1e308, 1.0, -1e308, 1e300),               # |loc_p - loc_q| overflowed: 2.0e8
+    (-1e308, 1e-300, 1e308, 1e300),
+    (0.0, 1e300, 1e308, 1e-10),                # b_p / b_q overflows, e^-t = 0: truly inf
+    (0.0, 1e-320, 0.0, 3e-320),
+    (0.0, 1.0, 1e-8, 1.0),
+    (0.0, 1.0, 0.5, 0.6),
+    (0.0, 1.0, 1e-300, 1.0 + 1e-15),
+    (1e300, 1e-10, 0.0, 1.0),
+]
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_laplace_kl_extreme_values(backend):
+    a = [_as(backend, col, np.float64) for col in zip(*LAPLACE)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = _np(D.kl(D.Laplace(a[0], a[1]), D.Laplace(a[2], a[3])).value)
+    for c, g in zip(LAPLACE, got):
+        _check(float(g), _ref_laplace(*c), np.float64, rtol=4e-15)
