@@ -206,9 +206,6 @@ def test_tolerance_edge_per_dtype():
         assert math.isfinite(float(linear_kl_div(z, W, (idx, lp), divergence="reverse")))
 
 
-@pytest.mark.xfail(strict=True, reason="kldiv/cache/estimators.py linear_bucket_kl upcasts a "
-                   "float32 cache to float64 for a float64 student (the float64 tolerance then "
-                   "applies); remove its `if hidden.dtype == torch.float64: lp = lp.double()`")
 def test_bucket_estimator_agrees():
     """kldiv.cache.linear_bucket_kl (a float32 cache, a float64 student) gives
     linear_kl_div's value on the stored float32 values (the same tolerance)."""

@@ -32,7 +32,9 @@ def kl_bounds(student_logits, topk_ids, topk_logprobs, *, temperature=1.0, tail_
 
     ``student_logits``: (..., V); ``topk_ids``/``topk_logprobs``: (..., K), the teacher's K most
     likely tokens (the upper bound relies on their being the largest). ``tail_logmass``: the
-    cached log tail mass (default: ``log(1 - sum exp(topk_logprobs))``). Computed in float64
+    cached log tail mass (default: ``log(1 - sum exp(topk_logprobs))`` from the stored values,
+    -inf where that is within their dtype's rounding:
+    ``kldiv.backends.torch_linear.topk_rest_tolerance``). Computed in float64
     without gradient.
 
     >>> import torch
@@ -53,10 +55,13 @@ def kl_bounds(student_logits, topk_ids, topk_logprobs, *, temperature=1.0, tail_
         ids = topk_ids.to(device=z.device, dtype=torch.int64)
         a = topk_logprobs.to(device=z.device, dtype=torch.float64)
         V, K = z.shape[-1], ids.shape[-1]
-        if tail_logmass is None:
-            s = torch.logsumexp(a, -1).clamp(max=0.0)
-            logr = torch.where(s > -math.log(2.0), torch.log(-torch.expm1(s)),
-                               torch.log1p(-torch.exp(s)))
+        if tail_logmass is None:  # as linear_kl_div reads a top-k teacher: exact, 0 within rounding
+            from ..backends.torch_linear import _topk_rest_mass, topk_rest_tolerance
+
+            lp = topk_logprobs.to(z.device).reshape(-1, K)
+            rest = _topk_rest_mass(lp)
+            rest = torch.where(rest > topk_rest_tolerance(lp), rest, torch.zeros_like(rest))
+            logr = torch.log(rest).reshape(a.shape[:-1])
         else:
             logr = tail_logmass.to(device=z.device, dtype=torch.float64)
         pa = torch.exp(a)
