@@ -828,6 +828,8 @@ def kl_div_inplace(p, q_logits, *, p_space="logits", q_space="logits", kind="for
     logits are needed for this loss alone, as in a distillation step. ``q_logits`` must be a
     tensor that autograd allows to modify in place (a non-leaf, such as a layer's output, or a
     tensor that does not require grad); the gradient reaches its producers by ``backward()``.
+    Its memory must not overlap itself: an expanded ``q_logits`` (stride 0, one row shared by
+    several) cannot hold one gradient per row and is refused (ValueError).
 
     Args:
       p: the reference (teacher) in ``p_space`` ("logits" or "log_probs"), shape (..., V).
@@ -884,6 +886,12 @@ def kl_div_inplace(p, q_logits, *, p_space="logits", q_space="logits", kind="for
             "q_logits: a leaf tensor that requires grad cannot be overwritten; pass the output "
             "of the layer that makes the logits (a non-leaf), or use kldiv.kl_div"
         )
+    if _overlaps(q_logits):
+        raise ValueError(
+            "q_logits: its memory overlaps itself (an expanded tensor, stride 0, or rows that "
+            "share elements), so it cannot receive its own gradient; pass a tensor with one "
+            "element per entry (for example q_logits.contiguous()), or use kldiv.kl_div"
+        )
     try:
         q_logits.view(-1, q_logits.shape[-1])
     except RuntimeError:
@@ -927,6 +935,21 @@ def kl_div_inplace(p, q_logits, *, p_space="logits", q_space="logits", kind="for
     if p_later and bool(torch.isnan(value.detach())):
         _check_values_of(p, "p", p_space, mask)  # raises p's error (q_logits is overwritten)
     return value
+
+
+def _overlaps(t):
+    """Whether two entries of the tensor ``t`` may share memory (stride 0 on a dimension of
+    size > 1, or rows that interleave: each stride, by size, must clear the span of the
+    smaller one). Unusual interleaved layouts that do not overlap are counted as overlapping."""
+    if torch._debug_has_internal_overlap(t) == 1:
+        return True
+    dims = sorted((abs(st), sz) for st, sz in zip(t.stride(), t.shape) if sz > 1)
+    span = 1
+    for st, sz in dims:
+        if st < span:
+            return True
+        span = st * sz
+    return False
 
 
 def _check_values_of(x, name, space, mask):
