@@ -216,3 +216,78 @@ def test_laplace_kl_extreme_values(backend):
         got = _np(D.kl(D.Laplace(a[0], a[1]), D.Laplace(a[2], a[3])).value)
     for c, g in zip(LAPLACE, got):
         _check(float(g), _ref_laplace(*c), np.float64, rtol=4e-15)
+
+
+# --------------------------------------------------------------------------- full-covariance
+# Audit 3, F7: mvn_kl_cholesky's relative error grew as 1/difference for nearly identical
+# factors (5.6e-5 at a 1e-12 difference): M = L_q^-1 L_p by a triangular solve leaves ulp(|L|)
+# of noise in its strict lower part, next to entries of the size of the difference.
+
+
+def _mp_mat(a):
+    return mpmath.matrix([[mpmath.mpf(float(v)) for v in row] for row in np.atleast_2d(a)])
+
+
+def _ref_mvn(m1, L1, m2, L2):
+    """KL and its gradients w.r.t. mean_p and L_p (lower triangle), mpmath on exact inputs."""
+    k = len(m1)
+    A, B = _mp_mat(L1), _mp_mat(L2)
+    d = _mp_mat(np.asarray(m2)[:, None]) - _mp_mat(np.asarray(m1)[:, None])
+    Sq_inv = (B * B.T) ** -1
+    tr = sum((Sq_inv * A * A.T)[i, i] for i in range(k))
+    maha = (d.T * Sq_inv * d)[0, 0]
+    ld = 2 * sum(mpmath.log(B[i, i]) - mpmath.log(A[i, i]) for i in range(k))
+    value = (tr + maha - k + ld) / 2
+    g_m = -(Sq_inv * d)
+    G = Sq_inv * A
+    g_L = [[G[i, j] - (1 / A[i, i] if i == j else 0) if j <= i else mpmath.mpf(0)
+            for j in range(k)] for i in range(k)]
+    return value, [g_m[i, 0] for i in range(k)], g_L
+
+
+def _mvn_pairs():
+    rng = np.random.default_rng(7)
+    out = []
+    for it in range(12):
+        k = 1 + it % 5
+        A = np.tril(rng.standard_normal((k, k)))
+        np.fill_diagonal(A, np.abs(np.diag(A)) + 0.2)
+        sc = [1.0, 1e-100, 1e100][it % 3]
+        eps = [1e-8, 1e-12, 1e-14, 1e-15][it % 4]
+        A = A * sc
+        m1 = rng.standard_normal(k) * sc
+        B = A * (1 + eps * np.tril(rng.standard_normal((k, k))))
+        if it % 2:                       # one off-diagonal entry only, equal means
+            B = A.copy()
+            B[-1, 0] += eps * sc if k > 1 else 0.0
+            m2 = m1.copy()
+        else:
+            m2 = m1 + eps * sc * rng.standard_normal(k)
+        out.append((m1, A, m2, B))
+    return out
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch", "objects"])
+def test_mvn_kl_close_factors_against_mpmath(backend):
+    for m1, A, m2, B in _mvn_pairs():
+        ref = float(_ref_mvn(m1, A, m2, B)[0])
+        if backend == "objects":
+            t = [torch.from_numpy(x) for x in (m1, A, m2, B)]
+            got = _f(D.kl(D.MultivariateNormal(t[0], t[1]), D.MultivariateNormal(t[2], t[3])).value)
+        else:
+            args = [_as(backend, x, np.float64) for x in (m1, A, m2, B)]
+            got = _f(D.mvn_kl_cholesky(*args))
+        assert got >= 0
+        assert abs(got - ref) <= 1e-13 * ref + 1e-300, (len(m1), got, ref)
+
+
+def test_mvn_kl_close_factors_gradients():
+    for m1, A, m2, B in _mvn_pairs()[:8]:
+        mp_ = torch.tensor(m1, requires_grad=True)
+        lp = torch.tensor(A, requires_grad=True)
+        D.mvn_kl_cholesky(mp_, lp, torch.from_numpy(m2), torch.from_numpy(B)).backward()
+        _, g_m, g_L = _ref_mvn(m1, A, m2, B)
+        want = np.array([float(v) for v in g_m] + [float(v) for row in g_L for v in row])
+        got = np.concatenate([mp_.grad.numpy(), np.tril(lp.grad.numpy()).reshape(-1)])
+        scale = np.max(np.abs(want))
+        assert np.max(np.abs(got - want)) <= 1e-12 * scale, (len(m1), got, want)

@@ -152,6 +152,23 @@ def _half_sq(xp, z, over):
     return xp.where(over, (2.0 * z) * z, (0.5 * z) * z)
 
 
+def _half_ratio_term(xp, a, b):
+    """``(rho^2 - 1) / 2 - log rho``, ``rho = a / b`` (positive ``a``, ``b``), without
+    cancellation or an overflowing intermediate.
+
+    Through ``(e^u - 1 - u) / 2``, ``u = 2 log rho`` (``log rho`` by :func:`_log_ratio`: no
+    cancellation near ``rho = 1``), but for ``rho > e`` from ``rho`` itself, ``(rho / 2) rho``:
+    ``e^u`` would carry the rounding of ``u`` (``|u| eps`` relative: 5e-14 at ``rho = 1.6e154``)
+    and overflow where ``rho^2 / 2`` does not.
+    """
+    lr = _log_ratio(xp, a, b)
+    big = lr > 1.0
+    one = xp.ones_like(lr)
+    rho = xp.where(big, a, one) / xp.where(big, b, one)
+    return xp.where(big, (0.5 * rho) * rho - (0.5 + lr),
+                    _half_expm1_minus_x(xp, 2.0 * xp.where(big, xp.zeros_like(lr), lr)))
+
+
 def _solve_tril(xp, L, B):
     """Solve ``L X = B`` for lower-triangular ``L`` (..., k, k), ``B`` (..., k, m), batched.
 
@@ -340,17 +357,8 @@ def normal_kl_scale(mean_p, scale_p, mean_q=None, scale_q=None, *, axis=-1, redu
     if sq is None:
         sq = xp.ones_like(sp)
     mp, sp, mq, sq = _broadcast(xp, mp, sp, mq, sq)
-    # (rho^2 - 1) / 2 - log rho: through e^u - 1 - u, u = 2 log rho (no cancellation near
-    # rho = 1), but for rho > e from rho itself, ((rho / 2) rho): e^u would carry u's rounding
-    # (|u| eps relative, 3e-13 at rho = 1e150) and overflow where rho^2 / 2 does not
-    lr = _log_ratio(xp, sp, sq)
-    big = lr > 1.0
-    one = xp.ones_like(lr)
-    rho = xp.where(big, sp, one) / xp.where(big, sq, one)
-    half_var = xp.where(big, (0.5 * rho) * rho - (0.5 + lr),
-                        _half_expm1_minus_x(xp, 2.0 * xp.where(big, xp.zeros_like(lr), lr)))
     dm, over = _safe_diff(xp, mp, mq)
-    terms = half_var + _half_sq(xp, dm / sq, over)
+    terms = _half_ratio_term(xp, sp, sq) + _half_sq(xp, dm / sq, over)
     return _finish(xp, _sum_axes(xp, terms, axis), reduction, mask, weight)
 
 
@@ -367,7 +375,11 @@ def mvn_kl_cholesky(mean_p, scale_tril_p, mean_q=None, scale_tril_q=None, *, red
     diagonal ``r_i = (L_p)_{ii} / (L_q)_{ii}``, so the value is summed from non-negative terms
     only, ``1/2 [sum_{i>j} M_ij^2 + |L_q^{-1}(mu_q - mu_p)|^2 + sum_i phi(2 log r_i)]`` with
     ``phi(u) = e^u - 1 - u >= 0`` (series near 0, ``log r_i`` through ``log1p``): never
-    negative, and exactly 0 for identical arguments.
+    negative, and exactly 0 for identical arguments. The strict lower part of ``M`` is that of
+    ``L_q^{-1} (L_p - L_q)`` (``M - I``): ``L_p - L_q`` is exact for close factors, so nearly
+    identical pairs keep full relative accuracy (a solve against ``L_p`` itself leaves
+    ``ulp(|L|)`` of noise next to entries of the size of the difference). Squares are formed as
+    ``(x / 2) x`` and means whose difference overflows are differenced from halves.
     Only the lower triangle of each factor is read; its diagonal must be > 0 (ValueError).
     None for ``mean_q`` and ``scale_tril_q`` means the standard normal N(0, I).
 
@@ -399,9 +411,10 @@ def mvn_kl_cholesky(mean_p, scale_tril_p, mean_q=None, scale_tril_q=None, *, red
                          f"got shape {tuple(mp.shape)}")
     lp = _tril(xp, lp)
     if lq is None:
-        m = lp
-        y = mp
-        log_r = xp.log(xp.linalg.diagonal(lp))
+        strict_m = lp
+        dm, over = mp, None
+        diag_p = xp.linalg.diagonal(lp)
+        half_diag = _half_ratio_term(xp, diag_p, xp.ones_like(diag_p))
     else:
         _check_scale_tril(xp, "scale_tril_q", lq)
         _check_finite(xp, "mean_q", mq)
@@ -409,18 +422,27 @@ def mvn_kl_cholesky(mean_p, scale_tril_p, mean_q=None, scale_tril_q=None, *, red
             raise ValueError(f"mean_q, scale_tril_q: dimension {lq.shape[-1]}/{mq.shape[-1]} "
                              f"differs from p's {k}")
         lq = _tril(xp, lq)
-        m = _solve_tril(xp, lq, lp)
-        y = _solve_tril(xp, lq, (mq - mp)[..., None])[..., 0]
-        log_r = _log_ratio(xp, xp.linalg.diagonal(lp), xp.linalg.diagonal(lq))
-    # the strictly lower part of M (its diagonal enters through log_r, exactly)
-    idx = xp.arange(k, device=device(m))
+        # M = L_q^-1 L_p = I + L_q^-1 (L_p - L_q): the strict lower parts agree, and for close
+        # factors L_p - L_q is exact, where the solve against L_p leaves ulp(|L|) of noise next
+        # to entries of the size of the difference (relative error 1/difference)
+        strict_m = _solve_tril(xp, lq, lp - lq)
+        # mu_q - mu_p, from halves in every row where an entry overflows
+        d = mq - mp
+        over = xp.any(xp.isinf(d), axis=-1)
+        dm = xp.where(over[..., None], 0.5 * mq - 0.5 * mp, d)
+        half_diag = _half_ratio_term(xp, xp.linalg.diagonal(lp), xp.linalg.diagonal(lq))
+    y = dm if lq is None else _solve_tril(xp, lq, dm[..., None])[..., 0]
+    # the strictly lower part of M (its diagonal enters through half_diag, exactly)
+    idx = xp.arange(k, device=device(strict_m))
     strict = idx[:, None] > idx[None, :]
-    off = xp.where(strict, m, xp.zeros_like(m))
-    off = xp.sum(off * off, axis=(-2, -1))
-    maha = xp.sum(y * y, axis=-1)
-    diag = xp.sum(_expm1_minus_x(xp, 2.0 * log_r), axis=-1)
+    off = xp.where(strict, strict_m, xp.zeros_like(strict_m))
+    off = xp.sum((0.5 * off) * off, axis=(-2, -1))
+    maha = xp.sum((0.5 * y) * y, axis=-1)
+    if over is not None:
+        maha = xp.where(over, 4.0 * maha, maha)
+    diag = xp.sum(half_diag, axis=-1)
     off, maha, diag = _broadcast(xp, off, maha, diag)
-    return _finish(xp, 0.5 * (off + maha + diag), reduction, mask, weight)
+    return _finish(xp, off + maha + diag, reduction, mask, weight)
 
 
 @_doc
