@@ -516,8 +516,10 @@ def batch_kl(reference_logits, other_logits, *, mask=None, direction="forward"):
     """Mean per-token KL over a batch of logits (..., V), for training loops.
 
     ``direction``: "forward" = KL(p_ref || q), "reverse" = KL(q || p_ref), "both" = a pair
-    (forward, reverse). Masked-out rows (``mask`` False) are left out of the mean; the mean
-    divides by the number of rows counted (nan if none). Works on NumPy, torch and JAX arrays
+    (forward, reverse). Masked-out rows (``mask`` False, broadcastable to the row shape) are
+    left out of the mean and out of the checks, as in ``kldiv.kl_div(mask=...)``: padding rows
+    may hold anything (nan, all -inf). The mean divides by the number of rows counted; nan if
+    none (on torch and JAX with gradient 0). Works on NumPy, torch and JAX arrays
     (differentiable on torch and JAX), with kldiv's accurate core.
 
     >>> import numpy as np
@@ -531,22 +533,29 @@ def batch_kl(reference_logits, other_logits, *, mask=None, direction="forward"):
         raise ValueError(f"direction must be 'forward', 'reverse' or 'both', got {direction!r}")
 
     def one(p, q):
-        d = kl_div(p, q, p_space="logits", q_space="logits")
         if mask is None:
-            return d.mean()
-        if hasattr(d, "detach"):  # torch
-            import torch
+            return kl_div(p, q, p_space="logits", q_space="logits").mean()
+        # the mask goes to kl_div: masked-out rows (padding: nan, all -inf) are neither checked
+        # nor differentiated, and come back as 0
+        if hasattr(p, "detach"):  # torch
+            import torch as xp
 
-            m = torch.as_tensor(mask, device=d.device, dtype=torch.bool)
-            return torch.where(m, d, torch.zeros_like(d)).sum() / m.sum()
-        if isinstance(d, (np.ndarray, np.generic)):
+            m = xp.as_tensor(mask, device=p.device, dtype=xp.bool)
+        elif isinstance(p, (np.ndarray, np.generic)):
+            xp = np
             m = np.asarray(mask, dtype=bool)
-            with np.errstate(invalid="ignore"):
-                return np.where(m, d, 0.0).sum() / m.sum()
-        import jax.numpy as jnp  # JAX
+        else:
+            import jax.numpy as xp  # JAX
 
-        m = jnp.asarray(mask, dtype=bool)
-        return jnp.where(m, d, 0.0).sum() / m.sum()
+            m = xp.asarray(mask, dtype=bool)
+        d = kl_div(p, q, p_space="logits", q_space="logits", mask=m)
+        count = xp.broadcast_to(m, tuple(d.shape)).sum()
+        total = d.sum()
+        if xp is np:
+            return total / count if count > 0 else np.float64(math.nan).astype(d.dtype)
+        nan = xp.full_like(total, math.nan)
+        # nan when no row counts (a value, with gradient 0: no 0/0 in the backward pass)
+        return xp.where(count > 0, total / xp.where(count > 0, count, 1), nan)
 
     if direction == "forward":
         return one(reference_logits, other_logits)
