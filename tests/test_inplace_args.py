@@ -72,3 +72,73 @@ def test_non_overlapping_layouts_work(kind):
         ref = _core(kind, pp, q, reduction="mean")
         v = kl_div_inplace(pp, q, kind=kind)
         assert float(v) == pytest.approx(ref, rel=1e-5, abs=1e-7)
+
+
+# ------------------------------------------------------------------------------------------------
+# F10: a weight that requires grad
+
+
+def _naive_rows(kind, p, q, T=1.0, beta=0.5):
+    """Per-row values by the textbook float64 formula (tests/torch_reference.py)."""
+    from torch_reference import naive_row
+    P, Q = p.detach().double().reshape(-1, p.shape[-1]), q.detach().double().reshape(-1, p.shape[-1])
+    return torch.stack([naive_row(kind, P[i], Q[i], "logits", "logits", T, beta)
+                        for i in range(P.shape[0])])
+
+
+def _weight_ref(kind, p, q, w, mask, reduction, upstream=1.0):
+    """d loss / d w by torch.autograd on the float64 textbook rows: the weighted sum (or mean)
+    over the rows that count (mask true and w > 0, as kldiv.kl_div)."""
+    W = w.detach().double().clone().requires_grad_()
+    rows = _naive_rows(kind, p, q)
+    Wb = torch.broadcast_to(W, p.shape[:-1]).reshape(-1)
+    keep = Wb.detach() > 0
+    if mask is not None:
+        keep = keep & torch.broadcast_to(mask, p.shape[:-1]).reshape(-1)
+    c = torch.where(keep, Wb, torch.zeros_like(Wb))
+    loss = (c * rows).sum()
+    if reduction == "mean":
+        loss = loss / c.sum()
+    (loss * upstream).backward()
+    return float(loss.detach()), W.grad
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_weight_gradient(kind, reduction):
+    g = torch.Generator().manual_seed(2)
+    p = torch.randn(2, 3, 5, generator=g) * 2
+    h = torch.randn(2, 3, 5, generator=g, requires_grad=True)
+    w = torch.tensor([[1.0, 2.0, 0.5], [0.0, 3.0, 0.25]], requires_grad=True)
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    ref_v, ref_g = _weight_ref(kind, p, h, w, mask, reduction, upstream=3.0)
+    v = kl_div_inplace(p, h * 1.0, kind=kind, weight=w, mask=mask, reduction=reduction)
+    assert float(v.detach()) == pytest.approx(ref_v, rel=1e-5)
+    (v * 3.0).backward()
+    assert w.grad is not None
+    torch.testing.assert_close(w.grad.double(), ref_g, rtol=1e-5, atol=1e-7)
+    assert h.grad is not None  # the logits' gradient still arrives
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_weight_gradient_alone_and_broadcast(reduction):
+    """Only the weight requires grad (the logits do not), and a weight broadcast over the rows:
+    its gradient sums over the rows it weighs."""
+    g = torch.Generator().manual_seed(3)
+    p = torch.randn(2, 3, 7, generator=g)
+    q = torch.randn(2, 3, 7, generator=g)
+    w = torch.tensor([0.5, 2.0, 1.0], requires_grad=True)  # broadcast to (2, 3)
+    ref_v, ref_g = _weight_ref("forward", p, q, w, None, reduction)
+    v = kl_div_inplace(p, q.clone(), weight=w, reduction=reduction)
+    v.backward()
+    assert float(v.detach()) == pytest.approx(ref_v, rel=1e-5)
+    torch.testing.assert_close(w.grad.double(), ref_g, rtol=1e-5, atol=1e-7)
+
+
+def test_weight_all_zero_mean():
+    """No row counts: the mean is 0, and so is its derivative (kldiv.kl_div's convention)."""
+    p, q = torch.randn(3, 4), torch.randn(3, 4)
+    w = torch.zeros(3, requires_grad=True)
+    v = kl_div_inplace(p, q, weight=w, reduction="mean")
+    v.backward()
+    assert float(v.detach()) == 0.0 and torch.equal(w.grad, torch.zeros(3))

@@ -682,14 +682,16 @@ def _c_rows(kind, p, q, temperature, need_p, need_q, grad_scale, out_p, out_q):
 # the autograd Function behind kldiv.kl_div's fused path
 
 
-def _row_scale(n, reduction, mask, weight, dtype, device):
-    """Per-row factors c_r with value = sum_r c_r * rows_r (``kldiv._core.reduction``)."""
+def _row_scale(n, reduction, mask, weight, dtype, device, differentiable=False):
+    """Per-row factors c_r with value = sum_r c_r * rows_r (``kldiv._core.reduction``);
+    ``differentiable``: as a function of ``weight`` (kl_div_inplace's weight gradient)."""
     c = torch.ones(n, dtype=dtype, device=device)
     keep = None
     if mask is not None:
         keep = mask.reshape(n).to(device)
     if weight is not None:
-        w = weight.detach().reshape(n).to(device=device, dtype=dtype)
+        w = weight if differentiable else weight.detach()
+        w = w.reshape(n).to(device=device, dtype=dtype)
         pos = w > 0
         keep = pos if keep is None else keep & pos
         c = torch.where(keep, w, torch.zeros_like(w))
@@ -702,7 +704,8 @@ def _row_scale(n, reduction, mask, weight, dtype, device):
     return c
 
 
-def _fused_forward(ctx, p, q, kind, p_space, q_space, scale, temperature, beta, inplace):
+def _fused_forward(ctx, p, q, kind, p_space, q_space, scale, temperature, beta, inplace,
+                   box=None):
     need_p = ctx.needs_input_grad[0]
     need_q = ctx.needs_input_grad[1] or inplace
     V = p.shape[-1]
@@ -716,6 +719,8 @@ def _fused_forward(ctx, p, q, kind, p_space, q_space, scale, temperature, beta, 
     # summed in float64, returned in the compute dtype: at least float32, the promoted dtype
     # of mixed inputs (a float16 sum over many rows would overflow; issue 11 item 2)
     value = (rows.double() * scale.double()).sum()
+    if box is not None:  # the per-row values, for kl_div_inplace's weight gradient
+        box.append(rows.detach())
     ctx.grads = (None if gp is None else gp.view(p.shape),
                  None if gq is None else gq.view(q.shape))
     return value.to(_compute_dtype(p, q))
@@ -759,15 +764,32 @@ class _FusedDivergenceInplace(torch.autograd.Function):
     """As _FusedDivergence, with q's gradient written over q (returned, marked dirty)."""
 
     @staticmethod
-    def forward(ctx, p, q, kind, p_space, q_space, scale, temperature, beta):
-        value = _fused_forward(ctx, p, q, kind, p_space, q_space, scale, temperature, beta, True)
+    def forward(ctx, p, q, kind, p_space, q_space, scale, temperature, beta, box):
+        value = _fused_forward(ctx, p, q, kind, p_space, q_space, scale, temperature, beta, True,
+                               box)
         ctx.mark_dirty(q)
         return value, q
 
     @staticmethod
     def backward(ctx, g, _g_q):
         gp, gq = _fused_backward(ctx, g)
-        return gp, gq, None, None, None, None, None, None
+        return gp, gq, None, None, None, None, None, None, None
+
+
+class _RowsDot(torch.autograd.Function):
+    """0 in value; gradient ``rows`` with respect to ``c``: sum_r c_r rows_r's derivative in c
+    with the per-row values as constants (kl_div_inplace's weight gradient, chained by autograd
+    through c = the weight over the rows that count, or its normalised form for "mean")."""
+
+    @staticmethod
+    def forward(ctx, c, rows):
+        ctx.save_for_backward(rows)
+        return torch.zeros((), dtype=c.dtype, device=c.device)
+
+    @staticmethod
+    def backward(ctx, g):
+        (rows,) = ctx.saved_tensors
+        return g * rows.to(g.dtype), None
 
 
 def _rows_count(p):
@@ -837,7 +859,10 @@ def kl_div_inplace(p, q_logits, *, p_space="logits", q_space="logits", kind="for
       kind: "forward" (KL(p || q)), "reverse" (KL(q || p)), "js", "jeffreys".
       reduction: "sum" or "mean" (mean over the rows where ``mask`` is true, weighted by
         ``weight``; 0 when no row counts). Masked rows cost nothing.
-      mask, weight: optional per-row arrays of shape (...) (broadcastable).
+      mask, weight: optional per-row arrays of shape (...) (broadcastable). A ``weight``
+        that requires grad gets its gradient (as in ``kldiv.kl_div``: the per-row values for
+        "sum", their difference from the mean over the weights' sum for "mean"; 0 for rows of
+        weight 0 or masked).
       temperature: divides both inputs; beta: the Jensen-Shannon mixture weight.
       validate: value checks as in ``kldiv.kl_div`` (None: the ``kldiv.set_validation`` /
         ``kldiv.validation`` setting, on by default): nan, +inf or all -inf rows of ``p`` or
@@ -930,8 +955,15 @@ def kl_div_inplace(p, q_logits, *, p_space="logits", q_space="logits", kind="for
     n = _rows_count(p)
     dt = _compute_dtype(p, q_logits)
     scale = _row_scale(n, reduction, mask, weight, dt, p.device)
+    # a weight that requires grad: d value / d w from the per-row values (as kldiv.kl_div;
+    # 0 where w = 0 or the row is masked)
+    w_grad = weight is not None and weight.requires_grad and torch.is_grad_enabled()
+    box = [] if w_grad else None
     value, _ = _FusedDivergenceInplace.apply(p, q_logits, kind, p_space, q_space, scale,
-                                             temperature, beta)
+                                             temperature, beta, box)
+    if w_grad:
+        c = _row_scale(n, reduction, mask, weight, dt, p.device, differentiable=True)
+        value = value + _RowsDot.apply(c, box[0]).to(value.dtype)
     if p_later and bool(torch.isnan(value.detach())):
         _check_values_of(p, "p", p_space, mask)  # raises p's error (q_logits is overwritten)
     return value
