@@ -81,7 +81,7 @@ def test_non_overlapping_layouts_work(kind):
 def _naive_rows(kind, p, q, T=1.0, beta=0.5):
     """Per-row values by the textbook float64 formula (tests/torch_reference.py)."""
     from torch_reference import naive_row
-    P, Q = p.detach().double().reshape(-1, p.shape[-1]), q.detach().double().reshape(-1, p.shape[-1])
+    P, Q = p.detach().double().reshape(-1, p.shape[-1]), q.double().reshape(-1, p.shape[-1])
     return torch.stack([naive_row(kind, P[i], Q[i], "logits", "logits", T, beta)
                         for i in range(P.shape[0])])
 
@@ -90,7 +90,7 @@ def _weight_ref(kind, p, q, w, mask, reduction, upstream=1.0):
     """d loss / d w by torch.autograd on the float64 textbook rows: the weighted sum (or mean)
     over the rows that count (mask true and w > 0, as kldiv.kl_div)."""
     W = w.detach().double().clone().requires_grad_()
-    rows = _naive_rows(kind, p, q)
+    rows = _naive_rows(kind, p, q.detach())
     Wb = torch.broadcast_to(W, p.shape[:-1]).reshape(-1)
     keep = Wb.detach() > 0
     if mask is not None:
@@ -142,3 +142,78 @@ def test_weight_all_zero_mean():
     v = kl_div_inplace(p, q, weight=w, reduction="mean")
     v.backward()
     assert float(v.detach()) == 0.0 and torch.equal(w.grad, torch.zeros(3))
+
+
+# ------------------------------------------------------------------------------------------------
+# F5: q_logits a view of the student's logits
+
+
+def _grad_ref(kind, p, hq, reduction):
+    """d loss / d (student logits) by torch.autograd on the float64 textbook rows."""
+    H = hq.detach().double().clone().requires_grad_()
+    rows = _naive_rows(kind, p, H)
+    loss = rows.sum() if reduction == "sum" else rows.mean()
+    loss.backward()
+    return float(loss.detach()), H.grad
+
+
+VIEWS = {
+    "view": lambda s, V: s.view(-1, V),
+    "reshape": lambda s, V: s.reshape(-1, V),
+    "flatten": lambda s, V: s.flatten(0, 1),
+    "index": lambda s, V: s[0],
+    "slice": lambda s, V: s[1:],
+    "rows": lambda s, V: s.view(-1, V)[::2],
+}
+
+
+@pytest.mark.parametrize("kind", ["forward", "js"])
+@pytest.mark.parametrize("how", list(VIEWS))
+def test_view_of_student_logits(kind, how):
+    g = torch.Generator().manual_seed(4)
+    V = 6
+    h = torch.randn(2, 3, V, generator=g, requires_grad=True)
+    t = torch.randn(2, 3, V, generator=g)
+    s = h * 1.0  # the student's logits (a non-leaf)
+    q = VIEWS[how](s, V)
+    p = VIEWS[how](t, V)
+    ref_v, ref_g = _grad_ref(kind, p, VIEWS[how](h, V), "mean")
+    v = kl_div_inplace(p, q, kind=kind)
+    assert float(v.detach()) == pytest.approx(ref_v, rel=1e-5)
+    v.backward()
+    # the gradient reaches h through the view; rows outside the view get 0
+    expect = torch.zeros(2, 3, V, dtype=torch.float64)
+    VIEWS[how](expect, V).copy_(ref_g)
+    err = (h.grad.double() - expect).abs().amax(-1) / expect.abs().amax(-1).clamp_min(1e-30)
+    assert float(err.max()) <= 1e-5
+
+
+def test_view_not_as_rows_refused():
+    """A view whose rows cannot be laid out as (rows, V) without a copy: a clear ValueError
+    (as before), q_logits untouched."""
+    h = torch.randn(2, 3, 5, requires_grad=True)
+    s = h * 1.0
+    with pytest.raises(ValueError, match="q_logits"):
+        kl_div_inplace(torch.randn(3, 2, 5), s.transpose(0, 1))
+    assert torch.equal(s.detach(), h.detach())
+
+
+def test_view_of_leaf_refused():
+    """A view of a leaf that requires grad (a parameter) is not overwritten."""
+    h = torch.randn(3, 5, requires_grad=True)
+    before = h.detach().clone()
+    with pytest.raises(ValueError, match="q_logits"):
+        kl_div_inplace(torch.randn(15), h.view(-1))
+    assert torch.equal(h.detach(), before)
+
+
+def test_saved_output_still_detected():
+    """q_logits saved by its producer (tanh keeps its output): backward still reports the
+    overwrite (torch's in-place check), view or not."""
+    for view in (False, True):
+        h = torch.randn(2, 3, 5, requires_grad=True)
+        s = torch.tanh(h)
+        v = kl_div_inplace(torch.randn(6, 5) if view else torch.randn(2, 3, 5),
+                           s.view(-1, 5) if view else s)
+        with pytest.raises(RuntimeError, match="inplace"):
+            v.backward()

@@ -761,17 +761,20 @@ class _FusedDivergence(torch.autograd.Function):
 
 
 class _FusedDivergenceInplace(torch.autograd.Function):
-    """As _FusedDivergence, with q's gradient written over q (returned, marked dirty)."""
+    """As _FusedDivergence, with q's gradient written over q. One output (the value): q is not
+    returned as a dirty output, which torch refuses for a view (``s.view(-1, V)``, ``s[0]``) in
+    a Function with more than one output; its version counter is bumped instead, so that a
+    producer that saved q (``torch.tanh``'s output) still reports the overwrite at backward."""
 
     @staticmethod
     def forward(ctx, p, q, kind, p_space, q_space, scale, temperature, beta, box):
         value = _fused_forward(ctx, p, q, kind, p_space, q_space, scale, temperature, beta, True,
                                box)
-        ctx.mark_dirty(q)
-        return value, q
+        torch.autograd.graph.increment_version(q)
+        return value
 
     @staticmethod
-    def backward(ctx, g, _g_q):
+    def backward(ctx, g):
         gp, gq = _fused_backward(ctx, g)
         return gp, gq, None, None, None, None, None, None, None
 
@@ -849,7 +852,8 @@ def kl_div_inplace(p, q_logits, *, p_space="logits", q_space="logits", kind="for
     gradient (times the upstream gradient once ``backward`` has run); use it only when the
     logits are needed for this loss alone, as in a distillation step. ``q_logits`` must be a
     tensor that autograd allows to modify in place (a non-leaf, such as a layer's output, or a
-    tensor that does not require grad); the gradient reaches its producers by ``backward()``.
+    tensor that does not require grad), or a view of one (``s.view(-1, V)``, ``s[0]``: only
+    the viewed rows are overwritten); the gradient reaches its producers by ``backward()``.
     Its memory must not overlap itself: an expanded ``q_logits`` (stride 0, one row shared by
     several) cannot hold one gradient per row and is refused (ValueError).
 
@@ -906,10 +910,12 @@ def kl_div_inplace(p, q_logits, *, p_space="logits", q_space="logits", kind="for
         )
     if not q_logits.dtype.is_floating_point or not p.dtype.is_floating_point:
         raise TypeError("p and q_logits: expected floating-point tensors")
-    if q_logits.requires_grad and q_logits.is_leaf:
+    base = q_logits._base if q_logits._is_view() else None
+    if q_logits.requires_grad and (q_logits.is_leaf or (base is not None and base.is_leaf)):
         raise ValueError(
-            "q_logits: a leaf tensor that requires grad cannot be overwritten; pass the output "
-            "of the layer that makes the logits (a non-leaf), or use kldiv.kl_div"
+            "q_logits: a leaf tensor that requires grad (or a view of one) cannot be "
+            "overwritten; pass the output of the layer that makes the logits (a non-leaf), or "
+            "use kldiv.kl_div"
         )
     if _overlaps(q_logits):
         raise ValueError(
@@ -959,8 +965,8 @@ def kl_div_inplace(p, q_logits, *, p_space="logits", q_space="logits", kind="for
     # 0 where w = 0 or the row is masked)
     w_grad = weight is not None and weight.requires_grad and torch.is_grad_enabled()
     box = [] if w_grad else None
-    value, _ = _FusedDivergenceInplace.apply(p, q_logits, kind, p_space, q_space, scale,
-                                             temperature, beta, box)
+    value = _FusedDivergenceInplace.apply(p, q_logits, kind, p_space, q_space, scale,
+                                          temperature, beta, box)
     if w_grad:
         c = _row_scale(n, reduction, mask, weight, dt, p.device, differentiable=True)
         value = value + _RowsDot.apply(c, box[0]).to(value.dtype)
