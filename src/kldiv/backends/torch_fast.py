@@ -158,8 +158,8 @@ def divergence(kind, p, q, *, p_space, q_space, axis, reduction, mask, weight, t
     """
     if options and any(v is not None for v in options.values()):
         return NotImplemented
-    if not _fused_mod.fused_enabled():  # set_fused(False) / fused(False): the core computes
-        return NotImplemented
+    if not _is_compiling() and not _fused_mod.fused_enabled():
+        return NotImplemented  # set_fused(False) / fused(False): the core computes
     if _functorch_active():
         # torch.func transforms (grad, jacrev, hessian, ...): their wrapped tensors have no
         # storage for the kernel; the core's torch operations go through the transforms

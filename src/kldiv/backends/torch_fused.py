@@ -90,7 +90,8 @@ def set_fused(enabled: bool) -> None:
     """Let ``kldiv.kl_div`` (and the family) take the fused torch path, or not (default: on).
 
     Off, every torch input goes through the core (fully differentiable, second derivatives
-    included, but it keeps several N x V tensors for the backward pass).
+    included, but it keeps several N x V tensors for the backward pass). The switch is read
+    per call outside ``torch.compile``; a compiled function keeps the path it was traced with.
 
     >>> set_fused(False); fused_enabled()
     False
