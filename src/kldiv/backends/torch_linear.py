@@ -404,6 +404,10 @@ class _TopkStudent:
 TOPK_REST_TOL = 2.0**-40
 
 
+def _all_finite(x):
+    return bool(torch.isfinite(torch.stack(torch.aminmax(x))).all())  # one pass; nan propagates
+
+
 def topk_rest_tolerance(lp):
     """Per row (shape (rows, 1), float64): the largest left-out mass that rounding can leave in
     top-k log-probs ``lp`` (rows, K) stored in their dtype, which are then taken as complete.
@@ -919,9 +923,13 @@ def linear_kl_div(hidden, weight, target, *, bias=None, target_space="logits",
 
     if plan.validate:
         for name, x in (("hidden", hidden), ("weight", weight), ("bias", bias)):
-            if x is not None and x.numel() and not bool(torch.isfinite(
-                    torch.stack(torch.aminmax(x))).all()):  # one pass; nan propagates
-                raise ValueError(f"{name}: contains nan or inf")
+            if x is not None and x.numel() and not _all_finite(x):
+                if name == "hidden" and plan.keep_idx is not None and (
+                        plan.keep_idx.numel() == 0 or _all_finite(
+                            hidden.reshape(n, H).index_select(0, plan.keep_idx))):
+                    continue  # only rows that the mask / labels leave out (padding) hold it
+                where = " (in rows that count)" if name == "hidden" and keep is not None else ""
+                raise ValueError(f"{name}: contains nan or inf{where}")
         if plan.topk is not None:
             ti, tl = plan.topk
             if plan.keep_idx is not None:
