@@ -79,7 +79,7 @@ def _check(got, ref, dtype, rtol=None):
         rtol = 4e-7 if dtype == np.float32 else 2e-15
     assert not math.isnan(got), (got, ref)
     if abs(ref) > big:
-        assert got == math.inf, (got, mpmath.nstr(ref, 8))
+        assert got == (math.inf if ref > 0 else -math.inf), (got, mpmath.nstr(ref, 8))
         return
     tiny = float(np.finfo(dtype).tiny)
     assert abs(got - float(ref)) <= rtol * float(abs(ref)) + tiny, (got, mpmath.nstr(ref, 12))
@@ -291,3 +291,66 @@ def test_mvn_kl_close_factors_gradients():
         got = np.concatenate([mp_.grad.numpy(), np.tril(lp.grad.numpy()).reshape(-1)])
         scale = np.max(np.abs(want))
         assert np.max(np.abs(got - want)) <= 1e-12 * scale, (len(m1), got, want)
+
+
+def _ref_laplace_grad(mp_, bp, mq, bq):
+    mp_, bp, mq, bq = map(mpmath.mpf, (mp_, bp, mq, bq))
+    d = abs(mp_ - mq)
+    sgn = mpmath.sign(mp_ - mq)
+    t = d / bp
+    e = mpmath.exp(-t)
+    g_m = sgn * (1 - e) / bq
+    return [g_m, -1 / bp + e * (1 + t) / bq, -g_m, 1 / bq - d / bq ** 2 - bp * e / bq ** 2]
+
+
+def test_laplace_kl_extreme_gradients():
+    """Finite and right where the gradient is in range (d / b_p^2 and b_p / b_q^2 may overflow
+    in a branch whose factor is 0: was nan)."""
+    cases = [(1e308, 1.0, -1e308, 1e300), (-1e308, 1e-300, 1e308, 1e300), (1e300, 1e-10, 0.0, 1.0),
+             (0.0, 1.0, 0.5, 0.6), (0.0, 1.0, 1e-8, 1.0), (3.0, 1e-300, 0.0, 1e-290)]
+    xs = [torch.tensor(col, dtype=torch.float64, requires_grad=True) for col in zip(*cases)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        D.kl(D.Laplace(xs[0], xs[1]), D.Laplace(xs[2], xs[3])).value.sum().backward()
+    for i, c in enumerate(cases):
+        want = _ref_laplace_grad(*c)
+        row = max(abs(float(g)) for g in want)      # per distribution: error / its largest entry
+        for x, g in zip(xs, want):
+            got = float(x.grad[i])
+            if row > F64_MAX:
+                _check(got, g, np.float64)
+            else:
+                assert abs(got - float(g)) <= 1e-14 * row, (c, got, mpmath.nstr(g, 12))
+
+
+# Bernoulli from logits: b - a overflowed (a = 1e308, b = -1e308: 0 * inf, nan)
+BERNOULLI = [(1e308, -1e308), (-1e308, 1e308), (1e300, -1e300), (800.0, -800.0), (50.0, -1e308),
+             (0.0, 1e308), (0.0, -1e308), (40.0, 40.000001), (100.0, 99.0), (30.0, 1e30),
+             (-3.0, 2.5), (1e20, -1e20)]
+
+
+def _sp(x):
+    return mpmath.log1p(mpmath.exp(x)) if x < 0 else x + mpmath.log1p(mpmath.exp(-x))
+
+
+def _ref_bernoulli(a, b):
+    a, b = mpmath.mpf(a), mpmath.mpf(b)
+    lp, l1p, lq, l1q = -_sp(-a), -_sp(a), -_sp(-b), -_sp(b)
+    value = mpmath.exp(lp) * (lp - lq) + mpmath.exp(l1p) * (l1p - l1q)
+    p, q = mpmath.exp(lp), mpmath.exp(lq)
+    return value, [p * mpmath.exp(l1p) * (a - b), mpmath.exp(l1p) - mpmath.exp(l1q)]  # q - p
+
+
+def test_bernoulli_kl_extreme_values_and_gradients():
+    xs = [torch.tensor(col, dtype=torch.float64, requires_grad=True) for col in zip(*BERNOULLI)]
+    value = D.bernoulli_kl(*xs)
+    value.sum().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # NumPy's overflow warnings of the safe-guarded branches
+        got_np = D.bernoulli_kl(*[np.array(col) for col in zip(*BERNOULLI)])
+    for i, c in enumerate(BERNOULLI):
+        ref, grads = _ref_bernoulli(*c)
+        _check(float(value[i].detach()), ref, np.float64, rtol=4e-15)
+        _check(float(got_np[i]), ref, np.float64, rtol=4e-15)
+        for x, g in zip(xs, grads):
+            _check(float(x.grad[i]), g, np.float64, rtol=1e-14)

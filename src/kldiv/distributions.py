@@ -117,10 +117,22 @@ def _log_ratio(xp, a, b):
     af = xp.where(near, one, a)
     bf = xp.where(near, one, b)
     split = xp.log(af) - xp.log(bf)
-    # the quotient is a normal number with room to spare: |log(a / b)| < log(max) - 1
-    inside = xp.abs(split) < math.log(float(xp.finfo(a.dtype).max)) - 1.0
-    aq = xp.where(inside, af, one)
-    bq = xp.where(inside, bf, one)
+    # log(a / b) where the quotient is a normal number with room to spare and its backward pass
+    # (-g a / b^2) stays in range: a and b are first scaled by the same power of 2 (exact) into
+    # [2 sqrt(tiny), sqrt(max) / 2]; otherwise log a - log b (whose gradients are 1/a, -1/b)
+    fi = xp.finfo(a.dtype)
+    lo, hi = 2.0 * math.sqrt(float(fi.smallest_normal)), 0.5 * math.sqrt(float(fi.max))
+    k = 600 if float(fi.max) > 1e300 else (90 if float(fi.max) > 1e38 else 0)
+    up, down = 2.0 ** k, 2.0 ** -k
+    scale = one
+    if k:
+        scale = xp.where(bf < 2.0 ** (-k // 2), up * one,
+                         xp.where(bf > 2.0 ** (k // 2), down * one, one))
+    as_, bs = af * scale, bf * scale
+    inside = ((xp.abs(split) < math.log(float(fi.max)) - 1.0) & (as_ >= lo) & (as_ <= hi)
+              & (bs >= lo) & (bs <= hi))
+    aq = xp.where(inside, as_, one)
+    bq = xp.where(inside, bs, one)
     return xp.where(near, xp.log1p((an - bn) / bn), xp.where(inside, xp.log(aq / bq), split))
 
 
@@ -528,7 +540,14 @@ def _bernoulli_mirrored(xp, a, b):
     dn = xp.where(near, d, xp.zeros_like(d))
     close = s * _expm1_minus_x(xp, -dn) - _x_minus_log1p(xp, s * xp.expm1(-dn))
     bf = xp.where(near, a + 1.0, b)
-    far = _softplus(xp, -bf) - _softplus(xp, -a) + s * (bf - a)
+    # s (b - a) is 0 where b - a overflows (a = 1e308, b = -1e308: 0 * inf was nan): with
+    # a >= 0, s > 0 needs a < 750, and then |b - a| <= max + 750 rounds to max: the
+    # difference overflows only where s = 0
+    df = bf - a
+    over = xp.isinf(df)
+    zero = xp.zeros_like(df)
+    far = (_softplus(xp, -bf) - _softplus(xp, -a)
+           + xp.where(over, zero, s * xp.where(over, zero, df)))
     return xp.where(near, close, far)
 
 
@@ -761,17 +780,24 @@ def _kl_laplace_laplace(p, q):
     d, over = _safe_diff(xp, loc_p, loc_q)
     d = xp.abs(d)
     u = _log_ratio(xp, scale_p, scale_q)
-    two = xp.where(over, 2.0 * xp.ones_like(d), xp.ones_like(d))
-    t = two * (d / scale_p)
-    near = (xp.abs(u) < 0.5) & (t < 0.5)
-    zero = xp.zeros_like(u)
+    one = xp.ones_like(d)
+    zero = xp.zeros_like(d)
+    two = xp.where(over, 2.0 * one, one)
+    # Every branch below sees safe inputs (double where), so that no gradient is 0 * inf:
+    # where e^-t is 0 (t beyond 1e4) t is not formed from d / b_p (whose derivative
+    # -d / b_p^2 may overflow), and the ratios of the branches not taken are 1.
+    t0 = two * (d / scale_p)
+    gone = t0 > 1e4
+    t = two * (xp.where(gone, zero, d) / xp.where(gone, one, scale_p))
+    near = (xp.abs(u) < 0.5) & (t0 < 0.5)
     un, tn = xp.where(near, u, zero), xp.where(near, t, zero)
-    close = _expm1_minus_x(xp, un - tn) + tn * ((scale_p - scale_q) / scale_q)
+    rel = (xp.where(near, scale_p, one) - xp.where(near, scale_q, one)) / xp.where(near, scale_q, one)
+    close = _expm1_minus_x(xp, un - tn) + tn * rel
     # r e^-t, as e^(u - t) where r = b_p / b_q overflows (e^-t may then be 0: no inf * 0)
-    ratio = scale_p / scale_q
-    r_inf = xp.isinf(ratio)
-    decay = xp.where(r_inf, xp.exp(xp.where(r_inf, u - t, zero)),
-                     xp.where(r_inf, zero, ratio) * xp.exp(-t))
+    r_inf = xp.isinf(scale_p / scale_q)
+    ratio = xp.where(r_inf, one, scale_p) / xp.where(r_inf, one, scale_q)
+    decay = xp.where(r_inf, xp.exp(xp.where(r_inf, u - t, zero)), ratio * xp.exp(-t))
+    decay = xp.where(gone, zero, decay)
     far = -u + two * (d / scale_q) + decay - 1.0
     terms = xp.where(near, close, far)
     return _sum_axes(xp, terms, tuple(range(-p.event_ndim, 0)))
