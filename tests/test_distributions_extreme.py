@@ -282,15 +282,24 @@ def test_mvn_kl_close_factors_against_mpmath(backend):
 
 
 def test_mvn_kl_close_factors_gradients():
+    """Gradients w.r.t. all four arguments, per pair: error / largest entry <= 1e-12."""
     for m1, A, m2, B in _mvn_pairs()[:8]:
-        mp_ = torch.tensor(m1, requires_grad=True)
-        lp = torch.tensor(A, requires_grad=True)
-        D.mvn_kl_cholesky(mp_, lp, torch.from_numpy(m2), torch.from_numpy(B)).backward()
+        k = len(m1)
+        xs = [torch.tensor(x, requires_grad=True) for x in (m1, A, m2, B)]
+        D.mvn_kl_cholesky(*xs).backward()
         _, g_m, g_L = _ref_mvn(m1, A, m2, B)
-        want = np.array([float(v) for v in g_m] + [float(v) for row in g_L for v in row])
-        got = np.concatenate([mp_.grad.numpy(), np.tril(lp.grad.numpy()).reshape(-1)])
+        Lp, Lq = _mp_mat(A), _mp_mat(B)
+        d = _mp_mat(np.asarray(m2)[:, None]) - _mp_mat(np.asarray(m1)[:, None])
+        Sq_inv = (Lq * Lq.T) ** -1
+        G = -(Sq_inv * (Lp * Lp.T + d * d.T) * Sq_inv * Lq)
+        g_Lq = [[G[i, j] + (1 / Lq[i, i] if i == j else 0) if j <= i else 0 for j in range(k)]
+                for i in range(k)]
+        want = np.array([float(v) for v in g_m] + [float(v) for row in g_L for v in row]
+                        + [-float(v) for v in g_m] + [float(v) for row in g_Lq for v in row])
+        got = np.concatenate([xs[0].grad.numpy(), np.tril(xs[1].grad.numpy()).reshape(-1),
+                              xs[2].grad.numpy(), np.tril(xs[3].grad.numpy()).reshape(-1)])
         scale = np.max(np.abs(want))
-        assert np.max(np.abs(got - want)) <= 1e-12 * scale, (len(m1), got, want)
+        assert np.max(np.abs(got - want)) <= 1e-12 * scale, (k, got, want)
 
 
 def _ref_laplace_grad(mp_, bp, mq, bq):
@@ -354,3 +363,24 @@ def test_bernoulli_kl_extreme_values_and_gradients():
         _check(float(got_np[i]), ref, np.float64, rtol=4e-15)
         for x, g in zip(xs, grads):
             _check(float(x.grad[i]), g, np.float64, rtol=1e-14)
+
+
+def _ref_scale_grad(m1, s1, m2, s2):
+    m1, s1, m2, s2 = map(mpmath.mpf, (m1, s1, m2, s2))
+    g_m = (m1 - m2) / s2 ** 2
+    return [g_m, s1 / s2 ** 2 - 1 / s1, -g_m, -s1 ** 2 / s2 ** 3 + 1 / s2 - (m1 - m2) ** 2 / s2 ** 3]
+
+
+def test_normal_kl_scale_extreme_gradients():
+    cases = [(2e19, 1.0, 0.0, 1.0), (1e308, 1e300, -1e308, 1e300), (0.0, 1e-300, 0.0, 1e300),
+             (1e-300, 1e-300, 0.0, 1e-300), (1.0, 0.01, 1.0 + 1e-12, 0.01 + 1e-14),
+             (0.0, 1e10, 0.0, 3.0), (0.0, 3e-200, 0.0, 1e-200)]
+    xs = [torch.tensor(col, dtype=torch.float64, requires_grad=True) for col in zip(*cases)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        D.normal_kl_scale(*xs, axis=()).sum().backward()
+    for i, c in enumerate(cases):
+        want = _ref_scale_grad(*c)
+        row = max(abs(float(g)) for g in want)
+        for x, g in zip(xs, want):
+            assert abs(float(x.grad[i]) - float(g)) <= 1e-14 * row, (c, float(x.grad[i]), g)
