@@ -1147,11 +1147,44 @@ def _kl_rows(a, b, T, x, y, both_probs):
 
 
 class _Side:
-    __slots__ = ("S", "W", "lw", "raw", "to_input")
+    __slots__ = ("S", "W", "lw", "raw", "top", "to_input")
+
+
+def _anchored(v, S, top, it):
+    """log-softmax(v / T) on the support S, anchored at the mode (the entry ``top``).
+
+    With u_j = (v_j - v_top) / T and R = sum_{j != top} e^{u_j}: log w_top = -log1p(R),
+    log w_j = u_j - log1p(R). The mode enters only through the differences u_j, so every
+    derivative of these (and of anything built on them) is formed without 1 - w_top: at a
+    saturated mode (w_top = 1 in the dtype) d log w_top / d v_top = R / (1 + R) / T keeps its
+    digits where the plain log-softmax's 1 - w_top rounds to 0 (second derivatives, audit 3 F5).
+    """
+    zero = torch.zeros((), dtype=v.dtype, device=v.device)
+    vt = torch.where(top, v, zero).sum(-1, keepdim=True)
+    vt = torch.where(torch.isfinite(vt), vt, zero)
+    u = torch.where(S & ~top, (v - vt) * it, torch.full_like(v, _NINF))
+    L = torch.log1p(torch.exp(u).sum(-1, keepdim=True))
+    lw = torch.where(S, torch.where(top, -L, u - L), zero)
+    return lw, torch.where(S, torch.exp(lw), zero)
+
+
+def _mode(x, S):
+    """The row's largest entry on the support S (one per row; the first of ties), as a mask."""
+    idx = torch.where(S, x, torch.full_like(x, _NINF)).detach().argmax(-1, keepdim=True)
+    return torch.zeros_like(S).scatter_(-1, idx, True)
+
+
+def _minus_rest(g, top):
+    """A gradient that sums to 0 over the row, its entry at ``top`` formed as minus the sum of
+    the others: exact where the entry's own formula cancels (a saturated mode), and so is its
+    derivative (Hessian rows of the mode = minus the sum of the other rows)."""
+    rest = torch.where(top, torch.zeros((), dtype=g.dtype, device=g.device), g)
+    return torch.where(top, -rest.sum(-1, keepdim=True), rest)
 
 
 def _side(x, space, it):
-    """One side normalised with differentiable operations: support, probabilities, logs."""
+    """One side normalised with differentiable operations: support, probabilities, logs, the
+    mode; anchored at the mode (_anchored) so that their derivatives do not cancel there."""
     s = _Side()
     dt = x.dtype
     zero = torch.zeros((), dtype=dt, device=x.device)
@@ -1159,28 +1192,30 @@ def _side(x, space, it):
     if space == "probs":
         S = x > 0
         xs = torch.where(S, x, one)
+        top = _mode(x, S)
+        s.raw = torch.where(S, torch.log(xs), zero)
         if it == 1.0:
+            # w_j = x_j / (x_top + r), w_top = 1 / (1 + r / x_top), r the others' sum
             xz = torch.where(S, x, zero)
-            Z = xz.sum(-1, keepdim=True)
-            s.W = xz / Z
-            s.raw = torch.where(S, torch.log(xs), zero)
-            s.lw = torch.where(S, s.raw - torch.log(Z), zero)
+            xt = torch.where(top, xz, zero).sum(-1, keepdim=True)
+            r = torch.where(top, zero, xz).sum(-1, keepdim=True)
+            Z = xt + r
+            ratio = r / torch.where(xt > 0, xt, one)
+            s.W = torch.where(top, 1 / (1 + ratio), xz / Z)
+            s.lw = torch.where(S, torch.where(top, -torch.log1p(ratio), s.raw - torch.log(Z)),
+                               zero)
         else:
-            s.raw = torch.where(S, torch.log(xs), zero)
-            z = torch.where(S, s.raw * it, torch.full_like(x, _NINF))
-            s.lw = torch.where(S, z - torch.logsumexp(z, -1, keepdim=True), zero)
-            s.W = torch.where(S, torch.exp(s.lw), zero)
+            s.lw, s.W = _anchored(s.raw, S, top, it)
         s.S = S
+        s.top = top
         s.to_input = lambda gl: torch.where(S, gl / xs, zero)
         return s
     S = x > _NINF
-    m = x.detach().amax(-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, zero)
-    z = torch.where(S, (x - m) * it, torch.full_like(x, _NINF))
-    s.lw = torch.where(S, z - torch.logsumexp(z, -1, keepdim=True), zero)
-    s.W = torch.where(S, torch.exp(s.lw), zero)
+    top = _mode(x, S)
+    s.lw, s.W = _anchored(x, S, top, it)
     s.raw = torch.where(S, x, zero)
     s.S = S
+    s.top = top
     s.to_input = lambda gl: gl
     return s
 
@@ -1210,9 +1245,11 @@ def _kl_grads(A, B, it, s, d, C, need_a, need_b):
     """
     zero = torch.zeros((), dtype=A.W.dtype, device=A.W.device)
     sc = (s * it)[:, None]
+    # d anchored at A's mode (0 there): E_A d then holds no large row constant to cancel
+    d = torch.where(C, d - torch.where(A.top, d, zero).sum(-1, keepdim=True), zero)
     mu = (A.W * d).sum(-1, keepdim=True)
     dc = torch.where(C, d - mu, zero)
-    ga = -sc * A.W * dc if need_a else None
+    ga = _minus_rest(-sc * A.W * dc, A.top) if need_a else None
     gb = None
     if need_b:
         # E_A[log B/A] (= -KL where finite), its derivative from the plain formula
@@ -1220,20 +1257,59 @@ def _kl_grads(A, B, it, s, d, C, need_a, need_b):
         ld = dc + md
         # near convergence only (KL < 1/2); farther, B - A has no cancellation to fear and the
         # mean may be huge (a logit of -1e30 where A is not 0)
-        lo = (ld < 1) & (md > -0.5)
+        # (and above -1: expm1's derivative, formed as expm1 + 1, would cancel below that,
+        # where B - A itself has no cancellation)
+        lo = (ld < 1) & (ld > -1) & (md > -0.5)
         t = torch.where(lo, A.W * torch.expm1(torch.where(lo, ld, zero)), B.W - A.W)
         gb = sc * torch.where(C, t, B.W)  # off A's support B - A = B (0 off B's support too)
+        gb = _minus_rest(gb, B.top)
     return ga, gb
 
 
 def _log_mix(c, d):
-    """log(1 - c + c e^d), accurate near d = 0 and safe for large |d|."""
+    """log(1 - c + c e^d), accurate near d = 0 and safe for large |d|; so is its derivative
+    c e^d / (1 - c + c e^d): below d = -1 the sum of the two positive terms (expm1's derivative,
+    formed as expm1(d) + 1, rounds to 0 for d below -17 in float32)."""
     zero = torch.zeros((), dtype=d.dtype, device=d.device)
     lo = d < 1
-    ds = torch.where(lo, d, zero)
+    mid = lo & (d > -1)
+    ds = torch.where(mid, d, zero)
+    dn = torch.where(lo, d, zero)
     dl = torch.where(lo, zero + 1, d)
-    return torch.where(lo, torch.log1p(c * torch.expm1(ds)),
-                       math.log(c) + dl + torch.log1p((1 - c) / c * torch.exp(-dl)))
+    return torch.where(mid, torch.log1p(c * torch.expm1(ds)),
+                       torch.where(lo, torch.log((1 - c) + c * torch.exp(dn)),
+                                   math.log(c) + dl + torch.log1p((1 - c) / c * torch.exp(-dl))))
+
+
+def _js_log_mix(A, C, dd, d, c):
+    """log(m / a) on A's support (0 elsewhere) up to a row constant, for JS's gradient w.r.t. a.
+
+    m = (1 - c) a + c o (o the other side: c = 1 - beta for p, beta for q), dd = log(o / a) on
+    the common support C (0 off it), d the same up to a row constant (closer differences).
+    The value is log(m_j / a_j) - log(m_k / a_k), k a's largest entry on C (the anchor): with
+    rho = c o_k / m_k = sigmoid(dd_k + log(c / (1 - c))), log(1 - rho + rho e^(d_j - d_k)) on C
+    and log(1 - rho) off it. The row constant (log(1 - c) where o << a, 0 near convergence)
+    never enters, so y - E_a y keeps its digits where a's mass sits on entries that o lacks (far
+    rows). Its derivative is that of log(m_j / a_j) itself (_log_mix of dd_j, the row constant
+    held fixed: y - E_a y does not depend on it), which keeps its digits at a saturated mode of
+    the other side (the anchored form's own derivative would cancel there).
+    """
+    zero = torch.zeros((), dtype=dd.dtype, device=dd.device)
+    y = torch.where(C, _log_mix(c, dd), torch.full_like(dd, math.log1p(-c)))
+    y = torch.where(A.S, y, zero)
+    with torch.no_grad():
+        lk = math.log(c) - math.log1p(-c)
+        an = _mode(A.lw, C)
+        dda = torch.where(an, dd, zero).sum(-1, keepdim=True)
+        da = torch.where(an, d, zero).sum(-1, keepdim=True)
+        lc = torch.nn.functional.logsigmoid(dda + lk)  # log rho
+        loc = torch.nn.functional.logsigmoid(-(dda + lk))  # log(1 - rho)
+        delta = torch.where(C, d - da, zero)
+        mid = delta.abs() < 1
+        w = torch.where(mid, torch.log1p(torch.exp(lc) * torch.expm1(delta)),
+                        torch.logaddexp(loc, lc + delta))
+        w = torch.where(C, w, torch.where(A.S, loc, zero))
+    return (y - y.detach()) + w
 
 
 def _grads_torch(spec, pm, qm, s, keep, need_p, need_q):
@@ -1271,16 +1347,17 @@ def _grads_torch(spec, pm, qm, s, keep, need_p, need_q):
     if kind == "js":
         beta = spec.beta
         dd = torch.where(C, Q.lw - P.lw, zero)  # log q/p on the common support
+        d = _d_raw(P, Q, it, both_probs, x, y, C)  # the same up to a row constant
         if need_p:
-            y_ = torch.where(C, _log_mix(1.0 - beta, dd), torch.full_like(dd, math.log(beta)))
-            y_ = torch.where(P.S, y_, zero)  # log(m/p) on p's support
+            y_ = _js_log_mix(P, C, dd, d, 1.0 - beta)  # log(m/p) on p's support, up to a constant
             ey = (P.W * y_).sum(-1, keepdim=True)
             gp = -(s * (beta * it))[:, None] * P.W * torch.where(P.S, y_ - ey, zero)
+            gp = _minus_rest(gp, P.top)
         if need_q:
-            z_ = torch.where(C, _log_mix(beta, -dd), torch.full_like(dd, math.log1p(-beta)))
-            z_ = torch.where(Q.S, z_, zero)
+            z_ = _js_log_mix(Q, C, -dd, -d, beta)  # log(m/q) on q's support, likewise
             ez = (Q.W * z_).sum(-1, keepdim=True)
             gq = -(s * ((1.0 - beta) * it))[:, None] * Q.W * torch.where(Q.S, z_ - ez, zero)
+            gq = _minus_rest(gq, Q.top)
     gp = P.to_input(gp) if (need_p and gp is not None) else None
     gq = Q.to_input(gq) if (need_q and gq is not None) else None
     return gp, gq
