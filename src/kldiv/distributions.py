@@ -444,7 +444,10 @@ def mvn_kl_cholesky(mean_p, scale_tril_p, mean_q=None, scale_tril_q=None, *, red
         # M = L_q^-1 L_p = I + L_q^-1 (L_p - L_q): the strict lower parts agree, and for close
         # factors L_p - L_q is exact, where the solve against L_p leaves ulp(|L|) of noise next
         # to entries of the size of the difference (relative error 1/difference)
-        strict_m = _solve_tril(xp, lq, lp - lq)
+        # (from halves in every matrix where an entry of L_p - L_q overflows; 4x at the end)
+        dl = lp - lq
+        over_l = xp.any(xp.isinf(dl), axis=(-2, -1))
+        strict_m = _solve_tril(xp, lq, xp.where(over_l[..., None, None], 0.5 * lp - 0.5 * lq, dl))
         # mu_q - mu_p, from halves in every row where an entry overflows
         d = mq - mp
         over = xp.any(xp.isinf(d), axis=-1)
@@ -456,6 +459,8 @@ def mvn_kl_cholesky(mean_p, scale_tril_p, mean_q=None, scale_tril_q=None, *, red
     strict = idx[:, None] > idx[None, :]
     off = xp.where(strict, strict_m, xp.zeros_like(strict_m))
     off = xp.sum((0.5 * off) * off, axis=(-2, -1))
+    if lq is not None:
+        off = xp.where(over_l, 4.0 * off, off)
     maha = xp.sum((0.5 * y) * y, axis=-1)
     if over is not None:
         maha = xp.where(over, 4.0 * maha, maha)
