@@ -34,9 +34,12 @@ float32 keeps about 1e-6 relative accuracy down to KL = 1e-9 across any offset, 
 1e-13 (``tests/test_core_numerics_extra.py``). Being unshifted, the log-ratio is exact also
 where one side holds mass far below the other side's maximum (2 and -1 against a logit of 3e38
 on the other side: a shift by 3e38 would round both to one number), which a huge KL's O(1)
-gradient needs (``tests/test_core_leftovers2.py``). The log-ratio is
-carried in quarters, so rows wider than the float range (float32 rows holding both +-3e38, or
-x / T beyond it) are exact too; a value beyond finfo.max is +inf. Only entries more than
+gradient needs (``tests/test_core_leftovers2.py``). The log-ratio, its p-weighted mean and
+L = log E_p[e^d'] are carried in units of min(T, 1) / 4 of a nat (``_to_true``: below T = 1
+the raw difference of the inputs before the division by T), so rows wider than the float range
+(float32 rows holding both +-3e38, or x / T beyond it: float64 logits of +-1.7e308 at T = 0.5
+or 1e-3) are exact too (``tests/test_core_huge_temperature.py``); a value beyond finfo.max is
++inf. Only entries more than
 finfo.max below their own row maximum are clamped there within a side (their probability is 0
 either way). A row whose true value exceeds the float range (float32 logits [3e38, -3e38]
 against their flip: KL = 6e38) is +inf with the exact derivatives of the true value, which are
@@ -362,8 +365,8 @@ class _Pair:
     q_escapes: object  # row has q_i > 0 = p_i
     kl: object  # KL(p || q), +inf where p escapes
     nan_rows: object  # 0, or nan on rows with a nan input
-    dq: object = None  # d / 4, not clamped (d beyond finfo.max where the row is that wide)
-    dcq: object = None  # (d - E_p[d]) / 4 on T, from the exact log-ratio (with d)
+    dq: object = None  # d in units (``_to_true``), not clamped (d beyond finfo.max: wide rows)
+    dcq: object = None  # d - E_p[d] in units on T, from the exact log-ratio (with d)
 
 
 # A side whose row maximum is at least this large in magnitude is shifted by it before the two
@@ -383,6 +386,19 @@ def _two_diff(a, b):
     return hi, stop_gradient(lo)
 
 
+def _to_true(v, t):
+    """A log-ratio quantity carried in units (``_pair``: min(T, 1) / 4 of a nat) back in nats:
+    ``v * 4 / T`` below T = 1, ``v * 4`` otherwise (+-inf where the true value is beyond the
+    float range)."""
+    v = v * 4
+    return v / t if t < 1.0 else v
+
+
+def _to_units(v, t):
+    """A quantity in nats in the units of ``_to_true`` (the inverse)."""
+    return (v * t) * 0.25 if t < 1.0 else v * 0.25
+
+
 def _quarter_shifted(xp, S: _Side, big):
     """The side's log-space input shifted by its row maximum where that is large and quartered:
     ``(raw - a) / 4`` with a = max (|max| >= _SHIFT_FROM) or 0; and a. In quarters the exact
@@ -397,7 +413,7 @@ def _quarter_shifted(xp, S: _Side, big):
 
 
 def _log_delta(xp, P: _Side, Q: _Side, T):
-    """log(q_i / p_i) on T up to a row constant, halved, exact to the last bit of the inputs.
+    """log(q_i / p_i) on T up to a row constant, in units, exact to the last bit of the inputs.
 
     Each side is shifted by its own row maximum when that is large (``_quarter_shifted``: a row of
     -1e30, logits 1e4 apart, exact for every entry that carries mass), and the difference of the
@@ -406,8 +422,11 @@ def _log_delta(xp, P: _Side, Q: _Side, T):
     relative accuracy at small KL). The pair is then taken relative to its value at an anchor
     entry r (p's largest logit on T; ties: q's largest there): ``t_i = (hi_i - hi_r) + (lo_i -
     lo_r)``, where ``hi_i - hi_r`` is exact for close rows, so that t carries the row-constant
-    offset of neither side. Returns ``t / (4 T)`` (0 off T) and ``k``, by which log(p_i) + t_i / T
-    exceeds the centred log q_i: ``P.ct_r - Q.ct_r`` (0 for rows that agree at p's mode).
+    offset of neither side. Returns ``t / T`` (0 off T), ``k``, by which log(p_i) + t_i / T
+    exceeds the centred log q_i: ``P.ct_r - Q.ct_r`` (0 for rows that agree at p's mode), and
+    q's centred values ``Q.ct``, each in units of min(T, 1) / 4 (``_to_true``): a quarter at
+    T >= 1; below T = 1 the raw quarters before the division by T, so that a log-ratio x / T
+    beyond the float range (float64 logits of +-1.7e308 at T = 0.5) is carried exactly.
     """
     zero = xp.zeros_like(P.c)
     t = P.temperature
@@ -440,14 +459,10 @@ def _log_delta(xp, P: _Side, Q: _Side, T):
         shifted = b != 0
         ctq = xp.where(shifted, yh, Q.c * 0.25)
     k = ctp - ctq_r
-    if t != 1.0:
+    if t > 1.0:  # (below T = 1 the units are T / 4: the raw quarters as they are)
         k = k / t
         d = d / t  # the difference first, then the temperature: keeps its accuracy
         ctq = ctq / t
-        if t < 1.0:
-            d = xp.clip(d, -big, big)
-            k = xp.clip(k, -big, big)
-            ctq = xp.clip(ctq, -big, big)
     return xp.where(T, d, zero), xp.where(ok, k, fzero), ctq
 
 
@@ -540,29 +555,30 @@ def _pair(xp, P: _Side, Q: _Side, need_d: bool = False) -> _Pair:
     s = xp.sum(wn, axis=-1, keepdims=True)
     s = xp.where(empty, xp.ones_like(s), s)
     wn = wn / s
-    # delta is a quarter of the log-ratio (no overflow for float32 rows spanning +-3e38): so is
-    # mu. Entries of weight 0 take no part (their delta, up to finfo.max, would send an inf
+    # delta is the log-ratio in units of min(T, 1) / 4 (``_to_true``: no overflow for float32
+    # rows spanning +-3e38, nor for x / T beyond the float range): so is mu. Entries of weight 0 take no part (their delta, up to finfo.max, would send an inf
     # gradient into the weights, and inf * 0 through the renormalisation: a nan)
     mu = xp.sum(wn * xp.where(wn > 0, delta, zero), axis=-1, keepdims=True)
     # centred log-ratio d' (on T). Clamped to the float range: |delta - mu| can exceed it only
     # where p_i or q_i is 0 numerically, and an inf there would meet a zero weight (0 * inf)
     fmax = xp.finfo(delta.dtype).max
+    t = P.temperature
     dcq = delta - mu
-    dc = xp.clip(dcq * 4, -fmax, fmax)
+    dc = xp.clip(_to_true(dcq, t), -fmax, fmax)
     deltaq, muq = delta, mu
-    mu = xp.clip(muq * 4, -fmax, fmax)
     # log(wn_i e^{d'_i}) = lwn + d', formed from q's side: lwn + delta = Q.ct + k - P.norm - lpT
     # - log s exactly, and p cancels. Adding lwn to d' numerically would not do where p has a
     # huge finite negative logit (-1e30: both terms ~1e30, their sum noise).
-    # In quarters, as delta (q's centred value ctq and k included): the sum is in range where
+    # In units, as delta (q's centred value ctq and k included): the sum is in range where
     # its parts are not (float32 rows holding both +-3e38); scaling by 4 rounds nothing.
-    offset = (P.norm + lpT + xp.log(s)) * 0.25 + muq
+    offset = _to_units(P.norm + lpT + xp.log(s), t) + muq
     if k is not None:
         offset = offset - k
         ctq = ctq_side
     else:
         ctq = Q.ct * 0.25
-    lwx = xp.where(T, xp.clip((ctq - offset) * 4, -fmax, fmax), zero)
+    lwu = ctq - offset
+    lwx = xp.where(T, xp.clip(_to_true(lwu, t), -fmax, fmax), zero)
     # L = log E_p[exp(d')] = log1p(E_p[phi(d')]). When some p_i exp(d'_i) is huge (logits far
     # apart: KL in the tens), E_p[phi] would overflow although L is modest: such rows take the
     # log-sum-exp of log p_i + d'_i instead (no cancellation to fear there, L > 20).
@@ -571,15 +587,20 @@ def _pair(xp, P: _Side, Q: _Side, need_d: bool = False) -> _Pair:
     huge = top > 20.0
     dc_small = xp.where(huge, zero, dc)
     L_small = xp.log1p(xp.sum(xp.where(T, _w_phi(xp, wn, dc_small, log_w_exp=lwx), zero), axis=-1))
-    lt = xp.where(T & huge, lwx, neg_inf)
+    # (in units: L and E_p[d] may lie beyond the float range where the row is that wide, and
+    # the centred log-ratio d' + E_p[d] must not meet a clamped mean: a sign-flipped log-ratio)
+    lt = xp.where(T & huge, lwu, neg_inf)
     lt = xp.where(huge, lt, zero)
-    L_large = logsumexp(xp, lt, axis=-1)[..., 0]
-    L = xp.where(huge[..., 0], L_large, L_small)
-    mean_d = log_qT - log_pT - L  # E_{p restricted to T}[log q/p]
+    top_u = stop_gradient(xp.max(lt, axis=-1, keepdims=True))
+    Lu_large = top_u[..., 0] + _to_units(logsumexp(xp, _to_true(lt - top_u, t), axis=-1)[..., 0], t)
+    Lu = xp.where(huge[..., 0], Lu_large, _to_units(L_small, t))
+    L = xp.where(huge[..., 0], _to_true(Lu_large, t), L_small)
+    mean_du = _to_units(log_qT - log_pT, t) - Lu  # E_{p restricted to T}[log q/p], in units
+    mean_d = xp.clip(_to_true(mean_du, t), -fmax, fmax)
     d = dq = None
     if need_d:
-        dq = _log_ratio_quarter(xp, P, Q, T, deltaq, muq, dcq, mean_d)
-        d = xp.clip(dq * 4, -fmax, fmax)
+        dq = _log_ratio_quarter(xp, P, Q, T, deltaq, muq, dcq, mean_du)
+        d = xp.clip(_to_true(dq, t), -fmax, fmax)
     p_escapes = xp.any(P.support & ~Q.support, axis=-1)
     q_escapes = xp.any(Q.support & ~P.support, axis=-1)
     inf = const(xp, math.inf, L)
@@ -591,7 +612,7 @@ def _pair(xp, P: _Side, Q: _Side, need_d: bool = False) -> _Pair:
     kl = xp.where(kl < 0, xp.zeros_like(kl), kl)
     if not need_d and (_may_differentiate(P.x) or _may_differentiate(Q.x)):
         # (JS and Jeffreys, need_d, do not use this KL)
-        kl = _kl_derivatives(xp, P, Q, T, wn, dcq, dc, mean_d, kl, p_escapes)
+        kl = _kl_derivatives(xp, P, Q, T, wn, dcq, dc, mean_d, kl, p_escapes, u - xp.log(s))
     if sub is not None:
         kl = _subnormal_weight_derivatives(xp, P0, Q0, T, dc, kl, sub)
     # 0 on every row, nan on a row with a nan (its normaliser is nan): an escape's +inf must
@@ -601,7 +622,7 @@ def _pair(xp, P: _Side, Q: _Side, need_d: bool = False) -> _Pair:
                  dcq if need_d else None)
 
 
-def _kl_derivatives(xp, P: _Side, Q: _Side, T, wn, dcq, dc, mean_d, kl, escapes):
+def _kl_derivatives(xp, P: _Side, Q: _Side, T, wn, dcq, dc, mean_d, kl, escapes, lwn):
     """``kl`` (finite rows) with the derivatives (first and second) of the plain formula
     F = sum_T p_i r_i, r = log p - log q, each first derivative formed with no cancellation.
 
@@ -622,15 +643,18 @@ def _kl_derivatives(xp, P: _Side, Q: _Side, T, wn, dcq, dc, mean_d, kl, escapes)
     exactly 0, second derivative dp dl), so the first derivative meets no extra rounding."""
     zero = xp.zeros_like(wn)
     pos = T & (wn > 0)
-    c4 = stop_gradient(xp.where(pos, -dcq, zero))  # (r - F) / 4, not clamped
+    c4 = stop_gradient(xp.where(T, -dcq, zero))  # r - F in units (_to_true), not clamped
     dw = wn - stop_gradient(wn)
     # sum dw_i c_i: 0 in value (a row whose KL overflows keeps +inf), and nan in value exactly
-    # on the rows where some c_i = 4 c4_i is beyond the float range (0 * inf): see _wide_p_terms
-    c = c4 * 4
+    # on the rows where some c_i (c4_i in nats) is beyond the float range (0 * inf): see
+    # _wide_p_terms (entries whose weight underflows to 0 included: p_i c_i may still be a
+    # number there; elsewhere their dw_i c_i is 0, and the weights' select passes nothing back)
+    c = _to_true(c4, P.temperature)
     g = xp.sum(dw * c, axis=-1)
     wide = xp.isnan(g)
     if not is_concrete(g) or bool(xp.any(wide)):
-        g = _wide_p_terms(xp, P, pos, wn, c4, c, dw, wide)
+        # (lwn: log wn, for the entries whose weight underflows)
+        g = _wide_p_terms(xp, P, pos, wn, c4, c, dw, wide, under=(T & ~pos, lwn))
     # log(q_i / p_i) = d' + E_p[d]; where the mean is large (a KL of 1e38) the sum is noise,
     # and such rows have |q - p| of order 1 somewhere: q - p as the difference there
     d = xp.where(T, dc + mean_d[..., None], zero)
@@ -655,28 +679,39 @@ def _kl_derivatives(xp, P: _Side, Q: _Side, T, wn, dcq, dc, mean_d, kl, escapes)
     return xp.where(ok, kl0 + g, kl0)
 
 
-def _wide_p_terms(xp, P: _Side, pos, wn, c4, c, dw, wide):
+def _wide_p_terms(xp, P: _Side, pos, wn, c4, c, dw, wide, under=None):
     """sum dw_i c_i (``_kl_derivatives``), with rows ``wide`` (some |c_i| beyond finfo.max:
     logits within a factor of a few of the float limit, or |x / T| that large) taken without
     c: reverse-mode autodiff through w would carry the cotangent c_i itself (inf) and multiply
     it by p_i (a tiny p_i times an inf: inf where p_i c_i is a modest number).
 
-    There, with k_i = p_i c_i / 4 (a constant; sum k = 0 in math, so the normalisers'
-    first derivatives drop out), the first differential is sum k_i 4 d raw_i / T: its
+    There, with k_i = p_i c_i in units (``_to_true``; a constant; sum k = 0 in math, so the
+    normalisers' first derivatives drop out), the first differential is sum k_i d raw_i / T: its
     cotangents are the exact derivatives themselves, +-inf only where those overflow. Second
     derivatives: sum p_i c_i (dlog p_i)^2 / 2 from a product of zero-valued differences (with
     p_i c_i clamped to the float range: 0 * inf would be nan), and raw's own (log x of
-    probabilities) through the first term."""
+    probabilities) through the first term. ``under``: (entries, their log weights) where the
+    weight underflows to 0 but p_i c_i need not (float64 logits of 1.7e308 at
+    T = 1e-3: p_i = e^-1000, c_i ~ 1e311): k_i = sign(c_i) exp(log p_i + log |c_i|) there."""
     zero = xp.zeros_like(wn)
     fmax = xp.finfo(wn.dtype).max
     wr = wide[..., None]
     k = stop_gradient(xp.where(pos & wr, wn * c4, zero))
+    if under is not None:
+        un, lw = under
+        un = un & wr & (lw > -fmax) & (c4 != 0)
+        one = xp.ones_like(wn)
+        a = xp.where(un, c4, one)
+        ku = xp.sign(a) * xp.exp(xp.where(un, lw, zero) + xp.log(xp.abs(a)))
+        k = xp.where(un, stop_gradient(ku), k)
+        pos = pos | un
     raw = xp.where(pos, P.raw, zero)
-    draw = (raw - stop_gradient(raw)) * 4
-    if P.temperature != 1.0:
-        draw = draw / P.temperature
+    t = P.temperature
+    draw = _to_true(raw - stop_gradient(raw), t)
+    if t != 1.0:
+        draw = draw / t
     dl = _dlog(xp, P, pos)
-    kc = xp.clip(k * 4, -fmax, fmax)
+    kc = xp.clip(_to_true(k, t), -fmax, fmax)
     g_wide = xp.sum(k * draw, axis=-1) + 0.5 * xp.sum(kc * (dl * dl), axis=-1)
     g_narrow = xp.sum(dw * xp.where(wr, zero, c), axis=-1)
     return xp.where(wide, g_wide, g_narrow)
@@ -775,9 +810,10 @@ def _may_differentiate(x) -> bool:
     return not type(x).__module__.startswith(("numpy", "array_api_strict"))
 
 
-def _log_ratio_quarter(xp, P, Q, T, deltaq, muq, dcq, mean_d):
-    """log(q_i / p_i) / 4 on T (0 elsewhere), entry by entry by the more accurate of two routes
-    (a quarter: no overflow for float32 rows holding both +-3e38; ``dcq`` is d' / 4).
+def _log_ratio_quarter(xp, P, Q, T, deltaq, muq, dcq, mean_du):
+    """log(q_i / p_i) on T (0 elsewhere) in units of min(T, 1) / 4 (``_to_true``), entry by
+    entry by the more accurate of two routes (no overflow for float32 rows holding both +-3e38,
+    nor for x / T beyond the float range; ``dcq`` is d' and ``mean_du`` E_p[d], in units).
 
     The centred route, d' + E_p[d], carries rounding errors of the size of |delta - mu| +
     |mean_d| (small in the usual rows); the direct difference of the normalised
@@ -785,16 +821,18 @@ def _log_ratio_quarter(xp, P, Q, T, deltaq, muq, dcq, mean_d):
     somewhere p is not (a logit of -1e30 against a normal one) drags mu to ~1e28 and the centred
     value of every other entry to noise.
     """
-    d = xp.where(T, dcq + mean_d[..., None] * 0.25, xp.zeros_like(dcq))
-    err_centred = xp.abs(deltaq) + xp.abs(muq) + xp.abs(mean_d * 0.25)[..., None]
-    err_direct = xp.abs(P.lw * 0.25) + xp.abs(Q.lw * 0.25)
+    t = P.temperature
+    d = xp.where(T, dcq + mean_du[..., None], xp.zeros_like(dcq))
+    err_centred = xp.abs(deltaq) + xp.abs(muq) + xp.abs(mean_du)[..., None]
+    lpu, lqu = _to_units(P.lw, t), _to_units(Q.lw, t)
+    err_direct = xp.abs(lpu) + xp.abs(lqu)
     # a log-probability at -finfo.max went through the clamp: the direct route is a bound there
     # (at T > 1 the clamp acts on the centred input before the division: c = -finfo.max)
     fmax = xp.finfo(dcq.dtype).max
     lp = P.c if P.temperature > 1.0 else P.lw
     lq = Q.c if Q.temperature > 1.0 else Q.lw
     direct = T & (err_direct < err_centred) & (lp > -fmax) & (lq > -fmax)
-    return xp.where(direct, Q.lw * 0.25 - P.lw * 0.25, d)
+    return xp.where(direct, lqu - lpu, d)
 
 
 def _log_mix(xp, c, d):
@@ -938,15 +976,15 @@ def _jeffreys_far(xp, P, Q, pr, val):
         return val, None
     pp = T & (P.w > 0)
     qq = T & (Q.w > 0)
-    cp4 = stop_gradient(xp.where(pp, -pr.dcq, zero))  # (r - E_p r) / 4
+    cp4 = stop_gradient(xp.where(pp, -pr.dcq, zero))  # r - E_p r in units (_to_true)
     if P.m is None and Q.m is None:  # probabilities: |d| <= 745, no row constant to fear
         rq = -pr.dq
     else:
-        rq = _log_delta_mixed(xp, Q, P, T)[0]  # log(p/q) / 4, anchored at q's mode
+        rq = _log_delta_mixed(xp, Q, P, T)[0]  # log(p/q) in units, anchored at q's mode
     rq = stop_gradient(xp.where(qq, rq, zero))
     mq = xp.sum(xp.where(qq, Q.w, zero) * rq, axis=-1, keepdims=True) / xp.sum(
         xp.where(qq, Q.w, zero), axis=-1, keepdims=True)
-    cq4 = stop_gradient(xp.where(qq, mq - rq, zero))  # (E_q r - r) / 4
+    cq4 = stop_gradient(xp.where(qq, mq - rq, zero))  # E_q r - r in units
     near = T & (xp.abs(pr.d) < 1)
     qmp = xp.where(near, P.w * xp.expm1(xp.where(near, pr.d, zero)), Q.w - P.w)
     dr = _dlog(xp, P, T) - _dlog(xp, Q, T)
@@ -956,7 +994,8 @@ def _jeffreys_far(xp, P, Q, pr, val):
     k = -stop_gradient(qmp) + (pmq - stop_gradient(pmq))
     dwp = P.w - stop_gradient(P.w)
     dwq = Q.w - stop_gradient(Q.w)
-    cp, cq = cp4 * 4, cq4 * 4  # +-inf beyond the float range: the sums below are nan there
+    # +-inf beyond the float range: the sums below are nan there
+    cp, cq = _to_true(cp4, P.temperature), _to_true(cq4, P.temperature)
     gp = xp.sum(dwp * cp, axis=-1)
     gq = xp.sum(dwq * cq, axis=-1)
     wide = xp.isnan(gp) | xp.isnan(gq)
@@ -985,10 +1024,13 @@ def _rows(kind, xp, P, Q, beta):
         small = xp.abs(d) < _SMALL
         ds = xp.where(small, d, zero)
         # p e^d = q on the common support (d = log q/p): the large branch needs no exponential
-        # (the large branch in quarters, then scaled: d may lie beyond finfo.max where q - p
-        # does not make the term overflow, in float32 rows holding both +-3e38)
-        dql = xp.where(small, zero, pr.dq)
-        term = xp.where(small, P.w * ds * xp.expm1(ds), (dql * (Q.w - P.w)) * 4)
+        # (the large branch in units, then scaled: d may lie beyond finfo.max where q - p
+        # does not make the term overflow, in float32 rows holding both +-3e38). An entry where
+        # both weights are 0 contributes 0, and no gradient: its d (up to 1e308 / T) would come
+        # back as an inf cotangent on a zero weight (inf * 0 in the softmax's backward: nan)
+        dql = xp.where(small | ((P.w == 0) & (Q.w == 0)), zero, pr.dq)
+        term = xp.where(small, P.w * ds * xp.expm1(ds),
+                        _to_true(dql * (Q.w - P.w), P.temperature))
         val = xp.sum(xp.where(pr.common, term, zero), axis=-1)
         inf = const(xp, math.inf, val)
         escapes = pr.p_escapes | pr.q_escapes
