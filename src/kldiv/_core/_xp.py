@@ -13,7 +13,8 @@ import numpy as np
 from array_api_compat import array_namespace, device, is_jax_array, is_torch_array
 
 __all__ = ["namespace", "logsumexp", "const", "stop_gradient", "quiet", "is_concrete", "to_numpy", "device",
-           "wide_float", "xlogx"]
+           "wide_float", "xlogx", "scaled_unflushed", "nonpositive", "subnormal",
+           "is_jax_array"]
 
 
 def namespace(*arrays, **named_arrays):
@@ -106,6 +107,54 @@ def xlogx(xp, x):
 
         return -jax.scipy.special.entr(x)
     return x * xp.log(x)
+
+
+def nonpositive(x):
+    """``x <= 0`` (a nan is not), read from the bits for a JAX array: XLA on CPU compares a
+    subnormal operand as 0 (float32 1e-45 <= 0 is true there), which would drop a positive
+    probability from the support (an escape: +inf where the divergence is finite)."""
+    nonpos = x <= 0
+    if not is_jax_array(x):
+        return nonpos
+    return nonpos & (_bits(x)[0] <= 0)  # a positive subnormal has bits > 0 (sign bit clear, not +0)
+
+
+def _bits(x):
+    import jax
+    import jax.numpy as jnp
+
+    ity = jnp.int64 if x.dtype == jnp.float64 else jnp.int32
+    return jax.lax.bitcast_convert_type(jax.lax.stop_gradient(x), ity), (52 if ity == jnp.int64
+                                                                           else 23)
+
+
+def subnormal(x):
+    """Where the JAX array ``x`` holds a nonzero subnormal (exponent field 0), from the bits."""
+    bits, mbits = _bits(x)
+    return ((bits >> mbits) == 0) & (bits != 0)
+
+
+def scaled_unflushed(x, scaled, e):
+    """``x * 2**e`` (``scaled``, formed by the caller) with its subnormal entries taken from their
+    bits: XLA on CPU flushes subnormal operands to 0 in arithmetic (float32 and float64), so
+    ``x * 2**e`` of a subnormal x is 0 there, although the scaled value is a normal number.
+    For a JAX array, where x's exponent field is 0, the value is mantissa * 2**(e - 149)
+    (float32; e - 1074 in float64), exact, with the derivative of ``x * 2**e`` (2**e; the
+    cotangent itself is flushed where it is a subnormal: XLA's limit, not the formula's).
+    Other arrays are returned as they are (their arithmetic keeps subnormals)."""
+    if not is_jax_array(x):
+        return scaled
+    import jax
+    import jax.numpy as jnp
+
+    bits, mbits = _bits(x)
+    low = 1074 if mbits == 52 else 149
+    mant = bits & ((1 << mbits) - 1)
+    sub = (bits >> mbits) == 0  # x > 0: the sign bit is 0; exponent field 0 (or x = 0)
+    from_bits = mant.astype(x.dtype) * jnp.asarray(2.0 ** (e - low), x.dtype)
+    # 0 in value (x - x, flushed or not), 2**e in derivative
+    tangent = (x - jax.lax.stop_gradient(x)) * jnp.asarray(2.0 ** e, x.dtype)
+    return jnp.where(sub, from_bits + tangent, scaled)
 
 
 def wide_float(xp, x):

@@ -77,8 +77,7 @@ value, so that autodiff never squares it into 0). Below 16 / finfo.max (float32 
 where 1/p overflows, KL and reverse KL take their derivatives on that row from the plain
 formula assembled so that autodiff never multiplies 1/p into p's graph: the Hessian's diagonal
 entry there is +inf (the true ~1e40, correctly rounded) and every other entry finite and right
-(torch; XLA on CPU flushes float32 subnormals to 0 in arithmetic, so JAX treats such an entry as
-0). Not under tracing (jax.jit, torch.compile: the rows cannot be known). JS likewise
+(torch; not under tracing: jax.jit, torch.compile, where the rows cannot be known). JS likewise
 (``_js_subnormal_second``: the surrogate's first derivatives, the second derivatives of the
 entropy form from x log x; right where the mixture beta p_i + (1 - beta) q_i is a normal
 number, i.e. a subnormal probability against a normal one). Not for Jeffreys: there the
@@ -88,6 +87,15 @@ the float32 range (q_i / p_i^2 ~ 1e89, 1 / p_i ~ 1e44) that autodiff sums with o
 signs; its column and every other entry are right: use float64 for Jeffreys' second
 derivatives at such probabilities. In reverse KL (and KL with the subnormal probability on
 q's side) the mixed entry d2 / dp_i dq_i, whose true value (-1 / p_i) overflows, is nan too.
+JAX: XLA on CPU reads subnormal operands as 0 (float32 and float64, in arithmetic and in
+comparisons). Probabilities are read from their bits there (``_xp.nonpositive``, ``_xp.
+scaled_unflushed``: the support, log x, the near-ratio test), so a subnormal q_i against a
+normal p_i is the finite KL it is (50.95 for p = [0.5, 0.5], q = [1, 1e-45]; was +inf), and
+KL's and reverse KL's first derivatives at a subnormal probability are formed without a
+flushed intermediate (``tests/test_jax_subnormal_probs.py``). Left on JAX: a result or a
+derivative that is itself subnormal is 0; Jeffreys' derivative at a subnormal entry is off
+(autodiff forms (q_i - p_i) / p_i through the flushed difference); Hessians at a subnormal
+entry are not covered there.
 No finite input gives a nan or a negative value. A nan in an unmasked row (``validate=False``)
 makes that row's value nan.
 
@@ -104,8 +112,9 @@ from dataclasses import dataclass, replace
 from . import dispatch as _dispatch
 from . import options as _options
 from . import validation as V
-from ._xp import (as_array, const, is_concrete, logsumexp, namespace, quiet, stop_gradient,
-                  wide_float, xlogx)
+from ._xp import (as_array, const, is_concrete, is_jax_array, logsumexp, namespace,
+                  nonpositive, quiet, scaled_unflushed, stop_gradient, subnormal, wide_float,
+                  xlogx)
 from .reduction import broadcast_rows, reduce_rows
 
 # 1/n! for n = 2..17: phi(x) = sum_{n>=2} x^n / n!, truncation < 1e-20 relative for |x| < 0.5
@@ -175,11 +184,23 @@ def _log_pos(xp, x):
     c_hi = c if xp.finfo(x.dtype).bits > 32 else struct.unpack("f", struct.pack("f", c))[0]
     c_lo = c - c_hi  # e ln 2 as a pair: the offset adds no rounding
     zero = xp.zeros_like(x)
-    r = (xp.log(x * sc) - xp.where(small, const(xp, c_hi, x), zero)) - xp.where(
+    xs = scaled_unflushed(x, x * sc, e)  # (JAX: a subnormal x from its bits, not flushed)
+    r = (xp.log(xs) - xp.where(small, const(xp, c_hi, x), zero)) - xp.where(
         small, const(xp, c_lo, x), zero)
     # (>= -finfo.max: XLA on CPU flushes a subnormal to 0 in arithmetic, after a comparison that
     # kept it in the support; the log-ratio must not meet -inf there, nor inf - inf)
     return xp.maximum(r, const(xp, -xp.finfo(x.dtype).max, x))
+
+
+def _unflushed_pair(xp, ps, qs):
+    """(ps, qs) both times 2^e where either is below 2^-(e/2) (``_tiny_scale``'s e), subnormals
+    from their bits (``scaled_unflushed``): exact, and normal numbers, so that XLA, which reads
+    a subnormal operand as 0 in comparisons and arithmetic, compares and divides them right."""
+    e = 600 if xp.finfo(ps.dtype).bits > 32 else 100
+    lim = const(xp, 2.0 ** -(e // 2), ps)
+    small = (ps < lim) | (qs < lim)
+    sc = xp.where(small, const(xp, 2.0**e, ps), const(xp, 1.0, ps))
+    return scaled_unflushed(ps, ps * sc, e), scaled_unflushed(qs, qs * sc, e)
 
 
 def _make_side(xp, x, space, temperature):
@@ -195,7 +216,8 @@ def _make_side(xp, x, space, temperature):
     zero = xp.zeros_like(x)
     one = const(xp, 1.0, x)
     if space == "probs" and temperature == 1.0:
-        nonpos = x <= 0  # not `x > 0`: a nan stays in the support and the row sum, and propagates
+        # not `x > 0`: a nan stays in the support and the row sum, and propagates
+        nonpos = nonpositive(x)
         support = ~nonpos
         x_safe = xp.where(nonpos, one, x)
         z = xp.sum(xp.where(nonpos, zero, x), axis=-1, keepdims=True)
@@ -207,7 +229,7 @@ def _make_side(xp, x, space, temperature):
     px = None
     if space == "probs":  # probabilities with a temperature: p^(1/T), renormalised
         px = x  # (the log-ratio takes log p anew in float64 where it can: ``_wide_side``)
-        nonpos = x <= 0
+        nonpos = nonpositive(x)
         x = xp.where(nonpos, const(xp, -math.inf, x), _log_pos(xp, xp.where(nonpos, one, x)))
     big = const(xp, -xp.finfo(x.dtype).max, x)
     support = x != -math.inf  # a nan counts (and propagates): validate=False never hides one
@@ -526,6 +548,8 @@ def _pair(xp, P: _Side, Q: _Side, need_d: bool = False) -> _Pair:
         # within a factor 2 the difference q - p is exact (Sterbenz) and log1p of the quotient
         # keeps full relative accuracy; farther apart, log q - log p has no cancellation to fear
         # (and a quotient could round to -1 or overflow for tiny or subnormal p)
+        if is_jax_array(ps):  # XLA on CPU reads subnormal operands as 0: scale them first
+            ps, qs = _unflushed_pair(xp, ps, qs)
         near = (qs >= 0.5 * ps) & (qs <= 2 * ps)
         pn = xp.where(near, ps, one)
         qn = xp.where(near, qs, one)
@@ -645,6 +669,14 @@ def _kl_derivatives(xp, P: _Side, Q: _Side, T, wn, dcq, dc, mean_d, kl, escapes,
     pos = T & (wn > 0)
     c4 = stop_gradient(xp.where(T, -dcq, zero))  # r - F in units (_to_true), not clamped
     dw = wn - stop_gradient(wn)
+    if P.m is None and is_jax_array(wn):
+        # probabilities on JAX: the weights' derivative from x / z, 1 / z per entry. XLA on CPU
+        # flushes a subnormal weight e^u (and its cotangent) to 0, which lost the whole
+        # derivative at a subnormal p_i (O(1): (r_i - F) / z)
+        xt = xp.where(T, P.x, zero)
+        zt = xp.sum(xt, axis=-1, keepdims=True)
+        wx = xt / xp.where(zt > 0, zt, xp.ones_like(zt))
+        dw = wx - stop_gradient(wx)
     # sum dw_i c_i: 0 in value (a row whose KL overflows keeps +inf), and nan in value exactly
     # on the rows where some c_i (c4_i in nats) is beyond the float range (0 * inf): see
     # _wide_p_terms (entries whose weight underflows to 0 included: p_i c_i may still be a
@@ -665,7 +697,25 @@ def _kl_derivatives(xp, P: _Side, Q: _Side, T, wn, dcq, dc, mean_d, kl, escapes,
     dy = rq - stop_gradient(rq)
     if Q.temperature != 1.0:
         dy = dy / Q.temperature
-    g = g + xp.sum(xp.where(sq, stop_gradient(qmp) * dy, zero), axis=-1)
+    coef = stop_gradient(qmp)
+    if Q.m is None and is_jax_array(wn):
+        # probabilities on JAX, at a subnormal q_j: the coefficient q_j - p_j of d log q_j is
+        # itself flushed to 0 by XLA (and so was the derivative, whose true value
+        # (q_j - p_j) / x_j = (1 - e^-d_j) / z is O(1) or overflows): formed per x_j instead
+        sub = sq & subnormal(Q.x)
+        xq = xp.where(sq, Q.x, zero)
+        zq = stop_gradient(xp.sum(xq, axis=-1, keepdims=True))
+        # (where e^-d_j overflows, as h * h with h = e^(-d_j / 2): the product forms in the
+        # derivative only, +-inf there, and the value stays 0 * finite)
+        zq = xp.where(zq > 0, zq, xp.ones_like(zq))
+        big = T & sub & (d < -40.0)
+        h = stop_gradient(xp.exp(xp.where(big, -0.5 * d, zero)))
+        rho = xp.where(T, -xp.expm1(-xp.where(T & sub & ~big, d, zero)), xp.ones_like(d))
+        rho = stop_gradient(xp.where(big, -h, rho) / zq)
+        g = g + xp.sum(xp.where(sub, (rho * (xq - stop_gradient(xq))) * h,
+                                zero), axis=-1)
+        coef = xp.where(sub, zero, coef)
+    g = g + xp.sum(xp.where(sq, coef * dy, zero), axis=-1)
     dl = _dlog(xp, P, pos) - _dlog(xp, Q, pos)
     dq = Q.w - stop_gradient(Q.w)
     g = g + 0.5 * (xp.sum(xp.where(pos, dw * dl, zero), axis=-1)
