@@ -80,13 +80,19 @@ entry there is +inf (the true ~1e40, correctly rounded) and every other entry fi
 (torch; not under tracing: jax.jit, torch.compile, where the rows cannot be known). JS likewise
 (``_js_subnormal_second``: the surrogate's first derivatives, the second derivatives of the
 entropy form from x log x; right where the mixture beta p_i + (1 - beta) q_i is a normal
-number, i.e. a subnormal probability against a normal one). Not for Jeffreys: there the
-Hessian's row of the subnormal entry (d/dp_i of the gradient) is nan. Its first derivative
--q_i / p_i overflows to -inf, and that row holds finite entries (~1e2) next to entries beyond
-the float32 range (q_i / p_i^2 ~ 1e89, 1 / p_i ~ 1e44) that autodiff sums with opposite
-signs; its column and every other entry are right: use float64 for Jeffreys' second
-derivatives at such probabilities. In reverse KL (and KL with the subnormal probability on
-q's side) the mixed entry d2 / dp_i dq_i, whose true value (-1 / p_i) overflows, is nan too.
+number, i.e. a subnormal probability against a normal one). Where this falls short (Hessian
+rows, the derivative of the gradient entry dD/dz_i, taken last; ``tests/test_core_hessian_
+subnormal.py``): Jeffreys' row of a subnormal entry z_i (either side) is nan; that row holds
+finite entries (~1e2) next to entries beyond the float32 range (q_i / p_i^2 ~ 1e89, 1 / p_i
+~ 1e44) that autodiff sums with opposite signs. KL(a || b) (forward: b = q; reverse: b = p)
+where 1 / b_i overflows (b_i < 2.9e-39 in float32): in the row of b_i the mixed entry
+d2 / da_i db_i (true value about -1 / b_i, beyond the range) is nan, and an entry whose true
+value is 1 / b_i times a tiny factor may be +-inf (-2.5 at p_i = 2e-39, q_i = 5e-39 comes out
++inf): reverse-mode autodiff meets 1 / b_i as a factor, inf, before the factor that brings
+it back into range, and an inf cotangent split by the normalisation x / sum(x) gives
+inf - inf. The columns of those entries, and every other entry, are right. Exact entries there
+would need custom derivative rules per array library (the core has none); use float64 for
+second derivatives at such probabilities.
 JAX: XLA on CPU reads subnormal operands as 0 (float32 and float64, in arithmetic and in
 comparisons). Probabilities are read from their bits there (``_xp.nonpositive``, ``_xp.
 scaled_unflushed``: the support, log x, the near-ratio test), so a subnormal q_i against a
