@@ -12,8 +12,8 @@ import sys
 import numpy as np
 from array_api_compat import array_namespace, device, is_jax_array, is_torch_array
 
-__all__ = ["namespace", "logsumexp", "const", "stop_gradient", "quiet", "is_concrete", "to_numpy", "device",
-           "wide_float", "xlogx", "scaled_unflushed", "nonpositive", "subnormal",
+__all__ = ["namespace", "logsumexp", "const", "stop_gradient", "quiet", "is_concrete", "to_numpy",
+           "device", "wide_float", "xlogx", "scaled_unflushed", "nonpositive", "subnormal",
            "is_jax_array"]
 
 

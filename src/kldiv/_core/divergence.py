@@ -586,8 +586,9 @@ def _pair(xp, P: _Side, Q: _Side, need_d: bool = False) -> _Pair:
     s = xp.where(empty, xp.ones_like(s), s)
     wn = wn / s
     # delta is the log-ratio in units of min(T, 1) / 4 (``_to_true``: no overflow for float32
-    # rows spanning +-3e38, nor for x / T beyond the float range): so is mu. Entries of weight 0 take no part (their delta, up to finfo.max, would send an inf
-    # gradient into the weights, and inf * 0 through the renormalisation: a nan)
+    # rows spanning +-3e38, nor for x / T beyond the float range): so is mu. Entries of weight
+    # 0 take no part (their delta, up to finfo.max, would send an inf gradient into the
+    # weights, and inf * 0 through the renormalisation: a nan)
     mu = xp.sum(wn * xp.where(wn > 0, delta, zero), axis=-1, keepdims=True)
     # centred log-ratio d' (on T). Clamped to the float range: |delta - mu| can exceed it only
     # where p_i or q_i is 0 numerically, and an inf there would meet a zero weight (0 * inf)
