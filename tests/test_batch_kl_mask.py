@@ -116,3 +116,26 @@ def test_batch_kl_masked_rows_jax():
     want = _mp_mean(np.where(mask[..., None], ref, 0), np.where(mask[..., None], oth, 0), mask)
     got = float(batch_kl(jnp.asarray(ref), jnp.asarray(oth), mask=jnp.asarray(mask)))
     assert got == pytest.approx(want, rel=2e-6)
+
+
+def test_topk_ks_must_be_integers_at_least_one():
+    """Audit 3, F15: k = 0 gave nan, a negative k a raw NumPy error, k = 2.5 a top-2 overlap
+    under the key 'top2.5'; DriftMetric(topk=(2.5,)) was accepted as 2."""
+    from kldiv.metrics import DriftMetric, row_values, topk_overlap
+
+    a = np.random.default_rng(0).standard_normal((3, 5))
+    for ks in [(0,), (-2,), (2.5,), (True,), (2, 0)]:
+        with pytest.raises(ValueError, match=r"ks: every k must be an integer >= 1"):
+            topk_overlap(a, a, ks=ks)
+        with pytest.raises(ValueError, match=r"topk: every k must be an integer >= 1"):
+            DriftMetric(topk=ks)
+        with pytest.raises(ValueError, match=r"topk: every k must be an integer >= 1"):
+            row_values(a, a, topk=ks)
+    # integers (NumPy's included) keep working; k beyond V counts the whole row
+    b = a.copy()
+    b[:, [0, 1]] = b[:, [1, 0]]
+    out = topk_overlap(a, b, ks=(np.int64(1), 5, 9))
+    top1 = (np.argmax(a, 1) == np.argmax(b, 1)).astype(float)
+    assert np.array_equal(out["top1_overlap"], top1)
+    assert np.array_equal(out["top5_overlap"], np.ones(3))
+    assert np.array_equal(out["top9_overlap"], np.ones(3))

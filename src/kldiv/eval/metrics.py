@@ -67,6 +67,7 @@ def row_values(reference_logits, other_logits, tokens=None, mask=None, *, topk=T
     """
     from ..compare import kernel as K
 
+    topk = _check_ks("topk", topk) if topk else ()
     if _device_path or (_device_path is None and (_on_device(reference_logits) or _on_device(other_logits))):
         return _row_values_torch(reference_logits, other_logits, tokens, mask, topk, names)
     a = _to_numpy(reference_logits, names[0])
@@ -210,9 +211,23 @@ def _row_values_torch(a, b, tokens, mask, topk, names) -> dict:
     return res
 
 
+def _check_ks(name: str, ks) -> tuple:
+    """``ks`` as a tuple of ints; each must be an integer >= 1 (ValueError naming ``name``)."""
+    try:
+        ks = tuple(ks)
+    except TypeError:
+        raise ValueError(f"{name}: expected a sequence of integers >= 1, got {ks!r}") from None
+    for k in ks:
+        if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"{name}: every k must be an integer >= 1, got {k!r} in {ks!r}")
+    return tuple(int(k) for k in ks)
+
+
 def topk_overlap(a, b, ks=TOPK, *, ref_top=None) -> dict:
     """``{"top{k}_overlap": |top_k(a) ∩ top_k(b)| / k per row}`` for (rows, V) logits
-    (``ref_top``: ``top_indices(a, max k)`` if already computed)."""
+    (``ref_top``: ``top_indices(a, max k)`` if already computed). Every k must be an integer
+    >= 1 (ValueError naming ``ks``); k beyond V counts the whole row."""
+    ks = _check_ks("ks", ks)
     n, v = a.shape
     if n == 0:
         return {f"top{k}_overlap": np.zeros(0) for k in ks}
@@ -315,9 +330,7 @@ class DriftMetric:
 
     def __init__(self, *, topk=TOPK, max_exact: int = MAX_EXACT, alpha: float = 1e-3,
                  threads=None):
-        self.topk = tuple(int(k) for k in topk)
-        if any(k < 1 for k in self.topk):
-            raise ValueError(f"topk: every k must be >= 1, got {topk}")
+        self.topk = _check_ks("topk", topk)
         self.max_exact = int(max_exact)
         self.alpha = float(alpha)
         self.threads = threads
