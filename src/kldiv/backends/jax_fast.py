@@ -163,22 +163,21 @@ def _rowsums(*xs):
 def _frame(ma_raw, mb_raw, temperature):
     """Row constants: where each side's logits are taken from, per row (last axis kept).
 
-    Returns ``ma`` (p's maximum), ``sa``, ``sb`` (what is subtracted from a and b before their
-    difference), ``c``, ``ec`` (the difference of the maxima as they enter the log-ratio,
-    mb - sb - (ma - sa), and its rounding error), ``yc`` (q's logits are ``b - yc`` in p's
-    frame: mb) and ``y_top`` (the largest of them, after the temperature: 0). The shifts:
+    Returns ``ma`` (p's maximum), ``sa``, ``sb`` (what is subtracted from ``kk a`` and
+    ``kk b`` before their difference), ``c``, ``ec`` (the difference of the maxima as they
+    enter the log-ratio, kk mb - sb - (kk ma - sa), and its rounding error), ``yc`` (q's logits
+    are ``b - yc`` in p's frame: mb), ``y_top`` (the largest of them, after the temperature: 0)
+    and ``kk``, the unit of the log-ratio: 1, or 1/8 on huge rows (a maximum above finfo.max
+    eps / 8), where b - a could overflow next to an entry at -finfo.max and a log-ratio can
+    exceed the float range (float32 rows holding +-3e38); the scaling is exact. The shifts:
 
-    - maxima within _FAR: none (sa = sb = 0; c = mb - ma with its rounding error);
+    - maxima within _FAR: none (sa = sb = 0; c = kk (mb - ma) with its rounding error);
     - farther apart: the side whose maximum is larger in magnitude, by the rounded difference
-      of the maxima (sb = fl(mb - ma) where |mb| >= |ma|, else sa = fl(ma - mb)); then
-      mb - sb (ma - sa) is exact (Dekker's Fast2Sum) and so is c, at most ulp(mb - ma) / 2:
-      the sides are brought together without a rounding on the entries near the shifted
-      side's maximum (b - sb is exact wherever it is not larger than b), and the two-term
-      difference of :func:`_entries` holds its accuracy at any offset;
-    - huge rows (a maximum above finfo.max eps / 8, where b - a could overflow next to an
-      entry at -finfo.max): each side centred on its own maximum (sa = ma, sb = mb, c = 0);
-      there, an offset between the sides exceeds 2^20 ulp of the spread that the centring
-      rounds at.
+      of the maxima (sb = fl(kk mb - kk ma) where |mb| >= |ma|, else sa = fl(kk ma - kk mb));
+      then kk mb - sb (kk ma - sa) is exact (Dekker's Fast2Sum) and so is c, at most
+      ulp(mb - ma) / 2: the sides are brought together without a rounding on the entries near
+      the shifted side's maximum (b - sb is exact wherever it is not larger than b), and the
+      two-term difference of :func:`_entries` holds its accuracy at any offset.
 
     A maximum that is not finite (nan, +inf, or a row that is -inf everywhere) makes its row
     nan, as it must be.
@@ -189,17 +188,27 @@ def _frame(ma_raw, mb_raw, temperature):
     # |ma|, |mb| <= max eps / 8 keep b - a within finfo.max, even with an entry at -finfo.max
     big = _k(float(fi.max) * float(fi.eps) / 8, ma)
     huge = lax.gt(lax.max(lax.abs(ma), lax.abs(mb)), big)
-    o = lax.sub(mb, ma)
+    kk = _sel(huge, 0.125, 1.0, ma.dtype)
+    mas, mbs = lax.mul(ma, kk), lax.mul(mb, kk)
+    o = lax.sub(mbs, mas)
     far = lax.gt(lax.abs(o), _k(_FAR, ma))
-    shift_b = lax.ge(lax.abs(mb), lax.abs(ma))
+    shift_b = lax.ge(lax.abs(mbs), lax.abs(mas))
     zero = lax.full_like(ma, 0.0)
-    sa = lax.select(huge, ma, lax.select(far, lax.select(shift_b, zero, lax.neg(o)), zero))
-    sb = lax.select(huge, mb, lax.select(far, lax.select(shift_b, o, zero), zero))
-    ta, tb = lax.sub(ma, sa), lax.sub(mb, sb)
+    sa = lax.select(far, lax.select(shift_b, zero, lax.neg(o)), zero)
+    sb = lax.select(far, lax.select(shift_b, o, zero), zero)
+    ta, tb = lax.sub(mas, sa), lax.sub(mbs, sb)
     c = lax.sub(tb, ta)
     ec = _two_diff_err(tb, ta, c)
     y_top = lax.sub(mb, mb)  # 0 (nan on rows that are nan anyway)
-    return ma, sa, sb, (c, ec), mb, y_top
+    return ma, sa, sb, (c, ec), mb, y_top, kk
+
+
+def _units(kk, temperature):
+    """The log-ratio's unit per row, k = kk kt (a power of 2: kt <= T below T = 1, where
+    d / T could leave the float range, else 1), and 1 / k."""
+    kt = 2.0 ** math.floor(math.log2(temperature)) if temperature < 1.0 else 1.0
+    k = kk if kt == 1.0 else lax.mul(kk, _k(kt, kk))
+    return k, lax.div(_k(1.0, k), k)
 
 
 def _two_diff_err(x, y, s):
@@ -210,7 +219,7 @@ def _two_diff_err(x, y, s):
     return lax.sub(lax.sub(x, av), lax.add(y, bv))
 
 
-def _entries(a, b, temperature, ma, sa, sb, sc, yc):
+def _entries(a, b, temperature, ma, sa, sb, sc, yc, kk):
     """Per entry: x = (a - ma) / T (p's logits centred; -inf off p's support), the log-ratio
     d up to a row constant (finite everywhere: -inf entries are taken at -finfo.max, and an
     entry where p is 0 contributes nothing through it) and y = (b - yc) / T with x + d = y in
@@ -222,26 +231,27 @@ def _entries(a, b, temperature, ma, sa, sb, sc, yc):
     and eps^2 |mb - ma| absolute. A plain float32 b - a rounds at the ulp of an offset between
     the sides (teacher log-probs against student logits: the 1e-4 signal of a close row rounded
     at ulp(8) = 1e-6, a 3e-3 relative error in KL ~ 1e-9). Rows whose maxima are more than
-    _FAR apart shift one side first (:func:`_frame`); huge rows take each side centred on its
-    own maximum, s = (b - mb) - (a - ma), c = 0."""
+    _FAR apart shift one side first (:func:`_frame`).
+
+    d comes in units of k (:func:`_units`: d = k (b - a) / T + const), 1 on ordinary rows at
+    T >= 1, so that it stays within the float range where the true log-ratio does not (huge
+    rows, finfo.min entries at T < 1)."""
     fmax = float(jnp.finfo(a.dtype).max)
     lo = _k(-fmax, a)
     c, ec = sc
     x = lax.sub(a, ma)
     y = lax.sub(b, yc)
-    ac = lax.max(lax.sub(a, sa), lo)
-    bc = lax.max(lax.sub(b, sb), lo)
+    ac = lax.max(lax.sub(lax.mul(a, kk), sa), lo)
+    bc = lax.max(lax.sub(lax.mul(b, kk), sb), lo)
     s = lax.sub(bc, ac)
     d = lax.add(lax.sub(s, c), lax.sub(_two_diff_err(bc, ac, s), ec))
     if temperature != 1.0:  # after the difference: (b - a) / T keeps the accuracy of b - a
         t = _k(temperature, a)
         x = lax.div(x, t)
+        if temperature < 1.0:  # kt / T <= 1: within the float range (exact power of 2)
+            d = lax.mul(d, _k(2.0 ** math.floor(math.log2(temperature)), a))
         d = lax.div(d, t)
         y = lax.div(y, t)
-    if temperature < 1.0:
-        # within the float range (at T >= 1, d is: the shifted maxima are below max eps / 8 on
-        # rows that are not huge, each side centred on its maximum on the others)
-        d = lax.clamp(lo, d, _k(fmax, a))
     return x, d, y
 
 
@@ -259,8 +269,9 @@ def _kl_parts(a, b, temperature, refine):
     fmax = float(jnp.finfo(a.dtype).max)
     # pass 1: the row maxima (nan propagates)
     ma_raw, mb_raw = _maxima(a, b)
-    ma, sa, sb, sc, yc, y_top = _frame(ma_raw, mb_raw, temperature)
-    x, d, y = _entries(a, b, temperature, ma, sa, sb, sc, yc)
+    ma, sa, sb, sc, yc, y_top, kk = _frame(ma_raw, mb_raw, temperature)
+    x, d, y = _entries(a, b, temperature, ma, sa, sb, sc, yc, kk)
+    k, ik = _units(kk, temperature)
     # pass 2: p's normaliser and the p-weighted sum of the log-ratio
     ex = lax.exp(x)
     zx = _rowsum(ex)
@@ -272,25 +283,28 @@ def _kl_parts(a, b, temperature, refine):
     # (delta > 0: no term above e^_HUGE_G), and KL = delta + log(sum / zx) (mu may be ~1e30
     # there: no sum that cancels it). Both as one formula: s = 1 on ordinary rows and 0 on
     # huge ones multiplies the phi part, KL = delta + log1p(sum / zx - (1 - s)).
-    mu = lax.div(_col(sxd), _col(zx))
-    base, delta, s = _route(y_top, mu)
+    mu = lax.div(_col(sxd), _col(zx))  # in units of k
+    base, delta, s = _route(y_top, lax.mul(mu, ik))
     # (an identity: it keeps XLA from sharing e^{y - base} below with the derivative rule's
     # own, which it would otherwise store as an N x V array in a kernel of its own between the
     # two; each is computed where it is used: one kernel and one N x V array less under
     # value_and_grad, and about 10% less compile time)
     base, delta, s = lax.optimization_barrier((base, delta, s))
-    dc = _clamp_finite(lax.sub(d, mu))
+    dck = _clamp_finite(lax.sub(d, mu))  # d' in units of k
+    dc = lax.mul(dck, ik)  # d' (beyond the float range on some huge rows: not used there)
     e = lax.exp(lax.sub(y, base))  # zx p_i e^{d'_i}; where p_i = 0, zx times q's mass there
     exs = lax.mul(ex, s)
+    # e^{x_i} (e^{d'_i} - 1 - d'_i), the last product in units of k (finite where e^{x_i} d'_i
+    # is, also where d'_i is not: a finfo.min entry of q where p holds 1e-40)
     term = _sel(lax.lt(lax.abs(dc), _k(_SMALL, dc)), lax.mul(exs, _phi_series(dc)),
-                lax.sub(e, lax.mul(exs, lax.add(dc, _k(1.0, dc)))))
+                lax.sub(lax.sub(e, exs), lax.mul(lax.mul(exs, dck), ik)))
     # p_i > 0 = q_i (a logit of -inf in q only): the row escapes, KL = +inf
     escape = lax.bitwise_and(lax.gt(a, _k(-math.inf, a)), lax.eq(b, _k(-math.inf, b)))
     term = _sel(escape, math.inf, term)
     # a row whose maximum is not finite (a nan, a +inf, or -inf everywhere: no distribution)
-    # is nan already: x = a - ma (or, for q, b - sb with the row huge) is nan at its maximum
+    # is nan already: x = a - ma (or, for q, y = b - mb) is nan at its maximum
     if refine:
-        total, res = _rowsums(term, lax.mul(ex, dc))
+        total, res = _rowsums(term, lax.mul(ex, dck))
     else:
         total = _rowsum(term)
     s = _uncol(s)
@@ -375,11 +389,12 @@ def _kl_parts_jvp(temperature, refine, primals, tangents):
     full = _kl_parts(a, b, temperature, True)
     kl, ma_raw, mb_raw, zx, mu, zq, res = full
     out = full if refine else full[:6]
-    ma, sa, sb, sc, yc, y_top = _frame(ma_raw, mb_raw, temperature)
-    x, d, y = _entries(a, b, temperature, ma, sa, sb, sc, yc)
+    ma, sa, sb, sc, yc, y_top, kk = _frame(ma_raw, mb_raw, temperature)
+    x, d, y = _entries(a, b, temperature, ma, sa, sb, sc, yc, kk)
+    k, ik = _units(kk, temperature)
     zx_, kl_ = _col(zx), _col(kl)
-    mu = _col(mu)
-    base, delta, _ = _route(y_top, mu)
+    mu = _col(mu)  # E_p[d], in units of k as d
+    base, delta, _ = _route(y_top, lax.mul(mu, ik))
     huge = lax.gt(delta, _k(0.0, delta))
     # the value's own expressions (XLA computes them once)
     ex = lax.exp(x)
@@ -389,9 +404,11 @@ def _kl_parts_jvp(temperature, refine, primals, tangents):
     # mu's own rounding (eps |mu|) exceeds d'_k (float32 [20,0,0,3] vs [0,20,0,-5]: -p_k d'_k
     # rounded to 0 instead of 6e-7); d_k - mu is exact there and the residual E_p[d - mu]
     # (res, summed with the value's terms: no pass of its own) puts back what mu lost.
+    # (in units of k: the derivatives below take 1 / k where they leave the row sums)
     dc = _centred(x, d, mu, lax.div(_col(res), zx_))
-    # rows with KL = +inf (escapes, overflow): gradient 0, as the core gives
-    inf_row = lax.eq(kl_, _k(math.inf, kl_))
+    # rows with KL = +inf because p_i > 0 = q_i (escapes: their zq is +inf, and only theirs):
+    # gradient 0, as the core gives; rows whose value overflows keep their true gradient
+    inf_row = lax.eq(_col(zq), _k(math.inf, kl_))
     inv = 1.0 / temperature
     zeros_row = lax.full_like(kl, 0.0)
     dkl = dzx = dmu = sqdy = zeros_row
@@ -399,15 +416,16 @@ def _kl_parts_jvp(temperature, refine, primals, tangents):
         # dKL/da = -p d' / T
         dx = da if temperature == 1.0 else lax.mul(da, _k(inv, da))
         pdc = lax.mul(p, dc)
-        dkl = lax.sub(dkl, _rowsum(lax.mul(_sel(inf_row, 0.0, pdc), dx)))
+        dkl = lax.sub(dkl, lax.mul(_rowsum(lax.mul(_sel(inf_row, 0.0, pdc), dx)), _uncol(ik)))
         dzx = _rowsum(lax.mul(ex, dx))
         # mu = E_p[d], d = (b - a) / T up to a constant: the part through a, E_p[(d' - 1) dx]
-        # (from the accurate d', not as (dsxd - mu dzx) / zx: jax.hessian differentiates it)
-        dmu = _rowsum(lax.mul(lax.sub(pdc, p), dx))
+        # (from the accurate d', not as (dsxd - mu dzx) / zx: jax.hessian differentiates it),
+        # in units of k
+        dmu = _rowsum(lax.mul(lax.sub(pdc, lax.mul(p, k)), dx))
     if not _is_zero(db):
         # dKL/db = (q - p) / T, as p expm1(log q/p) near p = q (no cancellation; not on huge
         # rows, where log q/p = d' - KL is a difference of two ~1e30) and directly elsewhere
-        u = lax.sub(dc, kl_)
+        u = lax.sub(lax.mul(dc, ik), kl_)
         near = lax.lt(lax.abs(u), _sel(huge, -1.0, _SMALL, u.dtype))
         us = _sel(near, u, 0.0)
         q = _normalised(lax.sub(y, base), _col(zq))
@@ -415,11 +433,11 @@ def _kl_parts_jvp(temperature, refine, primals, tangents):
         gb = _sel(inf_row, 0.0, gb)
         dy = db if temperature == 1.0 else lax.mul(db, _k(inv, db))
         dkl = lax.add(dkl, _rowsum(lax.mul(gb, dy)))
-        dmu = lax.add(dmu, _rowsum(lax.mul(p, dy)))
+        dmu = lax.add(dmu, lax.mul(_rowsum(lax.mul(p, dy)), _uncol(k)))
         sqdy = _rowsum(lax.mul(q, dy))
     # zq = sum e^{y - base} with base = mu (y_top - _HUGE_G, a constant, on huge rows); the
     # residual res is 0 in exact arithmetic (its tangent: 0)
-    dzq = lax.mul(zq, lax.sub(sqdy, _sel(_uncol(huge), zeros_row, dmu)))
+    dzq = lax.mul(zq, lax.sub(sqdy, _sel(_uncol(huge), zeros_row, lax.mul(dmu, _uncol(ik)))))
     zeros = lax.full_like(ma_raw, 0.0)
     if refine:
         return out, (dkl, zeros, zeros, dzx, dmu, dzq, zeros_row)
