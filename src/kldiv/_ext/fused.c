@@ -818,7 +818,8 @@ KLDIV_INLINE int FN(prep)(const T *x, const T *y, Py_ssize_t V, double inv_t, in
         acc[k] = 0.0;
     for (Py_ssize_t b0 = 0; b0 < V; b0 += KLDIV_BLOCK) {
         const Py_ssize_t b1 = b0 + KLDIV_BLOCK < V ? b0 + KLDIV_BLOCK : V;
-        if (xn && !rep) /* the next row: fetched from memory while this block computes exps */
+        if (xn && !rep && V * sizeof(T) > 1024) /* the next (long) row: fetched from memory
+                                                  * while this block computes exps */
             for (Py_ssize_t i = b0; i < b1; i += 64 / sizeof(T)) {
                 __builtin_prefetch(xn + i, 0, 2);
                 __builtin_prefetch(yn + i, 0, 2);
@@ -963,6 +964,9 @@ KLDIV_CLONES static double FN(kl_row)(const T *x, const T *y, Py_ssize_t V, doub
         return INFINITY;
     }
     const double mu = S1 / Zx; /* E_p[t] / T; E_p[d] = mu + Dref */
+    /* log(Zy / Zx) for the estimate KL ~ log Zy - log Zx - E_p[d] (the risk bound, the
+     * reference entry's check): one logarithm per row (Zx, Zy lie in [1, V]) */
+    const double lzyx = (rs.risk || (gy && V > 1)) ? log(Zy / Zx) : 0.0;
     if (rs.risk) { /* some |d| beyond 2^20: does it meet a p_i that underflows here? */
         const T RA = (T) - (EXP_FLOOR + 250.0), FL = (T)-EXP_FLOOR, CL = (T)D_CLAMP;
         const T mxl = xp ? KLOG((T)rs.xmax) : (T)0;
@@ -984,7 +988,7 @@ KLDIV_CLONES static double FN(kl_row)(const T *x, const T *y, Py_ssize_t V, doub
             }
         }
         /* KL = log Zy - log Zx - E_p[d]: what was neglected must not show at T's precision */
-        const double kest = log(Zy) - log(Zx) - mu - Dref;
+        const double kest = lzyx - mu - Dref;
         if (B / Zx > KL_REL * (kest > 0 ? kest : 0.0))
             return NAN;
     }
@@ -999,7 +1003,7 @@ KLDIV_CLONES static double FN(kl_row)(const T *x, const T *y, Py_ssize_t V, doub
     int huge = 0;
     T c;
     if (a0 <= th) {
-        c = (T)(exp(a0) / Zx);
+        c = (T)((sizeof(T) == 4 ? kexp_d(a0) : exp(a0)) / Zx);
     } else {
         lc = a0 - log(Zx);
         huge = lc > th;
@@ -1028,7 +1032,7 @@ KLDIV_CLONES static double FN(kl_row)(const T *x, const T *y, Py_ssize_t V, doub
     if (gy && V > 1) {
         rr = rs.ref >= 0 ? rs.ref : FN(first_eq)(x, V, (T)rs.xmax);
         const T dv = sd[rr];
-        const double dcr = (double)dv - mu, kest = log(Zy) - log(Zx) - mu - Dref;
+        const double dcr = (double)dv - mu, kest = lzyx - mu - Dref;
         const double dr = dcr - kest;
         if (dv == dv && 32.0 * fabs(dr) < fabs(kest) + fabs(dcr) + 1.0) {
             double xo = 0, yo = 0;
@@ -1066,10 +1070,24 @@ KLDIV_CLONES static double FN(kl_row)(const T *x, const T *y, Py_ssize_t V, doub
                       : FN(pass3a)(b0, b1, sp, sq, sd, muT, ip, c, 0, 0);
         acc += a;
     }
-    const double kl = huge ? lc + log(Zy) : log1p(acc) - log_qS;
+    /* the float kernel: log1p, expm1 and exp of the row constants inline in double (about
+     * 1 ulp of double: far below float's rounding; no libm call per row) */
+    const double kl = huge ? lc + log(Zy)
+                           : (sizeof(T) == 4 ? klog1p_d(acc) : log1p(acc)) - log_qS;
     if (gx || gy) {
-        const double Md = expm1(-kl); /* e^-KL = 1 + expm1(-KL), exact enough below 1/2 */
-        const T E = (T)(kl < 0.5 ? 1.0 + Md : exp(-kl)), M = (T)Md;
+        double Md; /* expm1(-KL) */
+        if (sizeof(T) == 4) {
+            const double u = -kl;
+            Md = fabs(u) < 0.5 ? u + phi_series_d(u) : kexp_d(u) - 1.0;
+        } else {
+            Md = expm1(-kl);
+        }
+        /* e^-KL = 1 + expm1(-KL): an absolute error of 2^-52, relative 2^-52 e^KL: exact enough
+         * below 1/2 in double, below 8 in float (2^-41) */
+        const T E = (T)(kl < (sizeof(T) == 4 ? 8.0 : 0.5)
+                            ? 1.0 + Md
+                            : (sizeof(T) == 4 ? kexp_d(-kl) : exp(-kl))),
+                M = (T)Md;
         const int wx = gx != NULL, wy = gy != NULL;
         for (Py_ssize_t b0 = 0; b0 < V; b0 += KLDIV_BLOCK) {
             const Py_ssize_t b1 = b0 + KLDIV_BLOCK < V ? b0 + KLDIV_BLOCK : V;
@@ -1407,35 +1425,31 @@ static void FN(js_top)(Py_ssize_t V, const T *restrict sp, const T *yt, const do
 {
     if (!(Z < 1.25) || !g)
         return;
-    Py_ssize_t it = 0; /* the top entry: the only weight above 1/2 (the others sum below 1/4) */
-    while (it < V && !((double)sp[it] > 0.5))
-        it++;
-    if (it == V)
-        return;
     double xo = 0, xyo = 0;
+    Py_ssize_t it = -1;
     if (yt) {
-#pragma omp simd reduction(+ : xo, xyo)
-        for (Py_ssize_t i = 0; i < it; i++) {
-            xo += (double)sp[i];
-            xyo += (double)sp[i] * (double)yt[i];
-        }
-#pragma omp simd reduction(+ : xo, xyo)
-        for (Py_ssize_t i = it + 1; i < V; i++) {
-            xo += (double)sp[i];
-            xyo += (double)sp[i] * (double)yt[i];
+#pragma omp simd reduction(+ : xo, xyo) reduction(max : it)
+        for (Py_ssize_t i = 0; i < V; i++) {
+            const double w = (double)sp[i];
+            const int big = w > 0.5;
+            xo += big ? 0.0 : w;
+            xyo += big ? 0.0 : w * (double)yt[i];
+            const Py_ssize_t c = big ? i : -1;
+            it = c > it ? c : it;
         }
     } else {
-#pragma omp simd reduction(+ : xo, xyo)
-        for (Py_ssize_t i = 0; i < it; i++) {
-            xo += (double)sp[i];
-            xyo += (double)sp[i] * yd[i];
-        }
-#pragma omp simd reduction(+ : xo, xyo)
-        for (Py_ssize_t i = it + 1; i < V; i++) {
-            xo += (double)sp[i];
-            xyo += (double)sp[i] * yd[i];
+#pragma omp simd reduction(+ : xo, xyo) reduction(max : it)
+        for (Py_ssize_t i = 0; i < V; i++) {
+            const double w = (double)sp[i];
+            const int big = w > 0.5;
+            xo += big ? 0.0 : w;
+            xyo += big ? 0.0 : w * yd[i];
+            const Py_ssize_t c = big ? i : -1;
+            it = c > it ? c : it;
         }
     }
+    if (it < 0)
+        return;
     const double w = (double)sp[it], y = yt ? (double)yt[it] : yd[it];
     g[it] = (T)(-gc * (prob ? 1.0 : w) * ((y * xo - xyo) / (w + xo)));
 }
