@@ -1425,31 +1425,35 @@ static void FN(js_top)(Py_ssize_t V, const T *restrict sp, const T *yt, const do
 {
     if (!(Z < 1.25) || !g)
         return;
+    Py_ssize_t it = 0; /* the top entry: the only weight above 1/2 (the others sum below 1/4) */
+    while (it < V && !((double)sp[it] > 0.5))
+        it++;
+    if (it == V)
+        return;
     double xo = 0, xyo = 0;
-    Py_ssize_t it = -1;
     if (yt) {
-#pragma omp simd reduction(+ : xo, xyo) reduction(max : it)
-        for (Py_ssize_t i = 0; i < V; i++) {
-            const double w = (double)sp[i];
-            const int big = w > 0.5;
-            xo += big ? 0.0 : w;
-            xyo += big ? 0.0 : w * (double)yt[i];
-            const Py_ssize_t c = big ? i : -1;
-            it = c > it ? c : it;
+#pragma omp simd reduction(+ : xo, xyo)
+        for (Py_ssize_t i = 0; i < it; i++) {
+            xo += (double)sp[i];
+            xyo += (double)sp[i] * (double)yt[i];
+        }
+#pragma omp simd reduction(+ : xo, xyo)
+        for (Py_ssize_t i = it + 1; i < V; i++) {
+            xo += (double)sp[i];
+            xyo += (double)sp[i] * (double)yt[i];
         }
     } else {
-#pragma omp simd reduction(+ : xo, xyo) reduction(max : it)
-        for (Py_ssize_t i = 0; i < V; i++) {
-            const double w = (double)sp[i];
-            const int big = w > 0.5;
-            xo += big ? 0.0 : w;
-            xyo += big ? 0.0 : w * yd[i];
-            const Py_ssize_t c = big ? i : -1;
-            it = c > it ? c : it;
+#pragma omp simd reduction(+ : xo, xyo)
+        for (Py_ssize_t i = 0; i < it; i++) {
+            xo += (double)sp[i];
+            xyo += (double)sp[i] * yd[i];
+        }
+#pragma omp simd reduction(+ : xo, xyo)
+        for (Py_ssize_t i = it + 1; i < V; i++) {
+            xo += (double)sp[i];
+            xyo += (double)sp[i] * yd[i];
         }
     }
-    if (it < 0)
-        return;
     const double w = (double)sp[it], y = yt ? (double)yt[it] : yd[it];
     g[it] = (T)(-gc * (prob ? 1.0 : w) * ((y * xo - xyo) / (w + xo)));
 }
