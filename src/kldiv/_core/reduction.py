@@ -5,6 +5,8 @@ are given: ``sum(mask * w * kl) / sum(mask * w)``; never a mean over categories.
 """
 from __future__ import annotations
 
+from ._xp import quiet
+
 
 def broadcast_rows(xp, a, rows_shape, name):
     """Broadcast a per-row array (mask, weight) to ``rows_shape`` or say clearly why not."""
@@ -18,14 +20,20 @@ def broadcast_rows(xp, a, rows_shape, name):
 
 
 def reduce_rows(xp, rows, reduction, mask=None, weight=None):
-    """Apply ``reduction`` ("none", "sum", "mean") to per-row values."""
+    """Apply ``reduction`` ("none", "sum", "mean") to per-row values.
+
+    A row counts where ``mask`` is true; a row of weight 0 adds 0 (even an inf or nan row: it is
+    left out), and the derivative with respect to that weight is still the row's value where
+    that is finite (a weight that reaches 0 can move again). "mean" is finite whenever the mean
+    is: where the plain sum overflows, the rows are divided before they are added.
+    """
     zero = xp.zeros_like(rows)
-    keep = None
-    if mask is not None:
-        keep = mask
+    keep = mask
     if weight is not None:
-        pos = weight > 0
-        keep = pos if keep is None else (keep & pos)
+        # rows of weight 0 are left out only where they would spoil the sum (0 * inf, 0 * nan):
+        # a finite row stays in, adding 0 * row = 0, so that d/dw = row there
+        live = (weight > 0) | ((weight == 0) & xp.isfinite(rows))
+        keep = live if keep is None else (keep & live)
     if keep is not None:
         # select before multiplying: an inf row with weight 0 must give 0, not nan
         rows = xp.where(keep, rows, zero)
@@ -33,7 +41,8 @@ def reduce_rows(xp, rows, reduction, mask=None, weight=None):
         rows = rows * weight
     if reduction == "none":
         return rows
-    total = xp.sum(rows)
+    with quiet(rows):
+        total = xp.sum(rows)
     if reduction == "sum":
         return total
     if weight is not None:
@@ -44,6 +53,11 @@ def reduce_rows(xp, rows, reduction, mask=None, weight=None):
         n = 1
         for s in rows.shape:
             n *= s
-        return total / max(n, 1) if n else total
+        if not n:
+            return total
+        den = xp.asarray(float(n), dtype=rows.dtype)
     safe = xp.where(den > 0, den, xp.ones_like(den))
-    return xp.where(den > 0, total / safe, xp.zeros_like(total))
+    # the sum of rows near finfo.max overflows where their mean does not: divide first there
+    with quiet(rows):
+        mean = xp.where(xp.isinf(total), xp.sum(rows / safe), total / safe)
+    return xp.where(den > 0, mean, xp.zeros_like(total))

@@ -179,9 +179,12 @@ def numpy_pre(kind, p, q, *, p_space, q_space, axis, reduction, mask, weight, te
     with np.errstate(over="ignore"):  # a value beyond float32's range is +inf there, quietly
         rows = out.astype(dt, copy=False).reshape(rows_shape)
     if mask is None and weight is None:  # what reduce_rows returns then, without its overhead
-        res = rows if reduction == "none" else rows.sum()
-        if reduction == "mean":
-            res = res / max(rows.size, 1)
+        if reduction == "none":
+            res = rows
+        else:  # summed in double (the kernel's rows): a float32 mean near finfo.max stays finite
+            tot = out.sum() if reduction == "sum" else out.sum() / max(rows.size, 1)
+            with np.errstate(over="ignore"):
+                res = rows.dtype.type(tot)
     else:
         res = reduce_rows(_xp(), rows, reduction, mask, weight)
     if t2_scale:
