@@ -88,11 +88,12 @@ def _naive_rows(kind, p, q, T=1.0, beta=0.5):
 
 def _weight_ref(kind, p, q, w, mask, reduction, upstream=1.0):
     """d loss / d w by torch.autograd on the float64 textbook rows: the weighted sum (or mean)
-    over the rows that count (mask true and w > 0, as kldiv.kl_div)."""
+    over the rows that count (mask true; a row of weight 0 adds 0 * row, so d/dw = row there,
+    as kldiv.kl_div: audit 3 F17)."""
     W = w.detach().double().clone().requires_grad_()
     rows = _naive_rows(kind, p, q.detach())
     Wb = torch.broadcast_to(W, p.shape[:-1]).reshape(-1)
-    keep = Wb.detach() > 0
+    keep = Wb.detach() >= 0
     if mask is not None:
         keep = keep & torch.broadcast_to(mask, p.shape[:-1]).reshape(-1)
     c = torch.where(keep, Wb, torch.zeros_like(Wb))

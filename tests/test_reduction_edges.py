@@ -95,3 +95,22 @@ def test_bad_rows_of_weight_zero_still_add_nothing():
     ref = _rows64(torch.log(p[1:].double()), torch.log(q[1:].double())).mean()
     assert float(out) == pytest.approx(float(ref), rel=1e-6)
     assert float(w.grad[0]) == 0.0 and bool(torch.isfinite(w.grad).all())
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_weight_zero_gradient_inplace(reduction):
+    from kldiv.torch import kl_div_inplace
+
+    g = torch.Generator().manual_seed(2)
+    p, h = torch.randn(4, 5, generator=g), torch.randn(4, 5, generator=g)
+    mask = torch.tensor([True, False, True, True])
+    w = torch.tensor([1.0, 5.0, 0.0, 2.0], requires_grad=True)
+    out = kl_div_inplace(p, h.clone(), weight=w, mask=mask, reduction=reduction)
+    out.backward()
+    w64 = w.detach().double().requires_grad_()
+    rows = torch.where(mask, _rows64(p.double(), h.double()), 0.0) * w64
+    ref = rows.sum() if reduction == "sum" else rows.sum() / torch.where(mask, w64, 0.0).sum()
+    ref.backward()
+    torch.testing.assert_close(out.detach().double(), ref.detach(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-6, atol=1e-7)
+    assert float(w.grad[2]) != 0.0

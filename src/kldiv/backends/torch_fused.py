@@ -693,7 +693,8 @@ def _row_scale(n, reduction, mask, weight, dtype, device, differentiable=False):
     if weight is not None:
         w = weight if differentiable else weight.detach()
         w = w.reshape(n).to(device=device, dtype=dtype)
-        pos = w > 0
+        # (differentiable: weight-0 rows stay in c, value 0, so that d/dw = the row there)
+        pos = w >= 0 if differentiable else w > 0
         keep = pos if keep is None else keep & pos
         c = torch.where(keep, w, torch.zeros_like(w))
     elif keep is not None:
@@ -963,14 +964,32 @@ def kl_div_inplace(p, q_logits, *, p_space="logits", q_space="logits", kind="for
     dt = _compute_dtype(p, q_logits)
     scale = _row_scale(n, reduction, mask, weight, dt, p.device)
     # a weight that requires grad: d value / d w from the per-row values (as kldiv.kl_div;
-    # 0 where w = 0 or the row is masked)
+    # 0 where the row is masked, or where w = 0 and the row is inf or nan)
     w_grad = weight is not None and weight.requires_grad and torch.is_grad_enabled()
     box = [] if w_grad else None
+    zero_rows = None
+    if w_grad:  # rows of weight 0 (the kernel skips them): their values, before q is overwritten
+        with torch.no_grad():
+            z = weight.detach().reshape(n) == 0
+            if mask is not None:
+                z = z & mask.reshape(n)
+            zero_rows = torch.nonzero(z).flatten()
+            if zero_rows.numel():
+                V = p.shape[-1]
+                zero_vals = divergence_rows_with_grad(
+                    kind, p.detach().reshape(-1, V).index_select(0, zero_rows),
+                    q_logits.detach().reshape(-1, V).index_select(0, zero_rows),
+                    p_space=p_space, q_space=q_space, temperature=temperature, beta=beta,
+                    need_grad_p=False, need_grad_q=False)[0]
     value = _FusedDivergenceInplace.apply(p, q_logits, kind, p_space, q_space, scale,
                                           temperature, beta, box)
     if w_grad:
         c = _row_scale(n, reduction, mask, weight, dt, p.device, differentiable=True)
-        value = value + _RowsDot.apply(c, box[0]).to(value.dtype)
+        rows = box[0].to(dt)
+        if zero_rows.numel():
+            rows = rows.index_copy(0, zero_rows, zero_vals.to(dt))
+        rows = torch.where(torch.isfinite(rows) | (scale != 0), rows, torch.zeros_like(rows))
+        value = value + _RowsDot.apply(c, rows).to(value.dtype)
     if p_later and bool(torch.isnan(value.detach())):
         _check_values_of(p, "p", p_space, mask)  # raises p's error (q_logits is overwritten)
     return value
