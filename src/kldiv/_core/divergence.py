@@ -643,7 +643,7 @@ def _pair(xp, P: _Side, Q: _Side, need_d: bool = False) -> _Pair:
     kl = xp.where(kl < 0, xp.zeros_like(kl), kl)
     if not need_d and (_may_differentiate(P.x) or _may_differentiate(Q.x)):
         # (JS and Jeffreys, need_d, do not use this KL)
-        kl = _kl_derivatives(xp, P, Q, T, wn, dcq, dc, mean_d, kl, p_escapes, u - xp.log(s))
+        kl = _kl_derivatives(xp, P, Q, T, wn, dcq, dc, mean_d, kl, p_escapes)
     if sub is not None:
         kl = _subnormal_weight_derivatives(xp, P0, Q0, T, dc, kl, sub)
     # 0 on every row, nan on a row with a nan (its normaliser is nan): an escape's +inf must
@@ -653,7 +653,7 @@ def _pair(xp, P: _Side, Q: _Side, need_d: bool = False) -> _Pair:
                  dcq if need_d else None)
 
 
-def _kl_derivatives(xp, P: _Side, Q: _Side, T, wn, dcq, dc, mean_d, kl, escapes, lwn):
+def _kl_derivatives(xp, P: _Side, Q: _Side, T, wn, dcq, dc, mean_d, kl, escapes):
     """``kl`` (finite rows) with the derivatives (first and second) of the plain formula
     F = sum_T p_i r_i, r = log p - log q, each first derivative formed with no cancellation.
 
@@ -674,7 +674,7 @@ def _kl_derivatives(xp, P: _Side, Q: _Side, T, wn, dcq, dc, mean_d, kl, escapes,
     exactly 0, second derivative dp dl), so the first derivative meets no extra rounding."""
     zero = xp.zeros_like(wn)
     pos = T & (wn > 0)
-    c4 = stop_gradient(xp.where(T, -dcq, zero))  # r - F in units (_to_true), not clamped
+    c4 = stop_gradient(xp.where(pos, -dcq, zero))  # r - F in units (_to_true), not clamped
     dw = wn - stop_gradient(wn)
     if P.m is None and is_jax_array(wn):
         # probabilities on JAX: the weights' derivative from x / z, 1 / z per entry. XLA on CPU
@@ -686,14 +686,12 @@ def _kl_derivatives(xp, P: _Side, Q: _Side, T, wn, dcq, dc, mean_d, kl, escapes,
         dw = wx - stop_gradient(wx)
     # sum dw_i c_i: 0 in value (a row whose KL overflows keeps +inf), and nan in value exactly
     # on the rows where some c_i (c4_i in nats) is beyond the float range (0 * inf): see
-    # _wide_p_terms (entries whose weight underflows to 0 included: p_i c_i may still be a
-    # number there; elsewhere their dw_i c_i is 0, and the weights' select passes nothing back)
+    # _wide_p_terms
     c = _to_true(c4, P.temperature)
     g = xp.sum(dw * c, axis=-1)
     wide = xp.isnan(g)
     if not is_concrete(g) or bool(xp.any(wide)):
-        # (lwn: log wn, for the entries whose weight underflows)
-        g = _wide_p_terms(xp, P, pos, wn, c4, c, dw, wide, under=(T & ~pos, lwn))
+        g = _wide_p_terms(xp, P, pos, wn, c4, c, dw, wide)
     # log(q_i / p_i) = d' + E_p[d]; where the mean is large (a KL of 1e38) the sum is noise,
     # and such rows have |q - p| of order 1 somewhere: q - p as the difference there
     d = xp.where(T, dc + mean_d[..., None], zero)
@@ -736,7 +734,7 @@ def _kl_derivatives(xp, P: _Side, Q: _Side, T, wn, dcq, dc, mean_d, kl, escapes,
     return xp.where(ok, kl0 + g, kl0)
 
 
-def _wide_p_terms(xp, P: _Side, pos, wn, c4, c, dw, wide, under=None):
+def _wide_p_terms(xp, P: _Side, pos, wn, c4, c, dw, wide):
     """sum dw_i c_i (``_kl_derivatives``), with rows ``wide`` (some |c_i| beyond finfo.max:
     logits within a factor of a few of the float limit, or |x / T| that large) taken without
     c: reverse-mode autodiff through w would carry the cotangent c_i itself (inf) and multiply
@@ -747,21 +745,12 @@ def _wide_p_terms(xp, P: _Side, pos, wn, c4, c, dw, wide, under=None):
     cotangents are the exact derivatives themselves, +-inf only where those overflow. Second
     derivatives: sum p_i c_i (dlog p_i)^2 / 2 from a product of zero-valued differences (with
     p_i c_i clamped to the float range: 0 * inf would be nan), and raw's own (log x of
-    probabilities) through the first term. ``under``: (entries, their log weights) where the
-    weight underflows to 0 but p_i c_i need not (float64 logits of 1.7e308 at
-    T = 1e-3: p_i = e^-1000, c_i ~ 1e311): k_i = sign(c_i) exp(log p_i + log |c_i|) there."""
+    probabilities) through the first term. (Entries whose weight underflows to 0 pass nothing:
+    float64 logits of 1.7e308 at T = 1e-3 leave p's gradient, ~1e-120, at 0.)"""
     zero = xp.zeros_like(wn)
     fmax = xp.finfo(wn.dtype).max
     wr = wide[..., None]
     k = stop_gradient(xp.where(pos & wr, wn * c4, zero))
-    if under is not None:
-        un, lw = under
-        un = un & wr & (lw > -fmax) & (c4 != 0)
-        one = xp.ones_like(wn)
-        a = xp.where(un, c4, one)
-        ku = xp.sign(a) * xp.exp(xp.where(un, lw, zero) + xp.log(xp.abs(a)))
-        k = xp.where(un, stop_gradient(ku), k)
-        pos = pos | un
     raw = xp.where(pos, P.raw, zero)
     t = P.temperature
     draw = _to_true(raw - stop_gradient(raw), t)
