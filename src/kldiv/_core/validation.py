@@ -118,9 +118,12 @@ def check_positive_finite(name: str, value) -> float:
 def check_temperature(value) -> float:
     """The temperature as a float, refused outside ``TEMPERATURE_RANGE`` (1e-6 to 1e6).
 
-    Within the range every divergence is computed to its documented accuracy, in float32 too
-    (x / T of any finite float32 logit is handled; a temperature below about 1e-38 would not
-    even be representable in float32). Strings and booleans are refused with a TypeError.
+    Within the range every divergence of logits or log-probabilities is computed to its
+    documented accuracy, in float32 too (x / T of any finite float32 logit is handled; a
+    temperature below about 1e-38 would not even be representable in float32). Float32
+    *probabilities* below T = 1e-2 lose about 2e-8 / T relative (their log is rounded before
+    the division by T); float64 inputs are exact there. Strings and booleans are refused with a
+    TypeError.
     """
     v = _as_number("temperature", value, "a positive number")
     lo, hi = TEMPERATURE_RANGE
@@ -134,7 +137,11 @@ def check_temperature(value) -> float:
 
 
 def check_beta(value) -> float:
-    """The Jensen-Shannon mixture weight as a float strictly between 0 and 1."""
+    """The Jensen-Shannon mixture weight as a float strictly between 0 and 1.
+
+    In float32, a beta within about 1e-9 of 0 or 1 is not resolved by the core's float32
+    arithmetic (nor the fused / Triton kernels): up to O(1) relative error there; the NumPy
+    kernel and the default torch path compute with beta in double. Use float64 inputs."""
     b = _as_number("beta", value, "a number strictly between 0 and 1")
     if not 0.0 < b < 1.0:
         raise ValueError(
