@@ -193,3 +193,36 @@ def js_extended(a, b, beta=0.5):
     lm = np.log(bt * P + (1 - bt) * Q)
     return (bt * np.sum(P * (la - lm), -1) + (1 - bt) * np.sum(Q * (lb - lm), -1)).astype(
         np.float64)
+
+
+def value_grad_log(kind, lp, lq, beta=0.5, prec=1400):
+    """(value, dD/du, dD/dv) in mpmath of the four kinds for the log-distributions ``lp``, ``lq``
+    (mpmath lists, lp = log_softmax(u), lq = log_softmax(v)), at the caller's ``workprec(prec)``:
+    the textbook formulas, derivatives with respect to the (already divided by T) logits u and v
+    as p_i (g_i - E_p g) for a partial g = dD/dp_i. Entries below e^-(prec + 2000) are 0."""
+    cut = -(prec + 2000)
+    p = [mpmath.exp(a) if a > cut else mpmath.mpf(0) for a in lp]
+    q = [mpmath.exp(a) if a > cut else mpmath.mpf(0) for a in lq]
+    n = len(p)
+    r = [lp[i] - lq[i] for i in range(n)]
+    ep = mpmath.fsum(p[i] * r[i] for i in range(n))  # E_p r = KL(p || q)
+    eq = mpmath.fsum(q[i] * r[i] for i in range(n))  # E_q r = -KL(q || p)
+    if kind == "forward":
+        return ep, [p[i] * (r[i] - ep) for i in range(n)], [q[i] - p[i] for i in range(n)]
+    if kind == "reverse":
+        return -eq, [p[i] - q[i] for i in range(n)], [q[i] * (eq - r[i]) for i in range(n)]
+    if kind == "jeffreys":
+        return (ep - eq, [p[i] * (r[i] - ep) + p[i] - q[i] for i in range(n)],
+                [q[i] * (eq - r[i]) + q[i] - p[i] for i in range(n)])
+    b = mpmath.mpf(beta)
+    lm = []
+    for i in range(n):
+        a1, a2 = mpmath.log(b) + lp[i], mpmath.log(1 - b) + lq[i]
+        hi, lo = max(a1, a2), min(a1, a2)
+        lm.append(hi + mpmath.log1p(mpmath.exp(lo - hi)) if lo - hi > cut else hi)
+    g = [b * (lp[i] - lm[i]) for i in range(n)]
+    h = [(1 - b) * (lq[i] - lm[i]) for i in range(n)]
+    eg = mpmath.fsum(p[i] * g[i] for i in range(n))
+    eh = mpmath.fsum(q[i] * h[i] for i in range(n))
+    return (eg + eh, [p[i] * (g[i] - eg) for i in range(n)],
+            [q[i] * (h[i] - eh) for i in range(n)])

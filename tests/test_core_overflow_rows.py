@@ -34,6 +34,7 @@ torch = pytest.importorskip("torch")
 import kldiv  # noqa: E402
 from kldiv._core import dispatch  # noqa: E402
 
+from oracle import value_grad_log  # noqa: E402
 from torch_reference import core_only, naive_row, took_fast  # noqa: E402
 
 KINDS = ("forward", "reverse", "js", "jeffreys")
@@ -73,10 +74,6 @@ def _log_dist(x, space, t, prec):
     return [a - lse for a in u]
 
 
-def _exp(lv, prec):
-    return [mpmath.exp(a) if a > -(prec + 2000) else mpmath.mpf(0) for a in lv]
-
-
 _REF = {}
 
 
@@ -91,39 +88,8 @@ def reference(kind, name, beta=0.5):
     with mpmath.workprec(prec):
         t = mpmath.mpf(t)
         lp, lq = _log_dist(x, ps, t, prec), _log_dist(y, "logits", t, prec)
-        p, q = _exp(lp, prec), _exp(lq, prec)
-        n = len(p)
-        r = [lp[i] - lq[i] for i in range(n)]
-        ep = mpmath.fsum(p[i] * r[i] for i in range(n))  # E_p r = KL(p || q)
-        eq = mpmath.fsum(q[i] * r[i] for i in range(n))  # E_q r = -KL(q || p)
-        # derivatives with respect to the logits (p_i (g_i - E_p g) for a partial g = dD/dp_i)
-        if kind == "forward":
-            val = ep
-            gx = [p[i] * (r[i] - ep) for i in range(n)]
-            gy = [q[i] - p[i] for i in range(n)]
-        elif kind == "reverse":
-            val = -eq
-            gx = [p[i] - q[i] for i in range(n)]
-            gy = [q[i] * (eq - r[i]) for i in range(n)]
-        elif kind == "jeffreys":
-            val = ep - eq
-            gx = [p[i] * (r[i] - ep) + p[i] - q[i] for i in range(n)]
-            gy = [q[i] * (eq - r[i]) + q[i] - p[i] for i in range(n)]
-        else:
-            b = mpmath.mpf(beta)
-            lm = []
-            for i in range(n):
-                a1, a2 = mpmath.log(b) + lp[i], mpmath.log(1 - b) + lq[i]
-                hi, lo = max(a1, a2), min(a1, a2)
-                lm.append(hi + mpmath.log1p(mpmath.exp(lo - hi)) if lo - hi > -(prec + 2000)
-                          else hi)
-            g = [b * (lp[i] - lm[i]) for i in range(n)]
-            h = [(1 - b) * (lq[i] - lm[i]) for i in range(n)]
-            val = mpmath.fsum(p[i] * g[i] + q[i] * h[i] for i in range(n))
-            eg = mpmath.fsum(p[i] * g[i] for i in range(n))
-            eh = mpmath.fsum(q[i] * h[i] for i in range(n))
-            gx = [p[i] * (g[i] - eg) for i in range(n)]
-            gy = [q[i] * (h[i] - eh) for i in range(n)]
+        val, gx, gy = value_grad_log(kind, lp, lq, beta, prec)
+        n = len(gx)
         gx = [v / t for v in gx]
         gy = [v / t for v in gy]
         if ps == "probs":  # with respect to the probability x_i: the logit form over x_i
