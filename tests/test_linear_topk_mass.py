@@ -14,65 +14,20 @@ import torch
 
 from kldiv.backends.torch_linear import TOPK_REST_TOL
 from kldiv.torch import linear_kl_div
-from test_linear_topk_renorm import mp_tolerance
+from test_linear_topk_renorm import mp_rows as renorm_mp_rows
 
 F32, F64 = torch.float32, torch.float64
 
 
 def mp_rows(kind, z, idx, lp, beta=0.5, T=1.0):
-    """Per-row value and d value / d z of the K + 1-bucket divergence, 50-digit mpmath.
-
-    With ``G_b = d D / d q_b`` (forward ``-p_b / q_b``, reverse ``log(q_b / p_b) + 1``, JS
-    ``(1 - beta) log(q_b / m_b)``) the gradient is ``q_j (G_b(j) - sum_b q_b G_b) / T``.
+    """Per-row values, d value / d z and left-out masses (None where K = V) of the K + 1-bucket
+    divergence, 50-digit mpmath (test_linear_topk_renorm.mp_rows: the storage dtype's tolerance
+    decides an empty bucket, and the K probabilities are renormalised as every log-prob input).
     """
-    vals, grads, rests = [], [], []
-    with mpmath.workdps(50):
-        beta = mpmath.mpf(beta)
-        for zr, ir, lr in zip(z.tolist(), idx.tolist(), lp.tolist()):
-            V, K = len(zr), len(ir)
-            zz = [mpmath.mpf(v) / mpmath.mpf(T) for v in zr]
-            mx = max(zz)
-            ez = [mpmath.exp(v - mx) for v in zz]
-            s = mpmath.fsum(ez)
-            q = [v / s for v in ez]
-            p_b = [mpmath.exp(mpmath.mpf(v)) for v in lr]
-            q_b = [q[i] for i in ir]
-            bucket = [K] * V
-            for b, i in enumerate(ir):
-                bucket[i] = b
-            rest = None
-            if K < V:
-                rest = 1 - mpmath.fsum(p_b)
-                # the storage dtype's tolerance (float64: TOPK_REST_TOL); an empty bucket leaves
-                # the K probabilities, renormalised as every log-prob input
-                tol = mp_tolerance(lr, lp.dtype)
-                p_b.append(rest if rest > tol else mpmath.mpf(0))
-                q_b.append(mpmath.fsum(q[j] for j in range(V) if bucket[j] == K))
-                p_b = [x / mpmath.fsum(p_b) for x in p_b]
-
-            def kl(a, c):
-                return mpmath.fsum(x * mpmath.log(x / y) if x > 0 else 0 for x, y in zip(a, c))
-
-            if kind == "forward":
-                val = kl(p_b, q_b)
-                G = [-x / y for x, y in zip(p_b, q_b)]
-            elif kind == "reverse":
-                if any(x == 0 and y > 0 for x, y in zip(p_b, q_b)):
-                    vals.append(math.inf)
-                    grads.append(None)
-                    rests.append(rest)
-                    continue
-                val = kl(q_b, p_b)
-                G = [mpmath.log(y / x) + 1 for x, y in zip(p_b, q_b)]
-            else:
-                m = [beta * x + (1 - beta) * y for x, y in zip(p_b, q_b)]
-                val = beta * kl(p_b, m) + (1 - beta) * kl(q_b, m)
-                G = [(1 - beta) * mpmath.log(y / w) for y, w in zip(q_b, m)]
-            mean_g = mpmath.fsum(y * g for y, g in zip(q_b, G))
-            vals.append(float(val))
-            rests.append(rest)
-            grads.append([float(q[j] * (G[bucket[j]] - mean_g) / T) for j in range(V)])
-    return vals, grads, rests
+    out = renorm_mp_rows(kind, z, idx, lp, lp.dtype, beta=beta, T=T)
+    full = idx.shape[-1] == z.shape[-1]
+    return ([o[0] for o in out], [o[1] for o in out],
+            [None if full else o[2] for o in out])
 
 
 def check(kind, z, idx, lp, dtype, rtol, beta=0.5, T=1.0):
