@@ -674,9 +674,11 @@ def _kl_derivatives(xp, P: _Side, Q: _Side, T, wn, dcq, dc, mean_d, kl, escapes)
     exactly 0, second derivative dp dl), so the first derivative meets no extra rounding."""
     zero = xp.zeros_like(wn)
     pos = T & (wn > 0)
-    c4 = stop_gradient(xp.where(pos, -dcq, zero))  # r - F in units (_to_true), not clamped
+    jax_probs = P.m is None and is_jax_array(wn)
+    # (JAX probabilities: a subnormal p_i reads as wn_i = 0 in comparisons, yet has weight)
+    c4 = stop_gradient(xp.where(T if jax_probs else pos, -dcq, zero))  # r - F in units
     dw = wn - stop_gradient(wn)
-    if P.m is None and is_jax_array(wn):
+    if jax_probs:
         # probabilities on JAX: the weights' derivative from x / z, 1 / z per entry. XLA on CPU
         # flushes a subnormal weight e^u (and its cotangent) to 0, which lost the whole
         # derivative at a subnormal p_i (O(1): (r_i - F) / z)
