@@ -99,14 +99,14 @@ def reference(kind, name, beta=0.5):
     return out
 
 
-def _check_value(v, ref, dt):
+def _check_value(v, ref, dt, what=""):
     fmax = float(np.finfo(dt).max)
-    assert not math.isnan(v)
+    assert not math.isnan(v), what
     if ref > fmax:
-        assert v == math.inf, (v, ref)
+        assert v == math.inf, (what, v, ref)
     else:
         tol = 1e-5 if dt == "float32" else 1e-12
-        assert abs(v - ref) <= tol * abs(ref) + 1e-300, (v, ref)
+        assert abs(v - ref) <= tol * abs(ref) + 1e-300, (what, v, ref)
 
 
 def _check_grad(g, ref, dt, what):
