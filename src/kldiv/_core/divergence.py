@@ -22,6 +22,10 @@ MPS, JAX with ``jax_enable_x64``): log p rounded to float32 would cost eps * |lo
 are log-space, p^(1/T) renormalised; against probabilities too): 6e-5..5e-4 relative at KL 1e-8
 before (``tests/test_core_audit.py``). JAX without x64 keeps float32 there: ~2e-3 relative
 at KL = 1e-9, 1e-4 at 1e-7, 5e-6 at 1e-5 (``tests/test_core_leftovers.py``'s rows).
+Below T = 1/2 a probability side is centred on its largest probability before the division
+by T (``_centred_log_probs``: log1p((p_i - p_max) / p_max) within a factor 2 of the maximum):
+the plain float32 log p put eps |log p_i| / T into every tempered logit (up to 8e-2 at
+T = 1e-6); now ~1e-7 down to T = 1e-6 (``tests/test_probs_small_temperature.py``).
 
 Large magnitudes. The value does not change when a constant is added to one side's logits,
 however large (a row of -1e30 or finfo.min, a whole row offset by 1e4, logits of 3e38): each
@@ -141,7 +145,8 @@ class _Side:
     support: object  # bool: p_i > 0 (decided from the input itself, never from a rounded value)
     lw: object  # normalised log-probabilities; finite everywhere (>= -finfo.max off the support)
     w: object  # normalised probabilities, exactly 0 off the support
-    raw: object  # the log-space input before the temperature (log p for probabilities)
+    raw: object  # the log-space input before the temperature (log p for probabilities;
+    #             log(p / p_max) below T = 1/2: ``_centred_log_probs``)
     c: object  # raw centred on the row maximum m and clamped to [-finfo.max, 0]: raw - m
     ct: object  # c / temperature (clamped likewise): lw = ct - norm
     m: object  # the row maximum of raw (last axis kept, a constant for autodiff); None: 0
@@ -209,6 +214,39 @@ def _unflushed_pair(xp, ps, qs):
     return scaled_unflushed(ps, ps * sc, e), scaled_unflushed(qs, qs * sc, e)
 
 
+#: below this temperature a probability side enters log space centred on its largest entry
+#: (``_centred_log_probs``); from it on, the plain log p costs at most ~2e-8 / T relative, at
+#: the level of float32's own rounding, and the everyday T = 1 pays nothing
+_CENTRE_BELOW = 0.5
+
+
+def _centred_log_probs(xp, p, nonpos, lp):
+    """log(p_i / p_max) for a probability row (-inf where p_i = 0), with an error of about eps
+    in p_i's own scale of the tempered logits: log p rounded to the input's precision is off by
+    eps |log p_i|, and divided by a small T that error reaches every entry that carries weight
+    (up to 8e-2 relative at T = 1e-6 in float32); centred, the entries with weight have |d_i| of
+    the order of T, and their error is eps |d_i| / T.
+
+    Within a factor 2 of the maximum, d_i = log1p((p_i - p_max) / p_max): the difference is
+    exact (Sterbenz). Below it, d_i = log p_i - log p_max from ``lp`` (``_log_pos``, which keeps
+    subnormals and their derivatives): there exp(d_i / T) <= 2^(-1/T), which carries the
+    eps |log p_i| / T rounding at most eps-sized into the result (T < ``_CENTRE_BELOW``).
+    p_max is a constant to autodiff (a row constant in log space, which the normalisation
+    cancels): the derivative of d_i is 1 / p_i, as that of log p_i. A nan in the row makes
+    every entry nan (its maximum is nan); a row whose largest entry is below 2^-100 keeps the
+    plain difference (no quotient of subnormals, which XLA would read as 0 / 0)."""
+    zero = xp.zeros_like(p)
+    one = const(xp, 1.0, p)
+    pm = stop_gradient(xp.max(xp.where(nonpos, zero, p), axis=-1, keepdims=True))
+    lm = stop_gradient(xp.max(lp, axis=-1, keepdims=True))
+    ok = pm >= const(xp, 2.0**-100, p)
+    near = ~nonpos & (p >= 0.5 * pm) & ok
+    pmn = xp.where(ok, pm, xp.ones_like(pm))
+    pn = xp.where(near, p, one * pmn)  # safe values off ``near`` (double where)
+    dn = xp.log1p((pn - pmn) / pmn)
+    return xp.where(near, dn, lp - lm)
+
+
 def _make_side(xp, x, space, temperature):
     """Normalise one side; ``space`` is the user's p_space/q_space.
 
@@ -237,6 +275,8 @@ def _make_side(xp, x, space, temperature):
         px = x  # (the log-ratio takes log p anew in float64 where it can: ``_wide_side``)
         nonpos = nonpositive(x)
         x = xp.where(nonpos, const(xp, -math.inf, x), _log_pos(xp, xp.where(nonpos, one, x)))
+        if temperature < _CENTRE_BELOW:
+            x = _centred_log_probs(xp, px, nonpos, x)
     big = const(xp, -xp.finfo(x.dtype).max, x)
     support = x != -math.inf  # a nan counts (and propagates): validate=False never hides one
     m = stop_gradient(xp.max(x, axis=-1, keepdims=True))

@@ -120,10 +120,11 @@ def check_temperature(value) -> float:
 
     Within the range every divergence of logits or log-probabilities is computed to its
     documented accuracy, in float32 too (x / T of any finite float32 logit is handled; a
-    temperature below about 1e-38 would not even be representable in float32). Float32
-    *probabilities* below T = 1e-2 lose about 2e-8 / T relative (their log is rounded before
-    the division by T); float64 inputs are exact there. Strings and booleans are refused with a
-    TypeError.
+    temperature below about 1e-38 would not even be representable in float32). So is every
+    divergence of probabilities: below T = 1/2 each row is centred on its largest probability
+    before the division by T (``kldiv._core.divergence._centred_log_probs``), so that float32
+    keeps about 1e-7 relative down to T = 1e-6 (the plain log p lost 2e-8 / T there).
+    Strings and booleans are refused with a TypeError.
     """
     v = _as_number("temperature", value, "a positive number")
     lo, hi = TEMPERATURE_RANGE

@@ -908,6 +908,10 @@ def _to_log(xc, space, kd, tol, check, as_log):
 
     Returns (converted input, kernel input, bad rows, rows the kernel's dtype cannot take)."""
     xk = xc.to(kd)
+    # the kernel reads rows with unit stride along V (and torch.log below keeps its input's
+    # layout): column-major or otherwise strided chunks are copied first
+    if xk.stride(-1) != 1 or xk.stride(0) != xk.shape[1]:
+        xk = xk.contiguous()
     if as_log:
         bad = (xk.sum(-1) - 1).abs() > tol if check else None
         lx = torch.log(xk)  # p < 0 and nan give nan: the kernel reports the row
@@ -922,8 +926,6 @@ def _to_log(xc, space, kd, tol, check, as_log):
             # reduction finds the candidates (zeros too); the caller looks closer at those only
             tiny = lx.amin(-1) < -87.0
         return xk, lx, bad, tiny
-    if xk.stride(-1) != 1 or xk.stride(0) != xk.shape[1]:
-        xk = xk.contiguous()
     bad = None
     if check and space == "probs":
         bad = (xk.sum(-1) - 1).abs() > tol
