@@ -66,6 +66,9 @@ _HUGE_G = 60.0
 # take it unshifted (the error term eps^2 |mb - ma| of the two-term difference: 6e-11 in
 # float32 at the bound)
 _FAR = 2048.0
+# the log-ratio's unit before the temperature (an exact power of 2): b - a of logits as large as
+# finfo.max stays finite
+_KK = 0.125
 _T_RANGE = (1e-3, 1e3)  # temperatures handled by kl_rows; outside, the core's rows
 
 
@@ -117,6 +120,11 @@ def _k(value, like):
     return np.asarray(value, like.dtype)
 
 
+def _scale(x, c):
+    """x times the Python float ``c`` (a power of 2 here: exact)."""
+    return x if c == 1.0 else lax.mul(x, _k(c, x))
+
+
 def _clamp_finite(x):
     fmax = float(jnp.finfo(x.dtype).max)
     return lax.clamp(_k(-fmax, x), x, _k(fmax, x))
@@ -164,12 +172,15 @@ def _frame(ma_raw, mb_raw, temperature):
     """Row constants: where each side's logits are taken from, per row (last axis kept).
 
     Returns ``ma`` (p's maximum), ``sa``, ``sb`` (what is subtracted from ``kk a`` and
-    ``kk b`` before their difference), ``c``, ``ec`` (the difference of the maxima as they
-    enter the log-ratio, kk mb - sb - (kk ma - sa), and its rounding error), ``yc`` (q's logits
-    are ``b - yc`` in p's frame: mb), ``y_top`` (the largest of them, after the temperature: 0)
-    and ``kk``, the unit of the log-ratio: 1, or 1/8 on huge rows (a maximum above finfo.max
-    eps / 8), where b - a could overflow next to an entry at -finfo.max and a log-ratio can
-    exceed the float range (float32 rows holding +-3e38); the scaling is exact. The shifts:
+    ``kk b`` before their difference, kk = _KK = 1/8), ``c``, ``ec`` (the difference of the
+    maxima as they enter the log-ratio, kk mb - sb - (kk ma - sa), and its rounding error),
+    ``yc`` (q's logits are ``b - yc`` in p's frame: mb) and ``y_top`` (the largest of them,
+    after the temperature: 0). The log-ratio is formed in eighths on every row, so that b - a
+    cannot overflow next to an entry at -finfo.max and a log-ratio beyond the float range
+    (float32 rows holding +-3e38) is carried; the scaling is exact (short of subnormal
+    results, which XLA on CPU flushes: an absolute error below 8 finfo.tiny in d, where the
+    KL and its derivatives are themselves at the subnormal level), and one constant for every
+    row costs no row-level test. The shifts:
 
     - maxima within _FAR: none (sa = sb = 0; c = kk (mb - ma) with its rounding error);
     - farther apart: the side whose maximum is larger in magnitude, by the rounded difference
@@ -182,16 +193,12 @@ def _frame(ma_raw, mb_raw, temperature):
     A maximum that is not finite (nan, +inf, or a row that is -inf everywhere) makes its row
     nan, as it must be.
     """
-    fi = jnp.finfo(ma_raw.dtype)
     ma = _col(ma_raw)
     mb = _col(mb_raw)
-    # |ma|, |mb| <= max eps / 8 keep b - a within finfo.max, even with an entry at -finfo.max
-    big = _k(float(fi.max) * float(fi.eps) / 8, ma)
-    huge = lax.gt(lax.max(lax.abs(ma), lax.abs(mb)), big)
-    kk = _sel(huge, 0.125, 1.0, ma.dtype)
+    kk = _k(_KK, ma)
     mas, mbs = lax.mul(ma, kk), lax.mul(mb, kk)
     o = lax.sub(mbs, mas)
-    far = lax.gt(lax.abs(o), _k(_FAR, ma))
+    far = lax.gt(lax.abs(o), _k(_FAR * _KK, ma))
     shift_b = lax.ge(lax.abs(mbs), lax.abs(mas))
     zero = lax.full_like(ma, 0.0)
     sa = lax.select(far, lax.select(shift_b, zero, lax.neg(o)), zero)
@@ -200,15 +207,14 @@ def _frame(ma_raw, mb_raw, temperature):
     c = lax.sub(tb, ta)
     ec = _two_diff_err(tb, ta, c)
     y_top = lax.sub(mb, mb)  # 0 (nan on rows that are nan anyway)
-    return ma, sa, sb, (c, ec), mb, y_top, kk
+    return ma, sa, sb, (c, ec), mb, y_top
 
 
-def _units(kk, temperature):
-    """The log-ratio's unit per row, k = kk kt (a power of 2: kt <= T below T = 1, where
-    d / T could leave the float range, else 1), and 1 / k."""
+def _units(temperature):
+    """The log-ratio's unit, k = _KK kt (a power of 2; kt <= T below T = 1, where d / T could
+    leave the float range, else 1), and 1 / k: Python floats, the same on every row."""
     kt = 2.0 ** math.floor(math.log2(temperature)) if temperature < 1.0 else 1.0
-    k = kk if kt == 1.0 else lax.mul(kk, _k(kt, kk))
-    return k, lax.div(_k(1.0, k), k)
+    return _KK * kt, 1.0 / (_KK * kt)
 
 
 def _two_diff_err(x, y, s):
@@ -219,7 +225,7 @@ def _two_diff_err(x, y, s):
     return lax.sub(lax.sub(x, av), lax.add(y, bv))
 
 
-def _entries(a, b, temperature, ma, sa, sb, sc, yc, kk):
+def _entries(a, b, temperature, ma, sa, sb, sc, yc):
     """Per entry: x = (a - ma) / T (p's logits centred; -inf off p's support), the log-ratio
     d up to a row constant (finite everywhere: -inf entries are taken at -finfo.max, and an
     entry where p is 0 contributes nothing through it) and y = (b - yc) / T with x + d = y in
@@ -233,14 +239,15 @@ def _entries(a, b, temperature, ma, sa, sb, sc, yc, kk):
     at ulp(8) = 1e-6, a 3e-3 relative error in KL ~ 1e-9). Rows whose maxima are more than
     _FAR apart shift one side first (:func:`_frame`).
 
-    d comes in units of k (:func:`_units`: d = k (b - a) / T + const), 1 on ordinary rows at
-    T >= 1, so that it stays within the float range where the true log-ratio does not (huge
-    rows, finfo.min entries at T < 1)."""
+    d comes in units of k (:func:`_units`: d = k (b - a) / T + const, k = 1/8 at T >= 1), so
+    that it stays within the float range where the true log-ratio does not (huge rows,
+    finfo.min entries at T < 1)."""
     fmax = float(jnp.finfo(a.dtype).max)
     lo = _k(-fmax, a)
     c, ec = sc
     x = lax.sub(a, ma)
     y = lax.sub(b, yc)
+    kk = _k(_KK, a)
     ac = lax.max(lax.sub(lax.mul(a, kk), sa), lo)
     bc = lax.max(lax.sub(lax.mul(b, kk), sb), lo)
     s = lax.sub(bc, ac)
@@ -269,9 +276,9 @@ def _kl_parts(a, b, temperature, refine):
     fmax = float(jnp.finfo(a.dtype).max)
     # pass 1: the row maxima (nan propagates)
     ma_raw, mb_raw = _maxima(a, b)
-    ma, sa, sb, sc, yc, y_top, kk = _frame(ma_raw, mb_raw, temperature)
-    x, d, y = _entries(a, b, temperature, ma, sa, sb, sc, yc, kk)
-    k, ik = _units(kk, temperature)
+    ma, sa, sb, sc, yc, y_top = _frame(ma_raw, mb_raw, temperature)
+    x, d, y = _entries(a, b, temperature, ma, sa, sb, sc, yc)
+    k, ik = _units(temperature)
     # pass 2: p's normaliser and the p-weighted sum of the log-ratio
     ex = lax.exp(x)
     zx = _rowsum(ex)
@@ -284,20 +291,20 @@ def _kl_parts(a, b, temperature, refine):
     # there: no sum that cancels it). Both as one formula: s = 1 on ordinary rows and 0 on
     # huge ones multiplies the phi part, KL = delta + log1p(sum / zx - (1 - s)).
     mu = lax.div(_col(sxd), _col(zx))  # in units of k
-    base, delta, s = _route(y_top, lax.mul(mu, ik))
+    base, delta, s = _route(y_top, _scale(mu, ik))
     # (an identity: it keeps XLA from sharing e^{y - base} below with the derivative rule's
     # own, which it would otherwise store as an N x V array in a kernel of its own between the
     # two; each is computed where it is used: one kernel and one N x V array less under
     # value_and_grad, and about 10% less compile time)
     base, delta, s = lax.optimization_barrier((base, delta, s))
     dck = _clamp_finite(lax.sub(d, mu))  # d' in units of k
-    dc = lax.mul(dck, ik)  # d' (beyond the float range on some huge rows: not used there)
+    dc = _scale(dck, ik)  # d' (beyond the float range on some huge rows: not used there)
     e = lax.exp(lax.sub(y, base))  # zx p_i e^{d'_i}; where p_i = 0, zx times q's mass there
     exs = lax.mul(ex, s)
     # e^{x_i} (e^{d'_i} - 1 - d'_i), the last product in units of k (finite where e^{x_i} d'_i
     # is, also where d'_i is not: a finfo.min entry of q where p holds 1e-40)
     term = _sel(lax.lt(lax.abs(dc), _k(_SMALL, dc)), lax.mul(exs, _phi_series(dc)),
-                lax.sub(lax.sub(e, exs), lax.mul(lax.mul(exs, dck), ik)))
+                lax.sub(lax.sub(e, exs), _scale(lax.mul(exs, dck), ik)))
     # p_i > 0 = q_i (a logit of -inf in q only): the row escapes, KL = +inf
     escape = lax.bitwise_and(lax.gt(a, _k(-math.inf, a)), lax.eq(b, _k(-math.inf, b)))
     term = _sel(escape, math.inf, term)
@@ -389,12 +396,12 @@ def _kl_parts_jvp(temperature, refine, primals, tangents):
     full = _kl_parts(a, b, temperature, True)
     kl, ma_raw, mb_raw, zx, mu, zq, res = full
     out = full if refine else full[:6]
-    ma, sa, sb, sc, yc, y_top, kk = _frame(ma_raw, mb_raw, temperature)
-    x, d, y = _entries(a, b, temperature, ma, sa, sb, sc, yc, kk)
-    k, ik = _units(kk, temperature)
+    ma, sa, sb, sc, yc, y_top = _frame(ma_raw, mb_raw, temperature)
+    x, d, y = _entries(a, b, temperature, ma, sa, sb, sc, yc)
+    k, ik = _units(temperature)
     zx_, kl_ = _col(zx), _col(kl)
     mu = _col(mu)  # E_p[d], in units of k as d
-    base, delta, _ = _route(y_top, lax.mul(mu, ik))
+    base, delta, _ = _route(y_top, _scale(mu, ik))
     huge = lax.gt(delta, _k(0.0, delta))
     # the value's own expressions (XLA computes them once)
     ex = lax.exp(x)
@@ -405,7 +412,7 @@ def _kl_parts_jvp(temperature, refine, primals, tangents):
     # rounded to 0 instead of 6e-7); d_k - mu is exact there and the residual E_p[d - mu]
     # (res, summed with the value's terms: no pass of its own) puts back what mu lost.
     # (in units of k: the derivatives below take 1 / k where they leave the row sums)
-    dc = _centred(x, d, mu, lax.div(_col(res), zx_))
+    dc = _centred(x, d, mu, lax.mul(_col(res), lax.div(_k(1.0, zx_), zx_)))
     # rows with KL = +inf because p_i > 0 = q_i (escapes: their zq is +inf, and only theirs):
     # gradient 0, as the core gives; rows whose value overflows keep their true gradient
     inf_row = lax.eq(_col(zq), _k(math.inf, kl_))
@@ -416,16 +423,16 @@ def _kl_parts_jvp(temperature, refine, primals, tangents):
         # dKL/da = -p d' / T
         dx = da if temperature == 1.0 else lax.mul(da, _k(inv, da))
         pdc = lax.mul(p, dc)
-        dkl = lax.sub(dkl, lax.mul(_rowsum(lax.mul(_sel(inf_row, 0.0, pdc), dx)), _uncol(ik)))
+        dkl = lax.sub(dkl, _scale(_rowsum(lax.mul(_sel(inf_row, 0.0, pdc), dx)), ik))
         dzx = _rowsum(lax.mul(ex, dx))
         # mu = E_p[d], d = (b - a) / T up to a constant: the part through a, E_p[(d' - 1) dx]
         # (from the accurate d', not as (dsxd - mu dzx) / zx: jax.hessian differentiates it),
         # in units of k
-        dmu = _rowsum(lax.mul(lax.sub(pdc, lax.mul(p, k)), dx))
+        dmu = _rowsum(lax.mul(lax.sub(pdc, _scale(p, k)), dx))
     if not _is_zero(db):
         # dKL/db = (q - p) / T, as p expm1(log q/p) near p = q (no cancellation; not on huge
         # rows, where log q/p = d' - KL is a difference of two ~1e30) and directly elsewhere
-        u = lax.sub(lax.mul(dc, ik), kl_)
+        u = lax.sub(_scale(dc, ik), kl_)
         near = lax.lt(lax.abs(u), _sel(huge, -1.0, _SMALL, u.dtype))
         us = _sel(near, u, 0.0)
         q = _normalised(lax.sub(y, base), _col(zq))
@@ -433,11 +440,11 @@ def _kl_parts_jvp(temperature, refine, primals, tangents):
         gb = _sel(inf_row, 0.0, gb)
         dy = db if temperature == 1.0 else lax.mul(db, _k(inv, db))
         dkl = lax.add(dkl, _rowsum(lax.mul(gb, dy)))
-        dmu = lax.add(dmu, lax.mul(_rowsum(lax.mul(p, dy)), _uncol(k)))
+        dmu = lax.add(dmu, _scale(_rowsum(lax.mul(p, dy)), k))
         sqdy = _rowsum(lax.mul(q, dy))
     # zq = sum e^{y - base} with base = mu (y_top - _HUGE_G, a constant, on huge rows); the
     # residual res is 0 in exact arithmetic (its tangent: 0)
-    dzq = lax.mul(zq, lax.sub(sqdy, _sel(_uncol(huge), zeros_row, lax.mul(dmu, _uncol(ik)))))
+    dzq = lax.mul(zq, lax.sub(sqdy, _sel(_uncol(huge), zeros_row, _scale(dmu, ik))))
     zeros = lax.full_like(ma_raw, 0.0)
     if refine:
         return out, (dkl, zeros, zeros, dzx, dmu, dzq, zeros_row)
@@ -611,8 +618,20 @@ def _compute(p, q, mask, weight, *, kind, p_space, q_space, reduction, temperatu
             out = reduce_rows(xp, rows, reduction, mask, weight)
             out = jnp.where(bad if reduction == "none" else jnp.any(bad), nan, out)
             return out * scale if scale != 1.0 else out
-    out = reduce_rows(xp, rows, reduction, mask, weight)
+    if reduction == "mean" and mask is None and weight is None and rows.size:
+        out = _plain_mean(rows)
+    else:
+        out = reduce_rows(xp, rows, reduction, mask, weight)
     return out * scale if scale != 1.0 else out
+
+
+def _plain_mean(rows):
+    """The mean of every row, as the sum of the rows times 1/n: one reduction, finite whenever
+    the mean is (rows near finfo.max are scaled before they are added; the core's reduce_rows
+    gets the same property with a second reduction selected where the plain sum overflows, five
+    kernels against two under value_and_grad). Within an ulp of sum / n: exact where n is a
+    power of 2, one rounding of 1/n more elsewhere."""
+    return lax.reduce_sum(lax.mul(rows, _k(1.0 / rows.size, rows)), tuple(range(rows.ndim)))
 
 
 def _under_jit():
