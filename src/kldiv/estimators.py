@@ -135,7 +135,6 @@ def _prepare(logp_sampler, logp_other, logp_behavior, mask, weight, reduction):
         logp_sampler = xp.asarray(logp_sampler)
     logp_other = _as_array(xp, logp_other, "logp_other", logp_sampler)
     logp_behavior = _as_array(xp, logp_behavior, "logp_behavior", logp_sampler)
-    weight = _as_array(xp, weight, "weight", logp_sampler)
     _check_float(xp, "logp_sampler", logp_sampler)
     _check_float(xp, "logp_other", logp_other)
     if logp_behavior is not None:
@@ -147,11 +146,16 @@ def _prepare(logp_sampler, logp_other, logp_behavior, mask, weight, reduction):
         )
     shape = tuple(logp_sampler.shape)
     dtype = xp.result_type(logp_sampler, logp_other)
+    if xp.finfo(dtype).bits < 32:
+        # half and bfloat16 inputs are computed in float32, as in the core: a float16 count or
+        # sum of more than 65504 samples would be inf, and each term would be rounded to half
+        dtype = xp.float32
     logp_sampler = xp.astype(logp_sampler, dtype)
     logp_other = xp.astype(logp_other, dtype)
     if logp_behavior is not None:
         _broadcast_shape("logp_behavior", logp_behavior.shape, shape)
         logp_behavior = xp.astype(logp_behavior, dtype)
+    weight = _as_array(xp, weight, "weight", logp_sampler)  # (after the widening above)
     if mask is not None:
         if not hasattr(mask, "dtype") or not xp.isdtype(mask.dtype, "bool"):
             raise TypeError(f"mask: expected a boolean array, got {getattr(mask, 'dtype', mask)!r}")
@@ -227,7 +231,8 @@ _ARGS_DOC = """
 
     Returns:
       An array of the input's type: a scalar for the default reduction, else the reduced
-      shape (``reduction="none"``: the input shape).
+      shape (``reduction="none"``: the input shape). Half-precision (float16, bfloat16) inputs
+      are computed in float32 and give float32 results, as in ``kldiv.kl_div``.
 
 """
 

@@ -26,7 +26,15 @@ def reduce_rows(xp, rows, reduction, mask=None, weight=None):
     left out), and the derivative with respect to that weight is still the row's value where
     that is finite (a weight that reaches 0 can move again). "mean" is finite whenever the mean
     is: where the plain sum overflows, the rows are divided before they are added.
+
+    "sum" and "mean" of half-precision rows (float16, bfloat16; the core never passes them, it
+    computes in float32) are formed in float32 and returned as float32: a float16 count of more
+    than 65504 rows is inf, and half sums of ones or weights are rounded above 2048 (256).
     """
+    if reduction != "none" and getattr(rows.dtype, "itemsize", 4) < 4:  # (no cost otherwise)
+        rows = xp.astype(rows, xp.float32)
+        if weight is not None:
+            weight = xp.astype(weight, xp.float32)
     zero = xp.zeros_like(rows)
     keep = mask
     if weight is not None:
