@@ -48,19 +48,29 @@ def test_generalized_jsd_loss_dense_reference(beta, T):
 
 
 def test_generalized_jsd_loss_equals_trl_gkd():
+    """TRL's own function is the reference: every beta, temperature, reduction, with and without
+    labels and num_items_in_batch (float64, so the two agree to rounding)."""
     gkd = pytest.importorskip("trl.experimental.gkd")
     from kldiv.integrations.trl import generalized_jsd_loss, use_kldiv
 
     g = torch.Generator().manual_seed(1)
-    s = torch.randn(3, 4, 50, generator=g)
-    t = torch.randn(3, 4, 50, generator=g)
+    s = torch.randn(3, 4, 50, generator=g, dtype=torch.float64) * 2
+    t = torch.randn(3, 4, 50, generator=g, dtype=torch.float64) * 2
     lab = torch.randint(0, 50, (3, 4), generator=g)
     lab[1] = -100
-    for beta in (0.0, 0.5, 0.9, 1.0):
-        for red in ("batchmean", "sum", "mean"):
-            a = gkd.GKDTrainer.generalized_jsd_loss(s, t, labels=lab, beta=beta, temperature=1.5, reduction=red)
-            b = generalized_jsd_loss(s, t, labels=lab, beta=beta, temperature=1.5, reduction=red)
-            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    lab[0, :2] = -100
+    reductions = [(r, None) for r in ("batchmean", "sum", "mean", "none")] + [("none", 5)]
+    for beta in (0.0, 0.1, 0.5, 0.9, 1.0):
+        for T, labels in ((1.0, None), (1.5, None), (1.5, lab)):
+            for red, nib in reductions:  # num_items_in_batch overrides the reduction
+                kw = dict(labels=labels, beta=beta, temperature=T, reduction=red,
+                          num_items_in_batch=nib)
+                a = gkd.GKDTrainer.generalized_jsd_loss(s, t, **kw)
+                b = generalized_jsd_loss(s, t, **kw)
+                assert b.shape == a.shape, kw
+                torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-13)
+    with pytest.raises(ValueError, match="reduction"):
+        generalized_jsd_loss(s, t, reduction="avg")
 
     class Sub(gkd.GKDTrainer):
         pass
@@ -152,7 +162,9 @@ def test_linear_distillation_loss_equals_dense_kl():
     with torch.no_grad():
         t = teacher(input_ids=ids, attention_mask=am).logits
     s = student(input_ids=ids, attention_mask=am).logits
-    keep = (am == 1) & (labels != -100)
+    keep = torch.zeros_like(am, dtype=torch.bool)  # HF: position t predicts labels[t + 1]
+    keep[:, :-1] = labels[:, 1:] != -100
+    keep &= am == 1
     ref = dense_rows(t, s, 0.0)[keep].mean()
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-6)
     g1 = torch.autograd.grad(got, student.lm_head.weight)[0]

@@ -19,6 +19,7 @@ Usage::
 from __future__ import annotations
 
 import inspect
+import math
 
 import torch
 
@@ -36,20 +37,36 @@ def generalized_jsd_loss(student_logits, teacher_logits, labels=None, beta=0.5, 
                          reduction="batchmean", num_items_in_batch=None):
     """``GKDTrainer.generalized_jsd_loss`` computed by kldiv (same arguments, same value).
 
-    ``student_logits``/``teacher_logits``: (B, T, V); ``labels``: (B, T) with -100 on the
-    positions to leave out. ``reduction``: ``"batchmean"`` (mean over the kept positions),
-    ``"sum"``, ``"mean"`` (over kept positions and the vocabulary, as TRL's elementwise mean),
-    ``"none"`` (the per-position values of the kept positions, flattened).
+    ``student_logits``/``teacher_logits``: (B, T, V) (or (N, V)); ``labels``: (B, T) with -100
+    on the positions to leave out (TRL's ``GKDTrainer.compute_loss`` passes logits and labels
+    already shifted: ``logits[:, :-1]`` with ``labels[:, 1:]``). Reductions, as TRL 1.16's:
+
+    * ``num_items_in_batch`` given: ``sum / num_items_in_batch`` (whatever ``reduction``);
+    * ``"batchmean"``: the sum divided by the number of kept positions with ``labels``, by the
+      batch size ``B`` (the first dimension, torch's ``batchmean``) without them: a per-sequence
+      sum, not a per-token mean;
+    * ``"sum"``; ``"mean"``: the sum over the kept positions divided by their number times
+      ``V`` (TRL averages its elementwise (..., V) terms);
+    * ``"none"``: TRL's elementwise terms, (B, T, V) without ``labels`` and (n_kept, V) with
+      them, whose sum over the vocabulary is each position's divergence. These are computed
+      as TRL computes them (``log_softmax`` in the input's precision, at least float32), not by
+      kldiv's kernels: for accurate per-position values use ``kldiv.kl_div`` /
+      ``reverse_kl`` / ``js_div`` with ``reduction="none"``.
 
     >>> import torch
     >>> s, t = torch.randn(2, 3, 11), torch.randn(2, 3, 11)
-    >>> by_hand = (torch.softmax(t, -1) * (torch.log_softmax(t, -1) - torch.log_softmax(s, -1))).sum(-1).mean()
-    >>> bool(torch.isclose(generalized_jsd_loss(s, t, beta=0.0), by_hand, atol=1e-6))
+    >>> by_hand = (torch.softmax(t, -1) * (torch.log_softmax(t, -1) - torch.log_softmax(s, -1))).sum(-1)
+    >>> bool(torch.isclose(generalized_jsd_loss(s, t, beta=0.0), by_hand.sum() / 2, atol=1e-6))
     True
     """
     import kldiv
 
     kind = _divergence(beta)
+    if reduction not in ("batchmean", "sum", "mean", "none"):
+        raise ValueError(f"reduction: expected 'batchmean', 'sum', 'mean' or 'none', got "
+                         f"{reduction!r}")
+    if reduction == "none" and num_items_in_batch is None:
+        return _elementwise_terms(student_logits, teacher_logits, labels, beta, temperature)
     kw = dict(p_space="logits", q_space="logits", temperature=float(temperature), reduction="none")
     if kind == "forward":
         rows = kldiv.kl_div(teacher_logits, student_logits, **kw)
@@ -65,15 +82,31 @@ def generalized_jsd_loss(student_logits, teacher_logits, labels=None, beta=0.5, 
         if isinstance(n, torch.Tensor):
             n = n.to(rows.device)
         return rows.sum() / n
-    if reduction == "batchmean":
-        return rows.sum() / max(rows.numel(), 1)
+    if reduction == "batchmean":  # TRL: kept positions with labels, else the first dimension
+        n = rows.numel() if labels is not None else student_logits.shape[0]
+        return rows.sum() / max(n, 1)
     if reduction == "sum":
         return rows.sum()
-    if reduction == "mean":  # TRL averages its elementwise (B, T, V) terms
-        return rows.sum() / max(rows.numel() * student_logits.shape[-1], 1)
-    if reduction == "none":
-        return rows
-    raise ValueError(f"reduction: expected 'batchmean', 'sum', 'mean' or 'none', got {reduction!r}")
+    # "mean": TRL averages its elementwise (..., V) terms
+    return rows.sum() / max(rows.numel() * student_logits.shape[-1], 1)
+
+
+def _elementwise_terms(student_logits, teacher_logits, labels, beta, temperature):
+    """TRL's ``reduction="none"`` output: the elementwise terms of its generalised JSD."""
+    dtype = torch.promote_types(torch.promote_types(student_logits.dtype, teacher_logits.dtype),
+                                torch.float32)
+    ls = torch.log_softmax(student_logits.to(dtype) / temperature, -1)
+    lt = torch.log_softmax(teacher_logits.to(dtype) / temperature, -1)
+    beta = float(beta)
+    if beta == 0.0:
+        terms = torch.nn.functional.kl_div(ls, lt, reduction="none", log_target=True)
+    elif beta == 1.0:
+        terms = torch.nn.functional.kl_div(lt, ls, reduction="none", log_target=True)
+    else:
+        lm = torch.logsumexp(torch.stack([ls + math.log1p(-beta), lt + math.log(beta)]), 0)
+        terms = (beta * torch.nn.functional.kl_div(lm, lt, reduction="none", log_target=True)
+                 + (1 - beta) * torch.nn.functional.kl_div(lm, ls, reduction="none", log_target=True))
+    return terms if labels is None else terms[labels != -100]
 
 
 def chunked_divergence_loss(student_hidden_states, teacher_hidden_states, student_lm_head_weight,
