@@ -778,7 +778,10 @@ def linear_kl_div(hidden, weight, target, *, bias=None, target_space="logits",
       mask: optional boolean tensor of the rows shape: false rows are skipped (no matmul, no
         divergence, zero gradient) and not counted by the mean.
       labels: optional integer tensor of the rows shape; rows whose label equals
-        ``ignore_index`` are skipped like masked rows (label-aligned inputs).
+        ``ignore_index`` are skipped like masked rows. Row-aligned: row t is skipped when
+        ``labels[t] == ignore_index``. Hugging Face's ``labels`` are aligned with ``input_ids``
+        (the hidden state at t predicts ``labels[t + 1]``): pass ``hidden[:, :-1]`` with
+        ``labels[:, 1:]`` (``kldiv.integrations.hf`` does this shift itself).
       ignore_index: the label value of skipped rows (default -100, as PyTorch's losses).
       softcap: logit soft-capping as the model's forward applies it (Gemma-2's
         ``final_logit_softcapping``): the logits become ``softcap * tanh(logit_scale * z /
