@@ -923,34 +923,58 @@ def _log_ratio_quarter(xp, P, Q, T, deltaq, muq, dcq, mean_du):
     return xp.where(direct, lqu - lpu, d)
 
 
-def _log_mix(xp, c, d):
-    """log(1 - c + c * exp(d)) for 0 < c < 1, accurate near d = 0 and safe for large |d|.
+def _c_exp(xp, c, lc, d):
+    """c e^d for a constant c > 0 (lc = log c) and d with c e^d <= e: the product where c is
+    a normal number of any dtype (exp(d) <= e / c stays in range), e^(d + log c) below 2^-60
+    (float32's exp(d) would overflow before c e^d reaches e, and c itself may be subnormal)."""
+    return c * xp.exp(d) if c >= 2.0**-60 else xp.exp(d + lc)
 
-    Below d = -1/2, exp(d) - 1 is formed as written (no cancellation there): the libraries
-    differentiate expm1 as ``expm1(d) + 1``, which is 0 once expm1(d) rounds to -1 (d < -37 in
-    float64), and that lost the whole derivative of the term where a probability is 1e-20 or
-    smaller against a normal one (the JS gradient was off by beta^2 there).
+
+def _log_mix(xp, c, d, b=None):
+    """log(b + c e^d) with b = 1 - c, 0 < c < 1, to the last bits for every c and d: JS's
+    log(m / p) (c = 1 - beta, b = beta) and log(m / q) (c = beta). Pass ``b`` (beta itself)
+    where c is 1 - beta: 1 - c in floating point has lost a tiny beta's digits.
+
+    log1p(x), x = c (e^d - 1), where x >= -1/2 (x formed without cancellation: expm1 within
+    1/2 of 0, e^d - 1 beyond); where x < -1/2 (c > 1/2, e^d < 1/2) the sum b + c e^d of two
+    positive terms (1 + x had lost beta's digits: eps / beta relative off where e^d << beta);
+    where c e^d > e, log(c e^d) + log1p(b e^-(d + log c)) (log c + d + log1p(...) cancelled
+    to eps |log c| where c e^d << 1). Float32 JS with beta = 1e-6 had O(1) gradients and
+    float64 at beta = 1e-12 3e-4 per row through these. expm1 is never differentiated below
+    d = -1/2 (the libraries differentiate it as ``expm1(d) + 1``, 0 once expm1(d) rounds to
+    -1, which lost the derivative where a probability is 1e-20 or smaller against a normal
+    one).
     """
-    lo = d < 1
+    if b is None:
+        b = 1.0 - c
+    lc = math.log(c)
     zero = xp.zeros_like(d)
-    ds = xp.where(lo, d, zero)
-    dl = xp.where(lo, zero + 1, d)
-    neg = ds < -0.5
-    em1 = xp.where(neg, xp.exp(xp.where(neg, ds, zero)) - 1, xp.expm1(xp.where(neg, zero, ds)))
-    small = xp.log1p(c * em1)
-    large = math.log(c) + dl + xp.log1p((1 - c) / c * xp.exp(-dl))
-    return xp.where(lo, small, large)
+    big = d >= 1.0 - lc  # c e^d > e (then d >= 1)
+    dn = xp.where(big, zero, d)
+    neg = dn < -0.5
+    pos = dn > 0.5
+    x_mid = c * xp.expm1(xp.where(neg | pos, zero, dn))
+    x_neg = c * (xp.exp(xp.where(neg, dn, zero)) - 1)
+    x_pos = _c_exp(xp, c, lc, xp.where(pos, dn, zero)) - c
+    x = xp.where(neg, x_neg, xp.where(pos, x_pos, x_mid))
+    m1 = x < -0.5
+    small = xp.log1p(xp.where(m1, zero, x))
+    summed = xp.log(b + _c_exp(xp, c, lc, xp.where(m1, dn, zero)))
+    s = xp.where(big, d, zero + (1.0 - lc)) + lc  # log(c e^d) >= 1
+    large = s + xp.log1p(b * xp.exp(-s))
+    return xp.where(big, large, xp.where(m1, summed, small))
 
 
 def _log1p_cexp(xp, c, d):
     """log(1 + c e^d) for a constant c > 0, with full relative accuracy for every d (tiny where
     c e^d is), at most finfo.max; finite first and second derivatives (double where)."""
-    lo = d < 1
-    zero = xp.zeros_like(d)
+    lc = math.log(c)
+    lo = d < 1.0 - lc  # c e^d < e: log1p of it (exact for tiny c, beta near 0 or 1); beyond,
+    zero = xp.zeros_like(d)  # log(c e^d) >= 1 plus a log1p: log c + d no longer cancels
     ds = xp.where(lo, d, zero)
-    dl = xp.where(lo, zero + 1, d)
-    small = xp.log1p(c * xp.exp(ds))
-    large = dl + (math.log(c) + xp.log1p(xp.exp(-dl) / c))
+    s = xp.where(lo, zero + (1.0 - lc), d) + lc
+    small = xp.log1p(_c_exp(xp, c, lc, ds))
+    large = s + xp.log1p(xp.exp(-s))
     fmax = const(xp, xp.finfo(d.dtype).max, d)
     large = xp.where(large < fmax, large, fmax)  # d near finfo.max and c > 1
     return xp.where(lo, small, large)
@@ -1133,7 +1157,7 @@ def _rows(kind, xp, P, Q, beta):
                 return val + pr.nan_rows
         return xp.where(escapes | over, inf, val) + pr.nan_rows
     if kind == "js":
-        y = _log_mix(xp, 1.0 - beta, pr.d)  # log(m/p) on T
+        y = _log_mix(xp, 1.0 - beta, pr.d, beta)  # log(m/p) on T
         z = _log_mix(xp, beta, -pr.d)  # log(m/q) on T
         m = beta * P.w + (1 - beta) * Q.w  # p e^y = q e^z = m, exactly
         tp = xp.where(pr.common, _w_phi(xp, P.w, y, w_exp=m), zero)

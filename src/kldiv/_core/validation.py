@@ -140,9 +140,10 @@ def check_temperature(value) -> float:
 def check_beta(value) -> float:
     """The Jensen-Shannon mixture weight as a float strictly between 0 and 1.
 
-    In float32, a beta within about 1e-9 of 0 or 1 is not resolved by the core's float32
-    arithmetic (nor the fused / Triton kernels): up to O(1) relative error there; the NumPy
-    kernel and the default torch path compute with beta in double. Use float64 inputs."""
+    Any such beta is computed to the dtype's accuracy, values and gradients, on every path
+    (beta = 1e-12 or 1 - 2^-24: ~1e-7 in float32, ~1e-15 in float64;
+    ``tests/test_js_extreme_beta.py``): the mixture's logarithms take 1 - beta from beta
+    itself, never as 1 - (1 - beta)."""
     b = _as_number("beta", value, "a number strictly between 0 and 1")
     if not 0.0 < b < 1.0:
         raise ValueError(

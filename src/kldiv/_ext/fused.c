@@ -492,17 +492,28 @@ KLDIV_INLINE T FN(klog1p)(T u)
     return KLOG(w) + (w > 0 ? (u - wm) / w : (T)0);
 }
 
-/* log(1 - c + c e^d) for 0 < c < 1 (the core's _log_mix): accurate near d = 0 (log1p of
- * c expm1(d), expm1 by the series below 1/2), safe for large |d| */
+/* log(b + c e^d) for 0 < c < 1, b = 1 - c (the core's _log_mix), lc = log c, rc = b / c (formed
+ * from beta by the caller: 1 - c itself has lost a tiny beta's digits), to the last bits for
+ * every c and d: log1p(x), x = c (e^d - 1) (expm1 by the series below 1/2), while x >= -1/2;
+ * below, the sum b + c e^d of two positive terms (1 + x loses b where e^d << b: c = 1 - beta
+ * with beta tiny); where c e^d > e, log(c e^d) + log1p(b e^-(d + lc)) (lc + d + log1p(...)
+ * cancelled to eps |lc| where c e^d << 1: c = beta tiny). Was 1e-4 per row off in JS's
+ * gradient at beta = 1e-12, double included. */
 KLDIV_INLINE T FN(log_mix)(T c, T lc, T rc, T d)
 {
-    const int lo = d < 1;
-    const T ds = lo ? d : (T)0, dl = lo ? (T)1 : d;
-    const int sm = KFABS(ds) < (T)0.5;
-    const T em1 = sm ? ds + FN(phi_series)(sm ? ds : (T)0) : KEXP(ds) - 1;
-    const T small = FN(klog1p)(c * em1);
-    const T large = lc + dl + FN(klog1p)(rc * KEXP(-dl)); /* rc = (1 - c) / c */
-    return lo ? small : large;
+    const T b = rc * c;
+    const int big = d >= 1 - lc; /* c e^d > e */
+    const T dn = big ? (T)0 : d;
+    const int sm = KFABS(dn) < (T)0.5;
+    /* c e^d - c; for c below 2^-60 as e^(d + lc) - c (e^d alone may overflow the float) */
+    const T x = sm ? c * (dn + FN(phi_series)(sm ? dn : (T)0))
+                   : (c >= (T)8.67361737988403547e-19 ? c * KEXP(dn) : KEXP(dn + lc)) - c;
+    const int m1 = x < (T)-0.5; /* then c > 1/2 and e^d < 1/2: c e^d in range */
+    const T small = FN(klog1p)(m1 ? (T)0 : x);
+    const T summed = KLOG(b + c * KEXP(m1 ? dn : (T)0));
+    const T s = (big ? d : 1 - lc) + lc;
+    const T large = s + FN(klog1p)(b * KEXP(-s));
+    return big ? large : (m1 ? summed : small);
 }
 
 /* Pass 3a over one block: the series, from the scratch only; returns the block's sum of

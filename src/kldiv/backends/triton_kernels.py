@@ -698,19 +698,34 @@ if True:
         acc = acc * t2 + 1.0
         return tl.where(small, 2.0 * t * acc, tl.log(1.0 + tl.where(small, 0.0, v)))
 
-    def _log_mix_fn(c, d):
-        # log(1 - c + c e^d), 0 < c < 1: accurate near d = 0, safe for large |d|
-        lo = d < 1.0
-        ds = tl.where(lo, d, 0.0)
-        dl = tl.where(lo, 1.0, d)
-        small = _log1p(c * _expm1(ds))
-        large = tl.log(c) + dl + _log1p((1.0 - c) / c * tl.exp(-dl))
-        return tl.where(lo, small, large)
+    def _log_mix_fn(c, d, b):
+        # log(b + c e^d), b = 1 - c passed (formed from beta: 1 - c has lost a tiny beta), for
+        # every c in (0, 1) and d (the core's _log_mix): log1p(x), x = c (e^d - 1), while
+        # x >= -1/2; below, the positive sum b + c e^d (1 + x lost b where e^d << b); where
+        # c e^d > e, log(c e^d) + log1p(b e^-(d + log c)) (log c + d + log1p(...) cancelled
+        # where c e^d << 1). c below 2^-60: c e^d as e^(d + log c) (e^d alone may overflow)
+        lc = tl.log(c)
+        big = d >= 1.0 - lc
+        dn = tl.where(big, 0.0, d)
+        neg = dn < -0.5
+        pos = dn > 0.5
+        x_mid = c * _expm1(tl.where(neg | pos, 0.0, dn))
+        x_neg = c * (tl.exp(tl.where(neg, dn, 0.0)) - 1.0)
+        dp = tl.where(pos, dn, 0.0)
+        x_pos = tl.where(c >= 8.67361737988403547e-19, c * tl.exp(dp), tl.exp(dp + lc)) - c
+        x = tl.where(neg, x_neg, tl.where(pos, x_pos, x_mid))
+        m1 = x < -0.5
+        small = _log1p(tl.where(m1, 0.0, x))
+        summed = tl.log(b + c * tl.exp(tl.where(m1, dn, 0.0)))
+        s = tl.where(big, d, 1.0 - lc) + lc
+        large = s + _log1p(b * tl.exp(-s))
+        return tl.where(big, large, tl.where(m1, summed, small))
 
-    def _y_hat_fn(yv, lr, ry, c):
-        # log(m/p) - log c: log1p(ry e^lr) where lr <= -1 (exact), else the difference
+    def _y_hat_fn(yv, lr, ry, lc):
+        # log(m/p) - log c (lc = log c, formed by the caller: log(1 - beta) from beta itself):
+        # log1p(ry e^lr) where lr <= -1 (exact), else the difference
         reg = lr <= -1.0
-        return tl.where(reg, _log1p(ry * tl.exp(tl.where(reg, lr, 0.0))), yv - tl.log(c))
+        return tl.where(reg, _log1p(ry * tl.exp(tl.where(reg, lr, 0.0))), yv - lc)
 
     def _js_lr_fn(x, y, xl, yl, both, d, a, mx, my, Ch, Cl, it, mu, muT, mean_d, lZx, lZy,
                   amu, XP: tl.constexpr, YP: tl.constexpr, DC: tl.constexpr):
@@ -818,7 +833,13 @@ if True:
         ry = cb / bq  # log m/p = log beta + log1p(ry q/p)
         rz = bq / cb  # log m/q = log(1 - beta) + log1p(rz p/q)
         lbq = tl.log(bq)
-        l1bq = tl.log(cb)
+        # log(1 - beta) from beta (float32's 1 - beta is 1 for beta below 6e-8, and float64's
+        # 1 - beta has lost a tiny beta's digits): z sits within beta of it
+        l1b = _log1p(-b64)
+        if XP or YP:
+            l1bq = l1b
+        else:
+            l1bq = l1b.to(FT)
         # p's maximum: the number of entries there, and below it the mass and the sums of p y,
         # p (y - log beta) (likewise for q). At a single maximum, y - E_p[y] is taken as
         # y (1 - p_top) - sum_rest p y with 1 - p_top from the rest's own sum: where p_top is
@@ -845,8 +866,8 @@ if True:
             p = ep * ip
             q = eq * iq
             m = bq * p + cb * q
-            yv = _log_mix(cb, lr)  # log m/p
-            zv = _log_mix(bq, -lr)  # log m/q
+            yv = _log_mix(cb, lr, bq)  # log m/p
+            zv = _log_mix(bq, -lr, cb)  # log m/q
             sy_ = tl.abs(yv) < 0.5
             sz_ = tl.abs(zv) < 0.5
             tp = tl.where(sy_, p * _phi_series(tl.where(sy_, yv, 0.0)), m - p * (1.0 + yv))
@@ -856,8 +877,8 @@ if True:
             ey_s += tl.sum(tl.where(both, p * yv, 0.0), 0).to(tl.float64)
             ez_s += tl.sum(tl.where(both, q * zv, 0.0), 0).to(tl.float64)
             # the same means relative to log beta (log(1 - beta)): exact where q << p (p << q)
-            yh = _y_hat(yv, lr, ry, bq)
-            zh = _y_hat(zv, -lr, rz, cb)
+            yh = _y_hat(yv, lr, ry, lbq)
+            zh = _y_hat(zv, -lr, rz, l1bq)
             eyh_s += tl.sum(tl.where(both, p * yh, 0.0), 0).to(tl.float64)
             ezh_s += tl.sum(tl.where(both, q * zh, 0.0), 0).to(tl.float64)
             if WANT_X:
@@ -883,7 +904,6 @@ if True:
                 zth = tl.maximum(zth, tl.max(tl.where(yt, tl.where(both, zh, 0.0), float("-inf")),
                                              0).to(tl.float64))
         lb = tl.log(b64)
-        l1b = tl.log(1.0 - b64)
         js = b64 * tp_s + (1.0 - b64) * tq_s - b64 * lb * pout - (1.0 - b64) * l1b * qout
         js = tl.maximum(js, 0.0)
         zero_row = s == 0.0
@@ -954,8 +974,8 @@ if True:
                             lZy, amu, XP, YP, DC)
                 if WANT_X:
                     p = ep * ip
-                    yv = _log_mix(cb, lr)
-                    yh = _y_hat(yv, lr, ry, bq)
+                    yv = _log_mix(cb, lr, bq)
+                    yh = _y_hat(yv, lr, ry, lbq)
                     hf = lr <= -1.0
                     yc = tl.where(hf, yh - EyH, yv - Ey)
                     yn = tl.where(hf, (yh - Yth) + Cyh, (yv - Yt) + Cy)
@@ -977,8 +997,8 @@ if True:
                     tl.store(GXr + offs, gx.to(GX.dtype.element_ty), mask=inb)
                 if WANT_Y:
                     q = eq * iq
-                    zv = _log_mix(bq, -lr)
-                    zh = _y_hat(zv, -lr, rz, cb)
+                    zv = _log_mix(bq, -lr, cb)
+                    zh = _y_hat(zv, -lr, rz, l1bq)
                     hf = lr >= 1.0
                     zc = tl.where(hf, zh - EzH, zv - Ez)
                     zn = tl.where(hf, (zh - Zth) + Czh, (zv - Zt) + Cz)
