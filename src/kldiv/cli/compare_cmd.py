@@ -56,7 +56,8 @@ def register(subparsers) -> None:
 
 
 _NAMES = {"key": "--key", "other_key": "--other-key", "tokens": "--tokens",
-          "ref_space": "--ref-space", "other_space": "--other-space"}
+          "ref_space": "--ref-space", "other_space": "--other-space", "reverse": "--reverse",
+          "js": "--js"}
 
 
 _CACHE_UNSUPPORTED = (

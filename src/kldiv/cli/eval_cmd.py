@@ -129,7 +129,8 @@ def run(args) -> int:
         C.print_result(res, args)
         sys.stdout.flush()
         return 0
-    res = EvalResult(res.data, n_resamples=args.resamples, confidence=args.confidence, seed=args.seed)
+    cls = _windowed_result_class(EvalResult) if _is_kld(args.reference) else EvalResult
+    res = cls(res.data, n_resamples=args.resamples, confidence=args.confidence, seed=args.seed)
     C.print_result(res, args)
     if args.plot:
         res.plot(args.plot)
@@ -139,3 +140,51 @@ def run(args) -> int:
         print(f"reference logits: {args.save_reference}")
     sys.stdout.flush()
     return 0
+
+
+_NO_REVERSE = ("not computed: a llama.cpp KL base file keeps each row only within 16 nats of its "
+               "largest log-probability, and KL(candidate || reference) is unbounded above over what "
+               "lies below (kldiv compare --reverse refuses it); run the reference model, or give "
+               "its dense logits (.npy, .safetensors), for the reverse KL")
+
+
+def _is_kld(path) -> bool:
+    """Whether ``path`` is a llama.cpp KL base file (a model directory is not)."""
+    from ..io import KLD_MAGIC
+
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(len(KLD_MAGIC)) == KLD_MAGIC
+    except OSError:
+        return False
+
+
+def _windowed_result_class(base):
+    """``base`` (EvalResult) for a llama.cpp KL base reference: the reverse KL, +inf on nearly every
+    row (the decoded reference gives the tokens below its 16-nat window probability 0, the file
+    does not say what they have), is left out of the table and is null in the JSON, with the reason."""
+
+    class WindowedReferenceResult(base):
+        def table(self) -> str:
+            lines = super().table().split("\n")
+            head = "====== Reverse KL divergence statistics ======"
+            if head in lines:
+                i = lines.index(head)
+                j = next((k for k in range(i + 1, len(lines)) if lines[k].startswith("======")), len(lines))
+                lines[i:j] = [head, f"Reverse KL {_NO_REVERSE}"]
+            return "\n".join(lines)
+
+        def to_json(self, path) -> None:
+            import copy
+            import json
+
+            from .._atomic import write_text_atomic
+            from ..compare.report import _jsonable
+
+            s = copy.deepcopy(self.summary())
+            for c in s["candidates"]:
+                c["reverse_kl"] = None
+            s["settings"]["reverse_kl"] = _NO_REVERSE
+            write_text_atomic(path, json.dumps(_jsonable(s), indent=2, allow_nan=False) + "\n")
+
+    return WindowedReferenceResult

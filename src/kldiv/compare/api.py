@@ -58,7 +58,10 @@ def compare(reference, other, *, tokens=None, reverse=False, js=False, skip_nan=
     prints the same numbers. ``llamacpp=False`` gives kldiv's variant (the decoded reference row
     renormalised, entries below the stored window probability 0); ``llamacpp=True`` applies
     llama.cpp's rule to a reference of log-probabilities in another format. Reverse KL and JS
-    always use the renormalised reference.
+    always use the renormalised reference (for a KL base file: the decoded window renormalised,
+    whatever ``llamacpp`` says). The reverse KL against a llama.cpp KL base file is refused: the
+    file does not hold the reference's probabilities below its window, and KL(other ||
+    reference) is unbounded above over what it allows (see ``reverse`` below).
 
     Args:
         reference, other: paths to .npy / .safetensors / llama.cpp KL base files (recognised by
@@ -66,7 +69,11 @@ def compare(reference, other, *, tokens=None, reverse=False, js=False, skip_nan=
             (..., vocab). Row counts and vocabulary sizes must agree.
         tokens: the token that followed each row: a path (.npy or text) or an int array of
             length rows. Defaults to the tokens stored in a llama.cpp KL base file, if any.
-        reverse: also compute KL(other || reference) per token.
+        reverse: also compute KL(other || reference) per token. Not with a llama.cpp KL base
+            file as reference (ValueError): it keeps each row only within 16 nats of its largest
+            log-probability, so the reference's probability of the other tokens is unknown
+            (anything below the window's floor) and the reverse KL is unbounded above; decoded
+            as probability 0 it would be +inf on nearly every row of a real model.
         js: also compute the Jensen-Shannon divergence (beta = 1/2, nats; in the compiled kernel
             for float32 rows with finite logits, the core's cancellation-free float64 algebra
             for the others and for float64 inputs: full relative accuracy at any JS).
@@ -223,6 +230,14 @@ def _compare(ref, oth, tokens, reverse, js, skip_nan, threads, progress, chunk_r
                          f"{oth.n_rows}{hint}")
     if ref.n_rows == 0:
         raise ValueError(f"nothing to compare: {ref.name} and {oth.name} have no rows")
+    if reverse and ref.format == "llama.cpp-kld":
+        raise ValueError(
+            f"{names.get('reverse', 'reverse=True')}: {ref.name} is a llama.cpp KL base file, which keeps "
+            f"each row's log-probabilities only within 16 nats of its largest; KL(other || reference) "
+            f"needs the reference's probability of every token the other model gives mass to, and is "
+            f"unbounded above over the values below the window (decoded as probability 0 it is +inf on "
+            f"nearly every row). Use the reference's dense logits (.npy, .safetensors) for the reverse "
+            f"KL; the forward KL and the JS divergence ({names.get('js', 'js=True')}) are computed as usual")
     n, v = ref.n_rows, ref.n_vocab
     tok_name = names["tokens"]
     if tokens is None:
@@ -270,12 +285,21 @@ def _compare(ref, oth, tokens, reverse, js, skip_nan, threads, progress, chunk_r
                     if space == "logits" and src.format != "llama.cpp-kld":
                         _warn_if_probabilities(blk, src, opt)
             tb = None if tok is None else tok[s:e]
+            full = a  # the reference block that reverse KL and JS use (renormalised by the kernel)
             if llamacpp:
                 if s == 0 and ref.format != "llama.cpp-kld":
                     _warn_if_not_log_probs(a, ref)
+                if (reverse or js) and hasattr(ref, "read_stored"):  # the decoded window, not the floor
+                    full = _as_logits(ref.read(s, e), spaces[0], ref, s)
                 a, top, top_empty, lp_tok = _llamacpp_cut(a, tb)
-            r = K.row_stats(a, b, tokens=tb, reverse=reverse, js=js,
+            own = not llamacpp  # llama.cpp's cut reference serves its KL only
+            r = K.row_stats(a, b, tokens=tb, reverse=reverse and own, js=js and own,
                             threads=threads, force_fallback=force_fallback)
+            if not own and (reverse or js):
+                r2 = K.row_stats(full, b, reverse=reverse, js=js, threads=threads,
+                                 force_fallback=force_fallback)
+                r.rkl, r.js = r2.rkl, r2.js
+                r.status = r.status | r2.status
             bad = np.flatnonzero(r.status)
             if bad.size:
                 nan_only = (r.status[bad] & ~(K.NAN_REF | K.NAN_OTHER)) == 0
