@@ -65,22 +65,31 @@ twice, p_i (r_i - KL), is at a peaked row's top entry a tiny difference of two n
 size of KL (float32 logits of std 20: O(1) per row before); it is formed from the exact
 centred log-ratio (0 at p's mode) as a constant coefficient, and q - p likewise, so that
 autodiff subtracts nothing large (1e-6 per row at logits of std 5..40, or T = 0.05); huge-KL
-rows (log-ratios up to 1e38 in float32) included. Jeffreys rows with log-ratios beyond 20:
-the derivatives of the plain formula, assembled from the exact log-ratios centred by p and by
-q (``_jeffreys_far``), so that a row constant of 3e38 never rounds an O(1) gradient.
+rows (log-ratios up to 1e38 in float32) included. Jeffreys, every row: the derivatives of
+the plain formula, assembled from the exact log-ratios centred by p and by q
+(``_jeffreys_derivatives``), so that a row constant of 3e38 (log-ratios beyond 20) never
+rounds an O(1) gradient.
 Rows where a centred log-ratio c_i itself lies beyond finfo.max (inputs within a few times the
 float limit, or |x / T| beyond it: 6e38 at p_i = 1e-35, whose derivative p_i c_i is 6e3):
 reverse mode through the weights would carry c_i as a cotangent (inf, then inf times p_i);
 there p_i c_i / T reaches the raw inputs directly (``_wide_p_terms``, chosen per row from a
 sum the derivative route forms anyway: no extra pass on other rows).
 Second derivatives: those of the value (torch double backward, jax.hessian; Hessian-vector
-products), the routes above included (they are arranged so that their derivatives are the
-plain formula's). With respect to probabilities down to about 1e-30 (float32; 1e-290 in
-float64) they are finite and accurate (the logarithm of a tiny probability is taken at a scaled
-value, so that autodiff never squares it into 0). Below 16 / finfo.max (float32 subnormals),
-where 1/p overflows, KL and reverse KL take their derivatives on that row from the plain
-formula assembled so that autodiff never multiplies 1/p into p's graph: the Hessian's diagonal
-entry there is +inf (the true ~1e40, correctly rounded) and every other entry finite and right
+products), the routes above included (they are arranged so that their derivatives are the plain
+formula's). On peaked rows (float32: a mode whose probability rounds to 1) the largest entries,
+of the size of 1 - w_mode, would come from the weights' derivative at the mode, w(1-w) with 1-w
+rounded to 0: every product of differences that carries a second derivative is taken relative to
+each side's mode instead (``_anchored_sum``, and JS's log-ratio differential
+``_dlog_anchored``): 2e-6 per Hessian block against mpmath for every kind
+(``tests/test_core_hessian_peaked.py``; up to 6e-6 on a Jeffreys block 1/300 the size of the
+Hessian's largest entry; 1.0 before for forward KL d2/dq2, reverse KL d2/dp2, all of Jeffreys,
+JS's mixed blocks on far rows). With respect to probabilities down to about 1e-30 (float32;
+1e-290 in float64) they are finite and accurate (the logarithm of a tiny probability is taken at
+a scaled value, so that autodiff never squares it into 0). Below 16 / finfo.max (float32
+subnormals), where 1/p overflows, KL and reverse KL take their derivatives on that row from the
+plain formula assembled so that autodiff never multiplies 1/p into p's graph: the Hessian's
+diagonal entry there is +inf (the true ~1e40, correctly rounded) and every other entry finite
+and right
 (torch; not under tracing: jax.jit, torch.compile, where the rows cannot be known). JS likewise
 (``_js_subnormal_second``: the surrogate's first derivatives, the second derivatives of the
 entropy form from x log x; right where the mixture beta p_i + (1 - beta) q_i is a normal
@@ -122,7 +131,7 @@ from dataclasses import dataclass, replace
 from . import dispatch as _dispatch
 from . import options as _options
 from . import validation as V
-from ._xp import (as_array, const, is_concrete, is_jax_array, logsumexp, namespace,
+from ._xp import (as_array, const, device, is_concrete, is_jax_array, logsumexp, namespace,
                   nonpositive, quiet, scaled_unflushed, stop_gradient, subnormal, wide_float,
                   xlogx)
 from .reduction import broadcast_rows, reduce_rows
@@ -765,8 +774,11 @@ def _kl_derivatives(xp, P: _Side, Q: _Side, T, wn, dcq, dc, mean_d, kl, escapes)
     g = g + xp.sum(xp.where(sq, coef * dy, zero), axis=-1)
     dl = _dlog(xp, P, pos) - _dlog(xp, Q, pos)
     dq = Q.w - stop_gradient(Q.w)
-    g = g + 0.5 * (xp.sum(xp.where(pos, dw * dl, zero), axis=-1)
-                   + xp.sum(xp.where(sq, (dq - dw) * dy, zero), axis=-1))
+    # sum dw_i (dl_i - dy_i) + sum dq_j dy_j, each anchored at its side's mode (_anchored_sum:
+    # the weights' derivative there, 1 - w_top, is not formed)
+    wsup = T if jax_probs else pos
+    g = g + 0.5 * (_anchored_sum(xp, dw, dl - xp.where(T, dy, zero), wn, wsup)
+                   + _anchored_sum(xp, dq, xp.where(sq, dy, zero), Q.w, sq))
     # g is 0 in value: the value is kl itself, +inf on a row whose true KL exceeds the float
     # range (its derivatives are still the finite, exact ones); a row where p escapes (p_i > 0
     # = q_i: +inf for a structural reason) or that holds a nan keeps a zero derivative. The
@@ -877,6 +889,51 @@ def _freeze_rows(xp, S: _Side, rows):
                    norm=f(S.norm))
 
 
+def _mode(xp, w, where):
+    """A one-hot mask of each row's largest ``w`` on ``where`` (the first of ties)."""
+    v = stop_gradient(xp.where(where, w, const(xp, -math.inf, w)))
+    idx = xp.argmax(v, axis=-1, keepdims=True)
+    return xp.arange(w.shape[-1], device=device(w)) == idx
+
+
+def _dlog_anchored(xp, S: _Side):
+    """0 in value, the differential of the side's normalised log-probabilities in derivative
+    (as ``_dlog``, on the support) with the mode k's coefficient in its own entry formed as
+    the others' mass: dlog w_k = r draw_k / T - sum_{j != k} w_j draw_j / T, r = sum_{j != k}
+    w_j, and dlog w_i = draw_i / T - w_k draw_k / T - sum_{j != k} w_j draw_j / T elsewhere,
+    so that the entry at a saturated mode, (1 - w_k) / T, keeps its digits (as a sum of
+    cotangents 1 - w_k would round to 0). For products of differences (second derivatives
+    only): its own derivative is first order, w a constant."""
+    where = S.support
+    zero = xp.zeros_like(S.raw)
+    raw = xp.where(where, S.raw, zero)
+    d = raw - stop_gradient(raw)
+    if S.temperature != 1.0:
+        d = d / S.temperature
+    top = _mode(xp, S.w, where)
+    w = stop_gradient(xp.where(where, S.w, zero))
+    rest = where & ~top
+    r = xp.sum(xp.where(rest, w, zero), axis=-1, keepdims=True)
+    wk = xp.sum(xp.where(top, w, zero), axis=-1, keepdims=True)
+    dk = xp.sum(xp.where(top, d, zero), axis=-1, keepdims=True)
+    mean = xp.sum(xp.where(rest, w * d, zero), axis=-1, keepdims=True)
+    return xp.where(top, r * d - mean, xp.where(where, d - wk * dk - mean, zero))
+
+
+def _anchored_sum(xp, dw, a, w, where):
+    """sum_i dw_i a_i over ``where`` (dw = w - stop_gradient(w), w summing to 1 there; a a
+    zero-valued differential), as sum_{i != k} dw_i (a_i - a_k), k the row's mode of w: equal in
+    math (sum dw = 0), and the derivative of w_k, formed by autodiff as w_k (1 - w_k) with
+    1 - w_k rounded (0 on a peaked float32 row), never enters. 0 in value and first derivative;
+    its second derivative is the product of the two (a peaked row's largest Hessian entries,
+    of the size of 1 - w_k)."""
+    zero = xp.zeros_like(dw)
+    top = _mode(xp, w, where)
+    a = xp.where(where, a, zero)
+    ak = xp.sum(xp.where(top, a, zero), axis=-1, keepdims=True)
+    return xp.sum(xp.where(where & ~top, dw * (a - ak), zero), axis=-1)
+
+
 def _dlog(xp, S: _Side, where):
     """0 in value, the differential of the side's normalised log-probabilities in derivative
     (d raw / T - d norm), on ``where``: unlike ``S.lw``, not cut off by the clamp at
@@ -980,7 +1037,7 @@ def _log1p_cexp(xp, c, d):
     return xp.where(lo, small, large)
 
 
-def _js_surrogate(xp, P, Q, pr, y, z, beta):
+def _js_surrogate(xp, P, Q, T, d, dd, y, z, beta):
     """A function with the derivatives (first, second, ...) of JS_beta, formed so that the
     first derivative keeps full relative accuracy on far, nearly disjoint rows.
 
@@ -1000,13 +1057,11 @@ def _js_surrogate(xp, P, Q, pr, y, z, beta):
     each of the size of p_i q_i / m_i and cancel to that relative accuracy; differentiated again
     they give the Hessian of JS exactly (the function is JS plus a constant).
     """
-    T = pr.common
-    d = pr.d
     zero = xp.zeros_like(d)
     u = xp.where(T, _log1p_cexp(xp, (1 - beta) / beta, xp.where(T, d, zero)), zero)
     v = xp.where(T, _log1p_cexp(xp, beta / (1 - beta), -xp.where(T, d, zero)), zero)
 
-    def side(w, s, t, off):
+    def side(w, sup, s, t, off, ds):
         s = xp.where(T, s, const(xp, off, s))  # log(m/p) = log(beta) off T (where q = 0)
         ks = stop_gradient(xp.sum(w * s, axis=-1, keepdims=True))
         kt = stop_gradient(xp.sum(w * t, axis=-1, keepdims=True))
@@ -1014,13 +1069,18 @@ def _js_surrogate(xp, P, Q, pr, y, z, beta):
         # first derivative: dw_i c_i only (c a constant); the w_i dc_i terms of the two sides
         # cancel in math (to eps * p_i, all of the gradient on close rows: 1e-4 per row in
         # float32) and are left out; second derivative: dw_i dc_i from the product of two
-        # zero-valued differences, whose first derivative is exactly 0
-        cs = stop_gradient(c)
-        return xp.sum(w * cs, axis=-1) + 0.5 * xp.sum(
-            (w - stop_gradient(w)) * (c - cs), axis=-1)
+        # zero-valued differences, whose first derivative is exactly 0, with dc_i = ds_i (the
+        # constant coefficient times the anchored dd). Both anchored at the side's mode
+        # (_anchored_sum: a peaked row's w_k (1 - w_k) is not formed)
+        dw = w - stop_gradient(w)
+        return (_anchored_sum(xp, dw, stop_gradient(c), w, sup)
+                + 0.5 * _anchored_sum(xp, dw, ds, w, sup))
 
-    return (-beta * side(P.w, y, u, math.log(beta))
-            - (1 - beta) * side(Q.w, z, v, math.log1p(-beta)))
+    # d log(m/p) = (1 - beta) q/m dd = (1 - beta) e^(d - y) dd, d log(m/q) = -beta e^(-d - z) dd
+    kp = stop_gradient(xp.where(T, (1 - beta) * xp.exp(xp.where(T, d - y, zero)), zero))
+    kq = stop_gradient(xp.where(T, -beta * xp.exp(xp.where(T, -d - z, zero)), zero))
+    return (-beta * side(P.w, P.support, y, u, math.log(beta), kp * dd)
+            - (1 - beta) * side(Q.w, Q.support, z, v, math.log1p(-beta), kq * dd))
 
 
 def _plogp_second(xp, S: _Side):
@@ -1066,26 +1126,30 @@ def _js_subnormal_second(xp, P: _Side, Q: _Side, beta):
             - xp.sum(km, axis=-1))
 
 
-def _jeffreys_far(xp, P, Q, pr, val):
-    """``(val, g)``: ``val`` (Jeffreys' divergence) with the first derivatives of the plain
-    formula, formed from centred log-ratios, on rows where some |log(q_i / p_i)| with mass
-    exceeds 20; ``g`` carries them alone (0 in value; None where no row is far).
+def _jeffreys_derivatives(xp, P, Q, pr, val):
+    """``(val, g)``: ``val`` (Jeffreys' divergence) with the first and second derivatives of the
+    plain formula, formed from log-ratios anchored at each side's mode; ``g`` carries them alone
+    (0 in value).
 
-    There d carries a large row constant (up to ~1e38 in float32: logits of 3e38 on one side),
-    and autodiff of sum (q - p) d would see its rounding (eps |d|) in every entry, where the
-    gradient is O(1) (mass far below the other side's maximum). With r = log p - log q,
+    Autodiff of the value's own formula meets two cancellations. On rows where some
+    |log(q_i / p_i)| with mass exceeds 20, d carries a large row constant (up to ~1e38 in
+    float32: logits of 3e38 on one side) whose rounding (eps |d|) would enter every entry of an
+    O(1) gradient (mass far below the other side's maximum). On peaked rows (float32: a mode of
+    probability 1 in the dtype) the weights' derivative at the mode, w_k (1 - w_k), rounds to 0,
+    and with it the Hessian's largest entries (per-block relative error 1 before). With
+    r = log p - log q,
         dJ = sum dp_i (r_i - E_p r) - sum dq_i (r_i - E_q r) + sum (p_i - q_i) dr_i,
-    r - E_p r from p's exact centred log-ratio (``_pair``), r - E_q r from the log-ratio
-    anchored at q's mode (``_log_delta`` the other way round), constants to autodiff; q - p as
-    p expm1(d) where |d| < 1. Rows where a centred log-ratio is beyond the float range (logits
-    near the float limit: J itself may overflow to +inf, its derivatives are finite) take the
-    first two sums as ``_wide_p_terms`` does. Second derivatives: those of J (checked against
-    torch.autograd's Hessian of the float64 textbook formula)."""
+    r - E_p r from p's exact centred log-ratio (``_pair``: 0 at p's mode up to E_p), r - E_q r
+    from the log-ratio anchored at q's mode (``_log_delta`` the other way round), constants to
+    autodiff; q - p as p expm1(d) where |d| < 1. Rows where a centred log-ratio is beyond the
+    float range (logits near the float limit: J itself may overflow to +inf, its derivatives
+    are finite) take the first two sums as ``_wide_p_terms`` does. Second derivatives:
+        d2J = sum d2p_i (r_i - E_p r) - sum d2q_i (r_i - E_q r) + 2 sum (dp_i - dq_i) dr_i
+    (dr's own second derivative sums to 0 against p - q, for log-space inputs), the first two
+    from the constants above (their entry at the mode is E_p's small size), the last from a
+    product of zero-valued differences anchored at each side's mode (``_anchored_sum``)."""
     T = pr.common
     zero = xp.zeros_like(pr.d)
-    far = xp.any(T & ((P.w > 0) | (Q.w > 0)) & (xp.abs(pr.d) > 20.0), axis=-1)
-    if is_concrete(far) and not bool(xp.any(far)):
-        return val, None
     pp = T & (P.w > 0)
     qq = T & (Q.w > 0)
     cp4 = stop_gradient(xp.where(pp, -pr.dcq, zero))  # r - E_p r in units (_to_true)
@@ -1094,29 +1158,27 @@ def _jeffreys_far(xp, P, Q, pr, val):
     else:
         rq = _log_delta_mixed(xp, Q, P, T)[0]  # log(p/q) in units, anchored at q's mode
     rq = stop_gradient(xp.where(qq, rq, zero))
-    mq = xp.sum(xp.where(qq, Q.w, zero) * rq, axis=-1, keepdims=True) / xp.sum(
-        xp.where(qq, Q.w, zero), axis=-1, keepdims=True)
+    wq = xp.where(qq, Q.w, zero)
+    sq = xp.sum(wq, axis=-1, keepdims=True)
+    mq = xp.sum(wq * rq, axis=-1, keepdims=True) / xp.where(sq > 0, sq, xp.ones_like(sq))
     cq4 = stop_gradient(xp.where(qq, mq - rq, zero))  # E_q r - r in units
     near = T & (xp.abs(pr.d) < 1)
     qmp = xp.where(near, P.w * xp.expm1(xp.where(near, pr.d, zero)), Q.w - P.w)
     dr = _dlog(xp, P, T) - _dlog(xp, Q, T)
-    # the coefficient of dr: the accurate p - q in value, dp - dq in derivative (the second
-    # derivative's (dp - dq) dr terms; with the centred log-ratios constants, d2J is whole)
-    pmq = P.w - Q.w
-    k = -stop_gradient(qmp) + (pmq - stop_gradient(pmq))
     dwp = P.w - stop_gradient(P.w)
     dwq = Q.w - stop_gradient(Q.w)
     # +-inf beyond the float range: the sums below are nan there
     cp, cq = _to_true(cp4, P.temperature), _to_true(cq4, P.temperature)
-    gp = xp.sum(dwp * cp, axis=-1)
-    gq = xp.sum(dwq * cq, axis=-1)
+    gp = _anchored_sum(xp, dwp, cp, P.w, pp)
+    gq = _anchored_sum(xp, dwq, cq, Q.w, qq)
     wide = xp.isnan(gp) | xp.isnan(gq)
     if not is_concrete(wide) or bool(xp.any(wide)):
         gp = _wide_p_terms(xp, P, pp, P.w, cp4, cp, dwp, wide)
         gq = _wide_p_terms(xp, Q, qq, Q.w, cq4, cq, dwq, wide)
-    g = gp + gq + xp.sum(xp.where(T, k * dr, zero), axis=-1)
-    g = xp.where(far, g, xp.zeros_like(g))
-    return xp.where(far, stop_gradient(val) + g, val), g
+    # the coefficient of dr: the accurate p - q (first derivative), and dp - dq (second)
+    g = (gp + gq - xp.sum(xp.where(T, stop_gradient(qmp) * dr, zero), axis=-1)
+         + _anchored_sum(xp, dwp, dr, P.w, T) - _anchored_sum(xp, dwq, dr, Q.w, T))
+    return stop_gradient(val) + g, g
 
 
 def _rows(kind, xp, P, Q, beta):
@@ -1148,13 +1210,12 @@ def _rows(kind, xp, P, Q, beta):
         escapes = pr.p_escapes | pr.q_escapes
         over = val >= xp.finfo(val.dtype).max  # as in _pair: the true value overflows
         if _may_differentiate(P.x) or _may_differentiate(Q.x):
-            # a row that overflows keeps the exact derivatives (_jeffreys_far: such rows are
-            # far); a row that escapes (+inf for a structural reason) a zero derivative
-            val, g = _jeffreys_far(xp, P, Q, pr, val)
-            if g is not None:
-                carry = over & ~escapes & ~xp.isnan(g)
-                val = xp.where(carry, inf + g, xp.where(escapes | over, inf, val))
-                return val + pr.nan_rows
+            # a row that overflows keeps the exact derivatives (_jeffreys_derivatives); a row
+            # that escapes (+inf for a structural reason) a zero derivative
+            val, g = _jeffreys_derivatives(xp, P, Q, pr, val)
+            carry = over & ~escapes & ~xp.isnan(g)
+            val = xp.where(carry, inf + g, xp.where(escapes | over, inf, val))
+            return val + pr.nan_rows
         return xp.where(escapes | over, inf, val) + pr.nan_rows
     if kind == "js":
         y = _log_mix(xp, 1.0 - beta, pr.d, beta)  # log(m/p) on T
@@ -1165,8 +1226,12 @@ def _rows(kind, xp, P, Q, beta):
         val = beta * xp.sum(tp, axis=-1) + (1 - beta) * xp.sum(tq, axis=-1)
         val = val - beta * math.log(beta) * pr.p_out - (1 - beta) * math.log1p(-beta) * pr.q_out
         if _may_differentiate(P.x) or _may_differentiate(Q.x):
-            # the value as it is, the derivatives (of every order) from _js_surrogate
-            g = _js_surrogate(xp, P, Q, pr, y, z, beta)
+            # the value as it is, the derivatives (of every order) from _js_surrogate; the
+            # log-ratio's differential anchored at each side's mode (_dlog_anchored)
+            Pf, Qf = (P, Q) if sub is None else (_freeze_rows(xp, P, sub),
+                                                 _freeze_rows(xp, Q, sub))
+            dd = xp.where(pr.common, _dlog_anchored(xp, Qf) - _dlog_anchored(xp, Pf), zero)
+            g = _js_surrogate(xp, P, Q, pr.common, pr.d, dd, y, z, beta)
             if sub is not None:  # second derivatives on these rows: _js_subnormal_second
                 g = g + xp.where(sub, _js_subnormal_second(xp, P, Q, beta), xp.zeros_like(g))
             val = stop_gradient(val) + (g - stop_gradient(g))
