@@ -1314,6 +1314,72 @@ def _js_log_mix(A, C, dd, d, c):
     return (y - y.detach()) + w
 
 
+def _span(v, it, S):
+    """Per row: the spread of the finite entries of v on S, divided by T (+inf where it
+    overflows)."""
+    lo = torch.where(S, v, torch.full_like(v, math.inf)).amin(-1)
+    hi = torch.where(S, v, torch.full_like(v, _NINF)).amax(-1)
+    return torch.where(lo <= hi, (hi - lo) * it, torch.zeros_like(lo))
+
+
+def _wide_rows(x, y, spec, it):
+    """Whether some row's log-space differences leave the float range: a side's spread, or the
+    two sides' difference, divided by T (float32 logits of +-3e38, finfo.min masks at T < 1).
+    The differentiable formulas below anchor each side at its mode and difference the sides
+    there; on such rows they meet inf - inf (a whole Hessian row of nan under create_graph).
+    Known without tracing only; under tracing (torch.compile) False."""
+    if not _concrete(x):
+        return False
+    with torch.no_grad():
+        x, y = x.detach(), y.detach()
+        wide = None
+        for v, space in ((x, spec.p_space), (y, spec.q_space)):
+            if space != "probs":
+                S = torch.isfinite(v)
+                w = ~torch.isfinite(_span(v, it, S))
+                wide = w if wide is None else wide | w
+        if spec.p_space != "probs" and spec.q_space != "probs":
+            S = torch.isfinite(x) & torch.isfinite(y)
+            w = ~torch.isfinite(_span(y - x, it, S))
+            wide = w if wide is None else wide | w
+        return wide is not None and bool(wide.any())
+
+
+def _concrete(x):
+    try:
+        return not torch.compiler.is_compiling()
+    except AttributeError:  # pragma: no cover - older torch
+        return True
+
+
+def _core_grads(spec, x, y, s, keep, need_p, need_q):
+    """The gradients of sum_r s_r rows_r from the core's rows (``divergence_rows``), in
+    differentiable operations (create_graph): for batches with a row that ``_wide_rows``
+    flags, where the core's exact log-ratio (TwoSum, in units of min(T, 1) / 4) keeps the
+    first and second derivatives finite and right."""
+    from .._core._xp import namespace
+    from .._core.divergence import divergence_rows
+
+    with torch.enable_grad():
+        xin = x if (not need_p or x.requires_grad) else x.detach().requires_grad_()
+        yin = y if (not need_q or y.requires_grad) else y.detach().requires_grad_()
+        rows = divergence_rows(spec.kind, namespace(xin), xin, yin, spec.p_space, spec.q_space,
+                               spec.T, spec.beta)
+        if keep is not None:
+            s = torch.where(keep, s, torch.zeros((), dtype=s.dtype, device=s.device))
+        wrt = [v for v, need in ((xin, need_p), (yin, need_q)) if need]
+        got = list(torch.autograd.grad((rows * s).sum(), wrt, create_graph=True,
+                                       allow_unused=True))
+    out = []
+    for v, need in ((xin, need_p), (yin, need_q)):
+        if not need:
+            out.append(None)
+            continue
+        g = got.pop(0)
+        out.append(torch.zeros_like(v) if g is None else g)
+    return out[0], out[1]
+
+
 def _grads_torch(spec, pm, qm, s, keep, need_p, need_q):
     """Gradients of sum_r s_r rows_r with respect to p and q, in differentiable operations."""
     n, V = spec.n, spec.V
@@ -1321,6 +1387,8 @@ def _grads_torch(spec, pm, qm, s, keep, need_p, need_q):
     x = pm.reshape(n, V).to(spec.dtype)
     y = qm.reshape(n, V).to(spec.dtype)
     x, y = _safe_rows(x, y, keep, spec)
+    if _wide_rows(x, y, spec, it):
+        return _core_grads(spec, x, y, s, keep, need_p, need_q)
     P = _side(x, spec.p_space, it)
     Q = _side(y, spec.q_space, it)
     C = P.S & Q.S
