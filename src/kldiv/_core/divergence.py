@@ -110,11 +110,11 @@ JAX: XLA on CPU reads subnormal operands as 0 (float32 and float64, in arithmeti
 comparisons). Probabilities are read from their bits there (``_xp.nonpositive``, ``_xp.
 scaled_unflushed``: the support, log x, the near-ratio test), so a subnormal q_i against a
 normal p_i is the finite KL it is (50.95 for p = [0.5, 0.5], q = [1, 1e-45]; was +inf), and
-KL's and reverse KL's first derivatives at a subnormal probability are formed without a
-flushed intermediate (``tests/test_jax_subnormal_probs.py``). Left on JAX: a result or a
-derivative that is itself subnormal is 0; Jeffreys' derivative at a subnormal entry is off
-(autodiff forms (q_i - p_i) / p_i through the flushed difference); Hessians at a subnormal
-entry are not covered there.
+KL's, reverse KL's and Jeffreys' first derivatives at a subnormal probability are formed
+without a flushed intermediate (Jeffreys: the weights' derivative from x / z, and (p_i - q_i)
+d log(p_i / q_i) at an entry subnormal on both sides from -expm1(+-d_i) / z per side;
+``tests/test_jax_subnormal_probs.py``). Left on JAX: a result or a derivative that is itself
+subnormal is 0; Hessians at a subnormal entry are not covered there.
 No finite input gives a nan or a negative value. A nan in an unmasked row (``validate=False``)
 makes that row's value nan.
 
@@ -1150,8 +1150,13 @@ def _jeffreys_derivatives(xp, P, Q, pr, val):
     product of zero-valued differences anchored at each side's mode (``_anchored_sum``)."""
     T = pr.common
     zero = xp.zeros_like(pr.d)
-    pp = T & (P.w > 0)
-    qq = T & (Q.w > 0)
+    # JAX probabilities (T = 1): XLA on CPU reads a subnormal weight as 0 in comparisons and
+    # arithmetic, yet it carries an O(1) derivative (1e-42 against 4e-42: (r_i - E r + 1 -
+    # q_i / p_i) / z): such a side takes every entry of T, and the weights' derivative from x / z
+    jp = P.m is None and P.space == "probs" and is_jax_array(P.w)
+    jq = Q.m is None and Q.space == "probs" and is_jax_array(Q.w)
+    pp = T if jp else T & (P.w > 0)
+    qq = T if jq else T & (Q.w > 0)
     cp4 = stop_gradient(xp.where(pp, -pr.dcq, zero))  # r - E_p r in units (_to_true)
     if P.m is None and Q.m is None:  # probabilities: |d| <= 745, no row constant to fear
         rq = -pr.dq
@@ -1165,8 +1170,10 @@ def _jeffreys_derivatives(xp, P, Q, pr, val):
     near = T & (xp.abs(pr.d) < 1)
     qmp = xp.where(near, P.w * xp.expm1(xp.where(near, pr.d, zero)), Q.w - P.w)
     dr = _dlog(xp, P, T) - _dlog(xp, Q, T)
-    dwp = P.w - stop_gradient(P.w)
-    dwq = Q.w - stop_gradient(Q.w)
+    dwp = _dweights(xp, P) if jp else P.w - stop_gradient(P.w)
+    dwq = _dweights(xp, Q) if jq else Q.w - stop_gradient(Q.w)
+    # entries of T subnormal on both sides, where q - p (subnormal) is flushed to 0
+    sub = T & subnormal(P.x) & subnormal(Q.x) if jp and jq else None
     # +-inf beyond the float range: the sums below are nan there
     cp, cq = _to_true(cp4, P.temperature), _to_true(cq4, P.temperature)
     gp = _anchored_sum(xp, dwp, cp, P.w, pp)
@@ -1176,9 +1183,43 @@ def _jeffreys_derivatives(xp, P, Q, pr, val):
         gp = _wide_p_terms(xp, P, pp, P.w, cp4, cp, dwp, wide)
         gq = _wide_p_terms(xp, Q, qq, Q.w, cq4, cq, dwq, wide)
     # the coefficient of dr: the accurate p - q (first derivative), and dp - dq (second)
-    g = (gp + gq - xp.sum(xp.where(T, stop_gradient(qmp) * dr, zero), axis=-1)
+    keep = T if sub is None else T & ~sub
+    g = (gp + gq - xp.sum(xp.where(keep, stop_gradient(qmp) * dr, zero), axis=-1)
          + _anchored_sum(xp, dwp, dr, P.w, T) - _anchored_sum(xp, dwq, dr, Q.w, T))
+    if sub is not None:
+        # (p_j - q_j) dr_j at such an entry, with dr_j = dx_j / x_j - dy_j / y_j (the
+        # normalisers' part, (p_j - q_j) times O(1), is subnormal): autodiff forms it as a
+        # flushed p_j - q_j times 1 / x_j (0 before). Its coefficients, (p_j - q_j) / x_j =
+        # -expm1(d_j) / z_x and -(p_j - q_j) / y_j = -expm1(-d_j) / z_y (d = log q/p), are O(1)
+        # or overflow to +-inf (as h * h, h = e^(|d| / 2): the product forms in the derivative
+        # only, and the value stays 0)
+        d = xp.where(sub, pr.d, zero)
+        g = g + _sub_term(xp, P, sub, d) + _sub_term(xp, Q, sub, -d)
     return stop_gradient(val) + g, g
+
+
+def _dweights(xp, S: _Side):
+    """0 in value, the differential of a JAX probability side's weights as x / z (z the row sum
+    on the support): XLA flushes a subnormal weight, and its derivative, to 0."""
+    zero = xp.zeros_like(S.x)
+    xt = xp.where(S.support, S.x, zero)
+    zt = xp.sum(xt, axis=-1, keepdims=True)
+    wx = xt / xp.where(zt > 0, zt, xp.ones_like(zt))
+    return wx - stop_gradient(wx)
+
+
+def _sub_term(xp, S: _Side, sub, d):
+    """0 in value, sum_j -expm1(d_j) dx_j / z over ``sub`` (x the side's probabilities, z their
+    row sum on the support), +-inf in derivative where the coefficient overflows."""
+    zero = xp.zeros_like(S.x)
+    xt = xp.where(sub, S.x, zero)
+    z = stop_gradient(xp.sum(xp.where(S.support, S.x, zero), axis=-1, keepdims=True))
+    z = xp.where(z > 0, z, xp.ones_like(z))
+    big = sub & (d > 40.0)
+    h = stop_gradient(xp.exp(xp.where(big, 0.5 * d, zero)))
+    rho = -xp.expm1(xp.where(sub & ~big, d, zero))
+    rho = stop_gradient(xp.where(big, -h, rho) / z)
+    return xp.sum(xp.where(sub, (rho * (xt - stop_gradient(xt))) * h, zero), axis=-1)
 
 
 def _rows(kind, xp, P, Q, beta):
