@@ -432,6 +432,10 @@ def evaluate(reference, candidates, *, tokens=None, text=None, ctx=None, chunks=
                         r = SimpleNamespace(kl=vals["kl"], logz_ref=vals["logz_ref"], top_ref=vals["top_ref"])
                         vals["kl"] = _llamacpp_rows(r, top, top_empty)
                         vals["lp_ref"] = lp_tok.copy()
+                        # reverse KL and JS on the renormalised reference (the decoded window), as
+                        # kldiv compare: llama.cpp's cut reference serves its KL only
+                        full = row_values(a, b, topk=(), threads=threads, names=(ref.name, cand.name))
+                        vals["reverse_kl"], vals["js"] = full["reverse_kl"], full["js"]
                     elif floor is not None:  # llama.cpp's stored value for a token below the window
                         low = vals["lp_ref"] == -np.inf
                         vals["lp_ref"][low] = floor[low]
