@@ -1360,6 +1360,10 @@ _COMMON_DOC = """
         to each side (None: that side untouched); a value for a probabilities or
         log-probabilities side is refused. -inf (masked categories) stays -inf. softcap must
         be positive and finite, logit_scale finite and nonzero. Gradients flow through.
+        The transform is computed in the input's dtype, as the model's forward does: in
+        float32 the transformed logits carry about ulp(softcap) each, so two sides within
+        |delta| of each other give about 1e-7 * softcap / |delta| relative (1e-11 / KL for
+        softcap 30); pass float64 logits where a KL below ~1e-5 must be exact.
       vocab_size: keep only the first ``vocab_size`` categories of both sides (whose widths
         may then differ: 151936 against 152064), each side renormalised over them. A
         log-probabilities side is cut and renormalised like logits; a probabilities side must

@@ -18,14 +18,6 @@ else runs (checks, fast paths, the core), so every backend sees the same transfo
    category) stays -inf: the cap bounds finite scores and never unmasks a category. The
    distillation temperature of the divergence divides afterwards (the model's output first,
    then the distillation's temperature). Gradients (first and second order) flow through.
-   With ``apply_options(wide=True)`` (what the divergences call) float32 and half logits are
-   transformed in float64 where the namespace computes in it and the divergence is cast back
-   to the inputs' dtype: a transformed side rounded to float32 would carry half an ulp of the
-   capped value into the core's difference of the two sides (6e-3 relative at KL = 1e-9 with
-   ``softcap=30``), in float64 the float32 accuracy of close rows holds (3e-8 relative, per-row
-   gradients 4e-8, against 40-digit mpmath: tests/test_softcap_close.py). The cost is the
-   float64 divergence of those calls (about 2x on CPU); JAX without ``jax_enable_x64`` and
-   torch on MPS stay float32 (about ``ulp(cap) / |b - a|`` relative).
 3. ``labels`` with ``ignore_index`` (default -100, as torch's ``cross_entropy``): rows whose
    label equals ``ignore_index`` are masked, exactly as with ``mask`` (and together with it).
 
@@ -41,9 +33,9 @@ import math
 import numbers
 
 from . import validation as V
-from ._xp import as_array, const, is_concrete, namespace, wide_float
+from ._xp import as_array, const, is_concrete, namespace
 
-__all__ = ["apply_options", "check_per_side", "check_vocab_size", "check_ignore_index", "narrow"]
+__all__ = ["apply_options", "check_per_side", "check_vocab_size", "check_ignore_index"]
 
 _WHAT = {
     "softcap": "a positive finite number",
@@ -140,44 +132,11 @@ def cap(xp, x, softcap=None, logit_scale=None):
 _array = as_array
 
 
-def _promote(xp, x, wide=False):
-    """The dtype a side is transformed in: half precision in float32 (the core computes in
-    float32); with ``wide``, float32 and half in float64 where the namespace computes in it
-    (``wide_float``: not JAX without x64, not torch on MPS).
-
-    Why float64: the core differences the two sides (``b' - a'``, exact for raw float32
-    inputs), and a transformed side rounded to float32 carries half an ulp of the capped value
-    (1e-6 at 30) into every difference: 6e-3 relative error in a KL of 1e-9 whose logits differ
-    by 1e-4. In float64 the transformed values keep the float32 inputs' information (1e-16
-    relative) and the result is cast back to the inputs' dtype by the caller
-    (:func:`narrow`).
-    """
-    bits = xp.finfo(x.dtype).bits
-    if wide and bits < 64:
-        dt = wide_float(xp, x)
-        if dt is not None:
-            return xp.astype(x, dt)
-    if bits < 32:
+def _promote(xp, x):
+    """Half-precision inputs are transformed in float32 (the core computes in float32)."""
+    if xp.finfo(x.dtype).bits < 32:
         return xp.astype(x, xp.float32)
     return x
-
-
-def result_dtype(xp, p, q):
-    """The dtype of a divergence of ``p`` and ``q``: their promoted dtype, at least float32."""
-    dt = xp.result_type(p.dtype, q.dtype)
-    return xp.float32 if xp.finfo(dt).bits < 32 else dt
-
-
-def narrow(out, dtype):
-    """``out`` (a divergence computed on sides widened by ``apply_options(wide=True)``) cast
-    back to ``dtype``; ``dtype`` None: ``out`` as it is. NumPy scalars stay NumPy scalars."""
-    if dtype is None or out.dtype == dtype:
-        return out
-    import numpy as np
-
-    if isinstance(out, np.generic):
-        return out.astype(dtype)
-    return namespace(out).astype(out, dtype)
 
 
 def _cut(x, ax, n):
@@ -228,14 +187,9 @@ def _mass_beyond(xp, x, ax, n, name, eps, keep):
 
 def apply_options(p, q, *, p_space, q_space, axis, mask, softcap=None, logit_scale=None,
                   vocab_size=None, labels=None, ignore_index=None, validate=None,
-                  names=("p", "q"), wide=False):
+                  names=("p", "q")):
     """Transform ``p``, ``q`` and ``mask`` by the options; returns ``(p, q, p_space, q_space,
-    mask)`` for the divergence proper (see the module docstring for the semantics).
-
-    ``wide=True``: a side that ``softcap`` / ``logit_scale`` transforms is transformed in
-    float64 when its dtype is narrower (see :func:`_promote`), and a sixth value is returned:
-    the dtype the divergence must be cast back to (:func:`narrow`), None when nothing was
-    widened."""
+    mask)`` for the divergence proper (see the module docstring for the semantics)."""
     from array_api_compat import is_array_api_obj
 
     V.check_option(f"{names[0]}_space", p_space, V.SPACES)
@@ -255,7 +209,7 @@ def apply_options(p, q, *, p_space, q_space, axis, mask, softcap=None, logit_sca
     ndim = max(p.ndim, q.ndim, 1)
     ax_p, ax_q = _axis_of(p, axis, ndim), _axis_of(q, axis, ndim)
     if ax_p is None or ax_q is None:  # the divergence reports the axis or the scalar
-        return (p, q, p_space, q_space, mask) + ((None,) if wide else ())
+        return p, q, p_space, q_space, mask
     if labels is not None:
         if not xp.isdtype(labels.dtype, "integral"):
             raise TypeError(f"labels: expected an integer array, got dtype {labels.dtype}")
@@ -288,13 +242,8 @@ def apply_options(p, q, *, p_space, q_space, axis, mask, softcap=None, logit_sca
         if q.shape[ax_q] > vocab_size:
             q = _cut(q, ax_q, vocab_size)
             q_space = "logits" if q_space == "log_probs" else q_space
-    out_dtype = result_dtype(xp, p, q) if wide else None
     if sc[0] is not None or ls[0] is not None:
-        p = cap(xp, _promote(xp, p, wide), sc[0], ls[0])
+        p = cap(xp, _promote(xp, p), sc[0], ls[0])
     if sc[1] is not None or ls[1] is not None:
-        q = cap(xp, _promote(xp, q, wide), sc[1], ls[1])
-    if not wide:
-        return p, q, p_space, q_space, mask
-    if result_dtype(xp, p, q) == out_dtype:
-        out_dtype = None  # nothing widened: no cast afterwards
-    return p, q, p_space, q_space, mask, out_dtype
+        q = cap(xp, _promote(xp, q), sc[1], ls[1])
+    return p, q, p_space, q_space, mask
