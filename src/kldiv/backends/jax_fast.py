@@ -368,9 +368,10 @@ def _centred_jvp(primals, tangents):
 
 
 @jax.custom_jvp
-def _normalised(z, zs):
-    """e^z / zs, a softmax of ``z`` per row when ``zs = sum e^z`` (so it is called)."""
-    return lax.div(lax.exp(z), zs)
+def _normalised(z, rzs):
+    """e^z / zs given ``rzs = 1 / zs``, a softmax of ``z`` per row when ``zs = sum e^z`` (so it
+    is called). (XLA forms e^z / zs as e^z times the reciprocal anyway.)"""
+    return lax.mul(lax.exp(z), rzs)
 
 
 @_normalised.defjvp
@@ -405,14 +406,19 @@ def _kl_parts_jvp(temperature, refine, primals, tangents):
     huge = lax.gt(delta, _k(0.0, delta))
     # the value's own expressions (XLA computes them once)
     ex = lax.exp(x)
-    p = _normalised(x, zx_)  # 0 off p's support
+    # the reciprocals of both normalisers in one row-level kernel (XLA gives each division of
+    # a row value a kernel of its own)
+    rec = lax.div(_k(1.0, zx_), lax.concatenate([zx_, _col(zq)], zx_.ndim - 1))
+    rzx = lax.slice_in_dim(rec, 0, 1, axis=rec.ndim - 1)
+    rzq = lax.slice_in_dim(rec, 1, 2, axis=rec.ndim - 1)
+    p = _normalised(x, rzx)  # 0 off p's support
     # the centred log-ratio d' = d - E_p[d] as a coefficient: (d - mu) - E_p[d - mu]. At a
     # peaked row's mode k, d_k - mu is a tiny difference of two numbers of the size of KL, and
     # mu's own rounding (eps |mu|) exceeds d'_k (float32 [20,0,0,3] vs [0,20,0,-5]: -p_k d'_k
     # rounded to 0 instead of 6e-7); d_k - mu is exact there and the residual E_p[d - mu]
     # (res, summed with the value's terms: no pass of its own) puts back what mu lost.
     # (in units of k: the derivatives below take 1 / k where they leave the row sums)
-    dc = _centred(x, d, mu, lax.mul(_col(res), lax.div(_k(1.0, zx_), zx_)))
+    dc = _centred(x, d, mu, lax.mul(_col(res), rzx))
     # rows with KL = +inf because p_i > 0 = q_i (escapes: their zq is +inf, and only theirs):
     # gradient 0, as the core gives; rows whose value overflows keep their true gradient
     inf_row = lax.eq(_col(zq), _k(math.inf, kl_))
@@ -435,7 +441,7 @@ def _kl_parts_jvp(temperature, refine, primals, tangents):
         u = lax.sub(_scale(dc, ik), kl_)
         near = lax.lt(lax.abs(u), _sel(huge, -1.0, _SMALL, u.dtype))
         us = _sel(near, u, 0.0)
-        q = _normalised(lax.sub(y, base), _col(zq))
+        q = _normalised(lax.sub(y, base), rzq)
         gb = _sel(near, lax.mul(p, _expm1_small(us)), lax.sub(q, p))  # |us| < 1/2
         gb = _sel(inf_row, 0.0, gb)
         dy = db if temperature == 1.0 else lax.mul(db, _k(inv, db))
