@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+from .._core.divergence import _log1p_cexp as _core_log1p_cexp
 from .._core.divergence import _log_mix, _w_phi
 from ._comm import _all_reduce
 
@@ -643,7 +644,7 @@ def _js_local(x, y, st, beta):
     qw = _probs(y, sb, st["Mb"], st["lb"], st["T"], u)
     # log(m / p) and log(m / q) on T; where a side underflows to 0 (its log-ratio may overflow)
     # the value 1 is a safe stand-in: every use multiplies it by that side's 0
-    lm_p = torch.where(pw > 0, _log_mix(xp, 1.0 - beta, d), 1.0)
+    lm_p = torch.where(pw > 0, _log_mix(xp, 1.0 - beta, d, beta), 1.0)
     lm_q = torch.where(qw > 0, _log_mix(xp, beta, -d), 1.0)
     return t, d, d_u, lm_p, lm_q, pw, qw
 
@@ -686,14 +687,9 @@ def _phase_family(kind, x, y, st, beta):
 
 
 def _log1p_cexp(c, d):
-    """log(1 + c e^d) for c > 0, safe and accurate for every d."""
-    import torch
-
-    lo = d < 1.0
-    ds = torch.where(lo, d, 0.0)
-    dl = torch.where(lo, 1.0, d)
-    return torch.where(lo, torch.log1p(c * torch.exp(ds)),
-                       math.log(c) + dl + torch.log1p(torch.exp(-dl) / c))
+    """log(1 + c e^d) for a constant c > 0: the core's, accurate for every c and d (log c + d
+    + log1p(e^-d / c) cancelled to eps |log c| where c e^d << 1, beta near 0 or 1)."""
+    return _core_log1p_cexp(_xp(), c, d)
 
 
 def _js_w(d, pw, qw, beta):
