@@ -77,16 +77,30 @@ def bucket_kl(student_logits, batch, *, temperature=1.0, reduction="mean", mask=
     >>> bool((b <= full + 1e-6).all())
     True
     """
-    ids, a, logr, *_ = teacher_fields(batch, student_logits.device, torch.float64
-                                      if student_logits.dtype == torch.float64 else torch.float32)
-    lq = _student_log_probs(student_logits, temperature)
-    a = a.to(lq.dtype)
-    logr = logr.to(lq.dtype)
-    lq_k = torch.gather(lq, -1, ids)
-    rest = lq.scatter(-1, ids, -math.inf)
-    lq_rest = torch.logsumexp(rest, -1)
-    rows = _xlogy_terms(a, lq_k).sum(-1) + _xlogy_terms(logr, lq_rest)
-    return _reduce(rows, reduction, mask)
+    from .._core.divergence import kl_div
+
+    ids, a, logr, *_ = teacher_fields(batch, student_logits.device, torch.float64)
+    z = student_logits
+    z = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
+    # the student's K + 1 bucket logits: its logits at the listed ids and the logsumexp of the
+    # rest (log Q_rest up to the row constant), in float64 (K + 1 numbers: cheap); the row's
+    # logsumexp over V never enters (the textbook sum of p_k (a_k - log q_k) rounded each
+    # log q_k to eps |log q_k|: 2e-3 relative at bucket-KL 8e-5 in float32)
+    zk = torch.gather(z, -1, ids).to(torch.float64)
+    zt = z if temperature == 1.0 else z / temperature
+    z_rest = torch.logsumexp(zt.scatter(-1, ids, -math.inf), -1).to(torch.float64)
+    if temperature != 1.0:
+        zk = zk / temperature
+    y = torch.cat([zk, z_rest[..., None]], -1)
+    t = torch.cat([a, logr[..., None]], -1)
+    # KL of the bucket distributions by the core (the exact difference of the two sides); the
+    # stored teacher fields sum to s = 1 + delta (float32 rounding), and the formula above on
+    # them is s KL(p / s || q) + s log s: delta from the fields in float64
+    kl = kl_div(t, y, p_space="log_probs", q_space="logits", validate=False)
+    delta = torch.exp(t).sum(-1) - 1.0
+    rows = (1.0 + delta) * kl + (1.0 + delta) * torch.log1p(delta)
+    dt = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+    return _reduce(rows.to(dt), reduction, mask)
 
 
 def sampled_kl(student_logits, batch, *, temperature=1.0, reduction="mean", mask=None,
@@ -126,8 +140,16 @@ def linear_bucket_kl(hidden, weight, batch, *, bias=None, temperature=1.0, reduc
 
     A thin call of ``kldiv.torch.linear_kl_div(hidden, weight, (topk_ids, topk_logprobs))``: the
     teacher's extra bucket there is ``1 - sum_k exp(a_k)``, the cached tail mass.
+    ``reduction``: ``"mean"`` or ``"sum"`` only (``linear_kl_div`` reduces as it goes); per-row
+    values need the logits: ``bucket_kl(hidden @ weight.T, batch, reduction="none")``.
     """
     from ..backends.torch_linear import linear_kl_div
+
+    if reduction not in ("mean", "sum"):
+        raise ValueError(
+            f"reduction: linear_bucket_kl takes 'mean' or 'sum', got {reduction!r} (per-row "
+            "values need the student's logits: bucket_kl(hidden @ weight.T, batch, "
+            "reduction='none'))")
 
     ids = batch["topk_ids"].to(device=hidden.device, dtype=torch.int64)
     lp = batch["topk_logprobs"].to(device=hidden.device)  # its dtype sets the tail's tolerance
