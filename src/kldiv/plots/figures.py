@@ -330,7 +330,9 @@ def read_table(path):
             raise ValueError(f"{path}: empty file")
         has_labels = not _is_number(table[-1][0].strip())
         first = table[0][1:] if has_labels else table[0]
-        if not all(_is_number(c.strip()) for c in first):
+        # a header names categories: none of its cells is a number (a row that mixes numbers
+        # and text is a data row with a bad value, reported as such below)
+        if first and not any(_is_number(c.strip()) for c in first):
             categories = [c.strip() for c in first]
             table = table[1:]
         if has_labels:
