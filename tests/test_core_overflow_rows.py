@@ -292,3 +292,93 @@ def test_js_hessian_at_a_subnormal_probability(row, beta):
     assert torch.isfinite(H[fin]).all()
     assert float((H - R).abs()[fin].max()) <= 1e-5 * float(R[fin].abs().max())
     assert float((G - RG).abs().max()) <= 1e-5 * float(RG.abs().max())
+
+
+# ----------------------------------------------------------------------------------------------
+# Second derivatives on a row whose centred log-ratios are beyond the float range at T < 1
+
+_HREF = {}
+
+
+def hessian_reference(kind, name):
+    """The Hessian in (p's logits, q's logits) of the textbook value (``value_grad_log``) on the
+    row's exact inputs (rounded to its dtype), by mpmath differentiation at 150 digits (the value
+    is ~6e38: second differences of it need ~40 digits beyond the Hessian's own)."""
+    key = (kind, name)
+    if key in _HREF:
+        return _HREF[key]
+    x, y, dt, t, ps = ROWS[name]
+    assert ps == "logits"
+    n = len(x)
+    with mpmath.workdps(150):
+        tt = mpmath.mpf(t)
+
+        def lsm(v):
+            u = [a / tt for a in v]
+            m = max(u)
+            return [a - m - mpmath.log(mpmath.fsum(mpmath.exp(b - m) for b in u)) for a in u]
+
+        def f(*z):
+            return value_grad_log(kind, lsm(z[:n]), lsm(z[n:]), prec=500)[0]
+
+        z0 = tuple(mpmath.mpf(float(np.array(v, dtype=dt))) for v in x + y)
+        H = np.zeros((2 * n, 2 * n))
+        for a in range(2 * n):
+            for b in range(a, 2 * n):
+                order = tuple(int(a == i) + int(b == i) for i in range(2 * n))
+                H[a, b] = H[b, a] = float(mpmath.diff(f, z0, order))
+    _HREF[key] = H
+    return H
+
+
+def _check_hessian(H, R, what):
+    """No nan, and within 1e-5 of the largest entry (float32) entry by entry; the p-p block
+    (where the nan was) also within 1e-5 of its own largest entry."""
+    H = np.asarray(H, dtype=np.float64)
+    n = R.shape[0] // 2
+    assert not np.isnan(H).any(), (what, H)
+    assert np.abs(H - R).max() <= 1e-5 * np.abs(R).max(), (what, H, R)
+    assert np.abs(H - R)[:n, :n].max() <= 1e-5 * np.abs(R[:n, :n]).max(), (what, H, R)
+
+
+@pytest.mark.parametrize("kind", ["forward", "jeffreys"])
+def test_torch_core_hessian_grad_overflows32(kind):
+    """float32 [0, 0] against [-3e38, 3e38] at T = 0.5: the centred log-ratios (+-6e38) and the
+    first derivatives (+-6e38) overflow, the Hessian is finite (p-p block [[1, -1], [-1, 1]] for
+    KL, twice that for Jeffreys). Its term sum_i p_i c_i (dlog p_i)^2 has weight factor
+    1 - 2 p_0 = 0 exactly against p_0 c_0 / T^2 = 1.2e39; its double backward met inf - inf
+    (the p-p block was nan). The torch core against the mpmath Hessian."""
+    x, y, dt, t, ps = ROWS["grad_overflows32"]
+    n = len(x)
+
+    def f(z):
+        with core_only():
+            return FN[kind](z[:n], z[n:], p_space="logits", q_space="logits", temperature=t,
+                            validate=False)
+
+    H = torch.autograd.functional.hessian(f, torch.tensor(x + y, dtype=torch.float32))
+    _check_hessian(H.numpy(), hessian_reference(kind, "grad_overflows32"), kind)
+
+
+def test_jax_core_hessian_grad_overflows32():
+    """The same row through the JAX core (``divergence_rows``), forward KL and Jeffreys under one
+    jit (one compile, ~4 CPU-s)."""
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    from kldiv._core.divergence import divergence_rows
+    from kldiv.backends import jax_fast
+
+    x, y, dt, t, ps = ROWS["grad_overflows32"]
+    kinds = ("forward", "jeffreys")
+
+    def hessians(a, b):
+        return [jax.hessian(lambda a, b, k=k: jnp.sum(divergence_rows(
+            k, jax_fast._xp(), a, b, "logits", "logits", t)), argnums=(0, 1))(a, b)
+            for k in kinds]
+
+    A = jnp.asarray(np.array([x], dtype=dt))
+    B = jnp.asarray(np.array([y], dtype=dt))
+    for kind, H in zip(kinds, jax.jit(hessians)(A, B)):
+        blk = np.block([[np.asarray(H[r][c])[0, :, 0, :] for c in range(2)] for r in range(2)])
+        _check_hessian(blk, hessian_reference(kind, "grad_overflows32"), kind)

@@ -82,3 +82,16 @@ def test_wide_row_among_ordinary_rows_hvp():
         ref = R @ torch.cat([v[r], w[r]]).double()
         got = torch.cat([ha[r], hb[r]]).double()
         assert float((got - ref).abs().max()) <= 1e-5 * float(ref.abs().max()), (r, got, ref)
+
+
+@pytest.mark.parametrize("kind", ["forward", "jeffreys"])
+def test_lane_hessian_grad_overflows32(kind):
+    """float32 [0, 0] against [-3e38, 3e38] at T = 0.5 (the core's derivatives under
+    create_graph): the p-p block was nan (the core's wide-row second-order term met inf - inf;
+    the float64 textbook formula is not accurate enough here: its Hessian forms 1.2e39 - 1.2e39).
+    Against the mpmath Hessian (test_core_overflow_rows.hessian_reference)."""
+    from test_core_overflow_rows import _check_hessian, hessian_reference
+
+    x, y, dt, t, ps = ROWS["grad_overflows32"]
+    H = _hessian(kind, x, y, t, fast=True)
+    _check_hessian(H.numpy(), hessian_reference(kind, "grad_overflows32"), kind)

@@ -797,12 +797,20 @@ def _wide_p_terms(xp, P: _Side, pos, wn, c4, c, dw, wide):
     There, with k_i = p_i c_i in units (``_to_true``; a constant; sum k = 0 in math, so the
     normalisers' first derivatives drop out), the first differential is sum k_i d raw_i / T: its
     cotangents are the exact derivatives themselves, +-inf only where those overflow. Second
-    derivatives: sum p_i c_i (dlog p_i)^2 / 2 from a product of zero-valued differences (with
-    p_i c_i clamped to the float range: 0 * inf would be nan), and raw's own (log x of
-    probabilities) through the first term. (Entries whose weight underflows to 0 pass nothing:
-    float64 logits of 1.7e308 at T = 1e-3 leave p's gradient, ~1e-120, at 0.)"""
+    derivatives: sum p_i c_i (dlog p_i)^2 / 2 from a product of zero-valued differences, and
+    raw's own (log x of probabilities) through the first term. Its Hessian,
+    sum_i p_i c_i (e_i - p)(e_i - p)^T / T^2, is a cancelling sum of terms up to |p_i c_i| / T^2
+    (2 entries, p = (1/2, 1/2): p_0 c_0 (1 - 2 p_0) / T^2 = 0 exactly; float32 [0, 0] against
+    [-3e38, 3e38] at T = 0.5 has p_0 c_0 = 3e38), whose double backward through dlog p
+    overflowed (the normaliser's cotangent sum_i p_i c_i (e_i - p)_a / T^2 = 6e38 there: inf -
+    inf, a nan p-p block). So dlog p is taken as the centred differential of the raw inputs,
+    d raw - sum_j p_j d raw_j with p a constant (dlog p's first derivative: only that enters),
+    scaled by s / T (s = 4 / min(T, 1)), and p_i c_i by 1 / s^2 (k itself times min(T, 1) / 4:
+    no clamp): each entry's cotangent is at most |p_i c_i| / 4, and the scale s / T applies
+    last, to the centred sum (+-inf only where the Hessian entry itself overflows). (Entries
+    whose weight underflows to 0 pass nothing: float64 logits of 1.7e308 at T = 1e-3 leave p's
+    gradient, ~1e-120, at 0.)"""
     zero = xp.zeros_like(wn)
-    fmax = xp.finfo(wn.dtype).max
     wr = wide[..., None]
     k = stop_gradient(xp.where(pos & wr, wn * c4, zero))
     raw = xp.where(pos, P.raw, zero)
@@ -810,9 +818,13 @@ def _wide_p_terms(xp, P: _Side, pos, wn, c4, c, dw, wide):
     draw = _to_true(raw - stop_gradient(raw), t)
     if t != 1.0:
         draw = draw / t
-    dl = _dlog(xp, P, pos)
-    kc = xp.clip(_to_true(k, t), -fmax, fmax)
-    g_wide = xp.sum(k * draw, axis=-1) + 0.5 * xp.sum(kc * (dl * dl), axis=-1)
+    # s / T times the differential of log p (``_dlog``: d raw / T - d norm, d norm = sum_j p_j
+    # d raw_j / T over the support; w is 0 off the support, k 0 off ``pos``)
+    r = xp.where(P.support, P.raw, zero)
+    e = (r - stop_gradient(r)) * (4.0 / (t * min(t, 1.0)))
+    dl = e - xp.sum(stop_gradient(P.w) * e, axis=-1, keepdims=True)
+    ks = k * (min(t, 1.0) / 4.0)  # p_i c_i / s^2
+    g_wide = xp.sum(k * draw, axis=-1) + 0.5 * xp.sum(ks * (dl * dl), axis=-1)
     g_narrow = xp.sum(dw * xp.where(wr, zero, c), axis=-1)
     return xp.where(wide, g_wide, g_narrow)
 
