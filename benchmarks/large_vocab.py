@@ -289,7 +289,7 @@ def _linear_section(args):
                                             "--h", str(args.linear_h)]
     largs = _linear_bench._parser().parse_args(largv + ["--threads", str(args.threads)])
     if args.quick:
-        largs.n, largs.v, largs.h, largs.repeats = 512, 4096, 256, 1
+        largs.n, largs.v, largs.h, largs.repeats, largs.rounds = 512, 4096, 256, 1, 1
     print(f"\nlinear_kl_div: N={largs.n} V={largs.v} H={largs.h} float32 "
           f"(one logits tensor = {largs.n * largs.v * 4 / 2**20:.0f} MB)")
     rows = _linear_bench.run_linear(largs)
