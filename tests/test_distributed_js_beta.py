@@ -20,14 +20,12 @@ from __future__ import annotations
 import functools
 import os
 
-import mpmath
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 import kldiv.distributed as kd  # noqa: E402
-import oracle  # noqa: E402
-from test_js_extreme_beta import BETAS, DTYPES, _reference, _row_err, _rows  # noqa: E402
+from test_js_extreme_beta import BETAS, DTYPES, _reference, _row_err, _rows, mp_js_rows  # noqa: E402
 
 CUTS = (slice(0, 2), slice(2, 6))
 # (value, gradient per row), as tests/test_js_extreme_beta.py; but p's float32 gradient on the
@@ -55,19 +53,7 @@ ROWS = {"std2": _rows, "far": _far_rows}
 @functools.lru_cache(maxsize=None)
 def _far_reference(dtype, beta):
     """As test_js_extreme_beta._reference, on the FAR rows (400 bits)."""
-    out = []
-    with mpmath.workprec(400):
-        def lw(r):
-            s = [mpmath.mpf(float(v)) for v in r]
-            m = max(s)
-            z = m + mpmath.log(mpmath.fsum(mpmath.exp(v - m) for v in s))
-            return [v - z for v in s]
-
-        for x, y in zip(*_far_rows(dtype)):
-            v, gu, gv = oracle.value_grad_log("js", lw(x), lw(y), beta=mpmath.mpf(beta), prec=400)
-            out.append((float(v), np.array([float(g) for g in gu]),
-                        np.array([float(g) for g in gv])))
-    return out
+    return mp_js_rows(*_far_rows(dtype), beta)
 
 
 REFERENCE = {"std2": _reference, "far": _far_reference}

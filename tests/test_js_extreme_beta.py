@@ -45,7 +45,11 @@ def _rows(dtype):
 @functools.lru_cache(maxsize=None)
 def _reference(dtype, beta):
     """[(value, dJS/da, dJS/db)] per row (float64) from the exact inputs."""
-    a, b = _rows(dtype)
+    return mp_js_rows(*_rows(dtype), beta)
+
+
+def mp_js_rows(a, b, beta):
+    """[(value, dJS/da, dJS/db)] per row (float64) of logits rows a, b, at 400 bits."""
     out = []
     with mpmath.workprec(400):
         def lw(r):
